@@ -1,1 +1,218 @@
-fn main() {}
+//! `kiln`: import, compile, verify and run language models on devices.
+//!
+//! The binary only parses arguments and prints results; the work happens in the library crates.
+//! Exit codes: 0 success, 2 bad input (with a message), 1 internal error.
+
+mod commands;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// kiln: put language models on devices.
+#[derive(Parser)]
+#[command(name = "kiln", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Run(RunArgs),
+    /// Write the logits after the last prompt token as float32 little-endian.
+    Logits(LogitsArgs),
+    /// Perplexity of a text, in chunks.
+    Perplexity(PerplexityArgs),
+    /// Show how a text tokenizes.
+    Tokenize(TokenizeArgs),
+    /// Describe a model file: architecture, sizes, tensors, tokenizer.
+    Inspect(InspectArgs),
+}
+
+/// Where the prompt comes from.
+#[derive(Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct PromptSource {
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// A file whose bytes are the prompt, exactly (no trimming).
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// A JSON list of {"role", "content"} messages; implies --chat.
+    #[arg(long)]
+    pub messages: Option<PathBuf>,
+}
+
+/// Arguments of `kiln run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// The model file (GGUF).
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub source: PromptSource,
+    /// Render the prompt with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message for --chat.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
+    pub n_predict: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches P (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalise tokens seen in the last --repeat-last-n tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Subtract F times a token's count in the window (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Subtract P from every token present in the window (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Seed of the sampler (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Threads to compute with (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Keep generating past end-of-sequence and end-of-turn tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `kiln logits`.
+#[derive(Args)]
+pub struct LogitsArgs {
+    /// The model file (GGUF).
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub input: LogitsInput,
+    /// Render the prompt with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message for --chat.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Where to write the logits (float32 little-endian).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Threads to compute with (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Input of `kiln logits`: text, or token ids directly.
+#[derive(Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct LogitsInput {
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// A file whose bytes are the prompt, exactly.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// A JSON list of {"role", "content"} messages; implies --chat.
+    #[arg(long)]
+    pub messages: Option<PathBuf>,
+    /// Comma-separated token ids, used as they are.
+    #[arg(long, value_delimiter = ',')]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+/// Arguments of `kiln perplexity`.
+#[derive(Args)]
+pub struct PerplexityArgs {
+    /// The model file (GGUF).
+    pub model: PathBuf,
+    /// The text to score.
+    #[arg(long)]
+    pub text_file: PathBuf,
+    /// Positions per chunk (BOS included for models that add one).
+    #[arg(long, default_value_t = 256)]
+    pub ctx: usize,
+    /// Threads to compute with (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `kiln tokenize`.
+#[derive(Args)]
+pub struct TokenizeArgs {
+    /// The model file (GGUF).
+    pub model: PathBuf,
+    /// The text to tokenize (BOS rules as for `kiln run --prompt`).
+    #[arg(long)]
+    pub text: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `kiln inspect`.
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The model file (GGUF).
+    pub model: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    // A panic is a bug: report it as an internal error (exit 1), never as a crash code.
+    let outcome = std::panic::catch_unwind(|| match cli.command {
+        Command::Run(a) => commands::run(a),
+        Command::Logits(a) => commands::logits(a),
+        Command::Perplexity(a) => commands::perplexity(a),
+        Command::Tokenize(a) => commands::tokenize(a),
+        Command::Inspect(a) => commands::inspect(a),
+    });
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("kiln: {}", e.message);
+            ExitCode::from(e.code)
+        }
+        Err(_) => {
+            eprintln!("kiln: internal error (this is a bug in kiln)");
+            ExitCode::from(1)
+        }
+    }
+}

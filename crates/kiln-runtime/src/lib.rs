@@ -1,3 +1,26 @@
 //! kiln's CPU runtime: kernels, model forward passes, KV cache, sampling and generation.
+//!
+//! A [`Model`] is loaded from a GGUF file (its weights stay memory-mapped in their block
+//! format); a [`Session`] runs batches of tokens through it with a key/value cache; the
+//! [`generate`] module drives sampling, stop conditions and streaming on top.
 
+pub mod arch;
+#[cfg(any())]
+pub mod bundle;
+pub mod config;
+pub mod error;
+#[cfg(any())]
+pub mod generate;
+pub mod kernels;
+pub mod model;
+pub mod perplexity;
+pub mod pool;
 pub mod sampling;
+pub mod session;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::ModelError;
+pub use model::Model;
+pub use pool::ThreadPool;
+pub use session::{Logits, Session};

@@ -1,0 +1,550 @@
+//! The subcommands: each turns parsed arguments into library calls and prints the result.
+
+use crate::{InspectArgs, LogitsArgs, PerplexityArgs, PromptSource, RunArgs, TokenizeArgs};
+use kiln_format::gguf::GgufFile;
+use kiln_runtime::bundle::{BundleError, ModelBundle};
+use kiln_runtime::generate::{generate, GenerateOptions};
+use kiln_runtime::sampling::SamplerConfig;
+use kiln_runtime::{Logits, ModelError, Session, ThreadPool};
+use kiln_tokenizer::chat::Message;
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+
+/// A failed command: the message to print and the exit code (2 bad input, 1 internal).
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    fn input(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<BundleError> for Failure {
+    fn from(e: BundleError) -> Failure {
+        Failure::input(e.to_string())
+    }
+}
+
+impl From<ModelError> for Failure {
+    fn from(e: ModelError) -> Failure {
+        Failure::input(e.to_string())
+    }
+}
+
+impl From<kiln_format::FormatError> for Failure {
+    fn from(e: kiln_format::FormatError) -> Failure {
+        Failure::input(e.to_string())
+    }
+}
+
+impl From<kiln_tokenizer::TokenizerError> for Failure {
+    fn from(e: kiln_tokenizer::TokenizerError) -> Failure {
+        Failure::input(e.to_string())
+    }
+}
+
+type CmdResult = Result<(), Failure>;
+
+fn threads(requested: Option<usize>) -> Result<ThreadPool, Failure> {
+    let n = match requested {
+        Some(0) => return Err(Failure::input("--threads must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    Ok(ThreadPool::new(n))
+}
+
+fn read_text_file(path: &Path, what: &str) -> Result<String, Failure> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Failure::input(format!("{}: cannot read {what}: {e}", path.display())))?;
+    String::from_utf8(bytes).map_err(|e| {
+        Failure::input(format!(
+            "{}: {what} is not valid UTF-8 (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+fn read_messages(path: &Path) -> Result<Vec<Message>, Failure> {
+    let text = read_text_file(path, "the messages file")?;
+    let messages: Vec<Message> = serde_json::from_str(&text).map_err(|e| {
+        Failure::input(format!(
+            "{}: expected a JSON list of {{\"role\", \"content\"}} objects: {e}",
+            path.display()
+        ))
+    })?;
+    if messages.is_empty() {
+        return Err(Failure::input(format!(
+            "{}: the message list is empty",
+            path.display()
+        )));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return Err(Failure::input(format!(
+                "{}: message {i} has role '{}', expected system, user or assistant",
+                path.display(),
+                m.role
+            )));
+        }
+    }
+    Ok(messages)
+}
+
+/// Token ids for a prompt given as text, a file or messages, with or without the template.
+fn prompt_ids(
+    bundle: &ModelBundle,
+    source: &PromptSource,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<Vec<u32>, Failure> {
+    let ids = if let Some(path) = &source.messages {
+        let mut messages = read_messages(path)?;
+        if let Some(s) = system {
+            if messages.first().is_none_or(|m| m.role != "system") {
+                messages.insert(
+                    0,
+                    Message {
+                        role: "system".into(),
+                        content: s.into(),
+                    },
+                );
+            }
+        }
+        bundle.encode_chat(&messages)?
+    } else {
+        let text = match (&source.prompt, &source.prompt_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(p)) => read_text_file(p, "the prompt file")?,
+            (None, None) => {
+                return Err(Failure::input("give --prompt, --prompt-file or --messages"))
+            }
+        };
+        if chat {
+            bundle.encode_chat(&ModelBundle::chat_messages(&text, system))?
+        } else {
+            if system.is_some() {
+                return Err(Failure::input("--system needs --chat (or --messages)"));
+            }
+            bundle.encode_prompt(&text)?
+        }
+    };
+    if ids.is_empty() {
+        return Err(Failure::input("the prompt tokenizes to nothing"));
+    }
+    Ok(ids)
+}
+
+fn check_sampling(a: &RunArgs) -> Result<(), Failure> {
+    let bad = |name: &str, v: f32, range: &str| {
+        Failure::input(format!("--{name} {v} is out of range (expected {range})"))
+    };
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        return Err(bad("temperature", a.temperature, ">= 0"));
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        return Err(bad("top-p", a.top_p, "0 < p <= 1"));
+    }
+    if !(0.0..=1.0).contains(&a.min_p) {
+        return Err(bad("min-p", a.min_p, "0..=1"));
+    }
+    if !(a.repeat_penalty.is_finite() && a.repeat_penalty > 0.0) {
+        return Err(bad("repeat-penalty", a.repeat_penalty, "> 0"));
+    }
+    if !a.frequency_penalty.is_finite() {
+        return Err(bad(
+            "frequency-penalty",
+            a.frequency_penalty,
+            "a finite number",
+        ));
+    }
+    if !a.presence_penalty.is_finite() {
+        return Err(bad(
+            "presence-penalty",
+            a.presence_penalty,
+            "a finite number",
+        ));
+    }
+    Ok(())
+}
+
+/// `kiln run`.
+pub fn run(a: RunArgs) -> CmdResult {
+    check_sampling(&a)?;
+    let pool = threads(a.threads)?;
+    let bundle = ModelBundle::open(&a.model)?;
+    let chat = a.chat || a.source.messages.is_some();
+    let prompt = prompt_ids(&bundle, &a.source, chat, a.system.as_deref())?;
+    let needed = prompt.len() + a.n_predict;
+    let context = bundle.model.config.context_length;
+    if needed > context {
+        return Err(Failure::input(format!(
+            "the prompt ({} tokens) plus -n {} need {needed} positions, more than the model's context of {context}",
+            prompt.len(),
+            a.n_predict
+        )));
+    }
+    let seed = a.seed.unwrap_or_else(random_seed);
+    let options = GenerateOptions {
+        max_tokens: a.n_predict,
+        sampler: SamplerConfig {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            frequency_penalty: a.frequency_penalty,
+            presence_penalty: a.presence_penalty,
+            penalty_last_n: a.repeat_last_n,
+            seed,
+        },
+        stop_ids: bundle.tokenizer.stop_ids(),
+        stop_strings: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+    };
+    let mut session = Session::new(&bundle.model, &pool, needed);
+    let stdout = std::io::stdout();
+    let result = if a.json {
+        generate(&mut session, &bundle.tokenizer, &prompt, &options, |_| {})?
+    } else {
+        let mut out = stdout.lock();
+        let mut write_failed = false;
+        let g = generate(
+            &mut session,
+            &bundle.tokenizer,
+            &prompt,
+            &options,
+            |piece| {
+                if !write_failed
+                    && (out.write_all(piece.as_bytes()).is_err() || out.flush().is_err())
+                {
+                    write_failed = true;
+                }
+            },
+        )?;
+        let _ = writeln!(out);
+        g
+    };
+    let t = &result.timings;
+    if a.json {
+        let obj = json!({
+            "prompt_token_ids": result.prompt_token_ids,
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "finish_reason": result.finish_reason.as_str(),
+            "seed": seed,
+            "timings": {
+                "load_ms": bundle.load_ms,
+                "prefill_tokens": t.prefill_tokens,
+                "prefill_tok_s": t.prefill_tok_s(),
+                "decode_tokens": t.decode_tokens,
+                "decode_tok_s": t.decode_tok_s(),
+                "ttft_ms": t.ttft_ms,
+            }
+        });
+        println!("{obj}");
+    } else {
+        eprintln!(
+            "[kiln] load {:.0} ms | prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | first token {:.0} ms | {} thread(s) | finish: {}",
+            bundle.load_ms,
+            t.prefill_tokens,
+            t.prefill_tok_s(),
+            result.token_ids.len(),
+            t.decode_tok_s(),
+            t.ttft_ms,
+            pool.n_threads(),
+            result.finish_reason.as_str()
+        );
+    }
+    Ok(())
+}
+
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// `kiln logits`.
+pub fn logits(a: LogitsArgs) -> CmdResult {
+    let pool = threads(a.threads)?;
+    let bundle = ModelBundle::open(&a.model)?;
+    let ids = match &a.input.token_ids {
+        Some(ids) => {
+            if ids.is_empty() {
+                return Err(Failure::input("--token-ids is empty"));
+            }
+            if a.chat {
+                return Err(Failure::input("--chat does not apply to --token-ids"));
+            }
+            ids.clone()
+        }
+        None => {
+            let source = PromptSource {
+                prompt: a.input.prompt.clone(),
+                prompt_file: a.input.prompt_file.clone(),
+                messages: a.input.messages.clone(),
+            };
+            let chat = a.chat || source.messages.is_some();
+            prompt_ids(&bundle, &source, chat, a.system.as_deref())?
+        }
+    };
+    if ids.len() > bundle.model.config.context_length {
+        return Err(Failure::input(format!(
+            "{} tokens exceed the model's context of {}",
+            ids.len(),
+            bundle.model.config.context_length
+        )));
+    }
+    let mut session = Session::new(&bundle.model, &pool, ids.len());
+    let logits = session.forward(&ids, Logits::Last)?;
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_atomic(&a.out, &bytes)?;
+    println!("{}", json!({ "prompt_token_ids": ids }));
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Failure::input(format!("{}: not a file path", path.display())))?;
+    let tmp = dir
+        .unwrap_or(Path::new("."))
+        .join(format!(".{}.tmp", file_name.to_string_lossy()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Failure::input(format!("{}: cannot write: {e}", path.display()))
+        })
+}
+
+/// `kiln perplexity`.
+pub fn perplexity(a: PerplexityArgs) -> CmdResult {
+    let pool = threads(a.threads)?;
+    let bundle = ModelBundle::open(&a.model)?;
+    let text = read_text_file(&a.text_file, "the text file")?;
+    let tokens = bundle.tokenizer.encode(&text, false, false)?;
+    let bos = if bundle.tokenizer.add_bos() {
+        bundle.tokenizer.bos_id()
+    } else {
+        None
+    };
+    let started = std::time::Instant::now();
+    let p = kiln_runtime::perplexity::perplexity(&bundle.model, &pool, &tokens, a.ctx, bos)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "ppl": p.ppl,
+                "n_tokens": p.n_tokens,
+                "scored_tokens": p.scored_tokens,
+                "chunks": p.n_chunks,
+                "ctx": a.ctx,
+                "bos": bos,
+                "seconds": seconds,
+            })
+        );
+    } else {
+        println!(
+            "perplexity {:.4} over {} scored tokens ({} tokens, {} chunks of ctx {}, {:.1} s)",
+            p.ppl, p.scored_tokens, p.n_tokens, p.n_chunks, a.ctx, seconds
+        );
+    }
+    Ok(())
+}
+
+/// `kiln tokenize`.
+pub fn tokenize(a: TokenizeArgs) -> CmdResult {
+    let file = GgufFile::open(&a.model)?;
+    let tokenizer = kiln_tokenizer::Tokenizer::from_gguf(&file)?;
+    let ids = tokenizer.encode(&a.text, true, true)?;
+    let pieces: Vec<String> = ids
+        .iter()
+        .map(|&id| tokenizer.token_text(id).unwrap_or("").to_string())
+        .collect();
+    if a.json {
+        println!("{}", json!({ "token_ids": ids, "tokens": pieces }));
+    } else {
+        for (id, piece) in ids.iter().zip(&pieces) {
+            println!("{id:>8} {piece:?}");
+        }
+    }
+    Ok(())
+}
+
+/// `kiln inspect`.
+pub fn inspect(a: InspectArgs) -> CmdResult {
+    let file = GgufFile::open(&a.model)?;
+    let arch = file.architecture()?.to_string();
+    let config = kiln_runtime::arch::config_from_gguf(&file);
+    let tokenizer = kiln_tokenizer::Tokenizer::from_gguf(&file);
+    let n_params: u64 = file.tensors().iter().map(|t| t.n_elements).sum();
+    let tensor_bytes: u64 = file.tensors().iter().map(|t| t.n_bytes).sum();
+    let tensors: Vec<_> = file
+        .tensors()
+        .iter()
+        .map(|t| json!({"name": t.name, "shape": t.dims, "type": t.ty.name(), "bytes": t.n_bytes}))
+        .collect();
+    let hyper = match &config {
+        Ok(c) => json!({
+            "n_layers": c.n_layers, "n_embd": c.n_embd, "n_heads": c.n_heads,
+            "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "n_ff": c.n_ff,
+            "vocab_size": c.vocab_size, "context_length": c.context_length,
+            "rms_eps": c.rms_eps, "rope_dim": c.rope_dim,
+            "rope_style": format!("{:?}", c.rope_style),
+            "rope_base": c.layers.iter().map(|l| l.rope_base).collect::<Vec<_>>(),
+            "sliding_window": c.layers.iter().map(|l| l.sliding_window).collect::<Vec<_>>(),
+            "activation": format!("{:?}", c.activation),
+            "qk_norm": c.qk_norm, "post_norms": c.post_norms, "qkv_bias": c.qkv_bias,
+            "embedding_scale": c.embedding_scale,
+        }),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    let tok = match &tokenizer {
+        Ok(t) => {
+            let special = |id: Option<u32>| id.map(|i| json!({"id": i, "text": t.token_text(i)}));
+            json!({
+                "kind": t.kind(),
+                "vocab_size": t.vocab_size(),
+                "bos": special(t.bos_id()),
+                "eos": special(t.eos_id()),
+                "add_bos": t.add_bos(),
+                "stop_tokens": t.stop_ids().iter().map(|&i| json!({"id": i, "text": t.token_text(i)})).collect::<Vec<_>>(),
+                "chat_template": t.chat_template().is_some(),
+            })
+        }
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    if a.json {
+        let obj = json!({
+            "file": a.model.display().to_string(),
+            "gguf_version": file.version(),
+            "architecture": arch,
+            "name": file.get_str("general.name").ok().flatten(),
+            "parameters": n_params,
+            "tensor_bytes": tensor_bytes,
+            "hyperparameters": hyper,
+            "tokenizer": tok,
+            "tensors": tensors,
+        });
+        println!("{obj}");
+        return Ok(());
+    }
+    println!("file          {}", a.model.display());
+    println!("gguf version  {}", file.version());
+    println!("architecture  {arch}");
+    if let Ok(Some(name)) = file.get_str("general.name") {
+        println!("name          {name}");
+    }
+    println!(
+        "parameters    {} ({:.1} M), {:.1} MB of tensors",
+        n_params,
+        n_params as f64 / 1e6,
+        tensor_bytes as f64 / 1e6
+    );
+    match &config {
+        Ok(c) => {
+            println!(
+                "layers {} | hidden {} | heads {} (kv {}) x {} | ffn {} | vocab {} | context {}",
+                c.n_layers,
+                c.n_embd,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                c.n_ff,
+                c.vocab_size,
+                c.context_length
+            );
+            let windows: Vec<String> = c
+                .layers
+                .iter()
+                .map(|l| match l.sliding_window {
+                    Some(w) => format!("local{w}"),
+                    None => "global".into(),
+                })
+                .collect();
+            println!(
+                "rope {:?} dim {} | activation {:?} | qk-norm {} | post-norms {} | layers: {}",
+                c.rope_style,
+                c.rope_dim,
+                c.activation,
+                c.qk_norm,
+                c.post_norms,
+                summarize_runs(&windows)
+            );
+        }
+        Err(e) => println!("model         not runnable here: {e}"),
+    }
+    match &tokenizer {
+        Ok(t) => {
+            let show = |id: Option<u32>| match id {
+                Some(i) => format!("{i} {:?}", t.token_text(i).unwrap_or("")),
+                None => "none".into(),
+            };
+            println!(
+                "tokenizer     {} | {} tokens | bos {} | eos {} | add_bos {} | chat template: {}",
+                t.kind(),
+                t.vocab_size(),
+                show(t.bos_id()),
+                show(t.eos_id()),
+                t.add_bos(),
+                if t.chat_template().is_some() {
+                    "in file"
+                } else {
+                    "none in file"
+                }
+            );
+            let stops: Vec<String> = t.stop_ids().iter().map(|&i| show(Some(i))).collect();
+            println!("stop tokens   {}", stops.join(", "));
+        }
+        Err(e) => println!("tokenizer     unavailable: {e}"),
+    }
+    println!();
+    println!(
+        "{:<40} {:>24} {:>6} {:>12}",
+        "tensor", "shape", "type", "bytes"
+    );
+    for t in file.tensors() {
+        let shape = format!("{:?}", t.dims);
+        println!(
+            "{:<40} {:>24} {:>6} {:>12}",
+            t.name,
+            shape,
+            t.ty.name(),
+            t.n_bytes
+        );
+    }
+    Ok(())
+}
+
+/// "a, a, b" → "2×a, b".
+fn summarize_runs(items: &[String]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let mut j = i;
+        while j < items.len() && items[j] == items[i] {
+            j += 1;
+        }
+        out.push(if j - i > 1 {
+            format!("{}×{}", j - i, items[i])
+        } else {
+            items[i].clone()
+        });
+        i = j;
+    }
+    out.join(", ")
+}

@@ -1,0 +1,111 @@
+//! A model with everything needed to talk to it: weights, tokenizer, chat template, and the
+//! rules for turning a user's prompt into token ids.
+
+use crate::error::ModelError;
+use crate::model::Model;
+use kiln_format::gguf::GgufFile;
+use kiln_tokenizer::chat::{ChatTemplate, Message};
+use kiln_tokenizer::Tokenizer;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why a bundle could not be opened or a prompt not prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The model itself.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Its tokenizer or chat template.
+    #[error("{0}")]
+    Tokenizer(#[from] kiln_tokenizer::TokenizerError),
+    /// A chat request for a model with no template of its own or built in.
+    #[error("{0}")]
+    NoChatTemplate(String),
+}
+
+impl From<kiln_format::FormatError> for BundleError {
+    fn from(e: kiln_format::FormatError) -> Self {
+        BundleError::Model(ModelError::Format(e))
+    }
+}
+
+/// A model, its tokenizer and its chat template.
+pub struct ModelBundle {
+    /// The model.
+    pub model: Model,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The file's chat template, or the built-in one for its family.
+    pub chat_template: Option<ChatTemplate>,
+    /// Whether `chat_template` came from the file (false: built in).
+    pub chat_template_from_file: bool,
+    /// Time taken to open everything, in milliseconds.
+    pub load_ms: f64,
+}
+
+impl ModelBundle {
+    /// Opens a GGUF model file with its tokenizer and chat template.
+    pub fn open(path: impl AsRef<Path>) -> Result<ModelBundle, BundleError> {
+        let start = Instant::now();
+        let file = Arc::new(GgufFile::open(path.as_ref())?);
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let model = Model::from_gguf(Arc::clone(&file))?;
+        let bos = tokenizer.bos_text().unwrap_or("").to_string();
+        let eos = tokenizer.eos_text().unwrap_or("").to_string();
+        let (chat_template, from_file) = match tokenizer.chat_template() {
+            Some(src) => (Some(ChatTemplate::new(src, &bos, &eos)?), true),
+            None => (
+                ChatTemplate::builtin(&model.config.architecture, &bos, &eos),
+                false,
+            ),
+        };
+        Ok(ModelBundle {
+            model,
+            tokenizer,
+            chat_template,
+            chat_template_from_file: from_file,
+            load_ms: start.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Token ids of a plain prompt: BOS added as the model's metadata says, and special-token
+    /// texts (e.g. `<|im_start|>`) recognised, as llama.cpp and Hugging Face do by default.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, BundleError> {
+        Ok(self.tokenizer.encode(text, true, true)?)
+    }
+
+    /// Renders `messages` with the chat template (adding the assistant's turn opener).
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String, BundleError> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            BundleError::NoChatTemplate(format!(
+                "the model ({}) carries no chat template and kiln has none built in for it",
+                self.model.config.architecture
+            ))
+        })?;
+        Ok(template.render(messages, true)?)
+    }
+
+    /// Token ids of a chat: the rendered template, tokenized without adding special tokens
+    /// (templates write BOS themselves where the model wants it, as Hugging Face assumes).
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, BundleError> {
+        let text = self.render_chat(messages)?;
+        Ok(self.tokenizer.encode(&text, false, true)?)
+    }
+
+    /// The messages of a single-prompt chat, with an optional system message first.
+    pub fn chat_messages(prompt: &str, system: Option<&str>) -> Vec<Message> {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(Message {
+                role: "system".into(),
+                content: s.into(),
+            });
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content: prompt.into(),
+        });
+        messages
+    }
+}

@@ -1,0 +1,372 @@
+//! Numeric kernels: f32 dot products with run-time CPU dispatch, and the weight matmul.
+//!
+//! Each SIMD path has a scalar reference beside it and a property test holding it to that
+//! reference. Weights stay in their file format (GGUF blocks) and are dequantized on the fly,
+//! exactly, into f32: the numbers are those of the source model, computed in f32.
+
+use crate::pool::{split_range, ThreadPool};
+use crate::weights::WeightMatrix;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Scalar reference dot product. Eight partial sums, so the result matches the SIMD path's
+/// summation order closely (not bit-exactly).
+pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// AVX2+FMA dot product with four 8-lane accumulators.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA (checked by the dispatcher), and `a.len() == b.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let pa = a.as_ptr();
+        let pb = b.as_ptr();
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut acc2 = _mm256_setzero_ps();
+        let mut acc3 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY (loads): every load reads 8 floats at offsets < n, within both slices.
+        while i + 32 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
+            acc2 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 16)),
+                _mm256_loadu_ps(pb.add(i + 16)),
+                acc2,
+            );
+            acc3 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 24)),
+                _mm256_loadu_ps(pb.add(i + 24)),
+                acc3,
+            );
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            i += 8;
+        }
+        let acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let lo = _mm256_castps256_ps128(acc);
+        let s = _mm_add_ps(hi, lo);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        let mut sum = _mm_cvtss_f32(s);
+        while i < n {
+            sum += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        sum
+    }
+
+    /// `y += a * x` with AVX2+FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and `x.len() == y.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_f32_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let va = _mm256_set1_ps(a);
+        let px = x.as_ptr();
+        let py = y.as_mut_ptr();
+        let mut i = 0;
+        // SAFETY (loads/stores): offsets stay below n, within both slices.
+        while i + 8 <= n {
+            let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), v);
+            i += 8;
+        }
+        while i < n {
+            *py.add(i) += a * *px.add(i);
+            i += 1;
+        }
+    }
+}
+
+/// Which instruction set the f32 kernels use, chosen once from CPU detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable code.
+    Scalar,
+    /// x86-64 AVX2 with FMA.
+    Avx2Fma,
+}
+
+/// The instruction set the kernels dispatch to on this CPU. `KILN_ISA=scalar` forces the
+/// portable path (used to compare paths on one machine).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("KILN_ISA").is_ok_and(|v| v == "scalar") {
+            return Isa::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2Fma;
+            }
+        }
+        Isa::Scalar
+    })
+}
+
+/// Dot product of two equal-length f32 slices.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2Fma only when the CPU reports AVX2 and FMA.
+        Isa::Avx2Fma => unsafe { x86::dot_f32_avx2(a, b) },
+        _ => dot_f32_scalar(a, b),
+    }
+}
+
+/// `y += a * x`.
+#[inline]
+pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2Fma only when the CPU reports AVX2 and FMA.
+        Isa::Avx2Fma => unsafe { x86::axpy_f32_avx2(a, x, y) },
+        _ => {
+            for (yi, xi) in y.iter_mut().zip(x) {
+                *yi += a * xi;
+            }
+        }
+    }
+}
+
+/// Rows of the weight matrix dequantized together in a prefill tile: 16 rows of up to a few
+/// thousand columns stay in L2 while every token of the batch is multiplied with them.
+const PREFILL_TILE_ROWS: usize = 16;
+
+thread_local! {
+    static ROW_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `y[t, o] = sum_i w[o, i] * x[t, i]` for `n_tokens` rows of activations.
+///
+/// `x` is `n_tokens × w.cols()`, `y` is `n_tokens × w.rows()`, both row-major.
+pub fn matmul(pool: &ThreadPool, w: &WeightMatrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    assert_eq!(x.len(), n_tokens * cols, "matmul: activation shape");
+    assert_eq!(y.len(), n_tokens * rows, "matmul: output shape");
+    // Each output row is written by one task only; tasks hand disjoint rows to `write`.
+    let out = SharedOut::new(y);
+    let n_tasks = (pool.n_threads() * 4)
+        .min(rows.div_ceil(PREFILL_TILE_ROWS))
+        .max(1);
+    pool.for_each(n_tasks, |task| {
+        let range = split_range(rows, n_tasks, task);
+        ROW_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.resize(PREFILL_TILE_ROWS * cols, 0.0);
+            let mut start = range.start;
+            while start < range.end {
+                let end = (start + PREFILL_TILE_ROWS).min(range.end);
+                let tile = &mut scratch[..(end - start) * cols];
+                for (r, row_out) in (start..end).zip(tile.chunks_exact_mut(cols)) {
+                    w.dequantize_row(r, row_out);
+                }
+                for t in 0..n_tokens {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    for (k, wrow) in tile.chunks_exact(cols).enumerate() {
+                        // SAFETY: row `start + k` of token `t` belongs to this task alone.
+                        unsafe { out.write(t * rows + start + k, dot_f32(wrow, xt)) };
+                    }
+                }
+                start = end;
+            }
+        });
+    });
+}
+
+/// A mutable output buffer shared by tasks that write disjoint indices.
+pub(crate) struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint indices (each caller's contract), so no two threads touch the
+// same element, and the buffer outlives the parallel section that uses it.
+unsafe impl Sync for SharedOut {}
+// SAFETY: as above.
+unsafe impl Send for SharedOut {}
+
+impl SharedOut {
+    pub(crate) fn new(buf: &mut [f32]) -> SharedOut {
+        SharedOut {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    /// # Safety
+    /// No other thread may read or write index `i` during the parallel section.
+    #[inline]
+    pub(crate) unsafe fn write(&self, i: usize, v: f32) {
+        assert!(i < self.len);
+        // SAFETY: in bounds (checked), and exclusive by the caller's contract.
+        unsafe { *self.ptr.add(i) = v };
+    }
+
+    /// A mutable view of `range`.
+    ///
+    /// # Safety
+    /// No other thread may access any index of `range` during the parallel section.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, range: std::ops::Range<usize>) -> &mut [f32] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        // SAFETY: in bounds (checked), and exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+}
+
+/// RMS normalisation of each `dim`-wide row of `x` in place: `x * w / sqrt(mean(x²) + eps)`.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let dim = w.len();
+    for row in x.chunks_exact_mut(dim) {
+        let ss: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let scale = 1.0 / ((ss / dim as f64) as f32 + eps).sqrt();
+        for (v, wi) in row.iter_mut().zip(w) {
+            *v = *v * scale * wi;
+        }
+    }
+}
+
+/// SiLU-gated product: `gate = silu(gate) * up`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        let s = *g / (1.0 + (-*g).exp());
+        *g = s * u;
+    }
+}
+
+/// GELU (tanh approximation)-gated product: `gate = gelu_tanh(gate) * up`.
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+        *g = 0.5 * x * (1.0 + inner.tanh()) * u;
+    }
+}
+
+/// In-place softmax over `x`; returns nothing, leaves a probability distribution.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn close(a: f32, b: f32, scale: f32) -> bool {
+        (a - b).abs() <= 1e-5 * scale.max(1.0)
+    }
+
+    proptest! {
+        #[test]
+        fn dot_matches_scalar_reference(v in proptest::collection::vec((-4.0f32..4.0, -4.0f32..4.0), 0..300)) {
+            let a: Vec<f32> = v.iter().map(|p| p.0).collect();
+            let b: Vec<f32> = v.iter().map(|p| p.1).collect();
+            let scale: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+            let fast = dot_f32(&a, &b);
+            let reference = dot_f32_scalar(&a, &b);
+            prop_assert!(close(fast, reference, scale), "fast {fast} reference {reference}");
+        }
+
+        #[test]
+        fn axpy_matches_scalar_reference(a in -3.0f32..3.0, v in proptest::collection::vec((-4.0f32..4.0, -4.0f32..4.0), 0..100)) {
+            let x: Vec<f32> = v.iter().map(|p| p.0).collect();
+            let mut y: Vec<f32> = v.iter().map(|p| p.1).collect();
+            let expected: Vec<f32> = x.iter().zip(&y).map(|(xi, yi)| yi + a * xi).collect();
+            axpy_f32(a, &x, &mut y);
+            for (got, want) in y.iter().zip(&expected) {
+                prop_assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn isa_is_detected_on_this_machine() {
+        // The dispatcher must pick the SIMD path wherever the CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && std::env::var("KILN_ISA").is_err()
+        {
+            assert_eq!(isa(), Isa::Avx2Fma);
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut x = vec![1.0, 3.0, -2.0, 0.5];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[1] > x[0] && x[0] > x[3] && x[3] > x[2]);
+        assert!((x[1] / x[0] - 2.0f32.exp()).abs() < 1e-4);
+    }
+
+    #[test]
+    fn rms_norm_known_values() {
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        rms_norm(&mut x, &[1.0, 1.0, 2.0, 0.5], 0.0);
+        let rms = (30.0f32 / 4.0).sqrt();
+        let want = [1.0 / rms, 2.0 / rms, 6.0 / rms, 2.0 / rms];
+        for (g, w) in x.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn activations_known_values() {
+        let mut g = vec![0.0, 1.0, -1.0];
+        silu_mul(&mut g, &[1.0, 2.0, 1.0]);
+        assert!((g[0]).abs() < 1e-7);
+        assert!((g[1] - 2.0 * 0.731_058_6).abs() < 1e-6);
+        assert!((g[2] + 0.268_941_4).abs() < 1e-6);
+        let mut g = vec![1.0, -2.0];
+        gelu_tanh_mul(&mut g, &[1.0, 1.0]);
+        // gelu_tanh(1) = 0.8411920, gelu_tanh(-2) = -0.0454023
+        assert!((g[0] - 0.841_192).abs() < 1e-5);
+        assert!((g[1] + 0.045_402_3).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,145 @@
+//! A loaded model: its description and its weights, borrowed from the file's memory map.
+
+use crate::arch;
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::weights::{load_optional_vector, load_vector, WeightMatrix};
+use kiln_format::gguf::GgufFile;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Weights of one transformer block.
+pub struct LayerWeights {
+    /// RMSNorm before attention.
+    pub attn_norm: Vec<f32>,
+    /// Query projection, `n_embd` → `n_heads * head_dim`.
+    pub wq: WeightMatrix,
+    /// Key projection, `n_embd` → `n_kv_heads * head_dim`.
+    pub wk: WeightMatrix,
+    /// Value projection, `n_embd` → `n_kv_heads * head_dim`.
+    pub wv: WeightMatrix,
+    /// Attention output projection, `n_heads * head_dim` → `n_embd`.
+    pub wo: WeightMatrix,
+    /// Query/key/value biases (Qwen 2).
+    pub bq: Option<Vec<f32>>,
+    /// Key bias.
+    pub bk: Option<Vec<f32>>,
+    /// Value bias.
+    pub bv: Option<Vec<f32>>,
+    /// RMSNorm over each query head.
+    pub q_norm: Option<Vec<f32>>,
+    /// RMSNorm over each key head.
+    pub k_norm: Option<Vec<f32>>,
+    /// RMSNorm on the attention output (Gemma).
+    pub post_attn_norm: Option<Vec<f32>>,
+    /// RMSNorm before the feed-forward block.
+    pub ffn_norm: Vec<f32>,
+    /// Gate projection, `n_embd` → `n_ff`.
+    pub w_gate: WeightMatrix,
+    /// Up projection, `n_embd` → `n_ff`.
+    pub w_up: WeightMatrix,
+    /// Down projection, `n_ff` → `n_embd`.
+    pub w_down: WeightMatrix,
+    /// RMSNorm on the feed-forward output (Gemma).
+    pub post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// A model ready to run: configuration plus weights.
+pub struct Model {
+    /// The model's description.
+    pub config: ModelConfig,
+    /// The file the weights live in (memory-mapped).
+    pub file: Arc<GgufFile>,
+    /// Token embedding matrix (`vocab_size` rows of `n_embd`).
+    pub token_embd: WeightMatrix,
+    /// Final RMSNorm.
+    pub output_norm: Vec<f32>,
+    /// Output projection to the vocabulary (the embedding matrix when tied).
+    pub output: WeightMatrix,
+    /// Whether `output` is the token embedding matrix.
+    pub tied_embeddings: bool,
+    /// Transformer blocks.
+    pub layers: Vec<LayerWeights>,
+}
+
+impl Model {
+    /// Opens a GGUF file and loads the model it holds.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model, ModelError> {
+        let file = Arc::new(GgufFile::open(path.as_ref())?);
+        Model::from_gguf(file)
+    }
+
+    /// Loads the model held by an open GGUF file.
+    pub fn from_gguf(file: Arc<GgufFile>) -> Result<Model, ModelError> {
+        let config = arch::config_from_gguf(&file)?;
+        let c = &config;
+        let token_embd = WeightMatrix::load(&file, "token_embd.weight", c.n_embd, c.vocab_size)?;
+        let output_norm = load_vector(&file, "output_norm.weight", c.n_embd)?;
+        let (output, tied_embeddings) = if file.tensor("output.weight").is_some() {
+            (
+                WeightMatrix::load(&file, "output.weight", c.n_embd, c.vocab_size)?,
+                false,
+            )
+        } else {
+            (token_embd.clone(), true)
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let name = |s: &str| format!("blk.{i}.{s}");
+            let matrix =
+                |s: &str, cols: usize, rows: usize| WeightMatrix::load(&file, &name(s), cols, rows);
+            let vector = |s: &str, len: usize| load_vector(&file, &name(s), len);
+            let optional = |s: &str, len: usize| load_optional_vector(&file, &name(s), len);
+            let required_if = |cond: bool, s: &str, len: usize| -> Result<_, ModelError> {
+                if cond {
+                    vector(s, len).map(Some)
+                } else {
+                    optional(s, len)
+                }
+            };
+            layers.push(LayerWeights {
+                attn_norm: vector("attn_norm.weight", c.n_embd)?,
+                wq: matrix("attn_q.weight", c.n_embd, c.q_dim())?,
+                wk: matrix("attn_k.weight", c.n_embd, c.kv_dim())?,
+                wv: matrix("attn_v.weight", c.n_embd, c.kv_dim())?,
+                wo: matrix("attn_output.weight", c.q_dim(), c.n_embd)?,
+                bq: required_if(c.qkv_bias, "attn_q.bias", c.q_dim())?,
+                bk: required_if(c.qkv_bias, "attn_k.bias", c.kv_dim())?,
+                bv: required_if(c.qkv_bias, "attn_v.bias", c.kv_dim())?,
+                q_norm: required_if(c.qk_norm, "attn_q_norm.weight", c.head_dim)?,
+                k_norm: required_if(c.qk_norm, "attn_k_norm.weight", c.head_dim)?,
+                post_attn_norm: required_if(c.post_norms, "post_attention_norm.weight", c.n_embd)?,
+                ffn_norm: vector("ffn_norm.weight", c.n_embd)?,
+                w_gate: matrix("ffn_gate.weight", c.n_embd, c.n_ff)?,
+                w_up: matrix("ffn_up.weight", c.n_embd, c.n_ff)?,
+                w_down: matrix("ffn_down.weight", c.n_ff, c.n_embd)?,
+                post_ffn_norm: required_if(c.post_norms, "post_ffw_norm.weight", c.n_embd)?,
+            });
+        }
+        Ok(Model {
+            config,
+            file,
+            token_embd,
+            output_norm,
+            output,
+            tied_embeddings,
+            layers,
+        })
+    }
+
+    /// Number of parameters (elements of every tensor in the file).
+    pub fn n_params(&self) -> u64 {
+        self.file.tensors().iter().map(|t| t.n_elements).sum()
+    }
+
+    /// Bytes of weights read to produce one token: every matrix once, plus one embedding row.
+    pub fn bytes_per_token(&self) -> u64 {
+        let mut total = 0u64;
+        for l in &self.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                total += m.n_bytes() as u64;
+            }
+        }
+        total + self.output.n_bytes() as u64
+    }
+}

@@ -1,0 +1,332 @@
+//! Inference sessions: the forward pass over a batch of tokens with a key/value cache.
+
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::ModelError;
+use crate::kernels::{self, matmul, SharedOut};
+use crate::model::{LayerWeights, Model};
+use crate::pool::ThreadPool;
+use std::cell::RefCell;
+
+/// Which logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the row after the last token of the batch (generation).
+    Last,
+    /// One row per token of the batch (perplexity, teacher forcing).
+    All,
+}
+
+/// Keys and values of every past position, per layer, laid out `[kv_head][position][head_dim]`
+/// so one head's keys are contiguous for the attention dot products.
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    n_ctx: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl KvCache {
+    fn new(c: &ModelConfig, n_ctx: usize) -> KvCache {
+        let per_layer = c.n_kv_heads * n_ctx * c.head_dim;
+        KvCache {
+            keys: (0..c.n_layers).map(|_| vec![0.0; per_layer]).collect(),
+            values: (0..c.n_layers).map(|_| vec![0.0; per_layer]).collect(),
+            n_ctx,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    fn offset(&self, head: usize, pos: usize) -> usize {
+        (head * self.n_ctx + pos) * self.head_dim
+    }
+
+    /// Bytes the cache occupies.
+    pub fn n_bytes(&self) -> usize {
+        2 * self.keys.len() * self.n_kv_heads * self.n_ctx * self.head_dim * 4
+    }
+}
+
+/// One conversation's state: the KV cache and the number of positions already processed.
+pub struct Session<'m> {
+    model: &'m Model,
+    pool: &'m ThreadPool,
+    cache: KvCache,
+    n_past: usize,
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+impl<'m> Session<'m> {
+    /// A new session able to hold `n_ctx` positions (capped by the model's context length).
+    pub fn new(model: &'m Model, pool: &'m ThreadPool, n_ctx: usize) -> Session<'m> {
+        let n_ctx = n_ctx.clamp(1, model.config.context_length.max(1));
+        Session {
+            model,
+            pool,
+            cache: KvCache::new(&model.config, n_ctx),
+            n_past: 0,
+        }
+    }
+
+    /// Positions processed so far.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// Positions the session can hold.
+    pub fn n_ctx(&self) -> usize {
+        self.cache.n_ctx
+    }
+
+    /// Forgets every position (the cache memory is kept).
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    /// Drops positions from `n` on, so generation can resume from an earlier point.
+    pub fn truncate(&mut self, n: usize) {
+        self.n_past = self.n_past.min(n);
+    }
+
+    /// Runs `tokens` (one batch, all positions in one pass) and returns the requested logits:
+    /// `vocab_size` values for [`Logits::Last`], `tokens.len() * vocab_size` for [`Logits::All`].
+    pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ModelError> {
+        let model = self.model;
+        let c = &model.config;
+        let t_len = tokens.len();
+        if t_len == 0 {
+            return Err(ModelError::Request("forward called with no tokens".into()));
+        }
+        if self.n_past + t_len > self.cache.n_ctx {
+            return Err(ModelError::Request(format!(
+                "{} tokens after {} already processed exceed the context of {} positions",
+                t_len, self.n_past, self.cache.n_ctx
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::Request(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                c.vocab_size
+            )));
+        }
+        let e = c.n_embd;
+        let mut x = vec![0.0f32; t_len * e];
+        for (row, &tok) in x.chunks_exact_mut(e).zip(tokens) {
+            model.token_embd.dequantize_row(tok as usize, row);
+            if let Some(s) = c.embedding_scale {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+        }
+        let mut buf = Buffers::new(c, t_len);
+        for (il, layer) in model.layers.iter().enumerate() {
+            self.layer_forward(il, layer, &mut x, &mut buf);
+        }
+        let rows: &mut [f32] = match want {
+            Logits::Last => &mut x[(t_len - 1) * e..],
+            Logits::All => &mut x[..],
+        };
+        let n_rows = rows.len() / e;
+        kernels::rms_norm(rows, &model.output_norm, c.rms_eps);
+        let mut logits = vec![0.0f32; n_rows * c.vocab_size];
+        matmul(self.pool, &model.output, rows, n_rows, &mut logits);
+        if let Some(cap) = c.final_logit_softcap {
+            logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
+        self.n_past += t_len;
+        Ok(logits)
+    }
+
+    fn layer_forward(&mut self, il: usize, w: &LayerWeights, x: &mut [f32], b: &mut Buffers) {
+        let c = &self.model.config;
+        let pool = self.pool;
+        let t_len = b.t_len;
+        let (hd, e) = (c.head_dim, c.n_embd);
+
+        // Attention sub-block.
+        b.h.copy_from_slice(x);
+        kernels::rms_norm(&mut b.h, &w.attn_norm, c.rms_eps);
+        matmul(pool, &w.wq, &b.h, t_len, &mut b.q);
+        matmul(pool, &w.wk, &b.h, t_len, &mut b.k);
+        matmul(pool, &w.wv, &b.h, t_len, &mut b.v);
+        add_bias(&mut b.q, w.bq.as_deref());
+        add_bias(&mut b.k, w.bk.as_deref());
+        add_bias(&mut b.v, w.bv.as_deref());
+        if let Some(qn) = &w.q_norm {
+            kernels::rms_norm(&mut b.q, qn, c.rms_eps);
+        }
+        if let Some(kn) = &w.k_norm {
+            kernels::rms_norm(&mut b.k, kn, c.rms_eps);
+        }
+        let layer_cfg = &c.layers[il];
+        let rope = RopeTable::new(c, layer_cfg.rope_base, layer_cfg.rope_freq_scale);
+        for t in 0..t_len {
+            let pos = self.n_past + t;
+            for head in b.q[t * c.q_dim()..(t + 1) * c.q_dim()].chunks_exact_mut(hd) {
+                rope.apply(head, pos, c.rope_style);
+            }
+            for head in b.k[t * c.kv_dim()..(t + 1) * c.kv_dim()].chunks_exact_mut(hd) {
+                rope.apply(head, pos, c.rope_style);
+            }
+        }
+        // Append this batch's keys and values to the cache.
+        {
+            let cache = &mut self.cache;
+            for t in 0..t_len {
+                let pos = self.n_past + t;
+                for g in 0..c.n_kv_heads {
+                    let src = (t * c.n_kv_heads + g) * hd;
+                    let dst = cache.offset(g, pos);
+                    cache.keys[il][dst..dst + hd].copy_from_slice(&b.k[src..src + hd]);
+                    cache.values[il][dst..dst + hd].copy_from_slice(&b.v[src..src + hd]);
+                }
+            }
+        }
+        self.attention(il, &b.q, &mut b.attn, t_len);
+        matmul(pool, &w.wo, &b.attn, t_len, &mut b.h);
+        if let Some(pn) = &w.post_attn_norm {
+            kernels::rms_norm(&mut b.h, pn, c.rms_eps);
+        }
+        x.iter_mut().zip(&b.h).for_each(|(xi, hi)| *xi += hi);
+
+        // Feed-forward sub-block.
+        b.h.copy_from_slice(x);
+        kernels::rms_norm(&mut b.h, &w.ffn_norm, c.rms_eps);
+        matmul(pool, &w.w_gate, &b.h, t_len, &mut b.gate);
+        matmul(pool, &w.w_up, &b.h, t_len, &mut b.up);
+        match c.activation {
+            crate::config::Activation::Silu => kernels::silu_mul(&mut b.gate, &b.up),
+            crate::config::Activation::GeluTanh => kernels::gelu_tanh_mul(&mut b.gate, &b.up),
+        }
+        matmul(pool, &w.w_down, &b.gate, t_len, &mut b.h);
+        if let Some(pn) = &w.post_ffn_norm {
+            kernels::rms_norm(&mut b.h, pn, c.rms_eps);
+        }
+        debug_assert_eq!(x.len(), t_len * e);
+        x.iter_mut().zip(&b.h).for_each(|(xi, hi)| *xi += hi);
+    }
+
+    /// Causal (optionally sliding-window) attention of the batch's queries over the cache.
+    /// One task per (query position, head); GQA heads read their group's shared keys.
+    fn attention(&self, il: usize, q: &[f32], out: &mut [f32], t_len: usize) {
+        let c = &self.model.config;
+        let hd = c.head_dim;
+        let group = c.group_size();
+        let window = c.layers[il].sliding_window;
+        let keys = &self.cache.keys[il];
+        let values = &self.cache.values[il];
+        let cache = &self.cache;
+        let n_past = self.n_past;
+        let scale = c.attn_scale;
+        let softcap = c.attn_logit_softcap;
+        let shared = SharedOut::new(out);
+        self.pool.for_each(t_len * c.n_heads, |task| {
+            let (t, h) = (task / c.n_heads, task % c.n_heads);
+            let g = h / group;
+            let pos = n_past + t;
+            let first = match window {
+                Some(w) => (pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            let qh = &q[(t * c.n_heads + h) * hd..(t * c.n_heads + h + 1) * hd];
+            // SAFETY: task (t, h) alone writes this head's output slice.
+            let o = unsafe { shared.slice((t * c.n_heads + h) * hd..(t * c.n_heads + h + 1) * hd) };
+            SCORES.with(|scores| {
+                let mut scores = scores.borrow_mut();
+                scores.clear();
+                for j in first..=pos {
+                    let off = cache.offset(g, j);
+                    let mut s = kernels::dot_f32(qh, &keys[off..off + hd]) * scale;
+                    if let Some(cap) = softcap {
+                        s = cap * (s / cap).tanh();
+                    }
+                    scores.push(s);
+                }
+                kernels::softmax(&mut scores);
+                o.fill(0.0);
+                for (j, &p) in (first..=pos).zip(scores.iter()) {
+                    let off = cache.offset(g, j);
+                    kernels::axpy_f32(p, &values[off..off + hd], o);
+                }
+            });
+        });
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        for row in x.chunks_exact_mut(bias.len()) {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+    }
+}
+
+/// Scratch activations for one forward pass.
+struct Buffers {
+    t_len: usize,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Buffers {
+    fn new(c: &ModelConfig, t_len: usize) -> Buffers {
+        Buffers {
+            t_len,
+            h: vec![0.0; t_len * c.n_embd],
+            q: vec![0.0; t_len * c.q_dim()],
+            k: vec![0.0; t_len * c.kv_dim()],
+            v: vec![0.0; t_len * c.kv_dim()],
+            attn: vec![0.0; t_len * c.q_dim()],
+            gate: vec![0.0; t_len * c.n_ff],
+            up: vec![0.0; t_len * c.n_ff],
+        }
+    }
+}
+
+/// Inverse frequencies of one layer's rotary embedding.
+///
+/// Angles are formed in f32 (`f32(pos) * inv_freq`), as the reference implementations do, so
+/// long positions round the same way; only sin/cos are evaluated in f64.
+struct RopeTable {
+    inv_freq: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(c: &ModelConfig, base: f32, freq_scale: f32) -> RopeTable {
+        let half = c.rope_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / c.rope_dim as f32;
+                let mut f = freq_scale / base.powf(exponent);
+                if let Some(factors) = &c.rope_freq_factors {
+                    f /= factors[i];
+                }
+                f
+            })
+            .collect();
+        RopeTable { inv_freq }
+    }
+
+    fn apply(&self, head: &mut [f32], pos: usize, style: RopeStyle) {
+        let half = self.inv_freq.len();
+        for (i, &f) in self.inv_freq.iter().enumerate() {
+            let theta = f64::from(pos as f32 * f);
+            let (sin, cos) = (theta.sin() as f32, theta.cos() as f32);
+            let (a, b) = match style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Neox => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos - x1 * sin;
+            head[b] = x0 * sin + x1 * cos;
+        }
+    }
+}
