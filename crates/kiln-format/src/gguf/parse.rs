@@ -28,6 +28,10 @@ pub(crate) const MAX_ARRAY_DEPTH: usize = 4;
 /// hostile header demand many times the file size; real tokenizer arrays are a few hundred
 /// thousand entries.
 pub(crate) const MAX_ARRAY_LEN: u64 = 1 << 24;
+/// The most metadata values (array elements included) a file may hold in total, for the same
+/// reason as [`MAX_ARRAY_LEN`]: it bounds the memory a hostile file can make the parser use
+/// (about 1 GiB) independently of the file's size. Real models hold around a million.
+pub(crate) const MAX_METADATA_VALUES: u64 = 1 << 25;
 /// Metadata keys are at most 65535 bytes (GGUF spec).
 pub(crate) const MAX_KEY_LEN: u64 = 65535;
 
@@ -52,6 +56,8 @@ struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata values parsed so far, against [`MAX_METADATA_VALUES`].
+    values: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -213,6 +219,13 @@ fn read_array(
             c.remaining()
         )));
     }
+    c.values += len;
+    if c.values > MAX_METADATA_VALUES {
+        return Err(c.invalid(format!(
+            "{context} brings the metadata to more than {MAX_METADATA_VALUES} values in \
+             total, more than kiln accepts"
+        )));
+    }
     let mut items = Vec::with_capacity(len as usize);
     for i in 0..len {
         items.push(read_value(
@@ -226,7 +239,12 @@ fn read_array(
 }
 
 pub(crate) fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, FormatError> {
-    let mut c = Cursor { buf, pos: 0, path };
+    let mut c = Cursor {
+        buf,
+        pos: 0,
+        path,
+        values: 0,
+    };
     let file_size = buf.len() as u64;
 
     let magic = c.array::<4>(&|| "the GGUF magic".to_string())?;
@@ -262,7 +280,8 @@ pub(crate) fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, FormatError> {
         return Err(c.invalid(format!(
             "header claims {tensor_count} tensors and {kv_count} metadata entries, but the \
              {} bytes after the header cannot hold that many (each tensor info takes at least \
-             {MIN_TENSOR_INFO_BYTES} bytes, each metadata entry {MIN_KV_BYTES})",
+             {MIN_TENSOR_INFO_BYTES} bytes, each metadata entry {MIN_KV_BYTES}): the file is \
+             truncated or corrupt",
             c.remaining()
         )));
     }
