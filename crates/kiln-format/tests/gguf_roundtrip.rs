@@ -218,7 +218,7 @@ fn writer_refuses_bad_tensors() {
     assert!(e.contains("tensor 'a' added twice"), "{e}");
     assert!(w
         .add_tensor_f32("b", &[64], GgmlType::Q4_K, &[0.0; 64])
-        .is_err());
+        .is_err()); // rows shorter than a K-quant super-block
     assert!(w
         .add_tensor_f32("b", &[32], GgmlType::Q8_0, &[0.0; 31])
         .is_err());

@@ -9,6 +9,7 @@
 //! Everything here is scalar, portable code. [`dot_row`] is the reference the runtime's SIMD
 //! kernels are checked against; it is written so the compiler can vectorise it on its own.
 
+mod kquantize;
 mod kquants;
 mod legacy;
 mod quantize;

@@ -1,12 +1,15 @@
 //! Reference quantizers, following the arithmetic of ggml's `quantize_row_*_ref` so that
 //! kiln-made test models hold the same bytes ggml would have written.
 
-use super::{f32_to_bf16, f32_to_f16, legacy, DequantError, GgmlType, QK};
+use super::{
+    f32_to_bf16, f32_to_f16, kquantize, kquants, legacy, DequantError, GgmlType, QK, QK_K,
+};
 
-/// Quantizes `src` to type `ty` with ggml's round-to-nearest reference semantics.
+/// Quantizes `src` to type `ty` with ggml's reference semantics (`quantize_row_*_ref`):
+/// round-to-nearest for the float and 32-element types, and for the K-quants ggml's
+/// per-sub-block scale search without an importance matrix.
 ///
-/// Implemented for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q8_1. `src.len()` must be a
-/// multiple of `ty.block_len()`. Other types return an error naming the type.
+/// Implemented for every [`GgmlType`]. `src.len()` must be a multiple of `ty.block_len()`.
 pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, DequantError> {
     let n_bytes = ty.row_bytes(src.len()).ok_or_else(|| {
         DequantError(format!(
@@ -38,22 +41,27 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, DequantError> {
         GgmlType::Q5_1 => each(src, &mut out, legacy::Q5_1_BYTES, quant_q5_1),
         GgmlType::Q8_0 => each(src, &mut out, legacy::Q8_0_BYTES, quant_q8_0),
         GgmlType::Q8_1 => each(src, &mut out, legacy::Q8_1_BYTES, quant_q8_1),
-        GgmlType::Q2_K
-        | GgmlType::Q3_K
-        | GgmlType::Q4_K
-        | GgmlType::Q5_K
-        | GgmlType::Q6_K
-        | GgmlType::Q8_K => {
-            return Err(DequantError(format!(
-                "quantization to {ty} is not implemented"
-            )))
-        }
+        GgmlType::Q2_K => each_k(src, &mut out, kquants::Q2_K_BYTES, kquantize::quant_q2_k),
+        GgmlType::Q3_K => each_k(src, &mut out, kquants::Q3_K_BYTES, kquantize::quant_q3_k),
+        GgmlType::Q4_K => each_k(src, &mut out, kquants::Q4_K_BYTES, kquantize::quant_q4_k),
+        GgmlType::Q5_K => each_k(src, &mut out, kquants::Q5_K_BYTES, kquantize::quant_q5_k),
+        GgmlType::Q6_K => each_k(src, &mut out, kquants::Q6_K_BYTES, kquantize::quant_q6_k),
+        GgmlType::Q8_K => each_k(src, &mut out, kquants::Q8_K_BYTES, kquantize::quant_q8_k),
     }
     Ok(out)
 }
 
 fn each(src: &[f32], out: &mut [u8], block_bytes: usize, f: fn(&[f32], &mut [u8])) {
     for (x, y) in src.chunks_exact(QK).zip(out.chunks_exact_mut(block_bytes)) {
+        f(x, y);
+    }
+}
+
+fn each_k(src: &[f32], out: &mut [u8], block_bytes: usize, f: fn(&[f32], &mut [u8])) {
+    for (x, y) in src
+        .chunks_exact(QK_K)
+        .zip(out.chunks_exact_mut(block_bytes))
+    {
         f(x, y);
     }
 }
