@@ -7,6 +7,8 @@
 //!
 //! Every error is a [`FormatError`] that names the file it concerns.
 
+#![warn(missing_docs)]
+
 pub mod ggml;
 pub mod gguf;
 

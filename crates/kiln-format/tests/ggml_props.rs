@@ -115,6 +115,33 @@ fn half_conversions() {
     assert!(ggml::bf16_to_f32(nan).is_nan());
     assert_eq!(ggml::f32_to_f16(1.0), 0x3c00);
     assert_eq!(ggml::f16_to_f32(0x7bff), 65504.0);
+    assert_eq!(ggml::f16_to_f32(0x0001), 2f32.powi(-24));
+    assert_eq!(ggml::f16_to_f32(0x8000).to_bits(), 0x8000_0000);
+    assert_eq!(ggml::f16_to_f32(0xfc00), f32::NEG_INFINITY);
+    // Every f16, NaN payloads included, converts exactly and round-trips.
+    for bits in 0..=u16::MAX {
+        let v = ggml::f16_to_f32(bits);
+        let exp = (bits >> 10) & 0x1f;
+        let man = f64::from(bits & 0x3ff);
+        let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+        match exp {
+            0x1f if man == 0.0 => assert_eq!(f64::from(v), sign * f64::INFINITY),
+            0x1f => {
+                assert!(v.is_nan(), "{bits:#06x}");
+                assert_eq!(v.to_bits() >> 31, u32::from(bits >> 15));
+                assert_eq!(v.to_bits() & 0x7f_ffff, u32::from(bits & 0x3ff) << 13);
+            }
+            0 => assert_eq!(f64::from(v), sign * man * 2f64.powi(-24), "{bits:#06x}"),
+            e => assert_eq!(
+                f64::from(v),
+                sign * (1.0 + man / 1024.0) * 2f64.powi(i32::from(e) - 15),
+                "{bits:#06x}"
+            ),
+        }
+        if !v.is_nan() {
+            assert_eq!(ggml::f32_to_f16(v), bits, "{bits:#06x}");
+        }
+    }
 }
 
 /// Byte offsets of the scale fields within each block type, to keep random blocks sane

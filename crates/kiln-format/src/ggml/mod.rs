@@ -290,10 +290,32 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     }
 }
 
-/// Converts IEEE binary16 bits to f32 (exact).
+/// Converts IEEE binary16 bits to f32 (exact, NaN payloads kept).
+///
+/// Done with integer arithmetic and selects rather than through `half`, whose per-call
+/// runtime CPU-feature dispatch costs more than the conversion itself and keeps the loops
+/// that call this from vectorising.
 #[inline(always)]
 pub fn f16_to_f32(bits: u16) -> f32 {
-    half::f16::from_bits(bits).to_f32()
+    let h = u32::from(bits);
+    // Exponent and mantissa moved into f32 position, exponent rebiased from 15 to 127.
+    let shifted = (h & 0x7fff) << 13;
+    let exp = shifted & 0x0f80_0000;
+    let normal = shifted + ((127 - 15) << 23);
+    // Infinity or NaN: push the exponent on to all ones.
+    let inf_nan = normal + ((128 - 16) << 23);
+    // Zero or subnormal: let the FPU normalise it. Adding one to the exponent and then
+    // subtracting 2^-14 (the exponent's implicit one) leaves mantissa * 2^-24.
+    let subnormal = (f32::from_bits(normal + (1 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    // All three are computed and one selected, so a loop over this stays branch-free.
+    let magnitude = if exp == 0x0f80_0000 {
+        inf_nan
+    } else if exp == 0 {
+        subnormal
+    } else {
+        normal
+    };
+    f32::from_bits(magnitude | ((h & 0x8000) << 16))
 }
 
 /// Converts f32 to IEEE binary16 bits, rounding to nearest even (ggml's `GGML_FP32_TO_FP16`).
