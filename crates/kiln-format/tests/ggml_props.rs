@@ -291,6 +291,29 @@ proptest! {
         }
     }
 
+    /// Quantizers never panic, whatever the floats (NaN, infinities, subnormals, extremes).
+    #[test]
+    fn quantize_accepts_any_floats(
+        ty in any_type(),
+        bits in proptest::collection::vec(any::<u32>(), 256),
+        specials in proptest::collection::vec(
+            prop_oneof![
+                Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY), Just(f32::MAX),
+                Just(f32::MIN), Just(f32::MIN_POSITIVE), Just(1e-45f32), Just(0.0f32), Just(-0.0f32),
+            ],
+            0..8,
+        ),
+    ) {
+        let mut x: Vec<f32> = bits.into_iter().map(f32::from_bits).collect();
+        for (i, v) in specials.into_iter().enumerate() {
+            x[i * 31 % 256] = v;
+        }
+        let q = ggml::quantize(ty, &x).unwrap();
+        prop_assert_eq!(q.len(), ty.row_bytes(256).unwrap());
+        let mut y = vec![0.0f32; 256];
+        ggml::dequantize(ty, &q, &mut y).unwrap();
+    }
+
     /// Dequantization never panics on arbitrary bytes (NaN and infinite scales included).
     #[test]
     fn dequantize_and_dot_accept_any_bytes(ty in any_type(), seed in any::<u64>(), blocks in 0usize..4) {
