@@ -122,33 +122,59 @@ impl SamplerConfig {
 /// Panics if `values` is empty.
 pub fn argmax(values: &[f32]) -> usize {
     assert!(!values.is_empty(), "argmax of an empty slice");
-    let mut best = 0;
-    let mut best_value = values[0];
-    for (i, &v) in values.iter().enumerate().skip(1) {
-        // The NaN check lets the first number replace a leading NaN; `>`
-        // alone would keep the NaN forever.
-        if v > best_value || (best_value.is_nan() && !v.is_nan()) {
-            best = i;
-            best_value = v;
+    // Two passes beat one branchy pass: the maximum vectorises, and the first
+    // match then gives the lowest index among ties (-0 == +0 included).
+    // An all-NaN row matches nothing and falls back to 0.
+    let max = lane_max(values);
+    values.iter().position(|&v| v == max).unwrap_or(0)
+}
+
+/// Largest non-NaN value, `-inf` if there is none.
+fn lane_max(values: &[f32]) -> f32 {
+    // Independent lanes let the compiler vectorise. A comparison is false
+    // for NaN, so NaN never enters a lane; it also compiles to a plain
+    // compare-and-blend, unlike `f32::max`'s NaN handling.
+    fn keep_larger(m: f32, x: f32) -> f32 {
+        if x > m {
+            x
+        } else {
+            m
         }
     }
-    best
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = values.chunks_exact(lanes.len());
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = keep_larger(*lane, x);
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| keep_larger(m, x))
 }
 
 /// Penalty windows up to this length get their scratch space at
 /// construction; longer ones grow it on demand until the window is full.
 const PREALLOCATED_WINDOW: usize = 4096;
 
-/// How many candidates the top-k-less top-p search sorts first; the set
-/// grows geometrically only when the nucleus is wider than that.
+/// How many of the best tokens the top-k-less top-p search tries first;
+/// only a nucleus wider than that makes it gather every eligible token.
 const INITIAL_NUCLEUS: usize = 1024;
+
+/// Below this many undecided candidates the nucleus search sorts them.
+const NUCLEUS_SORT: usize = 64;
+
+/// Tokens per block that [`gather`] screens with a single test.
+const GATHER_CHUNK: usize = 32;
 
 /// Draws a seeded sequence of tokens from logit rows.
 ///
 /// Scratch buffers are sized on the first call for a given vocabulary size,
 /// so later calls with the same vocabulary and configuration do not
 /// allocate.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Sampler {
     config: SamplerConfig,
     rng: Xoshiro256StarStar,
@@ -200,11 +226,10 @@ impl Sampler {
         if self.config.is_greedy() {
             return argmax(logits) as u32;
         }
-        let Some(max) = max_logit(logits) else {
-            return argmax(logits) as u32;
-        };
-        self.filter(logits, max);
-        self.draw(max)
+        match self.filter(logits) {
+            Some(max) => self.draw(max),
+            None => argmax(logits) as u32,
+        }
     }
 
     fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
@@ -232,67 +257,64 @@ impl Sampler {
     }
 
     /// Leaves in `self.candidates` the tokens that survive top-k, top-p and
-    /// min-p, with their (clamped) logits.
-    fn filter(&mut self, logits: &[f32], max: f32) {
+    /// min-p, with their (clamped) logits, and returns the largest logit, or
+    /// `None` if no logit is above `-inf`.
+    fn filter(&mut self, logits: &[f32]) -> Option<f32> {
         let config = &self.config;
         let n = logits.len();
-        let top_k_active = config.top_k > 0 && config.top_k < n;
         let top_p_active = config.top_p < 1.0;
-        // min-p in logit space: p_i >= min_p * p_max  <=>  l_i >= max + ln(min_p).
-        // Capping at `max` keeps the most likely token even for min_p > 1.
-        let floor = if config.min_p > 0.0 {
-            (max + config.min_p.ln()).min(max)
-        } else {
-            f32::NEG_INFINITY
-        };
-
         let candidates = &mut self.candidates;
         // Cleared before reserving: `reserve` counts from the current length.
         candidates.clear();
-        if top_k_active {
+
+        if config.top_k > 0 && config.top_k < n {
             candidates.reserve(gather_capacity(config.top_k, n));
-            if !top_p_active {
-                gather(candidates, logits, config.top_k, floor);
-                return;
-            }
-            // top-p renormalises over the top-k set, so min-p must not thin
-            // that set before the mass is measured.
+            // Not thinned by min-p: top-p renormalises over the whole top-k set.
             gather(candidates, logits, config.top_k, f32::NEG_INFINITY);
-            candidates.sort_unstable_by(rank);
-            let total: f64 = candidates.iter().map(|c| weight(c.value, max)).sum();
-            if let Some(len) = nucleus_len(candidates, max, config.top_p, total) {
+            if candidates.is_empty() {
+                return None;
+            }
+            let max = candidates
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, c| m.max(c.value));
+            if top_p_active {
+                let target = f64::from(config.top_p) * mass(candidates, max);
+                let len = nucleus(candidates, max, target);
                 candidates.truncate(len);
             }
-            // Sorted, so this only shortens the prefix.
+            // top-p and min-p each keep a prefix of the ranking, so applying
+            // min-p to the nucleus leaves the shorter of the two.
+            let floor = min_p_floor(config.min_p, max);
             candidates.retain(|c| c.value >= floor);
-        } else if top_p_active {
-            // The whole vocabulary may turn out to be the nucleus.
-            candidates.reserve(n);
-            let total: f64 = logits
-                .iter()
-                .filter(|x| !x.is_nan())
-                .map(|&x| weight(x.min(f32::MAX), max))
-                .sum();
-            // Both top-p and min-p keep a prefix of the sorted order, so the
-            // result is whichever prefix is shorter; min-p can therefore
-            // prefilter the candidates, but not the normaliser.
-            let mut limit = INITIAL_NUCLEUS.min(n);
-            loop {
-                gather(candidates, logits, limit, floor);
-                candidates.sort_unstable_by(rank);
-                if let Some(len) = nucleus_len(candidates, max, config.top_p, total) {
-                    candidates.truncate(len);
-                    break;
-                }
-                if candidates.len() < limit || limit == n {
-                    break;
-                }
-                limit = limit.saturating_mul(8).min(n);
-            }
-        } else {
-            candidates.reserve(n);
+            return Some(max);
+        }
+
+        let max = max_logit(logits)?;
+        let floor = min_p_floor(config.min_p, max);
+        // At worst the whole vocabulary survives.
+        candidates.reserve(n);
+        if !top_p_active {
+            gather(candidates, logits, n, floor);
+            return Some(max);
+        }
+        // min-p may thin the candidates but not the normaliser, which spans
+        // the whole vocabulary.
+        let total: f64 = logits
+            .iter()
+            .filter(|x| !x.is_nan())
+            .map(|&x| weight(x.min(f32::MAX), max))
+            .sum();
+        let target = f64::from(config.top_p) * total;
+        // A peaked row's nucleus lies within its best few hundred tokens;
+        // only a flat one needs every eligible token.
+        let limit = INITIAL_NUCLEUS.min(n);
+        gather(candidates, logits, limit, floor);
+        if candidates.len() == limit && limit < n && mass(candidates, max) < target {
             gather(candidates, logits, n, floor);
         }
+        let len = nucleus(candidates, max, target);
+        candidates.truncate(len);
+        Some(max)
     }
 
     /// Applies temperature to the candidates and draws one of them.
@@ -302,8 +324,9 @@ impl Sampler {
         for c in &mut self.candidates {
             // Dividing (rather than multiplying by 1/T) keeps the maximum at
             // exactly exp(0) = 1 even when 1/T overflows, so the total is
-            // never zero.
-            c.value = ((c.value - max) / temperature).exp();
+            // never zero. The clamp stops a difference that overflowed to
+            // -inf from turning into NaN when T is +inf.
+            c.value = ((c.value - max).max(f32::MIN) / temperature).exp();
             total += f64::from(c.value);
         }
         let target = self.rng.next_f64() * total;
@@ -320,6 +343,16 @@ impl Sampler {
             .rev()
             .find(|c| c.value > 0.0)
             .map_or(self.candidates[0].id, |c| c.id)
+    }
+}
+
+impl std::fmt::Debug for Sampler {
+    // The scratch buffers can span the whole vocabulary; they carry no state.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("config", &self.config)
+            .field("rng", &self.rng)
+            .finish_non_exhaustive()
     }
 }
 
@@ -347,12 +380,28 @@ fn weight(logit: f32, max: f32) -> f64 {
 /// Largest logit, ignoring NaN and with `+inf` clamped to `f32::MAX`;
 /// `None` if no logit is above `-inf`.
 fn max_logit(logits: &[f32]) -> Option<f32> {
-    let max = logits
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let max = lane_max(logits);
     (max > f32::NEG_INFINITY).then_some(max.min(f32::MAX))
 }
 
+/// min-p as a logit threshold: `p_i >= min_p * p_max` exactly when
+/// `l_i >= max + ln(min_p)`. Capped at `max` so that `min_p > 1` still keeps
+/// the most likely token.
+fn min_p_floor(min_p: f32, max: f32) -> f32 {
+    if min_p > 0.0 {
+        (max + min_p.ln()).min(max)
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
+/// Total temperature-1 weight of `candidates`.
+fn mass(candidates: &[Candidate], max: f32) -> f64 {
+    candidates.iter().map(|c| weight(c.value, max)).sum()
+}
+
+/// Buffer size for [`gather`]: the slack beyond `limit` spreads each partial
+/// selection over at least `max(limit, 64)` admissions.
 fn gather_capacity(limit: usize, n: usize) -> usize {
     limit.saturating_mul(2).max(limit.saturating_add(64)).min(n)
 }
@@ -373,16 +422,27 @@ fn gather(out: &mut Vec<Candidate>, logits: &[f32], limit: usize, floor: f32) {
     // Later tokens lose ties to earlier ones, so equality with the worst
     // survivor is rightly a rejection.
     let mut bar = f32::NEG_INFINITY;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > bar && x >= floor {
-            out.push(Candidate {
-                id: i as u32,
-                value: x.min(f32::MAX),
-            });
-            if out.len() == capacity && capacity > limit {
-                out.select_nth_unstable_by(limit - 1, rank);
-                out.truncate(limit);
-                bar = out[limit - 1].value;
+    for (block, chunk) in logits.chunks(GATHER_CHUNK).enumerate() {
+        // Once the bar has risen, most blocks of a large row hold nothing
+        // above it; a branch-free screen skips them.
+        if !chunk
+            .iter()
+            .fold(false, |hit, &x| hit | ((x > bar) & (x >= floor)))
+        {
+            continue;
+        }
+        let base = block * GATHER_CHUNK;
+        for (j, &x) in chunk.iter().enumerate() {
+            if x > bar && x >= floor {
+                out.push(Candidate {
+                    id: (base + j) as u32,
+                    value: x.min(f32::MAX),
+                });
+                if out.len() == capacity && capacity > limit {
+                    out.select_nth_unstable_by(limit - 1, rank);
+                    out.truncate(limit);
+                    bar = out[limit - 1].value;
+                }
             }
         }
     }
@@ -392,18 +452,38 @@ fn gather(out: &mut Vec<Candidate>, logits: &[f32], limit: usize, floor: f32) {
     }
 }
 
-/// Length of the shortest prefix of `sorted` whose temperature-1 mass reaches
-/// `top_p * total`, or `None` if all of `sorted` falls short.
-fn nucleus_len(sorted: &[Candidate], max: f32, top_p: f32, total: f64) -> Option<usize> {
-    let target = f64::from(top_p) * total;
-    let mut acc = 0.0f64;
-    for (i, c) in sorted.iter().enumerate() {
-        acc += weight(c.value, max);
-        if acc >= target {
-            return Some(i + 1);
+/// Reorders `candidates` so that its first `len` entries are the shortest
+/// prefix of the ranking whose temperature-1 mass reaches `target`, and
+/// returns `len` (all of them if even their total falls short, which only
+/// rounding can cause).
+///
+/// Bisects with partial selection rather than sorting: each step splits the
+/// undecided range at its midpoint and weighs the better half, so the
+/// expected cost is linear and only a short final range is sorted.
+fn nucleus(candidates: &mut [Candidate], max: f32, target: f64) -> usize {
+    // Invariant: `candidates[..lo]` are the `lo` best, their mass `before`
+    // falls short of the target, and the answer lies in `lo + 1..=hi`.
+    let (mut lo, mut hi, mut before) = (0, candidates.len(), 0.0);
+    while hi - lo > NUCLEUS_SORT {
+        let mid = lo + (hi - lo) / 2;
+        candidates[lo..hi].select_nth_unstable_by(mid - lo, rank);
+        let upto_mid = before + mass(&candidates[lo..mid], max);
+        if upto_mid >= target {
+            hi = mid;
+        } else {
+            lo = mid;
+            before = upto_mid;
         }
     }
-    None
+    candidates[lo..hi].sort_unstable_by(rank);
+    let mut acc = before;
+    for (i, c) in candidates[lo..hi].iter().enumerate() {
+        acc += weight(c.value, max);
+        if acc >= target {
+            return lo + i + 1;
+        }
+    }
+    hi
 }
 
 /// SplitMix64 (Steele, Lea & Flood), used only to expand a 64-bit seed into
@@ -862,6 +942,51 @@ mod tests {
     }
 
     #[test]
+    fn nucleus_bisection_matches_a_full_sort() {
+        for (case, n) in [65, 300, 5000, 40_000].into_iter().enumerate() {
+            for scale in [0.3f32, 4.0] {
+                // Quantised values, so the ranking has many ties.
+                let row: Vec<f32> = random_row(n, case as u64, scale)
+                    .into_iter()
+                    .map(|x| (x * 8.0).round() / 8.0)
+                    .collect();
+                let all: Vec<Candidate> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &value)| Candidate {
+                        id: i as u32,
+                        value,
+                    })
+                    .collect();
+                let max = lane_max(&row);
+                let mut sorted = all.clone();
+                sorted.sort_by(rank);
+                let total = mass(&all, max);
+                for top_p in [0.0f32, 0.1, 0.5, 0.9, 0.99] {
+                    let target = f64::from(top_p) * total;
+                    let mut acc = 0.0;
+                    let want = sorted
+                        .iter()
+                        .position(|c| {
+                            acc += weight(c.value, max);
+                            acc >= target
+                        })
+                        .unwrap()
+                        + 1;
+                    let mut work = all.clone();
+                    let len = nucleus(&mut work, max, target);
+                    assert_eq!(len, want, "n {n}, scale {scale}, top_p {top_p}");
+                    let mut got: Vec<u32> = work[..len].iter().map(|c| c.id).collect();
+                    let mut expected: Vec<u32> = sorted[..len].iter().map(|c| c.id).collect();
+                    got.sort_unstable();
+                    expected.sort_unstable();
+                    assert_eq!(got, expected, "n {n}, scale {scale}, top_p {top_p}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn min_p_drops_tokens_below_the_fraction_of_the_best() {
         let logits = halving(8);
         // Relative to p_max: 1, 1/2, 1/4, 1/8, 1/16, ...
@@ -1003,9 +1128,13 @@ mod tests {
         let tally = counts(&mut sampler, &[1.0, 0.0, 1.0], 4000);
         assert_eq!(support(&tally), [0, 2]);
         assert!(tally[0].abs_diff(tally[2]) < 400, "{tally:?}");
-        // A huge temperature flattens to uniform without overflow.
+        // A huge temperature flattens to uniform without overflow, even
+        // across the whole f32 range.
         let mut sampler = Sampler::new(config(f32::INFINITY, 0, 1.0, 0.0));
         assert_eq!(support(&counts(&mut sampler, &logits, 2000)), [0, 1, 2, 3]);
+        let extremes = [f32::MAX, -f32::MAX, 0.0];
+        let tally = counts(&mut sampler, &extremes, 3000);
+        assert!(tally.iter().all(|&c| c > 800), "{tally:?}");
     }
 
     #[test]
