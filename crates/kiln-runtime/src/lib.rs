@@ -5,11 +5,9 @@
 //! [`generate`] module drives sampling, stop conditions and streaming on top.
 
 pub mod arch;
-#[cfg(any())]
 pub mod bundle;
 pub mod config;
 pub mod error;
-#[cfg(any())]
 pub mod generate;
 pub mod kernels;
 pub mod model;
