@@ -157,16 +157,41 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+        self.render_vars(messages, add_generation_prompt, Vec::new())
     }
 
-    /// [`ChatTemplate::render`] with extra template variables (e.g. `tools`, `date_string`),
-    /// which take precedence over the defaults.
+    /// [`ChatTemplate::render`] with extra template variables given as a JSON object (e.g.
+    /// `{"tools": [...], "date_string": "26 Jul 2024"}`); they take precedence over the
+    /// defaults. Object keys keep their order, so `tojson` writes them as given, as Python
+    /// would.
     pub fn render_with(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
-        extra: &serde_json::Map<String, serde_json::Value>,
+        extra_json: &str,
+    ) -> Result<String, TokenizerError> {
+        let extra: Json = serde_json::from_str(extra_json)
+            .map_err(|e| TokenizerError::Template(format!("extra variables: {e}")))?;
+        let extra = match extra
+            .0
+            .as_object()
+            .and_then(|o| o.downcast_ref::<JsonMap>())
+        {
+            Some(map) => map.0.clone(),
+            None => {
+                return Err(TokenizerError::Template(
+                    "extra variables must be a JSON object".into(),
+                ))
+            }
+        };
+        self.render_vars(messages, add_generation_prompt, extra)
+    }
+
+    fn render_vars(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: Vec<(String, Value)>,
     ) -> Result<String, TokenizerError> {
         let messages: Vec<Value> = messages
             .iter()
@@ -189,10 +214,9 @@ impl ChatTemplate {
             ("documents".to_owned(), Value::from(())),
         ];
         for (k, v) in extra {
-            let v = json_to_value(v);
-            match vars.iter_mut().find(|(name, _)| name == k) {
+            match vars.iter_mut().find(|(name, _)| *name == k) {
                 Some(slot) => slot.1 = v,
-                None => vars.push((k.clone(), v)),
+                None => vars.push((k, v)),
             }
         }
         let template = self
@@ -232,27 +256,62 @@ impl Object for JsonMap {
     }
 }
 
-fn json_to_value(v: &serde_json::Value) -> Value {
-    use serde_json::Value as J;
-    match v {
-        J::Null => Value::from(()),
-        J::Bool(b) => Value::from(*b),
-        J::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Value::from(i)
-            } else if let Some(u) = n.as_u64() {
-                Value::from(u)
-            } else {
-                Value::from(n.as_f64().unwrap_or(f64::NAN))
+/// A template value read from JSON text, objects keeping their key order (serde_json's own
+/// map type sorts keys unless a crate-wide feature is enabled).
+struct Json(Value);
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(JsonVisitor)
+    }
+}
+
+struct JsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JsonVisitor {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Json, E> {
+        Ok(Json(Value::from(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Json, E> {
+        Ok(Json(Value::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Json, E> {
+        Ok(Json(Value::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Json, E> {
+        Ok(Json(Value::from(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Json, E> {
+        Ok(Json(Value::from(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Json, E> {
+        Ok(Json(Value::from(())))
+    }
+    fn visit_none<E>(self) -> Result<Json, E> {
+        Ok(Json(Value::from(())))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Json(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Json(Value::from(items)))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        let mut entries: Vec<(String, Value)> = Vec::new();
+        while let Some((k, Json(v))) = map.next_entry::<String, Json>()? {
+            // A repeated key replaces the earlier value in place, as in Python's json.
+            match entries.iter_mut().find(|(name, _)| *name == k) {
+                Some(slot) => slot.1 = v,
+                None => entries.push((k, v)),
             }
         }
-        J::String(s) => Value::from(s.as_str()),
-        J::Array(items) => Value::from(items.iter().map(json_to_value).collect::<Vec<_>>()),
-        J::Object(map) => Value::from_object(JsonMap(
-            map.iter()
-                .map(|(k, v)| (k.clone(), json_to_value(v)))
-                .collect(),
-        )),
+        Ok(Json(Value::from_object(JsonMap(entries))))
     }
 }
 
