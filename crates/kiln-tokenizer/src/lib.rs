@@ -27,6 +27,8 @@
 //! it. So a rendered prompt is encoded with `encode(rendered, true, true)`
 //! ([`Tokenizer::encode_chat`]).
 
+#![warn(missing_docs)]
+
 use std::path::Path;
 
 mod bytelevel;
@@ -687,4 +689,15 @@ fn build_bpe(
     tokenizer.with_pre_tokenizer(Some(pretok::build(choice.regexes)?));
     tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
     Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<super::Tokenizer>();
+        assert_send_sync::<super::chat::ChatTemplate>();
+        assert_send_sync::<super::TokenizerError>();
+    }
 }

@@ -7,10 +7,16 @@
 //! user-defined symbols and Hugging Face's non-special added tokens behave that way).
 //!
 //! Doing that literally costs one scan of the text per candidate token, which is too slow for
-//! vocabularies with thousands of control tokens (Gemma 3 has over six thousand). Instead every
-//! occurrence of every candidate is found in one pass with a byte trie, and occurrences are
-//! accepted in the same priority order (longer text first, then lower id, then further left),
-//! skipping any that overlap an accepted one. That yields the same partition.
+//! vocabularies with thousands of control tokens (Gemma 3 has over six thousand). The same
+//! partition comes from accepting occurrences in that priority order (longer text first, then
+//! lower id, then further left) and skipping any that overlap an accepted one. Listing every
+//! occurrence up front would take memory proportional to text length times token length
+//! (Gemma has tokens for every run of up to 31 spaces), so a heap holds only the best
+//! remaining occurrence at each text position, found by walking a byte trie; when it is
+//! rejected, the next shorter one at that position that can still fit replaces it.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 /// One piece of partitioned input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,8 +28,10 @@ pub(crate) enum Fragment<'t> {
 #[derive(Default)]
 struct Node {
     children: Vec<(u8, u32)>,
-    /// Token ending here, and whether it takes part even when specials are not parsed.
-    terminal: Option<(u32, bool)>,
+    /// Lowest id of the tokens ending here.
+    any: Option<u32>,
+    /// Lowest id of the tokens ending here that take part even when specials are not parsed.
+    always: Option<u32>,
 }
 
 /// A byte trie over the texts of the special tokens.
@@ -38,8 +46,8 @@ pub(crate) struct SpecialMatcher {
 
 impl SpecialMatcher {
     /// `entries`: (id, text, always) where `always` marks tokens matched even when special
-    /// tokens are not being parsed. Empty texts are ignored; a text listed twice keeps the
-    /// lowest id.
+    /// tokens are not being parsed. Empty texts are ignored; of tokens sharing a text, the one
+    /// with the lowest id among those taking part is used.
     pub(crate) fn new<'a>(entries: impl IntoIterator<Item = (u32, &'a str, bool)>) -> Self {
         let mut nodes = vec![Node::default()];
         let mut any = false;
@@ -61,13 +69,12 @@ impl SpecialMatcher {
                 };
                 cur = next;
             }
-            match nodes[cur].terminal {
-                Some((old, _)) if old <= id => {}
-                _ => {
-                    nodes[cur].terminal = Some((id, always));
-                    any = true;
-                    any_always |= always;
-                }
+            let node = &mut nodes[cur];
+            node.any = Some(node.any.map_or(id, |old| old.min(id)));
+            any = true;
+            if always {
+                node.always = Some(node.always.map_or(id, |old| old.min(id)));
+                any_always = true;
             }
         }
         let mut root = vec![u32::MAX; 256];
@@ -80,6 +87,43 @@ impl SpecialMatcher {
             any_always,
             any,
         }
+    }
+
+    /// The longest active token starting at `start` and at most `max_len` bytes long.
+    fn longest_at(
+        &self,
+        bytes: &[u8],
+        start: usize,
+        max_len: usize,
+        parse_special: bool,
+    ) -> Option<(usize, u32)> {
+        let first = self.root[bytes[start] as usize];
+        if first == u32::MAX {
+            return None;
+        }
+        let mut best = None;
+        let mut node = first as usize;
+        let mut pos = start + 1;
+        loop {
+            if pos - start > max_len {
+                break;
+            }
+            let n = &self.nodes[node];
+            if let Some(id) = if parse_special { n.any } else { n.always } {
+                best = Some((pos - start, id));
+            }
+            if pos == bytes.len() {
+                break;
+            }
+            match self.child(node, bytes[pos]) {
+                Some(n) => {
+                    node = n;
+                    pos += 1;
+                }
+                None => break,
+            }
+        }
+        best
     }
 
     fn child(&self, node: usize, b: u8) -> Option<usize> {
@@ -105,47 +149,39 @@ impl SpecialMatcher {
             };
         }
         let bytes = text.as_bytes();
-        // (length, id, start) of every occurrence.
-        let mut found: Vec<(usize, u32, usize)> = Vec::new();
-        for start in 0..bytes.len() {
-            let first = self.root[bytes[start] as usize];
-            if first == u32::MAX {
-                continue;
-            }
-            let mut node = first as usize;
-            let mut pos = start + 1;
-            loop {
-                if let Some((id, always)) = self.nodes[node].terminal {
-                    if parse_special || always {
-                        found.push((pos - start, id, start));
-                    }
-                }
-                if pos == bytes.len() {
-                    break;
-                }
-                match self.child(node, bytes[pos]) {
-                    Some(n) => {
-                        node = n;
-                        pos += 1;
-                    }
-                    None => break,
-                }
-            }
-        }
-        if found.is_empty() {
+        // Max-heap of (length, lower id first, leftmost first): each position's best
+        // occurrence not yet known to be rejected.
+        let mut heap: BinaryHeap<(usize, Reverse<u32>, Reverse<usize>)> = (0..bytes.len())
+            .filter_map(|start| {
+                let (len, id) = self.longest_at(bytes, start, usize::MAX, parse_special)?;
+                Some((len, Reverse(id), Reverse(start)))
+            })
+            .collect();
+        if heap.is_empty() {
             return vec![Fragment::Text(text)];
         }
-        found.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let mut claimed = vec![false; bytes.len()];
         let mut accepted: Vec<(usize, usize, u32)> = Vec::new();
-        for (len, id, start) in found {
-            if claimed[start..start + len].iter().any(|&c| c) {
+        while let Some((len, Reverse(id), Reverse(start))) = heap.pop() {
+            if claimed[start] {
+                // Everything starting inside an accepted token overlaps it.
                 continue;
             }
-            claimed[start..start + len]
-                .iter_mut()
-                .for_each(|c| *c = true);
-            accepted.push((start, len, id));
+            match claimed[start..start + len].iter().position(|&c| c) {
+                None => {
+                    claimed[start..start + len]
+                        .iter_mut()
+                        .for_each(|c| *c = true);
+                    accepted.push((start, len, id));
+                }
+                Some(room) => {
+                    // Claims never shrink, so only occurrences ending before the claimed
+                    // byte can still be accepted.
+                    if let Some((len, id)) = self.longest_at(bytes, start, room, parse_special) {
+                        heap.push((len, Reverse(id), Reverse(start)));
+                    }
+                }
+            }
         }
         accepted.sort_unstable();
         let mut out = Vec::with_capacity(accepted.len() * 2 + 1);
@@ -199,5 +235,77 @@ mod tests {
         assert_eq!(m.split("abcd", true), vec![Text("a"), Token(6)]);
         assert_eq!(m.split("", true), vec![]);
         assert_eq!(m.split("é<s>", true), vec![Text("é"), Token(1)]);
+    }
+
+    /// llama.cpp's procedure spelled out: tokens by descending length (then id), each taking
+    /// its leftmost non-overlapping occurrences within the still-unclaimed text.
+    fn naive(
+        tokens: &[(u32, String, bool)],
+        text: &str,
+        parse_special: bool,
+    ) -> Vec<Fragment<'static>> {
+        let mut order: Vec<&(u32, String, bool)> = tokens
+            .iter()
+            .filter(|t| !t.1.is_empty() && (parse_special || t.2))
+            .collect();
+        order.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+        let mut owner: Vec<Option<(u32, usize)>> = vec![None; text.len()];
+        let mut seen = std::collections::HashSet::new();
+        for (id, tok, _) in order {
+            if !seen.insert(tok.clone()) {
+                continue;
+            }
+            let mut from = 0;
+            while let Some(i) = text[from..].find(tok.as_str()).map(|i| i + from) {
+                if owner[i..i + tok.len()].iter().all(Option::is_none) {
+                    owner[i] = Some((*id, tok.len()));
+                    for o in &mut owner[i + 1..i + tok.len()] {
+                        *o = Some((u32::MAX, 0));
+                    }
+                    from = i + tok.len();
+                } else {
+                    from = i + 1;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut i = 0;
+        let mut text_start = 0;
+        while i < text.len() {
+            match owner[i] {
+                Some((id, len)) if id != u32::MAX => {
+                    if text_start < i {
+                        out.push(Fragment::Text(text[text_start..i].to_owned().leak()));
+                    }
+                    out.push(Fragment::Token(id));
+                    i += len;
+                    text_start = i;
+                }
+                _ => i += 1,
+            }
+        }
+        if text_start < text.len() {
+            out.push(Fragment::Text(text[text_start..].to_owned().leak()));
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { failure_persistence: None, ..Default::default() })]
+
+        #[test]
+        fn same_partition_as_token_by_token_scanning(
+            tokens in proptest::collection::vec(("[ab ]{1,4}", proptest::bool::ANY), 0..8),
+            text in "[ab c]{0,40}",
+            parse_special in proptest::bool::ANY,
+        ) {
+            let tokens: Vec<(u32, String, bool)> = tokens
+                .into_iter()
+                .enumerate()
+                .map(|(i, (t, always))| (i as u32, t, always))
+                .collect();
+            let m = SpecialMatcher::new(tokens.iter().map(|(i, t, a)| (*i, t.as_str(), *a)));
+            proptest::prop_assert_eq!(m.split(&text, parse_special), naive(&tokens, &text, parse_special));
+        }
     }
 }
