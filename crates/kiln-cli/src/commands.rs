@@ -369,7 +369,8 @@ pub fn perplexity(a: PerplexityArgs) -> CmdResult {
 /// `kiln tokenize`.
 pub fn tokenize(a: TokenizeArgs) -> CmdResult {
     let file = GgufFile::open(&a.model)?;
-    let tokenizer = kiln_tokenizer::Tokenizer::from_gguf(&file)?;
+    let tokenizer = kiln_tokenizer::Tokenizer::from_gguf(&file)
+        .map_err(|e| Failure::input(format!("{}: {e}", a.model.display())))?;
     let ids = tokenizer.encode(&a.text, true, true)?;
     let pieces: Vec<String> = ids
         .iter()

@@ -16,9 +16,17 @@ pub enum BundleError {
     /// The model itself.
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// Its tokenizer or chat template.
+    /// Its tokenizer or chat template, as stored in the file.
+    #[error("{}: {source}", path.display())]
+    Tokenizer {
+        /// The model file.
+        path: std::path::PathBuf,
+        /// What is wrong with the tokenizer.
+        source: kiln_tokenizer::TokenizerError,
+    },
+    /// Text that cannot be tokenized or a chat that cannot be rendered.
     #[error("{0}")]
-    Tokenizer(#[from] kiln_tokenizer::TokenizerError),
+    Prompt(#[from] kiln_tokenizer::TokenizerError),
     /// A chat request for a model with no template of its own or built in.
     #[error("{0}")]
     NoChatTemplate(String),
@@ -49,12 +57,20 @@ impl ModelBundle {
     pub fn open(path: impl AsRef<Path>) -> Result<ModelBundle, BundleError> {
         let start = Instant::now();
         let file = Arc::new(GgufFile::open(path.as_ref())?);
-        let tokenizer = Tokenizer::from_gguf(&file)?;
+        // The model first: an unsupported architecture is the more useful message.
         let model = Model::from_gguf(Arc::clone(&file))?;
+        let in_file = |source| BundleError::Tokenizer {
+            path: file.path().to_path_buf(),
+            source,
+        };
+        let tokenizer = Tokenizer::from_gguf(&file).map_err(in_file)?;
         let bos = tokenizer.bos_text().unwrap_or("").to_string();
         let eos = tokenizer.eos_text().unwrap_or("").to_string();
         let (chat_template, from_file) = match tokenizer.chat_template() {
-            Some(src) => (Some(ChatTemplate::new(src, &bos, &eos)?), true),
+            Some(src) => (
+                Some(ChatTemplate::new(src, &bos, &eos).map_err(in_file)?),
+                true,
+            ),
             None => (
                 ChatTemplate::builtin(&model.config.architecture, &bos, &eos),
                 false,
