@@ -6,7 +6,9 @@
 //!   (byte-level BPE) runs on the `tokenizers` crate's BPE with the pre-tokenizer named by
 //!   `tokenizer.ggml.pre`; the `llama` model (SentencePiece-style, scores instead of merges)
 //!   runs on this crate's own implementation of llama.cpp's merge-by-score algorithm. Both
-//!   reproduce llama.cpp's token ids, including how special-token texts are found.
+//!   reproduce llama.cpp's token ids, including how special-token texts are found. An unknown
+//!   `pre` name is an error listing the known ones ([`known_pre_tokenizers`]): a guessed
+//!   splitter would give plausible but wrong ids.
 //! - a Hugging Face `tokenizer.json` ([`Tokenizer::from_hf`]), run by the `tokenizers` crate
 //!   with Hugging Face's own semantics, with BOS/EOS and the chat template taken from
 //!   `tokenizer_config.json`.

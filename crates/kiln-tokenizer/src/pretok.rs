@@ -153,7 +153,8 @@ pub(crate) struct PreTokenizerChoice {
     pub add_bos: bool,
 }
 
-/// All names [`lookup`] accepts, for error messages and documentation.
+/// The `tokenizer.ggml.pre` names this crate knows. Other names are refused with an error
+/// rather than tokenized with a guessed splitter.
 pub fn known_pre_tokenizers() -> Vec<&'static str> {
     FAMILIES
         .iter()
