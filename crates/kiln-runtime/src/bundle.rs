@@ -102,11 +102,21 @@ impl ModelBundle {
         Ok(template.render(messages, true)?)
     }
 
-    /// Token ids of a chat: the rendered template, tokenized without adding special tokens
-    /// (templates write BOS themselves where the model wants it, as Hugging Face assumes).
+    /// Token ids of a chat: the rendered template with special-token texts recognised. BOS is
+    /// added when the model's metadata asks for it and the template did not already write it
+    /// (Llama and Gemma templates do); EOS is never appended, since the text ends with the
+    /// assistant's turn opener.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, BundleError> {
         let text = self.render_chat(messages)?;
-        Ok(self.tokenizer.encode(&text, false, true)?)
+        let mut ids = self.tokenizer.encode(&text, false, true)?;
+        if self.tokenizer.add_bos() {
+            if let Some(bos) = self.tokenizer.bos_id() {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
     }
 
     /// The messages of a single-prompt chat, with an optional system message first.

@@ -117,7 +117,8 @@ pub fn generate(
     }
     let mut sampler = Sampler::new(options.sampler.clone());
     let mut history: Vec<u32> = prompt.to_vec();
-    let mut decoder = StreamDecoder::new(tokenizer, true);
+    // A continuation keeps its leading space (SentencePiece vocabularies with a space prefix).
+    let mut decoder = StreamDecoder::continuation(tokenizer, true);
     let mut stops = StopMatcher::new(&options.stop_strings);
     let mut timings = Timings {
         prefill_tokens: prompt.len(),

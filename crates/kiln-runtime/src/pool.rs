@@ -1,51 +1,51 @@
 //! A small persistent thread pool for data-parallel kernels.
 //!
 //! A decoded token of a small model costs a few milliseconds spread over hundreds of kernel
-//! calls, so spawning threads (or even waking them through a mutex every time) per call would
-//! show up in the profile. Workers stay alive, spin briefly on a generation counter when a job
-//! is likely to follow, and park on a condition variable only when idle for longer.
+//! calls, so spawning threads (or even waking them through a mutex) per call would show in the
+//! profile. Workers stay alive, spin briefly on a shared counter when a job is likely to follow,
+//! and park on a condition variable only when idle for longer.
+//!
+//! Items are claimed one at a time from a single atomic word holding the job's generation and
+//! the next item index, and a job is complete when all its items are *done*, not when every
+//! worker has checked in: a worker that is descheduled (the machine is busy) never holds up a
+//! job it has not started; the caller simply runs the remaining items itself.
 
-use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Iterations a worker spins on the generation counter before it parks.
-const SPIN_ITERATIONS: u32 = 20_000;
+/// Iterations an idle worker spins before it parks.
+const SPIN_ITERATIONS: u32 = 50_000;
+/// Index value that marks a generation as closed: no item can be claimed any more.
+const CLOSED: u64 = u32::MAX as u64;
 
-/// The job currently published to the workers: a borrowed closure with its lifetime erased.
-type JobRef = *const (dyn Fn(usize) + Sync);
-
-struct Shared {
-    /// Bumped once per job; workers compare it with the last generation they ran.
-    generation: AtomicUsize,
-    /// Next item index to hand out.
-    next: AtomicUsize,
-    /// Number of items in the current job.
-    n_items: AtomicUsize,
-    /// Workers that have not yet finished the current job.
-    pending: AtomicUsize,
-    /// The current job. Written only by the submitting thread while no worker reads it.
-    job: UnsafeCell<Option<JobRef>>,
-    sleep_lock: Mutex<bool>,
-    wake: Condvar,
-    /// Set when the pool is dropped.
-    shutdown: std::sync::atomic::AtomicBool,
+/// The published job: a borrowed closure, lifetime erased (see `for_each` for why it is sound).
+struct Job {
+    f: *const (dyn Fn(usize) + Sync),
 }
 
-// SAFETY: `job` is only written by the thread that owns the pool, inside `for_each`, at points
-// where every worker has finished the previous job (pending == 0) and before the generation
-// bump that lets workers read it (Release/Acquire on `generation`). Workers only read it after
-// observing the new generation. The closure behind the pointer is `Sync`.
-unsafe impl Sync for Shared {}
-// SAFETY: see above; the raw pointer is only dereferenced under the same protocol.
-unsafe impl Send for Shared {}
+struct Shared {
+    /// `generation << 32 | next_item`. Claiming an item is a compare-and-swap on this word, so
+    /// a claim succeeds only while its generation is the current one and still open.
+    counter: AtomicU64,
+    /// Items in the current job.
+    n_items: AtomicUsize,
+    /// Items of the current job that have finished.
+    done: AtomicUsize,
+    /// The current job; valid while its generation is open.
+    job: AtomicPtr<Job>,
+    /// Workers parked on `wake`.
+    sleepers: AtomicUsize,
+    sleep_lock: Mutex<()>,
+    wake: Condvar,
+    shutdown: AtomicBool,
+}
 
 /// A fixed set of worker threads that run `for_each` jobs together with the calling thread.
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    submit: Mutex<()>,
+    submit: Mutex<u32>,
 }
 
 impl ThreadPool {
@@ -53,14 +53,14 @@ impl ThreadPool {
     pub fn new(n_threads: usize) -> ThreadPool {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
-            generation: AtomicUsize::new(0),
-            next: AtomicUsize::new(0),
+            counter: AtomicU64::new(CLOSED),
             n_items: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
-            job: UnsafeCell::new(None),
-            sleep_lock: Mutex::new(false),
+            done: AtomicUsize::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            sleepers: AtomicUsize::new(0),
+            sleep_lock: Mutex::new(()),
             wake: Condvar::new(),
-            shutdown: std::sync::atomic::AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
         });
         let workers = (1..n_threads)
             .map(|i| {
@@ -74,7 +74,7 @@ impl ThreadPool {
         ThreadPool {
             shared,
             workers,
-            submit: Mutex::new(()),
+            submit: Mutex::new(0),
         }
     }
 
@@ -84,41 +84,49 @@ impl ThreadPool {
     }
 
     /// Calls `f(i)` for every `i` in `0..n_items`, spread over the pool's threads; returns when
-    /// all calls have finished. Items are handed out one at a time from a shared counter, so
-    /// callers choose the item granularity (a few items per thread balances load well).
+    /// all calls have finished. Items are handed out one at a time, so callers choose the item
+    /// granularity (a few items per thread balances load well).
     pub fn for_each<F: Fn(usize) + Sync>(&self, n_items: usize, f: F) {
         if n_items == 0 {
             return;
         }
         if self.workers.is_empty() || n_items == 1 {
-            for i in 0..n_items {
-                f(i);
-            }
+            (0..n_items).for_each(f);
             return;
         }
-        // One job at a time; a second caller waits (the pool is usually owned by one session).
-        let _guard = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+        assert!((n_items as u64) < CLOSED, "too many items for one job");
+        // One job at a time; the guard also holds the generation number.
+        let mut generation = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+        *generation = generation.wrapping_add(1);
         let shared = &*self.shared;
-        let job: &(dyn Fn(usize) + Sync) = &f;
-        // SAFETY: the pointer's lifetime is erased, but it is only dereferenced by workers
-        // between the generation bump below and their decrement of `pending`, and this function
-        // does not return before `pending` is back to zero, so `f` outlives every use.
-        let job: JobRef = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), JobRef>(job) };
-        // SAFETY: no worker reads `job` now: the previous job ended with pending == 0 and the
-        // generation has not moved since.
-        unsafe { *shared.job.get() = Some(job) };
-        shared.next.store(0, Ordering::Relaxed);
+        let dyn_f: &(dyn Fn(usize) + Sync) = &f;
+        // SAFETY: only the lifetime is erased. Workers call through this pointer only after
+        // claiming an item of this generation, and this function does not return before every
+        // item is done and the generation is closed, so `f` outlives every call.
+        let job = Job {
+            f: unsafe {
+                std::mem::transmute::<&(dyn Fn(usize) + Sync), *const (dyn Fn(usize) + Sync)>(dyn_f)
+            },
+        };
+        shared.done.store(0, Ordering::Relaxed);
         shared.n_items.store(n_items, Ordering::Relaxed);
-        shared.pending.store(self.workers.len(), Ordering::Relaxed);
-        shared.generation.fetch_add(1, Ordering::Release);
-        {
-            // Wake parked workers; spinning ones see the generation change by themselves.
+        shared
+            .job
+            .store(&job as *const Job as *mut Job, Ordering::Relaxed);
+        // Opening the generation publishes the stores above (Release).
+        shared
+            .counter
+            .store(u64::from(*generation) << 32, Ordering::Release);
+        if shared.sleepers.load(Ordering::SeqCst) > 0 {
             let _lock = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
             shared.wake.notify_all();
         }
-        run_items(shared, &f);
+        while let Some(i) = claim(shared, *generation) {
+            f(i);
+            shared.done.fetch_add(1, Ordering::Release);
+        }
         let mut spins = 0u32;
-        while shared.pending.load(Ordering::Acquire) != 0 {
+        while shared.done.load(Ordering::Acquire) != n_items {
             spins += 1;
             if spins < SPIN_ITERATIONS {
                 std::hint::spin_loop();
@@ -126,61 +134,81 @@ impl ThreadPool {
                 std::thread::yield_now();
             }
         }
-        // SAFETY: every worker has finished with the job (pending == 0).
-        unsafe { *shared.job.get() = None };
+        // Close the generation: a worker holding a stale view can no longer claim anything.
+        shared
+            .counter
+            .store(u64::from(*generation) << 32 | CLOSED, Ordering::Release);
+        shared.job.store(std::ptr::null_mut(), Ordering::Relaxed);
     }
 }
 
-fn run_items(shared: &Shared, f: &(dyn Fn(usize) + Sync)) {
-    let n = shared.n_items.load(Ordering::Relaxed);
+/// Claims the next item of generation `generation`, if that generation is open and has items
+/// left.
+fn claim(shared: &Shared, generation: u32) -> Option<usize> {
+    let mut current = shared.counter.load(Ordering::Acquire);
     loop {
-        let i = shared.next.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
-            break;
+        if (current >> 32) as u32 != generation {
+            return None;
         }
-        f(i);
+        let index = current & CLOSED;
+        // n_items may already belong to a later job, but then this generation is closed and
+        // the compare-and-swap below fails.
+        if index >= shared.n_items.load(Ordering::Acquire) as u64 {
+            return None;
+        }
+        match shared.counter.compare_exchange_weak(
+            current,
+            current + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return Some(index as usize),
+            Err(actual) => current = actual,
+        }
     }
 }
 
 fn worker_loop(shared: &Shared) {
-    let mut seen = 0usize;
+    let mut seen = (shared.counter.load(Ordering::Acquire) >> 32) as u32;
     loop {
         // Wait for a new generation: spin first, then park.
         let mut spins = 0u32;
-        loop {
+        let generation = loop {
             if shared.shutdown.load(Ordering::Acquire) {
                 return;
             }
-            let g = shared.generation.load(Ordering::Acquire);
+            let g = (shared.counter.load(Ordering::Acquire) >> 32) as u32;
             if g != seen {
-                seen = g;
-                break;
+                break g;
             }
             spins += 1;
             if spins < SPIN_ITERATIONS {
                 std::hint::spin_loop();
-            } else {
-                let guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
-                if shared.generation.load(Ordering::Acquire) == seen
-                    && !shared.shutdown.load(Ordering::Acquire)
-                {
-                    let _unused = shared
-                        .wake
-                        .wait_timeout(guard, std::time::Duration::from_millis(50))
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-                spins = 0;
+                continue;
             }
+            let guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
+            shared.sleepers.fetch_add(1, Ordering::SeqCst);
+            let still_idle = (shared.counter.load(Ordering::SeqCst) >> 32) as u32 == seen;
+            if still_idle && !shared.shutdown.load(Ordering::Acquire) {
+                let _unused = shared
+                    .wake
+                    .wait_timeout(guard, std::time::Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            shared.sleepers.fetch_sub(1, Ordering::SeqCst);
+            spins = 0;
+        };
+        seen = generation;
+        while let Some(i) = claim(shared, generation) {
+            // SAFETY: holding an unfinished item of an open generation means the submitter is
+            // still inside `for_each` for this job, so the job and its closure are alive; the
+            // successful claim (Acquire) synchronises with the store that published them.
+            let job = unsafe { &*shared.job.load(Ordering::Acquire) };
+            // SAFETY: as above; the closure is `Sync`.
+            let f = unsafe { &*job.f };
+            f(i);
+            shared.done.fetch_add(1, Ordering::Release);
         }
-        // SAFETY: the generation we observed (Acquire) was published after `job` was set, and
-        // the submitter keeps the closure alive until `pending` reaches zero.
-        let job = unsafe { *shared.job.get() };
-        if let Some(job) = job {
-            // SAFETY: as above, the pointee is alive for the duration of this job.
-            let f: &(dyn Fn(usize) + Sync) = unsafe { &*job };
-            run_items(shared, f);
-        }
-        shared.pending.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -201,7 +229,7 @@ impl Drop for ThreadPool {
     }
 }
 
-/// Splits `0..n` into `parts` contiguous ranges of nearly equal length.
+/// Splits `0..n` into `parts` contiguous ranges of nearly equal length; returns range `index`.
 pub fn split_range(n: usize, parts: usize, index: usize) -> std::ops::Range<usize> {
     let parts = parts.max(1);
     let base = n / parts;
@@ -234,12 +262,12 @@ mod tests {
     fn many_consecutive_jobs_see_their_own_closure() {
         let pool = ThreadPool::new(3);
         let total = AtomicU64::new(0);
-        for job in 0..2000u64 {
+        for job in 0..20_000u64 {
             pool.for_each(5, |i| {
                 total.fetch_add(job * 10 + i as u64, Ordering::Relaxed);
             });
         }
-        let expected: u64 = (0..2000u64).map(|j| 5 * j * 10 + 10).sum();
+        let expected: u64 = (0..20_000u64).map(|j| 5 * j * 10 + 10).sum();
         assert_eq!(total.load(Ordering::Relaxed), expected);
     }
 
@@ -250,11 +278,24 @@ mod tests {
         pool.for_each(4, |_| {
             count.fetch_add(1, Ordering::Relaxed);
         });
-        std::thread::sleep(std::time::Duration::from_millis(120));
+        std::thread::sleep(std::time::Duration::from_millis(250));
         pool.for_each(4, |_| {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn a_slow_item_on_a_worker_is_waited_for() {
+        let pool = ThreadPool::new(2);
+        let done = AtomicU64::new(0);
+        pool.for_each(2, |i| {
+            if i == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(done.load(Ordering::Relaxed), 2);
     }
 
     #[test]
