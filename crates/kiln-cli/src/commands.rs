@@ -366,11 +366,17 @@ pub fn perplexity(a: PerplexityArgs) -> CmdResult {
     Ok(())
 }
 
-/// `kiln tokenize`.
+/// `kiln tokenize`: from a GGUF model, or a Hugging Face `tokenizer.json` (or its folder).
 pub fn tokenize(a: TokenizeArgs) -> CmdResult {
-    let file = GgufFile::open(&a.model)?;
-    let tokenizer = kiln_tokenizer::Tokenizer::from_gguf(&file)
-        .map_err(|e| Failure::input(format!("{}: {e}", a.model.display())))?;
+    let in_file =
+        |e: kiln_tokenizer::TokenizerError| Failure::input(format!("{}: {e}", a.model.display()));
+    let is_hf = a.model.is_dir() || a.model.extension().is_some_and(|e| e == "json");
+    let tokenizer = if is_hf {
+        kiln_tokenizer::Tokenizer::from_hf(&a.model).map_err(in_file)?
+    } else {
+        let file = GgufFile::open(&a.model)?;
+        kiln_tokenizer::Tokenizer::from_gguf(&file).map_err(in_file)?
+    };
     let ids = tokenizer.encode(&a.text, true, true)?;
     let pieces: Vec<String> = ids
         .iter()
@@ -425,6 +431,8 @@ pub fn inspect(a: InspectArgs) -> CmdResult {
                 "add_bos": t.add_bos(),
                 "stop_tokens": t.stop_ids().iter().map(|&i| json!({"id": i, "text": t.token_text(i)})).collect::<Vec<_>>(),
                 "chat_template": t.chat_template().is_some(),
+                "builtin_chat_template": t.chat_template().is_none()
+                    && kiln_tokenizer::chat::ChatTemplate::builtin(&arch, "", "").is_some(),
             })
         }
         Err(e) => json!({ "error": e.to_string() }),
@@ -502,10 +510,13 @@ pub fn inspect(a: InspectArgs) -> CmdResult {
                 show(t.bos_id()),
                 show(t.eos_id()),
                 t.add_bos(),
-                if t.chat_template().is_some() {
-                    "in file"
-                } else {
-                    "none in file"
+                match (
+                    t.chat_template().is_some(),
+                    kiln_tokenizer::chat::ChatTemplate::builtin(&arch, "", "").is_some(),
+                ) {
+                    (true, _) => "in file",
+                    (false, true) => "none in file, kiln's built-in one for the family is used",
+                    (false, false) => "none",
                 }
             );
             let stops: Vec<String> = t.stop_ids().iter().map(|&i| show(Some(i))).collect();

@@ -164,7 +164,7 @@ pub struct PerplexityArgs {
 /// Arguments of `kiln tokenize`.
 #[derive(Args)]
 pub struct TokenizeArgs {
-    /// The model file (GGUF).
+    /// The model file (GGUF), or a Hugging Face tokenizer.json or folder holding one.
     pub model: PathBuf,
     /// The text to tokenize (BOS rules as for `kiln run --prompt`).
     #[arg(long)]

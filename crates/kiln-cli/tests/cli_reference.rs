@@ -280,3 +280,36 @@ fn tokenize_matches_llamacpp() {
         assert_eq!(ids(&out["token_ids"]), ids(&raw["prompt_ids"]), "{json}");
     }
 }
+
+/// A Hugging Face `tokenizer.json` folder (written from the SmolLM2 GGUF's tokenizer) gives the
+/// reference ids through `kiln tokenize`, the same as the GGUF itself.
+#[test]
+fn tokenize_from_huggingface_folder() {
+    let m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let file = kiln_format::gguf::GgufFile::open(&m).unwrap();
+    let tokenizer = kiln_tokenizer::Tokenizer::from_gguf(&file).unwrap();
+    let dir = tmp("hf-smollm2");
+    std::fs::create_dir_all(&dir).unwrap();
+    tokenizer.save_hf(&dir).unwrap();
+    let r = reference("smollm2");
+    for case in ["capital", "code", "capital_chat"] {
+        let v = &r["cases"][case];
+        let text = v["input_text"].as_str().unwrap();
+        for source in [dir.clone(), dir.join("tokenizer.json")] {
+            let out: Value = serde_json::from_str(&kiln_ok(&[
+                "tokenize",
+                source.to_str().unwrap(),
+                "--text",
+                text,
+                "--json",
+            ]))
+            .unwrap();
+            assert_eq!(
+                ids(&out["token_ids"]),
+                ids(&v["prompt_token_ids"]),
+                "{case} via {}",
+                source.display()
+            );
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! GGUF conventions, as llama.cpp's converter writes them: norm weights are stored with Gemma's
 //! `1 + w` already applied, so a plain `x * w` RMSNorm is right; rotary pairs are split halves.
 
-use super::{check_shapes, count, count_or, vocab_size};
+use super::{check_shapes, count_or, vocab_size, BaseSizes};
 use crate::config::{Activation, LayerConfig, ModelConfig, RopeStyle};
 use crate::error::ModelError;
 use kiln_format::gguf::GgufFile;
@@ -20,19 +20,14 @@ const LOCAL_ROPE_BASE: f32 = 10_000.0;
 /// Reads a Gemma 3 model description from GGUF metadata.
 pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
     let a = "gemma3";
-    let n_layers = count(file, a, "block_count", 4096)?;
-    let n_embd = count(file, a, "embedding_length", 1 << 20)?;
-    let n_heads = count(file, a, "attention.head_count", 4096)?;
-    let n_kv_heads = count_or(file, a, "attention.head_count_kv", 4096, n_heads)?;
-    let head_dim = count_or(file, a, "attention.key_length", 1 << 16, n_embd / n_heads)?;
-    let value_dim = count_or(file, a, "attention.value_length", 1 << 16, head_dim)?;
-    if value_dim != head_dim {
-        return Err(ModelError::unsupported(
-            file.path(),
-            format!("value head size {value_dim} differs from key head size {head_dim}"),
-        ));
-    }
-    let n_ff = count(file, a, "feed_forward_length", 1 << 24)?;
+    let BaseSizes {
+        n_layers,
+        n_embd,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        n_ff,
+    } = BaseSizes::read(file, a)?;
     let context_length = count_or(file, a, "context_length", 1 << 24, 32_768)?;
     let window = count_or(file, a, "attention.sliding_window", 1 << 24, 4096)?;
     let rms_eps = file

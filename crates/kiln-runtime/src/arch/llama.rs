@@ -5,7 +5,7 @@
 //! attention, optional q/k/v biases (Qwen 2) and q/k norms (Qwen 3), Llama 3 frequency factors
 //! (`rope_freqs.weight`) and linear rope scaling.
 
-use super::{check_shapes, count, count_or, vocab_size};
+use super::{check_shapes, count_or, vocab_size, BaseSizes};
 use crate::config::{Activation, LayerConfig, ModelConfig, RopeStyle};
 use crate::error::ModelError;
 use kiln_format::gguf::GgufFile;
@@ -14,19 +14,14 @@ use kiln_format::gguf::GgufFile;
 pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
     let arch = file.architecture()?.to_string();
     let a = arch.as_str();
-    let n_layers = count(file, a, "block_count", 4096)?;
-    let n_embd = count(file, a, "embedding_length", 1 << 20)?;
-    let n_heads = count(file, a, "attention.head_count", 4096)?;
-    let n_kv_heads = count_or(file, a, "attention.head_count_kv", 4096, n_heads)?;
-    let head_dim = count_or(file, a, "attention.key_length", 1 << 16, n_embd / n_heads)?;
-    let value_dim = count_or(file, a, "attention.value_length", 1 << 16, head_dim)?;
-    if value_dim != head_dim {
-        return Err(ModelError::unsupported(
-            file.path(),
-            format!("value head size {value_dim} differs from key head size {head_dim}"),
-        ));
-    }
-    let n_ff = count(file, a, "feed_forward_length", 1 << 24)?;
+    let BaseSizes {
+        n_layers,
+        n_embd,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        n_ff,
+    } = BaseSizes::read(file, a)?;
     let context_length = count_or(file, a, "context_length", 1 << 24, 4096)?;
     let rope_dim = count_or(file, a, "rope.dimension_count", 1 << 16, head_dim)?;
     let rms_eps = file

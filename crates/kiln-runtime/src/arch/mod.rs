@@ -27,6 +27,44 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
     }
 }
 
+/// The sizes every transformer file states the same way, under its architecture's prefix.
+pub(crate) struct BaseSizes {
+    pub n_layers: usize,
+    pub n_embd: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+}
+
+impl BaseSizes {
+    /// Reads the block count, widths and head counts; the key/value head size defaults to
+    /// hidden / heads, and a value head size unlike the key head size is refused.
+    pub fn read(file: &GgufFile, a: &str) -> Result<BaseSizes, ModelError> {
+        let n_layers = count(file, a, "block_count", 4096)?;
+        let n_embd = count(file, a, "embedding_length", 1 << 20)?;
+        let n_heads = count(file, a, "attention.head_count", 4096)?;
+        let n_kv_heads = count_or(file, a, "attention.head_count_kv", 4096, n_heads)?;
+        let head_dim = count_or(file, a, "attention.key_length", 1 << 16, n_embd / n_heads)?;
+        let value_dim = count_or(file, a, "attention.value_length", 1 << 16, head_dim)?;
+        if value_dim != head_dim {
+            return Err(ModelError::unsupported(
+                file.path(),
+                format!("value head size {value_dim} differs from key head size {head_dim}"),
+            ));
+        }
+        let n_ff = count(file, a, "feed_forward_length", 1 << 24)?;
+        Ok(BaseSizes {
+            n_layers,
+            n_embd,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            n_ff,
+        })
+    }
+}
+
 /// Reads `{arch}.{suffix}` as a positive count no larger than `max`.
 pub(crate) fn count(
     file: &GgufFile,
@@ -61,6 +99,15 @@ pub(crate) fn count_or(
 
 /// Checks the relations between the basic sizes every architecture shares.
 pub(crate) fn check_shapes(file: &GgufFile, c: &ModelConfig) -> Result<(), ModelError> {
+    if c.head_dim == 0 {
+        return Err(ModelError::bad(
+            file.path(),
+            format!(
+                "head size is 0 (embedding_length {} over head_count {})",
+                c.n_embd, c.n_heads
+            ),
+        ));
+    }
     if c.n_heads % c.n_kv_heads != 0 {
         return Err(ModelError::bad(
             file.path(),
