@@ -1,14 +1,18 @@
 //! The subcommands: each turns parsed arguments into library calls and prints the result.
 
-use crate::{InspectArgs, LogitsArgs, PerplexityArgs, PromptSource, RunArgs, TokenizeArgs};
+use crate::{
+    ChatArgs, InspectArgs, LogitsArgs, PerplexityArgs, PromptSource, RunArgs, SamplingArgs,
+    TokenizeArgs,
+};
 use kiln_format::gguf::GgufFile;
 use kiln_runtime::bundle::{BundleError, ModelBundle};
+use kiln_runtime::conversation::Conversation;
 use kiln_runtime::generate::{generate, GenerateOptions};
 use kiln_runtime::sampling::SamplerConfig;
 use kiln_runtime::{Logits, ModelError, Session, ThreadPool};
 use kiln_tokenizer::chat::Message;
 use serde_json::json;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 
 /// A failed command: the message to print and the exit code (2 bad input, 1 internal).
@@ -143,7 +147,8 @@ fn prompt_ids(
     Ok(ids)
 }
 
-fn check_sampling(a: &RunArgs) -> Result<(), Failure> {
+/// Validates the sampling flags and builds the sampler's configuration.
+fn sampler_config(a: &SamplingArgs) -> Result<SamplerConfig, Failure> {
     let bad = |name: &str, v: f32, range: &str| {
         Failure::input(format!("--{name} {v} is out of range (expected {range})"))
     };
@@ -173,12 +178,22 @@ fn check_sampling(a: &RunArgs) -> Result<(), Failure> {
             "a finite number",
         ));
     }
-    Ok(())
+    Ok(SamplerConfig {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
+        penalty_last_n: a.repeat_last_n,
+        seed: a.seed.unwrap_or_else(random_seed),
+    })
 }
 
 /// `kiln run`.
 pub fn run(a: RunArgs) -> CmdResult {
-    check_sampling(&a)?;
+    let sampler = sampler_config(&a.sampling)?;
     let pool = threads(a.threads)?;
     let bundle = ModelBundle::open(&a.model)?;
     let chat = a.chat || a.source.messages.is_some();
@@ -192,20 +207,10 @@ pub fn run(a: RunArgs) -> CmdResult {
             a.n_predict
         )));
     }
-    let seed = a.seed.unwrap_or_else(random_seed);
+    let seed = sampler.seed;
     let options = GenerateOptions {
         max_tokens: a.n_predict,
-        sampler: SamplerConfig {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            min_p: a.min_p,
-            repeat_penalty: a.repeat_penalty,
-            frequency_penalty: a.frequency_penalty,
-            presence_penalty: a.presence_penalty,
-            penalty_last_n: a.repeat_last_n,
-            seed,
-        },
+        sampler,
         stop_ids: bundle.tokenizer.stop_ids(),
         stop_strings: a.stop.clone(),
         ignore_eos: a.ignore_eos,
@@ -272,6 +277,95 @@ fn random_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// `kiln chat`: a read-eval-print loop over stdin, one user turn per line.
+pub fn chat(a: ChatArgs) -> CmdResult {
+    let sampler = sampler_config(&a.sampling)?;
+    let pool = threads(a.threads)?;
+    let bundle = ModelBundle::open(&a.model)?;
+    if bundle.chat_template.is_none() {
+        return Err(Failure::input(format!(
+            "{}: the model carries no chat template and kiln has none built in for '{}'",
+            a.model.display(),
+            bundle.model.config.architecture
+        )));
+    }
+    let n_ctx = match a.ctx {
+        Some(0) => return Err(Failure::input("--ctx must be at least 1")),
+        Some(n) if n > bundle.model.config.context_length => {
+            return Err(Failure::input(format!(
+                "--ctx {n} exceeds the model's context of {}",
+                bundle.model.config.context_length
+            )))
+        }
+        Some(n) => n,
+        None => bundle.model.config.context_length.min(4096),
+    };
+    let options = GenerateOptions {
+        max_tokens: a.n_predict,
+        sampler,
+        stop_ids: bundle.tokenizer.stop_ids(),
+        stop_strings: Vec::new(),
+        ignore_eos: false,
+    };
+    let mut conversation = Conversation::new(&bundle, &pool, n_ctx, a.system.as_deref());
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "[kiln] {} loaded in {:.0} ms, context {n_ctx}. Type a message; /reset starts over, /exit or Ctrl-D quits.",
+            a.model.display(),
+            bundle.load_ms
+        );
+    }
+    let stdout = std::io::stdout();
+    let mut line = String::new();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        line.clear();
+        let n = std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| Failure::input(format!("cannot read stdin: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        let text = line.trim_end_matches(['\n', '\r']);
+        match text.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                conversation.reset();
+                eprintln!("[kiln] conversation reset");
+                continue;
+            }
+            _ => {}
+        }
+        let mut out = stdout.lock();
+        let result = conversation.reply(text, &options, |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        });
+        let _ = writeln!(out);
+        drop(out);
+        match result {
+            Ok(g) => {
+                let t = &g.timings;
+                eprintln!(
+                    "[kiln] prompt {} new tokens, {:.1} tok/s | reply {} tokens, {:.1} tok/s | context {}/{}",
+                    t.prefill_tokens,
+                    t.prefill_tok_s(),
+                    g.token_ids.len(),
+                    t.decode_tok_s(),
+                    conversation.cached_tokens() + 1,
+                    conversation.n_ctx()
+                );
+            }
+            Err(e) => eprintln!("[kiln] {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// `kiln logits`.

@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it to stdout.
     Run(RunArgs),
+    /// Chat interactively: each line on stdin is a user turn (/reset, /exit).
+    Chat(ChatArgs),
     /// Write the logits after the last prompt token as float32 little-endian.
     Logits(LogitsArgs),
     /// Perplexity of a text, in chunks.
@@ -62,6 +64,25 @@ pub struct RunArgs {
     /// Most tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
     pub n_predict: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Threads to compute with (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Keep generating past end-of-sequence and end-of-turn tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The sampling chain's settings (llama.cpp's defaults).
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8)]
     pub temperature: f32,
@@ -89,18 +110,27 @@ pub struct RunArgs {
     /// Seed of the sampler (default: random).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Stop when this text appears (repeatable).
-    #[arg(long = "stop")]
-    pub stop: Vec<String>,
+}
+
+/// Arguments of `kiln chat`.
+#[derive(Args)]
+pub struct ChatArgs {
+    /// The model file (GGUF).
+    pub model: PathBuf,
+    /// A system message for the whole conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Positions the conversation may use (default: the model's context, at most 4096).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Most tokens per reply.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 1024)]
+    pub n_predict: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Threads to compute with (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Keep generating past end-of-sequence and end-of-turn tokens.
-    #[arg(long)]
-    pub ignore_eos: bool,
-    /// Print one JSON object instead of streaming text.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Arguments of `kiln logits`.
@@ -199,6 +229,7 @@ fn main() -> ExitCode {
     // A panic is a bug: report it as an internal error (exit 1), never as a crash code.
     let outcome = std::panic::catch_unwind(|| match cli.command {
         Command::Run(a) => commands::run(a),
+        Command::Chat(a) => commands::chat(a),
         Command::Logits(a) => commands::logits(a),
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Tokenize(a) => commands::tokenize(a),

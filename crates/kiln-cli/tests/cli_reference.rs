@@ -313,3 +313,69 @@ fn tokenize_from_huggingface_folder() {
         }
     }
 }
+
+/// `kiln chat` reuses the cache between turns; its second greedy reply must equal a fresh
+/// `kiln run --messages` over the same conversation.
+#[test]
+fn chat_turns_reuse_the_cache_without_changing_answers() {
+    use std::io::Write;
+    let m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "chat",
+            m.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "40",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd of Germany?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let replies: Vec<&str> = stdout.lines().collect();
+    assert_eq!(replies.len(), 2, "{stdout}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    // The second turn runs only the tokens after the cached conversation.
+    let new_tokens: Vec<usize> = stderr
+        .lines()
+        .filter_map(|l| l.split("prompt ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(new_tokens.len(), 2, "{stderr}");
+    assert!(new_tokens[1] < new_tokens[0], "{stderr}");
+
+    let messages = serde_json::json!([
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": replies[0]},
+        {"role": "user", "content": "And of Germany?"},
+    ]);
+    let mfile = tmp("chat-two-turns.json");
+    std::fs::write(&mfile, messages.to_string()).unwrap();
+    let fresh: Value = serde_json::from_str(&kiln_ok(&[
+        "run",
+        m.to_str().unwrap(),
+        "--messages",
+        mfile.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "-n",
+        "40",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(fresh["text"].as_str().unwrap().trim_end(), replies[1]);
+}

@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod bundle;
 pub mod config;
+pub mod conversation;
 pub mod error;
 pub mod generate;
 pub mod kernels;

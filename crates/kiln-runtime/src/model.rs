@@ -5,6 +5,7 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::weights::{load_optional_vector, load_vector, WeightMatrix};
 use kiln_format::gguf::GgufFile;
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,6 +27,8 @@ pub struct LayerWeights {
     pub bk: Option<Vec<f32>>,
     /// Value bias.
     pub bv: Option<Vec<f32>>,
+    /// Attention output bias (Llama-family files converted with `attention_bias`).
+    pub bo: Option<Vec<f32>>,
     /// RMSNorm over each query head.
     pub q_norm: Option<Vec<f32>>,
     /// RMSNorm over each key head.
@@ -40,6 +43,12 @@ pub struct LayerWeights {
     pub w_up: WeightMatrix,
     /// Down projection, `n_ff` → `n_embd`.
     pub w_down: WeightMatrix,
+    /// Feed-forward biases (Llama-family files converted with `mlp_bias`).
+    pub b_gate: Option<Vec<f32>>,
+    /// Up projection bias.
+    pub b_up: Option<Vec<f32>>,
+    /// Down projection bias.
+    pub b_down: Option<Vec<f32>>,
     /// RMSNorm on the feed-forward output (Gemma).
     pub post_ffn_norm: Option<Vec<f32>>,
 }
@@ -60,6 +69,66 @@ pub struct Model {
     pub tied_embeddings: bool,
     /// Transformer blocks.
     pub layers: Vec<LayerWeights>,
+}
+
+/// Refuses a file that holds tensors the loader did not read: a tensor nobody reads is a
+/// feature of the model this runtime would silently leave out, giving wrong answers.
+fn refuse_unread_tensors(
+    file: &GgufFile,
+    config: &ModelConfig,
+    layers: &[LayerWeights],
+    tied: bool,
+) -> Result<(), ModelError> {
+    let mut read: HashSet<String> = ["token_embd.weight", "output_norm.weight"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if !tied {
+        read.insert("output.weight".into());
+    }
+    if config.rope_freq_factors.is_some() {
+        read.insert("rope_freqs.weight".into());
+    }
+    for (i, l) in layers.iter().enumerate() {
+        let optional = [
+            ("attn_q.bias", l.bq.is_some()),
+            ("attn_k.bias", l.bk.is_some()),
+            ("attn_v.bias", l.bv.is_some()),
+            ("attn_output.bias", l.bo.is_some()),
+            ("attn_q_norm.weight", l.q_norm.is_some()),
+            ("attn_k_norm.weight", l.k_norm.is_some()),
+            ("post_attention_norm.weight", l.post_attn_norm.is_some()),
+            ("ffn_gate.bias", l.b_gate.is_some()),
+            ("ffn_up.bias", l.b_up.is_some()),
+            ("ffn_down.bias", l.b_down.is_some()),
+            ("post_ffw_norm.weight", l.post_ffn_norm.is_some()),
+        ];
+        let required = [
+            "attn_norm.weight",
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "attn_output.weight",
+            "ffn_norm.weight",
+            "ffn_gate.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
+        ];
+        let present = optional.iter().filter(|(_, p)| *p).map(|(n, _)| *n);
+        for name in required.iter().copied().chain(present) {
+            read.insert(format!("blk.{i}.{name}"));
+        }
+    }
+    match file.tensors().iter().find(|t| !read.contains(&t.name)) {
+        Some(t) => Err(ModelError::unsupported(
+            file.path(),
+            format!(
+                "tensor '{}' is not used by kiln's {} implementation; refusing rather than ignoring it",
+                t.name, config.architecture
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 impl Model {
@@ -106,6 +175,7 @@ impl Model {
                 bq: required_if(c.qkv_bias, "attn_q.bias", c.q_dim())?,
                 bk: required_if(c.qkv_bias, "attn_k.bias", c.kv_dim())?,
                 bv: required_if(c.qkv_bias, "attn_v.bias", c.kv_dim())?,
+                bo: optional("attn_output.bias", c.n_embd)?,
                 q_norm: required_if(c.qk_norm, "attn_q_norm.weight", c.head_dim)?,
                 k_norm: required_if(c.qk_norm, "attn_k_norm.weight", c.head_dim)?,
                 post_attn_norm: required_if(c.post_norms, "post_attention_norm.weight", c.n_embd)?,
@@ -113,9 +183,13 @@ impl Model {
                 w_gate: matrix("ffn_gate.weight", c.n_embd, c.n_ff)?,
                 w_up: matrix("ffn_up.weight", c.n_embd, c.n_ff)?,
                 w_down: matrix("ffn_down.weight", c.n_ff, c.n_embd)?,
+                b_gate: optional("ffn_gate.bias", c.n_ff)?,
+                b_up: optional("ffn_up.bias", c.n_ff)?,
+                b_down: optional("ffn_down.bias", c.n_embd)?,
                 post_ffn_norm: required_if(c.post_norms, "post_ffw_norm.weight", c.n_embd)?,
             });
         }
+        refuse_unread_tensors(&file, &config, &layers, tied_embeddings)?;
         Ok(Model {
             config,
             file,

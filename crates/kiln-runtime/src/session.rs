@@ -187,6 +187,7 @@ impl<'m> Session<'m> {
         }
         self.attention(il, &b.q, &mut b.attn, t_len);
         matmul(pool, &w.wo, &b.attn, t_len, &mut b.h);
+        add_bias(&mut b.h, w.bo.as_deref());
         if let Some(pn) = &w.post_attn_norm {
             kernels::rms_norm(&mut b.h, pn, c.rms_eps);
         }
@@ -197,11 +198,14 @@ impl<'m> Session<'m> {
         kernels::rms_norm(&mut b.h, &w.ffn_norm, c.rms_eps);
         matmul(pool, &w.w_gate, &b.h, t_len, &mut b.gate);
         matmul(pool, &w.w_up, &b.h, t_len, &mut b.up);
+        add_bias(&mut b.gate, w.b_gate.as_deref());
+        add_bias(&mut b.up, w.b_up.as_deref());
         match c.activation {
             crate::config::Activation::Silu => kernels::silu_mul(&mut b.gate, &b.up),
             crate::config::Activation::GeluTanh => kernels::gelu_tanh_mul(&mut b.gate, &b.up),
         }
         matmul(pool, &w.w_down, &b.gate, t_len, &mut b.h);
+        add_bias(&mut b.h, w.b_down.as_deref());
         if let Some(pn) = &w.post_ffn_norm {
             kernels::rms_norm(&mut b.h, pn, c.rms_eps);
         }

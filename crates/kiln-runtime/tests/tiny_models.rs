@@ -16,7 +16,7 @@ mod tiny;
 use kiln_format::ggml::GgmlType;
 use kiln_format::gguf::MetadataValue;
 use kiln_runtime::{Logits, Model, ModelError, Session, ThreadPool};
-use tiny::{random_tokens, Mistake, Reference, Spec, TinyFile};
+use tiny::{random_tokens, Mistake, Reference, Rng, Spec, TensorSpec, TinyFile};
 
 /// Allowed max |runtime - reference| as a fraction of the reference's largest |logit|.
 const REL_TOL: f64 = 1e-5;
@@ -564,4 +564,82 @@ fn inconsistent_shapes_fail_to_load_naming_the_tensor_or_key_and_file() {
     f.set_metadata("llama.rope.scaling.type", MetadataValue::from("yarn"));
     let err = load_error("unsupported_rope_scaling", &f, "yarn");
     assert!(matches!(err, ModelError::Unsupported { .. }), "{err:?}");
+}
+
+/// Llama-family files converted with `attention_bias` / `mlp_bias` carry output and
+/// feed-forward biases; they must be applied, not dropped.
+#[test]
+fn llama_output_and_mlp_biases_are_applied() {
+    let spec = Spec {
+        qkv_bias: true,
+        ..Spec::llama()
+    };
+    let mut f = TinyFile::generate(&spec, 7000);
+    let mut rng = Rng::new(7001);
+    for il in 0..spec.n_layers {
+        for (t, len) in [
+            ("attn_output", spec.n_embd),
+            ("ffn_gate", spec.n_ff),
+            ("ffn_up", spec.n_ff),
+            ("ffn_down", spec.n_embd),
+        ] {
+            f.tensors.push(TensorSpec {
+                name: format!("blk.{il}.{t}.bias"),
+                dims: vec![len as u64],
+                ty: GgmlType::F32,
+                values: (0..len).map(|_| rng.range(-0.5, 0.5)).collect(),
+            });
+        }
+    }
+    let path = f.write("llama_o_mlp_bias");
+    let model = Model::load(&path).unwrap();
+    let pool = ThreadPool::new(1);
+    let tokens = random_tokens(7002, 10, spec.vocab);
+    let got = Session::new(&model, &pool, 10)
+        .forward(&tokens, Logits::All)
+        .unwrap();
+    let want = Reference::load(&spec, &path).logits(&tokens);
+    let (mut diff, mut scale) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want.iter().flatten()) {
+        diff = diff.max((f64::from(*g) - w).abs());
+        scale = scale.max(w.abs());
+    }
+    assert!(
+        diff <= 1e-5 * scale,
+        "max |diff| {diff} (max |logit| {scale})"
+    );
+}
+
+/// The older `rope.scale_linear` key supplies the factor of a `linear` scaling type.
+#[test]
+fn linear_rope_scaling_with_the_legacy_factor_key_loads() {
+    let spec = Spec {
+        linear_rope_factor: Some(4.0),
+        ..Spec::llama()
+    };
+    let mut f = TinyFile::generate(&spec, 7100);
+    f.metadata.retain(|(k, _)| k != "llama.rope.scaling.factor");
+    f.set_metadata("llama.rope.scale_linear", MetadataValue::F32(4.0));
+    let model = Model::load(f.write("linear_legacy")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(model.config.layers[0].rope_freq_scale, 0.25);
+}
+
+/// A tensor no part of the loader reads is a model feature kiln would silently drop: refused.
+#[test]
+fn unread_tensors_are_refused_by_name() {
+    let spec = Spec::llama();
+    let mut f = TinyFile::generate(&spec, 7200);
+    f.tensors.push(TensorSpec {
+        name: "blk.0.attn_sinks.weight".into(),
+        dims: vec![spec.n_heads as u64],
+        ty: GgmlType::F32,
+        values: vec![0.5; spec.n_heads],
+    });
+    let path = f.write("unread_tensor");
+    let err = Model::load(&path)
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(err.contains("blk.0.attn_sinks.weight"), "{err}");
+    assert!(err.contains("unread_tensor"), "{err}");
 }

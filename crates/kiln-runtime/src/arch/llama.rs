@@ -93,7 +93,9 @@ fn rope_scale(file: &GgufFile, a: &str) -> Result<f32, ModelError> {
     let legacy = file.get_f32(&format!("{a}.rope.scale_linear"))?;
     match (kind, factor, legacy) {
         (None | Some("none"), _, None) => Ok(1.0),
-        (None | Some("none"), _, Some(f)) | (Some("linear"), Some(f), _) => {
+        (None | Some("none"), _, Some(f))
+        | (Some("linear"), Some(f), _)
+        | (Some("linear"), None, Some(f)) => {
             if f.is_finite() && f > 0.0 {
                 Ok(1.0 / f)
             } else {
@@ -103,6 +105,10 @@ fn rope_scale(file: &GgufFile, a: &str) -> Result<f32, ModelError> {
                 ))
             }
         }
+        (Some("linear"), None, None) => Err(ModelError::bad(
+            file.path(),
+            format!("linear rope scaling without '{a}.rope.scaling.factor'"),
+        )),
         // Llama 3 scaling is carried by the rope_freqs tensor; its metadata type is informative.
         (Some("llama3"), _, _) => Ok(1.0),
         (Some(other), _, _) => Err(ModelError::unsupported(
