@@ -379,3 +379,88 @@ fn chat_turns_reuse_the_cache_without_changing_answers() {
     .unwrap();
     assert_eq!(fresh["text"].as_str().unwrap().trim_end(), replies[1]);
 }
+
+fn run_json(args: &[&str]) -> Value {
+    serde_json::from_str(&kiln_ok(args)).unwrap()
+}
+
+/// Sampling with a seed is reproducible; another seed gives another continuation.
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let m = m.to_str().unwrap();
+    let args = |seed: &'static str| {
+        vec![
+            "run",
+            m,
+            "--prompt",
+            "Once upon a time",
+            "-n",
+            "24",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--min-p",
+            "0",
+            "--ignore-eos",
+            "--seed",
+            seed,
+            "--json",
+        ]
+    };
+    let a = run_json(&args("7"));
+    let b = run_json(&args("7"));
+    let c = run_json(&args("8"));
+    assert_eq!(a["token_ids"], b["token_ids"]);
+    assert_eq!(a["seed"], 7);
+    assert_ne!(
+        a["token_ids"], c["token_ids"],
+        "two seeds gave the same 24 sampled tokens"
+    );
+}
+
+/// Generation ends at the end-of-turn token of a chat, and text is cut before a stop string.
+#[test]
+fn end_of_turn_and_stop_strings_end_generation() {
+    let m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let m = m.to_str().unwrap();
+    let chat = run_json(&[
+        "run",
+        m,
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "-n",
+        "64",
+        "--json",
+    ]);
+    assert_eq!(chat["finish_reason"], "stop");
+    assert_eq!(chat["text"], "The capital of France is Paris.");
+    assert_eq!(
+        chat["token_ids"].as_array().unwrap().last().unwrap(),
+        2,
+        "<|im_end|>"
+    );
+
+    let stopped = run_json(&[
+        "run",
+        m,
+        "--prompt",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "-n",
+        "32",
+        "--stop",
+        "answer",
+        "--json",
+    ]);
+    // Greedy text is " Paris.\n\nThe answer is: ..." (reference greedy_32_text).
+    assert_eq!(stopped["finish_reason"], "stop");
+    assert_eq!(stopped["text"], " Paris.\n\nThe ");
+}
