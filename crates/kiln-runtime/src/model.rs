@@ -1,12 +1,12 @@
-//! A loaded model: its description and its weights, borrowed from the file's memory map.
+//! A loaded model: its description and its weights, read in place from their storage.
 
 use crate::arch;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::weights::{load_optional_vector, load_vector, WeightMatrix};
+use crate::weights::{load_optional_vector, load_vector, GgufSource, TensorSource, WeightMatrix};
 use kiln_format::gguf::GgufFile;
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Weights of one transformer block.
@@ -57,8 +57,10 @@ pub struct LayerWeights {
 pub struct Model {
     /// The model's description.
     pub config: ModelConfig,
-    /// The file the weights live in (memory-mapped).
-    pub file: Arc<GgufFile>,
+    /// The file or folder the weights come from.
+    pub origin: PathBuf,
+    /// Parameters: elements of every tensor the model holds.
+    pub n_params: u64,
     /// Token embedding matrix (`vocab_size` rows of `n_embd`).
     pub token_embd: WeightMatrix,
     /// Final RMSNorm.
@@ -74,7 +76,7 @@ pub struct Model {
 /// Refuses a file that holds tensors the loader did not read: a tensor nobody reads is a
 /// feature of the model this runtime would silently leave out, giving wrong answers.
 fn refuse_unread_tensors(
-    file: &GgufFile,
+    source: &dyn TensorSource,
     config: &ModelConfig,
     layers: &[LayerWeights],
     tied: bool,
@@ -119,12 +121,12 @@ fn refuse_unread_tensors(
             read.insert(format!("blk.{i}.{name}"));
         }
     }
-    match file.tensors().iter().find(|t| !read.contains(&t.name)) {
-        Some(t) => Err(ModelError::unsupported(
-            file.path(),
+    match source.names().into_iter().find(|name| !read.contains(name)) {
+        Some(name) => Err(ModelError::unsupported(
+            source.origin(),
             format!(
-                "tensor '{}' is not used by kiln's {} implementation; refusing rather than ignoring it",
-                t.name, config.architecture
+                "tensor '{name}' is not used by kiln's {} implementation; refusing rather than ignoring it",
+                config.architecture
             ),
         )),
         None => Ok(()),
@@ -141,12 +143,21 @@ impl Model {
     /// Loads the model held by an open GGUF file.
     pub fn from_gguf(file: Arc<GgufFile>) -> Result<Model, ModelError> {
         let config = arch::config_from_gguf(&file)?;
+        Model::from_source(config, &GgufSource(file))
+    }
+
+    /// Builds a model of the given description from the tensors of `source`, which must hold
+    /// exactly the tensors the description implies (a tensor left unread is refused).
+    pub fn from_source(
+        config: ModelConfig,
+        source: &dyn TensorSource,
+    ) -> Result<Model, ModelError> {
         let c = &config;
-        let token_embd = WeightMatrix::load(&file, "token_embd.weight", c.n_embd, c.vocab_size)?;
-        let output_norm = load_vector(&file, "output_norm.weight", c.n_embd)?;
-        let (output, tied_embeddings) = if file.tensor("output.weight").is_some() {
+        let token_embd = WeightMatrix::load(source, "token_embd.weight", c.n_embd, c.vocab_size)?;
+        let output_norm = load_vector(source, "output_norm.weight", c.n_embd)?;
+        let (output, tied_embeddings) = if source.tensor("output.weight").is_some() {
             (
-                WeightMatrix::load(&file, "output.weight", c.n_embd, c.vocab_size)?,
+                WeightMatrix::load(source, "output.weight", c.n_embd, c.vocab_size)?,
                 false,
             )
         } else {
@@ -155,10 +166,11 @@ impl Model {
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let name = |s: &str| format!("blk.{i}.{s}");
-            let matrix =
-                |s: &str, cols: usize, rows: usize| WeightMatrix::load(&file, &name(s), cols, rows);
-            let vector = |s: &str, len: usize| load_vector(&file, &name(s), len);
-            let optional = |s: &str, len: usize| load_optional_vector(&file, &name(s), len);
+            let matrix = |s: &str, cols: usize, rows: usize| {
+                WeightMatrix::load(source, &name(s), cols, rows)
+            };
+            let vector = |s: &str, len: usize| load_vector(source, &name(s), len);
+            let optional = |s: &str, len: usize| load_optional_vector(source, &name(s), len);
             let required_if = |cond: bool, s: &str, len: usize| -> Result<_, ModelError> {
                 if cond {
                     vector(s, len).map(Some)
@@ -189,21 +201,23 @@ impl Model {
                 post_ffn_norm: required_if(c.post_norms, "post_ffw_norm.weight", c.n_embd)?,
             });
         }
-        refuse_unread_tensors(&file, &config, &layers, tied_embeddings)?;
+        refuse_unread_tensors(source, &config, &layers, tied_embeddings)?;
+        let n_params = source
+            .names()
+            .iter()
+            .filter_map(|n| source.tensor(n))
+            .map(|t| t.n_elements())
+            .sum();
         Ok(Model {
             config,
-            file,
+            origin: source.origin().to_path_buf(),
+            n_params,
             token_embd,
             output_norm,
             output,
             tied_embeddings,
             layers,
         })
-    }
-
-    /// Number of parameters (elements of every tensor in the file).
-    pub fn n_params(&self) -> u64 {
-        self.file.tensors().iter().map(|t| t.n_elements).sum()
     }
 
     /// Bytes of weights read to produce one token: every matrix once, plus one embedding row.

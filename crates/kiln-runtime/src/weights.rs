@@ -1,55 +1,149 @@
-//! Weight tensors as the runtime sees them: matrices left in their file's block format,
-//! read from the memory map, and small vectors dequantized to f32 at load.
+//! Weight tensors as the runtime sees them: matrices left in their stored block format and
+//! read in place (from a memory map or owned memory), and small vectors dequantized to f32.
+//!
+//! Where the bytes come from is abstracted by [`TensorSource`]: a GGUF file today, safetensors
+//! folders and kiln packages through the same trait, so the forward pass never knows.
 
 use crate::error::ModelError;
 use kiln_format::ggml::{self, GgmlType};
-use kiln_format::gguf::{GgufFile, TensorInfo};
+use kiln_format::gguf::GgufFile;
+use std::path::Path;
 use std::sync::Arc;
 
+/// Bytes that weights point into, kept alive as long as any weight refers to them.
+pub trait WeightStorage: Send + Sync {
+    /// The whole storage (e.g. a mapped file).
+    fn bytes(&self) -> &[u8];
+}
+
+impl WeightStorage for GgufFile {
+    fn bytes(&self) -> &[u8] {
+        GgufFile::bytes(self)
+    }
+}
+
+impl WeightStorage for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// Where one tensor's data lies, in what format and shape.
+#[derive(Clone)]
+pub struct TensorRef {
+    /// The storage holding the data.
+    pub storage: Arc<dyn WeightStorage>,
+    /// Byte offset of the data in the storage.
+    pub offset: usize,
+    /// Shape in ggml order (`dims[0]` is the contiguous row length).
+    pub dims: Vec<u64>,
+    /// Element format.
+    pub format: GgmlType,
+}
+
+impl TensorRef {
+    /// Elements in the tensor.
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// The tensor's bytes, or `None` if the shape does not fit the format or the storage.
+    pub fn data(&self) -> Option<&[u8]> {
+        let n = usize::try_from(self.n_elements()).ok()?;
+        let len = self.format.row_bytes(n)?;
+        self.storage
+            .bytes()
+            .get(self.offset..self.offset.checked_add(len)?)
+    }
+}
+
+/// A collection of named tensors, under the canonical (GGUF) names the architectures use:
+/// `token_embd.weight`, `blk.N.attn_q.weight`, ….
+pub trait TensorSource {
+    /// The file or folder the tensors come from, for messages.
+    fn origin(&self) -> &Path;
+    /// The tensor of that canonical name, if present.
+    fn tensor(&self, name: &str) -> Option<TensorRef>;
+    /// Every tensor name present.
+    fn names(&self) -> Vec<String>;
+}
+
+/// A GGUF file as a tensor source (names are already canonical).
+pub struct GgufSource(pub Arc<GgufFile>);
+
+impl TensorSource for GgufSource {
+    fn origin(&self) -> &Path {
+        self.0.path()
+    }
+
+    fn tensor(&self, name: &str) -> Option<TensorRef> {
+        let info = self.0.tensor(name)?;
+        Some(TensorRef {
+            storage: Arc::clone(&self.0) as Arc<dyn WeightStorage>,
+            offset: usize::try_from(self.0.tensor_file_offset(info)).ok()?,
+            dims: info.dims.clone(),
+            format: info.ty,
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.tensors().iter().map(|t| t.name.clone()).collect()
+    }
+}
+
 /// A 2-D weight matrix of `rows` output channels, each `cols` contiguous elements in a GGUF
-/// block format, borrowed from the model file's memory map.
+/// block format, read in place from its storage.
 #[derive(Clone)]
 pub struct WeightMatrix {
-    file: Arc<GgufFile>,
-    info: TensorInfo,
+    storage: Arc<dyn WeightStorage>,
+    offset: usize,
+    format: GgmlType,
     rows: usize,
     cols: usize,
     row_bytes: usize,
 }
 
 impl WeightMatrix {
-    /// Looks up tensor `name` and checks it is a matrix of `cols` × `rows` (GGUF order).
+    /// Looks up tensor `name` and checks it is a matrix of `cols` × `rows` (ggml order).
     pub fn load(
-        file: &Arc<GgufFile>,
+        source: &dyn TensorSource,
         name: &str,
         cols: usize,
         rows: usize,
     ) -> Result<WeightMatrix, ModelError> {
-        let info = file.require_tensor(name)?.clone();
-        let dims: Vec<u64> = info.dims.clone();
-        let shape_ok = match dims.as_slice() {
-            [c, r] => *c as usize == cols && *r as usize == rows,
-            [c, r, 1] | [c, r, 1, 1] => *c as usize == cols && *r as usize == rows,
+        let t = require(source, name)?;
+        let shape_ok = match t.dims.as_slice() {
+            [c, r] | [c, r, 1] | [c, r, 1, 1] => *c as usize == cols && *r as usize == rows,
             _ => false,
         };
         if !shape_ok {
             return Err(ModelError::bad(
-                file.path(),
-                format!("tensor '{name}' has shape {dims:?}, expected [{cols}, {rows}]"),
+                source.origin(),
+                format!(
+                    "tensor '{name}' has shape {:?}, expected [{cols}, {rows}]",
+                    t.dims
+                ),
             ));
         }
-        let row_bytes = info.ty.row_bytes(cols).ok_or_else(|| {
+        let row_bytes = t.format.row_bytes(cols).ok_or_else(|| {
             ModelError::bad(
-                file.path(),
+                source.origin(),
                 format!(
                     "tensor '{name}': row of {cols} elements is not a whole number of {} blocks",
-                    info.ty.name()
+                    t.format.name()
                 ),
             )
         })?;
+        if t.data().is_none() {
+            return Err(ModelError::bad(
+                source.origin(),
+                format!("tensor '{name}': data lies outside its storage"),
+            ));
+        }
         Ok(WeightMatrix {
-            file: Arc::clone(file),
-            info,
+            storage: t.storage,
+            offset: t.offset,
+            format: t.format,
             rows,
             cols,
             row_bytes,
@@ -68,7 +162,7 @@ impl WeightMatrix {
 
     /// The block format of the stored weights.
     pub fn format(&self) -> GgmlType {
-        self.info.ty
+        self.format
     }
 
     /// Bytes of the stored weights.
@@ -79,41 +173,57 @@ impl WeightMatrix {
     /// The stored bytes of row `r`.
     #[inline]
     pub fn row_data(&self, r: usize) -> &[u8] {
-        let data = self.file.tensor_data(&self.info);
-        &data[r * self.row_bytes..(r + 1) * self.row_bytes]
+        let start = self.offset + r * self.row_bytes;
+        &self.storage.bytes()[start..start + self.row_bytes]
     }
 
     /// Dequantizes row `r` into `out` (`cols` elements), exactly as the format defines.
     #[inline]
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         // The row length was validated against the block size at load, so this cannot fail.
-        ggml::dequantize(self.info.ty, self.row_data(r), out).expect("row size validated at load");
+        ggml::dequantize(self.format, self.row_data(r), out).expect("row size validated at load");
     }
 }
 
+fn require(source: &dyn TensorSource, name: &str) -> Result<TensorRef, ModelError> {
+    source
+        .tensor(name)
+        .ok_or_else(|| ModelError::bad(source.origin(), format!("missing tensor '{name}'")))
+}
+
 /// Loads a 1-D f32 vector (norm weights, biases) of length `len`, dequantizing if needed.
-pub fn load_vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-    let info = file.require_tensor(name)?;
-    if info.n_elements != len as u64 || info.dims.iter().filter(|&&d| d != 1).count() > 1 {
+pub fn load_vector(
+    source: &dyn TensorSource,
+    name: &str,
+    len: usize,
+) -> Result<Vec<f32>, ModelError> {
+    let t = require(source, name)?;
+    if t.n_elements() != len as u64 || t.dims.iter().filter(|&&d| d != 1).count() > 1 {
         return Err(ModelError::bad(
-            file.path(),
-            format!(
-                "tensor '{name}' has shape {:?}, expected [{len}]",
-                info.dims
-            ),
+            source.origin(),
+            format!("tensor '{name}' has shape {:?}, expected [{len}]", t.dims),
         ));
     }
-    Ok(file.tensor_f32(info)?)
+    let data = t.data().ok_or_else(|| {
+        ModelError::bad(
+            source.origin(),
+            format!("tensor '{name}': data lies outside its storage"),
+        )
+    })?;
+    let mut out = vec![0.0f32; len];
+    ggml::dequantize(t.format, data, &mut out)
+        .map_err(|e| ModelError::bad(source.origin(), format!("tensor '{name}': {e}")))?;
+    Ok(out)
 }
 
 /// Like [`load_vector`] but `Ok(None)` when the tensor is absent.
 pub fn load_optional_vector(
-    file: &GgufFile,
+    source: &dyn TensorSource,
     name: &str,
     len: usize,
 ) -> Result<Option<Vec<f32>>, ModelError> {
-    if file.tensor(name).is_none() {
+    if source.tensor(name).is_none() {
         return Ok(None);
     }
-    load_vector(file, name, len).map(Some)
+    load_vector(source, name, len).map(Some)
 }

@@ -322,6 +322,16 @@ impl GgufFile {
             .ok_or_else(|| FormatError::invalid(&self.path, format!("missing tensor '{name}'")))
     }
 
+    /// The whole file image (header, metadata and tensor data), as mapped.
+    pub fn bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+
+    /// Offset of a tensor's data from the start of the file image.
+    pub fn tensor_file_offset(&self, t: &TensorInfo) -> u64 {
+        self.data_offset + t.offset
+    }
+
     /// The raw bytes of a tensor's data.
     ///
     /// # Panics
