@@ -1,8 +1,8 @@
 //! The subcommands: each turns parsed arguments into library calls and prints the result.
 
 use crate::{
-    ChatArgs, InspectArgs, LogitsArgs, PerplexityArgs, PromptSource, RunArgs, SamplingArgs,
-    TokenizeArgs,
+    BenchArgs, ChatArgs, InspectArgs, LogitsArgs, PerplexityArgs, PromptSource, RunArgs,
+    SamplingArgs, TokenizeArgs,
 };
 use kiln_format::gguf::GgufFile;
 use kiln_runtime::bundle::{BundleError, ModelBundle};
@@ -482,6 +482,86 @@ pub fn tokenize(a: TokenizeArgs) -> CmdResult {
         for (id, piece) in ids.iter().zip(&pieces) {
             println!("{id:>8} {piece:?}");
         }
+    }
+    Ok(())
+}
+
+/// `kiln bench`: medians after a warm-up, and the decode roofline.
+pub fn bench(a: BenchArgs) -> CmdResult {
+    if a.reps == 0 {
+        return Err(Failure::input("--reps must be at least 1"));
+    }
+    if a.prompt_tokens == 0 && a.gen_tokens == 0 {
+        return Err(Failure::input("nothing to measure: -p and -n are both 0"));
+    }
+    let pool = threads(a.threads)?;
+    let started = std::time::Instant::now();
+    let model = kiln_runtime::Model::load(&a.model)?;
+    let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let limit = model.config.context_length;
+    if a.prompt_tokens.max(a.gen_tokens) > limit {
+        return Err(Failure::input(format!(
+            "-p {} / -n {} exceed the model's context of {limit}",
+            a.prompt_tokens, a.gen_tokens
+        )));
+    }
+    let cfg = kiln_runtime::bench::BenchConfig {
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        reps: a.reps,
+        seed: 42,
+    };
+    let r = kiln_runtime::bench::run(&model, &pool, &cfg)?;
+    let peak_rss_mb = r.peak_rss_bytes.map(|b| b as f64 / 1e6);
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "model": a.model.display().to_string(),
+                "threads": pool.n_threads(),
+                "prompt_tokens": a.prompt_tokens,
+                "gen_tokens": a.gen_tokens,
+                "reps": a.reps,
+                "pp_tok_s": r.pp_tok_s,
+                "tg_tok_s": r.tg_tok_s,
+                "ttft_ms": r.ttft_ms,
+                "load_ms": load_ms,
+                "peak_rss_mb": peak_rss_mb,
+                "pp_runs": r.pp_runs,
+                "tg_runs": r.tg_runs,
+                "bytes_per_token": r.bytes_per_token,
+                "bandwidth_gb_s": r.bandwidth_bytes_s / 1e9,
+                "roofline_tok_s": r.roofline_tok_s(),
+                "roofline_pct": r.roofline_pct(),
+            })
+        );
+        return Ok(());
+    }
+    println!("model       {}", a.model.display());
+    println!("threads     {}", pool.n_threads());
+    println!("load        {load_ms:.0} ms");
+    if a.prompt_tokens > 0 {
+        println!(
+            "pp{:<8} {:.1} tok/s (median of {})",
+            a.prompt_tokens, r.pp_tok_s, a.reps
+        );
+        println!("ttft        {:.1} ms", r.ttft_ms);
+    }
+    if a.gen_tokens > 0 {
+        println!(
+            "tg{:<8} {:.1} tok/s (median of {})",
+            a.gen_tokens, r.tg_tok_s, a.reps
+        );
+        println!(
+            "roofline    {:.1} MB read per token at {:.1} GB/s = {:.1} tok/s; reached {:.1} %",
+            r.bytes_per_token as f64 / 1e6,
+            r.bandwidth_bytes_s / 1e9,
+            r.roofline_tok_s(),
+            r.roofline_pct()
+        );
+    }
+    if let Some(mb) = peak_rss_mb {
+        println!("peak RSS    {mb:.0} MB");
     }
     Ok(())
 }

@@ -29,6 +29,8 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Show how a text tokenizes.
     Tokenize(TokenizeArgs),
+    /// Measure prompt and generation speed, time to first token, load time, memory.
+    Bench(BenchArgs),
     /// Describe a model file: architecture, sizes, tensors, tokenizer.
     Inspect(InspectArgs),
 }
@@ -204,6 +206,28 @@ pub struct TokenizeArgs {
     pub json: bool,
 }
 
+/// Arguments of `kiln bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The model file (GGUF).
+    pub model: PathBuf,
+    /// Prompt tokens of the prompt-processing test (0: skip it).
+    #[arg(short = 'p', long = "prompt-tokens", default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens of the generation test (0: skip it).
+    #[arg(short = 'n', long = "gen-tokens", default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Threads to compute with (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Measured repetitions of each test, after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Arguments of `kiln inspect`.
 #[derive(Args)]
 pub struct InspectArgs {
@@ -233,6 +257,7 @@ fn main() -> ExitCode {
         Command::Logits(a) => commands::logits(a),
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Tokenize(a) => commands::tokenize(a),
+        Command::Bench(a) => commands::bench(a),
         Command::Inspect(a) => commands::inspect(a),
     });
     match outcome {

@@ -464,3 +464,40 @@ fn end_of_turn_and_stop_strings_end_generation() {
     assert_eq!(stopped["finish_reason"], "stop");
     assert_eq!(stopped["text"], " Paris.\n\nThe ");
 }
+
+/// `kiln bench --json` reports the figures other tooling reads, with plausible values.
+#[test]
+fn bench_json_has_the_contract_fields() {
+    let m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out = run_json(&[
+        "bench",
+        m.to_str().unwrap(),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "--reps",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    for key in [
+        "pp_tok_s",
+        "tg_tok_s",
+        "ttft_ms",
+        "load_ms",
+        "peak_rss_mb",
+        "roofline_pct",
+    ] {
+        let v = out[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {out}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert_eq!(out["threads"], 1);
+    // Weights read per token: every matrix once, close to the file's size (96.4 MB).
+    let bytes = out["bytes_per_token"].as_f64().unwrap();
+    assert!((90e6..100e6).contains(&bytes), "{bytes}");
+    assert!(out["roofline_pct"].as_f64().unwrap() < 100.0);
+}

@@ -83,6 +83,34 @@ mod x86 {
         sum
     }
 
+    /// Sum of `x` with AVX2, four 8-lane accumulators (streams memory as fast as one core can).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sum_f32_avx2(x: &[f32]) -> f32 {
+        let n = x.len();
+        let p = x.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY (loads): every load reads 8 floats at offsets < n.
+        while i + 32 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_loadu_ps(p.add(i + 8 * k)));
+            }
+            i += 32;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        let mut sum: f32 = lanes.iter().sum();
+        while i < n {
+            sum += *p.add(i);
+            i += 1;
+        }
+        sum
+    }
+
     /// `y += a * x` with AVX2+FMA.
     ///
     /// # Safety
@@ -143,6 +171,30 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: `isa()` returns Avx2Fma only when the CPU reports AVX2 and FMA.
         Isa::Avx2Fma => unsafe { x86::dot_f32_avx2(a, b) },
         _ => dot_f32_scalar(a, b),
+    }
+}
+
+/// Scalar reference of [`sum_f32`]: eight partial sums, like the SIMD path.
+pub fn sum_f32_scalar(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Sum of all elements.
+#[inline]
+pub fn sum_f32(x: &[f32]) -> f32 {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2Fma only when the CPU reports AVX2 and FMA.
+        Isa::Avx2Fma => unsafe { x86::sum_f32_avx2(x) },
+        _ => sum_f32_scalar(x),
     }
 }
 
@@ -310,6 +362,14 @@ mod tests {
             let fast = dot_f32(&a, &b);
             let reference = dot_f32_scalar(&a, &b);
             prop_assert!(close(fast, reference, scale), "fast {fast} reference {reference}");
+        }
+
+        #[test]
+        fn sum_matches_scalar_reference(x in proptest::collection::vec(-4.0f32..4.0, 0..300)) {
+            let scale: f32 = x.iter().map(|v| v.abs()).sum();
+            prop_assert!(close(sum_f32(&x), sum_f32_scalar(&x), scale));
+            let exact: f64 = x.iter().map(|&v| f64::from(v)).sum();
+            prop_assert!((f64::from(sum_f32_scalar(&x)) - exact).abs() <= 1e-5 * f64::from(scale.max(1.0)));
         }
 
         #[test]

@@ -5,6 +5,7 @@
 //! [`generate`] module drives sampling, stop conditions and streaming on top.
 
 pub mod arch;
+pub mod bench;
 pub mod bundle;
 pub mod config;
 pub mod conversation;
