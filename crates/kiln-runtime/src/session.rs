@@ -214,51 +214,128 @@ impl<'m> Session<'m> {
     }
 
     /// Causal (optionally sliding-window) attention of the batch's queries over the cache.
-    /// One task per (query position, head); GQA heads read their group's shared keys.
+    ///
+    /// One work item covers one query position, one key/value head with all the query heads
+    /// that share it (GQA: each key and value is read once for the whole group), and one chunk
+    /// of the key range. Prefill has enough (position, head) items to keep every thread busy
+    /// with a single chunk; decode splits long key ranges into chunks so a model with one
+    /// key/value head still uses all threads. Each chunk's softmax is exact within the chunk;
+    /// chunks are merged by rescaling to the common maximum (online softmax).
     fn attention(&self, il: usize, q: &[f32], out: &mut [f32], t_len: usize) {
         let c = &self.model.config;
-        let hd = c.head_dim;
-        let group = c.group_size();
+        let (hd, group, n_kv) = (c.head_dim, c.group_size(), c.n_kv_heads);
         let window = c.layers[il].sliding_window;
         let keys = &self.cache.keys[il];
         let values = &self.cache.values[il];
         let cache = &self.cache;
         let n_past = self.n_past;
-        let scale = c.attn_scale;
-        let softcap = c.attn_logit_softcap;
-        let shared = SharedOut::new(out);
-        self.pool.for_each(t_len * c.n_heads, |task| {
-            let (t, h) = (task / c.n_heads, task % c.n_heads);
-            let g = h / group;
+        let (scale, softcap) = (c.attn_scale, c.attn_logit_softcap);
+        let key_range = |t: usize| {
             let pos = n_past + t;
-            let first = match window {
-                Some(w) => (pos + 1).saturating_sub(w),
-                None => 0,
-            };
-            let qh = &q[(t * c.n_heads + h) * hd..(t * c.n_heads + h + 1) * hd];
-            // SAFETY: task (t, h) alone writes this head's output slice.
-            let o = unsafe { shared.slice((t * c.n_heads + h) * hd..(t * c.n_heads + h + 1) * hd) };
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            first..pos + 1
+        };
+        let longest = (0..t_len).map(|t| key_range(t).len()).max().unwrap_or(1);
+        let base_items = t_len * n_kv;
+        let threads = self.pool.n_threads();
+        let n_chunks = if base_items >= 2 * threads {
+            1
+        } else {
+            (2 * threads)
+                .div_ceil(base_items)
+                .min(longest.div_ceil(MIN_KEYS_PER_CHUNK))
+                .max(1)
+        };
+        // Per item and group head: running max, sum of exponentials, and the weighted sum of
+        // values (hd floats), merged below.
+        let stride = hd + 2;
+        let mut partial = vec![0.0f32; base_items * n_chunks * group * stride];
+        let partial_out = SharedOut::new(&mut partial);
+        self.pool.for_each(base_items * n_chunks, |item| {
+            let (t, rest) = (item / (n_kv * n_chunks), item % (n_kv * n_chunks));
+            let (g, chunk) = (rest / n_chunks, rest % n_chunks);
+            let all = key_range(t);
+            let part = crate::pool::split_range(all.len(), n_chunks, chunk);
+            let keys_here = all.start + part.start..all.start + part.end;
+            // SAFETY: item `item` alone writes its own stretch of the partial buffer.
+            let dst =
+                unsafe { partial_out.slice(item * group * stride..(item + 1) * group * stride) };
             SCORES.with(|scores| {
                 let mut scores = scores.borrow_mut();
+                let n = keys_here.len();
                 scores.clear();
-                for j in first..=pos {
+                scores.resize(group * n, 0.0);
+                let q_base = (t * c.n_heads + g * group) * hd;
+                for (jj, j) in keys_here.clone().enumerate() {
                     let off = cache.offset(g, j);
-                    let mut s = kernels::dot_f32(qh, &keys[off..off + hd]) * scale;
-                    if let Some(cap) = softcap {
-                        s = cap * (s / cap).tanh();
+                    let k = &keys[off..off + hd];
+                    for hh in 0..group {
+                        let qh = &q[q_base + hh * hd..q_base + (hh + 1) * hd];
+                        let mut sc = kernels::dot_f32(qh, k) * scale;
+                        if let Some(cap) = softcap {
+                            sc = cap * (sc / cap).tanh();
+                        }
+                        scores[hh * n + jj] = sc;
                     }
-                    scores.push(s);
                 }
-                kernels::softmax(&mut scores);
-                o.fill(0.0);
-                for (j, &p) in (first..=pos).zip(scores.iter()) {
+                for hh in 0..group {
+                    let row = &mut scores[hh * n..(hh + 1) * n];
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    for v in row.iter_mut() {
+                        *v = (*v - m).exp();
+                        sum += *v;
+                    }
+                    let rec = &mut dst[hh * stride..(hh + 1) * stride];
+                    rec[0] = m;
+                    rec[1] = sum;
+                    rec[2..].fill(0.0);
+                }
+                for (jj, j) in keys_here.enumerate() {
                     let off = cache.offset(g, j);
-                    kernels::axpy_f32(p, &values[off..off + hd], o);
+                    let v = &values[off..off + hd];
+                    for hh in 0..group {
+                        let p = scores[hh * n + jj];
+                        kernels::axpy_f32(p, v, &mut dst[hh * stride + 2..(hh + 1) * stride]);
+                    }
                 }
             });
         });
+        // Merge the chunks of each (position, head).
+        for t in 0..t_len {
+            for g in 0..n_kv {
+                for hh in 0..group {
+                    let h = g * group + hh;
+                    let o = &mut out[(t * c.n_heads + h) * hd..(t * c.n_heads + h + 1) * hd];
+                    let rec = |chunk: usize| {
+                        let item = (t * n_kv + g) * n_chunks + chunk;
+                        let at = (item * group + hh) * stride;
+                        &partial[at..at + stride]
+                    };
+                    let m = (0..n_chunks)
+                        .map(|k| rec(k)[0])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    o.fill(0.0);
+                    for k in 0..n_chunks {
+                        let r = rec(k);
+                        if r[1] == 0.0 {
+                            continue;
+                        }
+                        let w = (r[0] - m).exp();
+                        sum += r[1] * w;
+                        kernels::axpy_f32(w, &r[2..], o);
+                    }
+                    let inv = 1.0 / sum;
+                    o.iter_mut().for_each(|v| *v *= inv);
+                }
+            }
+        }
     }
 }
+
+/// Fewest keys a decode attention chunk gets: below this, splitting costs more than it saves.
+const MIN_KEYS_PER_CHUNK: usize = 64;
 
 fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
     if let Some(bias) = bias {

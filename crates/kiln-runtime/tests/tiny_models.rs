@@ -643,3 +643,42 @@ fn unread_tensors_are_refused_by_name() {
     assert!(err.contains("blk.0.attn_sinks.weight"), "{err}");
     assert!(err.contains("unread_tensor"), "{err}");
 }
+
+/// Long decode with one key/value head: attention splits the key range into chunks (so both
+/// threads work) and merges them by online-softmax rescaling; the result must equal the
+/// one-batch pass, which uses a single chunk per position, and the naive reference.
+#[test]
+fn chunked_decode_attention_matches_one_batch_at_long_context() {
+    let n = 300;
+    for (arch, window) in [("llama", 0), ("gemma3", 128)] {
+        let spec = Spec {
+            arch,
+            n_kv_heads: 1,
+            n_layers: if arch == "gemma3" { 6 } else { 2 },
+            n_ctx: 512,
+            sliding_window: window,
+            qk_norm: arch == "gemma3",
+            ..Spec::llama()
+        };
+        let path = TinyFile::generate(&spec, 9100).write(&format!("long_decode_{arch}"));
+        let model = Model::load(&path).unwrap();
+        let pool = ThreadPool::new(2);
+        let tokens = random_tokens(9101, n, spec.vocab);
+        let batch = Session::new(&model, &pool, n)
+            .forward(&tokens, Logits::All)
+            .unwrap();
+        let mut session = Session::new(&model, &pool, n);
+        let mut stepped = Vec::new();
+        for &t in &tokens {
+            stepped.extend(session.forward(&[t], Logits::Last).unwrap());
+        }
+        let scale = batch.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = max_abs(&stepped, &batch);
+        let want = Reference::load(&spec, &path).logits(&tokens);
+        let flat: Vec<f32> = want.iter().flatten().map(|&v| v as f32).collect();
+        let d_ref = max_abs(&stepped, &flat);
+        eprintln!("{arch}: {n} decode steps vs batch max |diff| {d:e}, vs reference {d_ref:e} (max |logit| {scale})");
+        assert!(d <= 1e-5 * scale, "{arch}: {d} vs scale {scale}");
+        assert!(d_ref <= 1e-5 * scale, "{arch}: {d_ref} vs scale {scale}");
+    }
+}
