@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 pub use value::MetadataValue;
 pub use writer::GgufWriter;
 
+use crate::file_io::Storage;
 use crate::ggml::{self, GgmlType};
 use crate::FormatError;
 
@@ -64,22 +65,6 @@ impl TensorInfo {
     }
 }
 
-/// The bytes of an open file: mapped, or owned when mapping is impossible (an empty file) or
-/// the caller handed over a buffer.
-enum Storage {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
-}
-
-impl Storage {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Storage::Mapped(m) => m,
-            Storage::Owned(v) => v,
-        }
-    }
-}
-
 /// An open, fully validated GGUF file.
 ///
 /// Metadata is parsed into memory; tensor data stays in the memory map and is handed out as
@@ -120,20 +105,7 @@ impl GgufFile {
     /// `general.alignment` — is an error naming the file and the offending key or tensor.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, FormatError> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| FormatError::io(path, e))?;
-        let len = file.metadata().map_err(|e| FormatError::io(path, e))?.len();
-        let storage = if len == 0 {
-            // An empty file cannot be mapped; the parser reports it as truncated.
-            Storage::Owned(Vec::new())
-        } else {
-            // SAFETY: the map is read-only and private to this process. Mapping a file is only
-            // unsound if the file changes underneath it; model files are treated as immutable
-            // while open (kiln's own writer replaces files by atomic rename, which leaves an
-            // existing map on the old inode untouched). Every access below is bounds-checked
-            // against the length the map was created with.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
-            Storage::Mapped(map)
-        };
+        let storage = Storage::map(path)?;
         Self::from_storage(path.to_path_buf(), storage)
     }
 

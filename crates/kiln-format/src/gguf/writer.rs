@@ -1,12 +1,12 @@
 //! GGUF writer.
 
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use super::parse::{MAGIC, MAX_DIMS};
 use super::value::{type_id, MetadataValue};
 use super::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT};
+use crate::file_io::write_atomic;
 use crate::ggml::{self, GgmlType};
 use crate::FormatError;
 
@@ -282,40 +282,7 @@ impl GgufWriter {
     /// flushed to disk, then renamed over `path`. Readers never see a partial file, and a
     /// reader holding the old file mapped keeps its (unchanged) copy.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<(), FormatError> {
-        let path = path.as_ref();
-        let tmp = temp_path(path);
-        let result = (|| {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|e| FormatError::io(&tmp, e))?;
-            let mut w = io::BufWriter::with_capacity(1 << 20, file);
-            self.write_to(&mut w)
-                .map_err(|e| FormatError::io(&tmp, e))?;
-            let file = w
-                .into_inner()
-                .map_err(|e| FormatError::io(&tmp, e.into_error()))?;
-            file.sync_all().map_err(|e| FormatError::io(&tmp, e))?;
-            std::fs::rename(&tmp, path).map_err(|e| FormatError::io(path, e))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-            return result;
-        }
-        // Persist the rename itself; not every platform lets a directory be opened and
-        // synced, and the data is already safe, so failure here is not an error.
-        if let Some(dir) = path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        write_atomic(path.as_ref(), |mut w| self.write_to(&mut w))
     }
 }
 
@@ -339,17 +306,6 @@ impl<W: Write> Counting<'_, W> {
         }
         Ok(())
     }
-}
-
-/// A fresh name next to `path`, unique within this process and across processes.
-fn temp_path(path: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "gguf".to_string());
-    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
 fn check_homogeneous(key: &str, value: &MetadataValue) -> Result<(), FormatError> {

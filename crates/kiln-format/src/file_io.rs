@@ -1,0 +1,93 @@
+//! What the readers and writers of every container share: read-only mapping of a model file,
+//! and atomic replacement of one.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::FormatError;
+
+/// The bytes of an open file: mapped, or owned when mapping is impossible (an empty file) or
+/// the caller handed over a buffer.
+pub(crate) enum Storage {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Storage {
+    /// Maps the file at `path` read-only.
+    pub(crate) fn map(path: &Path) -> Result<Storage, FormatError> {
+        let file = std::fs::File::open(path).map_err(|e| FormatError::io(path, e))?;
+        let len = file.metadata().map_err(|e| FormatError::io(path, e))?.len();
+        if len == 0 {
+            // An empty file cannot be mapped; the parsers report it as truncated.
+            return Ok(Storage::Owned(Vec::new()));
+        }
+        // SAFETY: the map is read-only and private to this process. Mapping a file is only
+        // unsound if the file changes underneath it; model files are treated as immutable
+        // while open (kiln's own writers replace files by atomic rename, which leaves an
+        // existing map on the old inode untouched). Every access is bounds-checked against
+        // the length the map was created with.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
+        Ok(Storage::Mapped(map))
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+/// Writes a file atomically: `write` fills a temporary file in the same directory, which is
+/// flushed to disk and then renamed over `path`. Readers never see a partial file, and a
+/// reader holding the old file mapped keeps its (unchanged) copy.
+pub(crate) fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<(), FormatError> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| FormatError::io(&tmp, e))?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, file);
+        write(&mut w).map_err(|e| FormatError::io(&tmp, e))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| FormatError::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| FormatError::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| FormatError::io(path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return result;
+    }
+    // Persist the rename itself; not every platform lets a directory be opened and synced,
+    // and the data is already safe, so failure here is not an error.
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// A fresh name next to `path`, unique within this process and across processes.
+fn temp_path(path: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_string());
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
