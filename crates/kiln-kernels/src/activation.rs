@@ -1,0 +1,264 @@
+//! Activation rows quantized to int8 for the integer dot products.
+
+use kiln_format::ggml::GgmlType;
+
+use crate::layout::{QK, QK_K};
+
+/// How the activations of one row are stored for a given weight format.
+///
+/// Integer dot products need both operands as small integers: the activations are quantized
+/// per block to int8 with one f32 scale `d = max|x| / 127`, so codes stay within ±127 (never
+/// -128, which keeps the sign tricks of the SIMD kernels exact).
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActivationFormat {
+    /// 32-element blocks, each with its scale and `d * sum(codes)` (ggml's Q8_1 idea with an
+    /// f32 scale). Every 32-element weight format uses it: the block sum turns a weight offset
+    /// or minimum into one multiply per block, so the kernels can multiply unsigned weight
+    /// codes with signed activations.
+    Q8_1,
+    /// 256-element super-blocks with one scale and the integer sum of every 16 codes (ggml's
+    /// Q8_K): what the K-quants' per-sub-block minimums and offsets need.
+    Q8_K,
+    /// Plain f32 copies, for the float weight formats.
+    F32,
+}
+
+impl ActivationFormat {
+    /// Elements per block (1 for [`ActivationFormat::F32`]).
+    pub fn block_len(self) -> usize {
+        match self {
+            ActivationFormat::Q8_1 => QK,
+            ActivationFormat::Q8_K => QK_K,
+            ActivationFormat::F32 => 1,
+        }
+    }
+}
+
+/// The activation format the kernels for `weights` multiply with.
+pub fn activation_format(weights: GgmlType) -> ActivationFormat {
+    match weights {
+        GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q8_0
+        | GgmlType::Q8_1 => ActivationFormat::Q8_1,
+        GgmlType::Q2_K
+        | GgmlType::Q3_K
+        | GgmlType::Q4_K
+        | GgmlType::Q5_K
+        | GgmlType::Q6_K
+        | GgmlType::Q8_K => ActivationFormat::Q8_K,
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActivationFormat::F32,
+    }
+}
+
+/// One row of activations in an [`ActivationFormat`].
+///
+/// The buffers are owned and reused: quantizing a row no longer than any earlier one into the
+/// same `QuantizedRow` does not allocate, so a forward pass keeps one per activation row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedRow {
+    pub(crate) format: ActivationFormat,
+    pub(crate) len: usize,
+    /// Q8_1 / Q8_K: the int8 codes.
+    pub(crate) codes: Vec<i8>,
+    /// Q8_1 / Q8_K: one scale per block.
+    pub(crate) scales: Vec<f32>,
+    /// Q8_1: `scale * sum(codes)` per block.
+    pub(crate) sums: Vec<f32>,
+    /// Q8_K: the sum of every 16 codes.
+    pub(crate) group_sums: Vec<i16>,
+    /// F32: the values.
+    pub(crate) values: Vec<f32>,
+}
+
+impl Default for QuantizedRow {
+    fn default() -> Self {
+        QuantizedRow::new()
+    }
+}
+
+impl QuantizedRow {
+    /// An empty Q8_1 row; [`quantize_row`] sizes it.
+    pub fn new() -> QuantizedRow {
+        QuantizedRow {
+            format: ActivationFormat::Q8_1,
+            len: 0,
+            codes: Vec::new(),
+            scales: Vec::new(),
+            sums: Vec::new(),
+            group_sums: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+
+    /// A row made from given codes and per-block scales, for callers that already hold int8
+    /// activations (and for tests that need exact scales).
+    ///
+    /// # Panics
+    /// If `format` is [`ActivationFormat::F32`], if `codes.len()` is not
+    /// `scales.len() * format.block_len()`, or if a code is -128.
+    pub fn from_codes(format: ActivationFormat, codes: &[i8], scales: &[f32]) -> QuantizedRow {
+        assert!(
+            format != ActivationFormat::F32,
+            "from_codes: F32 rows have no codes"
+        );
+        assert_eq!(
+            codes.len(),
+            scales.len() * format.block_len(),
+            "from_codes: {} codes do not fill {} blocks of {}",
+            codes.len(),
+            scales.len(),
+            format.block_len()
+        );
+        assert!(
+            codes.iter().all(|&q| q != i8::MIN),
+            "from_codes: codes must lie in -127..=127"
+        );
+        let mut row = QuantizedRow::new();
+        row.format = format;
+        row.len = codes.len();
+        row.codes.extend_from_slice(codes);
+        row.scales.extend_from_slice(scales);
+        row.fill_sums();
+        row
+    }
+
+    /// The activation format.
+    pub fn format(&self) -> ActivationFormat {
+        self.format
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the row has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The int8 codes (empty for F32 rows).
+    pub fn codes(&self) -> &[i8] {
+        &self.codes
+    }
+
+    /// One scale per block (empty for F32 rows).
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// Q8_1: `scale * sum(codes)` per 32-element block (empty otherwise).
+    pub fn block_sums(&self) -> &[f32] {
+        &self.sums
+    }
+
+    /// Q8_K: the integer sum of every 16 codes (empty otherwise).
+    pub fn group_sums(&self) -> &[i16] {
+        &self.group_sums
+    }
+
+    /// F32: the values (empty otherwise).
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// The values the row stands for: `scale * code`, or the f32 values.
+    pub fn dequantize(&self) -> Vec<f32> {
+        if self.format == ActivationFormat::F32 {
+            return self.values.clone();
+        }
+        let bl = self.format.block_len();
+        self.codes
+            .chunks_exact(bl)
+            .zip(&self.scales)
+            .flat_map(|(q, &d)| q.iter().map(move |&q| d * f32::from(q)))
+            .collect()
+    }
+
+    fn fill_sums(&mut self) {
+        self.sums.clear();
+        self.group_sums.clear();
+        match self.format {
+            ActivationFormat::Q8_1 => {
+                for (q, &d) in self.codes.chunks_exact(QK).zip(&self.scales) {
+                    let s: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                    self.sums.push(d * s as f32);
+                }
+            }
+            ActivationFormat::Q8_K => {
+                for q in self.codes.chunks_exact(16) {
+                    let s: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                    // 16 codes of at most 127 in magnitude: within i16.
+                    self.group_sums.push(s as i16);
+                }
+            }
+            ActivationFormat::F32 => {}
+        }
+    }
+}
+
+/// Quantizes `x` into `out` in format `fmt`, reusing `out`'s buffers.
+///
+/// Each block gets `d = max|x| / 127` and codes `round_half_even(x / d)`, so every element is
+/// reproduced within `d / 2` (plus f32 rounding). A block of zeros gets `d = 0`. Non-finite
+/// inputs give unspecified (but non-panicking) codes.
+///
+/// # Panics
+/// If `x.len()` is not a multiple of `fmt.block_len()`.
+pub fn quantize_row(x: &[f32], fmt: ActivationFormat, out: &mut QuantizedRow) {
+    let bl = fmt.block_len();
+    assert!(
+        x.len() % bl == 0,
+        "quantize_row: {} elements are not a whole number of {bl}-element blocks",
+        x.len()
+    );
+    out.format = fmt;
+    out.len = x.len();
+    out.codes.clear();
+    out.scales.clear();
+    out.sums.clear();
+    out.group_sums.clear();
+    out.values.clear();
+    match fmt {
+        ActivationFormat::F32 => out.values.extend_from_slice(x),
+        ActivationFormat::Q8_1 | ActivationFormat::Q8_K => {
+            out.codes.resize(x.len(), 0);
+            for (xs, qs) in x.chunks_exact(bl).zip(out.codes.chunks_exact_mut(bl)) {
+                out.scales.push(quantize_block(xs, qs));
+            }
+            out.fill_sums();
+        }
+    }
+}
+
+/// Quantizes one block; returns its scale.
+#[inline]
+fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    // f32::max ignores NaN, so a NaN element cannot poison the scale of its block.
+    let amax = x.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+    let d = amax / 127.0;
+    if d == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    // Adding and subtracting 1.5 * 2^23 rounds to nearest-even for |v| < 2^22 in plain
+    // arithmetic, which vectorises on every x86-64 (unlike a call to roundeven). A NaN
+    // element converts to 0.
+    const ROUND: f32 = 12_582_912.0;
+    let id = 1.0 / d;
+    if id.is_finite() {
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = ((v * id + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
+        }
+    } else {
+        // A subnormal scale has no finite reciprocal; divide instead.
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = ((v / d + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
+        }
+    }
+    d
+}

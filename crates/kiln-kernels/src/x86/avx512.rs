@@ -1,0 +1,531 @@
+//! AVX-512 VNNI kernels.
+//!
+//! 32-element formats: two blocks fill a 512-bit register; `vpdpbusd` multiplies the unsigned
+//! weight codes with the signed activation codes into eight int32 lanes per block, which are
+//! converted and scaled by `d_w * d_x` of their block. Weight offsets (Q4_0's -8, Q5_0's -16,
+//! Q8_0's -128 after flipping its sign bit) and stored minimums are applied through the
+//! activation block sums, once per block.
+//!
+//! K-quants: `vpmaddubsw` gives 16-bit pair sums of codes times activations, and `vpdpwssd`
+//! multiplies those by the 16-bit sub-block scales and accumulates in int32, so a whole
+//! super-block is one integer sum. Minimums and offsets come from the per-16 activation sums.
+
+use core::arch::x86_64::*;
+
+use kiln_format::ggml::GgmlType;
+
+use super::{kq, leg, tiled_dot_block};
+use crate::activation::QuantizedRow;
+use crate::layout::*;
+
+tiled_dot_block!(tile);
+
+const fn words(group: usize, base: usize) -> __m512i {
+    let mut a = [0i16; 32];
+    let mut i = 0;
+    while i < 32 {
+        a[i] = (base + i / group) as i16;
+        i += 1;
+    }
+    // SAFETY: [i16; 32] and __m512i have the same size and every bit pattern is valid in both.
+    unsafe { core::mem::transmute::<[i16; 32], __m512i>(a) }
+}
+
+const fn dwords(group: usize, base: usize) -> __m512i {
+    let mut a = [0i32; 16];
+    let mut i = 0;
+    while i < 16 {
+        a[i] = (base + i / group) as i32;
+        i += 1;
+    }
+    // SAFETY: as in `words`.
+    unsafe { core::mem::transmute::<[i32; 16], __m512i>(a) }
+}
+
+/// `vpermw` indices spreading the eight Q4_K/Q5_K sub-block scales over the 32 pair sums of
+/// a 64-element register: sub-block `2g` on the low half, `2g + 1` on the high half.
+const K32_IDX: [__m512i; 4] = [words(16, 0), words(16, 2), words(16, 4), words(16, 6)];
+/// The same for 16-element sub-blocks: four per register.
+const K16_IDX: [__m512i; 4] = [words(8, 0), words(8, 4), words(8, 8), words(8, 12)];
+/// `vpermps` indices spreading four block scales over two blocks' eight lanes each.
+const PAIR_IDX: [__m512i; 2] = [dwords(8, 0), dwords(8, 2)];
+/// `vpshufb` indices doubling each of eight bytes (Q4_K minimums onto their two 16-sums).
+const DUP_PAIRS: __m128i = {
+    let mut a = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        a[i] = (i / 2) as u8;
+        i += 1;
+    }
+    // SAFETY: [u8; 16] and __m128i have the same size; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u8; 16], __m128i>(a) }
+};
+
+/// The kernel for `R` rows by `T` activation rows.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL/VNNI, FMA and F16C; `w` starts `R` rows of `row_bytes` bytes,
+/// each one row of `xs[t].len()` elements of `weights`; every `xs[t]` is in the weights'
+/// activation format.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile<const R: usize, const T: usize>(
+    weights: GgmlType,
+    w: *const u8,
+    row_bytes: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    // SAFETY: the caller's guarantees are exactly what each kernel needs.
+    unsafe {
+        match weights {
+            GgmlType::Q4_0 => legacy::<{ leg::Q4_0 }, R, T>(w, row_bytes, xs),
+            GgmlType::Q4_1 => legacy::<{ leg::Q4_1 }, R, T>(w, row_bytes, xs),
+            GgmlType::Q5_0 => legacy::<{ leg::Q5_0 }, R, T>(w, row_bytes, xs),
+            GgmlType::Q5_1 => legacy::<{ leg::Q5_1 }, R, T>(w, row_bytes, xs),
+            GgmlType::Q8_0 => legacy::<{ leg::Q8_0 }, R, T>(w, row_bytes, xs),
+            GgmlType::Q2_K => kquant::<{ kq::Q2_K }, R, T>(w, row_bytes, xs),
+            GgmlType::Q3_K => kquant::<{ kq::Q3_K }, R, T>(w, row_bytes, xs),
+            GgmlType::Q4_K => kquant::<{ kq::Q4_K }, R, T>(w, row_bytes, xs),
+            GgmlType::Q5_K => kquant::<{ kq::Q5_K }, R, T>(w, row_bytes, xs),
+            GgmlType::Q6_K => kquant::<{ kq::Q6_K }, R, T>(w, row_bytes, xs),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                float::<R, T>(weights, w, row_bytes, xs)
+            }
+            _ => crate::reference_tile::<R, T>(weights, w, row_bytes, xs),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 32-element formats
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn legacy<const F: u8, const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let nb = xs[0].len / QK;
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut b = 0;
+    while b + 4 <= nb {
+        // SAFETY: blocks b..b + 4 exist in every weight row and activation row.
+        unsafe { leg_step::<F, R, T, 4>(w, row_bytes, &xs, b, &mut acc) };
+        b += 4;
+    }
+    // SAFETY: the last nb - b blocks exist.
+    unsafe {
+        match nb - b {
+            1 => leg_step::<F, R, T, 1>(w, row_bytes, &xs, b, &mut acc),
+            2 => leg_step::<F, R, T, 2>(w, row_bytes, &xs, b, &mut acc),
+            3 => leg_step::<F, R, T, 3>(w, row_bytes, &xs, b, &mut acc),
+            _ => {}
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// Adds blocks `b..b + N` (N ≤ 4) of every row and activation row of the tile to `acc`.
+///
+/// # Safety
+/// Blocks `b..b + N` exist in the `R` weight rows at `w` and in every activation row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    xs: &[&QuantizedRow; T],
+    b: usize,
+    acc: &mut [[__m512; T]; R],
+) {
+    let bytes = leg::bytes(F);
+    let lanes: __mmask8 = (1u8 << N) - 1;
+    let low_half: __mmask64 = u64::from(u32::MAX);
+    let mut dx = [_mm_setzero_ps(); T];
+    let mut ds = [_mm_setzero_ps(); T];
+    let mut x01 = [_mm512_setzero_si512(); T];
+    let mut x23 = [_mm512_setzero_si512(); T];
+    for t in 0..T {
+        let x = xs[t];
+        // SAFETY: blocks b..b + N exist, so N scales and sums from index b and N * 32 codes
+        // from b * 32 are in bounds; masked-off lanes are not read.
+        unsafe {
+            dx[t] = _mm_maskz_loadu_ps(lanes, x.scales.as_ptr().add(b));
+            ds[t] = _mm_maskz_loadu_ps(lanes, x.sums.as_ptr().add(b));
+            let c = x.codes.as_ptr().add(b * QK);
+            x01[t] = if N >= 2 {
+                _mm512_loadu_si512(c.cast())
+            } else {
+                _mm512_maskz_loadu_epi8(low_half, c)
+            };
+            if N == 4 {
+                x23[t] = _mm512_loadu_si512(c.add(2 * QK).cast());
+            } else if N == 3 {
+                x23[t] = _mm512_maskz_loadu_epi8(low_half, c.add(2 * QK));
+            }
+        }
+    }
+    for (r, acc_r) in acc.iter_mut().enumerate() {
+        // SAFETY: row r's blocks b..b + N are in bounds (the caller's guarantee).
+        let (d4, m4, u01, u23) = unsafe {
+            let p = w.add(r * row_bytes + b * bytes);
+            let (d4, m4) = leg_scales::<F, N>(p);
+            let u01 = leg_codes::<F>(p, N >= 2);
+            let u23 = if N > 2 {
+                leg_codes::<F>(p.add(2 * bytes), N == 4)
+            } else {
+                _mm512_setzero_si512()
+            };
+            (d4, m4, u01, u23)
+        };
+        for t in 0..T {
+            let s = _mm512_castps128_ps512(_mm_mul_ps(d4, dx[t]));
+            let i01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u01, x01[t]);
+            let mut a = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(i01),
+                _mm512_permutexvar_ps(PAIR_IDX[0], s),
+                acc_r[t],
+            );
+            if N > 2 {
+                let i23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u23, x23[t]);
+                a = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(i23),
+                    _mm512_permutexvar_ps(PAIR_IDX[1], s),
+                    a,
+                );
+            }
+            let c = _mm_mul_ps(m4, ds[t]);
+            acc_r[t] = _mm512_add_ps(a, _mm512_zextps128_ps512(c));
+        }
+    }
+}
+
+/// Scales `d` and offsets `m` (`w = d * u + m`) of blocks `0..N` at `p`, zero beyond `N`.
+///
+/// # Safety
+/// `N` blocks of format `F` are readable at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn leg_scales<const F: u8, const N: usize>(p: *const u8) -> (__m128, __m128) {
+    let bytes = leg::bytes(F);
+    let (mut dh, mut mh) = (0u64, 0u64);
+    for k in 0..N {
+        // SAFETY: block k < N is readable; its f16 scale (and minimum) lead it.
+        unsafe {
+            dh |= u64::from(rd_u16(p.add(k * bytes))) << (16 * k);
+            if leg::has_min(F) {
+                mh |= u64::from(rd_u16(p.add(k * bytes + 2))) << (16 * k);
+            }
+        }
+    }
+    let d = _mm_cvtph_ps(_mm_cvtsi64_si128(dh as i64));
+    let m = if leg::has_min(F) {
+        _mm_cvtph_ps(_mm_cvtsi64_si128(mh as i64))
+    } else {
+        _mm_mul_ps(d, _mm_set1_ps(leg::offset(F)))
+    };
+    (d, m)
+}
+
+/// The unsigned codes of the block at `p` and of the next one (or of the same block again
+/// when `two` is false: its second copy meets zero activations), in element order.
+///
+/// # Safety
+/// One block (two when `two`) of format `F` is readable at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn leg_codes<const F: u8>(p: *const u8, two: bool) -> __m512i {
+    let bytes = leg::bytes(F);
+    // SAFETY: the second block is readable when `two` (the caller's guarantee).
+    let p1 = if two { unsafe { p.add(bytes) } } else { p };
+    if F == leg::Q8_0 {
+        // SAFETY: both blocks hold 32 code bytes at offset 2.
+        let (a, c) = unsafe {
+            (
+                _mm256_loadu_si256(p.add(2).cast()),
+                _mm256_loadu_si256(p1.add(2).cast()),
+            )
+        };
+        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), c);
+        // Flipping the sign bit adds 128, making the codes unsigned for vpdpbusd; the offset
+        // of -128 * d in leg_scales takes it back out.
+        return _mm512_xor_si512(z, _mm512_set1_epi8(i8::MIN));
+    }
+    let qs = leg::qs(F);
+    // SAFETY: both blocks hold 16 bytes of packed nibbles at offset `qs`.
+    let (a, c) = unsafe {
+        (
+            _mm_loadu_si128(p.add(qs).cast()),
+            _mm_loadu_si128(p1.add(qs).cast()),
+        )
+    };
+    // Low nibbles are elements 0..16 of a block, high nibbles 16..32.
+    let mut z = _mm512_castsi128_si512(a);
+    z = _mm512_inserti32x4::<1>(z, _mm_srli_epi16::<4>(a));
+    z = _mm512_inserti32x4::<2>(z, c);
+    z = _mm512_inserti32x4::<3>(z, _mm_srli_epi16::<4>(c));
+    let mut u = _mm512_and_si512(z, _mm512_set1_epi8(0x0f));
+    if leg::is_q5(F) {
+        // SAFETY: both blocks hold their 32 fifth bits at offset leg::qh(F).
+        let qh = unsafe {
+            u64::from(rd_u32(p.add(leg::qh(F)))) | (u64::from(rd_u32(p1.add(leg::qh(F)))) << 32)
+        };
+        // Bit i of the fifth bits belongs to element i: it is a byte mask already.
+        u = _mm512_mask_add_epi8(u, qh, u, _mm512_set1_epi8(16));
+    }
+    u
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants
+
+/// One super-block unpacked: codes in element order, scales spread over the pair sums,
+/// and the correction `f * sum_s c16[s] * (sum of activations of 16-group s)`.
+struct KBlock {
+    u: [__m512i; 4],
+    sv: [__m512i; 4],
+    c16: __m256i,
+    d: f32,
+    f: f32,
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn kquant<const F: u8, const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let nsb = xs[0].len / QK_K;
+    let bytes = kq::bytes(F);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for sb in 0..nsb {
+        let mut dx = [0.0f32; T];
+        let mut bs = [_mm256_setzero_si256(); T];
+        let mut xp = [core::ptr::null::<i8>(); T];
+        for t in 0..T {
+            dx[t] = xs[t].scales[sb];
+            // SAFETY: super-block sb exists: its 16 group sums and 256 codes are in bounds.
+            unsafe {
+                bs[t] = _mm256_loadu_si256(xs[t].group_sums.as_ptr().add(sb * 16).cast());
+                xp[t] = xs[t].codes.as_ptr().add(sb * QK_K);
+            }
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: super-block sb of row r is in bounds (the caller's guarantee).
+            let k = unsafe { kunpack::<F>(w.add(r * row_bytes + sb * bytes)) };
+            for t in 0..T {
+                let mut i = _mm512_setzero_si512();
+                for g in 0..4 {
+                    // SAFETY: xp[t] points at 256 codes.
+                    let x = unsafe { _mm512_loadu_si512(xp[t].add(64 * g).cast()) };
+                    i = _mm512_dpwssd_epi32(i, _mm512_maddubs_epi16(k.u[g], x), k.sv[g]);
+                }
+                let c = _mm512_zextsi256_si512(_mm256_madd_epi16(k.c16, bs[t]));
+                let a = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(i),
+                    _mm512_set1_ps(k.d * dx[t]),
+                    acc_r[t],
+                );
+                acc_r[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(k.f * dx[t]), a);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// Two f16 values at `p` as f32.
+///
+/// # Safety
+/// Four bytes are readable at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
+    // SAFETY: the caller guarantees four readable bytes.
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe { rd_u32(p) } as i32));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
+/// # Safety
+/// One super-block of format `F` is readable at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn kunpack<const F: u8>(p: *const u8) -> KBlock {
+    let zero = _mm512_setzero_si512();
+    let mut u = [zero; 4];
+    let mut sv = [zero; 4];
+    // SAFETY: every offset below lies within one super-block of format F.
+    unsafe {
+        match F {
+            kq::Q4_K | kq::Q5_K => {
+                let five = F == kq::Q5_K;
+                let (d, dmin) = f16_pair(p);
+                let (sc, mn) = k4_scales_mins(
+                    rd_u32(p.add(Q4_K_SCALES)),
+                    rd_u32(p.add(Q4_K_SCALES + 4)),
+                    rd_u32(p.add(Q4_K_SCALES + 8)),
+                );
+                let scw = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+                let qs = if five { Q5_K_QS } else { Q4_K_QS };
+                // Fifth bits: the low half sees bit 2g of qh, the high half (shifted by one)
+                // bit 2g + 1; the shift's spill into bit 7 is never tested.
+                let hb = if five {
+                    let qh = _mm256_loadu_si256(p.add(Q5_K_QH).cast());
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<1>(qh))
+                } else {
+                    zero
+                };
+                for g in 0..4 {
+                    let q = _mm256_loadu_si256(p.add(qs + 32 * g).cast());
+                    let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q));
+                    let mut v = _mm512_and_si512(z, _mm512_set1_epi8(0x0f));
+                    if five {
+                        let k = _mm512_test_epi8_mask(hb, _mm512_set1_epi8(1 << (2 * g)));
+                        v = _mm512_mask_add_epi8(v, k, v, _mm512_set1_epi8(16));
+                    }
+                    u[g] = v;
+                    sv[g] = _mm512_permutexvar_epi16(K32_IDX[g], scw);
+                }
+                let c16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(
+                    _mm_cvtsi64_si128(mn as i64),
+                    DUP_PAIRS,
+                ));
+                KBlock { u, sv, c16, d, f: -dmin }
+            }
+            kq::Q6_K => {
+                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(rd_u16(
+                    p.add(Q6_K_D),
+                )))));
+                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(Q6_K_SCALES).cast()));
+                let scw = _mm512_castsi256_si512(sc16);
+                for n in 0..2 {
+                    let ql = _mm512_loadu_si512(p.add(64 * n).cast());
+                    let qh = _mm256_loadu_si256(p.add(Q6_K_QH + 32 * n).cast());
+                    // Low half: bits 0-1 of qh (quarter 0) / high half: bits 2-3 (quarter 1);
+                    // bits 4-5 serve quarters 2 and 3.
+                    let hb = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+                    let lo = _mm512_and_si512(ql, _mm512_set1_epi8(0x0f));
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(ql), _mm512_set1_epi8(0x0f));
+                    let hb_a = _mm512_and_si512(_mm512_slli_epi16::<4>(hb), _mm512_set1_epi8(0x30));
+                    let hb_b = _mm512_and_si512(hb, _mm512_set1_epi8(0x30));
+                    u[2 * n] = _mm512_or_si512(lo, hb_a);
+                    u[2 * n + 1] = _mm512_or_si512(hi, hb_b);
+                }
+                for (q, s) in sv.iter_mut().enumerate() {
+                    *s = _mm512_permutexvar_epi16(K16_IDX[q], scw);
+                }
+                KBlock { u, sv, c16: sc16, d, f: -32.0 * d }
+            }
+            kq::Q3_K => {
+                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(rd_u16(
+                    p.add(Q3_K_D),
+                )))));
+                let (lo, hi) = q3k_scales(rd_u64(p.add(Q3_K_SCALES)), rd_u32(p.add(Q3_K_SCALES + 8)));
+                let scb = _mm_sub_epi8(_mm_set_epi64x(hi as i64, lo as i64), _mm_set1_epi8(32));
+                let sc16 = _mm256_cvtepi8_epi16(scb);
+                let scw = _mm512_castsi256_si512(sc16);
+                let hm = _mm256_loadu_si256(p.cast());
+                let hm2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(hm), _mm256_srli_epi16::<1>(hm));
+                for n in 0..2 {
+                    let q = _mm256_loadu_si256(p.add(Q3_K_QS + 32 * n).cast());
+                    let q2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<2>(q));
+                    for jp in 0..2 {
+                        let src = if jp == 0 { q2 } else { _mm512_srli_epi16::<4>(q2) };
+                        let low = _mm512_and_si512(src, _mm512_set1_epi8(3));
+                        let k = _mm512_test_epi8_mask(hm2, _mm512_set1_epi8(1 << (4 * n + 2 * jp)));
+                        u[2 * n + jp] = _mm512_mask_add_epi8(low, k, low, _mm512_set1_epi8(4));
+                    }
+                }
+                for (q, s) in sv.iter_mut().enumerate() {
+                    *s = _mm512_permutexvar_epi16(K16_IDX[q], scw);
+                }
+                KBlock { u, sv, c16: sc16, d, f: -4.0 * d }
+            }
+            _ => {
+                // Q2_K
+                let (d, dmin) = f16_pair(p.add(Q2_K_D));
+                let scb = _mm_loadu_si128(p.cast());
+                let m4 = _mm_set1_epi8(0x0f);
+                let sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(scb, m4));
+                let c16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(scb), m4));
+                let scw = _mm512_castsi256_si512(sc16);
+                for n in 0..2 {
+                    let q = _mm256_loadu_si256(p.add(Q2_K_QS + 32 * n).cast());
+                    let q2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<2>(q));
+                    u[2 * n] = _mm512_and_si512(q2, _mm512_set1_epi8(3));
+                    u[2 * n + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(q2), _mm512_set1_epi8(3));
+                }
+                for (q, s) in sv.iter_mut().enumerate() {
+                    *s = _mm512_permutexvar_epi16(K16_IDX[q], scw);
+                }
+                KBlock { u, sv, c16, d, f: -dmin }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float formats
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn float<const R: usize, const T: usize>(
+    weights: GgmlType,
+    w: *const u8,
+    row_bytes: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let n = xs[0].len;
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut i = 0;
+    while i < n {
+        let mask: __mmask16 = if n - i >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        let mut xv = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: elements i.. up to the mask are within the row of n values.
+            xv[t] = unsafe { _mm512_maskz_loadu_ps(mask, xs[t].values.as_ptr().add(i)) };
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: row r holds n elements of `weights`; masked lanes are not read.
+            let wv = unsafe {
+                let p = w.add(r * row_bytes);
+                match weights {
+                    GgmlType::F32 => _mm512_maskz_loadu_ps(mask, p.add(4 * i).cast()),
+                    GgmlType::F16 => {
+                        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.add(2 * i).cast()))
+                    }
+                    _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                        _mm256_maskz_loadu_epi16(mask, p.add(2 * i).cast()),
+                    ))),
+                }
+            };
+            for t in 0..T {
+                acc_r[t] = _mm512_fmadd_ps(wv, xv[t], acc_r[t]);
+            }
+        }
+        i += 16;
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}

@@ -1,0 +1,164 @@
+//! x86-64 kernels: AVX2 (`vpmaddubsw`) and AVX-512 VNNI (`vpdpbusd`, `vpdpwssd`).
+
+pub(crate) mod avx2;
+pub(crate) mod avx512;
+
+/// Rows per tile: four weight rows are read side by side, so one pass keeps four streams of
+/// weights in flight and every activation block loaded is used four times.
+pub(crate) const TILE_ROWS: usize = 4;
+
+/// The row/token tiling shared by both x86 levels; `tile` is the level's kernel for a tile of
+/// `R` rows by `T` activation rows.
+macro_rules! tiled_dot_block {
+    ($tile:ident) => {
+        /// Tiles rows by 4 (then 1) and activation rows by 2 (then 1), rows outermost so a
+        /// tile's weights stay in L1 while every activation row passes over them.
+        ///
+        /// # Safety
+        /// The CPU has this module's target features; `w` holds `n_rows` rows of `row_bytes`
+        /// bytes, each exactly one row of `xq[t].len()` elements of `weights`; every `xq[t]`
+        /// is in `activation_format(weights)`; `out` has `(xq.len() - 1) * out_stride +
+        /// n_rows` elements.
+        pub(crate) unsafe fn dot_block(
+            weights: GgmlType,
+            w: &[u8],
+            row_bytes: usize,
+            n_rows: usize,
+            xq: &[QuantizedRow],
+            out: &mut [f32],
+            out_stride: usize,
+        ) {
+            let mut r = 0;
+            while r + super::TILE_ROWS <= n_rows {
+                // SAFETY: rows r..r + TILE_ROWS lie within `w`; the rest is the caller's.
+                unsafe {
+                    row_tile::<{ super::TILE_ROWS }>(
+                        weights, w, row_bytes, r, xq, out, out_stride,
+                    )
+                };
+                r += super::TILE_ROWS;
+            }
+            while r < n_rows {
+                // SAFETY: row r lies within `w`; the rest is the caller's.
+                unsafe { row_tile::<1>(weights, w, row_bytes, r, xq, out, out_stride) };
+                r += 1;
+            }
+        }
+
+        /// # Safety
+        /// As [`dot_block`], with rows `r0..r0 + R` within `w`.
+        #[inline(always)]
+        unsafe fn row_tile<const R: usize>(
+            weights: GgmlType,
+            w: &[u8],
+            row_bytes: usize,
+            r0: usize,
+            xq: &[QuantizedRow],
+            out: &mut [f32],
+            out_stride: usize,
+        ) {
+            let p = w[r0 * row_bytes..].as_ptr();
+            let mut t = 0;
+            while t + 2 <= xq.len() {
+                // SAFETY: `p` starts R rows of `row_bytes` within `w`; target features and
+                // activation shapes are the caller's guarantee.
+                let res = unsafe { $tile::<R, 2>(weights, p, row_bytes, [&xq[t], &xq[t + 1]]) };
+                for (i, vals) in res.iter().enumerate() {
+                    for (j, &v) in vals.iter().enumerate() {
+                        out[(t + j) * out_stride + r0 + i] = v;
+                    }
+                }
+                t += 2;
+            }
+            if t < xq.len() {
+                // SAFETY: as above.
+                let res = unsafe { $tile::<R, 1>(weights, p, row_bytes, [&xq[t]]) };
+                for (i, vals) in res.iter().enumerate() {
+                    out[t * out_stride + r0 + i] = vals[0];
+                }
+            }
+        }
+    };
+}
+
+pub(crate) use tiled_dot_block;
+
+/// Format ids of the 32-element kernels (const generic parameters).
+pub(crate) mod leg {
+    pub(crate) const Q4_0: u8 = 0;
+    pub(crate) const Q4_1: u8 = 1;
+    pub(crate) const Q5_0: u8 = 2;
+    pub(crate) const Q5_1: u8 = 3;
+    pub(crate) const Q8_0: u8 = 4;
+
+    use crate::layout::*;
+
+    pub(crate) const fn bytes(f: u8) -> usize {
+        match f {
+            Q4_0 => Q4_0_BYTES,
+            Q4_1 => Q4_1_BYTES,
+            Q5_0 => Q5_0_BYTES,
+            Q5_1 => Q5_1_BYTES,
+            _ => Q8_0_BYTES,
+        }
+    }
+
+    /// Offset of the packed codes.
+    pub(crate) const fn qs(f: u8) -> usize {
+        match f {
+            Q4_0 => 2,
+            Q4_1 => 4,
+            Q5_0 => 6,
+            Q5_1 => 8,
+            _ => 2,
+        }
+    }
+
+    /// Offset of the fifth bits (Q5_0 / Q5_1).
+    pub(crate) const fn qh(f: u8) -> usize {
+        if f == Q5_0 {
+            2
+        } else {
+            4
+        }
+    }
+
+    pub(crate) const fn has_min(f: u8) -> bool {
+        matches!(f, Q4_1 | Q5_1)
+    }
+
+    pub(crate) const fn is_q5(f: u8) -> bool {
+        matches!(f, Q5_0 | Q5_1)
+    }
+
+    /// The weight offset in units of the block scale, for the types without a stored minimum.
+    pub(crate) const fn offset(f: u8) -> f32 {
+        match f {
+            Q4_0 => -8.0,
+            Q5_0 => -16.0,
+            Q8_0 => -128.0,
+            _ => 0.0,
+        }
+    }
+}
+
+/// Format ids of the K-quant kernels.
+pub(crate) mod kq {
+    pub(crate) const Q2_K: u8 = 0;
+    pub(crate) const Q3_K: u8 = 1;
+    pub(crate) const Q4_K: u8 = 2;
+    pub(crate) const Q5_K: u8 = 3;
+    pub(crate) const Q6_K: u8 = 4;
+
+    use crate::layout::*;
+
+    pub(crate) const fn bytes(f: u8) -> usize {
+        match f {
+            Q2_K => Q2_K_BYTES,
+            Q3_K => Q3_K_BYTES,
+            Q4_K => Q4_K_BYTES,
+            Q5_K => Q5_K_BYTES,
+            _ => Q6_K_BYTES,
+        }
+    }
+}
