@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 2 bad input (with a message), 1 internal error.
 
 mod commands;
+mod coreml_commands;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -33,6 +34,10 @@ enum Command {
     Bench(BenchArgs),
     /// Describe a model file: architecture, sizes, tensors, tokenizer.
     Inspect(InspectArgs),
+    /// Run a Core ML package on the CPU: each call of a JSON calls file, states carried.
+    Predict(coreml_commands::PredictArgs),
+    /// Check a package without running it (exit 2 naming the op or blob at fault).
+    Verify(coreml_commands::VerifyArgs),
 }
 
 /// Where the prompt comes from.
@@ -259,6 +264,8 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Bench(a) => commands::bench(a),
         Command::Inspect(a) => commands::inspect(a),
+        Command::Predict(a) => coreml_commands::predict(a),
+        Command::Verify(a) => coreml_commands::verify(a),
     });
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,

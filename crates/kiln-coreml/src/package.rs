@@ -670,6 +670,7 @@ impl MlPackage {
             op_count: plan.op_counts.values().sum(),
             op_types: plan.op_counts.clone(),
             weight_files: files,
+            referenced_blobs: plan.blob_refs.len(),
             inputs: plan.inputs.iter().map(|i| i.name.clone()).collect(),
             outputs: plan.outputs.iter().map(|o| o.0.clone()).collect(),
             states: plan.states.iter().map(|s| s.name.clone()).collect(),
@@ -738,6 +739,8 @@ pub struct VerifyReport {
     pub op_types: BTreeMap<String, usize>,
     /// The weight files read.
     pub weight_files: Vec<WeightFileReport>,
+    /// Blob references in the program (each read and checked against its declared type).
+    pub referenced_blobs: usize,
     /// Input names.
     pub inputs: Vec<String>,
     /// Output names.
