@@ -212,7 +212,7 @@ impl QuantizedRow {
 pub fn quantize_row(x: &[f32], fmt: ActivationFormat, out: &mut QuantizedRow) {
     let bl = fmt.block_len();
     assert!(
-        x.len() % bl == 0,
+        x.len().is_multiple_of(bl),
         "quantize_row: {} elements are not a whole number of {bl}-element blocks",
         x.len()
     );

@@ -36,7 +36,6 @@ pub(crate) const Q6_K_QH: usize = 128;
 pub(crate) const Q6_K_SCALES: usize = 192;
 pub(crate) const Q6_K_D: usize = 208;
 
-
 /// Reads a little-endian `u16` at `p`.
 ///
 /// # Safety

@@ -123,7 +123,10 @@ pub fn dot_block_with(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    assert!(isa.is_available(), "dot: this CPU cannot run {isa:?} kernels");
+    assert!(
+        isa.is_available(),
+        "dot: this CPU cannot run {isa:?} kernels"
+    );
     assert!(rows.start <= rows.end, "dot_block: bad row range {rows:?}");
     let n_rows = rows.end - rows.start;
     let Some(first) = xq.first() else { return };

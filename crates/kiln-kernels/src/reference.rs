@@ -122,9 +122,9 @@ fn decode(ty: GgmlType, b: &[u8], out: &mut Decoded) {
         GgmlType::Q2_K => {
             let d = f16(b, Q2_K_D);
             let dmin = f16(b, Q2_K_D + 2);
-            for s in 0..16 {
-                out.d[s] = d * f64::from(b[s] & 0x0f);
-                out.m[s] = -dmin * f64::from(b[s] >> 4);
+            for ((od, om), &sc) in out.d.iter_mut().zip(&mut out.m).zip(&b[..16]) {
+                *od = d * f64::from(sc & 0x0f);
+                *om = -dmin * f64::from(sc >> 4);
             }
             for n in 0..2 {
                 for j in 0..4 {

@@ -215,15 +215,23 @@ simd_vs_reference! {
 fn activation_types_as_weights() {
     for ty in [GgmlType::Q8_1, GgmlType::Q8_K] {
         let n = 512;
-        let w: Vec<f32> = (0..n).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5).collect();
-        let x: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 89) as f32 / 11.0 - 4.0).collect();
+        let w: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5)
+            .collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 104_729) % 89) as f32 / 11.0 - 4.0)
+            .collect();
         let row = kiln_format::ggml::quantize(ty, &w).unwrap();
         let xq = quantized(ty, &x);
         let want = dot_reference(ty, &row, &xq);
         for isa in available_isas() {
             assert_eq!(dot_with(isa, ty, &row, &xq), want, "{ty} {isa:?}");
         }
-        let exact: f64 = w.iter().zip(&x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+        let exact: f64 = w
+            .iter()
+            .zip(&x)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
         assert!((f64::from(want) - exact).abs() < 1e-2 * exact.abs().max(1.0));
     }
 }

@@ -328,11 +328,8 @@ unsafe fn kquant<const F: u8, const R: usize, const T: usize>(
                     i = _mm512_dpwssd_epi32(i, _mm512_maddubs_epi16(k.u[g], x), k.sv[g]);
                 }
                 let c = _mm512_zextsi256_si512(_mm256_madd_epi16(k.c16, bs[t]));
-                let a = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(i),
-                    _mm512_set1_ps(k.d * dx[t]),
-                    acc_r[t],
-                );
+                let a =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(k.d * dx[t]), acc_r[t]);
                 acc_r[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(k.f * dx[t]), a);
             }
         }
@@ -389,7 +386,10 @@ unsafe fn kunpack<const F: u8>(p: *const u8) -> KBlock {
                 };
                 for g in 0..4 {
                     let q = _mm256_loadu_si256(p.add(qs + 32 * g).cast());
-                    let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q));
+                    let z = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(q),
+                        _mm256_srli_epi16::<4>(q),
+                    );
                     let mut v = _mm512_and_si512(z, _mm512_set1_epi8(0x0f));
                     if five {
                         let k = _mm512_test_epi8_mask(hb, _mm512_set1_epi8(1 << (2 * g)));
@@ -398,11 +398,15 @@ unsafe fn kunpack<const F: u8>(p: *const u8) -> KBlock {
                     u[g] = v;
                     sv[g] = _mm512_permutexvar_epi16(K32_IDX[g], scw);
                 }
-                let c16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(
-                    _mm_cvtsi64_si128(mn as i64),
-                    DUP_PAIRS,
-                ));
-                KBlock { u, sv, c16, d, f: -dmin }
+                let c16 =
+                    _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_cvtsi64_si128(mn as i64), DUP_PAIRS));
+                KBlock {
+                    u,
+                    sv,
+                    c16,
+                    d,
+                    f: -dmin,
+                }
             }
             kq::Q6_K => {
                 let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(rd_u16(
@@ -415,7 +419,10 @@ unsafe fn kunpack<const F: u8>(p: *const u8) -> KBlock {
                     let qh = _mm256_loadu_si256(p.add(Q6_K_QH + 32 * n).cast());
                     // Low half: bits 0-1 of qh (quarter 0) / high half: bits 2-3 (quarter 1);
                     // bits 4-5 serve quarters 2 and 3.
-                    let hb = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+                    let hb = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(qh),
+                        _mm256_srli_epi16::<2>(qh),
+                    );
                     let lo = _mm512_and_si512(ql, _mm512_set1_epi8(0x0f));
                     let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(ql), _mm512_set1_epi8(0x0f));
                     let hb_a = _mm512_and_si512(_mm512_slli_epi16::<4>(hb), _mm512_set1_epi8(0x30));
@@ -426,23 +433,38 @@ unsafe fn kunpack<const F: u8>(p: *const u8) -> KBlock {
                 for (q, s) in sv.iter_mut().enumerate() {
                     *s = _mm512_permutexvar_epi16(K16_IDX[q], scw);
                 }
-                KBlock { u, sv, c16: sc16, d, f: -32.0 * d }
+                KBlock {
+                    u,
+                    sv,
+                    c16: sc16,
+                    d,
+                    f: -32.0 * d,
+                }
             }
             kq::Q3_K => {
                 let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(rd_u16(
                     p.add(Q3_K_D),
                 )))));
-                let (lo, hi) = q3k_scales(rd_u64(p.add(Q3_K_SCALES)), rd_u32(p.add(Q3_K_SCALES + 8)));
+                let (lo, hi) =
+                    q3k_scales(rd_u64(p.add(Q3_K_SCALES)), rd_u32(p.add(Q3_K_SCALES + 8)));
                 let scb = _mm_sub_epi8(_mm_set_epi64x(hi as i64, lo as i64), _mm_set1_epi8(32));
                 let sc16 = _mm256_cvtepi8_epi16(scb);
                 let scw = _mm512_castsi256_si512(sc16);
                 let hm = _mm256_loadu_si256(p.cast());
-                let hm2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(hm), _mm256_srli_epi16::<1>(hm));
+                let hm2 =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(hm), _mm256_srli_epi16::<1>(hm));
                 for n in 0..2 {
                     let q = _mm256_loadu_si256(p.add(Q3_K_QS + 32 * n).cast());
-                    let q2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<2>(q));
+                    let q2 = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(q),
+                        _mm256_srli_epi16::<2>(q),
+                    );
                     for jp in 0..2 {
-                        let src = if jp == 0 { q2 } else { _mm512_srli_epi16::<4>(q2) };
+                        let src = if jp == 0 {
+                            q2
+                        } else {
+                            _mm512_srli_epi16::<4>(q2)
+                        };
                         let low = _mm512_and_si512(src, _mm512_set1_epi8(3));
                         let k = _mm512_test_epi8_mask(hm2, _mm512_set1_epi8(1 << (4 * n + 2 * jp)));
                         u[2 * n + jp] = _mm512_mask_add_epi8(low, k, low, _mm512_set1_epi8(4));
@@ -451,7 +473,13 @@ unsafe fn kunpack<const F: u8>(p: *const u8) -> KBlock {
                 for (q, s) in sv.iter_mut().enumerate() {
                     *s = _mm512_permutexvar_epi16(K16_IDX[q], scw);
                 }
-                KBlock { u, sv, c16: sc16, d, f: -4.0 * d }
+                KBlock {
+                    u,
+                    sv,
+                    c16: sc16,
+                    d,
+                    f: -4.0 * d,
+                }
             }
             _ => {
                 // Q2_K
@@ -463,14 +491,24 @@ unsafe fn kunpack<const F: u8>(p: *const u8) -> KBlock {
                 let scw = _mm512_castsi256_si512(sc16);
                 for n in 0..2 {
                     let q = _mm256_loadu_si256(p.add(Q2_K_QS + 32 * n).cast());
-                    let q2 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<2>(q));
+                    let q2 = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(q),
+                        _mm256_srli_epi16::<2>(q),
+                    );
                     u[2 * n] = _mm512_and_si512(q2, _mm512_set1_epi8(3));
-                    u[2 * n + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(q2), _mm512_set1_epi8(3));
+                    u[2 * n + 1] =
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(q2), _mm512_set1_epi8(3));
                 }
                 for (q, s) in sv.iter_mut().enumerate() {
                     *s = _mm512_permutexvar_epi16(K16_IDX[q], scw);
                 }
-                KBlock { u, sv, c16, d, f: -dmin }
+                KBlock {
+                    u,
+                    sv,
+                    c16,
+                    d,
+                    f: -dmin,
+                }
             }
         }
     }

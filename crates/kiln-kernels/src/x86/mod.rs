@@ -32,9 +32,7 @@ macro_rules! tiled_dot_block {
             while r + super::TILE_ROWS <= n_rows {
                 // SAFETY: rows r..r + TILE_ROWS lie within `w`; the rest is the caller's.
                 unsafe {
-                    row_tile::<{ super::TILE_ROWS }>(
-                        weights, w, row_bytes, r, xq, out, out_stride,
-                    )
+                    row_tile::<{ super::TILE_ROWS }>(weights, w, row_bytes, r, xq, out, out_stride)
                 };
                 r += super::TILE_ROWS;
             }
