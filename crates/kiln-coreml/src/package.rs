@@ -687,15 +687,15 @@ fn required_version(plan: &Plan, described_states: bool) -> (i32, String) {
             need = (v, why);
         }
     };
+    if !plan.states.is_empty() || described_states {
+        raise(9, "a model with states".into());
+    }
     if let Some(n) = plan
         .opset
         .strip_prefix("CoreML")
         .and_then(|n| n.parse::<i32>().ok())
     {
         raise(n + 1, format!("opset {}", plan.opset));
-    }
-    if !plan.states.is_empty() || described_states {
-        raise(9, "a model with states".into());
     }
     for op in plan.op_counts.keys() {
         let v = match op.as_str() {

@@ -132,15 +132,20 @@ fn string_attr(op: &proto::Operation, key: &str) -> Option<String> {
     }
 }
 
-/// The op's name for messages: its `name` attribute, else its first output, else its index.
+/// The op's name for messages: its `name` attribute and, where it differs, the variable it
+/// defines (the name a reader of the program looks for); else its index.
 pub(crate) fn op_name(op: &proto::Operation, index: usize) -> String {
-    string_attr(op, "name")
-        .or_else(|| op.outputs.first().map(|o| o.name.clone()))
-        .unwrap_or_else(|| format!("#{index}"))
+    let out = op.outputs.first().map(|o| o.name.clone());
+    match (string_attr(op, "name"), out) {
+        (Some(n), Some(o)) if n != o => format!("{n} [output {o}]"),
+        (Some(n), _) => n,
+        (None, Some(o)) => o,
+        (None, None) => format!("#{index}"),
+    }
 }
 
 /// Picks the block of a function: the one for its opset, or its only one.
-pub(crate) fn function_block<'a>(f: &'a proto::Function) -> Result<&'a proto::Block, String> {
+pub(crate) fn function_block(f: &proto::Function) -> Result<&proto::Block, String> {
     if let Some(b) = f.block_specializations.get(&f.opset) {
         return Ok(b);
     }
@@ -310,8 +315,7 @@ pub(crate) fn build(
         *op_counts.entry(op_type.clone()).or_insert(0usize) += 1;
         let spec = ops::op_spec(&op_type).ok_or_else(|| {
             err(format!(
-                "op type {op_type:?} is not supported by kiln (it runs: {})",
-                ops::supported_ops().join(", ")
+                "op type {op_type:?} is not one kiln can run (kiln_coreml::supported_ops lists those)"
             ))
         })?;
         if !op.blocks.is_empty() {

@@ -65,7 +65,7 @@ pub(super) fn linear(a: &Args) -> OpResult {
             Some(bv)
         }
     };
-    let rows = if din == 0 { 0 } else { xv.len() / din };
+    let rows: usize = x.shape[..x.rank() - 1].iter().product();
     let mut out = vec![0f32; rows * dout];
     for r in 0..rows {
         let xr = &xv[r * din..(r + 1) * din];
