@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release -p kiln-kernels --example dotbench -- [--mb 64] [--k 2048] [--reps 5]
-//!     [--tokens 1,8] [--formats Q4_0,Q4_K,...] [--scalar]
+//!     [--kb N] [--tokens 1,8] [--formats Q4_0,Q4_K,...] [--levels avx512,avx2] [--scalar]
 //! ```
 //!
 //! For T activation rows, every weight row is multiplied with all T of them in one pass over
@@ -89,17 +89,19 @@ fn matrix(ty: GgmlType, bytes: usize, rng: &mut Rng) -> Vec<u8> {
 }
 
 fn main() {
-    let mut mb = 64usize;
+    let mut kb = 64usize << 10;
     let mut k = 2048usize;
     let mut reps = 5usize;
     let mut tokens = vec![1usize, 8];
     let mut formats: Vec<GgmlType> = FORMATS.to_vec();
     let mut scalar = false;
+    let mut levels: Option<Vec<Isa>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().expect("missing value");
         match a.as_str() {
-            "--mb" => mb = val().parse().expect("--mb N"),
+            "--mb" => kb = val().parse::<usize>().expect("--mb N") << 10,
+            "--kb" => kb = val().parse().expect("--kb N"),
             "--k" => k = val().parse().expect("--k N"),
             "--reps" => reps = val().parse().expect("--reps N"),
             "--tokens" => {
@@ -115,25 +117,50 @@ fn main() {
                     .collect()
             }
             "--scalar" => scalar = true,
+            "--levels" => {
+                levels = Some(
+                    val()
+                        .split(',')
+                        .map(|l| Isa::from_name(l).expect("unknown level"))
+                        .collect(),
+                )
+            }
             other => panic!("unknown argument {other}"),
         }
     }
-    let isas: Vec<Isa> = available_isas()
-        .into_iter()
-        .filter(|&i| scalar || i != Isa::Scalar)
-        .collect();
-    println!("weights {mb} MB per format, K = {k}, best of {reps}, single thread");
+    let isas: Vec<Isa> = match levels {
+        Some(l) => l.into_iter().filter(|i| i.is_available()).collect(),
+        None => available_isas()
+            .into_iter()
+            .filter(|&i| scalar || i != Isa::Scalar)
+            .collect(),
+    };
+    println!("weights {kb} KB per format, K = {k}, best of {reps}, single thread");
     print!("{:<6} {:>5} {:<12}", "format", "B/w", "level");
     for t in &tokens {
         print!(" {:>9} {:>7}", format!("T={t} ns/w"), "GB/s");
     }
     println!();
+    // The roofline: how fast one thread can stream the same number of bytes.
+    let words = vec![1u64; (kb << 10) / 8];
+    let mut best = f64::INFINITY;
+    for _ in 0..=reps {
+        let start = Instant::now();
+        let s = words.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+        std::hint::black_box(s);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    println!(
+        "memory read (one thread): {:.1} GB/s",
+        (kb << 10) as f64 / best / 1e9
+    );
+    drop(words);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for &ty in &formats {
         let row_bytes = ty
             .row_bytes(k)
             .expect("K must be a multiple of the block length");
-        let rows = (mb << 20) / row_bytes;
+        let rows = (kb << 10) / row_bytes;
         let w = matrix(ty, rows * row_bytes, &mut rng);
         let bpw = row_bytes as f64 / k as f64;
         let max_t = tokens.iter().copied().max().unwrap_or(1);

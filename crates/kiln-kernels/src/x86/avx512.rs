@@ -49,6 +49,59 @@ const K32_IDX: [__m512i; 4] = [words(16, 0), words(16, 2), words(16, 4), words(1
 const K16_IDX: [__m512i; 4] = [words(8, 0), words(8, 4), words(8, 8), words(8, 12)];
 /// `vpermps` indices spreading four block scales over two blocks' eight lanes each.
 const PAIR_IDX: [__m512i; 2] = [dwords(8, 0), dwords(8, 2)];
+/// `vpermt2w` indices gathering, from a 128-byte window over four blocks of format `f`, the
+/// four f16 scales into words 0..4 and (for Q4_1/Q5_1) the four minimums into words 4..8.
+const fn leg_scale_idx(f: u8) -> __m512i {
+    let (bytes, min) = (leg::bytes(f), leg::has_min(f));
+    let mut a = [0i16; 32];
+    let mut k = 0;
+    while k < 4 {
+        a[k] = (k * bytes / 2) as i16;
+        if min {
+            a[4 + k] = ((k * bytes + 2) / 2) as i16;
+        }
+        k += 1;
+    }
+    // SAFETY: [i16; 32] and __m512i have the same size and every bit pattern is valid in both.
+    unsafe { core::mem::transmute::<[i16; 32], __m512i>(a) }
+}
+
+/// `vpermt2w` indices gathering the packed nibbles of blocks `2 * pair` and `2 * pair + 1`
+/// from the same window, each twice: `[qs_a, qs_a, qs_b, qs_b]` (16 bytes each). Every field
+/// of every 32-element format starts at an even offset, so words suffice.
+const fn leg_code_idx(f: u8, pair: usize) -> __m512i {
+    let (bytes, qs) = (leg::bytes(f), leg::qs(f));
+    let mut a = [0i16; 32];
+    let mut i = 0;
+    while i < 32 {
+        let block = 2 * pair + i / 16;
+        a[i] = ((block * bytes + qs) / 2 + i % 8) as i16;
+        i += 1;
+    }
+    // SAFETY: as above.
+    unsafe { core::mem::transmute::<[i16; 32], __m512i>(a) }
+}
+
+/// Hardware prefetchers lose track of the interleaved row streams of a tile; software
+/// prefetches this far ahead keep one thread near memory bandwidth (measured: 4 KiB left
+/// kernels waiting on memory, 8-16 KiB did not).
+const PREFETCH: usize = 8192;
+
+const LEG_SCALE_IDX: [__m512i; 5] = [
+    leg_scale_idx(leg::Q4_0),
+    leg_scale_idx(leg::Q4_1),
+    leg_scale_idx(leg::Q5_0),
+    leg_scale_idx(leg::Q5_1),
+    leg_scale_idx(leg::Q8_0),
+];
+
+const LEG_CODE_IDX: [[__m512i; 2]; 4] = [
+    [leg_code_idx(leg::Q4_0, 0), leg_code_idx(leg::Q4_0, 1)],
+    [leg_code_idx(leg::Q4_1, 0), leg_code_idx(leg::Q4_1, 1)],
+    [leg_code_idx(leg::Q5_0, 0), leg_code_idx(leg::Q5_0, 1)],
+    [leg_code_idx(leg::Q5_1, 0), leg_code_idx(leg::Q5_1, 1)],
+];
+
 /// `vpshufb` indices doubling each of eight bytes (Q4_K minimums onto their two 16-sums).
 const DUP_PAIRS: __m128i = {
     let mut a = [0u8; 16];
@@ -173,17 +226,7 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
     }
     for (r, acc_r) in acc.iter_mut().enumerate() {
         // SAFETY: row r's blocks b..b + N are in bounds (the caller's guarantee).
-        let (d4, m4, u01, u23) = unsafe {
-            let p = w.add(r * row_bytes + b * bytes);
-            let (d4, m4) = leg_scales::<F, N>(p);
-            let u01 = leg_codes::<F>(p, N >= 2);
-            let u23 = if N > 2 {
-                leg_codes::<F>(p.add(2 * bytes), N == 4)
-            } else {
-                _mm512_setzero_si512()
-            };
-            (d4, m4, u01, u23)
-        };
+        let (d4, m4, u01, u23) = unsafe { leg_unpack::<F, N>(w.add(r * row_bytes + b * bytes)) };
         for t in 0..T {
             let s = _mm512_castps128_ps512(_mm_mul_ps(d4, dx[t]));
             let i01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u01, x01[t]);
@@ -206,80 +249,99 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
     }
 }
 
-/// Scales `d` and offsets `m` (`w = d * u + m`) of blocks `0..N` at `p`, zero beyond `N`.
+/// Blocks `0..N` (N ≤ 4) at `p`: their scales `d` and offsets `m` (`w = d * u + m`, zero
+/// beyond `N`), and their unsigned codes in element order, two blocks per register (blocks
+/// beyond `N` give codes that meet zero activations).
+///
+/// The blocks are read as one window of at most 128 bytes (two loads, masked to the `N`
+/// blocks), out of which word permutes gather the scales and the packed codes: far fewer
+/// instructions than collecting the fields one block at a time.
 ///
 /// # Safety
 /// `N` blocks of format `F` are readable at `p`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn leg_scales<const F: u8, const N: usize>(p: *const u8) -> (__m128, __m128) {
+unsafe fn leg_unpack<const F: u8, const N: usize>(
+    p: *const u8,
+) -> (__m128, __m128, __m512i, __m512i) {
     let bytes = leg::bytes(F);
-    let (mut dh, mut mh) = (0u64, 0u64);
-    for k in 0..N {
-        // SAFETY: block k < N is readable; its f16 scale (and minimum) lead it.
-        unsafe {
-            dh |= u64::from(rd_u16(p.add(k * bytes))) << (16 * k);
-            if leg::has_min(F) {
-                mh |= u64::from(rd_u16(p.add(k * bytes + 2))) << (16 * k);
+    let len = N * bytes;
+    // Every line of the blocks PREFETCH bytes ahead (a prefetch of any address is harmless).
+    for line in (0..4 * bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line).cast());
+    }
+    if F == leg::Q8_0 {
+        let mut dh = 0u64;
+        let mut c = [_mm256_setzero_si256(); 4];
+        for (k, c) in c.iter_mut().enumerate().take(N) {
+            // SAFETY: block k < N is readable: an f16 scale and 32 code bytes.
+            unsafe {
+                dh |= u64::from(rd_u16(p.add(k * bytes))) << (16 * k);
+                *c = _mm256_loadu_si256(p.add(k * bytes + 2).cast());
             }
         }
+        let d = _mm_cvtph_ps(_mm_cvtsi64_si128(dh as i64));
+        let m = _mm_mul_ps(d, _mm_set1_ps(leg::offset(F)));
+        // Flipping the sign bit adds 128, making the codes unsigned for vpdpbusd; the offset
+        // of -128 * d takes it back out.
+        let flip = _mm512_set1_epi8(i8::MIN);
+        let u01 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(c[0]), c[1]);
+        let u23 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(c[2]), c[3]);
+        return (
+            d,
+            m,
+            _mm512_xor_si512(u01, flip),
+            _mm512_xor_si512(u23, flip),
+        );
     }
-    let d = _mm_cvtph_ps(_mm_cvtsi64_si128(dh as i64));
+    // SAFETY: the masks cover the first `len` bytes at `p` only, which are readable.
+    let (lo, hi) = unsafe {
+        let lo = if len >= 64 {
+            _mm512_loadu_si512(p.cast())
+        } else {
+            _mm512_maskz_loadu_epi8((1u64 << len) - 1, p.cast())
+        };
+        let hi = if len > 64 {
+            let rest = len - 64;
+            let m = if rest >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << rest) - 1
+            };
+            _mm512_maskz_loadu_epi8(m, p.add(64).cast())
+        } else {
+            _mm512_setzero_si512()
+        };
+        (lo, hi)
+    };
+    let halves = _mm512_permutex2var_epi16(lo, LEG_SCALE_IDX[F as usize], hi);
+    let dm = _mm256_cvtph_ps(_mm512_castsi512_si128(halves));
+    let d = _mm256_castps256_ps128(dm);
     let m = if leg::has_min(F) {
-        _mm_cvtph_ps(_mm_cvtsi64_si128(mh as i64))
+        _mm256_extractf128_ps::<1>(dm)
     } else {
         _mm_mul_ps(d, _mm_set1_ps(leg::offset(F)))
     };
-    (d, m)
-}
-
-/// The unsigned codes of the block at `p` and of the next one (or of the same block again
-/// when `two` is false: its second copy meets zero activations), in element order.
-///
-/// # Safety
-/// One block (two when `two`) of format `F` is readable at `p`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-#[inline]
-unsafe fn leg_codes<const F: u8>(p: *const u8, two: bool) -> __m512i {
-    let bytes = leg::bytes(F);
-    // SAFETY: the second block is readable when `two` (the caller's guarantee).
-    let p1 = if two { unsafe { p.add(bytes) } } else { p };
-    if F == leg::Q8_0 {
-        // SAFETY: both blocks hold 32 code bytes at offset 2.
-        let (a, c) = unsafe {
-            (
-                _mm256_loadu_si256(p.add(2).cast()),
-                _mm256_loadu_si256(p1.add(2).cast()),
-            )
-        };
-        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), c);
-        // Flipping the sign bit adds 128, making the codes unsigned for vpdpbusd; the offset
-        // of -128 * d in leg_scales takes it back out.
-        return _mm512_xor_si512(z, _mm512_set1_epi8(i8::MIN));
+    let mut u = [_mm512_setzero_si512(); 2];
+    for (pair, u) in u.iter_mut().enumerate().take(N.div_ceil(2)) {
+        let z = _mm512_permutex2var_epi16(lo, LEG_CODE_IDX[F as usize][pair], hi);
+        // Low nibbles are elements 0..16 of a block, high nibbles 16..32: shift the second
+        // copy of each block.
+        let z = _mm512_mask_srli_epi16(z, 0xff00_ff00, z, 4);
+        let mut v = _mm512_and_si512(z, _mm512_set1_epi8(0x0f));
+        if leg::is_q5(F) {
+            let mut qh = 0u64;
+            for k in 2 * pair..(2 * pair + 2).min(N) {
+                // SAFETY: block k < N holds its 32 fifth bits at offset leg::qh(F).
+                let bits = unsafe { rd_u32(p.add(k * bytes + leg::qh(F))) };
+                qh |= u64::from(bits) << (32 * (k % 2));
+            }
+            // Bit i of the fifth bits belongs to element i: it is a byte mask already.
+            v = _mm512_mask_add_epi8(v, qh, v, _mm512_set1_epi8(16));
+        }
+        *u = v;
     }
-    let qs = leg::qs(F);
-    // SAFETY: both blocks hold 16 bytes of packed nibbles at offset `qs`.
-    let (a, c) = unsafe {
-        (
-            _mm_loadu_si128(p.add(qs).cast()),
-            _mm_loadu_si128(p1.add(qs).cast()),
-        )
-    };
-    // Low nibbles are elements 0..16 of a block, high nibbles 16..32.
-    let mut z = _mm512_castsi128_si512(a);
-    z = _mm512_inserti32x4::<1>(z, _mm_srli_epi16::<4>(a));
-    z = _mm512_inserti32x4::<2>(z, c);
-    z = _mm512_inserti32x4::<3>(z, _mm_srli_epi16::<4>(c));
-    let mut u = _mm512_and_si512(z, _mm512_set1_epi8(0x0f));
-    if leg::is_q5(F) {
-        // SAFETY: both blocks hold their 32 fifth bits at offset leg::qh(F).
-        let qh = unsafe {
-            u64::from(rd_u32(p.add(leg::qh(F)))) | (u64::from(rd_u32(p1.add(leg::qh(F)))) << 32)
-        };
-        // Bit i of the fifth bits belongs to element i: it is a byte mask already.
-        u = _mm512_mask_add_epi8(u, qh, u, _mm512_set1_epi8(16));
-    }
-    u
+    (d, m, u[0], u[1])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -318,8 +380,13 @@ unsafe fn kquant<const F: u8, const R: usize, const T: usize>(
             }
         }
         for (r, acc_r) in acc.iter_mut().enumerate() {
+            let p = w.wrapping_add(r * row_bytes + sb * bytes);
+            // Every line of the super-block PREFETCH bytes ahead (harmless at any address).
+            for line in (0..bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line).cast());
+            }
             // SAFETY: super-block sb of row r is in bounds (the caller's guarantee).
-            let k = unsafe { kunpack::<F>(w.add(r * row_bytes + sb * bytes)) };
+            let k = unsafe { kunpack::<F>(p) };
             for t in 0..T {
                 let mut i = _mm512_setzero_si512();
                 for g in 0..4 {
