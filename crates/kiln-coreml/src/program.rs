@@ -289,12 +289,16 @@ pub(crate) fn build(
         match &sig {
             ValueSig::Tensor(_) => inputs.push(entry),
             ValueSig::State(t) => {
-                if t.fixed_shape().is_none() {
-                    return Err(pkg_err(format!(
-                        "state {} has no fixed shape ({})",
-                        inp.name,
-                        t.describe()
-                    )));
+                match t.fixed_shape() {
+                    None => {
+                        return Err(pkg_err(format!(
+                            "state {} has no fixed shape ({})",
+                            inp.name,
+                            t.describe()
+                        )))
+                    }
+                    Some(shape) => ops::check_elements(&shape)
+                        .map_err(|m| pkg_err(format!("state {}: {m}", inp.name)))?,
                 }
                 states.push(entry)
             }

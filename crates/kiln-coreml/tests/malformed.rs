@@ -441,3 +441,31 @@ fn bad_predict_inputs_are_refused() {
     let e = exec.predict(&h).map(|_| ()).unwrap_err().to_string();
     assert_mentions(&e, &["op ", "(add)", "do not broadcast"]);
 }
+
+#[test]
+fn huge_declared_shapes_are_refused_without_allocating() {
+    let pkg = copy_of("fp16");
+    edit_model(&pkg, |m| {
+        let Some(ModelType::MlProgram(p)) = m.r#type.as_mut() else {
+            panic!()
+        };
+        let f = p.functions.get_mut("main").unwrap();
+        let state = f.inputs.iter_mut().find(|i| i.name == "keyCache").unwrap();
+        let Some(proto::ValueTypeKind::StateType(st)) =
+            state.r#type.as_mut().and_then(|t| t.r#type.as_mut())
+        else {
+            panic!()
+        };
+        let Some(proto::ValueTypeKind::TensorType(t)) =
+            st.wrapped_type.as_mut().and_then(|t| t.r#type.as_mut())
+        else {
+            panic!()
+        };
+        for d in t.dimensions.iter_mut() {
+            d.dimension = Some(proto::DimensionKind::Constant(proto::ConstantDimension {
+                size: 1 << 30,
+            }));
+        }
+    });
+    assert_mentions(&refused(&pkg), &["keyCache", "exceed"]);
+}

@@ -141,6 +141,7 @@ fn plan_matmul(xs: &[usize], ys: &[usize], tx: bool, ty: bool) -> Result<MatmulP
     if !squeeze_n {
         out_shape.push(n);
     }
+    super::check_elements(&[batch.iter().product::<usize>(), m, n])?;
     Ok(MatmulPlan {
         out_shape,
         batch,

@@ -430,6 +430,19 @@ pub(crate) fn norm_axis(axis: i64, rank: usize, what: &str) -> Result<usize, Str
     Ok(a as usize)
 }
 
+/// The most elements one op may produce: a guard against programs that would exhaust memory.
+pub(crate) const MAX_ELEMENTS: usize = 1 << 31;
+
+/// Refuses a result of `n` elements beyond [`MAX_ELEMENTS`].
+pub(crate) fn check_elements(shape: &[usize]) -> Result<(), String> {
+    match crate::value::volume(shape) {
+        Some(n) if n <= MAX_ELEMENTS => Ok(()),
+        _ => Err(format!(
+            "the result {shape:?} would exceed {MAX_ELEMENTS} elements"
+        )),
+    }
+}
+
 /// Numpy broadcasting of two shapes.
 pub(crate) fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
     let r = a.len().max(b.len());
@@ -453,6 +466,7 @@ pub(crate) fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, St
             return Err(format!("shapes {a:?} and {b:?} do not broadcast"));
         };
     }
+    check_elements(&out)?;
     Ok(out)
 }
 

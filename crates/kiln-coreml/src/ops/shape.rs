@@ -97,6 +97,7 @@ pub(super) fn gather(a: &Args) -> OpResult {
     let n = x.shape[axis];
     let inner: usize = x.shape[axis + 1..].iter().product();
     let per_batch: usize = ind.shape[bd..].iter().product();
+    super::check_elements(&[batch, outer, per_batch, inner])?;
     let mut idx = Vec::with_capacity(batch * outer * per_batch * inner);
     for b in 0..batch {
         for o in 0..outer {
