@@ -1,8 +1,9 @@
 //! kiln's CPU runtime: kernels, model forward passes, KV cache, sampling and generation.
 //!
-//! A [`Model`] is loaded from a GGUF file (its weights stay memory-mapped in their block
-//! format); a [`Session`] runs batches of tokens through it with a key/value cache; the
-//! [`generate`] module drives sampling, stop conditions and streaming on top.
+//! A [`Model`] is loaded from a GGUF file or a Hugging Face folder (its weights stay
+//! memory-mapped in their stored format); a [`Session`] runs batches of tokens through it with
+//! a key/value cache; the [`generate`] module drives sampling, stop conditions and streaming
+//! on top.
 
 pub mod arch;
 pub mod bench;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod conversation;
 pub mod error;
 pub mod generate;
+pub mod hf;
 pub mod kernels;
 pub mod model;
 pub mod perplexity;

@@ -125,7 +125,8 @@ fn refuse_unread_tensors(
         Some(name) => Err(ModelError::unsupported(
             source.origin(),
             format!(
-                "tensor '{name}' is not used by kiln's {} implementation; refusing rather than ignoring it",
+                "tensor {} is not used by kiln's {} implementation; refusing rather than ignoring it",
+                source.describe(&name),
                 config.architecture
             ),
         )),
@@ -134,9 +135,14 @@ fn refuse_unread_tensors(
 }
 
 impl Model {
-    /// Opens a GGUF file and loads the model it holds.
+    /// Loads the model of a GGUF file, or of a Hugging Face folder (`config.json` and
+    /// safetensors weights, see [`crate::hf`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Model, ModelError> {
-        let file = Arc::new(GgufFile::open(path.as_ref())?);
+        let path = path.as_ref();
+        if path.is_dir() {
+            return crate::hf::load_model(path);
+        }
+        let file = Arc::new(GgufFile::open(path)?);
         Model::from_gguf(file)
     }
 

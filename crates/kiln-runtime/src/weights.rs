@@ -66,6 +66,11 @@ pub trait TensorSource {
     fn tensor(&self, name: &str) -> Option<TensorRef>;
     /// Every tensor name present.
     fn names(&self) -> Vec<String>;
+    /// How messages name the tensor of canonical name `name`: quoted, plus the container's
+    /// own name for it where that differs.
+    fn describe(&self, name: &str) -> String {
+        format!("'{name}'")
+    }
 }
 
 /// A GGUF file as a tensor source (names are already canonical).
@@ -120,7 +125,8 @@ impl WeightMatrix {
             return Err(ModelError::bad(
                 source.origin(),
                 format!(
-                    "tensor '{name}' has shape {:?}, expected [{cols}, {rows}]",
+                    "tensor {} has shape {:?}, expected [{cols}, {rows}]",
+                    source.describe(name),
                     t.dims
                 ),
             ));
@@ -129,7 +135,8 @@ impl WeightMatrix {
             ModelError::bad(
                 source.origin(),
                 format!(
-                    "tensor '{name}': row of {cols} elements is not a whole number of {} blocks",
+                    "tensor {}: row of {cols} elements is not a whole number of {} blocks",
+                    source.describe(name),
                     t.format.name()
                 ),
             )
@@ -137,7 +144,10 @@ impl WeightMatrix {
         if t.data().is_none() {
             return Err(ModelError::bad(
                 source.origin(),
-                format!("tensor '{name}': data lies outside its storage"),
+                format!(
+                    "tensor {}: data lies outside its storage",
+                    source.describe(name)
+                ),
             ));
         }
         Ok(WeightMatrix {
@@ -168,6 +178,17 @@ impl WeightMatrix {
     /// Bytes of the stored weights.
     pub fn n_bytes(&self) -> usize {
         self.row_bytes * self.rows
+    }
+
+    /// Bytes of one stored row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// The stored bytes of every row, row 0 first.
+    #[inline]
+    pub fn data(&self) -> &[u8] {
+        &self.storage.bytes()[self.offset..self.offset + self.n_bytes()]
     }
 
     /// The stored bytes of row `r`.
@@ -201,18 +222,29 @@ pub fn load_vector(
     if t.n_elements() != len as u64 || t.dims.iter().filter(|&&d| d != 1).count() > 1 {
         return Err(ModelError::bad(
             source.origin(),
-            format!("tensor '{name}' has shape {:?}, expected [{len}]", t.dims),
+            format!(
+                "tensor {} has shape {:?}, expected [{len}]",
+                source.describe(name),
+                t.dims
+            ),
         ));
     }
     let data = t.data().ok_or_else(|| {
         ModelError::bad(
             source.origin(),
-            format!("tensor '{name}': data lies outside its storage"),
+            format!(
+                "tensor {}: data lies outside its storage",
+                source.describe(name)
+            ),
         )
     })?;
     let mut out = vec![0.0f32; len];
-    ggml::dequantize(t.format, data, &mut out)
-        .map_err(|e| ModelError::bad(source.origin(), format!("tensor '{name}': {e}")))?;
+    ggml::dequantize(t.format, data, &mut out).map_err(|e| {
+        ModelError::bad(
+            source.origin(),
+            format!("tensor {}: {e}", source.describe(name)),
+        )
+    })?;
     Ok(out)
 }
 
