@@ -33,11 +33,6 @@ const PAIR_SCALES: [__m128i; 8] = {
     unsafe { core::mem::transmute::<[[u8; 16]; 8], [__m128i; 8]>(out) }
 };
 
-/// Hardware prefetchers lose track of the interleaved row streams of a tile; software
-/// prefetches this far ahead keep one thread near memory bandwidth (measured: 4 KiB left
-/// kernels waiting on memory, 8-16 KiB did not).
-const PREFETCH: usize = 8192;
-
 /// `vpshufb` indices doubling each of eight bytes.
 const DUP_PAIRS: __m128i = {
     let mut a = [0u8; 16];
@@ -177,6 +172,7 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
     acc: &mut [[__m256; T]; R],
 ) {
     let bytes = leg::bytes(F);
+    let ahead = super::prefetch_distance(row_bytes);
     let lane = |k: i32| if (k as usize) < N { -1 } else { 0 };
     let lanes = _mm_setr_epi32(lane(0), lane(1), lane(2), lane(3));
     let mut dx = [_mm_setzero_ps(); T];
@@ -191,9 +187,9 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
     let ones = _mm256_set1_epi16(1);
     for (r, acc_r) in acc.iter_mut().enumerate() {
         let p = w.wrapping_add(r * row_bytes + b * bytes);
-        // Every line of the blocks PREFETCH bytes ahead (a prefetch of any address is harmless).
+        // Every line of these blocks one tile ahead (harmless at any address).
         for line in (0..4 * bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line).cast());
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
         }
         // SAFETY: as above.
         let (d4, m4) = unsafe { leg_scales::<F, N>(p) };
@@ -306,6 +302,7 @@ unsafe fn kquant<const F: u8, const R: usize, const T: usize>(
 ) -> [[f32; T]; R] {
     let nsb = xs[0].len / QK_K;
     let bytes = kq::bytes(F);
+    let ahead = super::prefetch_distance(row_bytes);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for sb in 0..nsb {
         let mut dx = [0.0f32; T];
@@ -321,9 +318,9 @@ unsafe fn kquant<const F: u8, const R: usize, const T: usize>(
         }
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let p = w.wrapping_add(r * row_bytes + sb * bytes);
-            // Every line of the super-block PREFETCH bytes ahead (harmless at any address).
+            // Every line of the super-block one tile ahead (harmless at any address).
             for line in (0..bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
             }
             // SAFETY: as above.
             let h = unsafe { khead::<F>(p) };
@@ -517,6 +514,8 @@ unsafe fn float<const R: usize, const T: usize>(
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let n = xs[0].len;
+    let size = weights.block_bytes();
+    let ahead = super::prefetch_distance(row_bytes);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut i = 0;
     while i + 8 <= n {
@@ -526,6 +525,10 @@ unsafe fn float<const R: usize, const T: usize>(
             xv[t] = unsafe { _mm256_loadu_ps(xs[t].values.as_ptr().add(i)) };
         }
         for (r, acc_r) in acc.iter_mut().enumerate() {
+            // Float rows are long: fetch the same place in the next tile's rows, which is
+            // both far enough ahead and not already being read (harmless at any address).
+            let ahead = r * row_bytes + size * i + ahead;
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead).cast());
             // SAFETY: elements i..i + 8 of row r are in bounds.
             let wv = unsafe {
                 let p = w.add(r * row_bytes);

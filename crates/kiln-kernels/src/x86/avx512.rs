@@ -82,11 +82,6 @@ const fn leg_code_idx(f: u8, pair: usize) -> __m512i {
     unsafe { core::mem::transmute::<[i16; 32], __m512i>(a) }
 }
 
-/// Hardware prefetchers lose track of the interleaved row streams of a tile; software
-/// prefetches this far ahead keep one thread near memory bandwidth (measured: 4 KiB left
-/// kernels waiting on memory, 8-16 KiB did not).
-const PREFETCH: usize = 8192;
-
 const LEG_SCALE_IDX: [__m512i; 5] = [
     leg_scale_idx(leg::Q4_0),
     leg_scale_idx(leg::Q4_1),
@@ -198,6 +193,7 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
     acc: &mut [[__m512; T]; R],
 ) {
     let bytes = leg::bytes(F);
+    let ahead = super::prefetch_distance(row_bytes);
     let lanes: __mmask8 = (1u8 << N) - 1;
     let low_half: __mmask64 = u64::from(u32::MAX);
     let mut dx = [_mm_setzero_ps(); T];
@@ -225,8 +221,13 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
         }
     }
     for (r, acc_r) in acc.iter_mut().enumerate() {
+        let p = w.wrapping_add(r * row_bytes + b * bytes);
+        // Every line of these blocks one tile ahead (harmless at any address).
+        for line in (0..4 * bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
+        }
         // SAFETY: row r's blocks b..b + N are in bounds (the caller's guarantee).
-        let (d4, m4, u01, u23) = unsafe { leg_unpack::<F, N>(w.add(r * row_bytes + b * bytes)) };
+        let (d4, m4, u01, u23) = unsafe { leg_unpack::<F, N>(p) };
         for t in 0..T {
             let s = _mm512_castps128_ps512(_mm_mul_ps(d4, dx[t]));
             let i01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u01, x01[t]);
@@ -266,10 +267,6 @@ unsafe fn leg_unpack<const F: u8, const N: usize>(
 ) -> (__m128, __m128, __m512i, __m512i) {
     let bytes = leg::bytes(F);
     let len = N * bytes;
-    // Every line of the blocks PREFETCH bytes ahead (a prefetch of any address is harmless).
-    for line in (0..4 * bytes).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line).cast());
-    }
     if F == leg::Q8_0 {
         let mut dh = 0u64;
         let mut c = [_mm256_setzero_si256(); 4];
@@ -366,6 +363,7 @@ unsafe fn kquant<const F: u8, const R: usize, const T: usize>(
 ) -> [[f32; T]; R] {
     let nsb = xs[0].len / QK_K;
     let bytes = kq::bytes(F);
+    let ahead = super::prefetch_distance(row_bytes);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for sb in 0..nsb {
         let mut dx = [0.0f32; T];
@@ -381,9 +379,9 @@ unsafe fn kquant<const F: u8, const R: usize, const T: usize>(
         }
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let p = w.wrapping_add(r * row_bytes + sb * bytes);
-            // Every line of the super-block PREFETCH bytes ahead (harmless at any address).
+            // Every line of the super-block one tile ahead (harmless at any address).
             for line in (0..bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + line).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
             }
             // SAFETY: super-block sb of row r is in bounds (the caller's guarantee).
             let k = unsafe { kunpack::<F>(p) };
@@ -593,6 +591,8 @@ unsafe fn float<const R: usize, const T: usize>(
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let n = xs[0].len;
+    let size = weights.block_bytes();
+    let ahead = super::prefetch_distance(row_bytes);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut i = 0;
     while i < n {
@@ -607,6 +607,10 @@ unsafe fn float<const R: usize, const T: usize>(
             xv[t] = unsafe { _mm512_maskz_loadu_ps(mask, xs[t].values.as_ptr().add(i)) };
         }
         for (r, acc_r) in acc.iter_mut().enumerate() {
+            // Float rows are long: fetch the same place in the next tile's rows, which is
+            // both far enough ahead and not already being read (harmless at any address).
+            let ahead = r * row_bytes + size * i + ahead;
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead).cast());
             // SAFETY: row r holds n elements of `weights`; masked lanes are not read.
             let wv = unsafe {
                 let p = w.add(r * row_bytes);
