@@ -295,8 +295,8 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiles: every (row, activation row) pair of dot_block is the single dot product, and nothing
-// outside the output tile is written.
+// Tiles: every (row, activation row) pair of dot_block is the single dot product, bit for bit,
+// and nothing outside the output tile is written.
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(192))]
@@ -344,6 +344,9 @@ proptest! {
                     let row = &w[(skip + r) * row_bytes..(skip + r + 1) * row_bytes];
                     let want = dot_reference(ty, row, x);
                     let got = out[t * stride + r];
+                    // Tiling changes which rows are computed together, never the arithmetic
+                    // of one (row, activation row) pair.
+                    prop_assert_eq!(got.to_bits(), dot_with(isa, ty, row, x).to_bits());
                     let bound = error_bound(ty, row, x);
                     prop_assert!(
                         (f64::from(got) - f64::from(want)).abs() <= bound,

@@ -5,6 +5,9 @@
 //! most 63 and activations at most 127 in magnitude), and `vpmaddwd` widens them to int32,
 //! by ones for the 32-element formats or by the sub-block scales for the K-quants. Q8_0's
 //! signed weights use the sign trick instead: `|w|` times `x * sign(w)`.
+//!
+//! AVX-VNNI (`vpdpbusd` on 256-bit registers, on CPUs without AVX-512) is not used yet: it
+//! would fuse the `vpmaddubsw`/`vpmaddwd` pairs.
 
 use core::arch::x86_64::*;
 
