@@ -145,6 +145,17 @@ fn reference_packages_match_the_source_logits() {
             d16 <= tol * 1.1,
             "{name}: max abs diff {d16} with fp16 activations"
         );
+        // The key cache [layer, batch, kv head, position, dim] holds the 7 positions seen.
+        let keys = exec.state("keyCache").unwrap();
+        assert_eq!(keys.shape(), &[2, 1, 2, 64, 16]);
+        let k = keys.to_f32_vec();
+        for (i, v) in k.iter().enumerate() {
+            let pos = (i / 16) % 64;
+            if pos >= 7 {
+                assert_eq!(*v, 0.0, "{name}: position {pos} was never written");
+            }
+        }
+        assert!(k.iter().any(|&v| v != 0.0));
         // The states carried: rerunning after a reset reproduces the same answers.
         exec.reset_states();
         assert_eq!(run_protocol(&mut exec), got, "{name}");
