@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use kiln_format::ggml::{dot_row, f32_to_bf16, f32_to_f16, GgmlType};
 use kiln_kernels::QuantizedRow;
-use kiln_kernels::{activation_format, available_isas, dot_block_with, quantize_row, Isa};
+use kiln_kernels::{
+    activation_format, available_isas, dot_block_with, quantize_row, ActivationFormat, Isa,
+};
 
 const FORMATS: [GgmlType; 13] = [
     GgmlType::Q4_0,
@@ -181,6 +183,21 @@ fn main() {
         );
     }
     drop(words);
+    // Activation quantization, once per activation row and matrix product.
+    for fmt in [ActivationFormat::Q8_1, ActivationFormat::Q8_K] {
+        let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut q = QuantizedRow::new();
+        let mut best = f64::INFINITY;
+        for _ in 0..200 {
+            let start = Instant::now();
+            quantize_row(std::hint::black_box(&x), fmt, &mut q);
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        println!(
+            "quantize_row {fmt:?}: {:.2} ns/element",
+            best * 1e9 / k as f64
+        );
+    }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for &ty in &formats {
         let row_bytes = ty
