@@ -265,6 +265,8 @@ fn quantize_blocks_plain(x: &[f32], bl: usize, codes: &mut [i8], scales: &mut Ve
 fn to_code(r: f32) -> i8 {
     // max and min return the other operand when one is NaN, so the value is finite and within
     // ±127 here; unlike `as` (which must saturate) this conversion vectorises.
+    // Not `clamp`: it passes NaN through, which the conversion below must never see.
+    #[allow(clippy::manual_clamp)]
     let r = r.max(-127.0).min(127.0);
     // SAFETY: r is finite and its integer part fits in i32.
     unsafe { r.to_int_unchecked::<i32>() as i8 }
