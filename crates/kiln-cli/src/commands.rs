@@ -196,6 +196,7 @@ pub fn run(a: RunArgs) -> CmdResult {
     let sampler = sampler_config(&a.sampling)?;
     let pool = threads(a.threads)?;
     let bundle = ModelBundle::open(&a.model)?;
+    let tokenizer = bundle.tokenizer()?;
     let chat = a.chat || a.source.messages.is_some();
     let prompt = prompt_ids(&bundle, &a.source, chat, a.system.as_deref())?;
     let needed = prompt.len() + a.n_predict;
@@ -211,30 +212,22 @@ pub fn run(a: RunArgs) -> CmdResult {
     let options = GenerateOptions {
         max_tokens: a.n_predict,
         sampler,
-        stop_ids: bundle.tokenizer.stop_ids(),
+        stop_ids: tokenizer.stop_ids(),
         stop_strings: a.stop.clone(),
         ignore_eos: a.ignore_eos,
     };
     let mut session = Session::new(&bundle.model, &pool, needed);
     let stdout = std::io::stdout();
     let result = if a.json {
-        generate(&mut session, &bundle.tokenizer, &prompt, &options, |_| {})?
+        generate(&mut session, tokenizer, &prompt, &options, |_| {})?
     } else {
         let mut out = stdout.lock();
         let mut write_failed = false;
-        let g = generate(
-            &mut session,
-            &bundle.tokenizer,
-            &prompt,
-            &options,
-            |piece| {
-                if !write_failed
-                    && (out.write_all(piece.as_bytes()).is_err() || out.flush().is_err())
-                {
-                    write_failed = true;
-                }
-            },
-        )?;
+        let g = generate(&mut session, tokenizer, &prompt, &options, |piece| {
+            if !write_failed && (out.write_all(piece.as_bytes()).is_err() || out.flush().is_err()) {
+                write_failed = true;
+            }
+        })?;
         let _ = writeln!(out);
         g
     };
@@ -284,6 +277,7 @@ pub fn chat(a: ChatArgs) -> CmdResult {
     let sampler = sampler_config(&a.sampling)?;
     let pool = threads(a.threads)?;
     let bundle = ModelBundle::open(&a.model)?;
+    let tokenizer = bundle.tokenizer()?;
     if bundle.chat_template.is_none() {
         return Err(Failure::input(format!(
             "{}: the model carries no chat template and kiln has none built in for '{}'",
@@ -305,7 +299,7 @@ pub fn chat(a: ChatArgs) -> CmdResult {
     let options = GenerateOptions {
         max_tokens: a.n_predict,
         sampler,
-        stop_ids: bundle.tokenizer.stop_ids(),
+        stop_ids: tokenizer.stop_ids(),
         stop_strings: Vec::new(),
         ignore_eos: false,
     };
@@ -383,6 +377,12 @@ pub fn logits(a: LogitsArgs) -> CmdResult {
             ids.clone()
         }
         None => {
+            if bundle.tokenizer.is_none() {
+                return Err(Failure::input(format!(
+                    "{}: this model folder has no tokenizer.json; pass --token-ids",
+                    a.model.display()
+                )));
+            }
             let source = PromptSource {
                 prompt: a.input.prompt.clone(),
                 prompt_file: a.input.prompt_file.clone(),
@@ -429,9 +429,10 @@ pub fn perplexity(a: PerplexityArgs) -> CmdResult {
     let pool = threads(a.threads)?;
     let bundle = ModelBundle::open(&a.model)?;
     let text = read_text_file(&a.text_file, "the text file")?;
-    let tokens = bundle.tokenizer.encode(&text, false, false)?;
-    let bos = if bundle.tokenizer.add_bos() {
-        bundle.tokenizer.bos_id()
+    let tokenizer = bundle.tokenizer()?;
+    let tokens = tokenizer.encode(&text, false, false)?;
+    let bos = if tokenizer.add_bos() {
+        tokenizer.bos_id()
     } else {
         None
     };
@@ -566,18 +567,90 @@ pub fn bench(a: BenchArgs) -> CmdResult {
     Ok(())
 }
 
-/// `kiln inspect`.
+/// A tensor as `kiln inspect` lists it: name, shape and type as the container states them.
+struct ListedTensor {
+    name: String,
+    shape: Vec<u64>,
+    ty: String,
+    bytes: u64,
+}
+
+/// `kiln inspect`: a GGUF file, or a Hugging Face folder (whose tensors are listed under
+/// their checkpoint names, shapes outermost first).
 pub fn inspect(a: InspectArgs) -> CmdResult {
-    let file = GgufFile::open(&a.model)?;
-    let arch = file.architecture()?.to_string();
-    let config = kiln_runtime::arch::config_from_gguf(&file);
-    let tokenizer = kiln_tokenizer::Tokenizer::from_gguf(&file);
-    let n_params: u64 = file.tensors().iter().map(|t| t.n_elements).sum();
-    let tensor_bytes: u64 = file.tensors().iter().map(|t| t.n_bytes).sum();
-    let tensors: Vec<_> = file
-        .tensors()
+    let (format, gguf_version, arch, name, config, tokenizer, listed) = if a.model.is_dir() {
+        let (json, config_path) = kiln_runtime::hf::read_config(&a.model)?;
+        let config = kiln_runtime::hf::config_from_json(&json, &config_path);
+        // The runtime's family name (gemma3 for gemma3_text), which picks built-in templates.
+        let arch = match &config {
+            Ok(c) => c.architecture.clone(),
+            Err(_) => json
+                .get("model_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown")
+                .to_string(),
+        };
+        let weights = kiln_format::safetensors::ShardedSafetensors::open_dir(&a.model)?;
+        let tokenizer = if a.model.join(kiln_runtime::hf::TOKENIZER_FILE).is_file() {
+            kiln_tokenizer::Tokenizer::from_hf(&a.model).map_err(|e| e.to_string())
+        } else {
+            Err("the folder has no tokenizer.json".to_string())
+        };
+        let listed: Vec<ListedTensor> = weights
+            .tensors()
+            .map(|(_, t)| ListedTensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                ty: t.dtype.name().to_string(),
+                bytes: t.n_bytes(),
+            })
+            .collect();
+        let format = format!(
+            "Hugging Face folder, {} safetensors file(s)",
+            weights.files().len()
+        );
+        let name = json
+            .get("_name_or_path")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        (format, None, arch, name, config, tokenizer, listed)
+    } else {
+        kiln_runtime::hf::refuse_weights_file(&a.model)?;
+        let file = GgufFile::open(&a.model)?;
+        let arch = file.architecture()?.to_string();
+        let config = kiln_runtime::arch::config_from_gguf(&file);
+        let tokenizer = kiln_tokenizer::Tokenizer::from_gguf(&file).map_err(|e| e.to_string());
+        let listed: Vec<ListedTensor> = file
+            .tensors()
+            .iter()
+            .map(|t| ListedTensor {
+                name: t.name.clone(),
+                shape: t.dims.clone(),
+                ty: t.ty.name().to_string(),
+                bytes: t.n_bytes,
+            })
+            .collect();
+        let name = file
+            .get_str("general.name")
+            .ok()
+            .flatten()
+            .map(str::to_string);
+        let version = file.version();
+        (
+            format!("GGUF version {version}"),
+            Some(version),
+            arch,
+            name,
+            config,
+            tokenizer,
+            listed,
+        )
+    };
+    let n_params: u64 = listed.iter().map(|t| t.shape.iter().product::<u64>()).sum();
+    let tensor_bytes: u64 = listed.iter().map(|t| t.bytes).sum();
+    let tensors: Vec<_> = listed
         .iter()
-        .map(|t| json!({"name": t.name, "shape": t.dims, "type": t.ty.name(), "bytes": t.n_bytes}))
+        .map(|t| json!({"name": t.name, "shape": t.shape, "type": t.ty, "bytes": t.bytes}))
         .collect();
     let hyper = match &config {
         Ok(c) => json!({
@@ -614,9 +687,10 @@ pub fn inspect(a: InspectArgs) -> CmdResult {
     if a.json {
         let obj = json!({
             "file": a.model.display().to_string(),
-            "gguf_version": file.version(),
+            "format": format,
+            "gguf_version": gguf_version,
             "architecture": arch,
-            "name": file.get_str("general.name").ok().flatten(),
+            "name": name,
             "parameters": n_params,
             "tensor_bytes": tensor_bytes,
             "hyperparameters": hyper,
@@ -627,9 +701,12 @@ pub fn inspect(a: InspectArgs) -> CmdResult {
         return Ok(());
     }
     println!("file          {}", a.model.display());
-    println!("gguf version  {}", file.version());
+    match gguf_version {
+        Some(v) => println!("gguf version  {v}"),
+        None => println!("format        {format}"),
+    }
     println!("architecture  {arch}");
-    if let Ok(Some(name)) = file.get_str("general.name") {
+    if let Some(name) = &name {
         println!("name          {name}");
     }
     println!(
@@ -703,15 +780,9 @@ pub fn inspect(a: InspectArgs) -> CmdResult {
         "{:<40} {:>24} {:>6} {:>12}",
         "tensor", "shape", "type", "bytes"
     );
-    for t in file.tensors() {
-        let shape = format!("{:?}", t.dims);
-        println!(
-            "{:<40} {:>24} {:>6} {:>12}",
-            t.name,
-            shape,
-            t.ty.name(),
-            t.n_bytes
-        );
+    for t in &listed {
+        let shape = format!("{:?}", t.shape);
+        println!("{:<40} {:>24} {:>6} {:>12}", t.name, shape, t.ty, t.bytes);
     }
     Ok(())
 }

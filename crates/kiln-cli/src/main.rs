@@ -58,7 +58,7 @@ pub struct PromptSource {
 /// Arguments of `kiln run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The model file (GGUF).
+    /// The model: a GGUF file or a Hugging Face folder.
     pub model: PathBuf,
     #[command(flatten)]
     pub source: PromptSource,
@@ -122,7 +122,7 @@ pub struct SamplingArgs {
 /// Arguments of `kiln chat`.
 #[derive(Args)]
 pub struct ChatArgs {
-    /// The model file (GGUF).
+    /// The model: a GGUF file or a Hugging Face folder.
     pub model: PathBuf,
     /// A system message for the whole conversation.
     #[arg(long)]
@@ -143,7 +143,7 @@ pub struct ChatArgs {
 /// Arguments of `kiln logits`.
 #[derive(Args)]
 pub struct LogitsArgs {
-    /// The model file (GGUF).
+    /// The model: a GGUF file or a Hugging Face folder.
     pub model: PathBuf,
     #[command(flatten)]
     pub input: LogitsInput,
@@ -182,7 +182,7 @@ pub struct LogitsInput {
 /// Arguments of `kiln perplexity`.
 #[derive(Args)]
 pub struct PerplexityArgs {
-    /// The model file (GGUF).
+    /// The model: a GGUF file or a Hugging Face folder.
     pub model: PathBuf,
     /// The text to score.
     #[arg(long)]
@@ -214,7 +214,7 @@ pub struct TokenizeArgs {
 /// Arguments of `kiln bench`.
 #[derive(Args)]
 pub struct BenchArgs {
-    /// The model file (GGUF).
+    /// The model: a GGUF file or a Hugging Face folder.
     pub model: PathBuf,
     /// Prompt tokens of the prompt-processing test (0: skip it).
     #[arg(short = 'p', long = "prompt-tokens", default_value_t = 128)]
@@ -236,7 +236,7 @@ pub struct BenchArgs {
 /// Arguments of `kiln inspect`.
 #[derive(Args)]
 pub struct InspectArgs {
-    /// The model file (GGUF).
+    /// The model: a GGUF file or a Hugging Face folder.
     pub model: PathBuf,
     /// Print JSON.
     #[arg(long)]

@@ -1,12 +1,17 @@
 //! A model with everything needed to talk to it: weights, tokenizer, chat template, and the
 //! rules for turning a user's prompt into token ids.
+//!
+//! Two sources: a GGUF file, which carries all of it, and a Hugging Face folder, where the
+//! tokenizer (`tokenizer.json`, with BOS/EOS and the chat template from
+//! `tokenizer_config.json`) is optional: without it the model still runs on token ids.
 
 use crate::error::ModelError;
+use crate::hf;
 use crate::model::Model;
 use kiln_format::gguf::GgufFile;
 use kiln_tokenizer::chat::{ChatTemplate, Message};
 use kiln_tokenizer::Tokenizer;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,6 +35,9 @@ pub enum BundleError {
     /// A chat request for a model with no template of its own or built in.
     #[error("{0}")]
     NoChatTemplate(String),
+    /// Text given to a model folder that has no tokenizer.
+    #[error("{}: this model folder has no tokenizer.json, so it cannot tokenize text", .0.display())]
+    NoTokenizer(PathBuf),
 }
 
 impl From<kiln_format::FormatError> for BundleError {
@@ -42,8 +50,9 @@ impl From<kiln_format::FormatError> for BundleError {
 pub struct ModelBundle {
     /// The model.
     pub model: Model,
-    /// Its tokenizer.
-    pub tokenizer: Tokenizer,
+    /// Its tokenizer: always present for GGUF files; `None` for a Hugging Face folder without
+    /// `tokenizer.json` (see [`ModelBundle::tokenizer`]).
+    pub tokenizer: Option<Tokenizer>,
     /// The file's chat template, or the built-in one for its family.
     pub chat_template: Option<ChatTemplate>,
     /// Whether `chat_template` came from the file (false: built in).
@@ -53,28 +62,56 @@ pub struct ModelBundle {
 }
 
 impl ModelBundle {
-    /// Opens a GGUF model file with its tokenizer and chat template.
+    /// Opens a model with its tokenizer and chat template: a GGUF file, or a Hugging Face
+    /// folder (`config.json`, safetensors weights, and optionally `tokenizer.json`).
     pub fn open(path: impl AsRef<Path>) -> Result<ModelBundle, BundleError> {
         let start = Instant::now();
-        let file = Arc::new(GgufFile::open(path.as_ref())?);
-        // The model first: an unsupported architecture is the more useful message.
-        let model = Model::from_gguf(Arc::clone(&file))?;
+        let path = path.as_ref();
+        let (model, tokenizer, tokenizer_path) = if path.is_dir() {
+            // The model first: an unsupported architecture is the more useful message.
+            let model = hf::load_model(path)?;
+            let tokenizer = if path.join(hf::TOKENIZER_FILE).is_file() {
+                Some(
+                    Tokenizer::from_hf(path).map_err(|source| BundleError::Tokenizer {
+                        path: path.to_path_buf(),
+                        source,
+                    })?,
+                )
+            } else {
+                None
+            };
+            (model, tokenizer, path.to_path_buf())
+        } else {
+            hf::refuse_weights_file(path)?;
+            let file = Arc::new(GgufFile::open(path)?);
+            let model = Model::from_gguf(Arc::clone(&file))?;
+            let tokenizer =
+                Tokenizer::from_gguf(&file).map_err(|source| BundleError::Tokenizer {
+                    path: file.path().to_path_buf(),
+                    source,
+                })?;
+            (model, Some(tokenizer), file.path().to_path_buf())
+        };
         let in_file = |source| BundleError::Tokenizer {
-            path: file.path().to_path_buf(),
+            path: tokenizer_path.clone(),
             source,
         };
-        let tokenizer = Tokenizer::from_gguf(&file).map_err(in_file)?;
-        let bos = tokenizer.bos_text().unwrap_or("").to_string();
-        let eos = tokenizer.eos_text().unwrap_or("").to_string();
-        let (chat_template, from_file) = match tokenizer.chat_template() {
-            Some(src) => (
-                Some(ChatTemplate::new(src, &bos, &eos).map_err(in_file)?),
-                true,
-            ),
-            None => (
-                ChatTemplate::builtin(&model.config.architecture, &bos, &eos),
-                false,
-            ),
+        let (chat_template, from_file) = match &tokenizer {
+            None => (None, false),
+            Some(tokenizer) => {
+                let bos = tokenizer.bos_text().unwrap_or("");
+                let eos = tokenizer.eos_text().unwrap_or("");
+                match tokenizer.chat_template() {
+                    Some(src) => (
+                        Some(ChatTemplate::new(src, bos, eos).map_err(in_file)?),
+                        true,
+                    ),
+                    None => (
+                        ChatTemplate::builtin(&model.config.architecture, bos, eos),
+                        false,
+                    ),
+                }
+            }
         };
         Ok(ModelBundle {
             model,
@@ -85,10 +122,17 @@ impl ModelBundle {
         })
     }
 
+    /// The tokenizer, or [`BundleError::NoTokenizer`] for a folder without one.
+    pub fn tokenizer(&self) -> Result<&Tokenizer, BundleError> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| BundleError::NoTokenizer(self.model.origin.clone()))
+    }
+
     /// Token ids of a plain prompt: BOS added as the model's metadata says, and special-token
     /// texts (e.g. `<|im_start|>`) recognised, as llama.cpp and Hugging Face do by default.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, BundleError> {
-        Ok(self.tokenizer.encode(text, true, true)?)
+        Ok(self.tokenizer()?.encode(text, true, true)?)
     }
 
     /// Renders `messages` with the chat template (adding the assistant's turn opener).
@@ -107,10 +151,11 @@ impl ModelBundle {
     /// (Llama and Gemma templates do); EOS is never appended, since the text ends with the
     /// assistant's turn opener.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, BundleError> {
+        let tokenizer = self.tokenizer()?;
         let text = self.render_chat(messages)?;
-        let mut ids = self.tokenizer.encode(&text, false, true)?;
-        if self.tokenizer.add_bos() {
-            if let Some(bos) = self.tokenizer.bos_id() {
+        let mut ids = tokenizer.encode(&text, false, true)?;
+        if tokenizer.add_bos() {
+            if let Some(bos) = tokenizer.bos_id() {
                 if ids.first() != Some(&bos) {
                     ids.insert(0, bos);
                 }

@@ -113,7 +113,7 @@ impl<'m> Conversation<'m> {
         self.cached.truncate(keep);
         let generation = generate(
             &mut self.session,
-            &self.bundle.tokenizer,
+            self.bundle.tokenizer()?,
             &prompt[keep..],
             &options,
             on_text,

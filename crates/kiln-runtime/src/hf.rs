@@ -108,6 +108,19 @@ pub fn tie_word_embeddings(
     }
 }
 
+/// Refuses a `.safetensors` file given where a model is expected, pointing to its folder:
+/// the weights alone lack the configuration that says what they are.
+pub fn refuse_weights_file(path: &Path) -> Result<(), ModelError> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "safetensors") {
+        return Err(ModelError::bad(
+            path,
+            "a safetensors file holds weights only; pass the Hugging Face folder that holds it \
+             and its config.json",
+        ));
+    }
+    Ok(())
+}
+
 /// Opens the model of a Hugging Face folder: its configuration and its weights.
 pub fn load_model(dir: &Path) -> Result<Model, ModelError> {
     let (json, config_path) = read_config(dir)?;

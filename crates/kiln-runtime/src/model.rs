@@ -142,6 +142,7 @@ impl Model {
         if path.is_dir() {
             return crate::hf::load_model(path);
         }
+        crate::hf::refuse_weights_file(path)?;
         let file = Arc::new(GgufFile::open(path)?);
         Model::from_gguf(file)
     }
