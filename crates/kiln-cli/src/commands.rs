@@ -9,7 +9,7 @@ use kiln_runtime::bundle::{BundleError, ModelBundle};
 use kiln_runtime::conversation::Conversation;
 use kiln_runtime::generate::{generate, GenerateOptions};
 use kiln_runtime::sampling::SamplerConfig;
-use kiln_runtime::{Logits, ModelError, Session, ThreadPool};
+use kiln_runtime::{Logits, ModelError, Precision, Session, ThreadPool};
 use kiln_tokenizer::chat::Message;
 use serde_json::json;
 use std::io::{IsTerminal, Write};
@@ -55,6 +55,11 @@ impl From<kiln_tokenizer::TokenizerError> for Failure {
 }
 
 type CmdResult = Result<(), Failure>;
+
+/// The precision a validated `--precision` value names.
+fn precision(name: &str) -> Precision {
+    Precision::from_name(name).unwrap_or_default()
+}
 
 fn threads(requested: Option<usize>) -> Result<ThreadPool, Failure> {
     let n = match requested {
@@ -217,6 +222,7 @@ pub fn run(a: RunArgs) -> CmdResult {
         ignore_eos: a.ignore_eos,
     };
     let mut session = Session::new(&bundle.model, &pool, needed);
+    session.set_precision(precision(&a.precision));
     let stdout = std::io::stdout();
     let result = if a.json {
         generate(&mut session, tokenizer, &prompt, &options, |_| {})?
@@ -304,6 +310,7 @@ pub fn chat(a: ChatArgs) -> CmdResult {
         ignore_eos: false,
     };
     let mut conversation = Conversation::new(&bundle, &pool, n_ctx, a.system.as_deref());
+    conversation.set_precision(precision(&a.precision));
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!(
@@ -400,6 +407,7 @@ pub fn logits(a: LogitsArgs) -> CmdResult {
         )));
     }
     let mut session = Session::new(&bundle.model, &pool, ids.len());
+    session.set_precision(precision(&a.precision));
     let logits = session.forward(&ids, Logits::Last)?;
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
     write_atomic(&a.out, &bytes)?;
@@ -437,7 +445,14 @@ pub fn perplexity(a: PerplexityArgs) -> CmdResult {
         None
     };
     let started = std::time::Instant::now();
-    let p = kiln_runtime::perplexity::perplexity(&bundle.model, &pool, &tokens, a.ctx, bos)?;
+    let p = kiln_runtime::perplexity::perplexity(
+        &bundle.model,
+        &pool,
+        &tokens,
+        a.ctx,
+        bos,
+        precision(&a.precision),
+    )?;
     let seconds = started.elapsed().as_secs_f64();
     if a.json {
         println!(
@@ -511,6 +526,7 @@ pub fn bench(a: BenchArgs) -> CmdResult {
         gen_tokens: a.gen_tokens,
         reps: a.reps,
         seed: 42,
+        precision: precision(&a.precision),
     };
     let r = kiln_runtime::bench::run(&model, &pool, &cfg)?;
     let peak_rss_mb = r.peak_rss_bytes.map(|b| b as f64 / 1e6);
@@ -520,6 +536,7 @@ pub fn bench(a: BenchArgs) -> CmdResult {
             json!({
                 "model": a.model.display().to_string(),
                 "threads": pool.n_threads(),
+                "precision": cfg.precision.name(),
                 "prompt_tokens": a.prompt_tokens,
                 "gen_tokens": a.gen_tokens,
                 "reps": a.reps,

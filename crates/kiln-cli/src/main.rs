@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Activation precision of the matrix products: refined (default; 8-bit plus an 8-bit
+    /// residual), int8, or exact (f32 activations, weights dequantized exactly).
+    #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
+    pub precision: String,
 }
 
 /// The sampling chain's settings (llama.cpp's defaults).
@@ -138,6 +142,10 @@ pub struct ChatArgs {
     /// Threads to compute with (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Activation precision of the matrix products: refined (default; 8-bit plus an 8-bit
+    /// residual), int8, or exact (f32 activations, weights dequantized exactly).
+    #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
+    pub precision: String,
 }
 
 /// Arguments of `kiln logits`.
@@ -159,6 +167,10 @@ pub struct LogitsArgs {
     /// Threads to compute with (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Activation precision of the matrix products: refined (default; 8-bit plus an 8-bit
+    /// residual), int8, or exact (f32 activations, weights dequantized exactly).
+    #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
+    pub precision: String,
 }
 
 /// Input of `kiln logits`: text, or token ids directly.
@@ -196,6 +208,10 @@ pub struct PerplexityArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Activation precision of the matrix products: refined (default; 8-bit plus an 8-bit
+    /// residual), int8, or exact (f32 activations, weights dequantized exactly).
+    #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
+    pub precision: String,
 }
 
 /// Arguments of `kiln tokenize`.
@@ -231,6 +247,10 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Activation precision of the matrix products: refined (default; 8-bit plus an 8-bit
+    /// residual), int8, or exact (f32 activations, weights dequantized exactly).
+    #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
+    pub precision: String,
 }
 
 /// Arguments of `kiln inspect`.

@@ -5,6 +5,7 @@
 //! bandwidth) bounds its speed; kiln measures the bandwidth on the spot with the same threads.
 
 use crate::error::ModelError;
+use crate::kernels::Precision;
 use crate::model::Model;
 use crate::pool::{split_range, ThreadPool};
 use crate::session::{Logits, Session};
@@ -21,6 +22,8 @@ pub struct BenchConfig {
     pub reps: usize,
     /// Seed of the random prompt tokens.
     pub seed: u64,
+    /// Activation precision of the matrix products.
+    pub precision: Precision,
 }
 
 /// Medians over the repetitions.
@@ -66,6 +69,7 @@ pub fn run(model: &Model, pool: &ThreadPool, cfg: &BenchConfig) -> Result<BenchR
         .collect();
     let n_ctx = cfg.prompt_tokens.max(cfg.gen_tokens).max(1);
     let mut session = Session::new(model, pool, n_ctx);
+    session.set_precision(cfg.precision);
 
     let mut pp_runs = Vec::new();
     let mut ttft = Vec::new();

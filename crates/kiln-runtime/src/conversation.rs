@@ -39,6 +39,11 @@ impl<'m> Conversation<'m> {
         }
     }
 
+    /// Chooses the activation precision of the matrix products.
+    pub fn set_precision(&mut self, precision: crate::kernels::Precision) {
+        self.session.set_precision(precision);
+    }
+
     /// The messages so far.
     pub fn messages(&self) -> &[Message] {
         &self.messages

@@ -23,6 +23,7 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use error::ModelError;
+pub use kernels::Precision;
 pub use model::Model;
 pub use pool::ThreadPool;
 pub use session::{Logits, Session};

@@ -6,6 +6,7 @@
 //! is scored given the chunk's prefix; PPL = exp(mean NLL). A shorter final chunk is scored too.
 
 use crate::error::ModelError;
+use crate::kernels::Precision;
 use crate::model::Model;
 use crate::pool::ThreadPool;
 use crate::session::{Logits, Session};
@@ -33,6 +34,7 @@ pub fn perplexity(
     tokens: &[u32],
     ctx: usize,
     bos: Option<u32>,
+    precision: Precision,
 ) -> Result<Perplexity, ModelError> {
     let text_per_chunk = ctx.saturating_sub(usize::from(bos.is_some()));
     if text_per_chunk < 2 {
@@ -53,6 +55,7 @@ pub fn perplexity(
     }
     let vocab = model.config.vocab_size;
     let mut session = Session::new(model, pool, ctx);
+    session.set_precision(precision);
     let mut nll_sum = 0.0f64;
     let mut scored = 0usize;
     let mut n_chunks = 0usize;

@@ -2,7 +2,7 @@
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::ModelError;
-use crate::kernels::{self, matmul, SharedOut};
+use crate::kernels::{self, matmul, Precision, SharedOut};
 use crate::model::{LayerWeights, Model};
 use crate::pool::ThreadPool;
 use std::cell::RefCell;
@@ -54,6 +54,7 @@ pub struct Session<'m> {
     pool: &'m ThreadPool,
     cache: KvCache,
     n_past: usize,
+    precision: Precision,
 }
 
 thread_local! {
@@ -69,7 +70,19 @@ impl<'m> Session<'m> {
             pool,
             cache: KvCache::new(&model.config, n_ctx),
             n_past: 0,
+            precision: Precision::default(),
         }
+    }
+
+    /// Chooses how matrix products treat activations (see [`Precision`]); takes effect from
+    /// the next forward pass.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    /// The precision of the matrix products.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Positions processed so far.
@@ -114,6 +127,7 @@ impl<'m> Session<'m> {
             )));
         }
         let e = c.n_embd;
+        let precision = self.precision;
         let mut x = vec![0.0f32; t_len * e];
         for (row, &tok) in x.chunks_exact_mut(e).zip(tokens) {
             model.token_embd.dequantize_row(tok as usize, row);
@@ -132,7 +146,14 @@ impl<'m> Session<'m> {
         let n_rows = rows.len() / e;
         kernels::rms_norm(rows, &model.output_norm, c.rms_eps);
         let mut logits = vec![0.0f32; n_rows * c.vocab_size];
-        matmul(self.pool, &model.output, rows, n_rows, &mut logits);
+        matmul(
+            self.pool,
+            &model.output,
+            rows,
+            n_rows,
+            &mut logits,
+            precision,
+        );
         if let Some(cap) = c.final_logit_softcap {
             logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }
@@ -143,15 +164,16 @@ impl<'m> Session<'m> {
     fn layer_forward(&mut self, il: usize, w: &LayerWeights, x: &mut [f32], b: &mut Buffers) {
         let c = &self.model.config;
         let pool = self.pool;
+        let precision = self.precision;
         let t_len = b.t_len;
         let (hd, e) = (c.head_dim, c.n_embd);
 
         // Attention sub-block.
         b.h.copy_from_slice(x);
         kernels::rms_norm(&mut b.h, &w.attn_norm, c.rms_eps);
-        matmul(pool, &w.wq, &b.h, t_len, &mut b.q);
-        matmul(pool, &w.wk, &b.h, t_len, &mut b.k);
-        matmul(pool, &w.wv, &b.h, t_len, &mut b.v);
+        matmul(pool, &w.wq, &b.h, t_len, &mut b.q, precision);
+        matmul(pool, &w.wk, &b.h, t_len, &mut b.k, precision);
+        matmul(pool, &w.wv, &b.h, t_len, &mut b.v, precision);
         add_bias(&mut b.q, w.bq.as_deref());
         add_bias(&mut b.k, w.bk.as_deref());
         add_bias(&mut b.v, w.bv.as_deref());
@@ -186,7 +208,7 @@ impl<'m> Session<'m> {
             }
         }
         self.attention(il, &b.q, &mut b.attn, t_len);
-        matmul(pool, &w.wo, &b.attn, t_len, &mut b.h);
+        matmul(pool, &w.wo, &b.attn, t_len, &mut b.h, precision);
         add_bias(&mut b.h, w.bo.as_deref());
         if let Some(pn) = &w.post_attn_norm {
             kernels::rms_norm(&mut b.h, pn, c.rms_eps);
@@ -196,15 +218,15 @@ impl<'m> Session<'m> {
         // Feed-forward sub-block.
         b.h.copy_from_slice(x);
         kernels::rms_norm(&mut b.h, &w.ffn_norm, c.rms_eps);
-        matmul(pool, &w.w_gate, &b.h, t_len, &mut b.gate);
-        matmul(pool, &w.w_up, &b.h, t_len, &mut b.up);
+        matmul(pool, &w.w_gate, &b.h, t_len, &mut b.gate, precision);
+        matmul(pool, &w.w_up, &b.h, t_len, &mut b.up, precision);
         add_bias(&mut b.gate, w.b_gate.as_deref());
         add_bias(&mut b.up, w.b_up.as_deref());
         match c.activation {
             crate::config::Activation::Silu => kernels::silu_mul(&mut b.gate, &b.up),
             crate::config::Activation::GeluTanh => kernels::gelu_tanh_mul(&mut b.gate, &b.up),
         }
-        matmul(pool, &w.w_down, &b.gate, t_len, &mut b.h);
+        matmul(pool, &w.w_down, &b.gate, t_len, &mut b.h, precision);
         add_bias(&mut b.h, w.b_down.as_deref());
         if let Some(pn) = &w.post_ffn_norm {
             kernels::rms_norm(&mut b.h, pn, c.rms_eps);

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use kiln_runtime::{Logits, Model, Session, ThreadPool};
+use kiln_runtime::{Logits, Model, Precision, Session, ThreadPool};
 
 const NEAR_TIE: f32 = 0.1;
 
@@ -30,6 +30,7 @@ fn check_model(model_name: &str, file: &str) {
         let greedy = ids(&v["greedy_32_ids"]);
         assert_eq!(greedy.len(), 32);
         let mut session = Session::new(&model, &pool, prompt.len() + greedy.len());
+        session.set_precision(Precision::Exact);
         // Teacher forcing: the prompt, then the reference continuation in one batch; row i of
         // the continuation's logits predicts token i + 1.
         let first = session.forward(&prompt, Logits::Last).unwrap();

@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use kiln_runtime::{Logits, Model, Session, ThreadPool};
+use kiln_runtime::{Logits, Model, Precision, Session, ThreadPool};
 use serde_json::Value;
 
 /// Margin above which llama.cpp's activation quantization cannot flip the choice.
@@ -52,6 +52,7 @@ fn check(json: &str, file: &str) {
             .map(|s| s["id"].as_u64().unwrap() as u32)
             .collect();
         let mut session = Session::new(&model, &pool, prompt.len() + greedy.len());
+        session.set_precision(Precision::Exact);
         let first = session.forward(&prompt, Logits::Last).unwrap();
         let rest = session
             .forward(&greedy[..greedy.len() - 1], Logits::All)

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use kiln_runtime::{Logits, Model, Session, ThreadPool};
+use kiln_runtime::{Logits, Model, Precision, Session, ThreadPool};
 
 fn check_model(model_name: &str, file: &str) {
     let reference = reference(model_name);
@@ -18,24 +18,33 @@ fn check_model(model_name: &str, file: &str) {
                 .join(model_name)
                 .join(format!("{case}.last_logits.f32")),
         );
+        for (precision, min_cosine) in [(Precision::Exact, 0.9999), (Precision::Refined, 0.999)] {
+            let mut session = Session::new(&model, &pool, prompt.len());
+            session.set_precision(precision);
+            let got = session.forward(&prompt, Logits::Last).unwrap();
+            let cos = cosine(&got, &want);
+            let max_abs = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            eprintln!(
+                "{model_name}/{case} {precision:?}: {} tokens, cosine {cos:.8}, max |diff| {max_abs:.5}",
+                prompt.len()
+            );
+            assert!(
+                cos >= min_cosine,
+                "{model_name}/{case} {precision:?}: cosine {cos} < {min_cosine}"
+            );
+            assert_eq!(
+                argmax(&got),
+                argmax(&want),
+                "{model_name}/{case} {precision:?}: top-1 differs"
+            );
+        }
         let mut session = Session::new(&model, &pool, prompt.len());
+        session.set_precision(Precision::Exact);
         let got = session.forward(&prompt, Logits::Last).unwrap();
-        let cos = cosine(&got, &want);
-        let max_abs = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        eprintln!(
-            "{model_name}/{case}: {} tokens, cosine {cos:.8}, max |diff| {max_abs:.5}",
-            prompt.len()
-        );
-        assert!(cos >= 0.9999, "{model_name}/{case}: cosine {cos} < 0.9999");
-        assert_eq!(
-            argmax(&got),
-            argmax(&want),
-            "{model_name}/{case}: top-1 differs"
-        );
         let top10 = ids(&v["last_top10_ids"]);
         assert_eq!(argmax(&got), top10[0] as usize);
     }

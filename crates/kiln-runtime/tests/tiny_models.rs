@@ -16,7 +16,7 @@ mod tiny;
 use kiln_format::ggml::GgmlType;
 use kiln_format::gguf::MetadataValue;
 use kiln_runtime::{Logits, Model, ModelError, Session, ThreadPool};
-use tiny::{random_tokens, Mistake, Reference, Rng, Spec, TensorSpec, TinyFile};
+use tiny::{exact_session, random_tokens, Mistake, Reference, Rng, Spec, TensorSpec, TinyFile};
 
 /// Allowed max |runtime - reference| as a fraction of the reference's largest |logit|.
 const REL_TOL: f64 = 1e-5;
@@ -192,7 +192,7 @@ fn check_against_reference(name: &str, spec: &Spec, mistakes: &[Mistake], seed: 
     let model = Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
     let pool = ThreadPool::new(2);
     let tokens = random_tokens(seed ^ 0x5eed, SEQ, spec.vocab);
-    let got = Session::new(&model, &pool, SEQ)
+    let got = exact_session(&model, &pool, SEQ)
         .forward(&tokens, Logits::All)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     let reference = Reference::load(spec, &path);
@@ -268,18 +268,18 @@ fn incremental_and_chunked_decoding_match_one_batch() {
         let vocab = v.spec.vocab;
         let tokens = random_tokens(seed, SEQ, vocab);
         let pool = ThreadPool::new(3);
-        let batch = Session::new(&model, &pool, SEQ)
+        let batch = exact_session(&model, &pool, SEQ)
             .forward(&tokens, Logits::All)
             .unwrap();
 
-        let mut one_by_one = Session::new(&model, &pool, SEQ);
+        let mut one_by_one = exact_session(&model, &pool, SEQ);
         let mut stepped = Vec::new();
         for &t in &tokens {
             stepped.extend(one_by_one.forward(&[t], Logits::Last).unwrap());
         }
         assert_eq!(one_by_one.n_past(), SEQ);
 
-        let mut chunked_session = Session::new(&model, &pool, SEQ);
+        let mut chunked_session = exact_session(&model, &pool, SEQ);
         let mut chunked = Vec::new();
         let mut last_rows = Vec::new();
         let mut start = 0;
@@ -319,7 +319,7 @@ fn incremental_and_chunked_decoding_match_one_batch() {
         // Every output element is computed by one task in a fixed order, so the thread count
         // must not change a single bit.
         let single = ThreadPool::new(1);
-        let serial = Session::new(&model, &single, SEQ)
+        let serial = exact_session(&model, &single, SEQ)
             .forward(&tokens, Logits::All)
             .unwrap();
         assert_eq!(serial, batch, "{}: 1 and 3 threads disagree", v.name);
@@ -357,7 +357,7 @@ fn every_weight_format_computes_from_its_stored_blocks() {
         assert_eq!(model.token_embd.format(), ty);
         assert_eq!(model.layers[1].w_down.format(), ty);
         assert_eq!(model.output.format(), ty);
-        let got = Session::new(&model, &pool, tokens.len())
+        let got = exact_session(&model, &pool, tokens.len())
             .forward(&tokens, Logits::All)
             .unwrap_or_else(|e| panic!("{ty}: {e}"));
         let want = Reference::load(&spec, &path).logits(&tokens);
@@ -397,14 +397,14 @@ fn truncate_and_reset_rewind_the_cache() {
         let other = random_tokens(6002, 8, vocab);
         let mut expected_tokens = first[..7].to_vec();
         expected_tokens.extend(&other);
-        let expected = Session::new(&model, &pool, SEQ)
+        let expected = exact_session(&model, &pool, SEQ)
             .forward(&expected_tokens, Logits::All)
             .unwrap();
         let want = Reference::load(&v.spec, &path).logits(&expected_tokens);
         let (diff, scale) = max_diff(&expected, &want);
         assert!(diff <= REL_TOL * scale, "{name}: {diff}");
 
-        let mut s = Session::new(&model, &pool, SEQ);
+        let mut s = exact_session(&model, &pool, SEQ);
         s.forward(&first, Logits::Last).unwrap();
         s.truncate(7);
         assert_eq!(s.n_past(), 7);
@@ -431,11 +431,11 @@ fn forwarding_past_the_session_context_is_a_request_error() {
     let (spec, model) = small_model("limits_ctx");
     let pool = ThreadPool::new(2);
     let tokens = random_tokens(4001, 16, spec.vocab);
-    let full = Session::new(&model, &pool, 16)
+    let full = exact_session(&model, &pool, 16)
         .forward(&tokens, Logits::All)
         .unwrap();
 
-    let mut s = Session::new(&model, &pool, 16);
+    let mut s = exact_session(&model, &pool, 16);
     assert_eq!(s.n_ctx(), 16);
     s.forward(&tokens[..10], Logits::Last).unwrap();
     let err = s.forward(&random_tokens(4002, 7, spec.vocab), Logits::Last);
@@ -455,7 +455,7 @@ fn forwarding_past_the_session_context_is_a_request_error() {
     ));
 
     // A session asked for more than the model's context gets the model's context.
-    let mut big = Session::new(&model, &pool, 10 * spec.n_ctx);
+    let mut big = exact_session(&model, &pool, 10 * spec.n_ctx);
     assert_eq!(big.n_ctx(), spec.n_ctx);
     let too_long = random_tokens(4003, spec.n_ctx + 1, spec.vocab);
     assert!(matches!(
@@ -473,7 +473,7 @@ fn forwarding_past_the_session_context_is_a_request_error() {
 fn token_ids_outside_the_vocabulary_are_request_errors() {
     let (spec, model) = small_model("limits_vocab");
     let pool = ThreadPool::new(2);
-    let mut s = Session::new(&model, &pool, 8);
+    let mut s = exact_session(&model, &pool, 8);
     let last = spec.vocab as u32 - 1;
     s.forward(&[0, last], Logits::Last).unwrap();
     for bad in [spec.vocab as u32, u32::MAX] {
@@ -595,7 +595,7 @@ fn llama_output_and_mlp_biases_are_applied() {
     let model = Model::load(&path).unwrap();
     let pool = ThreadPool::new(1);
     let tokens = random_tokens(7002, 10, spec.vocab);
-    let got = Session::new(&model, &pool, 10)
+    let got = exact_session(&model, &pool, 10)
         .forward(&tokens, Logits::All)
         .unwrap();
     let want = Reference::load(&spec, &path).logits(&tokens);
@@ -664,10 +664,10 @@ fn chunked_decode_attention_matches_one_batch_at_long_context() {
         let model = Model::load(&path).unwrap();
         let pool = ThreadPool::new(2);
         let tokens = random_tokens(9101, n, spec.vocab);
-        let batch = Session::new(&model, &pool, n)
+        let batch = exact_session(&model, &pool, n)
             .forward(&tokens, Logits::All)
             .unwrap();
-        let mut session = Session::new(&model, &pool, n);
+        let mut session = exact_session(&model, &pool, n);
         let mut stepped = Vec::new();
         for &t in &tokens {
             stepped.extend(session.forward(&[t], Logits::Last).unwrap());
@@ -680,5 +680,51 @@ fn chunked_decode_attention_matches_one_batch_at_long_context() {
         eprintln!("{arch}: {n} decode steps vs batch max |diff| {d:e}, vs reference {d_ref:e} (max |logit| {scale})");
         assert!(d <= 1e-5 * scale, "{arch}: {d} vs scale {scale}");
         assert!(d_ref <= 1e-5 * scale, "{arch}: {d_ref} vs scale {scale}");
+    }
+}
+
+/// The default (quantized-activation) path on every weight format: logits within a small
+/// distance of the exact path, measured as cosine over all positions and as agreement of the
+/// chosen token wherever the exact path's top two are not nearly tied.
+#[test]
+fn quantized_path_stays_close_to_exact_for_every_format() {
+    let seed = 3100;
+    let tokens = random_tokens(seed, 12, 96);
+    let pool = ThreadPool::new(2);
+    for ty in GgmlType::ALL {
+        let spec = format_spec(ty);
+        let path = TinyFile::generate(&spec, seed).write(&format!("quantized_{}", ty.name()));
+        let model = Model::load(&path).unwrap();
+        let exact = exact_session(&model, &pool, tokens.len())
+            .forward(&tokens, Logits::All)
+            .unwrap();
+        let quantized = Session::new(&model, &pool, tokens.len())
+            .forward(&tokens, Logits::All)
+            .unwrap();
+        let dot: f64 = exact
+            .iter()
+            .zip(&quantized)
+            .map(|(a, b)| f64::from(a * b))
+            .sum();
+        let na: f64 = exact.iter().map(|a| f64::from(a * a)).sum::<f64>().sqrt();
+        let nb: f64 = quantized
+            .iter()
+            .map(|b| f64::from(b * b))
+            .sum::<f64>()
+            .sqrt();
+        let cos = dot / (na * nb);
+        let mut compared = 0;
+        for (e, q) in exact.chunks(spec.vocab).zip(quantized.chunks(spec.vocab)) {
+            let mut sorted = e.to_vec();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] < 0.05 * sorted[0].abs().max(1.0) {
+                continue;
+            }
+            compared += 1;
+            let top = |v: &[f32]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b });
+            assert_eq!(top(e), top(q), "{ty}: quantized path picks another token");
+        }
+        eprintln!("{ty}: cosine {cos:.6}, {compared} positions compared");
+        assert!(cos >= 0.999, "{ty}: cosine {cos}");
     }
 }

@@ -657,3 +657,15 @@ fn gelu_tanh(x: f64) -> f64 {
     let c = (2.0 / std::f64::consts::PI).sqrt();
     0.5 * x * (1.0 + (c * (x + 0.044_715 * x * x * x)).tanh())
 }
+
+/// A session on the exact path (f32 activations, weights dequantized exactly): what the
+/// naive reference computes, so bounds can be tight.
+pub fn exact_session<'m>(
+    model: &'m kiln_runtime::Model,
+    pool: &'m kiln_runtime::ThreadPool,
+    n_ctx: usize,
+) -> kiln_runtime::Session<'m> {
+    let mut s = kiln_runtime::Session::new(model, pool, n_ctx);
+    s.set_precision(kiln_runtime::Precision::Exact);
+    s
+}
