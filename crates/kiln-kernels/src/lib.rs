@@ -50,6 +50,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod activation;
+pub mod gemm;
 mod isa;
 mod layout;
 pub mod reference;

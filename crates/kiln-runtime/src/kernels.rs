@@ -278,6 +278,9 @@ pub fn matmul(
 ) {
     assert_eq!(x.len(), n_tokens * w.cols(), "matmul: activation shape");
     assert_eq!(y.len(), n_tokens * w.rows(), "matmul: output shape");
+    if n_tokens >= GEMM_MIN_TOKENS {
+        return matmul_gemm(pool, w, x, n_tokens, y);
+    }
     match precision {
         Precision::Exact => matmul_exact(pool, w, x, n_tokens, y),
         Precision::Int8 => matmul_quantized(pool, w, x, n_tokens, y, false),
@@ -348,6 +351,49 @@ fn matmul_quantized(
                     let dst = unsafe { out.slice(t * rows + range.start..t * rows + range.end) };
                     dst.copy_from_slice(&sum[t * width..(t + 1) * width]);
                 }
+            });
+        });
+    });
+}
+
+/// Batches at least this large (prompt processing) take the f32 GEMM path: each weight is
+/// used by enough tokens that dequantizing it once and multiplying in f32 beats integer dot
+/// products, and the result is exact whatever the precision asked for.
+pub const GEMM_MIN_TOKENS: usize = 8;
+
+thread_local! {
+    static GEMM_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static GEMM_PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Prompt processing: each task dequantizes panels of weight rows once, packs them k-major and
+/// runs every token of the batch through the kernel crate's register-blocked f32 GEMM.
+fn matmul_gemm(pool: &ThreadPool, w: &WeightMatrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    use kiln_kernels::gemm::{gemm_panel, pack_panel, PANEL_ROWS};
+    let (rows, cols) = (w.rows(), w.cols());
+    let n_panels = rows.div_ceil(PANEL_ROWS);
+    let out = SharedOut::new(y);
+    pool.for_each(n_panels, |p| {
+        let start = p * PANEL_ROWS;
+        let n = PANEL_ROWS.min(rows - start);
+        GEMM_ROWS.with(|dq| {
+            GEMM_PANEL.with(|panel| {
+                TILE_OUT.with(|tile| {
+                    let (mut dq, mut panel, mut tile) =
+                        (dq.borrow_mut(), panel.borrow_mut(), tile.borrow_mut());
+                    dq.resize(n * cols, 0.0);
+                    for (r, row) in dq.chunks_exact_mut(cols).enumerate() {
+                        w.dequantize_row(start + r, row);
+                    }
+                    pack_panel(&dq, cols, &mut panel);
+                    tile.resize(n_tokens * n, 0.0);
+                    gemm_panel(&panel, cols, n, x, n_tokens, &mut tile, n);
+                    for t in 0..n_tokens {
+                        // SAFETY: rows start..start + n of token t belong to panel p alone.
+                        let dst = unsafe { out.slice(t * rows + start..t * rows + start + n) };
+                        dst.copy_from_slice(&tile[t * n..(t + 1) * n]);
+                    }
+                });
             });
         });
     });
@@ -448,13 +494,37 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 }
 
 /// GELU (tanh approximation)-gated product: `gate = gelu_tanh(gate) * up`.
+///
+/// `0.5 * (1 + tanh(u)) = sigmoid(2u)` exactly, so the tanh form costs one exponential:
+/// `gelu_tanh(x) = x / (1 + exp(-2u))` with `u = sqrt(2/pi) * (x + 0.044715 x^3)`.
 pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
     for (g, u) in gate.iter_mut().zip(up) {
         let x = *g;
-        let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-        *g = 0.5 * x * (1.0 + inner.tanh()) * u;
+        let two_u = TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+        *g = x / (1.0 + (-two_u).exp()) * u;
     }
+}
+
+/// Elements below which an element-wise operation is not worth spreading over threads.
+const PARALLEL_ELEMENTWISE: usize = 1 << 15;
+
+/// Applies `op(gate_chunk, up_chunk)` over `gate` and `up` in parallel chunks.
+pub fn gated_parallel(pool: &ThreadPool, gate: &mut [f32], up: &[f32], op: fn(&mut [f32], &[f32])) {
+    debug_assert_eq!(gate.len(), up.len());
+    if gate.len() < PARALLEL_ELEMENTWISE || pool.n_threads() == 1 {
+        op(gate, up);
+        return;
+    }
+    let n_tasks = pool.n_threads() * 2;
+    let n = gate.len();
+    let out = SharedOut::new(gate);
+    pool.for_each(n_tasks, |task| {
+        let range = split_range(n, n_tasks, task);
+        // SAFETY: the ranges of different tasks are disjoint.
+        let g = unsafe { out.slice(range.clone()) };
+        op(g, &up[range]);
+    });
 }
 
 /// In-place softmax over `x`; returns nothing, leaves a probability distribution.

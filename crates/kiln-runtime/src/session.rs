@@ -222,10 +222,11 @@ impl<'m> Session<'m> {
         matmul(pool, &w.w_up, &b.h, t_len, &mut b.up, precision);
         add_bias(&mut b.gate, w.b_gate.as_deref());
         add_bias(&mut b.up, w.b_up.as_deref());
-        match c.activation {
-            crate::config::Activation::Silu => kernels::silu_mul(&mut b.gate, &b.up),
-            crate::config::Activation::GeluTanh => kernels::gelu_tanh_mul(&mut b.gate, &b.up),
-        }
+        let activation = match c.activation {
+            crate::config::Activation::Silu => kernels::silu_mul,
+            crate::config::Activation::GeluTanh => kernels::gelu_tanh_mul,
+        };
+        kernels::gated_parallel(pool, &mut b.gate, &b.up, activation);
         matmul(pool, &w.w_down, &b.gate, t_len, &mut b.h, precision);
         add_bias(&mut b.h, w.b_down.as_deref());
         if let Some(pn) = &w.post_ffn_norm {
