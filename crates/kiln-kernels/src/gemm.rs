@@ -26,12 +26,26 @@ pub fn pack_panel(rows: &[f32], k: usize, out: &mut Vec<f32>) {
     );
     let n = rows.len() / k;
     assert!(n <= PANEL_ROWS, "pack_panel: {n} rows exceed a panel");
-    out.clear();
     out.resize(k * PANEL_ROWS, 0.0);
-    for (r, row) in rows.chunks_exact(k).enumerate() {
-        for (kk, &v) in row.iter().enumerate() {
-            out[kk * PANEL_ROWS + r] = v;
+    // Blocks of 16 columns: each row contributes one cache line per block, and the block's
+    // 16 panel lines (2 KiB) stay in L1 while they are filled.
+    const BLOCK: usize = 16;
+    let mut kk0 = 0;
+    while kk0 < k {
+        let width = BLOCK.min(k - kk0);
+        for (r, row) in rows.chunks_exact(k).enumerate() {
+            for (j, &v) in row[kk0..kk0 + width].iter().enumerate() {
+                out[(kk0 + j) * PANEL_ROWS + r] = v;
+            }
         }
+        if n < PANEL_ROWS {
+            for line in
+                out[kk0 * PANEL_ROWS..(kk0 + width) * PANEL_ROWS].chunks_exact_mut(PANEL_ROWS)
+            {
+                line[n..].fill(0.0);
+            }
+        }
+        kk0 += width;
     }
 }
 

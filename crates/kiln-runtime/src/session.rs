@@ -55,6 +55,7 @@ pub struct Session<'m> {
     cache: KvCache,
     n_past: usize,
     precision: Precision,
+    scratch: Buffers,
 }
 
 thread_local! {
@@ -71,6 +72,7 @@ impl<'m> Session<'m> {
             cache: KvCache::new(&model.config, n_ctx),
             n_past: 0,
             precision: Precision::default(),
+            scratch: Buffers::default(),
         }
     }
 
@@ -135,10 +137,14 @@ impl<'m> Session<'m> {
                 row.iter_mut().for_each(|v| *v *= s);
             }
         }
-        let mut buf = Buffers::new(c, t_len);
+        // Scratch activations live in the session: a fresh multi-megabyte allocation per
+        // forward pass would be paid again in page faults every time.
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.prepare(c, t_len);
         for (il, layer) in model.layers.iter().enumerate() {
             self.layer_forward(il, layer, &mut x, &mut buf);
         }
+        self.scratch = buf;
         let rows: &mut [f32] = match want {
             Logits::Last => &mut x[(t_len - 1) * e..],
             Logits::All => &mut x[..],
@@ -185,13 +191,15 @@ impl<'m> Session<'m> {
         }
         let layer_cfg = &c.layers[il];
         let rope = RopeTable::new(c, layer_cfg.rope_base, layer_cfg.rope_freq_scale);
+        let mut angles = Vec::new();
         for t in 0..t_len {
-            let pos = self.n_past + t;
+            // One table of (cos, sin) per position, shared by every query and key head.
+            rope.angles(self.n_past + t, &mut angles);
             for head in b.q[t * c.q_dim()..(t + 1) * c.q_dim()].chunks_exact_mut(hd) {
-                rope.apply(head, pos, c.rope_style);
+                RopeTable::rotate(head, &angles, c.rope_style);
             }
             for head in b.k[t * c.kv_dim()..(t + 1) * c.kv_dim()].chunks_exact_mut(hd) {
-                rope.apply(head, pos, c.rope_style);
+                RopeTable::rotate(head, &angles, c.rope_style);
             }
         }
         // Append this batch's keys and values to the cache.
@@ -368,7 +376,8 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
     }
 }
 
-/// Scratch activations for one forward pass.
+/// Scratch activations of a forward pass, reused from one pass to the next.
+#[derive(Default)]
 struct Buffers {
     t_len: usize,
     h: Vec<f32>,
@@ -381,16 +390,19 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(c: &ModelConfig, t_len: usize) -> Buffers {
-        Buffers {
-            t_len,
-            h: vec![0.0; t_len * c.n_embd],
-            q: vec![0.0; t_len * c.q_dim()],
-            k: vec![0.0; t_len * c.kv_dim()],
-            v: vec![0.0; t_len * c.kv_dim()],
-            attn: vec![0.0; t_len * c.q_dim()],
-            gate: vec![0.0; t_len * c.n_ff],
-            up: vec![0.0; t_len * c.n_ff],
+    /// Sizes every buffer for a batch of `t_len` tokens (keeping the allocations).
+    fn prepare(&mut self, c: &ModelConfig, t_len: usize) {
+        self.t_len = t_len;
+        for (buf, width) in [
+            (&mut self.h, c.n_embd),
+            (&mut self.q, c.q_dim()),
+            (&mut self.k, c.kv_dim()),
+            (&mut self.v, c.kv_dim()),
+            (&mut self.attn, c.q_dim()),
+            (&mut self.gate, c.n_ff),
+            (&mut self.up, c.n_ff),
+        ] {
+            buf.resize(t_len * width, 0.0);
         }
     }
 }
@@ -419,11 +431,19 @@ impl RopeTable {
         RopeTable { inv_freq }
     }
 
-    fn apply(&self, head: &mut [f32], pos: usize, style: RopeStyle) {
-        let half = self.inv_freq.len();
-        for (i, &f) in self.inv_freq.iter().enumerate() {
+    /// The (cos, sin) pairs of position `pos`, one per rotated pair of dimensions.
+    fn angles(&self, pos: usize, out: &mut Vec<(f32, f32)>) {
+        out.clear();
+        out.extend(self.inv_freq.iter().map(|&f| {
             let theta = f64::from(pos as f32 * f);
-            let (sin, cos) = (theta.sin() as f32, theta.cos() as f32);
+            (theta.cos() as f32, theta.sin() as f32)
+        }));
+    }
+
+    /// Rotates one head by the angles of its position.
+    fn rotate(head: &mut [f32], angles: &[(f32, f32)], style: RopeStyle) {
+        let half = angles.len();
+        for (i, &(cos, sin)) in angles.iter().enumerate() {
             let (a, b) = match style {
                 RopeStyle::Interleaved => (2 * i, 2 * i + 1),
                 RopeStyle::Neox => (i, i + half),
