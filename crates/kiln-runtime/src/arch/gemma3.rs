@@ -183,29 +183,8 @@ pub fn config_from_hf(json: &Value, origin: &Path) -> Result<ModelConfig, ModelE
         None => k.f32_or("rope_local_base_freq", LOCAL_ROPE_BASE)?,
     };
 
-    let local_layers: Vec<bool> = match k.strings("layer_types")? {
-        Some(types) => {
-            if types.len() != n_layers {
-                return Err(k.bad(format!(
-                    "'layer_types' lists {} layers, but num_hidden_layers is {n_layers}",
-                    types.len()
-                )));
-            }
-            types
-                .iter()
-                .map(|t| match *t {
-                    "full_attention" => Ok(false),
-                    "sliding_attention" => Ok(true),
-                    other => Err(ModelError::unsupported(
-                        origin,
-                        format!(
-                            "layer type '{other}' is not supported (supported: full_attention, \
-                             sliding_attention)"
-                        ),
-                    )),
-                })
-                .collect::<Result<_, _>>()?
-        }
+    let local_layers: Vec<bool> = match k.sliding_layer_types(n_layers)? {
+        Some(types) => types,
         None => {
             let pattern = k.count_or("sliding_window_pattern", 4096, SLIDING_WINDOW_PATTERN)?;
             (0..n_layers).map(|i| (i + 1) % pattern != 0).collect()

@@ -238,27 +238,8 @@ fn sliding_layers(
     n_layers: usize,
     window: usize,
 ) -> Result<Vec<bool>, ModelError> {
-    let sliding = if let Some(types) = k.strings("layer_types")? {
-        if types.len() != n_layers {
-            return Err(k.bad(format!(
-                "'layer_types' lists {} layers, but num_hidden_layers is {n_layers}",
-                types.len()
-            )));
-        }
+    let sliding = if let Some(types) = k.sliding_layer_types(n_layers)? {
         types
-            .iter()
-            .map(|t| match *t {
-                "full_attention" => Ok(false),
-                "sliding_attention" => Ok(true),
-                other => Err(ModelError::unsupported(
-                    k.origin(),
-                    format!(
-                        "layer type '{other}' is not supported (supported: full_attention, \
-                         sliding_attention)"
-                    ),
-                )),
-            })
-            .collect::<Result<Vec<bool>, _>>()?
     } else {
         match model_type {
             "mistral" => vec![window > 0; n_layers],

@@ -338,6 +338,34 @@ impl<'a> HfKeys<'a> {
     }
 
     /// `key` as a list of strings, if present.
+    /// `layer_types` as one flag per layer (true: sliding-window attention), when present.
+    pub fn sliding_layer_types(&self, n_layers: usize) -> Result<Option<Vec<bool>>, ModelError> {
+        let Some(types) = self.strings("layer_types")? else {
+            return Ok(None);
+        };
+        if types.len() != n_layers {
+            return Err(self.bad(format!(
+                "'layer_types' lists {} layers, but num_hidden_layers is {n_layers}",
+                types.len()
+            )));
+        }
+        types
+            .iter()
+            .map(|t| match *t {
+                "full_attention" => Ok(false),
+                "sliding_attention" => Ok(true),
+                other => Err(ModelError::unsupported(
+                    self.origin(),
+                    format!(
+                        "layer type '{other}' is not supported (supported: full_attention, \
+                         sliding_attention)"
+                    ),
+                )),
+            })
+            .collect::<Result<Vec<bool>, _>>()
+            .map(Some)
+    }
+
     pub fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>, ModelError> {
         let Some(v) = self.get(key) else {
             return Ok(None);
