@@ -8,7 +8,9 @@
 //! registers for the whole k loop. The arithmetic is plain f32, so the result is the exact
 //! product of the dequantized weights up to summation order.
 
-use crate::isa::{detect, Isa};
+use crate::isa::detect;
+#[cfg(target_arch = "x86_64")]
+use crate::isa::Isa;
 
 /// Weight rows per packed panel (two AVX-512 vectors, four AVX2 vectors).
 pub const PANEL_ROWS: usize = 32;
