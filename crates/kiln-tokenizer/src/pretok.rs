@@ -214,4 +214,44 @@ mod tests {
         assert!(err.contains("no-such-splitter"), "{err}");
         assert!(err.contains("smollm") && err.contains("llama-bpe") && err.contains("qwen2"));
     }
+
+    /// The pieces the family named `name` cuts `text` into, as substrings of `text`.
+    fn pieces(name: &str, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let pre = build(lookup(name).unwrap().regexes).unwrap();
+        let mut pts = PreTokenizedString::from(text);
+        pre.pre_tokenize(&mut pts).unwrap();
+        pts.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(_, (a, b), _)| text[a..b].to_string())
+            .collect()
+    }
+
+    /// Expected pieces worked out from each family's published expression: digit runs of any
+    /// length (GPT-2), up to three (Llama 3) or one (Qwen 2); contractions case-sensitive in
+    /// GPT-2 only; punctuation keeps the newlines that follow it in Llama 3 and Qwen 2.
+    #[test]
+    fn families_split_as_their_expressions_define() {
+        let text = "Hello world's 12345 ok!!\n\nI'M fine";
+        let split = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            pieces("gpt2", text),
+            split(&[
+                "Hello", " world", "'s", " 12345", " ok", "!!", "\n", "\n", "I", "'", "M", " fine"
+            ])
+        );
+        assert_eq!(
+            pieces("llama-bpe", text),
+            split(&[
+                "Hello", " world", "'s", " ", "123", "45", " ok", "!!\n\n", "I", "'M", " fine"
+            ])
+        );
+        assert_eq!(
+            pieces("qwen2", text),
+            split(&[
+                "Hello", " world", "'s", " ", "1", "2", "3", "4", "5", " ok", "!!\n\n", "I", "'M",
+                " fine"
+            ])
+        );
+    }
 }
