@@ -51,6 +51,7 @@
 
 mod activation;
 pub mod gemm;
+pub mod gemm_bf16;
 mod isa;
 mod layout;
 pub mod reference;
