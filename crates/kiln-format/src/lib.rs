@@ -4,6 +4,8 @@
 //!   dequantization, fused row dot products and reference quantizers.
 //! - [`gguf`]: a validating, memory-mapped GGUF reader ([`gguf::GgufFile`]) and a writer
 //!   ([`gguf::GgufWriter`]).
+//! - [`quant`]: weight quantization schemes (int8 per channel, int4 per block, k-means lookup
+//!   tables), their quantizers, scalar reference kernels and quality metrics.
 //! - [`safetensors`]: a validating, memory-mapped safetensors reader for single files and
 //!   sharded Hugging Face folders ([`safetensors::ShardedSafetensors`]), and a writer
 //!   ([`safetensors::SafetensorsWriter`]).
@@ -14,6 +16,7 @@
 
 pub mod ggml;
 pub mod gguf;
+pub mod quant;
 pub mod safetensors;
 
 mod file_io;
