@@ -145,6 +145,44 @@ fn from_key(k: u32) -> f32 {
     }
 }
 
+/// Sorts keys by least-significant-digit radix sort on 11-bit digits, skipping digits all keys
+/// share (the top digit, sign and high exponent bits, usually is). For the tens of thousands of
+/// keys of a channel group this is several times faster than a comparison sort.
+fn radix_sort(mut keys: Vec<u32>) -> Vec<u32> {
+    const BITS: u32 = 11;
+    const DIGITS: usize = 1 << BITS;
+    if keys.len() < 1024 {
+        keys.sort_unstable();
+        return keys;
+    }
+    let mut counts = vec![[0usize; DIGITS]; 3];
+    for &k in &keys {
+        for (d, c) in counts.iter_mut().enumerate() {
+            c[((k >> (BITS * d as u32)) as usize) & (DIGITS - 1)] += 1;
+        }
+    }
+    let mut buf = vec![0u32; keys.len()];
+    for (d, c) in counts.iter().enumerate() {
+        if c.contains(&keys.len()) {
+            continue;
+        }
+        let mut offsets = [0usize; DIGITS];
+        let mut sum = 0;
+        for (o, &n) in offsets.iter_mut().zip(c.iter()) {
+            *o = sum;
+            sum += n;
+        }
+        let shift = BITS * d as u32;
+        for &k in &keys {
+            let digit = ((k >> shift) as usize) & (DIGITS - 1);
+            buf[offsets[digit]] = k;
+            offsets[digit] += 1;
+        }
+        std::mem::swap(&mut keys, &mut buf);
+    }
+    keys
+}
+
 /// Bits of the order key dropped when binning.
 const BIN_SHIFT: u32 = 9;
 
@@ -162,8 +200,7 @@ impl Points {
         let mut x = Vec::new();
         let mut w = Vec::new();
         if values.len() <= EXACT_LIMIT {
-            let mut keys: Vec<u32> = values.iter().map(|&v| order_key(v)).collect();
-            keys.sort_unstable();
+            let keys = radix_sort(values.iter().map(|&v| order_key(v)).collect());
             let mut i = 0;
             while i < keys.len() {
                 let mut j = i + 1;
@@ -192,10 +229,16 @@ impl Points {
         }
         let m = x.len();
         let (mut p0, mut p1, mut p2) = (vec![0.0; m + 1], vec![0.0; m + 1], vec![0.0; m + 1]);
+        // Running sums in locals: reading the previous prefix back from memory would chain
+        // every step through a store-to-load forward.
+        let (mut s0, mut s1, mut s2) = (0.0, 0.0, 0.0);
         for i in 0..m {
-            p0[i + 1] = p0[i] + w[i];
-            p1[i + 1] = p1[i] + w[i] * x[i];
-            p2[i + 1] = p2[i] + w[i] * x[i] * x[i];
+            s0 += w[i];
+            s1 += w[i] * x[i];
+            s2 += w[i] * x[i] * x[i];
+            p0[i + 1] = s0;
+            p1[i + 1] = s1;
+            p2[i + 1] = s2;
         }
         Points { x, p0, p1, p2 }
     }
@@ -486,6 +529,34 @@ mod tests {
             }
         }
         assert_eq!(order_key(-0.0), order_key(0.0));
+    }
+
+    #[test]
+    fn radix_sort_sorts() {
+        let mut s = 7u64;
+        for n in [0usize, 5, 1023, 1024, 5000, 70000] {
+            let keys: Vec<u32> = (0..n)
+                .map(|i| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    // Narrow and wide key ranges exercise skipped and full digits.
+                    if i % 2 == 0 {
+                        (s >> 40) as u32
+                    } else {
+                        (s >> 32) as u32 | 0x8000_0000
+                    }
+                })
+                .collect();
+            let mut want = keys.clone();
+            want.sort_unstable();
+            assert_eq!(radix_sort(keys), want, "{n} keys");
+            let narrow: Vec<u32> = (0..n as u32)
+                .rev()
+                .map(|i| 0xbf80_0000 + (i % 300))
+                .collect();
+            let mut want = narrow.clone();
+            want.sort_unstable();
+            assert_eq!(radix_sort(narrow), want);
+        }
     }
 
     #[test]
