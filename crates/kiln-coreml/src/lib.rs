@@ -7,7 +7,9 @@
 //!   [`MlPackage::description`];
 //! - validates them without running them: [`MlPackage::verify`];
 //! - executes their main function on the CPU, with states carried across calls:
-//!   [`Executor::new`], [`Executor::predict`], [`Executor::reset_states`].
+//!   [`Executor::new`], [`Executor::predict`], [`Executor::reset_states`];
+//! - writes packages: [`export`] (weight files, package layout, a MIL program builder and
+//!   the Llama-family exporter).
 //!
 //! Execution computes in f32 with fp16 storage: weights, inputs, states and outputs the
 //! program types as fp16 hold fp16 values ([`Fp16Rounding`] can also round every fp16
@@ -24,6 +26,7 @@ mod blob;
 pub mod cli_support;
 mod error;
 mod exec;
+pub mod export;
 mod ops;
 mod package;
 mod program;
