@@ -5,6 +5,7 @@
 
 mod commands;
 mod coreml_commands;
+mod export_commands;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ enum Command {
     Predict(coreml_commands::PredictArgs),
     /// Check a package without running it (exit 2 naming the op or blob at fault).
     Verify(coreml_commands::VerifyArgs),
+    /// Convert a model for a device: `kiln export coreml SRC -o OUT.mlpackage`.
+    Export(export_commands::ExportArgs),
 }
 
 /// Where the prompt comes from.
@@ -286,6 +289,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect(a),
         Command::Predict(a) => coreml_commands::predict(a),
         Command::Verify(a) => coreml_commands::verify(a),
+        Command::Export(a) => export_commands::export(a),
     });
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -1,0 +1,183 @@
+//! `kiln export coreml` end to end: the exported package is verified and run with
+//! `kiln predict`, and its logits are held to Hugging Face transformers' reference.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("run kiln")
+}
+
+fn kiln_ok(args: &[&str]) -> String {
+    let out = kiln(args);
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed ({:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-export-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn read_f32(p: &Path) -> Vec<f32> {
+    std::fs::read(p)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// One prefill call of `ids` with its causal mask, as a `kiln predict` calls file.
+fn prefill_call(ids: &[u64]) -> String {
+    let n = ids.len();
+    let mask: Vec<String> = (0..n * n)
+        .map(|k| {
+            if k % n > k / n {
+                "\"-inf\"".to_string()
+            } else {
+                "0".to_string()
+            }
+        })
+        .collect();
+    let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    format!(
+        r#"[{{"input_ids": {{"dtype": "int32", "shape": [1, {n}], "data": [{}]}},
+            "causal_mask": {{"dtype": "fp16", "shape": [1, 1, {n}, {n}], "data": [{}]}}}}]"#,
+        ids.join(", "),
+        mask.join(", ")
+    )
+}
+
+#[test]
+fn smollm2_export_predicts_the_reference_next_token() {
+    let model = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.exists(),
+        "{} is missing: run scripts/fetch-models",
+        model.display()
+    );
+    let refdir = repo().join("../shared/reference/smollm2");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refdir.join("reference.json")).unwrap())
+            .unwrap();
+    let case = &reference["cases"]["capital"];
+    let ids: Vec<u64> = case["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+
+    let dir = tmpdir("smollm2");
+    let pkg = dir.join("smollm2.mlpackage");
+    let out = kiln_ok(&[
+        "export",
+        "coreml",
+        s(&model),
+        "-o",
+        s(&pkg),
+        "--context",
+        "64",
+        "--json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["context"], 64);
+    kiln_ok(&["verify", s(&pkg)]);
+
+    let calls = dir.join("calls.json");
+    std::fs::write(&calls, prefill_call(&ids)).unwrap();
+    let out_dir = dir.join("out");
+    kiln_ok(&[
+        "predict",
+        s(&pkg),
+        "--calls",
+        s(&calls),
+        "--out",
+        s(&out_dir),
+    ]);
+    let logits = read_f32(&out_dir.join("call0.logits.f32"));
+    let vocab = 49152;
+    assert_eq!(logits.len(), ids.len() * vocab);
+    let last = &logits[(ids.len() - 1) * vocab..];
+    let want = read_f32(&refdir.join("capital.last_logits.f32"));
+    let cos = cosine(last, &want);
+    let max_diff = last
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("smollm2 capital: cosine {cos:.7}, max abs diff {max_diff:.4}");
+    assert_eq!(argmax(last), argmax(&want));
+    assert_eq!(
+        argmax(last) as u64,
+        case["last_top10_ids"][0].as_u64().unwrap()
+    );
+    // Measured: cosine 0.999999, max abs diff 0.020 (fp16 weights and activations).
+    assert!(cos >= 0.9999, "cosine {cos}");
+}
+
+#[test]
+fn export_refuses_bad_requests_with_exit_2() {
+    let dir = tmpdir("bad");
+    let hf = repo().join("../shared/reference/coreml/tiny_llama_hf");
+    let pkg = dir.join("tiny.mlpackage");
+    for args in [
+        vec!["--context", "0"],
+        vec!["--context", "16", "--max-query", "32"],
+        vec!["--context", "100000"],
+    ] {
+        let mut all = vec!["export", "coreml", s(&hf), "-o", s(&pkg)];
+        all.extend(args.iter().copied());
+        let out = kiln(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!pkg.exists());
+    }
+    let out = kiln(&[
+        "export",
+        "coreml",
+        s(&dir.join("missing.gguf")),
+        "-o",
+        s(&pkg),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    // The tiny Hugging Face Llama exports and verifies.
+    kiln_ok(&["export", "coreml", s(&hf), "-o", s(&pkg), "--context", "64"]);
+    kiln_ok(&["verify", s(&pkg)]);
+}
