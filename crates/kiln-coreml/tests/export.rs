@@ -9,6 +9,7 @@
 mod tiny;
 
 use kiln_coreml::export::{export_llama, export_path, ExportError, ExportOptions};
+use kiln_coreml::proto::{DataType, ValueTypeKind};
 use kiln_coreml::{ExecOptions, Executor, Fp16Rounding, MlPackage, Tensor};
 use kiln_format::ggml::GgmlType;
 use kiln_runtime::{Logits, Model, ThreadPool};
@@ -110,6 +111,27 @@ fn hugging_face_tiny_llama_matches_transformers() {
         kiln_coreml::FeatureType::State(a) => assert_eq!(a.shape, vec![2, 1, 2, 64, 16]),
         other => panic!("{other:?}"),
     }
+
+    // Mixed precision: RMSNorm's mean of squares and rsqrt run in fp32.
+    let program = pkg.program().unwrap();
+    let block = &program.functions["main"].block_specializations["CoreML8"];
+    let mut norm_ops = 0;
+    for op in &block.operations {
+        if op.r#type == "reduce_mean" || op.r#type == "rsqrt" {
+            let ty = op.outputs[0]
+                .r#type
+                .as_ref()
+                .and_then(|t| t.r#type.as_ref());
+            match ty {
+                Some(ValueTypeKind::TensorType(t)) => {
+                    assert_eq!(t.data_type, DataType::Float32 as i32, "{}", op.r#type)
+                }
+                other => panic!("{other:?}"),
+            }
+            norm_ops += 1;
+        }
+    }
+    assert_eq!(norm_ops, 2 * (2 * 2 + 1));
 
     let bytes = std::fs::read(reference_dir().join("tiny_llama.logits_7x256.f32")).unwrap();
     let want: Vec<f32> = bytes

@@ -39,6 +39,7 @@ impl BlobType {
 /// Streams blobs into a weight file; [`BlobWriter::finish`] writes the final blob count.
 ///
 /// Blobs go straight to disk so a model's weights are never all held in memory at once.
+#[derive(Debug)]
 pub struct BlobWriter {
     path: PathBuf,
     out: BufWriter<File>,
@@ -143,4 +144,36 @@ fn header(count: u32) -> [u8; RECORD] {
     h[0..4].copy_from_slice(&count.to_le_bytes());
     h[4..8].copy_from_slice(&2u32.to_le_bytes());
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::BlobFile;
+
+    #[test]
+    fn the_reader_accepts_what_the_writer_writes() {
+        let dir = std::env::temp_dir().join(format!("kiln-blob-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("weight.bin");
+        let mut w = BlobWriter::create(&path).unwrap();
+        let a = w.append_f16(&[1.0, -2.0, 0.5]).unwrap();
+        let b = w
+            .append_f32(&(0..100).map(|i| i as f32).collect::<Vec<_>>())
+            .unwrap();
+        let c = w.append(BlobType::I8, &[1, 255]).unwrap();
+        assert_eq!((a, w.count()), (64, 3));
+        let len = w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, len);
+        assert_eq!(len % BLOB_ALIGNMENT, 0);
+        let f = BlobFile::from_bytes("weight.bin", bytes).unwrap();
+        assert_eq!(f.header().unwrap(), 3);
+        let infos = f.walk().unwrap();
+        let offsets: Vec<u64> = infos.iter().map(|i| i.metadata_offset).collect();
+        assert_eq!(offsets, [a, b, c]);
+        assert_eq!(infos[0].data_offset, a + 64);
+        assert_eq!((infos[1].dtype_code, infos[1].size), (2, 400));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

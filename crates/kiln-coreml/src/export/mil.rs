@@ -1177,3 +1177,69 @@ impl ProgramBuilder {
         Ok((model, self.weights))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> proto::Metadata {
+        proto::Metadata {
+            short_description: String::new(),
+            version_string: String::new(),
+            author: String::new(),
+            license: String::new(),
+            user_defined: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn shapes_are_inferred_through_broadcasts_and_dynamic_dims() {
+        let mut b = ProgramBuilder::new(None);
+        let x = b.input(
+            "x",
+            DataType::Float16,
+            &[
+                InputDim::Fixed(1),
+                InputDim::Range(1, 8),
+                InputDim::Fixed(4),
+            ],
+        );
+        let w = b.const_f16("w", &[6, 4], &[0.0; 24]);
+        let y = b.linear("y", &x, &w, None);
+        assert_eq!(y.shape(), &[Some(1), None, Some(6)]);
+        let r = b.reshape("r", &y, &[1, -1, 2, 3]);
+        assert_eq!(r.shape(), &[Some(1), None, Some(2), Some(3)]);
+        let t = b.transpose("t", &r, &[0, 2, 1, 3]);
+        let s = b.matmul("s", &t, &t, false, true);
+        assert_eq!(s.shape(), &[Some(1), Some(2), None, None]);
+        let h = b.slice(
+            "h",
+            &t,
+            &[0, 0, 0, 1],
+            &[1, 2, 0, 3],
+            &[true, true, true, false],
+        );
+        assert_eq!(h.shape(), &[Some(1), Some(2), None, Some(2)]);
+        let (model, _) = b.finish(&[&s], meta()).unwrap();
+        assert_eq!(model.specification_version, SPECIFICATION_VERSION);
+        let d = model.description.unwrap();
+        assert_eq!(d.input.len(), 1);
+        assert_eq!(d.output[0].name, "s");
+    }
+
+    #[test]
+    fn the_first_inconsistency_is_reported_by_finish() {
+        let mut b = ProgramBuilder::new(None);
+        let x = b.input("x", DataType::Float32, &[InputDim::Fixed(3)]);
+        let y = b.const_f32("y", &[4], &[0.0; 4]);
+        let z = b.add("z", &x, &y);
+        let h = b.const_f16("h", &[3], &[0.0; 3]);
+        let _ = b.mul("m", &x, &h);
+        let e = b.finish(&[&z], meta()).unwrap_err().to_string();
+        assert!(e.contains("do not broadcast"), "{e}");
+        let mut b = ProgramBuilder::new(None);
+        let _ = b.weight("w", DataType::Float16, &[2], &[1.0, 2.0]);
+        let e = b.finish(&[], meta()).unwrap_err().to_string();
+        assert!(e.contains("no weight file"), "{e}");
+    }
+}
