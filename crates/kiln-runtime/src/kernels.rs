@@ -380,34 +380,36 @@ thread_local! {
     static GEMM_PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Prompt processing: each task dequantizes panels of weight rows once, packs them k-major and
-/// runs every token of the batch through the kernel crate's register-blocked f32 GEMM.
-fn matmul_gemm(pool: &ThreadPool, w: &WeightMatrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
-    use kiln_kernels::gemm::{gemm_panel, pack_panel, PANEL_ROWS};
+/// Prompt processing: each task dequantizes a panel of weight rows once and hands it to
+/// `multiply`, which packs it and runs every token of the batch through a register-blocked
+/// panel GEMM into `tile` (`n_tokens` rows of `n`); the tile is then scattered into `y`.
+fn gemm_by_panels(
+    pool: &ThreadPool,
+    w: &WeightMatrix,
+    n_tokens: usize,
+    y: &mut [f32],
+    multiply: impl Fn(&[f32], usize, &mut [f32]) + Sync,
+) {
+    use kiln_kernels::gemm::PANEL_ROWS;
     let (rows, cols) = (w.rows(), w.cols());
-    let n_panels = rows.div_ceil(PANEL_ROWS);
     let out = SharedOut::new(y);
-    pool.for_each(n_panels, |p| {
+    pool.for_each(rows.div_ceil(PANEL_ROWS), |p| {
         let start = p * PANEL_ROWS;
         let n = PANEL_ROWS.min(rows - start);
         GEMM_ROWS.with(|dq| {
-            GEMM_PANEL.with(|panel| {
-                TILE_OUT.with(|tile| {
-                    let (mut dq, mut panel, mut tile) =
-                        (dq.borrow_mut(), panel.borrow_mut(), tile.borrow_mut());
-                    dq.resize(n * cols, 0.0);
-                    for (r, row) in dq.chunks_exact_mut(cols).enumerate() {
-                        w.dequantize_row(start + r, row);
-                    }
-                    pack_panel(&dq, cols, &mut panel);
-                    tile.resize(n_tokens * n, 0.0);
-                    gemm_panel(&panel, cols, n, x, n_tokens, &mut tile, n);
-                    for t in 0..n_tokens {
-                        // SAFETY: rows start..start + n of token t belong to panel p alone.
-                        let dst = unsafe { out.slice(t * rows + start..t * rows + start + n) };
-                        dst.copy_from_slice(&tile[t * n..(t + 1) * n]);
-                    }
-                });
+            TILE_OUT.with(|tile| {
+                let (mut dq, mut tile) = (dq.borrow_mut(), tile.borrow_mut());
+                dq.resize(n * cols, 0.0);
+                for (r, row) in dq.chunks_exact_mut(cols).enumerate() {
+                    w.dequantize_row(start + r, row);
+                }
+                tile.resize(n_tokens * n, 0.0);
+                multiply(&dq, n, &mut tile);
+                for t in 0..n_tokens {
+                    // SAFETY: rows start..start + n of token t belong to panel p alone.
+                    let dst = unsafe { out.slice(t * rows + start..t * rows + start + n) };
+                    dst.copy_from_slice(&tile[t * n..(t + 1) * n]);
+                }
             });
         });
     });
@@ -418,8 +420,20 @@ thread_local! {
     static GEMM_PANEL_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// [`matmul_gemm`] with weights and activations rounded to bf16 (sums stay f32): the
-/// activations are rounded once per call, each panel once per task.
+/// The f32 panel GEMM.
+fn matmul_gemm(pool: &ThreadPool, w: &WeightMatrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    use kiln_kernels::gemm::{gemm_panel, pack_panel};
+    let cols = w.cols();
+    gemm_by_panels(pool, w, n_tokens, y, |rows, n, tile| {
+        GEMM_PANEL.with(|panel| {
+            let mut panel = panel.borrow_mut();
+            pack_panel(rows, cols, &mut panel);
+            gemm_panel(&panel, cols, n, x, n_tokens, tile, n);
+        });
+    });
+}
+
+/// The bf16 panel GEMM (sums stay f32): activations rounded once per call, each panel once.
 fn matmul_gemm_bf16(
     pool: &ThreadPool,
     w: &WeightMatrix,
@@ -427,37 +441,17 @@ fn matmul_gemm_bf16(
     n_tokens: usize,
     y: &mut [f32],
 ) {
-    use kiln_kernels::gemm::PANEL_ROWS;
     use kiln_kernels::gemm_bf16::{convert_activations_bf16, gemm_panel_bf16, pack_panel_bf16};
-    let (rows, cols) = (w.rows(), w.cols());
-    let n_panels = rows.div_ceil(PANEL_ROWS);
-    let out = SharedOut::new(y);
+    let cols = w.cols();
     GEMM_X_BF16.with(|xb| {
         let mut xb = xb.borrow_mut();
         convert_activations_bf16(x, n_tokens, cols, &mut xb);
         let xb = &xb[..];
-        pool.for_each(n_panels, |p| {
-            let start = p * PANEL_ROWS;
-            let n = PANEL_ROWS.min(rows - start);
-            GEMM_ROWS.with(|dq| {
-                GEMM_PANEL_BF16.with(|panel| {
-                    TILE_OUT.with(|tile| {
-                        let (mut dq, mut panel, mut tile) =
-                            (dq.borrow_mut(), panel.borrow_mut(), tile.borrow_mut());
-                        dq.resize(n * cols, 0.0);
-                        for (r, row) in dq.chunks_exact_mut(cols).enumerate() {
-                            w.dequantize_row(start + r, row);
-                        }
-                        pack_panel_bf16(&dq, cols, &mut panel);
-                        tile.resize(n_tokens * n, 0.0);
-                        gemm_panel_bf16(&panel, cols, n, xb, n_tokens, &mut tile, n);
-                        for t in 0..n_tokens {
-                            // SAFETY: rows start..start + n of token t belong to panel p alone.
-                            let dst = unsafe { out.slice(t * rows + start..t * rows + start + n) };
-                            dst.copy_from_slice(&tile[t * n..(t + 1) * n]);
-                        }
-                    });
-                });
+        gemm_by_panels(pool, w, n_tokens, y, |rows, n, tile| {
+            GEMM_PANEL_BF16.with(|panel| {
+                let mut panel = panel.borrow_mut();
+                pack_panel_bf16(rows, cols, &mut panel);
+                gemm_panel_bf16(&panel, cols, n, xb, n_tokens, tile, n);
             });
         });
     });
