@@ -278,6 +278,7 @@ fn main() -> ExitCode {
             };
         }
     };
+    quiet_on_closed_stdout();
     // A panic is a bug: report it as an internal error (exit 1), never as a crash code.
     let outcome = std::panic::catch_unwind(|| match cli.command {
         Command::Run(a) => commands::run(a),
@@ -302,4 +303,22 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// When the reader of stdout goes away (`kiln inspect MODEL | head`), printing fails with a
+/// broken pipe; like other Unix tools, stop quietly then instead of reporting a bug.
+fn quiet_on_closed_stdout() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
 }

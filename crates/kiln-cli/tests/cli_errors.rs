@@ -186,3 +186,22 @@ fn version_and_help_exit_zero() {
     assert_eq!(kiln(&["--version"]).status.code(), Some(0));
     assert_eq!(kiln(&["run", "--help"]).status.code(), Some(0));
 }
+
+/// `kiln inspect MODEL | head`: the reader closes the pipe early; kiln stops quietly.
+#[test]
+fn closed_stdout_is_not_a_crash() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["inspect", s(&smollm2())])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("internal error"),
+        "{stderr}"
+    );
+}
