@@ -6,6 +6,7 @@
 mod commands;
 mod coreml_commands;
 mod export_commands;
+mod hub_source;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -267,7 +268,7 @@ pub struct InspectArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -279,6 +280,10 @@ fn main() -> ExitCode {
         }
     };
     quiet_on_closed_stdout();
+    if let Err((code, message)) = hub_source::resolve(&mut cli.command) {
+        eprintln!("kiln: {message}");
+        return ExitCode::from(code);
+    }
     // A panic is a bug: report it as an internal error (exit 1), never as a crash code.
     let outcome = std::panic::catch_unwind(|| match cli.command {
         Command::Run(a) => commands::run(a),
