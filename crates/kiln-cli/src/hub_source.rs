@@ -16,6 +16,7 @@ fn model_arg(command: &mut Command) -> Option<&mut PathBuf> {
         Command::Tokenize(a) => Some(&mut a.model),
         Command::Bench(a) => Some(&mut a.model),
         Command::Inspect(a) => Some(&mut a.model),
+        Command::Convert(a) => Some(&mut a.source),
         Command::Export(a) => match &mut a.target {
             ExportTarget::Coreml(c) => Some(&mut c.source),
         },

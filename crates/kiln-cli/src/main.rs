@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 2 bad input (with a message), 1 internal error.
 
 mod commands;
+mod convert_commands;
 mod coreml_commands;
 mod export_commands;
 mod hub_source;
@@ -18,6 +19,10 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Open kiln packages without checking their shards' sha256 (faster; damage goes
+    /// unnoticed).
+    #[arg(long, global = true)]
+    no_verify: bool,
 }
 
 #[derive(Subcommand)]
@@ -38,8 +43,11 @@ enum Command {
     Inspect(InspectArgs),
     /// Run a Core ML package on the CPU: each call of a JSON calls file, states carried.
     Predict(coreml_commands::PredictArgs),
-    /// Check a package without running it (exit 2 naming the op or blob at fault).
+    /// Check a package without running it: a Core ML .mlpackage or a kiln package (exit 2
+    /// naming the op, blob, shard or tensor at fault).
     Verify(coreml_commands::VerifyArgs),
+    /// Convert a model into a kiln package: `kiln convert SRC -o OUT.kiln [--quant Q]`.
+    Convert(convert_commands::ConvertArgs),
     /// Convert a model for a device: `kiln export coreml SRC -o OUT.mlpackage`.
     Export(export_commands::ExportArgs),
 }
@@ -284,6 +292,7 @@ fn main() -> ExitCode {
         eprintln!("kiln: {message}");
         return ExitCode::from(code);
     }
+    kiln_runtime::package::set_verify_on_open(!cli.no_verify);
     // A panic is a bug: report it as an internal error (exit 1), never as a crash code.
     let outcome = std::panic::catch_unwind(|| match cli.command {
         Command::Run(a) => commands::run(a),
@@ -294,7 +303,11 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Predict(a) => coreml_commands::predict(a),
+        Command::Verify(a) if convert_commands::is_kiln_package(&a.package) => {
+            convert_commands::verify(&a.package, a.json)
+        }
         Command::Verify(a) => coreml_commands::verify(a),
+        Command::Convert(a) => convert_commands::convert(a),
         Command::Export(a) => export_commands::export(a),
     });
     match outcome {

@@ -4,6 +4,8 @@
 //!   dequantization, fused row dot products and reference quantizers.
 //! - [`gguf`]: a validating, memory-mapped GGUF reader ([`gguf::GgufFile`]) and a writer
 //!   ([`gguf::GgufWriter`]).
+//! - [`package`]: the kiln package (a folder of a JSON manifest and 64-byte-aligned shards,
+//!   every shard's sha256 checked on open): [`package::PackageWriter`], [`package::Package`].
 //! - [`quant`]: weight quantization schemes (int8 per channel, int4 per block, k-means lookup
 //!   tables), their quantizers, scalar reference kernels and quality metrics.
 //! - [`safetensors`]: a validating, memory-mapped safetensors reader for single files and
@@ -16,6 +18,7 @@
 
 pub mod ggml;
 pub mod gguf;
+pub mod package;
 pub mod quant;
 pub mod safetensors;
 

@@ -1,7 +1,8 @@
 //! A model with everything needed to talk to it: weights, tokenizer, chat template, and the
 //! rules for turning a user's prompt into token ids.
 //!
-//! Two sources: a GGUF file, which carries all of it, and a Hugging Face folder, where the
+//! Three sources: a GGUF file and a kiln package, which carry all of it (a package may lack
+//! a tokenizer when its source did), and a Hugging Face folder, where the
 //! tokenizer (`tokenizer.json`, with BOS/EOS and the chat template from
 //! `tokenizer_config.json`) is optional: without it the model still runs on token ids.
 
@@ -62,12 +63,22 @@ pub struct ModelBundle {
 }
 
 impl ModelBundle {
-    /// Opens a model with its tokenizer and chat template: a GGUF file, or a Hugging Face
+    /// Opens a model with its tokenizer and chat template: a GGUF file, a kiln package
+    /// (shards checked as [`crate::package::set_verify_on_open`] says), or a Hugging Face
     /// folder (`config.json`, safetensors weights, and optionally `tokenizer.json`).
     pub fn open(path: impl AsRef<Path>) -> Result<ModelBundle, BundleError> {
         let start = Instant::now();
         let path = path.as_ref();
-        let (model, tokenizer, tokenizer_path) = if path.is_dir() {
+        let (model, tokenizer, tokenizer_path) = if crate::package::is_package(path) {
+            let verify = crate::package::verify_on_open();
+            let (model, package) = crate::package::load_model(path, verify)?;
+            let tokenizer =
+                crate::package::tokenizer(&package).map_err(|source| BundleError::Tokenizer {
+                    path: crate::package::manifest_path(path),
+                    source,
+                })?;
+            (model, tokenizer, path.to_path_buf())
+        } else if path.is_dir() {
             // The model first: an unsupported architecture is the more useful message.
             let model = hf::load_model(path)?;
             let tokenizer = if path.join(hf::TOKENIZER_FILE).is_file() {

@@ -1,10 +1,12 @@
 //! Hyperparameters of a decoder-only transformer, in the terms the forward pass needs.
 //!
 //! Each architecture file turns its GGUF metadata into this one description; the forward
-//! pass, and later the exporters and planners, read only this.
+//! pass, and later the exporters and planners, read only this. It serializes (serde) as the
+//! `config` object of a kiln package manifest.
 
 /// How rotary position embedding pairs the dimensions of a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RopeStyle {
     /// Adjacent pairs `(2i, 2i+1)`: GGUF llama files, whose q/k weights the converter permuted.
     Interleaved,
@@ -13,7 +15,8 @@ pub enum RopeStyle {
 }
 
 /// The gate activation of the feed-forward block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// `silu(gate) * up` (SwiGLU).
     Silu,
@@ -22,7 +25,7 @@ pub enum Activation {
 }
 
 /// Per-layer attention settings.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerConfig {
     /// Keys further back than this many positions are masked (local attention); `None` = global.
     pub sliding_window: Option<usize>,
@@ -33,7 +36,7 @@ pub struct LayerConfig {
 }
 
 /// A decoder-only transformer's shape and conventions.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
     /// The GGUF `general.architecture` name (`llama`, `gemma3`, …).
     pub architecture: String,

@@ -1,20 +1,22 @@
 //! kiln's CPU runtime: kernels, model forward passes, KV cache, sampling and generation.
 //!
-//! A [`Model`] is loaded from a GGUF file or a Hugging Face folder (its weights stay
-//! memory-mapped in their stored format); a [`Session`] runs batches of tokens through it with
-//! a key/value cache; the [`generate`] module drives sampling, stop conditions and streaming
-//! on top.
+//! A [`Model`] is loaded from a GGUF file, a Hugging Face folder or a kiln package (its
+//! weights stay memory-mapped in their stored format); a [`Session`] runs batches of tokens
+//! through it with a key/value cache; the [`generate`] module drives sampling, stop
+//! conditions and streaming on top.
 
 pub mod arch;
 pub mod bench;
 pub mod bundle;
 pub mod config;
 pub mod conversation;
+pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod hf;
 pub mod kernels;
 pub mod model;
+pub mod package;
 pub mod perplexity;
 pub mod pool;
 pub mod sampling;

@@ -135,10 +135,15 @@ fn refuse_unread_tensors(
 }
 
 impl Model {
-    /// Loads the model of a GGUF file, or of a Hugging Face folder (`config.json` and
-    /// safetensors weights, see [`crate::hf`]).
+    /// Loads the model of a GGUF file, a kiln package (shards checked as
+    /// [`crate::package::set_verify_on_open`] says), or a Hugging Face folder (`config.json`
+    /// and safetensors weights, see [`crate::hf`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Model, ModelError> {
         let path = path.as_ref();
+        if crate::package::is_package(path) {
+            let verify = crate::package::verify_on_open();
+            return crate::package::load_model(path, verify).map(|(model, _)| model);
+        }
         if path.is_dir() {
             return crate::hf::load_model(path);
         }

@@ -7,8 +7,10 @@ use crate::TokenizerError;
 /// Plain data describing a tokenizer as GGUF stores it (`tokenizer.ggml.*`).
 ///
 /// Build one by hand (tests, converters) or read it with [`TokenizerSpec::from_gguf`], then
-/// turn it into a [`crate::Tokenizer`] with [`crate::Tokenizer::from_spec`].
-#[derive(Debug, Clone, Default, PartialEq)]
+/// turn it into a [`crate::Tokenizer`] with [`crate::Tokenizer::from_spec`]. It serializes
+/// (serde) with the field names below, as kiln packages store it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TokenizerSpec {
     /// `tokenizer.ggml.model`: `"gpt2"` (byte-level BPE) or `"llama"` (SentencePiece-style).
     pub model: String,
