@@ -592,10 +592,62 @@ struct ListedTensor {
     bytes: u64,
 }
 
-/// `kiln inspect`: a GGUF file, or a Hugging Face folder (whose tensors are listed under
-/// their checkpoint names, shapes outermost first).
+/// What `kiln inspect` shows of a kiln package, in the form [`inspect`] prints.
+fn inspect_package(path: &Path) -> Result<Inspected, Failure> {
+    let package = kiln_runtime::package::open(path, kiln_runtime::package::verify_on_open())?;
+    let m = package.manifest();
+    let tokenizer = match kiln_runtime::package::tokenizer(&package) {
+        Ok(Some(t)) => Ok(t),
+        Ok(None) => Err("the package carries no tokenizer".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let listed: Vec<ListedTensor> = m
+        .tensors
+        .iter()
+        .map(|t| ListedTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            ty: t.format.clone(),
+            bytes: t.length,
+        })
+        .collect();
+    let format = format!(
+        "kiln package version {}, {} shard(s), quant {} from {}",
+        m.format_version,
+        m.shards.len(),
+        m.conversion.quant,
+        m.source.format
+    );
+    let config = kiln_runtime::package::config(&package);
+    Ok((
+        format,
+        None,
+        m.architecture.clone(),
+        None,
+        config,
+        tokenizer,
+        listed,
+    ))
+}
+
+/// Format, GGUF version, architecture, name, description, tokenizer and tensors of a model.
+type Inspected = (
+    String,
+    Option<u32>,
+    String,
+    Option<String>,
+    Result<kiln_runtime::ModelConfig, ModelError>,
+    Result<kiln_tokenizer::Tokenizer, String>,
+    Vec<ListedTensor>,
+);
+
+/// `kiln inspect`: a GGUF file, a kiln package, or a Hugging Face folder (whose tensors are
+/// listed under their checkpoint names, shapes outermost first).
 pub fn inspect(a: InspectArgs) -> CmdResult {
-    let (format, gguf_version, arch, name, config, tokenizer, listed) = if a.model.is_dir() {
+    let package = kiln_runtime::package::is_package(&a.model);
+    let (format, gguf_version, arch, name, config, tokenizer, listed) = if package {
+        inspect_package(&a.model)?
+    } else if a.model.is_dir() {
         let (json, config_path) = kiln_runtime::hf::read_config(&a.model)?;
         let config = kiln_runtime::hf::config_from_json(&json, &config_path);
         // The runtime's family name (gemma3 for gemma3_text), which picks built-in templates.

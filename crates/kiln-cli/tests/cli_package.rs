@@ -184,6 +184,9 @@ fn hf_folder_converts_and_runs_identically() {
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     let out = kiln_ok(&["verify", s(&pkg), "--json"]);
     assert!(out.contains("\"ok\":true"), "{out}");
+    let out = kiln_ok(&["inspect", s(&pkg)]);
+    assert!(out.contains("kiln package version 1"), "{out}");
+    assert!(out.contains("no tokenizer"), "{out}");
 }
 
 fn first_shard(pkg: &Path) -> PathBuf {
