@@ -321,18 +321,8 @@ fn convert_tensor(
     options: &ConvertOptions,
     writer: &mut PackageWriter,
 ) -> Result<TensorOutcome, ModelError> {
-    let t = source
-        .tensor(name)
-        .ok_or_else(|| ModelError::bad(source.origin(), format!("missing tensor '{name}'")))?;
-    let data = t.data().ok_or_else(|| {
-        ModelError::bad(
-            source.origin(),
-            format!(
-                "tensor {}: data lies outside its storage",
-                source.describe(name)
-            ),
-        )
-    })?;
+    let t = crate::weights::require(source, name)?;
+    let data = crate::weights::tensor_data(source, name, &t)?;
     let from = t.format;
     let mut target = options.quant.ggml_type().unwrap_or(from);
     let mut kept_because = None;

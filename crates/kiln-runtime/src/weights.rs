@@ -141,15 +141,7 @@ impl WeightMatrix {
                 ),
             )
         })?;
-        if t.data().is_none() {
-            return Err(ModelError::bad(
-                source.origin(),
-                format!(
-                    "tensor {}: data lies outside its storage",
-                    source.describe(name)
-                ),
-            ));
-        }
+        tensor_data(source, name, &t)?;
         Ok(WeightMatrix {
             storage: t.storage,
             offset: t.offset,
@@ -206,10 +198,29 @@ impl WeightMatrix {
     }
 }
 
-fn require(source: &dyn TensorSource, name: &str) -> Result<TensorRef, ModelError> {
+/// The tensor `name` of `source`, or an error naming it as missing.
+pub(crate) fn require(source: &dyn TensorSource, name: &str) -> Result<TensorRef, ModelError> {
     source
         .tensor(name)
         .ok_or_else(|| ModelError::bad(source.origin(), format!("missing tensor '{name}'")))
+}
+
+/// The bytes of tensor `t` (named `name` in `source`), or an error when its shape and format
+/// do not fit inside its storage.
+pub(crate) fn tensor_data<'t>(
+    source: &dyn TensorSource,
+    name: &str,
+    t: &'t TensorRef,
+) -> Result<&'t [u8], ModelError> {
+    t.data().ok_or_else(|| {
+        ModelError::bad(
+            source.origin(),
+            format!(
+                "tensor {}: data lies outside its storage",
+                source.describe(name)
+            ),
+        )
+    })
 }
 
 /// Loads a 1-D f32 vector (norm weights, biases) of length `len`, dequantizing if needed.
@@ -229,15 +240,7 @@ pub fn load_vector(
             ),
         ));
     }
-    let data = t.data().ok_or_else(|| {
-        ModelError::bad(
-            source.origin(),
-            format!(
-                "tensor {}: data lies outside its storage",
-                source.describe(name)
-            ),
-        )
-    })?;
+    let data = tensor_data(source, name, &t)?;
     let mut out = vec![0.0f32; len];
     ggml::dequantize(t.format, data, &mut out).map_err(|e| {
         ModelError::bad(
