@@ -1,17 +1,13 @@
 //! Bad input reaches the user as exit code 2 and a message naming the file and the problem;
 //! never a panic.
 
+mod common;
+use common::*;
+
 use kiln_format::ggml::GgmlType;
 use kiln_format::gguf::{GgufWriter, MetadataValue};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("run kiln")
-}
+use std::path::PathBuf;
+use std::process::Command;
 
 fn tmpdir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-cli-errors-{}", std::process::id()));
@@ -28,20 +24,6 @@ fn smollm2() -> PathBuf {
         p.display()
     );
     p
-}
-
-/// Asserts exit code 2, a message on stderr containing every `needle`, and no panic text.
-fn assert_bad_input(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
-    }
-    assert!(!stderr.contains("panicked"), "{stderr}");
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
