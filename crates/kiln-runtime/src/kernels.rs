@@ -145,21 +145,13 @@ pub enum Isa {
     Avx2Fma,
 }
 
-/// The instruction set the kernels dispatch to on this CPU. `KILN_ISA=scalar` forces the
-/// portable path (used to compare paths on one machine).
+/// The instruction set the f32 kernels dispatch to: derived from the kernel crate's one CPU
+/// detection (so `KILN_ISA` lowers every kernel alike); AVX2 levels include FMA.
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        if std::env::var("KILN_ISA").is_ok_and(|v| v == "scalar") {
-            return Isa::Scalar;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2Fma;
-            }
-        }
-        Isa::Scalar
+    *ISA.get_or_init(|| match kiln_kernels::detect() {
+        kiln_kernels::Isa::Avx2 | kiln_kernels::Isa::Avx512Vnni => Isa::Avx2Fma,
+        _ => Isa::Scalar,
     })
 }
 
@@ -585,20 +577,6 @@ pub fn gated_parallel(pool: &ThreadPool, gate: &mut [f32], up: &[f32], op: fn(&m
     });
 }
 
-/// In-place softmax over `x`; returns nothing, leaves a probability distribution.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,21 +621,9 @@ mod tests {
     fn isa_is_detected_on_this_machine() {
         // The dispatcher must pick the SIMD path wherever the CPU has it.
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && std::env::var("KILN_ISA").is_err()
-        {
+        if kiln_kernels::Isa::Avx2.is_available() && std::env::var("KILN_ISA").is_err() {
             assert_eq!(isa(), Isa::Avx2Fma);
         }
-    }
-
-    #[test]
-    fn softmax_sums_to_one_and_keeps_order() {
-        let mut x = vec![1.0, 3.0, -2.0, 0.5];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(x[1] > x[0] && x[0] > x[3] && x[3] > x[2]);
-        assert!((x[1] / x[0] - 2.0f32.exp()).abs() < 1e-4);
     }
 
     #[test]
