@@ -63,9 +63,11 @@ impl BenchResult {
 /// Runs the prompt-processing and generation tests.
 pub fn run(model: &Model, pool: &ThreadPool, cfg: &BenchConfig) -> Result<BenchResult, ModelError> {
     let vocab = model.config.vocab_size as u64;
-    let mut state = cfg.seed | 1;
+    let mut rng = crate::sampling::SplitMix64 {
+        state: cfg.seed | 1,
+    };
     let prompt: Vec<u32> = (0..cfg.prompt_tokens)
-        .map(|_| (splitmix(&mut state) % vocab) as u32)
+        .map(|_| (rng.next_u64() % vocab) as u32)
         .collect();
     let n_ctx = cfg.prompt_tokens.max(cfg.gen_tokens).max(1);
     let mut session = Session::new(model, pool, n_ctx);
@@ -165,14 +167,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

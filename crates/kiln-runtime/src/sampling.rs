@@ -489,12 +489,12 @@ fn nucleus(candidates: &mut [Candidate], max: f32, target: f64) -> usize {
 /// SplitMix64 (Steele, Lea & Flood), used only to expand a 64-bit seed into
 /// xoshiro's 256-bit state, as its authors recommend.
 #[derive(Clone, Debug)]
-struct SplitMix64 {
-    state: u64,
+pub(crate) struct SplitMix64 {
+    pub(crate) state: u64,
 }
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
