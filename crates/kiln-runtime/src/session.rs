@@ -130,21 +130,20 @@ impl<'m> Session<'m> {
         }
         let e = c.n_embd;
         let precision = self.precision;
-        let mut x = vec![0.0f32; t_len * e];
+        // Scratch activations, the residual stream included, live in the session: a fresh
+        // multi-megabyte allocation per forward pass would be paid again in page faults.
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.prepare(c, t_len);
+        let mut x = std::mem::take(&mut buf.x);
         for (row, &tok) in x.chunks_exact_mut(e).zip(tokens) {
             model.token_embd.dequantize_row(tok as usize, row);
             if let Some(s) = c.embedding_scale {
                 row.iter_mut().for_each(|v| *v *= s);
             }
         }
-        // Scratch activations live in the session: a fresh multi-megabyte allocation per
-        // forward pass would be paid again in page faults every time.
-        let mut buf = std::mem::take(&mut self.scratch);
-        buf.prepare(c, t_len);
         for (il, layer) in model.layers.iter().enumerate() {
             self.layer_forward(il, layer, &mut x, &mut buf);
         }
-        self.scratch = buf;
         let rows: &mut [f32] = match want {
             Logits::Last => &mut x[(t_len - 1) * e..],
             Logits::All => &mut x[..],
@@ -163,6 +162,8 @@ impl<'m> Session<'m> {
         if let Some(cap) = c.final_logit_softcap {
             logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }
+        buf.x = x;
+        self.scratch = buf;
         self.n_past += t_len;
         Ok(logits)
     }
@@ -380,6 +381,8 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
 #[derive(Default)]
 struct Buffers {
     t_len: usize,
+    /// The residual stream.
+    x: Vec<f32>,
     h: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -394,6 +397,7 @@ impl Buffers {
     fn prepare(&mut self, c: &ModelConfig, t_len: usize) {
         self.t_len = t_len;
         for (buf, width) in [
+            (&mut self.x, c.n_embd),
             (&mut self.h, c.n_embd),
             (&mut self.q, c.q_dim()),
             (&mut self.k, c.kv_dim()),
