@@ -42,6 +42,9 @@
 //!   [`reference::error_bound`]. Results may differ between levels in the last bits (not in
 //!   the integer sums), never between runs.
 //!
+//! The f32 vector kernels of the forward pass (dot products, sums, `y += a·x`) are in
+//! [`vector`], with the same dispatch and the same kind of references.
+//!
 //! Covered weight types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F32, F16
 //! and BF16 have SIMD kernels; Q8_1 and Q8_K (activation formats in ggml) are accepted as
 //! weights too and computed by the reference.
@@ -55,6 +58,7 @@ pub mod gemm_bf16;
 mod isa;
 mod layout;
 pub mod reference;
+pub mod vector;
 
 #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
 mod arm;

@@ -1,0 +1,306 @@
+//! f32 vector kernels of the forward pass (attention scores, weighted sums of values, plain
+//! sums): AVX2+FMA on x86-64, NEON on aarch64, and scalar references they are held to.
+//!
+//! The references sum in eight interleaved partial sums, the order the SIMD paths use, so the
+//! results agree closely (not bit for bit: the SIMD paths fuse multiply and add).
+
+use crate::isa::{detect, Isa};
+
+/// Scalar reference of [`dot_f32`].
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn dot_f32_reference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+/// Scalar reference of [`sum_f32`].
+pub fn sum_f32_reference(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Scalar reference of [`axpy_f32`].
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn axpy_f32_reference(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy_f32: lengths differ");
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// `sum_i a[i] * b[i]`.
+///
+/// # Panics
+/// If the slices differ in length.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    dot_f32_with(detect(), a, b)
+}
+
+/// [`dot_f32`] at a given level.
+///
+/// # Panics
+/// If the slices differ in length or the CPU lacks `isa`.
+pub fn dot_f32_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both x86 levels include AVX2 and FMA, which `is_available` confirms; the
+        // slices have equal lengths (asserted above).
+        Isa::Avx2 | Isa::Avx512Vnni if isa.is_available() => unsafe { x86::dot(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is part of every aarch64 CPU; the slices have equal lengths.
+        Isa::Neon | Isa::NeonDotprod => unsafe { neon::dot(a, b) },
+        _ => {
+            assert!(isa.is_available(), "dot_f32: this CPU cannot run {isa:?}");
+            dot_f32_reference(a, b)
+        }
+    }
+}
+
+/// The sum of all elements.
+#[inline]
+pub fn sum_f32(x: &[f32]) -> f32 {
+    sum_f32_with(detect(), x)
+}
+
+/// [`sum_f32`] at a given level.
+///
+/// # Panics
+/// If the CPU lacks `isa`.
+pub fn sum_f32_with(isa: Isa, x: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both x86 levels include AVX2, which `is_available` confirms.
+        Isa::Avx2 | Isa::Avx512Vnni if isa.is_available() => unsafe { x86::sum(x) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is part of every aarch64 CPU.
+        Isa::Neon | Isa::NeonDotprod => unsafe { neon::sum(x) },
+        _ => {
+            assert!(isa.is_available(), "sum_f32: this CPU cannot run {isa:?}");
+            sum_f32_reference(x)
+        }
+    }
+}
+
+/// `y += a * x`.
+///
+/// # Panics
+/// If the slices differ in length.
+#[inline]
+pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+    axpy_f32_with(detect(), a, x, y)
+}
+
+/// [`axpy_f32`] at a given level.
+///
+/// # Panics
+/// If the slices differ in length or the CPU lacks `isa`.
+pub fn axpy_f32_with(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy_f32: lengths differ");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both x86 levels include AVX2 and FMA, which `is_available` confirms; the
+        // slices have equal lengths (asserted above).
+        Isa::Avx2 | Isa::Avx512Vnni if isa.is_available() => unsafe { x86::axpy(a, x, y) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is part of every aarch64 CPU; the slices have equal lengths.
+        Isa::Neon | Isa::NeonDotprod => unsafe { neon::axpy(a, x, y) },
+        _ => {
+            assert!(isa.is_available(), "axpy_f32: this CPU cannot run {isa:?}");
+            axpy_f32_reference(a, x, y)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Horizontal sum of eight lanes.
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `a.len() == b.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads 8 floats at offsets below n, within both slices.
+        unsafe {
+            while i + 32 <= n {
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    let j = i + 8 * k;
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(j)),
+                        _mm256_loadu_ps(pb.add(j)),
+                        *acc,
+                    );
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i)),
+                    _mm256_loadu_ps(pb.add(i)),
+                    acc[0],
+                );
+                i += 8;
+            }
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut sum = hsum(v);
+        for j in i..n {
+            sum += a[j] * b[j];
+        }
+        sum
+    }
+
+    /// Four 8-lane accumulators: streams memory as fast as one core can.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn sum(x: &[f32]) -> f32 {
+        let n = x.len();
+        let p = x.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                // SAFETY: 8 floats at offset i + 8k < n lie within `x`.
+                *a = _mm256_add_ps(*a, unsafe { _mm256_loadu_ps(p.add(i + 8 * k)) });
+            }
+            i += 32;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum(v) + x[i..].iter().sum::<f32>()
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `x.len() == y.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let va = _mm256_set1_ps(a);
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: 8 floats at offset i < n lie within both slices.
+            unsafe {
+                let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+                _mm256_storeu_ps(py.add(i), v);
+            }
+            i += 8;
+        }
+        for j in i..n {
+            y[j] += a * x[j];
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// `a.len() == b.len()` (NEON is always present on aarch64).
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        // SAFETY: every load reads 4 floats at offsets below n, within both slices.
+        unsafe {
+            while i + 16 <= n {
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    let j = i + 4 * k;
+                    *acc = vfmaq_f32(*acc, vld1q_f32(pa.add(j)), vld1q_f32(pb.add(j)));
+                }
+                i += 16;
+            }
+            while i + 4 <= n {
+                acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
+                i += 4;
+            }
+        }
+        let v = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        let mut sum = vaddvq_f32(v);
+        for j in i..n {
+            sum += a[j] * b[j];
+        }
+        sum
+    }
+
+    /// # Safety
+    /// None beyond NEON, which every aarch64 CPU has.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn sum(x: &[f32]) -> f32 {
+        let n = x.len();
+        let p = x.as_ptr();
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                // SAFETY: 4 floats at offset i + 4k < n lie within `x`.
+                *a = vaddq_f32(*a, unsafe { vld1q_f32(p.add(i + 4 * k)) });
+            }
+            i += 16;
+        }
+        let v = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        vaddvq_f32(v) + x[i..].iter().sum::<f32>()
+    }
+
+    /// # Safety
+    /// `x.len() == y.len()` (NEON is always present on aarch64).
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let va = vdupq_n_f32(a);
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        while i + 4 <= n {
+            // SAFETY: 4 floats at offset i < n lie within both slices.
+            unsafe {
+                vst1q_f32(
+                    py.add(i),
+                    vfmaq_f32(vld1q_f32(py.add(i)), va, vld1q_f32(px.add(i))),
+                )
+            };
+            i += 4;
+        }
+        for j in i..n {
+            y[j] += a * x[j];
+        }
+    }
+}
