@@ -35,6 +35,12 @@ pub struct ConvertArgs {
     /// Largest shard, in MiB (a larger single tensor gets a shard of its own).
     #[arg(long, default_value_t = 950)]
     pub max_shard_mb: u64,
+    /// Keep activations in fp16 range (for the Neural Engine): measure them on built-in
+    /// prompts, carry the residual stream divided by a power of two where it exceeds the
+    /// range, compute RMSNorm max-scaled where its squares do, mark the rest fp32; the fix is
+    /// recorded in the manifest (`kiln validate PKG --fp16` checks it).
+    #[arg(long)]
+    pub fp16_safe: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +85,7 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
         quant,
         keep,
         max_shard_bytes: a.max_shard_mb << 20,
+        fp16_safe: a.fp16_safe,
     };
     let terminal = std::io::stdout().is_terminal();
     let start = Instant::now();
@@ -128,6 +135,7 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
             "shards": report.manifest.shards.len(),
             "bytes": size,
             "seconds": seconds,
+            "fp16": report.fp16,
             "tensors": tensors,
         });
         println!("{j}");
@@ -150,6 +158,24 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
                 "{} tensors converted to {quant}: lowest snr {worst:.2} dB, lowest cosine {min_cos:.6}",
                 quantized.len()
             );
+        }
+        if let Some(fix) = &report.fp16 {
+            let (b, f) = (&fix.calibration.before, &fix.calibration.after);
+            println!(
+                "fp16 fix (calibrated on {} prompts, {} tokens): largest activation {:.0} -> {:.0}, \
+                 largest RMSNorm statistic {:.3e} -> {:.3e}, ops beyond fp16 {} -> {}",
+                fix.calibration.prompts,
+                fix.calibration.tokens,
+                b.max_activation,
+                f.max_activation,
+                b.max_norm_statistic,
+                f.max_norm_statistic,
+                b.failures,
+                f.failures
+            );
+            for note in &fix.notes {
+                println!("  {note}");
+            }
         }
         println!(
             "{}: {} tensors, {} shard(s), {:.1} MB, written in {seconds:.2} s",

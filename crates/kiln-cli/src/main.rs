@@ -1,13 +1,15 @@
 //! `kiln`: import, compile, verify and run language models on devices.
 //!
 //! The binary only parses arguments and prints results; the work happens in the library crates.
-//! Exit codes: 0 success, 2 bad input (with a message), 1 internal error.
+//! Exit codes: 0 success, 2 bad input (with a message), 1 a failed check (`kiln validate`) or
+//! an internal error.
 
 mod commands;
 mod convert_commands;
 mod coreml_commands;
 mod export_commands;
 mod hub_source;
+mod validate_commands;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -50,6 +52,9 @@ enum Command {
     Convert(convert_commands::ConvertArgs),
     /// Convert a model for a device: `kiln export coreml SRC -o OUT.mlpackage`.
     Export(export_commands::ExportArgs),
+    /// Check a converted model against its source (logits cosine, KL, top-1, perplexity), or
+    /// one model's fp16 activation ranges (--fp16); exit 1 when a check fails.
+    Validate(validate_commands::ValidateArgs),
 }
 
 /// Where the prompt comes from.
@@ -309,6 +314,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => coreml_commands::verify(a),
         Command::Convert(a) => convert_commands::convert(a),
         Command::Export(a) => export_commands::export(a),
+        Command::Validate(a) => validate_commands::validate(a),
     });
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,

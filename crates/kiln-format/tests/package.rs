@@ -33,6 +33,7 @@ fn manifest() -> Manifest {
             quant: "keep".into(),
             keep: Vec::new(),
             max_shard_bytes: 0,
+            fp16: None,
         },
         alignment: 0,
         shards: Vec::new(),

@@ -82,6 +82,12 @@ pub struct ModelConfig {
     pub attn_logit_softcap: Option<f32>,
     /// Whether q/k/v projections carry biases (Qwen 2).
     pub qkv_bias: bool,
+    /// Epsilon of the RMSNorms that read the residual stream (before attention, before the
+    /// feed-forward block, and the final norm) when it differs from `rms_eps`: a model whose
+    /// residual stream is carried divided by `s` (see [`crate::fp16_fix`]) uses
+    /// `rms_eps / s²` there, which leaves those norms' outputs unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_rms_eps: Option<f32>,
 }
 
 impl ModelConfig {
@@ -93,6 +99,11 @@ impl ModelConfig {
     /// Width of all query heads together.
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
+    }
+
+    /// Epsilon of the RMSNorms that read the residual stream (see `residual_rms_eps`).
+    pub fn residual_eps(&self) -> f32 {
+        self.residual_rms_eps.unwrap_or(self.rms_eps)
     }
 
     /// Width of all key (or value) heads together.

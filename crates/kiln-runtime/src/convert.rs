@@ -16,6 +16,7 @@
 //! per weight than the source they are copied as they are.
 
 use crate::error::ModelError;
+use crate::fp16_fix::{self, Fp16Fix};
 use crate::model::Model;
 use crate::weights::{GgufSource, TensorSource};
 use crate::{arch, hf, package};
@@ -113,6 +114,9 @@ pub struct ConvertOptions {
     pub keep: Vec<String>,
     /// The shard size cap in bytes.
     pub max_shard_bytes: u64,
+    /// Apply the fp16 range fix ([`crate::fp16_fix`]), calibrated on
+    /// [`crate::validate::DEFAULT_PROMPTS`].
+    pub fp16_safe: bool,
 }
 
 impl Default for ConvertOptions {
@@ -121,6 +125,7 @@ impl Default for ConvertOptions {
             quant: QuantTarget::Keep,
             keep: DEFAULT_KEEP.iter().map(|s| s.to_string()).collect(),
             max_shard_bytes: kiln_format::package::DEFAULT_MAX_SHARD_BYTES,
+            fp16_safe: false,
         }
     }
 }
@@ -150,6 +155,8 @@ pub struct ConvertReport {
     pub manifest: Manifest,
     /// Per tensor, in write order.
     pub tensors: Vec<TensorOutcome>,
+    /// The fp16 range fix applied, with `fp16_safe`.
+    pub fp16: Option<Fp16Fix>,
 }
 
 /// Bits per weight of a ggml type.
@@ -271,17 +278,33 @@ pub fn convert(
     let source = open_source(src)?;
     // Refuse what the runtime could not run before spending time on it.
     Model::from_source(source.config.clone(), source.tensors.as_ref())?;
-    let config_json = serde_json::to_value(&source.config)
+    let safe = if options.fp16_safe {
+        Some(make_fp16_safe(src, &source)?)
+    } else {
+        None
+    };
+    let (config, tensors): (&crate::config::ModelConfig, &dyn TensorSource) = match &safe {
+        Some(safe) => (&safe.config, &safe.source),
+        None => (&source.config, source.tensors.as_ref()),
+    };
+    let config_json = serde_json::to_value(config)
         .map_err(|e| ModelError::bad(src, format!("cannot describe the model: {e}")))?;
+    let fp16 = safe.as_ref().map(|s| s.fix.clone());
+    let fp16_json = match &fp16 {
+        Some(fix) => Some(serde_json::to_value(fix).map_err(|e| {
+            ModelError::bad(src, format!("cannot describe the fp16 fix: {e}"))
+        })?),
+        None => None,
+    };
 
     let mut writer = PackageWriter::create(out, options.max_shard_bytes)?;
     for (name, bytes) in &source.files {
         writer.add_file(name, bytes)?;
     }
-    let names = source.tensors.names();
+    let names = tensors.names();
     let mut outcomes = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
-        let outcome = convert_tensor(source.tensors.as_ref(), name, options, &mut writer)?;
+        let outcome = convert_tensor(tensors, name, options, &mut writer)?;
         on_tensor(&outcome, i + 1, names.len());
         outcomes.push(outcome);
     }
@@ -302,6 +325,7 @@ pub fn convert(
             quant: options.quant.name().to_string(),
             keep: options.keep.clone(),
             max_shard_bytes: options.max_shard_bytes,
+            fp16: fp16_json,
         },
         alignment: 0,
         shards: Vec::new(),
@@ -312,7 +336,37 @@ pub fn convert(
     Ok(ConvertReport {
         manifest,
         tensors: outcomes,
+        fp16,
     })
+}
+
+/// Calibrates the fp16 fix on the built-in prompts, tokenized by the source's own tokenizer.
+fn make_fp16_safe<'a>(
+    src: &Path,
+    source: &'a Source,
+) -> Result<fp16_fix::SafeModel<'a>, ModelError> {
+    let no_tokenizer = || {
+        ModelError::Request(format!(
+            "{}: --fp16-safe calibrates on text prompts, but the model has no tokenizer",
+            src.display()
+        ))
+    };
+    let tokenizer = match source.format {
+        "hf" if src.join(hf::TOKENIZER_FILE).is_file() => kiln_tokenizer::Tokenizer::from_hf(src),
+        "gguf" if !source.tokenizer.is_null() => {
+            kiln_tokenizer::Tokenizer::from_gguf(&GgufFile::open(src)?)
+        }
+        _ => return Err(no_tokenizer()),
+    }
+    .map_err(|e| ModelError::bad(src, format!("tokenizer: {e}")))?;
+    let prompts = crate::validate::DEFAULT_PROMPTS
+        .iter()
+        .map(|p| tokenizer.encode(p, true, true))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ModelError::bad(src, format!("tokenizer: {e}")))?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = crate::pool::ThreadPool::new(threads);
+    fp16_fix::make_safe(&source.config, source.tensors.as_ref(), &pool, &prompts)
 }
 
 fn convert_tensor(

@@ -12,6 +12,8 @@ pub mod config;
 pub mod conversation;
 pub mod convert;
 pub mod error;
+pub mod fp16;
+pub mod fp16_fix;
 pub mod generate;
 pub mod hf;
 pub mod kernels;
@@ -21,6 +23,7 @@ pub mod perplexity;
 pub mod pool;
 pub mod sampling;
 pub mod session;
+pub mod validate;
 pub mod weights;
 
 pub use config::ModelConfig;

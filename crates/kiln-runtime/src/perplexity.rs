@@ -9,7 +9,8 @@ use crate::error::ModelError;
 use crate::kernels::Precision;
 use crate::model::Model;
 use crate::pool::ThreadPool;
-use crate::session::{Logits, Session};
+use crate::session::Session;
+use crate::validate::LogitsModel;
 
 /// The outcome of [`perplexity`].
 #[derive(Clone, Debug, PartialEq)]
@@ -36,26 +37,33 @@ pub fn perplexity(
     bos: Option<u32>,
     precision: Precision,
 ) -> Result<Perplexity, ModelError> {
+    // Checked before the session allocates its cache.
+    check_ctx(ctx, model.config.context_length)?;
+    let mut session = Session::new(model, pool, ctx);
+    session.set_precision(precision);
+    perplexity_of(&mut session, tokens, ctx, bos)
+}
+
+/// [`perplexity`] of any [`LogitsModel`] (which must hold `ctx` positions).
+pub fn perplexity_of(
+    model: &mut dyn LogitsModel,
+    tokens: &[u32],
+    ctx: usize,
+    bos: Option<u32>,
+) -> Result<Perplexity, ModelError> {
     let text_per_chunk = ctx.saturating_sub(usize::from(bos.is_some()));
     if text_per_chunk < 2 {
         return Err(ModelError::Request(format!(
             "--ctx {ctx} is too small: a chunk must hold at least two text tokens"
         )));
     }
-    if ctx > model.config.context_length {
-        return Err(ModelError::Request(format!(
-            "--ctx {ctx} exceeds the model's context length {}",
-            model.config.context_length
-        )));
-    }
+    check_ctx(ctx, model.context_length())?;
     if tokens.len() < 2 {
         return Err(ModelError::Request(
             "the text is too short: it must tokenize to at least two tokens".into(),
         ));
     }
-    let vocab = model.config.vocab_size;
-    let mut session = Session::new(model, pool, ctx);
-    session.set_precision(precision);
+    let vocab = model.vocab_size();
     let mut nll_sum = 0.0f64;
     let mut scored = 0usize;
     let mut n_chunks = 0usize;
@@ -68,8 +76,8 @@ pub fn perplexity(
         input.clear();
         input.extend(bos);
         input.extend_from_slice(chunk);
-        session.reset();
-        let logits = session.forward(&input, Logits::All)?;
+        model.reset();
+        let logits = model.forward(&input)?;
         let offset = usize::from(bos.is_some());
         // Logits row r predicts input[r + 1]; text token i of the chunk sits at offset + i.
         for i in 1..chunk.len() {
@@ -85,6 +93,15 @@ pub fn perplexity(
         n_chunks,
         nll_sum,
     })
+}
+
+fn check_ctx(ctx: usize, context_length: usize) -> Result<(), ModelError> {
+    if ctx > context_length {
+        return Err(ModelError::Request(format!(
+            "--ctx {ctx} exceeds the model's context length {context_length}"
+        )));
+    }
+    Ok(())
 }
 
 /// `-log softmax(row)[target]`, computed in f64.

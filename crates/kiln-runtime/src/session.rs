@@ -87,6 +87,11 @@ impl<'m> Session<'m> {
         self.precision
     }
 
+    /// The model this session runs.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
     /// Positions processed so far.
     pub fn n_past(&self) -> usize {
         self.n_past
@@ -149,7 +154,7 @@ impl<'m> Session<'m> {
             Logits::All => &mut x[..],
         };
         let n_rows = rows.len() / e;
-        kernels::rms_norm(rows, &model.output_norm, c.rms_eps);
+        kernels::rms_norm(rows, &model.output_norm, c.residual_eps());
         let mut logits = vec![0.0f32; n_rows * c.vocab_size];
         matmul(
             self.pool,
@@ -177,7 +182,7 @@ impl<'m> Session<'m> {
 
         // Attention sub-block.
         b.h.copy_from_slice(x);
-        kernels::rms_norm(&mut b.h, &w.attn_norm, c.rms_eps);
+        kernels::rms_norm(&mut b.h, &w.attn_norm, c.residual_eps());
         matmul(pool, &w.wq, &b.h, t_len, &mut b.q, precision);
         matmul(pool, &w.wk, &b.h, t_len, &mut b.k, precision);
         matmul(pool, &w.wv, &b.h, t_len, &mut b.v, precision);
@@ -226,7 +231,7 @@ impl<'m> Session<'m> {
 
         // Feed-forward sub-block.
         b.h.copy_from_slice(x);
-        kernels::rms_norm(&mut b.h, &w.ffn_norm, c.rms_eps);
+        kernels::rms_norm(&mut b.h, &w.ffn_norm, c.residual_eps());
         matmul(pool, &w.w_gate, &b.h, t_len, &mut b.gate, precision);
         matmul(pool, &w.w_up, &b.h, t_len, &mut b.up, precision);
         add_bias(&mut b.gate, w.b_gate.as_deref());
@@ -415,12 +420,12 @@ impl Buffers {
 ///
 /// Angles are formed in f32 (`f32(pos) * inv_freq`), as the reference implementations do, so
 /// long positions round the same way; only sin/cos are evaluated in f64.
-struct RopeTable {
+pub(crate) struct RopeTable {
     inv_freq: Vec<f32>,
 }
 
 impl RopeTable {
-    fn new(c: &ModelConfig, base: f32, freq_scale: f32) -> RopeTable {
+    pub(crate) fn new(c: &ModelConfig, base: f32, freq_scale: f32) -> RopeTable {
         let half = c.rope_dim / 2;
         let inv_freq = (0..half)
             .map(|i| {
@@ -436,7 +441,7 @@ impl RopeTable {
     }
 
     /// The (cos, sin) pairs of position `pos`, one per rotated pair of dimensions.
-    fn angles(&self, pos: usize, out: &mut Vec<(f32, f32)>) {
+    pub(crate) fn angles(&self, pos: usize, out: &mut Vec<(f32, f32)>) {
         out.clear();
         out.extend(self.inv_freq.iter().map(|&f| {
             let theta = f64::from(pos as f32 * f);
@@ -445,7 +450,7 @@ impl RopeTable {
     }
 
     /// Rotates one head by the angles of its position.
-    fn rotate(head: &mut [f32], angles: &[(f32, f32)], style: RopeStyle) {
+    pub(crate) fn rotate(head: &mut [f32], angles: &[(f32, f32)], style: RopeStyle) {
         let half = angles.len();
         for (i, &(cos, sin)) in angles.iter().enumerate() {
             let (a, b) = match style {

@@ -13,10 +13,12 @@ mod kquantize;
 mod kquants;
 mod legacy;
 mod quantize;
+mod scale;
 
 use std::fmt;
 
 pub use quantize::quantize;
+pub use scale::scale_pow2;
 
 /// Elements per block of the "legacy" quantizations (Q4_0 … Q8_1).
 pub(crate) const QK: usize = 32;

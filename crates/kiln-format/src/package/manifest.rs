@@ -72,6 +72,10 @@ pub struct Conversion {
     pub keep: Vec<String>,
     /// The shard size cap, in bytes.
     pub max_shard_bytes: u64,
+    /// The fp16 range fix the weights carry (`kiln convert --fp16-safe`), as the runtime
+    /// describes it; absent when none was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp16: Option<Value>,
 }
 
 /// One file of a package with its size and hash.

@@ -91,6 +91,7 @@ pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         final_logit_softcap: None,
         attn_logit_softcap: None,
         qkv_bias: false,
+        residual_rms_eps: None,
     };
     check_shapes(file.path(), &config, &GGUF_NAMES)?;
     Ok(config)
@@ -237,6 +238,7 @@ pub fn config_from_hf(json: &Value, origin: &Path) -> Result<ModelConfig, ModelE
         final_logit_softcap: softcap("final_logit_softcapping")?,
         attn_logit_softcap: softcap("attn_logit_softcapping")?,
         qkv_bias: k.bool_or("attention_bias", false)?,
+        residual_rms_eps: None,
     };
     check_shapes(origin, &config, &HF_NAMES)?;
     Ok(config)

@@ -87,6 +87,7 @@ pub fn config(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         final_logit_softcap: None,
         attn_logit_softcap: None,
         qkv_bias: file.tensor("blk.0.attn_q.bias").is_some(),
+        residual_rms_eps: None,
     };
     check_shapes(file.path(), &config, &GGUF_NAMES)?;
     Ok(config)
@@ -224,6 +225,7 @@ pub fn config_from_hf(json: &Value, origin: &Path) -> Result<ModelConfig, ModelE
         attn_logit_softcap: None,
         // Qwen 2's q/k/v projections always carry biases; the others follow attention_bias.
         qkv_bias: model_type == "qwen2" || k.bool_or("attention_bias", false)?,
+        residual_rms_eps: None,
     };
     check_shapes(origin, &config, &HF_NAMES)?;
     Ok(config)
