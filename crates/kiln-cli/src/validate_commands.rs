@@ -112,7 +112,10 @@ pub fn validate(a: ValidateArgs) -> Result<(), Failure> {
     if a.fp16 {
         return fp16_check(&a);
     }
-    let against = a.against.as_ref().expect("clap requires --against without --fp16");
+    let against = a
+        .against
+        .as_ref()
+        .expect("clap requires --against without --fp16");
     if !(0.0..=1.0).contains(&a.min_cosine) {
         return Err(input("--min-cosine must be between 0 and 1"));
     }
@@ -252,7 +255,10 @@ fn totals(results: &[PromptResult]) -> (f64, f64, usize, usize) {
     let min_cos = results
         .iter()
         .map(|r| r.min_cosine)
-        .fold(f64::INFINITY, |a, b| if b.is_nan() || b < a { b } else { a });
+        .fold(
+            f64::INFINITY,
+            |a, b| if b.is_nan() || b < a { b } else { a },
+        );
     let kl = results
         .iter()
         .flat_map(|r| r.steps.iter().map(|s| s.kl))
@@ -413,7 +419,11 @@ fn fp16_check(a: &ValidateArgs) -> Result<(), Failure> {
         "fp16 range check failed: {} (layer, op) pairs leave the fp16 range; worst: {}{}",
         failures.len(),
         listed.join("; "),
-        if failures.len() > listed.len() { "; …" } else { "" }
+        if failures.len() > listed.len() {
+            "; …"
+        } else {
+            ""
+        }
     )))
 }
 

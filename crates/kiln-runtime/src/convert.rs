@@ -291,9 +291,10 @@ pub fn convert(
         .map_err(|e| ModelError::bad(src, format!("cannot describe the model: {e}")))?;
     let fp16 = safe.as_ref().map(|s| s.fix.clone());
     let fp16_json = match &fp16 {
-        Some(fix) => Some(serde_json::to_value(fix).map_err(|e| {
-            ModelError::bad(src, format!("cannot describe the fp16 fix: {e}"))
-        })?),
+        Some(fix) => Some(
+            serde_json::to_value(fix)
+                .map_err(|e| ModelError::bad(src, format!("cannot describe the fp16 fix: {e}")))?,
+        ),
         None => None,
     };
 

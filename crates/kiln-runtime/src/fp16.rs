@@ -330,7 +330,10 @@ impl Probe<'_> {
             let mut eps_row = self.round(eps);
             if scaled {
                 // The smallest normal fp16 value keeps an all-zero row from dividing by zero.
-                let m = row.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(F16_MIN_NORMAL);
+                let m = row
+                    .iter()
+                    .fold(0.0f32, |a, v| a.max(v.abs()))
+                    .max(F16_MIN_NORMAL);
                 row.iter_mut().for_each(|v| *v = self.round(*v / m));
                 eps_row = self.round(self.round(eps / m) / m);
             }
@@ -397,7 +400,13 @@ pub fn forward(
         layer(&mut probe, pool, c, il, w, &mut x, t_len, residual_eps);
     }
     let last = &mut x[(t_len - 1) * e..];
-    probe.rms_norm(None, ops::OUTPUT_NORM, last, &model.output_norm, residual_eps);
+    probe.rms_norm(
+        None,
+        ops::OUTPUT_NORM,
+        last,
+        &model.output_norm,
+        residual_eps,
+    );
     let mut logits = vec![0.0f32; c.vocab_size];
     matmul(pool, &model.output, last, 1, &mut logits, Precision::Exact);
     if let Some(cap) = c.final_logit_softcap {
@@ -447,9 +456,36 @@ fn layer(
     // Attention sub-block.
     let mut h = x.to_vec();
     probe.rms_norm(l, ops::ATTN_NORM, &mut h, &w.attn_norm, residual_eps);
-    let mut q = linear(probe, pool, il, ops::ATTN_Q, &w.wq, w.bq.as_deref(), &h, t_len);
-    let mut k = linear(probe, pool, il, ops::ATTN_K, &w.wk, w.bk.as_deref(), &h, t_len);
-    let v = linear(probe, pool, il, ops::ATTN_V, &w.wv, w.bv.as_deref(), &h, t_len);
+    let mut q = linear(
+        probe,
+        pool,
+        il,
+        ops::ATTN_Q,
+        &w.wq,
+        w.bq.as_deref(),
+        &h,
+        t_len,
+    );
+    let mut k = linear(
+        probe,
+        pool,
+        il,
+        ops::ATTN_K,
+        &w.wk,
+        w.bk.as_deref(),
+        &h,
+        t_len,
+    );
+    let v = linear(
+        probe,
+        pool,
+        il,
+        ops::ATTN_V,
+        &w.wv,
+        w.bv.as_deref(),
+        &h,
+        t_len,
+    );
     if let Some(qn) = &w.q_norm {
         probe.rms_norm(l, ops::ATTN_Q_NORM, &mut q, qn, c.rms_eps);
     }
@@ -471,7 +507,16 @@ fn layer(
     probe.out(l, ops::ATTN_Q_ROPE, &mut q);
     probe.out(l, ops::ATTN_K_ROPE, &mut k);
     let attn = attention(probe, c, il, &q, &k, &v, t_len);
-    let mut o = linear(probe, pool, il, ops::ATTN_OUTPUT, &w.wo, w.bo.as_deref(), &attn, t_len);
+    let mut o = linear(
+        probe,
+        pool,
+        il,
+        ops::ATTN_OUTPUT,
+        &w.wo,
+        w.bo.as_deref(),
+        &attn,
+        t_len,
+    );
     if let Some(pn) = &w.post_attn_norm {
         probe.rms_norm(l, ops::POST_ATTENTION_NORM, &mut o, pn, c.rms_eps);
     }
@@ -481,8 +526,26 @@ fn layer(
     // Feed-forward sub-block.
     let mut h = x.to_vec();
     probe.rms_norm(l, ops::FFN_NORM, &mut h, &w.ffn_norm, residual_eps);
-    let mut gate = linear(probe, pool, il, ops::FFN_GATE, &w.w_gate, w.b_gate.as_deref(), &h, t_len);
-    let up = linear(probe, pool, il, ops::FFN_UP, &w.w_up, w.b_up.as_deref(), &h, t_len);
+    let mut gate = linear(
+        probe,
+        pool,
+        il,
+        ops::FFN_GATE,
+        &w.w_gate,
+        w.b_gate.as_deref(),
+        &h,
+        t_len,
+    );
+    let up = linear(
+        probe,
+        pool,
+        il,
+        ops::FFN_UP,
+        &w.w_up,
+        w.b_up.as_deref(),
+        &h,
+        t_len,
+    );
     for g in gate.iter_mut() {
         *g = match c.activation {
             Activation::Silu => *g / (1.0 + (-*g).exp()),
@@ -495,7 +558,16 @@ fn layer(
     probe.out(l, ops::FFN_ACT, &mut gate);
     gate.iter_mut().zip(&up).for_each(|(g, u)| *g *= u);
     probe.out(l, ops::FFN_GATED, &mut gate);
-    let mut d = linear(probe, pool, il, ops::FFN_DOWN, &w.w_down, w.b_down.as_deref(), &gate, t_len);
+    let mut d = linear(
+        probe,
+        pool,
+        il,
+        ops::FFN_DOWN,
+        &w.w_down,
+        w.b_down.as_deref(),
+        &gate,
+        t_len,
+    );
     if let Some(pn) = &w.post_ffn_norm {
         probe.rms_norm(l, ops::POST_FFW_NORM, &mut d, pn, c.rms_eps);
     }
@@ -537,14 +609,18 @@ fn attention(
             }
             probe.out(l, ops::ATTN_SCORES, &mut scores);
             let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            scores.iter_mut().for_each(|s| *s = probe.round((*s - m).exp()));
+            scores
+                .iter_mut()
+                .for_each(|s| *s = probe.round((*s - m).exp()));
             let sum = probe.one(l, ops::ATTN_SOFTMAX_SUM, scores.iter().sum());
             scores.iter_mut().for_each(|s| *s /= sum);
             probe.out(l, ops::ATTN_SOFTMAX, &mut scores);
             acc.fill(0.0);
             for (jj, j) in (first..=t).enumerate() {
                 let vh = &v[(j * c.n_kv_heads + g) * hd..(j * c.n_kv_heads + g + 1) * hd];
-                acc.iter_mut().zip(vh).for_each(|(a, b)| *a += scores[jj] * b);
+                acc.iter_mut()
+                    .zip(vh)
+                    .for_each(|(a, b)| *a += scores[jj] * b);
             }
             probe.out(l, ops::ATTN_VALUES, &mut acc);
             out[(t * c.n_heads + h) * hd..(t * c.n_heads + h + 1) * hd].copy_from_slice(&acc);
@@ -692,7 +768,10 @@ mod tests {
             assert_eq!(sq.overflows > 0, overflow);
             if scaled {
                 for (a, b) in x.iter().zip(&plain) {
-                    assert!((a - b).abs() <= 2e-3 * b.abs().max(1e-3), "{x:?} vs {plain:?}");
+                    assert!(
+                        (a - b).abs() <= 2e-3 * b.abs().max(1e-3),
+                        "{x:?} vs {plain:?}"
+                    );
                 }
             } else {
                 // 300² overflows fp16: the mean is infinite and the row collapses to zeros.

@@ -173,7 +173,10 @@ impl<'a> ScaledSource<'a> {
             let t = require(inner, name)?;
             let mut data = tensor_data(inner, name, &t)?.to_vec();
             inexact += kiln_format::ggml::scale_pow2(t.format, &mut data, exp).map_err(|e| {
-                ModelError::bad(inner.origin(), format!("tensor {}: {e}", inner.describe(name)))
+                ModelError::bad(
+                    inner.origin(),
+                    format!("tensor {}: {e}", inner.describe(name)),
+                )
             })?;
             scaled.insert(
                 name.clone(),

@@ -98,7 +98,13 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
     let lq = log_softmax(q_logits);
     lp.iter()
         .zip(&lq)
-        .map(|(&a, &b)| if a > f64::NEG_INFINITY { a.exp() * (a - b) } else { 0.0 })
+        .map(|(&a, &b)| {
+            if a > f64::NEG_INFINITY {
+                a.exp() * (a - b)
+            } else {
+                0.0
+            }
+        })
         .sum()
 }
 
@@ -280,15 +286,15 @@ pub fn judge(
     let mut failures = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let which = format!("prompt {} {}", i + 1, short(&p.text));
-        // `!(a >= b)` so that a NaN fails.
-        if !(p.min_cosine >= t.min_cosine) {
+        // NaN figures (non-finite logits) fail every bar.
+        if p.min_cosine.is_nan() || p.min_cosine < t.min_cosine {
             failures.push(format!(
                 "{which}: logits cosine {:.6} at step {} < --min-cosine {}",
                 p.min_cosine, p.min_cosine_step, t.min_cosine
             ));
         }
         if let Some(max_kl) = t.max_kl {
-            if !(p.max_kl <= max_kl) {
+            if p.max_kl.is_nan() || p.max_kl > max_kl {
                 failures.push(format!(
                     "{which}: KL divergence {:.6} > --max-kl {max_kl}",
                     p.max_kl
@@ -306,7 +312,7 @@ pub fn judge(
         }
     }
     if let Some(ppl) = perplexity {
-        if !(ppl.increase_pct <= t.max_ppl_increase_pct) {
+        if ppl.increase_pct.is_nan() || ppl.increase_pct > t.max_ppl_increase_pct {
             failures.push(format!(
                 "perplexity {:.4} vs source {:.4}: +{:.2} % > --max-ppl-increase {} %",
                 ppl.candidate, ppl.source, ppl.increase_pct, t.max_ppl_increase_pct
@@ -445,6 +451,8 @@ mod tests {
         );
         assert!(parse_prompts("\n \n").is_err());
         assert!(parse_prompts("[1, 2]").is_err());
-        assert!(parse_prompts(r#"["ok", ""]"#).unwrap_err().contains("prompt 2"));
+        assert!(parse_prompts(r#"["ok", ""]"#)
+            .unwrap_err()
+            .contains("prompt 2"));
     }
 }

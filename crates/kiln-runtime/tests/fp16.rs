@@ -74,7 +74,12 @@ fn f32_mode_matches_the_session() {
         assert!(max_diff < 1e-3, "{name}: max diff {max_diff}");
         // Every layer reports every operation it ran.
         for layer in 0..spec.n_layers {
-            for op in ["attn_norm.square", "attn_scores", "ffn_gated", "ffn_residual"] {
+            for op in [
+                "attn_norm.square",
+                "attn_scores",
+                "ffn_gated",
+                "ffn_residual",
+            ] {
                 assert!(report.get(Some(layer), op).is_some(), "{name}: {op}");
             }
         }
@@ -109,23 +114,25 @@ fn the_fix_rescales_the_residual_stream_exactly_and_the_check_then_passes() {
 
         let original = Model::from_source(config.clone(), &source).unwrap();
         let before = fp16::check(&original, &pool, &texts, &GraphFix::default()).unwrap();
-        assert!(!before.passed(), "{name}: the boosted model should overflow");
+        assert!(
+            !before.passed(),
+            "{name}: the boosted model should overflow"
+        );
         let residual = before.report.max_of("ffn_residual");
         assert!(residual > FP16_MAX, "{name}: residual {residual}");
 
         let safe = fp16_fix::make_safe(&config, &source, &pool, &prompts).unwrap();
         let fix = &safe.fix;
         // The smallest power of two bringing the stream under half the fp16 range.
-        let want = (residual * fp16_fix::HEADROOM / FP16_MAX).log2().ceil().exp2();
+        let want = (residual * fp16_fix::HEADROOM / FP16_MAX)
+            .log2()
+            .ceil()
+            .exp2();
         assert_eq!(fix.residual_divisor, want, "{name}: {fix:?}");
         assert_eq!(fix.scaled_tensors.len(), 2 * spec.n_layers, "{name}");
         assert_eq!(fix.inexact_scales, 0, "{name}");
         assert!(fix.graph.fp32_ops.is_empty(), "{name}: {fix:?}");
-        assert!(fix
-            .graph
-            .max_scaled_norms
-            .iter()
-            .any(|n| n == "attn_norm"));
+        assert!(fix.graph.max_scaled_norms.iter().any(|n| n == "attn_norm"));
         assert_eq!(fix.calibration.after.failures, 0, "{name}: {fix:?}");
 
         // The f32 network is unchanged, bit for bit: every rescaling is by a power of two.
@@ -147,7 +154,11 @@ fn the_fix_rescales_the_residual_stream_exactly_and_the_check_then_passes() {
         assert!(after.passed(), "{name}: {:?}", after.report.failures());
         assert!(after.report.max_of("ffn_residual") <= FP16_MAX / fp16_fix::HEADROOM);
         for run in &after.prompts {
-            assert!(run.cosine > 0.999, "{name}: strict fp16 cosine {}", run.cosine);
+            assert!(
+                run.cosine > 0.999,
+                "{name}: strict fp16 cosine {}",
+                run.cosine
+            );
         }
     }
 }
@@ -175,7 +186,10 @@ fn an_op_no_rescaling_reaches_is_marked_fp32() {
     assert_eq!(safe.fix.residual_divisor, 1.0);
     assert_eq!(safe.fix.graph.fp32_ops, vec!["logits".to_string()]);
     assert!(
-        safe.fix.notes.iter().any(|n| n.contains("logits") && n.contains("fp32")),
+        safe.fix
+            .notes
+            .iter()
+            .any(|n| n.contains("logits") && n.contains("fp32")),
         "{:?}",
         safe.fix.notes
     );

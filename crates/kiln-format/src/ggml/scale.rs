@@ -67,12 +67,9 @@ pub fn scale_pow2(ty: GgmlType, data: &mut [u8], exp: i32) -> Result<usize, Dequ
                 }
                 Field::F16(at) | Field::Bf16(at) => {
                     let bits = u16::from_le_bytes([b[at], b[at + 1]]);
-                    let (to_f32, from_f32): (fn(u16) -> f32, fn(f32) -> u16) =
-                        if matches!(field, Field::F16(_)) {
-                            (f16_to_f32, f32_to_f16)
-                        } else {
-                            (bf16_to_f32, f32_to_bf16)
-                        };
+                    let half = matches!(field, Field::F16(_));
+                    let to_f32 = if half { f16_to_f32 } else { bf16_to_f32 };
+                    let from_f32 = if half { f32_to_f16 } else { f32_to_bf16 };
                     let want = f64::from(to_f32(bits)) * factor;
                     let got = from_f32(want as f32);
                     inexact += usize::from(f64::from(to_f32(got)) != want && want.is_finite());
@@ -118,7 +115,11 @@ mod tests {
             dequantize(ty, &data, &mut before).unwrap();
             for exp in [-3, 2] {
                 let mut scaled = data.clone();
-                assert_eq!(scale_pow2(ty, &mut scaled, exp).unwrap(), 0, "{ty} by 2^{exp}");
+                assert_eq!(
+                    scale_pow2(ty, &mut scaled, exp).unwrap(),
+                    0,
+                    "{ty} by 2^{exp}"
+                );
                 let mut after = vec![0.0f32; v.len()];
                 dequantize(ty, &scaled, &mut after).unwrap();
                 let factor = 2f32.powi(exp);
