@@ -14,6 +14,11 @@
 //! Protected tensors — 1-D vectors (norms, biases), and by default the embedding and output
 //! matrices — are never stored below their source precision: when the target has fewer bits
 //! per weight than the source they are copied as they are.
+//!
+//! With `fp16_safe`, the weights are first made fp16-safe ([`crate::fp16_fix`]): the tensors
+//! that write into the residual stream are divided by a power of two before any format change,
+//! the model description records the matching embedding scale and norm epsilon, and the fix
+//! goes into the manifest's `conversion.fp16`.
 
 use crate::error::ModelError;
 use crate::fp16_fix::{self, Fp16Fix};

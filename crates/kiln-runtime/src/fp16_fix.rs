@@ -84,7 +84,7 @@ pub struct RangeSummary {
     pub max_activation: f32,
     /// Where: `layer 14 attn_residual`.
     pub max_activation_at: String,
-    /// Largest RMSNorm square or mean computed in fp16.
+    /// Largest RMSNorm intermediate (square, mean or rsqrt) computed in fp16.
     pub max_norm_statistic: f32,
     /// Where.
     pub max_norm_statistic_at: String,
