@@ -212,14 +212,6 @@ impl RangeReport {
         v
     }
 
-    /// The entry with the largest magnitude among operations computed in fp16.
-    pub fn worst(&self) -> Option<&OpRange> {
-        self.ops
-            .iter()
-            .filter(|o| !o.fp32)
-            .max_by(|a, b| a.max_abs.total_cmp(&b.max_abs))
-    }
-
     /// Operation names in first-seen order, each once.
     pub fn op_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();
