@@ -8,6 +8,7 @@ mod convert_commands;
 mod coreml_commands;
 mod export_commands;
 mod hub_source;
+mod mlpackage_commands;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ enum Command {
     Convert(convert_commands::ConvertArgs),
     /// Convert a model for a device: `kiln export coreml SRC -o OUT.mlpackage`.
     Export(export_commands::ExportArgs),
+    /// Where Core ML runs each op of a package (CPU, GPU, Neural Engine): Apple platforms only.
+    Residency(mlpackage_commands::ResidencyArgs),
 }
 
 /// Where the prompt comes from.
@@ -70,7 +73,7 @@ pub struct PromptSource {
 /// Arguments of `kiln run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The model: a GGUF file or a Hugging Face folder.
+    /// The model: a GGUF file, a Hugging Face folder, a kiln package or a Core ML .mlpackage.
     pub model: PathBuf,
     #[command(flatten)]
     pub source: PromptSource,
@@ -101,6 +104,8 @@ pub struct RunArgs {
     /// residual), int8, or exact (f32 activations, weights dequantized exactly).
     #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
     pub precision: String,
+    #[command(flatten)]
+    pub package: mlpackage_commands::PackageArgs,
 }
 
 /// The sampling chain's settings (llama.cpp's defaults).
@@ -163,7 +168,7 @@ pub struct ChatArgs {
 /// Arguments of `kiln logits`.
 #[derive(Args)]
 pub struct LogitsArgs {
-    /// The model: a GGUF file or a Hugging Face folder.
+    /// The model: a GGUF file, a Hugging Face folder, a kiln package or a Core ML .mlpackage.
     pub model: PathBuf,
     #[command(flatten)]
     pub input: LogitsInput,
@@ -183,6 +188,8 @@ pub struct LogitsArgs {
     /// residual), int8, or exact (f32 activations, weights dequantized exactly).
     #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
     pub precision: String,
+    #[command(flatten)]
+    pub package: mlpackage_commands::PackageArgs,
 }
 
 /// Input of `kiln logits`: text, or token ids directly.
@@ -295,12 +302,22 @@ fn main() -> ExitCode {
     kiln_runtime::package::set_verify_on_open(!cli.no_verify);
     // A panic is a bug: report it as an internal error (exit 1), never as a crash code.
     let outcome = std::panic::catch_unwind(|| match cli.command {
+        Command::Run(a) if is_mlpackage(&a.model) => mlpackage_commands::run(a),
         Command::Run(a) => commands::run(a),
+        Command::Chat(a) if is_mlpackage(&a.model) => Err(not_for_mlpackage("chat", &a.model)),
         Command::Chat(a) => commands::chat(a),
+        Command::Logits(a) if is_mlpackage(&a.model) => mlpackage_commands::logits(a),
         Command::Logits(a) => commands::logits(a),
+        Command::Perplexity(a) if is_mlpackage(&a.model) => {
+            Err(not_for_mlpackage("perplexity", &a.model))
+        }
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Tokenize(a) => commands::tokenize(a),
+        Command::Bench(a) if is_mlpackage(&a.model) => Err(not_for_mlpackage("bench", &a.model)),
         Command::Bench(a) => commands::bench(a),
+        Command::Inspect(a) if is_mlpackage(&a.model) => {
+            Err(not_for_mlpackage("inspect", &a.model))
+        }
         Command::Inspect(a) => commands::inspect(a),
         Command::Predict(a) => coreml_commands::predict(a),
         Command::Verify(a) if convert_commands::is_kiln_package(&a.package) => {
@@ -309,6 +326,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => coreml_commands::verify(a),
         Command::Convert(a) => convert_commands::convert(a),
         Command::Export(a) => export_commands::export(a),
+        Command::Residency(a) => mlpackage_commands::residency(a),
     });
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -321,6 +339,18 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn is_mlpackage(path: &std::path::Path) -> bool {
+    kiln_coreml::cli_support::is_mlpackage(path)
+}
+
+/// The commands that do not take Core ML packages say so, pointing at those that do.
+fn not_for_mlpackage(command: &str, path: &std::path::Path) -> commands::Failure {
+    commands::Failure::input(format!(
+        "{}: kiln {command} does not take Core ML packages; kiln run, logits, predict and verify do",
+        path.display()
+    ))
 }
 
 /// When the reader of stdout goes away (`kiln inspect MODEL | head`), printing fails with a
