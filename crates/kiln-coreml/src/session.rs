@@ -71,9 +71,12 @@ pub struct PackageInfo {
     pub architecture: Option<String>,
     /// The sidecar file read, if any.
     pub sidecar: Option<PathBuf>,
-    tokenizer: Option<Value>,
-    tokenizer_config: Option<Value>,
-    chat_template: Option<String>,
+    /// The stored tokenizer document (see the module documentation for its forms).
+    pub tokenizer: Option<Value>,
+    /// A Hugging Face `tokenizer_config.json` going with a stored `tokenizer.json`.
+    pub tokenizer_config: Option<Value>,
+    /// The chat template, when stored apart from the tokenizer.
+    pub chat_template: Option<String>,
 }
 
 impl PackageInfo {
