@@ -417,10 +417,7 @@ pub fn logits(a: LogitsArgs) -> CmdResult {
     crate::mlpackage_commands::refuse_package_args(&a.model, &a.package)?;
     let pool = threads(a.threads)?;
     let bundle = ModelBundle::open(&a.model)?;
-    let encoder = match bundle.tokenizer {
-        Some(_) => Some(&bundle),
-        None => None,
-    };
+    let encoder = bundle.tokenizer.is_some().then_some(&bundle);
     let ids = logits_ids(&a, encoder, || {
         format!(
             "{}: this model folder has no tokenizer.json; pass --token-ids",
