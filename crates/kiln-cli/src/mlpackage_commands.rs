@@ -1,13 +1,14 @@
 //! `kiln run`, `kiln logits` and `kiln residency` on Core ML packages: thin wrappers over
-//! `kiln_coreml::CoremlSession` (kiln's reference executor, any platform) and, on Apple
-//! platforms, `kiln_coreml_apple` (Core ML itself).
+//! `kiln_coreml::CoremlSession`, computed by kiln's reference executor (any platform) or by
+//! Core ML itself through `kiln_coreml_apple` (Apple platforms; elsewhere it says so).
 
 use crate::commands::{self, Failure, PromptEncoder};
 use crate::{LogitsArgs, RunArgs};
 use clap::{Args, ValueEnum};
 use kiln_coreml::{CoreMlError, CoremlSession};
+use kiln_coreml_apple::AppleError;
 use kiln_format::gguf::GgufFile;
-use kiln_runtime::generate::{GenerateOptions, TokenModel};
+use kiln_runtime::generate::GenerateOptions;
 use kiln_tokenizer::chat::{ChatTemplate, Message};
 use kiln_tokenizer::Tokenizer;
 use serde_json::json;
@@ -89,13 +90,12 @@ pub fn refuse_package_args(model: &Path, p: &PackageArgs) -> Result<(), Failure>
     }
 }
 
-/// The message for Core ML requests on platforms without it.
-#[cfg(not(target_vendor = "apple"))]
-fn needs_apple(what: &str) -> Failure {
-    Failure::input(format!(
-        "{what} needs Apple's Core ML (macOS 15 / iOS 18 or later); this kiln was built for {}. kiln's reference executor runs packages anywhere: use --backend reference (the default)",
-        std::env::consts::OS
-    ))
+/// A Core ML failure; off Apple platforms, with what works here instead.
+fn apple_failure(e: AppleError, instead: &str) -> Failure {
+    match e {
+        AppleError::Unavailable { .. } => Failure::input(format!("{e}. {instead}")),
+        AppleError::CoreMl(e) => coreml_failure(e),
+    }
 }
 
 /// A tokenizer with the chat template that goes with it.
@@ -219,9 +219,9 @@ pub fn run(a: RunArgs) -> Result<(), Failure> {
         ignore_eos: a.ignore_eos,
     };
     let load_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let backend = session.backend_label();
+    let backend = session.backend();
     commands::generate_and_print(
-        session.as_token_model(),
+        &mut session,
         &text.tokenizer,
         &prompt,
         &options,
@@ -244,7 +244,7 @@ pub fn logits(a: LogitsArgs) -> Result<(), Failure> {
         None => package_text(&a.model, session.info(), a.package.tokenizer.as_deref())?,
     };
     let ids = commands::logits_ids(&a, text.as_ref(), || no_tokenizer(&a.model))?;
-    let logits = session.forward_last(&ids)?;
+    let logits = session.forward_last(&ids).map_err(coreml_failure)?;
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
     commands::write_atomic(&a.out, &bytes)?;
     println!("{}", json!({ "prompt_token_ids": ids }));
@@ -252,19 +252,15 @@ pub fn logits(a: LogitsArgs) -> Result<(), Failure> {
 }
 
 /// `kiln residency PKG.mlpackage`: where Core ML places each op.
-#[cfg(not(target_vendor = "apple"))]
-pub fn residency(a: ResidencyArgs) -> Result<(), Failure> {
-    require_package(&a.package)?;
-    let _ = (a.compute_units, a.json);
-    Err(needs_apple("kiln residency (Core ML's compute plan)"))
-}
-
-/// `kiln residency PKG.mlpackage`: where Core ML places each op.
-#[cfg(target_vendor = "apple")]
 pub fn residency(a: ResidencyArgs) -> Result<(), Failure> {
     require_package(&a.package)?;
     let report = kiln_coreml_apple::residency(&a.package, apple_units(a.compute_units))
-        .map_err(|e| Failure::input(e.to_string()))?;
+        .map_err(|e| {
+            apple_failure(
+                e,
+                "kiln verify checks a package here, and kiln run and kiln logits run it with kiln's reference executor",
+            )
+        })?;
     if a.json {
         println!("{}", report.to_json());
     } else {
@@ -284,7 +280,6 @@ fn require_package(path: &Path) -> Result<(), Failure> {
     }
 }
 
-#[cfg(target_vendor = "apple")]
 fn apple_units(u: ComputeUnits) -> kiln_coreml_apple::ComputeUnits {
     match u {
         ComputeUnits::All => kiln_coreml_apple::ComputeUnits::All,
@@ -294,81 +289,16 @@ fn apple_units(u: ComputeUnits) -> kiln_coreml_apple::ComputeUnits {
     }
 }
 
-/// A package opened for `run` and `logits` by the chosen backend.
-enum Opened {
-    Reference(Box<CoremlSession>),
-    #[cfg(target_vendor = "apple")]
-    Apple(Box<kiln_coreml_apple::AppleSession>, ComputeUnits),
-}
-
-impl Opened {
-    fn info(&self) -> &kiln_coreml::PackageInfo {
-        match self {
-            Opened::Reference(s) => s.info(),
-            #[cfg(target_vendor = "apple")]
-            Opened::Apple(s, _) => s.info(),
-        }
-    }
-
-    fn has_logits(&self) -> bool {
-        match self {
-            Opened::Reference(s) => s.has_logits(),
-            #[cfg(target_vendor = "apple")]
-            Opened::Apple(s, _) => s.has_logits(),
-        }
-    }
-
-    fn n_ctx(&self) -> usize {
-        self.as_token_model_ref().n_ctx()
-    }
-
-    fn as_token_model_ref(&self) -> &dyn TokenModel {
-        match self {
-            Opened::Reference(s) => s.as_ref(),
-            #[cfg(target_vendor = "apple")]
-            Opened::Apple(s, _) => s.as_ref(),
-        }
-    }
-
-    fn as_token_model(&mut self) -> &mut dyn TokenModel {
-        match self {
-            Opened::Reference(s) => s.as_mut(),
-            #[cfg(target_vendor = "apple")]
-            Opened::Apple(s, _) => s.as_mut(),
-        }
-    }
-
-    fn backend_label(&self) -> String {
-        match self {
-            Opened::Reference(_) => "kiln reference executor (CPU)".to_string(),
-            #[cfg(target_vendor = "apple")]
-            Opened::Apple(_, u) => format!("Core ML, compute units {u:?}"),
-        }
-    }
-
-    fn forward_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, Failure> {
-        match self {
-            Opened::Reference(s) => s.forward_last(ids).map_err(coreml_failure),
-            #[cfg(target_vendor = "apple")]
-            Opened::Apple(s, _) => s
-                .forward_last(ids)
-                .map_err(|e| Failure::input(e.to_string())),
-        }
-    }
-}
-
-fn open_session(path: &Path, p: &PackageArgs) -> Result<Opened, Failure> {
+/// Opens a package for `run` and `logits` with the chosen backend.
+fn open_session(path: &Path, p: &PackageArgs) -> Result<CoremlSession, Failure> {
     match p.backend {
-        Backend::Reference => Ok(Opened::Reference(Box::new(
-            CoremlSession::open(path).map_err(coreml_failure)?,
-        ))),
-        #[cfg(not(target_vendor = "apple"))]
-        Backend::Coreml => Err(needs_apple("--backend coreml")),
-        #[cfg(target_vendor = "apple")]
-        Backend::Coreml => {
-            let s = kiln_coreml_apple::AppleSession::open(path, apple_units(p.compute_units))
-                .map_err(|e| Failure::input(e.to_string()))?;
-            Ok(Opened::Apple(Box::new(s), p.compute_units))
-        }
+        Backend::Reference => CoremlSession::open(path).map_err(coreml_failure),
+        Backend::Coreml => kiln_coreml_apple::open_session(path, apple_units(p.compute_units))
+            .map_err(|e| {
+                apple_failure(
+                    e,
+                    "kiln's reference executor runs packages anywhere: use --backend reference (the default)",
+                )
+            }),
     }
 }

@@ -401,9 +401,19 @@ fn package_requests_that_cannot_be_served_exit_2() {
             "--out",
             s(&out),
         ]);
-        assert_bad_input(&r, &["--backend coreml needs Apple's Core ML"]);
+        assert_bad_input(
+            &r,
+            &["needs Apple's Core ML framework", "--backend reference"],
+        );
         let r = kiln(&["residency", s(&tiny), "--compute-units", "cpu-ne"]);
-        assert_bad_input(&r, &["kiln residency", "needs Apple's Core ML"]);
+        assert_bad_input(
+            &r,
+            &[
+                "kiln residency",
+                "needs Apple's Core ML framework",
+                "kiln verify",
+            ],
+        );
     }
     assert!(!out.exists());
 }

@@ -47,7 +47,7 @@ pub use package::{
     ShapeFlexibility, VerifyReport, WeightFileReport,
 };
 pub use session::{
-    CallProtocol, CoremlSession, OutputKind, PackageInfo, PlannedCall, PositionInput,
-    PositionLayout, QueryLengths, POSITION_INPUTS, SIDECAR_FILE,
+    CallProtocol, CoremlSession, OutputKind, PackageInfo, PackageRunner, PlannedCall,
+    PositionInput, PositionLayout, QueryLengths, POSITION_INPUTS, SIDECAR_FILE,
 };
 pub use tensor::{DataType, Tensor, TensorData};

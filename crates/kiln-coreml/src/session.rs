@@ -658,8 +658,53 @@ fn query_lengths(a: &ArrayInfo) -> Option<QueryLengths> {
     }
 }
 
-/// A stateful language-model package run by kiln's reference executor: token ids in, logits
-/// (f32) out, positions tracked and states carried across calls.
+/// What runs one call of a package: kiln's reference [`Executor`] here, Core ML itself on
+/// Apple platforms (the `kiln-coreml-apple` crate). States live in the runner and carry
+/// from call to call.
+pub trait PackageRunner {
+    /// Runs the package's main function once on `inputs` (by name) and returns every output
+    /// by name.
+    fn predict(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>, CoreMlError>;
+
+    /// Sets every state back to zero.
+    fn reset_states(&mut self);
+
+    /// The dimensions the program declares for an output, where the runner knows them.
+    fn output_dims(&self, _name: &str) -> Option<Vec<Option<usize>>> {
+        None
+    }
+
+    /// What computes, for messages and timings lines.
+    fn describe(&self) -> String;
+}
+
+impl PackageRunner for Executor {
+    fn predict(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>, CoreMlError> {
+        Executor::predict(self, inputs)
+    }
+
+    fn reset_states(&mut self) {
+        Executor::reset_states(self)
+    }
+
+    fn output_dims(&self, name: &str) -> Option<Vec<Option<usize>>> {
+        Executor::output_dims(self, name)
+    }
+
+    fn describe(&self) -> String {
+        "kiln reference executor (CPU)".into()
+    }
+}
+
+/// A stateful language-model package run token by token: token ids in, logits (f32) out,
+/// positions tracked and states carried across calls. [`CoremlSession::open`] runs it with
+/// kiln's reference executor; [`CoremlSession::with_runner`] with any [`PackageRunner`].
 ///
 /// Its [`CoremlSession::forward_all`] has the shape of a logits model for validation (every
 /// fed position's logits), and it implements [`kiln_runtime::generate::TokenModel`] so
@@ -667,7 +712,7 @@ fn query_lengths(a: &ArrayInfo) -> Option<QueryLengths> {
 pub struct CoremlSession {
     label: String,
     path: PathBuf,
-    exec: Executor,
+    runner: Box<dyn PackageRunner>,
     protocol: CallProtocol,
     info: PackageInfo,
     vocab: usize,
@@ -686,7 +731,7 @@ impl std::fmt::Debug for CoremlSession {
 
 impl CoremlSession {
     /// Opens the package at `path` (and its sidecar), discovers how to call it and loads its
-    /// weights.
+    /// weights into kiln's reference executor.
     pub fn open(path: impl AsRef<Path>) -> Result<CoremlSession, CoreMlError> {
         CoremlSession::with_options(path, ExecOptions::default())
     }
@@ -700,10 +745,29 @@ impl CoremlSession {
         let info = PackageInfo::read(&pkg)?;
         let protocol = CallProtocol::discover(pkg.label(), pkg.description(), &info)?;
         let exec = Executor::with_options(&pkg, options)?;
+        CoremlSession::assemble(&pkg, info, protocol, Box::new(exec))
+    }
+
+    /// A session over `pkg` whose calls `runner` computes; the protocol is read from `pkg`.
+    pub fn with_runner(
+        pkg: &MlPackage,
+        runner: Box<dyn PackageRunner>,
+    ) -> Result<CoremlSession, CoreMlError> {
+        let info = PackageInfo::read(pkg)?;
+        let protocol = CallProtocol::discover(pkg.label(), pkg.description(), &info)?;
+        CoremlSession::assemble(pkg, info, protocol, runner)
+    }
+
+    fn assemble(
+        pkg: &MlPackage,
+        info: PackageInfo,
+        protocol: CallProtocol,
+        runner: Box<dyn PackageRunner>,
+    ) -> Result<CoremlSession, CoreMlError> {
         let mut session = CoremlSession {
             label: pkg.label().to_string(),
             path: pkg.path().to_path_buf(),
-            exec,
+            runner,
             protocol,
             info,
             vocab: 0,
@@ -719,7 +783,7 @@ impl CoremlSession {
         match &self.protocol.output {
             OutputKind::Logits { name } => {
                 let declared = self
-                    .exec
+                    .runner
                     .output_dims(name)
                     .and_then(|d| d.last().copied().flatten());
                 if let Some(v) = declared.or(self.info.vocab_size) {
@@ -732,6 +796,11 @@ impl CoremlSession {
             // An argmax head hides the vocabulary; 0 when nothing says it.
             OutputKind::NextToken { .. } => Ok(self.info.vocab_size.unwrap_or(0)),
         }
+    }
+
+    /// What computes the calls.
+    pub fn backend(&self) -> String {
+        self.runner.describe()
     }
 
     /// The package's path.
@@ -776,7 +845,7 @@ impl CoremlSession {
 
     /// Zeroes the states and forgets every position.
     pub fn reset(&mut self) {
-        self.exec.reset_states();
+        self.runner.reset_states();
         self.n_past = 0;
     }
 
@@ -818,7 +887,7 @@ impl CoremlSession {
             let chunk = &ids[offset..offset + call.tokens];
             let inputs: HashMap<String, Tensor> =
                 self.protocol.inputs(chunk, &call)?.into_iter().collect();
-            let mut outputs = self.exec.predict(&inputs)?;
+            let mut outputs = self.runner.predict(&inputs)?;
             let out = outputs
                 .remove(&out_name)
                 .ok_or_else(|| CoreMlError::Package {
