@@ -58,6 +58,25 @@ fn file_url(package: &str, path: &Path) -> Result<Retained<NSURL>, CoreMlError> 
     })
 }
 
+/// Stateful models (`MLState`, `newState`, predictions using a state) need macOS 15 / iOS 18;
+/// on older systems the selectors do not exist, so refuse before calling them.
+fn require_states(package: &str) -> Result<(), CoreMlError> {
+    if objc2::available!(
+        macos = 15.0,
+        ios = 18.0,
+        tvos = 18.0,
+        visionos = 2.0,
+        watchos = 11.0
+    ) {
+        Ok(())
+    } else {
+        Err(err(
+            package,
+            "stateful Core ML models need macOS 15 / iOS 18 or later",
+        ))
+    }
+}
+
 /// A package compiled to a `.mlmodelc` folder in a temporary place, removed when dropped.
 struct Compiled {
     path: PathBuf,
@@ -116,6 +135,7 @@ impl CoreMlRunner {
     /// Compiles and loads the package at `path` for the given compute units.
     pub fn load(path: &Path, compute_units: ComputeUnits) -> Result<CoreMlRunner, CoreMlError> {
         let package = path.display().to_string();
+        require_states(&package)?;
         let compiled = compile(&package, path)?;
         let config = configuration(compute_units);
         // SAFETY: a valid compiled-model URL and configuration.
@@ -421,6 +441,19 @@ pub(crate) fn residency(
     compute_units: ComputeUnits,
 ) -> Result<ResidencyReport, CoreMlError> {
     let package = path.display().to_string();
+    // MLComputePlan arrived with macOS 14.4 / iOS 17.4.
+    if !objc2::available!(
+        macos = 14.4,
+        ios = 17.4,
+        tvos = 17.4,
+        visionos = 1.1,
+        watchos = 10.4
+    ) {
+        return Err(err(
+            &package,
+            "Core ML's compute plan needs macOS 14.4 / iOS 17.4 or later",
+        ));
+    }
     let pkg = MlPackage::open(path)?;
     let function = pkg.main_function();
     let compiled = compile(&package, path)?;
