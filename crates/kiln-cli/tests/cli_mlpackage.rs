@@ -301,8 +301,8 @@ fn coreml_reference() -> PathBuf {
     repo().join("../shared/reference/coreml")
 }
 
-/// coremltools' tiny Llama packages through `kiln logits`: the last row of transformers'
-/// logits within the README's tolerances (given to two significant digits).
+/// coremltools' tiny Llama packages through `kiln logits` (one 7-token call): the last row of
+/// transformers' logits within the README's tolerances.
 #[test]
 fn coremltools_packages_through_kiln_logits() {
     let readme: Value = serde_json::from_str(
@@ -316,7 +316,7 @@ fn coremltools_packages_through_kiln_logits() {
         .as_object()
         .unwrap()
     {
-        let tol = tol.as_f64().unwrap() as f32 * 1.02;
+        let tol = tol.as_f64().unwrap() as f32;
         let pkg = coreml_reference().join(format!("tiny_llama_stateful_{scheme}.mlpackage"));
         let got = logits_of(&pkg, &[1, 2, 3, 4, 5, 77, 200], &dir.join("t.f32"), &[]);
         let d = got
