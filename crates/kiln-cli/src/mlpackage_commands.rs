@@ -211,10 +211,15 @@ pub fn run(a: RunArgs) -> Result<(), Failure> {
             a.model.display()
         )));
     }
+    // The tokenizer's own stop tokens and those the package names.
+    let mut stop_ids = text.tokenizer.stop_ids();
+    stop_ids.extend(&session.info().stop_ids);
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
     let options = GenerateOptions {
         max_tokens: a.n_predict,
         sampler,
-        stop_ids: text.tokenizer.stop_ids(),
+        stop_ids,
         stop_strings: a.stop.clone(),
         ignore_eos: a.ignore_eos,
     };

@@ -214,26 +214,32 @@ fn set_metadata(model: &mut proto::Model, key: &str, value: String) {
         .insert(key.to_string(), value);
 }
 
-/// Tokenizers the package carries: a GGUF tokenizer spec in the user metadata with the chat
-/// template beside it (a chat prompt tokenizes exactly as transformers' reference), and a
-/// Hugging Face tokenizer.json in a sidecar kiln.json.
+/// Tokenizers the package carries, in the forms `kiln export coreml` writes: a Hugging Face
+/// tokenizer.json in the user metadata (`kiln.tokenizer_json`) with the chat template and
+/// special tokens beside it, so a chat prompt tokenizes exactly as transformers' reference;
+/// and a sidecar kiln.json beside the package (a GGUF tokenizer spec, query lengths, special
+/// tokens), honoured only when it lists this package.
 #[test]
 fn tokenizers_carried_by_the_package_are_used() {
     let pkg = smollm2_package();
     let reference = reference();
     let dir = tmpdir("tokenizers");
     let file = kiln_format::gguf::GgufFile::open(gguf()).unwrap();
+    let tok = kiln_tokenizer::Tokenizer::from_gguf(&file).unwrap();
     let mut spec = kiln_tokenizer::TokenizerSpec::from_gguf(&file).unwrap();
     let template = spec
         .chat_template
         .take()
         .expect("SmolLM2 carries a chat template");
+    let hf_dir = dir.join("hf");
+    tok.save_hf(&hf_dir).unwrap();
+    let tokenizer_json = std::fs::read_to_string(hf_dir.join("tokenizer.json")).unwrap();
 
     let with_meta = dir.join("meta.mlpackage");
     edited_copy(pkg, &with_meta, |m| {
-        let doc = json!({"kind": "gguf", "spec": spec});
-        set_metadata(m, "kiln.tokenizer", doc.to_string());
+        set_metadata(m, "kiln.tokenizer_json", tokenizer_json.clone());
         set_metadata(m, "kiln.chat_template", template.clone());
+        set_metadata(m, "kiln.eos_token_id", tok.eos_id().unwrap().to_string());
     });
     let case = &reference["cases"]["capital_chat"];
     let messages = dir.join("messages.json");
@@ -258,35 +264,35 @@ fn tokenizers_carried_by_the_package_are_used() {
         ids_of(&case["greedy_32_ids"])[..1]
     );
 
-    // A Hugging Face tokenizer.json inside the sidecar.
-    let tok = kiln_tokenizer::Tokenizer::from_gguf(&file).unwrap();
-    let hf_dir = dir.join("hf");
-    tok.save_hf(&hf_dir).unwrap();
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(hf_dir.join("tokenizer.json")).unwrap())
-            .unwrap();
-    let config: Value = serde_json::from_str(
-        &std::fs::read_to_string(hf_dir.join("tokenizer_config.json")).unwrap(),
-    )
-    .unwrap();
-    let with_sidecar = dir.join("sidecar.mlpackage");
-    edited_copy(pkg, &with_sidecar, |_| {});
-    std::fs::write(
-        with_sidecar.join("kiln.json"),
-        json!({"context": CONTEXT, "tokenizer": doc, "tokenizer_config": config}).to_string(),
-    )
-    .unwrap();
+    // A sidecar beside the package, as the exporter writes it.
+    let folder = dir.join("export");
+    std::fs::create_dir_all(&folder).unwrap();
+    let beside = folder.join("smol.mlpackage");
+    edited_copy(pkg, &beside, |_| {});
+    let sidecar = |packages: &[&str]| {
+        let packages: Vec<Value> = packages.iter().map(|p| json!({ "path": p })).collect();
+        let doc = json!({
+            "format": "kiln-coreml",
+            "context": CONTEXT,
+            "query_length": {"min": 1, "max": MAX_QUERY},
+            "tokenizer": {"kind": "gguf", "spec": spec},
+            "special_tokens": {"bos": tok.bos_id(), "eos": tok.eos_id(), "stop": tok.stop_ids(), "add_bos": tok.add_bos()},
+            "packages": packages,
+        });
+        std::fs::write(folder.join("kiln.json"), doc.to_string()).unwrap();
+    };
+    sidecar(&["smol.mlpackage"]);
     let case = &reference["cases"]["capital"];
     let out = dir.join("capital.f32");
-    let printed = kiln_ok(&[
+    let logits_args = [
         "logits",
-        s(&with_sidecar),
+        s(&beside),
         "--prompt",
         case["input_text"].as_str().unwrap(),
         "--out",
         s(&out),
-    ]);
-    let printed: Value = serde_json::from_str(printed.trim()).unwrap();
+    ];
+    let printed: Value = serde_json::from_str(kiln_ok(&logits_args).trim()).unwrap();
     assert_eq!(
         ids_of(&printed["prompt_token_ids"]),
         ids_of(&case["prompt_token_ids"])
@@ -294,6 +300,16 @@ fn tokenizers_carried_by_the_package_are_used() {
     assert_eq!(
         argmax(&read_f32(&out)) as u64,
         case["last_top10_ids"][0].as_u64().unwrap()
+    );
+
+    // A sidecar describing other packages is not this one's; one splitting the model over
+    // several packages is refused by name.
+    sidecar(&["other.mlpackage"]);
+    assert_bad_input(&kiln(&logits_args), &["carries no tokenizer"]);
+    sidecar(&["smol.mlpackage", "smol-part2.mlpackage"]);
+    assert_bad_input(
+        &kiln(&logits_args),
+        &["lists 2 packages", "smol-part2.mlpackage", "--max-chunk-mb"],
     );
 }
 

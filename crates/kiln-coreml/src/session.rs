@@ -25,14 +25,17 @@
 //! and the next call overwrites what they wrote).
 //!
 //! What a runtime needs beyond the interface comes from the package's user metadata
-//! (`kiln.context`, `kiln.max_query`, `kiln.vocab_size`, `kiln.architecture`,
-//! `kiln.tokenizer`, `kiln.tokenizer_config`, `kiln.chat_template`) and from a sidecar
-//! `kiln.json` (inside the package folder, or beside it in the parent folder), whose
-//! top-level keys of the same names (without `kiln.`) take precedence. The tokenizer is
-//! either `{"kind": "gguf", "spec": {...}}` (a [`kiln_tokenizer::TokenizerSpec`], as kiln
-//! packages store it), a bare `TokenizerSpec`, or a Hugging Face `tokenizer.json` document
-//! (`tokenizer_config` then holds its `tokenizer_config.json`); in metadata each is stored as
-//! JSON text.
+//! (`kiln.context`, `kiln.query_length` as `min-max`, `kiln.max_query`, `kiln.vocab_size`,
+//! `kiln.architecture`, `kiln.tokenizer_json` or `kiln.tokenizer`, `kiln.tokenizer_config`,
+//! `kiln.chat_template`, `kiln.bos_token_id`, `kiln.eos_token_id`) and from a sidecar
+//! `kiln.json`, inside the package folder or beside it (where `kiln export coreml` writes it;
+//! a sidecar beside the package that lists other packages is not this one's). The sidecar's
+//! keys of the same names (without `kiln.`; `query_length` as `{"min", "max"}`,
+//! `special_tokens` as `{"bos", "eos", "stop", "add_bos"}`) take precedence. The tokenizer is
+//! a Hugging Face `tokenizer.json` document (BOS, EOS and `add_bos` from the special tokens
+//! unless `tokenizer_config` holds its `tokenizer_config.json`), `{"kind": "gguf", "spec":
+//! {...}}` (a [`kiln_tokenizer::TokenizerSpec`], as kiln packages store it) or a bare
+//! `TokenizerSpec`; metadata stores each as JSON text.
 
 use crate::exec::{ExecOptions, Executor};
 use crate::package::{ArrayDataType, ArrayInfo, FeatureType, ModelDescription, ShapeFlexibility};
@@ -69,6 +72,17 @@ pub struct PackageInfo {
     pub vocab_size: Option<usize>,
     /// The model family (e.g. `llama`), which picks a built-in chat template.
     pub architecture: Option<String>,
+    /// The beginning-of-sequence token.
+    pub bos_id: Option<u32>,
+    /// The end-of-sequence token.
+    pub eos_id: Option<u32>,
+    /// Tokens that end a generation.
+    pub stop_ids: Vec<u32>,
+    /// Whether prompts start with BOS.
+    pub add_bos: Option<bool>,
+    /// The packages the sidecar lists (file names, in order): more than one when the model
+    /// is split over layers.
+    pub packages: Vec<String>,
     /// The sidecar file read, if any.
     pub sidecar: Option<PathBuf>,
     /// The stored tokenizer document (see the module documentation for its forms).
@@ -79,55 +93,102 @@ pub struct PackageInfo {
     pub chat_template: Option<String>,
 }
 
+/// The keys read, as `(sidecar key, metadata keys)`; the first name found wins.
+const KEYS: [(&str, &[&str]); 8] = [
+    ("context", &["kiln.context"]),
+    ("max_query", &["kiln.max_query"]),
+    ("query_length", &["kiln.query_length"]),
+    ("vocab_size", &["kiln.vocab_size"]),
+    ("architecture", &["kiln.architecture"]),
+    ("tokenizer", &["kiln.tokenizer", "kiln.tokenizer_json"]),
+    ("tokenizer_config", &["kiln.tokenizer_config"]),
+    ("chat_template", &["kiln.chat_template"]),
+];
+
+/// Sidecar keys that name the same thing as a key of [`KEYS`].
+const SIDECAR_ALIASES: [(&str, &str); 1] = [("tokenizer_json", "tokenizer")];
+
 impl PackageInfo {
-    /// Reads the metadata of `pkg` and its sidecar `kiln.json`, if any.
+    /// Reads the metadata of `pkg` and its sidecar `kiln.json`, if any: inside the package
+    /// folder, or beside it when it lists this package (or lists no packages).
     pub fn read(pkg: &MlPackage) -> Result<PackageInfo, CoreMlError> {
         let label = pkg.label().to_string();
         let bad = |m: String| CoreMlError::Package {
             package: label.clone(),
             message: m,
         };
+        // Every value with where it came from, for messages.
         let mut fields: HashMap<&'static str, (Value, String)> = HashMap::new();
-        const KEYS: [&str; 7] = [
-            "context",
-            "max_query",
-            "vocab_size",
-            "architecture",
-            "tokenizer",
-            "tokenizer_config",
-            "chat_template",
-        ];
         let meta = &pkg.description().metadata;
-        for key in KEYS {
-            if let Some(text) = meta.get(&format!("kiln.{key}")) {
-                let where_ = format!("metadata kiln.{key}");
-                // Metadata values are strings; structured ones hold JSON text.
-                let v = match key {
-                    "tokenizer" | "tokenizer_config" => serde_json::from_str(text)
-                        .map_err(|e| bad(format!("{where_} is not valid JSON: {e}")))?,
-                    _ => Value::String(text.clone()),
-                };
-                fields.insert(key, (v, where_));
+        for (key, meta_keys) in KEYS {
+            if let Some((k, text)) = meta_keys.iter().find_map(|k| meta.get(*k).map(|v| (*k, v))) {
+                fields.insert(key, (Value::String(text.clone()), format!("metadata {k}")));
             }
         }
-        let sidecar = sidecar_path(pkg.path());
-        if let Some(path) = &sidecar {
-            let text = std::fs::read(path).map_err(|e| CoreMlError::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-            let v: Value = serde_json::from_slice(&text)
-                .map_err(|e| bad(format!("{}: not valid JSON: {e}", path.display())))?;
-            let obj = v
-                .as_object()
-                .ok_or_else(|| bad(format!("{}: expected a JSON object", path.display())))?;
-            for key in KEYS {
-                if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
-                    fields.insert(key, (v.clone(), format!("{}: {key}", path.display())));
+        for (key, meta_key) in [("bos", "kiln.bos_token_id"), ("eos", "kiln.eos_token_id")] {
+            if let Some(text) = meta.get(meta_key) {
+                fields.insert(
+                    key,
+                    (Value::String(text.clone()), format!("metadata {meta_key}")),
+                );
+            }
+        }
+        let mut packages = Vec::new();
+        let sidecar = match sidecar_of(pkg.path()) {
+            Some(path) => {
+                let text = std::fs::read(&path).map_err(|e| CoreMlError::Io {
+                    path: path.clone(),
+                    source: e,
+                })?;
+                let v: Value = serde_json::from_slice(&text)
+                    .map_err(|e| bad(format!("{}: not valid JSON: {e}", path.display())))?;
+                let obj = v
+                    .as_object()
+                    .ok_or_else(|| bad(format!("{}: expected a JSON object", path.display())))?;
+                packages = obj
+                    .get("packages")
+                    .and_then(Value::as_array)
+                    .map(|list| {
+                        list.iter()
+                            .filter_map(|p| p.get("path").and_then(Value::as_str))
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let name = pkg.path().file_name().map(|n| n.to_string_lossy());
+                let ours = packages.is_empty()
+                    || path.parent() == Some(pkg.path())
+                    || name.is_some_and(|n| packages.iter().any(|p| *p == n));
+                if ours {
+                    let at = |k: &str| format!("{}: {k}", path.display());
+                    for (key, _) in KEYS {
+                        if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
+                            fields.insert(key, (v.clone(), at(key)));
+                        }
+                    }
+                    for (alias, key) in SIDECAR_ALIASES {
+                        if let Some(v) = obj.get(alias).filter(|v| !v.is_null()) {
+                            fields.insert(key, (v.clone(), at(alias)));
+                        }
+                    }
+                    if let Some(special) = obj.get("special_tokens").and_then(Value::as_object) {
+                        for key in ["bos", "eos", "stop", "add_bos"] {
+                            if let Some(v) = special.get(key).filter(|v| !v.is_null()) {
+                                fields
+                                    .insert(key, (v.clone(), at(&format!("special_tokens.{key}"))));
+                            }
+                        }
+                    }
+                    Some(path)
+                } else {
+                    packages.clear();
+                    None
                 }
             }
-        }
-        let size = |key: &str| -> Result<Option<usize>, CoreMlError> {
+            None => None,
+        };
+
+        let number = |key: &str| -> Result<Option<u64>, CoreMlError> {
             let Some((v, at)) = fields.get(key) else {
                 return Ok(None);
             };
@@ -136,9 +197,25 @@ impl PackageInfo {
                 Value::String(s) => s.trim().parse::<u64>().ok(),
                 _ => None,
             };
-            match n.and_then(|n| usize::try_from(n).ok()).filter(|&n| n > 0) {
-                Some(n) => Ok(Some(n)),
-                None => Err(bad(format!("{at} = {v} is not a positive integer"))),
+            n.map(Some)
+                .ok_or_else(|| bad(format!("{at} = {v} is not a non-negative integer")))
+        };
+        let size = |key: &str| -> Result<Option<usize>, CoreMlError> {
+            match number(key)? {
+                None => Ok(None),
+                Some(n) => usize::try_from(n)
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .map(Some)
+                    .ok_or_else(|| bad(format!("{} = {n} is not a positive size", fields[key].1))),
+            }
+        };
+        let token = |key: &str| -> Result<Option<u32>, CoreMlError> {
+            match number(key)? {
+                None => Ok(None),
+                Some(n) => u32::try_from(n)
+                    .map(Some)
+                    .map_err(|_| bad(format!("{} = {n} is not a token id", fields[key].1))),
             }
         };
         let text = |key: &str| -> Result<Option<String>, CoreMlError> {
@@ -151,18 +228,55 @@ impl PackageInfo {
         let json = |key: &str| -> Result<Option<Value>, CoreMlError> {
             match fields.get(key) {
                 None => Ok(None),
-                // A sidecar may hold the document itself or its JSON text.
+                // Metadata holds documents as JSON text; a sidecar may too.
                 Some((Value::String(s), at)) => serde_json::from_str(s)
                     .map(Some)
                     .map_err(|e| bad(format!("{at} is not valid JSON: {e}"))),
                 Some((v, _)) => Ok(Some(v.clone())),
             }
         };
+        // `query_length` is {"min", "max"} in a sidecar, "min-max" in metadata.
+        let mut max_query = size("max_query")?;
+        if let Some((v, at)) = fields.get("query_length") {
+            let max = match v {
+                Value::Object(o) => o.get("max").and_then(Value::as_u64),
+                Value::String(s) => s.rsplit('-').next().and_then(|m| m.trim().parse().ok()),
+                Value::Number(n) => n.as_u64(),
+                _ => None,
+            };
+            let max = max
+                .and_then(|m| usize::try_from(m).ok())
+                .filter(|&m| m > 0)
+                .ok_or_else(|| bad(format!("{at} = {v} gives no largest query length")))?;
+            max_query = Some(max_query.map_or(max, |m| m.min(max)));
+        }
+        let stop_ids = match fields.get("stop") {
+            None => Vec::new(),
+            Some((Value::Array(list), at)) => list
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| bad(format!("{at}: {v} is not a token id")))
+                })
+                .collect::<Result<_, _>>()?,
+            Some((v, at)) => return Err(bad(format!("{at} = {v} is not a list of token ids"))),
+        };
+        let add_bos = match fields.get("add_bos") {
+            None => None,
+            Some((Value::Bool(b), _)) => Some(*b),
+            Some((v, at)) => return Err(bad(format!("{at} = {v} is not true or false"))),
+        };
         Ok(PackageInfo {
             context: size("context")?,
-            max_query: size("max_query")?,
+            max_query,
             vocab_size: size("vocab_size")?,
             architecture: text("architecture")?,
+            bos_id: token("bos")?,
+            eos_id: token("eos")?,
+            stop_ids,
+            add_bos,
+            packages,
             sidecar,
             tokenizer: json("tokenizer")?,
             tokenizer_config: json("tokenizer_config")?,
@@ -231,7 +345,11 @@ impl PackageInfo {
                     .map_err(|e| format!("{}: {e}", dir.join(name).display()))
             };
             write("tokenizer.json", doc.to_string().as_bytes())?;
-            if let Some(cfg) = &self.tokenizer_config {
+            let config = match &self.tokenizer_config {
+                Some(cfg) => Some(cfg.clone()),
+                None => self.synthesized_config(doc),
+            };
+            if let Some(cfg) = config {
                 write("tokenizer_config.json", cfg.to_string().as_bytes())?;
             }
             if let Some(t) = &self.chat_template {
@@ -244,8 +362,54 @@ impl PackageInfo {
     }
 }
 
-/// The sidecar of the package at `path`: `kiln.json` inside it, else in its parent folder.
-fn sidecar_path(path: &Path) -> Option<PathBuf> {
+impl PackageInfo {
+    /// A `tokenizer_config.json` for a bare `tokenizer.json` from the special tokens the
+    /// metadata or sidecar name (BOS and EOS by id, whether prompts start with BOS), which a
+    /// `tokenizer.json` alone does not say.
+    fn synthesized_config(&self, doc: &Value) -> Option<Value> {
+        if self.bos_id.is_none() && self.eos_id.is_none() && self.add_bos.is_none() {
+            return None;
+        }
+        let text_of = |id: u32| -> Option<String> {
+            let added = doc
+                .get("added_tokens")
+                .and_then(Value::as_array)
+                .and_then(|list| {
+                    list.iter().find_map(|t| {
+                        (t.get("id").and_then(Value::as_u64) == Some(u64::from(id)))
+                            .then(|| t.get("content").and_then(Value::as_str))
+                            .flatten()
+                    })
+                });
+            let vocab = || {
+                doc.get("model")
+                    .and_then(|m| m.get("vocab"))
+                    .and_then(Value::as_object)
+                    .and_then(|v| {
+                        v.iter()
+                            .find(|(_, i)| i.as_u64() == Some(u64::from(id)))
+                            .map(|(t, _)| t.as_str())
+                    })
+            };
+            added.or_else(vocab).map(str::to_string)
+        };
+        let mut cfg = serde_json::Map::new();
+        if let Some(t) = self.bos_id.and_then(text_of) {
+            cfg.insert("bos_token".into(), Value::String(t));
+        }
+        if let Some(t) = self.eos_id.and_then(text_of) {
+            cfg.insert("eos_token".into(), Value::String(t));
+        }
+        if let Some(b) = self.add_bos {
+            cfg.insert("add_bos_token".into(), Value::Bool(b));
+        }
+        Some(Value::Object(cfg))
+    }
+}
+
+/// The sidecar of the package at `path`: `kiln.json` inside it, else in its parent folder
+/// (where `kiln export coreml` writes it).
+fn sidecar_of(path: &Path) -> Option<PathBuf> {
     let inside = path.join(SIDECAR_FILE);
     if inside.is_file() {
         return Some(inside);
@@ -366,6 +530,16 @@ impl CallProtocol {
             package: package.to_string(),
             message: m,
         };
+        if info.packages.len() > 1 {
+            return Err(bad(format!(
+                "{} lists {} packages (a model split over layers: {}); kiln runs models exported as one package so far (export with a larger --max-chunk-mb)",
+                info.sidecar
+                    .as_deref()
+                    .map_or_else(|| SIDECAR_FILE.into(), |p| p.display().to_string()),
+                info.packages.len(),
+                info.packages.join(", ")
+            )));
+        }
         let mut ids: Option<(&str, &ArrayInfo)> = None;
         let mut mask: Option<(&str, &ArrayInfo)> = None;
         let mut positions: Option<(&str, &ArrayInfo)> = None;

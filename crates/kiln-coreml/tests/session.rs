@@ -433,3 +433,54 @@ fn enumerated_query_lengths_pad_and_masks_are_causal() {
         }
     }
 }
+
+/// A bare `tokenizer.json` (the form `kiln export coreml` stores) gets BOS, EOS and `add_bos`
+/// from the special tokens the package names, and tokenizes as the GGUF tokenizer it came
+/// from.
+#[test]
+fn stored_tokenizer_json_takes_the_named_special_tokens() {
+    let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.exists(),
+        "{} is missing: run scripts/fetch-models",
+        gguf.display()
+    );
+    let file = kiln_format::gguf::GgufFile::open(&gguf).unwrap();
+    let original = kiln_tokenizer::Tokenizer::from_gguf(&file).unwrap();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("session-tokenizer-json");
+    original.save_hf(&dir).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let (bos, eos) = (original.bos_id().unwrap(), original.eos_id().unwrap());
+    let info = PackageInfo {
+        tokenizer: Some(doc.clone()),
+        bos_id: Some(bos),
+        eos_id: Some(eos),
+        add_bos: Some(original.add_bos()),
+        ..Default::default()
+    };
+    let t = info.tokenizer("pkg").unwrap().unwrap();
+    assert_eq!((t.bos_id(), t.eos_id()), (Some(bos), Some(eos)));
+    assert_eq!(t.add_bos(), original.add_bos());
+    assert!(t.stop_ids().contains(&eos));
+    let text = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n";
+    assert_eq!(
+        t.encode(text, true, true).unwrap(),
+        original.encode(text, true, true).unwrap()
+    );
+
+    // Without them the document alone says nothing of EOS.
+    let bare = PackageInfo {
+        tokenizer: Some(doc),
+        ..Default::default()
+    };
+    assert_eq!(bare.tokenizer("pkg").unwrap().unwrap().eos_id(), None);
+    let bad = PackageInfo {
+        tokenizer: Some(serde_json::json!({"kind": "sentencepiece"})),
+        ..Default::default()
+    };
+    let e = bad.tokenizer("pkg").unwrap_err().to_string();
+    assert!(e.contains("unknown kind") && e.contains("pkg"), "{e}");
+}
