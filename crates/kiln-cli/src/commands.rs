@@ -7,10 +7,11 @@ use crate::{
 use kiln_format::gguf::GgufFile;
 use kiln_runtime::bundle::{BundleError, ModelBundle};
 use kiln_runtime::conversation::Conversation;
-use kiln_runtime::generate::{generate, GenerateOptions};
+use kiln_runtime::generate::{generate, GenerateOptions, TokenModel};
 use kiln_runtime::sampling::SamplerConfig;
 use kiln_runtime::{Logits, ModelError, Precision, Session, ThreadPool};
 use kiln_tokenizer::chat::Message;
+use kiln_tokenizer::Tokenizer;
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -22,7 +23,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn input(message: impl Into<String>) -> Failure {
+    pub(crate) fn input(message: impl Into<String>) -> Failure {
         Failure {
             code: 2,
             message: message.into(),
@@ -61,7 +62,7 @@ fn precision(name: &str) -> Precision {
     Precision::from_name(name).unwrap_or_default()
 }
 
-fn threads(requested: Option<usize>) -> Result<ThreadPool, Failure> {
+pub(crate) fn threads(requested: Option<usize>) -> Result<ThreadPool, Failure> {
     let n = match requested {
         Some(0) => return Err(Failure::input("--threads must be at least 1")),
         Some(n) => n,
@@ -70,7 +71,7 @@ fn threads(requested: Option<usize>) -> Result<ThreadPool, Failure> {
     Ok(ThreadPool::new(n))
 }
 
-fn read_text_file(path: &Path, what: &str) -> Result<String, Failure> {
+pub(crate) fn read_text_file(path: &Path, what: &str) -> Result<String, Failure> {
     let bytes = std::fs::read(path)
         .map_err(|e| Failure::input(format!("{}: cannot read {what}: {e}", path.display())))?;
     String::from_utf8(bytes).map_err(|e| {
@@ -108,9 +109,27 @@ fn read_messages(path: &Path) -> Result<Vec<Message>, Failure> {
     Ok(messages)
 }
 
+/// What turns a prompt into token ids: a model bundle, or a Core ML package's tokenizer.
+pub(crate) trait PromptEncoder {
+    /// A plain prompt (BOS as the model's metadata says, special-token texts recognised).
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, Failure>;
+    /// A chat rendered with the model's template.
+    fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, Failure>;
+}
+
+impl PromptEncoder for ModelBundle {
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, Failure> {
+        Ok(ModelBundle::encode_prompt(self, text)?)
+    }
+
+    fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, Failure> {
+        Ok(ModelBundle::encode_chat(self, messages)?)
+    }
+}
+
 /// Token ids for a prompt given as text, a file or messages, with or without the template.
-fn prompt_ids(
-    bundle: &ModelBundle,
+pub(crate) fn prompt_ids(
+    bundle: &impl PromptEncoder,
     source: &PromptSource,
     chat: bool,
     system: Option<&str>,
@@ -153,7 +172,7 @@ fn prompt_ids(
 }
 
 /// Validates the sampling flags and builds the sampler's configuration.
-fn sampler_config(a: &SamplingArgs) -> Result<SamplerConfig, Failure> {
+pub(crate) fn sampler_config(a: &SamplingArgs) -> Result<SamplerConfig, Failure> {
     let bad = |name: &str, v: f32, range: &str| {
         Failure::input(format!("--{name} {v} is out of range (expected {range})"))
     };
@@ -198,6 +217,7 @@ fn sampler_config(a: &SamplingArgs) -> Result<SamplerConfig, Failure> {
 
 /// `kiln run`.
 pub fn run(a: RunArgs) -> CmdResult {
+    crate::mlpackage_commands::refuse_package_args(&a.model, &a.package)?;
     let sampler = sampler_config(&a.sampling)?;
     let pool = threads(a.threads)?;
     let bundle = ModelBundle::open(&a.model)?;
@@ -213,7 +233,6 @@ pub fn run(a: RunArgs) -> CmdResult {
             a.n_predict
         )));
     }
-    let seed = sampler.seed;
     let options = GenerateOptions {
         max_tokens: a.n_predict,
         sampler,
@@ -223,13 +242,37 @@ pub fn run(a: RunArgs) -> CmdResult {
     };
     let mut session = Session::new(&bundle.model, &pool, needed);
     session.set_precision(precision(&a.precision));
+    let threads = format!("{} thread(s)", pool.n_threads());
+    generate_and_print(
+        &mut session,
+        tokenizer,
+        &prompt,
+        &options,
+        a.json,
+        bundle.load_ms,
+        &threads,
+    )
+}
+
+/// Generates with `generate`, streaming the text to stdout (or printing one JSON object with
+/// `json`), then the timings; `backend` describes what computed, for the timings line.
+pub(crate) fn generate_and_print<M: TokenModel + ?Sized>(
+    session: &mut M,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    json: bool,
+    load_ms: f64,
+    backend: &str,
+) -> CmdResult {
+    let seed = options.sampler.seed;
     let stdout = std::io::stdout();
-    let result = if a.json {
-        generate(&mut session, tokenizer, &prompt, &options, |_| {})?
+    let result = if json {
+        generate(session, tokenizer, prompt, options, |_| {})?
     } else {
         let mut out = stdout.lock();
         let mut write_failed = false;
-        let g = generate(&mut session, tokenizer, &prompt, &options, |piece| {
+        let g = generate(session, tokenizer, prompt, options, |piece| {
             if !write_failed && (out.write_all(piece.as_bytes()).is_err() || out.flush().is_err()) {
                 write_failed = true;
             }
@@ -238,7 +281,7 @@ pub fn run(a: RunArgs) -> CmdResult {
         g
     };
     let t = &result.timings;
-    if a.json {
+    if json {
         let obj = json!({
             "prompt_token_ids": result.prompt_token_ids,
             "token_ids": result.token_ids,
@@ -246,7 +289,7 @@ pub fn run(a: RunArgs) -> CmdResult {
             "finish_reason": result.finish_reason.as_str(),
             "seed": seed,
             "timings": {
-                "load_ms": bundle.load_ms,
+                "load_ms": load_ms,
                 "prefill_tokens": t.prefill_tokens,
                 "prefill_tok_s": t.prefill_tok_s(),
                 "decode_tokens": t.decode_tokens,
@@ -257,14 +300,14 @@ pub fn run(a: RunArgs) -> CmdResult {
         println!("{obj}");
     } else {
         eprintln!(
-            "[kiln] load {:.0} ms | prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | first token {:.0} ms | {} thread(s) | finish: {}",
-            bundle.load_ms,
+            "[kiln] load {:.0} ms | prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | first token {:.0} ms | {} | finish: {}",
+            load_ms,
             t.prefill_tokens,
             t.prefill_tok_s(),
             result.token_ids.len(),
             t.decode_tok_s(),
             t.ttft_ms,
-            pool.n_threads(),
+            backend,
             result.finish_reason.as_str()
         );
     }
@@ -371,34 +414,16 @@ pub fn chat(a: ChatArgs) -> CmdResult {
 
 /// `kiln logits`.
 pub fn logits(a: LogitsArgs) -> CmdResult {
+    crate::mlpackage_commands::refuse_package_args(&a.model, &a.package)?;
     let pool = threads(a.threads)?;
     let bundle = ModelBundle::open(&a.model)?;
-    let ids = match &a.input.token_ids {
-        Some(ids) => {
-            if ids.is_empty() {
-                return Err(Failure::input("--token-ids is empty"));
-            }
-            if a.chat {
-                return Err(Failure::input("--chat does not apply to --token-ids"));
-            }
-            ids.clone()
-        }
-        None => {
-            if bundle.tokenizer.is_none() {
-                return Err(Failure::input(format!(
-                    "{}: this model folder has no tokenizer.json; pass --token-ids",
-                    a.model.display()
-                )));
-            }
-            let source = PromptSource {
-                prompt: a.input.prompt.clone(),
-                prompt_file: a.input.prompt_file.clone(),
-                messages: a.input.messages.clone(),
-            };
-            let chat = a.chat || source.messages.is_some();
-            prompt_ids(&bundle, &source, chat, a.system.as_deref())?
-        }
-    };
+    let encoder = bundle.tokenizer.is_some().then_some(&bundle);
+    let ids = logits_ids(&a, encoder, || {
+        format!(
+            "{}: this model folder has no tokenizer.json; pass --token-ids",
+            a.model.display()
+        )
+    })?;
     if ids.len() > bundle.model.config.context_length {
         return Err(Failure::input(format!(
             "{} tokens exceed the model's context of {}",
@@ -415,8 +440,34 @@ pub fn logits(a: LogitsArgs) -> CmdResult {
     Ok(())
 }
 
+/// The token ids `kiln logits` runs: `--token-ids` as given, else the prompt encoded by
+/// `encoder`; without one, the message `no_tokenizer` gives.
+pub(crate) fn logits_ids(
+    a: &LogitsArgs,
+    encoder: Option<&impl PromptEncoder>,
+    no_tokenizer: impl FnOnce() -> String,
+) -> Result<Vec<u32>, Failure> {
+    if let Some(ids) = &a.input.token_ids {
+        if ids.is_empty() {
+            return Err(Failure::input("--token-ids is empty"));
+        }
+        if a.chat {
+            return Err(Failure::input("--chat does not apply to --token-ids"));
+        }
+        return Ok(ids.clone());
+    }
+    let encoder = encoder.ok_or_else(|| Failure::input(no_tokenizer()))?;
+    let source = PromptSource {
+        prompt: a.input.prompt.clone(),
+        prompt_file: a.input.prompt_file.clone(),
+        messages: a.input.messages.clone(),
+    };
+    let chat = a.chat || source.messages.is_some();
+    prompt_ids(encoder, &source, chat, a.system.as_deref())
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     let file_name = path
         .file_name()

@@ -9,6 +9,7 @@ mod convert_commands;
 mod coreml_commands;
 mod export_commands;
 mod hub_source;
+mod mlpackage_commands;
 mod validate_commands;
 
 use clap::{Args, Parser, Subcommand};
@@ -55,6 +56,8 @@ enum Command {
     /// Check a converted model against its source (logits cosine, KL, top-1, perplexity), or
     /// one model's fp16 activation ranges (--fp16); exit 1 when a check fails.
     Validate(validate_commands::ValidateArgs),
+    /// Where Core ML runs each op of a package (CPU, GPU, Neural Engine): Apple platforms only.
+    Residency(mlpackage_commands::ResidencyArgs),
 }
 
 /// Where the prompt comes from.
@@ -75,7 +78,7 @@ pub struct PromptSource {
 /// Arguments of `kiln run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The model: a GGUF file or a Hugging Face folder.
+    /// The model: a GGUF file, a Hugging Face folder, a kiln package or a Core ML .mlpackage.
     pub model: PathBuf,
     #[command(flatten)]
     pub source: PromptSource,
@@ -106,6 +109,8 @@ pub struct RunArgs {
     /// residual), int8, or exact (f32 activations, weights dequantized exactly).
     #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
     pub precision: String,
+    #[command(flatten)]
+    pub package: mlpackage_commands::PackageArgs,
 }
 
 /// The sampling chain's settings (llama.cpp's defaults).
@@ -168,7 +173,7 @@ pub struct ChatArgs {
 /// Arguments of `kiln logits`.
 #[derive(Args)]
 pub struct LogitsArgs {
-    /// The model: a GGUF file or a Hugging Face folder.
+    /// The model: a GGUF file, a Hugging Face folder, a kiln package or a Core ML .mlpackage.
     pub model: PathBuf,
     #[command(flatten)]
     pub input: LogitsInput,
@@ -188,6 +193,8 @@ pub struct LogitsArgs {
     /// residual), int8, or exact (f32 activations, weights dequantized exactly).
     #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
     pub precision: String,
+    #[command(flatten)]
+    pub package: mlpackage_commands::PackageArgs,
 }
 
 /// Input of `kiln logits`: text, or token ids directly.
@@ -300,12 +307,22 @@ fn main() -> ExitCode {
     kiln_runtime::package::set_verify_on_open(!cli.no_verify);
     // A panic is a bug: report it as an internal error (exit 1), never as a crash code.
     let outcome = std::panic::catch_unwind(|| match cli.command {
+        Command::Run(a) if is_mlpackage(&a.model) => mlpackage_commands::run(a),
         Command::Run(a) => commands::run(a),
+        Command::Chat(a) if is_mlpackage(&a.model) => Err(not_for_mlpackage("chat", &a.model)),
         Command::Chat(a) => commands::chat(a),
+        Command::Logits(a) if is_mlpackage(&a.model) => mlpackage_commands::logits(a),
         Command::Logits(a) => commands::logits(a),
+        Command::Perplexity(a) if is_mlpackage(&a.model) => {
+            Err(not_for_mlpackage("perplexity", &a.model))
+        }
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Tokenize(a) => commands::tokenize(a),
+        Command::Bench(a) if is_mlpackage(&a.model) => Err(not_for_mlpackage("bench", &a.model)),
         Command::Bench(a) => commands::bench(a),
+        Command::Inspect(a) if is_mlpackage(&a.model) => {
+            Err(not_for_mlpackage("inspect", &a.model))
+        }
         Command::Inspect(a) => commands::inspect(a),
         Command::Predict(a) => coreml_commands::predict(a),
         Command::Verify(a) if convert_commands::is_kiln_package(&a.package) => {
@@ -315,6 +332,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert_commands::convert(a),
         Command::Export(a) => export_commands::export(a),
         Command::Validate(a) => validate_commands::validate(a),
+        Command::Residency(a) => mlpackage_commands::residency(a),
     });
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -327,6 +345,18 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn is_mlpackage(path: &std::path::Path) -> bool {
+    kiln_coreml::cli_support::is_mlpackage(path)
+}
+
+/// The commands that do not take Core ML packages say so, pointing at those that do.
+fn not_for_mlpackage(command: &str, path: &std::path::Path) -> commands::Failure {
+    commands::Failure::input(format!(
+        "{}: kiln {command} does not take Core ML packages; kiln run, logits, predict and verify do",
+        path.display()
+    ))
 }
 
 /// When the reader of stdout goes away (`kiln inspect MODEL | head`), printing fails with a

@@ -93,6 +93,17 @@ impl Executor {
         }
     }
 
+    /// The dimensions the program declares for an output (`None` where a dimension depends
+    /// on the inputs), or `None` when the function has no such output. Descriptions often
+    /// leave output shapes unspecified; the program's own types are more precise.
+    pub fn output_dims(&self, name: &str) -> Option<Vec<Option<usize>>> {
+        self.plan
+            .outputs
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, sig)| sig.dims.clone())
+    }
+
     /// The current value of a state, by name.
     pub fn state(&self, name: &str) -> Option<Tensor> {
         let i = self.plan.states.iter().position(|s| s.name == name)?;

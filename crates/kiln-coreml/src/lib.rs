@@ -8,6 +8,8 @@
 //! - validates them without running them: [`MlPackage::verify`];
 //! - executes their main function on the CPU, with states carried across calls:
 //!   [`Executor::new`], [`Executor::predict`], [`Executor::reset_states`];
+//! - runs language-model packages token by token, with the call protocol read from their
+//!   description, prompts split into calls and positions tracked: [`CoremlSession`];
 //! - writes packages: [`export`] (weight files, package layout, a MIL program builder and
 //!   the Llama-family exporter).
 //!
@@ -32,6 +34,7 @@ mod package;
 mod program;
 #[path = "../proto/spec.rs"]
 pub mod proto;
+mod session;
 mod tensor;
 mod value;
 
@@ -42,5 +45,9 @@ pub use ops::supported_ops;
 pub use package::{
     ArrayDataType, ArrayInfo, DimRange, FeatureInfo, FeatureType, MlPackage, ModelDescription,
     ShapeFlexibility, VerifyReport, WeightFileReport,
+};
+pub use session::{
+    CallProtocol, CoremlSession, OutputKind, PackageInfo, PackageRunner, PlannedCall,
+    PositionInput, PositionLayout, QueryLengths, POSITION_INPUTS, SIDECAR_FILE,
 };
 pub use tensor::{DataType, Tensor, TensorData};

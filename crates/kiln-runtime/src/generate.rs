@@ -91,10 +91,44 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// What generation drives: a model that takes token ids a batch at a time, keeps the
+/// positions it has seen (a key/value cache, or a Core ML package's states), and returns the
+/// logits after the last token. kiln's CPU [`Session`] is one; a Core ML package run by
+/// `kiln-coreml` is another, so sampling, stop conditions and streaming exist once.
+pub trait TokenModel {
+    /// Positions processed so far.
+    fn n_past(&self) -> usize;
+    /// Positions the model can hold.
+    fn n_ctx(&self) -> usize;
+    /// Runs `tokens` after the positions already processed and returns the logits after the
+    /// last of them (one value per vocabulary entry).
+    fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError>;
+    /// Forgets every position.
+    fn reset(&mut self);
+}
+
+impl TokenModel for Session<'_> {
+    fn n_past(&self) -> usize {
+        Session::n_past(self)
+    }
+
+    fn n_ctx(&self) -> usize {
+        Session::n_ctx(self)
+    }
+
+    fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.forward(tokens, Logits::Last)
+    }
+
+    fn reset(&mut self) {
+        Session::reset(self)
+    }
+}
+
 /// Generates a continuation of `prompt` in `session` (which must be empty or hold a prefix
 /// the caller wants kept), calling `on_text` with each piece of new text as it becomes final.
-pub fn generate(
-    session: &mut Session<'_>,
+pub fn generate<M: TokenModel + ?Sized>(
+    session: &mut M,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     options: &GenerateOptions,
@@ -128,7 +162,7 @@ pub fn generate(
     let mut finish = FinishReason::Length;
 
     let start = Instant::now();
-    let mut logits = session.forward(prompt, Logits::Last)?;
+    let mut logits = session.forward_last(prompt)?;
     timings.prefill_ms = ms_since(start);
     let decode_start = Instant::now();
     let mut steps = 0usize;
@@ -151,7 +185,7 @@ pub fn generate(
         if generated.len() == options.max_tokens {
             break;
         }
-        logits = session.forward(&[token], Logits::Last)?;
+        logits = session.forward_last(&[token])?;
         steps += 1;
     }
     timings.decode_tokens = steps;
