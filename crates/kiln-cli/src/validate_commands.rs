@@ -8,10 +8,12 @@
 
 use crate::commands::Failure;
 use clap::Args;
+use kiln_coreml::cli_support::is_mlpackage;
+use kiln_coreml::CoremlSession;
 use kiln_runtime::bundle::ModelBundle;
 use kiln_runtime::fp16::{self, Fp16Check, GraphFix, FP16_MAX};
 use kiln_runtime::fp16_fix::{self, RangeSummary};
-use kiln_runtime::validate::{self, PerplexityComparison, PromptResult, Thresholds};
+use kiln_runtime::validate::{self, LogitsModel, PerplexityComparison, PromptResult, Thresholds};
 use kiln_runtime::{Precision, Session, ThreadPool};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,8 @@ use std::path::{Path, PathBuf};
 /// Arguments of `kiln validate`.
 #[derive(Args)]
 pub struct ValidateArgs {
-    /// The model to check: a GGUF file, a Hugging Face folder or a kiln package.
+    /// The model to check: a GGUF file, a Hugging Face folder, a kiln package, or a Core ML
+    /// .mlpackage (run by kiln's executor, prompts tokenized by the source).
     pub candidate: PathBuf,
     /// The model it must compute like (any format kiln runs).
     #[arg(long, required_unless_present = "fp16", conflicts_with = "fp16")]
@@ -124,12 +127,30 @@ pub fn validate(a: ValidateArgs) -> Result<(), Failure> {
     }
     let pool = pool(a.threads)?;
     let texts = prompt_texts(a.prompts.as_deref())?;
+    if is_mlpackage(against) {
+        return Err(input(format!(
+            "{}: a Core ML package can be the candidate, not the source: give --against the \
+             model it was exported from",
+            against.display()
+        )));
+    }
     let source = ModelBundle::open(against)?;
-    let candidate = ModelBundle::open(&a.candidate)?;
-    let (sv, cv) = (
-        source.model.config.vocab_size,
-        candidate.model.config.vocab_size,
-    );
+    let (candidate, mut package) = if is_mlpackage(&a.candidate) {
+        let session = CoremlSession::open(&a.candidate).map_err(|e| Failure {
+            code: 2,
+            message: e.to_string(),
+        })?;
+        (None, Some(session))
+    } else {
+        (Some(ModelBundle::open(&a.candidate)?), None)
+    };
+    let candidate_tokenizer = candidate.as_ref().and_then(|c| c.tokenizer.as_ref());
+    let sv = source.model.config.vocab_size;
+    let cv = match (&candidate, &package) {
+        (Some(c), _) => c.model.config.vocab_size,
+        (None, Some(p)) => p.vocab_size(),
+        (None, None) => unreachable!("one of the two is open"),
+    };
     if sv != cv {
         return Err(input(format!(
             "{} has a vocabulary of {cv} tokens but {} has {sv}: a candidate must share its \
@@ -140,10 +161,10 @@ pub fn validate(a: ValidateArgs) -> Result<(), Failure> {
     }
     // One tokenizer serves both; where both models carry one, they must agree on every prompt.
     let encode = |text: &str| -> Result<Vec<u32>, Failure> {
-        let ids = match (&source.tokenizer, &candidate.tokenizer) {
+        let ids = match (&source.tokenizer, &candidate) {
             (Some(_), _) => source.encode_prompt(text)?,
-            (None, Some(_)) => candidate.encode_prompt(text)?,
-            (None, None) => {
+            (None, Some(c)) if c.tokenizer.is_some() => c.encode_prompt(text)?,
+            _ => {
                 return Err(input(format!(
                     "neither {} nor {} carries a tokenizer: the prompts cannot be tokenized",
                     a.candidate.display(),
@@ -151,8 +172,11 @@ pub fn validate(a: ValidateArgs) -> Result<(), Failure> {
                 )))
             }
         };
-        if source.tokenizer.is_some() && candidate.tokenizer.is_some() {
-            let other = candidate.encode_prompt(text)?;
+        if let (Some(_), Some(c)) = (&source.tokenizer, &candidate) {
+            if c.tokenizer.is_none() {
+                return Ok(ids);
+            }
+            let other = c.encode_prompt(text)?;
             if other != ids {
                 return Err(input(format!(
                     "the two models tokenize {text:?} differently ({} tokens from {}, {} from \
@@ -177,7 +201,7 @@ pub fn validate(a: ValidateArgs) -> Result<(), Failure> {
             let tok = source
                 .tokenizer
                 .as_ref()
-                .or(candidate.tokenizer.as_ref())
+                .or(candidate_tokenizer)
                 .expect("a tokenizer encoded the prompts");
             let bos = if tok.add_bos() { tok.bos_id() } else { None };
             Some((tok.encode(&text, false, false)?, bos))
@@ -186,13 +210,23 @@ pub fn validate(a: ValidateArgs) -> Result<(), Failure> {
 
     let longest = prompts.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0);
     let n_ctx = (longest + a.continuation).max(if a.text.is_some() { a.ctx } else { 0 });
-    for bundle in [&source, &candidate] {
-        let limit = bundle.model.config.context_length;
+    let limits = [
+        (
+            source.model.origin.clone(),
+            source.model.config.context_length,
+        ),
+        match (&candidate, &package) {
+            (Some(c), _) => (c.model.origin.clone(), c.model.config.context_length),
+            (None, Some(p)) => (a.candidate.clone(), p.n_ctx()),
+            (None, None) => unreachable!("one of the two is open"),
+        },
+    ];
+    for (origin, limit) in limits {
         if n_ctx > limit {
             return Err(input(format!(
                 "{}: {n_ctx} positions (longest prompt {longest} + --continuation {}, or \
                  --ctx {}) exceed the model's context of {limit}",
-                bundle.model.origin.display(),
+                origin.display(),
                 a.continuation,
                 a.ctx
             )));
@@ -200,14 +234,22 @@ pub fn validate(a: ValidateArgs) -> Result<(), Failure> {
     }
     let precision = Precision::from_name(&a.precision).unwrap_or(Precision::Exact);
     let mut s_session = Session::new(&source.model, &pool, n_ctx);
-    let mut c_session = Session::new(&candidate.model, &pool, n_ctx);
     s_session.set_precision(precision);
-    c_session.set_precision(precision);
+    let mut c_bundle_session = candidate.as_ref().map(|c| {
+        let mut s = Session::new(&c.model, &pool, n_ctx);
+        s.set_precision(precision);
+        s
+    });
+    let c_session: &mut dyn LogitsModel = match (&mut c_bundle_session, &mut package) {
+        (Some(s), _) => s,
+        (None, Some(p)) => p,
+        (None, None) => unreachable!("one of the two is open"),
+    };
     let mut results = Vec::with_capacity(prompts.len());
     for (text, ids) in &prompts {
         results.push(validate::compare_prompt(
             &mut s_session,
-            &mut c_session,
+            c_session,
             text,
             ids,
             a.continuation,
@@ -217,7 +259,7 @@ pub fn validate(a: ValidateArgs) -> Result<(), Failure> {
         None => None,
         Some((tokens, bos)) => {
             let s = kiln_runtime::perplexity::perplexity_of(&mut s_session, tokens, a.ctx, *bos)?;
-            let c = kiln_runtime::perplexity::perplexity_of(&mut c_session, tokens, a.ctx, *bos)?;
+            let c = kiln_runtime::perplexity::perplexity_of(c_session, tokens, a.ctx, *bos)?;
             Some(PerplexityComparison {
                 source: s.ppl,
                 candidate: c.ppl,

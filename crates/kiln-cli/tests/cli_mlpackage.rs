@@ -128,6 +128,52 @@ fn smollm2_package_logits_match_the_gguf_and_transformers() {
     }
 }
 
+/// `kiln validate` takes the exported package itself as the candidate: the executor's logits
+/// against the GGUF's on a prompt and a teacher-forced continuation, gated like any candidate
+/// (exit 1 when a bar is set beyond what fp16 reaches), and refused as a source (exit 2).
+#[test]
+fn validate_gates_the_exported_package_against_its_source() {
+    let pkg = smollm2_package();
+    let dir = tmpdir("validate");
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "The capital of France is\n").unwrap();
+    let args = |min_cos: &'static str| {
+        vec![
+            "validate".to_string(),
+            s(pkg).to_string(),
+            "--against".to_string(),
+            s(&gguf()).to_string(),
+            "--prompts".to_string(),
+            s(&prompts).to_string(),
+            "--continuation".to_string(),
+            "3".to_string(),
+            "--min-cosine".to_string(),
+            min_cos.to_string(),
+            "--json".to_string(),
+        ]
+    };
+    let pass = args("0.999");
+    let pass: Vec<&str> = pass.iter().map(String::as_str).collect();
+    let v = run_json(&pass);
+    let prompt = &v["prompts"][0];
+    let min_cos = prompt["min_cosine"].as_f64().unwrap();
+    println!("package vs GGUF: {prompt}");
+    assert!(min_cos >= 0.999, "min cosine {min_cos}");
+    assert_eq!(prompt["top1_agreements"], prompt["steps"]);
+    // fp16 weights cannot reach a cosine of exactly 1 everywhere: a bar there fails, exit 1.
+    let strict = args("0.99999999");
+    let strict: Vec<&str> = strict.iter().map(String::as_str).collect();
+    let out = kiln(&strict);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kiln(&["validate", s(&gguf()), "--against", s(pkg)]);
+    assert_bad_input(&out, &["candidate, not the source"]);
+}
+
 fn run_json(args: &[&str]) -> Value {
     serde_json::from_str(kiln_ok(args).trim()).unwrap()
 }

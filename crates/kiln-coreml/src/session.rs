@@ -1196,3 +1196,25 @@ impl kiln_runtime::generate::TokenModel for CoremlSession {
         CoremlSession::reset(self)
     }
 }
+
+/// A package as the candidate (or source) of `kiln validate`: the exported program itself is
+/// what gets compared, call by call.
+impl kiln_runtime::validate::LogitsModel for CoremlSession {
+    fn vocab_size(&self) -> usize {
+        CoremlSession::vocab_size(self)
+    }
+
+    fn context_length(&self) -> usize {
+        self.n_ctx()
+    }
+
+    fn reset(&mut self) {
+        CoremlSession::reset(self)
+    }
+
+    fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, kiln_runtime::ModelError> {
+        // The message already names the package (and the op or input at fault).
+        self.forward_all(ids)
+            .map_err(|e| kiln_runtime::ModelError::Request(e.to_string()))
+    }
+}
