@@ -249,7 +249,14 @@ impl TensorFormat {
 /// # Panics
 /// If `data` is not `ty.data_length(cols, rows)` bytes, `r >= rows` or `out.len() != cols`;
 /// callers check the shape when they load the tensor.
-pub fn dequantize_row(ty: KilnType, data: &[u8], rows: usize, cols: usize, r: usize, out: &mut [f32]) {
+pub fn dequantize_row(
+    ty: KilnType,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    r: usize,
+    out: &mut [f32],
+) {
     assert_eq!(
         Some(data.len() as u64),
         ty.data_length(cols, rows),
@@ -283,7 +290,10 @@ pub fn dequantize_row(ty: KilnType, data: &[u8], rows: usize, cols: usize, r: us
             let table = lut_table(ty, data, rows, cols, r);
             let mut idx = [0u8; CHUNK];
             let chunk_bytes = 4 * bits as usize;
-            for (o, c) in out.chunks_exact_mut(CHUNK).zip(row.chunks_exact(chunk_bytes)) {
+            for (o, c) in out
+                .chunks_exact_mut(CHUNK)
+                .zip(row.chunks_exact(chunk_bytes))
+            {
                 unpack_chunk(bits, c, &mut idx);
                 for (v, &i) in o.iter_mut().zip(&idx) {
                     *v = table[i as usize];
@@ -582,7 +592,10 @@ pub fn encode_lut(
         let mut idx = [0u8; CHUNK];
         for (k, row_out) in dst.chunks_exact_mut(row_bytes).enumerate() {
             let r = first + k;
-            let table: Vec<f32> = tables[r / group_rows].iter().map(|&h| f16_to_f32(h)).collect();
+            let table: Vec<f32> = tables[r / group_rows]
+                .iter()
+                .map(|&h| f16_to_f32(h))
+                .collect();
             let row = &w[r * cols..(r + 1) * cols];
             for (x, o) in row
                 .chunks_exact(CHUNK)
@@ -654,7 +667,9 @@ mod tests {
                 Some(TensorFormat::Kiln(ty))
             );
         }
-        for bad in ["LUT3", "LUT4_G0", "LUT4_G", "LUT4_G01", "LUT", "I8", "LUT4_G-1"] {
+        for bad in [
+            "LUT3", "LUT4_G0", "LUT4_G", "LUT4_G01", "LUT", "I8", "LUT4_G-1",
+        ] {
             assert_eq!(KilnType::from_name(bad), None, "{bad}");
         }
         assert_eq!(

@@ -98,7 +98,10 @@ fn activations(n: usize) -> impl Strategy<Value = Vec<f32>> {
 
 /// A tensor of `ty` with 1..=9 rows (a multiple of the table group) and 1..=`max_units`
 /// units of columns, and 1..=5 activation rows.
-fn case(ty: KilnType, max_units: usize) -> impl Strategy<Value = (usize, usize, Vec<u8>, Vec<Vec<f32>>)> {
+fn case(
+    ty: KilnType,
+    max_units: usize,
+) -> impl Strategy<Value = (usize, usize, Vec<u8>, Vec<Vec<f32>>)> {
     let group = match ty {
         KilnType::Lut { group: Some(g), .. } => g as usize,
         _ => 1,
@@ -115,7 +118,13 @@ fn case(ty: KilnType, max_units: usize) -> impl Strategy<Value = (usize, usize, 
     })
 }
 
-fn check(ty: KilnType, rows: usize, cols: usize, data: &[u8], xs: &[Vec<f32>]) -> Result<(), TestCaseError> {
+fn check(
+    ty: KilnType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    xs: &[Vec<f32>],
+) -> Result<(), TestCaseError> {
     let w = KilnMatrix::new(ty, data, rows, cols).expect("a well-sized tensor");
     let xq: Vec<QuantizedRow> = xs
         .iter()
@@ -132,8 +141,16 @@ fn check(ty: KilnType, rows: usize, cols: usize, data: &[u8], xs: &[Vec<f32>]) -
         kiln_types::dequantize_row(ty, data, rows, cols, r, &mut wrow);
         for q in &xq {
             let x = q.dequantize();
-            let exact: f64 = wrow.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
-            let mag: f64 = wrow.iter().zip(&x).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
+            let exact: f64 = wrow
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            let mag: f64 = wrow
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+                .sum();
             let reference = f64::from(dot_reference(&w, r, q));
             prop_assert!(
                 (reference - exact).abs() <= 1e-6 * mag + 1e-30,
@@ -196,7 +213,9 @@ fn known_values() {
     let codes: Vec<i8> = (0..cols as i32).map(|i| (i % 5 - 2) as i8).collect();
     data.extend(codes.iter().map(|&c| c as u8));
     let w = KilnMatrix::new(KilnType::I8Ch, &data, 1, cols).unwrap();
-    let x: Vec<f32> = (0..cols).map(|i| if i % 2 == 0 { 127.0 } else { -127.0 }).collect();
+    let x: Vec<f32> = (0..cols)
+        .map(|i| if i % 2 == 0 { 127.0 } else { -127.0 })
+        .collect();
     let mut q = QuantizedRow::new();
     quantize_row(&x, activation_format(KilnType::I8Ch), &mut q);
     let want: f32 = codes

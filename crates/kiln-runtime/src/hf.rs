@@ -490,9 +490,11 @@ mod tests {
             "blk.11.post_ffw_norm.weight",
         ];
         for arch in ["llama", "gemma3"] {
-            let names = canonical
-                .iter()
-                .chain(if arch == "gemma3" { &gemma_only[..] } else { &[] });
+            let names = canonical.iter().chain(if arch == "gemma3" {
+                &gemma_only[..]
+            } else {
+                &[]
+            });
             for &n in names {
                 let (hf, norm) = checkpoint_name(n, arch).unwrap_or_else(|| panic!("{n}"));
                 assert_eq!(

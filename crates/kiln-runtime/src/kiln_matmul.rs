@@ -70,7 +70,9 @@ pub(crate) fn matmul(
                 kiln_formats::dot_block(&m, range.clone(), xq, &mut tile, width);
                 let (sum, residual) = tile.split_at_mut(n_tokens * width);
                 if n_q > n_tokens {
-                    sum.iter_mut().zip(residual.iter()).for_each(|(s, r)| *s += r);
+                    sum.iter_mut()
+                        .zip(residual.iter())
+                        .for_each(|(s, r)| *s += r);
                 }
                 for t in 0..n_tokens {
                     // SAFETY: rows `range` of token `t` belong to this task alone.

@@ -313,8 +313,8 @@ fn open_checked(
 
 /// Checks one tensor's description against a shard of `shard_len` bytes.
 fn check_tensor(t: &TensorEntry, shard_len: u64) -> Result<(), String> {
-    let format =
-        TensorFormat::from_name(&t.format).ok_or_else(|| format!("unknown format '{}'", t.format))?;
+    let format = TensorFormat::from_name(&t.format)
+        .ok_or_else(|| format!("unknown format '{}'", t.format))?;
     if t.shape.is_empty() || t.shape.len() > 4 {
         return Err(format!("shape {:?} must have 1 to 4 dimensions", t.shape));
     }

@@ -165,6 +165,15 @@ fn minus_one(ty: GgmlType, data: &[u8]) -> Result<Vec<u8>, String> {
     ggml::quantize(ty, &v).map_err(|e| e.to_string())
 }
 
+/// An f32 as JSON with its shortest decimal form (`1e-5`, not `9.999999747378752e-6`).
+fn num(v: f32) -> Value {
+    v.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number))
+        .unwrap_or(Value::Null)
+}
+
 fn torch_dtype(options: &ConvertOptions) -> &'static str {
     match options.quant {
         QuantTarget::F16 => "float16",
@@ -200,7 +209,7 @@ fn hf_config(
         if scale == 1.0 {
             Value::Null
         } else {
-            json!({"rope_type": "linear", "factor": 1.0 / f64::from(scale)})
+            json!({"rope_type": "linear", "factor": num(1.0 / scale)})
         }
     };
     let mut c = match config.architecture.as_str() {
@@ -227,7 +236,7 @@ fn hf_config(
                 "hidden_act": "silu",
                 "attention_bias": config.qkv_bias,
                 "mlp_bias": false,
-                "rope_theta": first.rope_base,
+                "rope_theta": num(first.rope_base),
                 "rope_scaling": linear(first.rope_freq_scale),
             })
         }
@@ -249,20 +258,20 @@ fn hf_config(
                     }
                 })
                 .collect();
-            let scalar = 1.0 / (f64::from(config.attn_scale) * f64::from(config.attn_scale));
+            let scalar = 1.0 / (config.attn_scale * config.attn_scale);
             json!({
                 "architectures": ["Gemma3ForCausalLM"],
                 "model_type": "gemma3_text",
                 "hidden_activation": "gelu_pytorch_tanh",
                 "attention_bias": config.qkv_bias,
-                "query_pre_attn_scalar": scalar,
+                "query_pre_attn_scalar": num(scalar),
                 "sliding_window": window,
                 "layer_types": layer_types,
-                "rope_theta": global.map_or(1_000_000.0, |l| l.rope_base),
-                "rope_local_base_freq": local.map_or(10_000.0, |l| l.rope_base),
+                "rope_theta": num(global.map_or(1_000_000.0, |l| l.rope_base)),
+                "rope_local_base_freq": num(local.map_or(10_000.0, |l| l.rope_base)),
                 "rope_scaling": linear(global.map_or(1.0, |l| l.rope_freq_scale)),
-                "final_logit_softcapping": config.final_logit_softcap,
-                "attn_logit_softcapping": config.attn_logit_softcap,
+                "final_logit_softcapping": config.final_logit_softcap.map(num),
+                "attn_logit_softcapping": config.attn_logit_softcap.map(num),
             })
         }
         other => {
@@ -280,7 +289,7 @@ fn hf_config(
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
         "max_position_embeddings": config.context_length,
-        "rms_norm_eps": config.rms_eps,
+        "rms_norm_eps": num(config.rms_eps),
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": tied,
         "torch_dtype": torch_dtype(options),

@@ -392,7 +392,6 @@ fn open_source(src: &Path) -> Result<Source, ModelError> {
     })
 }
 
-
 /// Converts the model at `src` (GGUF file or Hugging Face folder) into `options.to` at `out`.
 /// `on_tensor` is called after each tensor is converted, with its outcome and the count done
 /// and total. Nothing appears at `out` unless the whole conversion succeeds.
@@ -578,6 +577,10 @@ fn target_format(
     if target == from {
         return (from, None);
     }
+    if is_vector(dims) && target.kiln().is_some() {
+        // Norms and biases are read as f32 vectors; the kiln formats are for matrices.
+        return (from, Some("vectors stay in ggml types".into()));
+    }
     let protected = is_vector(dims) || options.keep.iter().any(|k| k == name);
     let bits = |f| bits_per_weight(f, dims).unwrap_or(f64::INFINITY);
     if target.data_length(dims).is_none() {
@@ -662,7 +665,9 @@ fn reconstruct(
 ) -> Result<Vec<f32>, String> {
     let mut back = vec![0.0f32; rows * cols];
     match format {
-        TensorFormat::Ggml(ty) => ggml::dequantize(ty, stored, &mut back).map_err(|e| e.to_string())?,
+        TensorFormat::Ggml(ty) => {
+            ggml::dequantize(ty, stored, &mut back).map_err(|e| e.to_string())?
+        }
         TensorFormat::Kiln(ty) => {
             for (r, row) in back.chunks_exact_mut(cols).enumerate() {
                 kiln_types::dequantize_row(ty, stored, rows, cols, r, row);
