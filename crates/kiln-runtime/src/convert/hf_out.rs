@@ -264,7 +264,12 @@ fn hf_config(
                 "model_type": "gemma3_text",
                 "hidden_activation": "gelu_pytorch_tanh",
                 "attention_bias": config.qkv_bias,
-                "query_pre_attn_scalar": num(scalar),
+                // transformers declares this one an integer.
+                "query_pre_attn_scalar": if scalar.fract() == 0.0 && scalar.abs() < 1e9 {
+                    json!(scalar as i64)
+                } else {
+                    num(scalar)
+                },
                 "sliding_window": window,
                 "layer_types": layer_types,
                 "rope_theta": num(global.map_or(1_000_000.0, |l| l.rope_base)),
