@@ -123,6 +123,14 @@ unsafe fn tile<const R: usize, const T: usize>(
     }
 }
 
+/// Prefetches the weights one tile ahead of `p` (see `super::prefetch_distance`): the
+/// interleaved row streams of a tile defeat the hardware prefetchers.
+#[inline(always)]
+fn prefetch(p: *const u8, ahead: usize) {
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead).cast()) };
+}
+
 /// `[a; 8] ++ [b; 8]`.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -170,6 +178,7 @@ unsafe fn i8ch_512<const R: usize, const T: usize>(
 ) -> [[f32; T]; R] {
     let cols = w.cols;
     let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
     let flip = _mm512_set1_epi8(-128);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
@@ -187,6 +196,7 @@ unsafe fn i8ch_512<const R: usize, const T: usize>(
             dv[t] = pair_ps(xs[t].scales[b], d1);
         }
         for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + 4 + c), ahead);
             // SAFETY: the codes of row r0 + r from c (4 bytes past the row's scale).
             let wv = unsafe { _mm512_maskz_loadu_epi8(mask, p.add(r * rb + 4 + c).cast()) };
             let wv = _mm512_xor_si512(wv, flip);
@@ -222,6 +232,7 @@ unsafe fn i8ch_256<const R: usize, const T: usize>(
 ) -> [[f32; T]; R] {
     let cols = w.cols;
     let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -235,6 +246,7 @@ unsafe fn i8ch_256<const R: usize, const T: usize>(
             dv[t] = _mm256_set1_ps(xs[t].scales[b]);
         }
         for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + 4 + c), ahead);
             // SAFETY: the codes of row r0 + r from c.
             let wv = unsafe { _mm256_loadu_si256(p.add(r * rb + 4 + c).cast()) };
             let aw = _mm256_sign_epi8(wv, wv);
@@ -268,6 +280,7 @@ unsafe fn i4b64_512<const R: usize, const T: usize>(
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
     let low = _mm256_set1_epi8(0x0f);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
@@ -284,6 +297,7 @@ unsafe fn i4b64_512<const R: usize, const T: usize>(
         }
         for r in 0..R {
             let bp = p.wrapping_add(r * rb + blk * I4_BLOCK_BYTES);
+            prefetch(bp, ahead);
             // SAFETY: block blk of row r0 + r: a 2-byte scale and 32 bytes of nibbles.
             let (d, nib) = unsafe { (f16_at(bp), _mm256_loadu_si256(bp.add(2).cast())) };
             let lo = _mm256_and_si256(nib, low);
@@ -316,6 +330,7 @@ unsafe fn i4b64_256<const R: usize, const T: usize>(
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
     let low = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
@@ -333,6 +348,7 @@ unsafe fn i4b64_256<const R: usize, const T: usize>(
         }
         for r in 0..R {
             let bp = p.wrapping_add(r * rb + blk * I4_BLOCK_BYTES);
+            prefetch(bp, ahead);
             // SAFETY: block blk of row r0 + r: a 2-byte scale and 32 bytes of nibbles.
             let (d, nib) = unsafe { (f16_at(bp), _mm256_loadu_si256(bp.add(2).cast())) };
             let lo = _mm256_and_si256(nib, low);
@@ -377,6 +393,7 @@ unsafe fn lut4_512<const R: usize, const T: usize>(
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
     let mut tables = [_mm512_setzero_ps(); R];
     for (r, tb) in tables.iter_mut().enumerate() {
         // SAFETY: a 16-entry f16 table is 32 bytes.
@@ -396,6 +413,7 @@ unsafe fn lut4_512<const R: usize, const T: usize>(
             }
         }
         for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + c / 2), ahead);
             // SAFETY: the 16 index bytes of this chunk of row r0 + r.
             let b = unsafe { _mm_loadu_si128(p.add(r * rb + c / 2).cast()) };
             let b = _mm512_cvtepu8_epi32(b);
@@ -425,6 +443,7 @@ unsafe fn lut2_512<const R: usize, const T: usize>(
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
     let mut tables = [_mm512_setzero_ps(); R];
     for (r, tb) in tables.iter_mut().enumerate() {
         // SAFETY: a 4-entry f16 table is 8 bytes.
@@ -449,6 +468,7 @@ unsafe fn lut2_512<const R: usize, const T: usize>(
             }
         }
         for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + c / 4), ahead);
             // SAFETY: the 8 index bytes of this chunk of row r0 + r.
             let b = unsafe { _mm_loadl_epi64(p.add(r * rb + c / 4).cast()) };
             let b = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
@@ -490,6 +510,7 @@ unsafe fn lut4_256<const R: usize, const T: usize>(
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
     let mut lo = [_mm256_setzero_ps(); R];
     let mut hi = [_mm256_setzero_ps(); R];
     for r in 0..R {
@@ -506,6 +527,7 @@ unsafe fn lut4_256<const R: usize, const T: usize>(
     for c in (0..w.cols).step_by(CHUNK) {
         for r in 0..R {
             let ip = p.wrapping_add(r * rb + c / 2);
+            prefetch(ip, ahead);
             // SAFETY: the 16 index bytes of this chunk of row r0 + r.
             let (b0, b1) = unsafe {
                 (
@@ -547,6 +569,7 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
     let mut tables = [_mm256_setzero_ps(); R];
     for (r, tb) in tables.iter_mut().enumerate() {
         // SAFETY: a 4-entry f16 table is 8 bytes.
@@ -557,6 +580,7 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for c in (0..w.cols).step_by(CHUNK) {
         for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + c / 4), ahead);
             // SAFETY: the 8 index bytes of this chunk of row r0 + r.
             let b = unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(r * rb + c / 4).cast())) };
             let wv = [
