@@ -33,7 +33,9 @@ fn main() {
         s ^= s << 17;
         (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     };
-    let x: Vec<Vec<f32>> = (0..tokens).map(|_| (0..k).map(|_| unit()).collect()).collect();
+    let x: Vec<Vec<f32>> = (0..tokens)
+        .map(|_| (0..k).map(|_| unit()).collect())
+        .collect();
     let time = |f: &mut dyn FnMut()| {
         f();
         let t = Instant::now();
@@ -58,7 +60,8 @@ fn main() {
                 .collect();
             let mut out = vec![0.0f32; rows * tokens];
             let rb = ty.row_bytes(k).unwrap();
-            let sec = time(&mut || dot_block_with(isa, ty, &data, rb, 0..rows, &xq, &mut out, rows));
+            let sec =
+                time(&mut || dot_block_with(isa, ty, &data, rb, 0..rows, &xq, &mut out, rows));
             println!(
                 "{isa:?} {ty:>8}: {:.3} ns/w  {:.1} GB/s",
                 sec * 1e9 / (rows * k * tokens) as f64,
@@ -68,8 +71,14 @@ fn main() {
         for ty in [
             KilnType::I8Ch,
             KilnType::I4B64,
-            KilnType::Lut { bits: 4, group: Some(16) },
-            KilnType::Lut { bits: 2, group: Some(16) },
+            KilnType::Lut {
+                bits: 4,
+                group: Some(16),
+            },
+            KilnType::Lut {
+                bits: 2,
+                group: Some(16),
+            },
         ] {
             let row_bytes = ty.row_bytes(k).unwrap();
             let rows = ((mb << 20) / row_bytes) / 16 * 16;
@@ -89,7 +98,8 @@ fn main() {
                 })
                 .collect();
             let mut out = vec![0.0f32; rows * tokens];
-            let sec = time(&mut || kiln_formats::dot_block_with(isa, &m, 0..rows, &xq, &mut out, rows));
+            let sec =
+                time(&mut || kiln_formats::dot_block_with(isa, &m, 0..rows, &xq, &mut out, rows));
             println!(
                 "{isa:?} {ty:>8}: {:.3} ns/w  {:.1} GB/s",
                 sec * 1e9 / (rows * k * tokens) as f64,

@@ -14,6 +14,10 @@
 //!   `vpermps` (AVX2: two 8-entry halves and a blend on the index's top bit), then multiplied
 //!   with the f32 activations.
 
+// Tiles index several parallel arrays (accumulators, tables, rows) by row and token; index
+// loops say that more plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
 use core::arch::x86_64::*;
 use std::ops::Range;
 
