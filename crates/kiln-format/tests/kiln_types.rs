@@ -164,6 +164,7 @@ fn manifest() -> Manifest {
             quant: "lut4-g2".into(),
             keep: Vec::new(),
             max_shard_bytes: 1 << 20,
+            fp16: None,
         },
         alignment: 0,
         shards: Vec::new(),
