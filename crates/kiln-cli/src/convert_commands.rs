@@ -3,9 +3,10 @@
 
 use crate::commands::Failure;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_format::package::{Package, Verify};
-use kiln_runtime::convert::{self, ConvertOptions, QuantTarget, TensorOutcome};
-use std::io::{IsTerminal, Write};
+use kiln_runtime::convert::{self, ConvertOptions, OutputFormat, QuantTarget, TensorOutcome};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,16 +15,23 @@ use std::time::Instant;
 pub struct ConvertArgs {
     /// The model to convert: a GGUF file or a Hugging Face folder.
     pub source: PathBuf,
-    /// The package to write (a folder, conventionally NAME.kiln).
+    /// What to write: a kiln package folder (conventionally NAME.kiln), a GGUF file, or a
+    /// Hugging Face folder.
     #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
-    /// The output format.
-    #[arg(long, default_value = "kiln", value_parser = ["kiln"])]
+    /// The output format: kiln (a package), gguf (ggml types only), safetensors (a Hugging
+    /// Face folder; f32, f16 or bf16 weights).
+    #[arg(long, default_value = "kiln", value_parser = ["kiln", "gguf", "safetensors"])]
     pub to: String,
-    /// Weight format: keep (the source's blocks as they are), f32, f16, bf16, or int4-block32
-    /// (symmetric int4 in blocks of 32, stored as ggml Q4_0).
+    /// Weight format: keep (the source's blocks as they are), f32, f16, bf16, int8-channel
+    /// (int8, one scale per output channel), int4-block32 (ggml Q4_0), int4-block32-offset
+    /// (ggml Q4_1), int4-block64, or lut2, lut4, lut6, lut8 (k-means lookup tables).
     #[arg(long, default_value = "keep")]
     pub quant: String,
+    /// Output channels sharing one lookup table (lut2..lut8); without it, one table per
+    /// tensor.
+    #[arg(long)]
+    pub lut_group_channels: Option<u32>,
     /// Comma-separated tensors never stored below their source precision (1-D vectors never
     /// are); "none" protects no matrix.
     #[arg(
@@ -53,11 +61,11 @@ fn input(message: impl Into<String>) -> Failure {
     }
 }
 
-fn print_outcome(o: &TensorOutcome) {
+fn outcome_line(o: &TensorOutcome) -> String {
     let change = if o.from == o.to {
-        o.to.name().to_string()
+        o.to.name()
     } else {
-        format!("{} -> {}", o.from.name(), o.to.name())
+        format!("{} -> {}", o.from, o.to)
     };
     let quality = match &o.quality {
         Some(q) => format!(
@@ -65,16 +73,41 @@ fn print_outcome(o: &TensorOutcome) {
             q.snr_db.map_or("inf".to_string(), |s| format!("{s:.2}")),
             q.cosine
         ),
-        None => o.kept_because.unwrap_or("").to_string(),
+        None => o.kept_because.clone().unwrap_or_default(),
     };
-    println!("{:<32} {:<14} {quality}", o.name, change);
+    format!("{:<32} {:<16} {quality}", o.name, change)
+}
+
+/// A bar over the tensors, drawn on stderr only when stderr is a terminal.
+fn progress_bar(json: bool) -> ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} tensors  {elapsed}  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 /// `kiln convert`.
 pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
     let quant: QuantTarget = a.quant.parse().map_err(input)?;
+    let to: OutputFormat = a.to.parse().map_err(input)?;
     if a.max_shard_mb == 0 {
         return Err(input("--max-shard-mb must be at least 1"));
+    }
+    if let Some(g) = a.lut_group_channels {
+        if g == 0 {
+            return Err(input("--lut-group-channels must be at least 1"));
+        }
+        if !quant.is_lut() {
+            return Err(input(format!(
+                "--lut-group-channels applies to lookup tables (lut2, lut4, lut6, lut8), not \
+                 --quant {quant}"
+            )));
+        }
     }
     let keep: Vec<String> = if a.keep.iter().any(|k| k == "none") {
         Vec::new()
@@ -86,33 +119,33 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
         keep,
         max_shard_bytes: a.max_shard_mb << 20,
         fp16_safe: a.fp16_safe,
+        lut_group_channels: a.lut_group_channels,
+        to,
+        ..ConvertOptions::default()
     };
-    let terminal = std::io::stdout().is_terminal();
     let start = Instant::now();
+    let bar = progress_bar(a.json);
     let mut on_tensor = |o: &TensorOutcome, done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(o.name.clone());
         if a.json {
             return;
-        }
-        if terminal {
-            // Clear the progress line before the result line that replaces it.
-            print!("\r\x1b[2K");
         }
         // Norms and biases are always kept; listing each would bury the matrices.
         let matrix = o.shape.iter().filter(|&&d| d != 1).count() > 1;
         if o.quality.is_some() || (matrix && o.kept_because.is_some()) {
-            print_outcome(o);
+            bar.suspend(|| println!("{}", outcome_line(o)));
         }
-        if terminal {
-            print!("[{done}/{total}] {}", o.name);
-            let _ = std::io::stdout().flush();
+        if done == total {
+            bar.set_message(format!("writing {}", a.out.display()));
         }
     };
-    let report = convert::convert(&a.source, &a.out, &options, &mut on_tensor)?;
-    if terminal && !a.json {
-        print!("\r\x1b[2K");
-    }
+    let result = convert::convert(&a.source, &a.out, &options, &mut on_tensor);
+    bar.finish_and_clear();
+    let report = result?;
     let seconds = start.elapsed().as_secs_f64();
-    let size: u64 = report.manifest.shards.iter().map(|s| s.size).sum();
+    let size = report.bytes;
     if a.json {
         let tensors: Vec<_> = report
             .tensors
@@ -130,12 +163,14 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
             })
             .collect();
         let j = serde_json::json!({
-            "package": a.out,
-            "quant": quant.name(),
-            "shards": report.manifest.shards.len(),
+            "out": a.out,
+            "to": to.name(),
+            "quant": options.quant_label(),
+            "files": report.files,
             "bytes": size,
             "seconds": seconds,
             "fp16": report.fp16,
+            "notes": report.notes,
             "tensors": tensors,
         });
         println!("{j}");
@@ -155,8 +190,9 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
                 .filter_map(|o| o.quality.as_ref().map(|q| q.cosine))
                 .fold(1.0, f64::min);
             println!(
-                "{} tensors converted to {quant}: lowest snr {worst:.2} dB, lowest cosine {min_cos:.6}",
-                quantized.len()
+                "{} tensors converted to {}: lowest snr {worst:.2} dB, lowest cosine {min_cos:.6}",
+                quantized.len(),
+                options.quant_label()
             );
         }
         if let Some(fix) = &report.fp16 {
@@ -177,11 +213,14 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
                 println!("  {note}");
             }
         }
+        for note in &report.notes {
+            println!("note: {note}");
+        }
         println!(
-            "{}: {} tensors, {} shard(s), {:.1} MB, written in {seconds:.2} s",
+            "{}: {} tensors, {} file(s), {:.1} MB, written in {seconds:.2} s",
             a.out.display(),
             report.tensors.len(),
-            report.manifest.shards.len(),
+            report.files,
             size as f64 / 1e6
         );
     }

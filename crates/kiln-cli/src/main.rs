@@ -49,7 +49,8 @@ enum Command {
     /// Check a package without running it: a Core ML .mlpackage or a kiln package (exit 2
     /// naming the op, blob, shard or tensor at fault).
     Verify(coreml_commands::VerifyArgs),
-    /// Convert a model into a kiln package: `kiln convert SRC -o OUT.kiln [--quant Q]`.
+    /// Convert a model into a kiln package (or a GGUF file, or a Hugging Face folder):
+    /// `kiln convert SRC -o OUT.kiln [--quant Q] [--to kiln|gguf|safetensors]`.
     Convert(convert_commands::ConvertArgs),
     /// Convert a model for a device: `kiln export coreml SRC -o OUT.mlpackage`.
     Export(export_commands::ExportArgs),

@@ -4,6 +4,8 @@
 //!   dequantization, fused row dot products and reference quantizers.
 //! - [`gguf`]: a validating, memory-mapped GGUF reader ([`gguf::GgufFile`]) and a writer
 //!   ([`gguf::GgufWriter`]).
+//! - [`kiln_types`]: the package's own tensor formats (int8 per channel, int4 in blocks of 64,
+//!   lookup tables) and [`kiln_types::TensorFormat`], a ggml type or one of them.
 //! - [`package`]: the kiln package (a folder of a JSON manifest and 64-byte-aligned shards,
 //!   every shard's sha256 checked on open): [`package::PackageWriter`], [`package::Package`].
 //! - [`quant`]: weight quantization schemes (int8 per channel, int4 per block, k-means lookup
@@ -18,6 +20,7 @@
 
 pub mod ggml;
 pub mod gguf;
+pub mod kiln_types;
 pub mod package;
 pub mod quant;
 pub mod safetensors;

@@ -105,7 +105,7 @@ fn round_trip_keeps_bytes_and_aligns_every_tensor() {
         let t = pkg.tensor(&name).unwrap();
         assert_eq!(t.data(), &data[..], "{name}");
         assert_eq!(t.shape, shape);
-        assert_eq!(t.format, format);
+        assert_eq!(t.format, format.into());
         assert_eq!(t.offset as u64 % ALIGNMENT, 0, "{name}");
         assert_eq!(t.data().as_ptr() as usize % ALIGNMENT as usize, 0, "{name}");
     }

@@ -45,6 +45,9 @@
 //! The f32 vector kernels of the forward pass (dot products, sums, `y += a·x`) are in
 //! [`vector`], with the same dispatch and the same kind of references.
 //!
+//! The kiln package's own formats (`I8_CH`, `I4_B64`, lookup tables) have their kernels in
+//! [`kiln_formats`].
+//!
 //! Covered weight types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F32, F16
 //! and BF16 have SIMD kernels; Q8_1 and Q8_K (activation formats in ggml) are accepted as
 //! weights too and computed by the reference.
@@ -56,6 +59,7 @@ mod activation;
 pub mod gemm;
 pub mod gemm_bf16;
 mod isa;
+pub mod kiln_formats;
 mod layout;
 pub mod reference;
 pub mod vector;

@@ -173,7 +173,17 @@ impl<'a> ScaledSource<'a> {
         for name in names {
             let t = require(inner, name)?;
             let mut data = tensor_data(inner, name, &t)?.to_vec();
-            inexact += kiln_format::ggml::scale_pow2(t.format, &mut data, exp).map_err(|e| {
+            let kiln_format::kiln_types::TensorFormat::Ggml(ty) = t.format else {
+                return Err(ModelError::unsupported(
+                    inner.origin(),
+                    format!(
+                        "tensor {} is stored as {}, which the fp16 fix does not rescale",
+                        inner.describe(name),
+                        t.format
+                    ),
+                ));
+            };
+            inexact += kiln_format::ggml::scale_pow2(ty, &mut data, exp).map_err(|e| {
                 ModelError::bad(
                     inner.origin(),
                     format!("tensor {}: {e}", inner.describe(name)),

@@ -226,6 +226,49 @@ pub fn canonical_name(hf: &str, architecture: &str) -> Option<Mapped> {
     tensor(&format!("blk.{layer}.{base}.{kind}"), norm)
 }
 
+/// The transformers checkpoint name of the canonical (GGUF) tensor `name` of a model of
+/// `architecture` (`llama` or `gemma3`), and whether it is an RMSNorm weight: the inverse of
+/// [`canonical_name`], as transformers' `LlamaForCausalLM` and `Gemma3ForCausalLM` name them.
+pub fn checkpoint_name(name: &str, architecture: &str) -> Option<(String, bool)> {
+    let gemma = architecture == "gemma3";
+    match name {
+        "token_embd.weight" => return Some(("model.embed_tokens.weight".into(), false)),
+        "output_norm.weight" => return Some(("model.norm.weight".into(), true)),
+        "output.weight" => return Some(("lm_head.weight".into(), false)),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, sub) = rest.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (base, kind) = sub.rsplit_once('.')?;
+    if !matches!(kind, "weight" | "bias") {
+        return None;
+    }
+    let (module, norm) = match (base, gemma) {
+        ("attn_q", _) => ("self_attn.q_proj", false),
+        ("attn_k", _) => ("self_attn.k_proj", false),
+        ("attn_v", _) => ("self_attn.v_proj", false),
+        ("attn_output", _) => ("self_attn.o_proj", false),
+        ("ffn_gate", _) => ("mlp.gate_proj", false),
+        ("ffn_up", _) => ("mlp.up_proj", false),
+        ("ffn_down", _) => ("mlp.down_proj", false),
+        ("attn_norm", _) => ("input_layernorm", true),
+        ("attn_q_norm", _) => ("self_attn.q_norm", true),
+        ("attn_k_norm", _) => ("self_attn.k_norm", true),
+        ("ffn_norm", false) => ("post_attention_layernorm", true),
+        ("post_attention_norm", true) => ("post_attention_layernorm", true),
+        ("ffn_norm", true) => ("pre_feedforward_layernorm", true),
+        ("post_ffw_norm", true) => ("post_feedforward_layernorm", true),
+        _ => return None,
+    };
+    if norm && kind != "weight" {
+        return None;
+    }
+    Some((format!("model.layers.{layer}.{module}.{kind}"), norm))
+}
+
 /// The tensors of a Hugging Face checkpoint under canonical names, as the architectures read
 /// them (see the module documentation for what is translated).
 pub struct HfSource {
@@ -373,7 +416,7 @@ fn in_place(
         storage: Arc::clone(file) as Arc<dyn WeightStorage>,
         offset,
         dims: ggml_dims(t),
-        format,
+        format: format.into(),
     })
 }
 
@@ -396,7 +439,7 @@ fn one_plus(
         storage: Arc::new(bytes),
         offset: 0,
         dims: ggml_dims(t),
-        format: kiln_format::ggml::GgmlType::F32,
+        format: kiln_format::ggml::GgmlType::F32.into(),
     })
 }
 
@@ -422,6 +465,50 @@ mod tests {
         let n = "model.layers.7.pre_feedforward_layernorm.weight";
         assert_eq!(name(n, "gemma3").as_deref(), Some("blk.7.ffn_norm.weight"));
         assert_eq!(name(n, "llama"), None);
+    }
+
+    #[test]
+    fn checkpoint_names_invert_canonical_names() {
+        let canonical = [
+            "token_embd.weight",
+            "output_norm.weight",
+            "output.weight",
+            "blk.3.attn_q.weight",
+            "blk.3.attn_k.weight",
+            "blk.3.attn_v.weight",
+            "blk.3.attn_output.weight",
+            "blk.3.ffn_gate.weight",
+            "blk.3.ffn_up.weight",
+            "blk.3.ffn_down.weight",
+            "blk.3.attn_norm.weight",
+            "blk.3.ffn_norm.weight",
+        ];
+        let gemma_only = [
+            "blk.11.attn_q_norm.weight",
+            "blk.11.attn_k_norm.weight",
+            "blk.11.post_attention_norm.weight",
+            "blk.11.post_ffw_norm.weight",
+        ];
+        for arch in ["llama", "gemma3"] {
+            let names = canonical.iter().chain(if arch == "gemma3" {
+                &gemma_only[..]
+            } else {
+                &[]
+            });
+            for &n in names {
+                let (hf, norm) = checkpoint_name(n, arch).unwrap_or_else(|| panic!("{n}"));
+                assert_eq!(
+                    canonical_name(&hf, arch),
+                    Some(Mapped::Tensor {
+                        name: n.to_string(),
+                        norm
+                    }),
+                    "{arch} {n} -> {hf}"
+                );
+            }
+        }
+        assert_eq!(checkpoint_name("blk.1.post_ffw_norm.weight", "llama"), None);
+        assert_eq!(checkpoint_name("rope_freqs.weight", "llama"), None);
     }
 
     #[test]

@@ -90,6 +90,10 @@ pub fn matmul(
         }
         return matmul_gemm(pool, w, x, n_tokens, y);
     }
+    if w.kiln_format().is_some() && precision != Precision::Exact {
+        let refine = precision == Precision::Refined;
+        return crate::kiln_matmul::matmul(pool, w, x, n_tokens, y, refine);
+    }
     match precision {
         Precision::Exact => matmul_exact(pool, w, x, n_tokens, y),
         Precision::Int8 => matmul_quantized(pool, w, x, n_tokens, y, false),
@@ -442,7 +446,7 @@ mod matmul_tests {
             storage: Arc::new(bytes) as Arc<dyn WeightStorage>,
             offset: 0,
             dims: vec![cols as u64, rows as u64],
-            format: ty,
+            format: ty.into(),
         };
         WeightMatrix::load(&OneTensor(t), "w", cols, rows).unwrap()
     }

@@ -17,6 +17,7 @@ pub mod fp16_fix;
 pub mod generate;
 pub mod hf;
 pub mod kernels;
+mod kiln_matmul;
 pub mod model;
 pub mod package;
 pub mod perplexity;

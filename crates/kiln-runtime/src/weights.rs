@@ -7,6 +7,7 @@
 use crate::error::ModelError;
 use kiln_format::ggml::{self, GgmlType};
 use kiln_format::gguf::GgufFile;
+use kiln_format::kiln_types::{self, KilnType, TensorFormat};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -37,8 +38,8 @@ pub struct TensorRef {
     pub offset: usize,
     /// Shape in ggml order (`dims[0]` is the contiguous row length).
     pub dims: Vec<u64>,
-    /// Element format.
-    pub format: GgmlType,
+    /// Storage format: a ggml block type, or (in kiln packages) a kiln format.
+    pub format: TensorFormat,
 }
 
 impl TensorRef {
@@ -49,8 +50,7 @@ impl TensorRef {
 
     /// The tensor's bytes, or `None` if the shape does not fit the format or the storage.
     pub fn data(&self) -> Option<&[u8]> {
-        let n = usize::try_from(self.n_elements()).ok()?;
-        let len = self.format.row_bytes(n)?;
+        let len = usize::try_from(self.format.data_length(&self.dims)?).ok()?;
         self.storage
             .bytes()
             .get(self.offset..self.offset.checked_add(len)?)
@@ -87,7 +87,7 @@ impl TensorSource for GgufSource {
             storage: Arc::clone(&self.0) as Arc<dyn WeightStorage>,
             offset: usize::try_from(self.0.tensor_file_offset(info)).ok()?,
             dims: info.dims.clone(),
-            format: info.ty,
+            format: info.ty.into(),
         })
     }
 
@@ -97,12 +97,12 @@ impl TensorSource for GgufSource {
 }
 
 /// A 2-D weight matrix of `rows` output channels, each `cols` contiguous elements in a GGUF
-/// block format, read in place from its storage.
+/// block format or a kiln format, read in place from its storage.
 #[derive(Clone)]
 pub struct WeightMatrix {
     storage: Arc<dyn WeightStorage>,
     offset: usize,
-    format: GgmlType,
+    format: TensorFormat,
     rows: usize,
     cols: usize,
     row_bytes: usize,
@@ -131,13 +131,19 @@ impl WeightMatrix {
                 ),
             ));
         }
-        let row_bytes = t.format.row_bytes(cols).ok_or_else(|| {
+        let row_bytes = match t.format {
+            TensorFormat::Ggml(ty) => ty.row_bytes(cols),
+            TensorFormat::Kiln(ty) => ty.row_bytes(cols),
+        };
+        let fits = t.format.data_length(&[cols as u64, rows as u64]).is_some();
+        let row_bytes = row_bytes.filter(|_| fits).ok_or_else(|| {
             ModelError::bad(
                 source.origin(),
                 format!(
-                    "tensor {}: row of {cols} elements is not a whole number of {} blocks",
+                    "tensor {}: a {rows}x{cols} matrix does not fit format {} (rows must be a \
+                     whole number of its blocks)",
                     source.describe(name),
-                    t.format.name()
+                    t.format
                 ),
             )
         })?;
@@ -162,17 +168,40 @@ impl WeightMatrix {
         self.cols
     }
 
-    /// The block format of the stored weights.
+    /// The ggml block format of the stored weights, for the ggml kernels.
+    ///
+    /// # Panics
+    /// If the weights are in a kiln format ([`WeightMatrix::kiln_format`]); the matrix
+    /// product sends those to their own kernels before anything asks for a ggml type.
     pub fn format(&self) -> GgmlType {
+        match self.format {
+            TensorFormat::Ggml(t) => t,
+            TensorFormat::Kiln(t) => panic!("{t} weights have no ggml block type"),
+        }
+    }
+
+    /// The storage format: a ggml block type or a kiln format.
+    pub fn tensor_format(&self) -> TensorFormat {
         self.format
     }
 
-    /// Bytes of the stored weights.
-    pub fn n_bytes(&self) -> usize {
-        self.row_bytes * self.rows
+    /// The kiln format of the stored weights, if they are in one.
+    pub fn kiln_format(&self) -> Option<KilnType> {
+        self.format.kiln()
     }
 
-    /// Bytes of one stored row.
+    /// Bytes of the stored weights (for lookup-table formats, the tables included).
+    pub fn n_bytes(&self) -> usize {
+        match self.format {
+            TensorFormat::Kiln(t) => t
+                .data_length(self.cols, self.rows)
+                .expect("shape validated at load") as usize,
+            TensorFormat::Ggml(_) => self.row_bytes * self.rows,
+        }
+    }
+
+    /// Bytes of one stored row (for lookup-table formats, its indices; the tables follow
+    /// the last row).
     pub fn row_bytes(&self) -> usize {
         self.row_bytes
     }
@@ -193,8 +222,15 @@ impl WeightMatrix {
     /// Dequantizes row `r` into `out` (`cols` elements), exactly as the format defines.
     #[inline]
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        // The row length was validated against the block size at load, so this cannot fail.
-        ggml::dequantize(self.format, self.row_data(r), out).expect("row size validated at load");
+        match self.format {
+            // The row length was validated against the block size at load: cannot fail.
+            TensorFormat::Ggml(t) => {
+                ggml::dequantize(t, self.row_data(r), out).expect("row size validated at load")
+            }
+            TensorFormat::Kiln(t) => {
+                kiln_types::dequantize_row(t, self.data(), self.rows, self.cols, r, out)
+            }
+        }
     }
 }
 
@@ -242,7 +278,17 @@ pub fn load_vector(
     }
     let data = tensor_data(source, name, &t)?;
     let mut out = vec![0.0f32; len];
-    ggml::dequantize(t.format, data, &mut out).map_err(|e| {
+    let TensorFormat::Ggml(ty) = t.format else {
+        return Err(ModelError::bad(
+            source.origin(),
+            format!(
+                "tensor {} is a vector stored as {}; vectors are stored in ggml types",
+                source.describe(name),
+                t.format
+            ),
+        ));
+    };
+    ggml::dequantize(ty, data, &mut out).map_err(|e| {
         ModelError::bad(
             source.origin(),
             format!("tensor {}: {e}", source.describe(name)),

@@ -8,7 +8,7 @@ use super::manifest::{Manifest, ShardEntry, TensorEntry};
 use super::writer::sha256_bytes;
 use super::{ALIGNMENT, EXTENSION, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE};
 use crate::file_io::Storage;
-use crate::ggml::GgmlType;
+use crate::kiln_types::TensorFormat;
 use crate::FormatError;
 
 /// The largest manifest accepted (a large vocabulary's tokenizer makes it tens of MB).
@@ -45,14 +45,8 @@ pub fn is_package(path: &Path) -> bool {
 }
 
 /// Bytes `shape` takes in `format`, if it is a valid shape for it.
-pub(crate) fn data_length(shape: &[u64], format: GgmlType) -> Option<u64> {
-    let (&row, _) = shape.split_first()?;
-    if shape.contains(&0) {
-        return None;
-    }
-    let rows = shape[1..].iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
-    let row_bytes = format.row_bytes(usize::try_from(row).ok()?)? as u64;
-    row_bytes.checked_mul(rows)
+pub(crate) fn data_length(shape: &[u64], format: TensorFormat) -> Option<u64> {
+    format.data_length(shape)
 }
 
 /// A file name with no directory part that stays inside the package.
@@ -93,8 +87,8 @@ pub struct PackageTensor {
     pub length: usize,
     /// Dimensions in ggml order.
     pub shape: Vec<u64>,
-    /// Block format.
-    pub format: GgmlType,
+    /// Storage format: a ggml block type or a kiln format.
+    pub format: TensorFormat,
 }
 
 impl PackageTensor {
@@ -236,7 +230,7 @@ impl Package {
             offset: t.offset as usize,
             length: t.length as usize,
             shape: t.shape.clone(),
-            format: GgmlType::from_name(&t.format)?,
+            format: TensorFormat::from_name(&t.format)?,
         })
     }
 
@@ -319,14 +313,15 @@ fn open_checked(
 
 /// Checks one tensor's description against a shard of `shard_len` bytes.
 fn check_tensor(t: &TensorEntry, shard_len: u64) -> Result<(), String> {
-    let format =
-        GgmlType::from_name(&t.format).ok_or_else(|| format!("unknown format '{}'", t.format))?;
+    let format = TensorFormat::from_name(&t.format)
+        .ok_or_else(|| format!("unknown format '{}'", t.format))?;
     if t.shape.is_empty() || t.shape.len() > 4 {
         return Err(format!("shape {:?} must have 1 to 4 dimensions", t.shape));
     }
     let expected = data_length(&t.shape, format).ok_or_else(|| {
         format!(
-            "shape {:?} is not a whole number of {format} blocks per row",
+            "shape {:?} does not fit {format} (rows must be a whole number of its blocks, \
+             and a table group must divide the rows)",
             t.shape
         )
     })?;

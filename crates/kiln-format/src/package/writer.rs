@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::manifest::{Manifest, ShardEntry, TensorEntry, TensorQuality};
 use super::{ALIGNMENT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE};
-use crate::ggml::GgmlType;
+use crate::kiln_types::TensorFormat;
 use crate::FormatError;
 
 /// The default shard size cap: under the ~1 GB at which single weight files stop loading on
@@ -132,15 +132,17 @@ impl PackageWriter {
         &self.tmp
     }
 
-    /// Appends a tensor. `data` must be exactly what `shape` takes in `format`.
+    /// Appends a tensor. `data` must be exactly what `shape` takes in `format` (a ggml type
+    /// or a kiln format).
     pub fn add_tensor(
         &mut self,
         name: &str,
         shape: &[u64],
-        format: GgmlType,
+        format: impl Into<TensorFormat>,
         data: &[u8],
         quality: Option<TensorQuality>,
     ) -> Result<(), FormatError> {
+        let format: TensorFormat = format.into();
         let expected = super::reader::data_length(shape, format);
         if expected != Some(data.len() as u64) {
             return Err(FormatError::invalid(
@@ -192,7 +194,7 @@ impl PackageWriter {
         self.tensors.push(TensorEntry {
             name: name.to_string(),
             shape: shape.to_vec(),
-            format: format.name().to_string(),
+            format: format.name(),
             shard: shard.name.clone(),
             offset,
             length: len,

@@ -1,0 +1,717 @@
+//! Tensor formats of the kiln package that no ggml block type represents: int8 with one scale
+//! per output channel, int4 in blocks of 64, and lookup tables (palettization) of 2, 4, 6 or
+//! 8 bits per tensor or per group of output channels.
+//!
+//! A package tensor is either a ggml block type or one of these ([`TensorFormat`]). Every
+//! layout here is row-major over `rows` output channels of `cols` input channels (ggml shape
+//! `[cols, rows]`), and `cols` must be a multiple of 32 (64 for [`KilnType::I4B64`]) so a row
+//! is a whole number of the 32-element activation blocks the integer kernels multiply with.
+//!
+//! Byte layouts (all little-endian; `docs/kiln-package.md` has the same with pictures):
+//!
+//! - `I8_CH` ([`KilnType::I8Ch`]): each row is an f32 scale `s` followed by `cols` int8 codes
+//!   `c`; `w = s · c`. A row takes `4 + cols` bytes.
+//! - `I4_B64` ([`KilnType::I4B64`]): each row is `cols / 64` blocks of 34 bytes: an f16 scale
+//!   `d`, then 32 bytes where byte `j` holds element `j` in its low nibble and element `j + 32`
+//!   in its high nibble; `w = d · (q − 8)`. (ggml's `Q4_0` with blocks of 64.)
+//! - `LUT{b}` and `LUT{b}_G{n}` ([`KilnType::Lut`]): first the indices of every row, row after
+//!   row, `cols · b / 8` bytes each; then the tables, `2^b` f16 values each, one per group of
+//!   `n` consecutive rows (`LUT{b}`: one for the tensor). `w[r][c] = table[group(r)][index]`.
+//!   Within a row, each 32-element chunk takes `4b` bytes:
+//!   - `b = 8`: byte `j` is the index of element `j`;
+//!   - `b = 4`: byte `j` (0..16) holds element `j` in its low nibble, `j + 16` in its high one;
+//!   - `b = 2`: byte `j` (0..8) holds element `j + 8k` in bits `2k..2k+2` (k = 0..4);
+//!   - `b = 6`: 16 bytes of low nibbles laid out as for `b = 4`, then 8 bytes of the top two
+//!     bits laid out as for `b = 2`.
+//!
+//!   These orders put consecutive elements in consecutive SIMD lanes after one shift and mask,
+//!   so a kernel needs no shuffle to line indices up with activations.
+
+use std::fmt;
+
+use crate::ggml::{f16_to_f32, f32_to_f16, GgmlType};
+use crate::quant::{self, QuantError};
+
+/// Elements per activation block: every kiln format's row is a whole number of them.
+pub const CHUNK: usize = 32;
+/// Elements per `I4_B64` block.
+pub const I4_BLOCK: usize = 64;
+/// Bytes per `I4_B64` block: an f16 scale and 32 bytes of nibbles.
+pub const I4_BLOCK_BYTES: usize = 2 + I4_BLOCK / 2;
+/// Index widths a lookup-table format may use.
+pub const LUT_BITS: [u8; 4] = [2, 4, 6, 8];
+
+/// A kiln-specific tensor format (see the module documentation for the byte layouts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KilnType {
+    /// Symmetric int8 with one f32 scale per output channel.
+    I8Ch,
+    /// Symmetric int4 in blocks of 64 input channels with an f16 scale.
+    I4B64,
+    /// `bits`-bit indices into f16 tables of `2^bits` entries.
+    Lut {
+        /// Bits per index: 2, 4, 6 or 8.
+        bits: u8,
+        /// Output channels sharing a table; `None`: one table for the whole tensor.
+        group: Option<u32>,
+    },
+}
+
+impl KilnType {
+    /// The format's name in manifests: `I8_CH`, `I4_B64`, `LUT4`, `LUT4_G16`, ….
+    pub fn name(self) -> String {
+        match self {
+            KilnType::I8Ch => "I8_CH".into(),
+            KilnType::I4B64 => "I4_B64".into(),
+            KilnType::Lut { bits, group: None } => format!("LUT{bits}"),
+            KilnType::Lut {
+                bits,
+                group: Some(g),
+            } => format!("LUT{bits}_G{g}"),
+        }
+    }
+
+    /// The format named `name` (as [`KilnType::name`] spells it), or `None`.
+    pub fn from_name(name: &str) -> Option<KilnType> {
+        match name {
+            "I8_CH" => return Some(KilnType::I8Ch),
+            "I4_B64" => return Some(KilnType::I4B64),
+            _ => {}
+        }
+        let rest = name.strip_prefix("LUT")?;
+        let (bits, group) = match rest.split_once("_G") {
+            Some((b, g)) => (b, Some(g)),
+            None => (rest, None),
+        };
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+        if !digits(bits) || group.is_some_and(|g| !digits(g) || g.starts_with('0')) {
+            return None;
+        }
+        let bits: u8 = bits.parse().ok()?;
+        let group = match group {
+            Some(g) => Some(g.parse::<u32>().ok().filter(|&g| g > 0)?),
+            None => None,
+        };
+        LUT_BITS
+            .contains(&bits)
+            .then_some(KilnType::Lut { bits, group })
+    }
+
+    /// Elements a row length must be a multiple of.
+    pub fn row_multiple(self) -> usize {
+        match self {
+            KilnType::I4B64 => I4_BLOCK,
+            _ => CHUNK,
+        }
+    }
+
+    /// Bytes of one row's codes or indices (`I8_CH` includes the row's scale), or `None` if
+    /// `cols` is not a whole number of [`KilnType::row_multiple`] or the size overflows.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        if cols == 0 || cols % self.row_multiple() != 0 {
+            return None;
+        }
+        match self {
+            KilnType::I8Ch => cols.checked_add(4),
+            KilnType::I4B64 => Some(cols / I4_BLOCK * I4_BLOCK_BYTES),
+            KilnType::Lut { bits, .. } => Some(cols / 8 * bits as usize),
+        }
+    }
+
+    /// Tables of a `rows`-row tensor (0 for the formats without tables), or `None` when the
+    /// group size does not divide `rows`.
+    pub fn tables(self, rows: usize) -> Option<usize> {
+        match self {
+            KilnType::Lut { group: None, .. } => Some(1),
+            KilnType::Lut { group: Some(g), .. } => {
+                let g = g as usize;
+                (rows % g == 0).then_some(rows / g)
+            }
+            _ => Some(0),
+        }
+    }
+
+    /// Entries per table (`2^bits`; 0 for the formats without tables).
+    pub fn table_len(self) -> usize {
+        match self {
+            KilnType::Lut { bits, .. } => 1 << bits,
+            _ => 0,
+        }
+    }
+
+    /// Bytes a `rows` × `cols` tensor takes, or `None` if the shape does not fit the format.
+    pub fn data_length(self, cols: usize, rows: usize) -> Option<u64> {
+        if rows == 0 {
+            return None;
+        }
+        let row = self.row_bytes(cols)? as u64;
+        let tables = (self.tables(rows)? * self.table_len() * 2) as u64;
+        row.checked_mul(rows as u64)?.checked_add(tables)
+    }
+
+    /// Byte offset of the tables (the end of the rows).
+    pub fn tables_offset(self, cols: usize, rows: usize) -> Option<usize> {
+        self.row_bytes(cols)?.checked_mul(rows)
+    }
+}
+
+impl fmt::Display for KilnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// The format of a stored tensor: a ggml block type, or a kiln format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TensorFormat {
+    /// A ggml block type, with exactly ggml's layout.
+    Ggml(GgmlType),
+    /// A kiln format (see [`KilnType`]).
+    Kiln(KilnType),
+}
+
+impl From<GgmlType> for TensorFormat {
+    fn from(t: GgmlType) -> Self {
+        TensorFormat::Ggml(t)
+    }
+}
+
+impl From<KilnType> for TensorFormat {
+    fn from(t: KilnType) -> Self {
+        TensorFormat::Kiln(t)
+    }
+}
+
+impl fmt::Display for TensorFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TensorFormat::Ggml(t) => f.write_str(t.name()),
+            TensorFormat::Kiln(t) => f.write_str(&t.name()),
+        }
+    }
+}
+
+impl TensorFormat {
+    /// The name in manifests: the ggml type name or the kiln format name.
+    pub fn name(self) -> String {
+        self.to_string()
+    }
+
+    /// The format named `name`: a ggml type name (case-insensitive) or a kiln format name.
+    pub fn from_name(name: &str) -> Option<TensorFormat> {
+        GgmlType::from_name(name)
+            .map(TensorFormat::Ggml)
+            .or_else(|| KilnType::from_name(name).map(TensorFormat::Kiln))
+    }
+
+    /// The ggml type, if it is one.
+    pub fn ggml(self) -> Option<GgmlType> {
+        match self {
+            TensorFormat::Ggml(t) => Some(t),
+            TensorFormat::Kiln(_) => None,
+        }
+    }
+
+    /// The kiln format, if it is one.
+    pub fn kiln(self) -> Option<KilnType> {
+        match self {
+            TensorFormat::Kiln(t) => Some(t),
+            TensorFormat::Ggml(_) => None,
+        }
+    }
+
+    /// Bytes a tensor of `shape` (ggml order: `shape[0]` is the row length) takes, or `None`
+    /// if the shape does not fit the format (a kiln format needs a row length that is a
+    /// whole number of its blocks, and a group size dividing the rows).
+    pub fn data_length(self, shape: &[u64]) -> Option<u64> {
+        let (&row, rest) = shape.split_first()?;
+        if shape.contains(&0) {
+            return None;
+        }
+        let rows = rest.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+        let cols = usize::try_from(row).ok()?;
+        match self {
+            TensorFormat::Ggml(t) => (t.row_bytes(cols)? as u64).checked_mul(rows),
+            TensorFormat::Kiln(t) => t.data_length(cols, usize::try_from(rows).ok()?),
+        }
+    }
+
+    /// Average bits per weight of a `rows` × `cols` tensor (scales and tables included).
+    pub fn bits_per_weight(self, cols: usize, rows: usize) -> Option<f64> {
+        let bytes = self.data_length(&[cols as u64, rows as u64])?;
+        Some(bytes as f64 * 8.0 / (cols as f64 * rows as f64))
+    }
+}
+
+/// Writes row `r` of a `rows` × `cols` tensor of format `ty`, whose bytes are `data`, as f32
+/// into `out` (`cols` elements).
+///
+/// # Panics
+/// If `data` is not `ty.data_length(cols, rows)` bytes, `r >= rows` or `out.len() != cols`;
+/// callers check the shape when they load the tensor.
+pub fn dequantize_row(
+    ty: KilnType,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    r: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(
+        Some(data.len() as u64),
+        ty.data_length(cols, rows),
+        "{ty}: {} bytes are not a {rows}x{cols} tensor",
+        data.len()
+    );
+    assert!(r < rows && out.len() == cols, "{ty}: row {r} of {rows}");
+    let row_bytes = ty.row_bytes(cols).expect("checked above");
+    let row = &data[r * row_bytes..(r + 1) * row_bytes];
+    match ty {
+        KilnType::I8Ch => {
+            let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
+            for (o, &c) in out.iter_mut().zip(&row[4..]) {
+                *o = s * f32::from(c as i8);
+            }
+        }
+        KilnType::I4B64 => {
+            for (o, b) in out
+                .chunks_exact_mut(I4_BLOCK)
+                .zip(row.chunks_exact(I4_BLOCK_BYTES))
+            {
+                let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                let (lo, hi) = o.split_at_mut(I4_BLOCK / 2);
+                for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[2..]) {
+                    *l = d * (f32::from(q & 0x0f) - 8.0);
+                    *h = d * (f32::from(q >> 4) - 8.0);
+                }
+            }
+        }
+        KilnType::Lut { bits, .. } => {
+            let table = lut_table(ty, data, rows, cols, r);
+            let mut idx = [0u8; CHUNK];
+            let chunk_bytes = 4 * bits as usize;
+            for (o, c) in out
+                .chunks_exact_mut(CHUNK)
+                .zip(row.chunks_exact(chunk_bytes))
+            {
+                unpack_chunk(bits, c, &mut idx);
+                for (v, &i) in o.iter_mut().zip(&idx) {
+                    *v = table[i as usize];
+                }
+            }
+        }
+    }
+}
+
+/// The table of row `r` of a lookup-table tensor, as f32.
+fn lut_table(ty: KilnType, data: &[u8], rows: usize, cols: usize, r: usize) -> Vec<f32> {
+    let (start, len) = lut_table_range(ty, rows, cols, r);
+    data[start..start + len]
+        .chunks_exact(2)
+        .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+        .collect()
+}
+
+/// Byte range (start, length) of the f16 table that row `r` of a lookup-table tensor uses.
+///
+/// # Panics
+/// If `ty` is not a lookup-table format or the shape does not fit it.
+pub fn lut_table_range(ty: KilnType, rows: usize, cols: usize, r: usize) -> (usize, usize) {
+    let KilnType::Lut { group, .. } = ty else {
+        panic!("{ty} has no tables");
+    };
+    let g = group.map_or(0, |g| r / g as usize);
+    let len = ty.table_len() * 2;
+    let start = ty.tables_offset(cols, rows).expect("shape checked") + g * len;
+    (start, len)
+}
+
+/// The 32 indices of one chunk of a `bits`-bit lookup-table row (`4 * bits` bytes).
+pub fn unpack_chunk(bits: u8, chunk: &[u8], idx: &mut [u8; CHUNK]) {
+    match bits {
+        8 => idx.copy_from_slice(&chunk[..CHUNK]),
+        4 => {
+            for j in 0..16 {
+                idx[j] = chunk[j] & 0x0f;
+                idx[j + 16] = chunk[j] >> 4;
+            }
+        }
+        2 => {
+            for j in 0..8 {
+                for k in 0..4 {
+                    idx[j + 8 * k] = (chunk[j] >> (2 * k)) & 3;
+                }
+            }
+        }
+        6 => {
+            for j in 0..16 {
+                idx[j] = chunk[j] & 0x0f;
+                idx[j + 16] = chunk[j] >> 4;
+            }
+            for j in 0..8 {
+                for k in 0..4 {
+                    idx[j + 8 * k] |= ((chunk[16 + j] >> (2 * k)) & 3) << 4;
+                }
+            }
+        }
+        _ => panic!("no {bits}-bit lookup tables"),
+    }
+}
+
+/// Packs the 32 indices of one chunk (each below `2^bits`) into `4 * bits` bytes.
+pub fn pack_chunk(bits: u8, idx: &[u8; CHUNK], out: &mut [u8]) {
+    let out = &mut out[..4 * bits as usize];
+    out.fill(0);
+    match bits {
+        8 => out.copy_from_slice(idx),
+        4 => {
+            for j in 0..16 {
+                out[j] = (idx[j] & 0x0f) | (idx[j + 16] << 4);
+            }
+        }
+        2 => {
+            for j in 0..8 {
+                for k in 0..4 {
+                    out[j] |= (idx[j + 8 * k] & 3) << (2 * k);
+                }
+            }
+        }
+        6 => {
+            for j in 0..16 {
+                out[j] = (idx[j] & 0x0f) | ((idx[j + 16] & 0x0f) << 4);
+            }
+            for j in 0..8 {
+                for k in 0..4 {
+                    out[16 + j] |= ((idx[j + 8 * k] >> 4) & 3) << (2 * k);
+                }
+            }
+        }
+        _ => panic!("no {bits}-bit lookup tables"),
+    }
+}
+
+/// Checks a `rows` × `cols` matrix `w` fits `ty` and holds only finite values.
+fn check_matrix(ty: KilnType, w: &[f32], rows: usize, cols: usize) -> Result<(), QuantError> {
+    if rows.checked_mul(cols) != Some(w.len()) {
+        return Err(QuantError(format!(
+            "{ty}: a {rows}x{cols} matrix needs {} values, got {}",
+            rows.saturating_mul(cols),
+            w.len()
+        )));
+    }
+    if ty.data_length(cols, rows).is_none() {
+        return Err(QuantError(format!(
+            "{ty} does not fit a {rows}x{cols} matrix: rows must be a multiple of {} elements{}",
+            ty.row_multiple(),
+            match ty {
+                KilnType::Lut { group: Some(g), .. } => format!(" and {g} must divide {rows}"),
+                _ => String::new(),
+            }
+        )));
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError(format!(
+            "weight {i} (row {}, column {}) is {}: only finite weights can be quantized",
+            i / cols,
+            i % cols,
+            w[i]
+        )));
+    }
+    Ok(())
+}
+
+/// Encodes `w` (`rows` × `cols`, row-major) as `I8_CH`: per row the f32 scale
+/// `max |w| / 127` and codes rounded to nearest (every weight within half a step).
+pub fn encode_i8_channel(w: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
+    check_matrix(KilnType::I8Ch, w, rows, cols)?;
+    let q = quant::quantize_int8_channel(w, rows, cols)?;
+    let mut out = Vec::with_capacity(rows * (cols + 4));
+    for (r, codes) in q.codes().chunks_exact(cols).enumerate() {
+        out.extend_from_slice(&q.scales()[r].to_le_bytes());
+        out.extend(codes.iter().map(|&c| c as u8));
+    }
+    Ok(out)
+}
+
+/// Encodes `w` (`rows` × `cols`, row-major) as `I4_B64`, each block's scale searched for the
+/// least squared error ([`quantize_int4_searched`]).
+pub fn encode_i4_b64(w: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
+    check_matrix(KilnType::I4B64, w, rows, cols)?;
+    let blocks = w.len() / I4_BLOCK;
+    let mut out = vec![0u8; blocks * I4_BLOCK_BYTES];
+    quant::par_chunks(&mut out, 1024 * I4_BLOCK_BYTES, |start, dst| {
+        let first = start / I4_BLOCK_BYTES;
+        for (k, y) in dst.chunks_exact_mut(I4_BLOCK_BYTES).enumerate() {
+            let b = first + k;
+            let x = &w[b * I4_BLOCK..(b + 1) * I4_BLOCK];
+            let mut codes = [8u8; I4_BLOCK];
+            let d = quantize_int4_searched(x, &mut codes);
+            y[..2].copy_from_slice(&f32_to_f16(d).to_le_bytes());
+            for j in 0..I4_BLOCK / 2 {
+                y[2 + j] = codes[j] | (codes[j + I4_BLOCK / 2] << 4);
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// Codes of `x` for scale `d` (`q` in 0..=15 for `d · (q − 8)`), and the squared error.
+fn int4_codes(x: &[f32], d: f32, codes: &mut [u8]) -> f32 {
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut err = 0.0f32;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        // Adding and removing 1.5 * 2^23 rounds to nearest (|v * inv| is far below 2^22)
+        // without a library call, so the loop vectorises.
+        let q = ((v * inv + 12_582_912.0) - 12_582_912.0).clamp(-8.0, 7.0);
+        *c = (q + 8.0) as u8;
+        let e = v - d * q;
+        err += e * e;
+    }
+    err
+}
+
+/// Symmetric int4 of one block (any length up to 256): fills `codes` (0..=15, for
+/// `w = d · (q − 8)`) and returns `d`, exactly representable in f16, chosen by a small search
+/// for the least squared error rather than from the largest weight alone.
+///
+/// The reference scale maps the weight of largest magnitude to −8; smaller divisors clip it,
+/// larger ones spend fewer steps on it. Each candidate is tried as f16 stores it, then refitted
+/// by least squares for its codes.
+pub fn quantize_int4_searched(x: &[f32], codes: &mut [u8]) -> f32 {
+    let n = x.len();
+    assert!(n <= 256 && codes.len() == n, "block of {n} elements");
+    let mut max = 0.0f32;
+    for &v in x {
+        if v.abs() > max.abs() {
+            max = v;
+        }
+    }
+    codes.fill(8);
+    if max == 0.0 {
+        return 0.0;
+    }
+    let mut best_err = f32::INFINITY;
+    let mut best_d = 0.0f32;
+    let mut best = [8u8; 256];
+    let mut trial = [0u8; 256];
+    let trial = &mut trial[..n];
+    let round = |d: f32| f16_to_f32(f32_to_f16(d));
+    for step in 0..=12 {
+        let divisor = -(6.5 + step as f32 * 0.25);
+        let d = round(max / divisor);
+        let err = int4_codes(x, d, trial);
+        if err < best_err {
+            best_err = err;
+            best_d = d;
+            best[..n].copy_from_slice(trial);
+        }
+        let (mut xq, mut qq) = (0.0f32, 0.0f32);
+        for (&c, &v) in trial.iter().zip(x) {
+            let q = c as f32 - 8.0;
+            xq += v * q;
+            qq += q * q;
+        }
+        if qq > 0.0 {
+            let d = round(xq / qq);
+            let err = int4_codes(x, d, trial);
+            if err < best_err {
+                best_err = err;
+                best_d = d;
+                best[..n].copy_from_slice(trial);
+            }
+        }
+    }
+    codes.copy_from_slice(&best[..n]);
+    best_d
+}
+
+/// How a lookup-table encoding is learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LutOptions {
+    /// Seed of the k-means++ draws.
+    pub seed: u64,
+    /// k-means runs from different seeds per table; the one of least error is kept.
+    pub restarts: u32,
+}
+
+impl Default for LutOptions {
+    fn default() -> Self {
+        LutOptions {
+            seed: 0x6b69_6c6e,
+            restarts: 1,
+        }
+    }
+}
+
+/// Encodes `w` (`rows` × `cols`, row-major) as a lookup-table format `ty`: each table learned
+/// by 1-D k-means over its group's weights ([`quant::quantize_lut`]: k-means++ seeding, Lloyd
+/// iterations to convergence), its entries rounded to f16, and each weight given the index
+/// of its nearest stored entry.
+pub fn encode_lut(
+    ty: KilnType,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    options: LutOptions,
+) -> Result<Vec<u8>, QuantError> {
+    let KilnType::Lut { bits, group } = ty else {
+        return Err(QuantError(format!("{ty} is not a lookup-table format")));
+    };
+    check_matrix(ty, w, rows, cols)?;
+    let group_rows = group.map_or(rows, |g| g as usize);
+    let entries = 1usize << bits;
+    // Per group: the best of `restarts` k-means runs, by squared error of its f16 table.
+    let mut tables: Vec<Vec<u16>> = Vec::new();
+    let mut best_err: Vec<f64> = Vec::new();
+    for run in 0..options.restarts.max(1) {
+        let seed = options
+            .seed
+            .wrapping_add(u64::from(run).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let lut = quant::quantize_lut(w, rows, cols, bits, Some(group_rows), seed)?;
+        for (g, t) in lut.tables().chunks_exact(entries).enumerate() {
+            let mut t16: Vec<u16> = t.iter().map(|&v| f32_to_f16(v)).collect();
+            // f16 rounding keeps the order (it is monotone) and may merge entries.
+            t16.sort_by(|a, b| f16_to_f32(*a).total_cmp(&f16_to_f32(*b)));
+            let group_w = &w[g * group_rows * cols..(g + 1) * group_rows * cols];
+            let err = table_error(&t16, group_w);
+            if run == 0 {
+                tables.push(t16);
+                best_err.push(err);
+            } else if err < best_err[g] {
+                tables[g] = t16;
+                best_err[g] = err;
+            }
+        }
+    }
+    let row_bytes = ty.row_bytes(cols).expect("checked");
+    let mut out = vec![0u8; ty.data_length(cols, rows).expect("checked") as usize];
+    let (index_part, table_part) = out.split_at_mut(rows * row_bytes);
+    let rows_per_piece = (65536 / cols).max(1);
+    quant::par_chunks(index_part, rows_per_piece * row_bytes, |start, dst| {
+        let first = start / row_bytes;
+        let mut idx = [0u8; CHUNK];
+        for (k, row_out) in dst.chunks_exact_mut(row_bytes).enumerate() {
+            let r = first + k;
+            let table: Vec<f32> = tables[r / group_rows]
+                .iter()
+                .map(|&h| f16_to_f32(h))
+                .collect();
+            let row = &w[r * cols..(r + 1) * cols];
+            for (x, o) in row
+                .chunks_exact(CHUNK)
+                .zip(row_out.chunks_exact_mut(4 * bits as usize))
+            {
+                for (i, &v) in idx.iter_mut().zip(x) {
+                    *i = nearest(&table, v);
+                }
+                pack_chunk(bits, &idx, o);
+            }
+        }
+    });
+    for (dst, t) in table_part.chunks_exact_mut(2 * entries).zip(&tables) {
+        for (d, &h) in dst.chunks_exact_mut(2).zip(t) {
+            d.copy_from_slice(&h.to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+/// Index of the entry of the ascending `table` nearest to `v` (the lower one on a tie).
+fn nearest(table: &[f32], v: f32) -> u8 {
+    let i = table.partition_point(|&t| t < v);
+    if i == 0 {
+        return 0;
+    }
+    if i == table.len() {
+        return (i - 1) as u8;
+    }
+    if v - table[i - 1] <= table[i] - v {
+        (i - 1) as u8
+    } else {
+        i as u8
+    }
+}
+
+/// Squared error of `w` against the nearest entries of the f16 table `t16`.
+fn table_error(t16: &[u16], w: &[f32]) -> f64 {
+    let table: Vec<f32> = t16.iter().map(|&h| f16_to_f32(h)).collect();
+    w.iter()
+        .map(|&v| {
+            let e = f64::from(v - table[nearest(&table, v) as usize]);
+            e * e
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for ty in [
+            KilnType::I8Ch,
+            KilnType::I4B64,
+            KilnType::Lut {
+                bits: 4,
+                group: None,
+            },
+            KilnType::Lut {
+                bits: 6,
+                group: Some(16),
+            },
+        ] {
+            assert_eq!(KilnType::from_name(&ty.name()), Some(ty));
+            assert_eq!(
+                TensorFormat::from_name(&ty.name()),
+                Some(TensorFormat::Kiln(ty))
+            );
+        }
+        for bad in [
+            "LUT3", "LUT4_G0", "LUT4_G", "LUT4_G01", "LUT", "I8", "LUT4_G-1",
+        ] {
+            assert_eq!(KilnType::from_name(bad), None, "{bad}");
+        }
+        assert_eq!(
+            TensorFormat::from_name("q4_0"),
+            Some(TensorFormat::Ggml(GgmlType::Q4_0))
+        );
+    }
+
+    #[test]
+    fn chunk_packing_round_trips() {
+        for bits in LUT_BITS {
+            let mut idx = [0u8; CHUNK];
+            for (i, v) in idx.iter_mut().enumerate() {
+                *v = ((i * 37 + 11) % (1 << bits)) as u8;
+            }
+            let mut packed = vec![0u8; 4 * bits as usize];
+            pack_chunk(bits, &idx, &mut packed);
+            let mut back = [0u8; CHUNK];
+            unpack_chunk(bits, &packed, &mut back);
+            assert_eq!(back, idx, "{bits} bits");
+        }
+        // The documented order for 4 and 2 bits.
+        let idx: [u8; CHUNK] = std::array::from_fn(|i| (i % 4) as u8);
+        let mut p = [0u8; 16];
+        pack_chunk(4, &idx, &mut p);
+        assert_eq!(p[1], 0x11);
+        pack_chunk(2, &idx, &mut p);
+        assert_eq!(p[0], 0x00);
+        assert_eq!(p[3], 0xff);
+    }
+
+    #[test]
+    fn sizes() {
+        let l = KilnType::Lut {
+            bits: 4,
+            group: Some(2),
+        };
+        assert_eq!(l.data_length(64, 4), Some(4 * 32 + 2 * 16 * 2));
+        assert_eq!(l.data_length(64, 3), None);
+        assert_eq!(l.data_length(48, 4), None);
+        assert_eq!(KilnType::I8Ch.data_length(64, 3), Some(3 * 68));
+        assert_eq!(KilnType::I4B64.data_length(128, 2), Some(2 * 68));
+        assert_eq!(KilnType::I4B64.data_length(96, 2), None);
+    }
+}

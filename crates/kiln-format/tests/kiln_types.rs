@@ -1,0 +1,257 @@
+//! The kiln package's own tensor formats: encoders against their documented guarantees,
+//! and round trips through a package.
+
+use kiln_format::ggml::{f16_to_f32, f32_to_f16};
+use kiln_format::kiln_types::{
+    self, dequantize_row, encode_i4_b64, encode_i8_channel, encode_lut, KilnType, LutOptions,
+    TensorFormat,
+};
+use kiln_format::package::{
+    Conversion, Manifest, Package, PackageWriter, SourceInfo, TensorQuality, Verify,
+};
+use kiln_format::quant::snr_db;
+use std::path::{Path, PathBuf};
+
+/// Deterministic, roughly Gaussian weights with rows of different scales and a few outliers.
+fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    let mut uniform = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 11) as f64 / (1u64 << 53) as f64) as f32
+    };
+    (0..rows * cols)
+        .map(|i| {
+            let g: f32 = (0..4).map(|_| uniform()).sum::<f32>() - 2.0;
+            let row_scale = 0.02 * (1.0 + (i / cols) as f32 % 3.0);
+            let outlier = if i % 97 == 13 { 6.0 } else { 1.0 };
+            g * row_scale * outlier
+        })
+        .collect()
+}
+
+fn decode(ty: KilnType, data: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows * cols];
+    for (r, row) in out.chunks_exact_mut(cols).enumerate() {
+        dequantize_row(ty, data, rows, cols, r, row);
+    }
+    out
+}
+
+#[test]
+fn int8_channel_is_within_half_a_step_per_row() {
+    let (rows, cols) = (6, 96);
+    let w = weights(rows, cols, 1);
+    let data = encode_i8_channel(&w, rows, cols).unwrap();
+    assert_eq!(data.len(), rows * (4 + cols));
+    let back = decode(KilnType::I8Ch, &data, rows, cols);
+    for r in 0..rows {
+        let row = &w[r * cols..(r + 1) * cols];
+        let step = row.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+        let s = f32::from_le_bytes(data[r * (cols + 4)..][..4].try_into().unwrap());
+        assert_eq!(s, step);
+        for (a, b) in row.iter().zip(&back[r * cols..]) {
+            assert!((a - b).abs() <= 0.5 * step * 1.0001, "row {r}: {a} vs {b}");
+        }
+    }
+    assert!(snr_db(&w, &back) > 38.0);
+}
+
+#[test]
+fn int4_block64_is_no_worse_than_the_largest_weight_scale() {
+    let (rows, cols) = (4, 192);
+    let w = weights(rows, cols, 2);
+    let data = encode_i4_b64(&w, rows, cols).unwrap();
+    assert_eq!(data.len(), rows * cols / 64 * 34);
+    let back = decode(KilnType::I4B64, &data, rows, cols);
+    // Per block, against ggml's reference rule (the largest weight maps to -8).
+    for (b, (x, y)) in w.chunks_exact(64).zip(back.chunks_exact(64)).enumerate() {
+        let max = x
+            .iter()
+            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = f16_to_f32(f32_to_f16(max / -8.0));
+        let reference: f32 = x
+            .iter()
+            .map(|&v| {
+                let q = (v / d).round().clamp(-8.0, 7.0);
+                (v - d * q).powi(2)
+            })
+            .sum();
+        let err: f32 = x.iter().zip(y).map(|(a, b)| (a - b).powi(2)).sum();
+        assert!(err <= reference * 1.0001, "block {b}: {err} > {reference}");
+    }
+    assert!(snr_db(&w, &back) > 17.0, "{}", snr_db(&w, &back));
+}
+
+#[test]
+fn lookup_tables_are_exact_for_few_values_and_close_for_many() {
+    // Two rows per group, each group drawing from 16 values f16 holds exactly: lossless.
+    let (rows, cols) = (4, 64);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let g = (i / cols / 2) as f32;
+            (((i * 7) % 16) as f32 - 7.5) * 0.125 + g
+        })
+        .collect();
+    let ty = KilnType::Lut {
+        bits: 4,
+        group: Some(2),
+    };
+    let data = encode_lut(ty, &w, rows, cols, LutOptions::default()).unwrap();
+    assert_eq!(data.len() as u64, ty.data_length(cols, rows).unwrap());
+    assert_eq!(decode(ty, &data, rows, cols), w);
+
+    // Many values: k-means tables gain about 6 dB per bit on heavy-tailed weights (rows of
+    // three scales, every 97th weight six times larger).
+    let (rows, cols) = (8, 512);
+    let w = weights(rows, cols, 3);
+    for (bits, min_snr) in [(2u8, 5.5), (4, 16.0), (6, 28.0), (8, 42.0)] {
+        let ty = KilnType::Lut { bits, group: None };
+        let data = encode_lut(ty, &w, rows, cols, LutOptions::default()).unwrap();
+        let snr = snr_db(&w, &decode(ty, &data, rows, cols));
+        assert!(snr > min_snr, "lut{bits}: {snr} dB");
+        // More k-means runs keep the best table, so never a worse one.
+        let restarts = LutOptions {
+            restarts: 3,
+            ..LutOptions::default()
+        };
+        let data3 = encode_lut(ty, &w, rows, cols, restarts).unwrap();
+        let snr3 = snr_db(&w, &decode(ty, &data3, rows, cols));
+        assert!(snr3 >= snr - 1e-9, "lut{bits}: {snr3} < {snr}");
+    }
+}
+
+#[test]
+fn encoders_refuse_what_does_not_fit() {
+    let w = weights(3, 64, 4);
+    let lut = KilnType::Lut {
+        bits: 4,
+        group: Some(2),
+    };
+    let e = encode_lut(lut, &w, 3, 64, LutOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("2 must divide 3"), "{e}");
+    let e = encode_i4_b64(&w[..96], 3, 32).unwrap_err();
+    assert!(e.to_string().contains("multiple of 64"), "{e}");
+    let mut bad = w.clone();
+    bad[70] = f32::NAN;
+    let e = encode_i8_channel(&bad, 3, 64).unwrap_err();
+    assert!(e.to_string().contains("row 1, column 6"), "{e}");
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kiln-types-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn manifest() -> Manifest {
+    Manifest {
+        format: String::new(),
+        format_version: 0,
+        kiln_version: "test".into(),
+        architecture: "llama".into(),
+        config: serde_json::json!({}),
+        tokenizer: serde_json::Value::Null,
+        chat_template: None,
+        source: SourceInfo {
+            path: "memory".into(),
+            format: "gguf".into(),
+            sha256: Vec::new(),
+        },
+        conversion: Conversion {
+            quant: "lut4-g2".into(),
+            keep: Vec::new(),
+            max_shard_bytes: 1 << 20,
+            fp16: None,
+        },
+        alignment: 0,
+        shards: Vec::new(),
+        files: Vec::new(),
+        tensors: Vec::new(),
+    }
+}
+
+#[test]
+fn kiln_formats_round_trip_through_a_package() {
+    let dir = scratch("roundtrip");
+    let out = dir.join("m.kiln");
+    let (rows, cols) = (4, 128);
+    let w = weights(rows, cols, 5);
+    let lut = KilnType::Lut {
+        bits: 4,
+        group: Some(2),
+    };
+    let cases = [
+        (KilnType::I8Ch, encode_i8_channel(&w, rows, cols).unwrap()),
+        (KilnType::I4B64, encode_i4_b64(&w, rows, cols).unwrap()),
+        (
+            lut,
+            encode_lut(lut, &w, rows, cols, LutOptions::default()).unwrap(),
+        ),
+    ];
+    let mut writer = PackageWriter::create(&out, 1 << 20).unwrap();
+    for (ty, data) in &cases {
+        let q = TensorQuality {
+            scheme: ty.name(),
+            snr_db: Some(snr_db(&w, &decode(*ty, data, rows, cols))),
+            cosine: 0.99,
+        };
+        writer
+            .add_tensor(&ty.name(), &[cols as u64, rows as u64], *ty, data, Some(q))
+            .unwrap();
+    }
+    // A size that is not what the shape takes in the format is refused when written.
+    let e = writer
+        .add_tensor("bad", &[cols as u64, 3], lut, &cases[2].1, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("impossible size"), "{e}");
+    writer.finish(manifest()).unwrap();
+
+    let pkg = Package::open(&out, Verify::Full).unwrap();
+    for (ty, data) in &cases {
+        let t = pkg.tensor(&ty.name()).unwrap();
+        assert_eq!(t.format, TensorFormat::Kiln(*ty));
+        assert_eq!(t.shape, vec![cols as u64, rows as u64]);
+        assert_eq!(t.data(), &data[..]);
+        let entry = pkg
+            .manifest()
+            .tensors
+            .iter()
+            .find(|e| e.name == ty.name())
+            .unwrap();
+        assert_eq!(entry.format, ty.name());
+        assert!(entry.quality.as_ref().unwrap().snr_db.unwrap() > 15.0);
+    }
+
+    // A manifest whose table group does not divide the rows is refused, naming the tensor.
+    let path = out.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for t in m["tensors"].as_array_mut().unwrap() {
+        if t["name"] == "LUT4_G2" {
+            t["format"] = "LUT4_G3".into();
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let e = Package::open(&out, Verify::StructureOnly)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tensor 'LUT4_G2'") && e.contains("does not fit LUT4_G3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bits_per_weight_count_scales_and_tables() {
+    let f = |ty: KilnType| TensorFormat::Kiln(ty).bits_per_weight(576, 576).unwrap();
+    assert!((f(KilnType::I8Ch) - (8.0 + 32.0 / 576.0)).abs() < 1e-9);
+    assert!((f(KilnType::I4B64) - 4.25).abs() < 1e-9);
+    let lut = f(KilnType::Lut {
+        bits: 4,
+        group: Some(16),
+    });
+    assert!((lut - (4.0 + 36.0 * 32.0 * 8.0 / (576.0 * 576.0))).abs() < 1e-9);
+    assert_eq!(kiln_types::LUT_BITS, [2, 4, 6, 8]);
+}

@@ -1,0 +1,271 @@
+//! Dot-product kernels for the kiln package's own tensor formats
+//! ([`kiln_format::kiln_types`]): `I8_CH`, `I4_B64` and the lookup tables `LUT{b}[_G{n}]`.
+//!
+//! - `I8_CH` and `I4_B64` multiply integer weight codes with int8 activations in 32-element
+//!   blocks ([`ActivationFormat::Q8_1`]), exactly like the ggml kernels: integer sums per
+//!   block, then the activation block's scale, then the weight's scale (per row for `I8_CH`,
+//!   per 64-element block for `I4_B64`).
+//! - Lookup tables multiply in f32 against f32 activations ([`ActivationFormat::F32`]): each
+//!   index is looked up in the row's table (`vpermps` over a table held in registers) and the
+//!   value multiplied with the activation, so the product is that of the stored weights with
+//!   the unquantized activations.
+//!
+//! [`dot_reference`] is the scalar meaning of every kernel (integer parts exact, the rest in
+//! f64); every SIMD kernel stays within [`error_bound`] of it. Levels without a kernel for a
+//! format run the reference.
+
+use std::ops::Range;
+
+use kiln_format::ggml::f16_to_f32;
+use kiln_format::kiln_types::{self, KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES};
+
+use crate::activation::{ActivationFormat, QuantizedRow};
+use crate::Isa;
+
+/// The activation format the kernels for `ty` multiply with.
+pub fn activation_format(ty: KilnType) -> ActivationFormat {
+    match ty {
+        KilnType::I8Ch | KilnType::I4B64 => ActivationFormat::Q8_1,
+        KilnType::Lut { .. } => ActivationFormat::F32,
+    }
+}
+
+/// A whole tensor in a kiln format, its size checked against its shape: what the kernels
+/// read. (Lookup-table rows need their table, which follows the last row, so the kernels
+/// take the tensor rather than a row.)
+#[derive(Clone, Copy, Debug)]
+pub struct KilnMatrix<'a> {
+    pub(crate) ty: KilnType,
+    pub(crate) data: &'a [u8],
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) row_bytes: usize,
+}
+
+impl<'a> KilnMatrix<'a> {
+    /// The `rows` × `cols` tensor of format `ty` stored in `data`, or `None` if `data` is not
+    /// exactly the size the shape takes in the format.
+    pub fn new(ty: KilnType, data: &'a [u8], rows: usize, cols: usize) -> Option<Self> {
+        (ty.data_length(cols, rows)? == data.len() as u64).then_some(KilnMatrix {
+            ty,
+            data,
+            rows,
+            cols,
+            row_bytes: ty.row_bytes(cols)?,
+        })
+    }
+
+    /// The format.
+    pub fn format(&self) -> KilnType {
+        self.ty
+    }
+
+    /// Output channels.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input channels.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The bytes of row `r` (for lookup tables, its indices).
+    pub(crate) fn row(&self, r: usize) -> &'a [u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// The f16 table row `r` uses (lookup tables only).
+    pub(crate) fn table(&self, r: usize) -> &'a [u8] {
+        let (start, len) = kiln_types::lut_table_range(self.ty, self.rows, self.cols, r);
+        &self.data[start..start + len]
+    }
+}
+
+/// Panics unless every activation row fits `w`.
+fn check_activations(w: &KilnMatrix, xq: &[QuantizedRow]) {
+    let want = activation_format(w.ty);
+    for x in xq {
+        assert_eq!(
+            x.format(),
+            want,
+            "dot: {} weights need {want:?} activations, got {:?}",
+            w.ty,
+            x.format()
+        );
+        assert_eq!(
+            x.len(),
+            w.cols,
+            "dot: activation rows of {} elements for {} columns",
+            x.len(),
+            w.cols
+        );
+    }
+}
+
+/// Dot products of weight rows `rows` of `w` with every activation row: for every `t` and
+/// `r`, `out[t * out_stride + (r - rows.start)] = dot(row r, xq[t])`, with the kernels of
+/// [`crate::detect`]'s level. Each value is what [`dot_reference`] gives within
+/// [`error_bound`], and the same for every tiling (prefill and decode agree exactly).
+///
+/// # Panics
+/// If an activation row is not in `activation_format(w.format())` or not `w.cols()` long,
+/// if `rows` reaches past `w.rows()`, or if `out` is too short (`out_stride` must be at least
+/// `rows.len()` when there is more than one activation row).
+pub fn dot_block(
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    dot_block_with(crate::detect(), w, rows, xq, out, out_stride)
+}
+
+/// [`dot_block`] with the kernels of a given level.
+///
+/// # Panics
+/// As [`dot_block`], and if the CPU does not have `isa`.
+pub fn dot_block_with(
+    isa: Isa,
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    assert!(
+        isa.is_available(),
+        "dot: this CPU cannot run {isa:?} kernels"
+    );
+    assert!(
+        rows.start <= rows.end && rows.end <= w.rows,
+        "dot_block: rows {rows:?} of {}",
+        w.rows
+    );
+    check_activations(w, xq);
+    let n_rows = rows.len();
+    if n_rows == 0 || xq.is_empty() {
+        return;
+    }
+    assert!(
+        xq.len() == 1 || out_stride >= n_rows,
+        "dot_block: output stride {out_stride} is less than the {n_rows} rows"
+    );
+    let needed = (xq.len() - 1)
+        .checked_mul(out_stride)
+        .and_then(|v| v.checked_add(n_rows));
+    assert!(
+        needed.is_some_and(|n| n <= out.len()),
+        "dot_block: output of {} values is too short",
+        out.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::x86::kiln_formats::has_kernel(isa, w.ty) {
+        // SAFETY: the CPU has `isa` (asserted above); `w` is a checked tensor, every
+        // activation row is in its activation format and `w.cols` long (checked above),
+        // rows lie within `w` and `out` has room for every (token, row) index (asserted).
+        unsafe { crate::x86::kiln_formats::dot_block(isa, w, rows, xq, out, out_stride) };
+        return;
+    }
+    for (t, x) in xq.iter().enumerate() {
+        for (k, r) in rows.clone().enumerate() {
+            out[t * out_stride + k] = fold(w, r, x).0 as f32;
+        }
+    }
+}
+
+/// The scalar reference: `sum_i w[r][i] * x[i]` for row `r` of `w`, with integer parts exact
+/// and the rest in f64.
+///
+/// # Panics
+/// If `xq` does not fit `w` (format, length) or `r >= w.rows()`.
+pub fn dot_reference(w: &KilnMatrix, r: usize, xq: &QuantizedRow) -> f32 {
+    check_activations(w, std::slice::from_ref(xq));
+    assert!(r < w.rows, "row {r} of {}", w.rows);
+    fold(w, r, xq).0 as f32
+}
+
+/// The largest difference guaranteed between a SIMD kernel and [`dot_reference`]:
+/// `(cols / 16 + 64) * f32::EPSILON * M`, where `M` bounds every partial sum a kernel forms:
+/// `sum_i |w_i x_i|` for lookup tables; for the integer formats the same over the codes as the
+/// kernels offset them (`|s| (|c| + 128) |x|` for `I8_CH`, `|d| (q + 8) |x|` for `I4_B64`).
+///
+/// # Panics
+/// As [`dot_reference`].
+pub fn error_bound(w: &KilnMatrix, r: usize, xq: &QuantizedRow) -> f64 {
+    check_activations(w, std::slice::from_ref(xq));
+    assert!(r < w.rows, "row {r} of {}", w.rows);
+    (w.cols / 16 + 64) as f64 * f64::from(f32::EPSILON) * fold(w, r, xq).1
+}
+
+/// (dot product, magnitude) of row `r` with `x`, both already checked.
+pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
+    let row = w.row(r);
+    match w.ty {
+        KilnType::I8Ch => {
+            let s = f64::from(f32::from_le_bytes([row[0], row[1], row[2], row[3]]));
+            let (mut sum, mut mag) = (0.0f64, 0.0f64);
+            for ((c, q), &dx) in row[4..]
+                .chunks_exact(CHUNK)
+                .zip(x.codes.chunks_exact(CHUNK))
+                .zip(&x.scales)
+            {
+                let (mut cq, mut m) = (0i64, 0i64);
+                for (&c, &q) in c.iter().zip(q) {
+                    let (c, q) = (i64::from(c as i8), i64::from(q));
+                    cq += c * q;
+                    m += (c.abs() + 128) * q.abs();
+                }
+                let d = s * f64::from(dx);
+                sum += d * cq as f64;
+                mag += d.abs() * m as f64;
+            }
+            (sum, mag)
+        }
+        KilnType::I4B64 => {
+            let (mut sum, mut mag) = (0.0f64, 0.0f64);
+            for (b, blk) in row.chunks_exact(I4_BLOCK_BYTES).enumerate() {
+                let d = f64::from(f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
+                for half in 0..2 {
+                    let a = 2 * b + half;
+                    let codes = &x.codes[a * CHUNK..(a + 1) * CHUNK];
+                    let (mut qx, mut sx, mut m) = (0i64, 0i64, 0i64);
+                    for (&byte, &xc) in blk[2..].iter().zip(codes) {
+                        let q = i64::from(if half == 0 { byte & 0x0f } else { byte >> 4 });
+                        let xc = i64::from(xc);
+                        qx += q * xc;
+                        sx += xc;
+                        m += (q + 8) * xc.abs();
+                    }
+                    let dd = d * f64::from(x.scales[a]);
+                    sum += dd * (qx - 8 * sx) as f64;
+                    mag += dd.abs() * m as f64;
+                }
+            }
+            debug_assert_eq!(row.len() / I4_BLOCK_BYTES * I4_BLOCK, w.cols);
+            (sum, mag)
+        }
+        KilnType::Lut { bits, .. } => {
+            let table: Vec<f64> = w
+                .table(r)
+                .chunks_exact(2)
+                .map(|b| f64::from(f16_to_f32(u16::from_le_bytes([b[0], b[1]]))))
+                .collect();
+            let mut idx = [0u8; CHUNK];
+            let (mut sum, mut mag) = (0.0f64, 0.0f64);
+            for (c, xs) in row
+                .chunks_exact(4 * bits as usize)
+                .zip(x.values.chunks_exact(CHUNK))
+            {
+                kiln_types::unpack_chunk(bits, c, &mut idx);
+                for (&i, &v) in idx.iter().zip(xs) {
+                    let p = table[i as usize] * f64::from(v);
+                    sum += p;
+                    mag += p.abs();
+                }
+            }
+            (sum, mag)
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! AVX-512 VNNI and AVX2 kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2`, `LUT4`).
+//!
+//! Tiles of 4 weight rows by 2 activation rows, rows outermost, as for the ggml formats: a
+//! tile's weights are unpacked once and stay in L1 while the activation rows pass.
+//!
+//! - `I8_CH`, AVX-512: `vpdpbusd` wants unsigned × signed bytes, so the weight codes are
+//!   offset by 128 (`c ^ 0x80`) and `128 · Σ_b d_b Σ x` (the activation block sums) is taken
+//!   off at the end. AVX2: `vpsignb` moves the weight's sign onto the activation, and
+//!   `vpmaddubsw` multiplies `|c|` (≤ 128) by it without saturating (2 · 128 · 127 < 2^15).
+//! - `I4_B64`: the nibbles of a 64-element block are its unsigned codes `q` in order (low
+//!   nibbles elements 0..32, high nibbles 32..64), multiplied by the two activation blocks; the
+//!   `−8` offset comes in through the activation block sums, once per block.
+//! - `LUT2` / `LUT4`: the row's f16 table is widened to f32 in one register and looked up with
+//!   `vpermps` (AVX2: two 8-entry halves and a blend on the index's top bit), then multiplied
+//!   with the f32 activations.
+
+// Tiles index several parallel arrays (accumulators, tables, rows) by row and token; index
+// loops say that more plainly than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
+use core::arch::x86_64::*;
+use std::ops::Range;
+
+use kiln_format::kiln_types::{KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES};
+
+use crate::activation::QuantizedRow;
+use crate::kiln_formats::KilnMatrix;
+use crate::Isa;
+
+/// Whether `isa` has a kernel for `ty` here (the others run the reference).
+pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
+    let simd = matches!(isa, Isa::Avx2 | Isa::Avx512Vnni);
+    simd && match ty {
+        KilnType::I8Ch | KilnType::I4B64 => true,
+        KilnType::Lut { bits, .. } => bits == 4 || bits == 2,
+    }
+}
+
+const TILE_ROWS: usize = super::TILE_ROWS;
+
+/// # Safety
+/// The CPU has `isa` (AVX2 or AVX-512 VNNI, with FMA and F16C); `has_kernel(isa, w.ty)`;
+/// every `xq[t]` is in the activation format of `w.ty` and `w.cols` long; `rows` lies within
+/// `w`; `out` holds `(xq.len() - 1) * out_stride + rows.len()` values.
+pub(crate) unsafe fn dot_block(
+    isa: Isa,
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let base = rows.start;
+    let mut r = rows.start;
+    while r < rows.end {
+        let n = if r + TILE_ROWS <= rows.end {
+            TILE_ROWS
+        } else {
+            1
+        };
+        let mut t = 0;
+        while t < xq.len() {
+            let m = if t + 2 <= xq.len() { 2 } else { 1 };
+            // SAFETY: rows r..r + n and activation rows t..t + m exist; the rest is the
+            // caller's guarantee.
+            unsafe {
+                match (n, m) {
+                    (TILE_ROWS, 2) => {
+                        let v = tile::<TILE_ROWS, 2>(isa, w, r, [&xq[t], &xq[t + 1]]);
+                        store(&v, out, out_stride, r - base, t);
+                    }
+                    (TILE_ROWS, _) => {
+                        let v = tile::<TILE_ROWS, 1>(isa, w, r, [&xq[t]]);
+                        store(&v, out, out_stride, r - base, t);
+                    }
+                    (_, 2) => {
+                        let v = tile::<1, 2>(isa, w, r, [&xq[t], &xq[t + 1]]);
+                        store(&v, out, out_stride, r - base, t);
+                    }
+                    _ => {
+                        let v = tile::<1, 1>(isa, w, r, [&xq[t]]);
+                        store(&v, out, out_stride, r - base, t);
+                    }
+                }
+            }
+            t += m;
+        }
+        r += n;
+    }
+}
+
+fn store<const R: usize, const T: usize>(
+    v: &[[f32; T]; R],
+    out: &mut [f32],
+    stride: usize,
+    r0: usize,
+    t0: usize,
+) {
+    for (i, vals) in v.iter().enumerate() {
+        for (j, &x) in vals.iter().enumerate() {
+            out[(t0 + j) * stride + r0 + i] = x;
+        }
+    }
+}
+
+/// # Safety
+/// As [`dot_block`], for rows `r0..r0 + R`.
+#[inline(always)]
+unsafe fn tile<const R: usize, const T: usize>(
+    isa: Isa,
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    // SAFETY: the caller's guarantees are what each kernel needs.
+    unsafe {
+        match (isa, w.ty) {
+            (Isa::Avx512Vnni, KilnType::I8Ch) => i8ch_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut { bits: 4, .. }) => lut4_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut { .. }) => lut2_512::<R, T>(w, r0, xs),
+            (_, KilnType::I8Ch) => i8ch_256::<R, T>(w, r0, xs),
+            (_, KilnType::I4B64) => i4b64_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut { bits: 4, .. }) => lut4_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut { .. }) => lut2_256::<R, T>(w, r0, xs),
+        }
+    }
+}
+
+/// Prefetches the weights one tile ahead of `p` (see `super::prefetch_distance`): the
+/// interleaved row streams of a tile defeat the hardware prefetchers.
+#[inline(always)]
+fn prefetch(p: *const u8, ahead: usize) {
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead).cast()) };
+}
+
+/// `[a; 8] ++ [b; 8]`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn pair_ps(a: f32, b: f32) -> __m512 {
+    let lo = _mm256_set1_ps(a);
+    let hi = _mm256_set1_ps(b);
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+        _mm512_castps_pd(_mm512_castps256_ps512(lo)),
+        _mm256_castps_pd(hi),
+    ))
+}
+
+/// Sum of the 8 lanes of `v`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// The f32 value of the f16 at `p`.
+///
+/// # Safety
+/// `p..p + 2` is readable.
+#[target_feature(enable = "f16c")]
+#[inline]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: two readable bytes (the caller's guarantee).
+    let h = unsafe { p.cast::<u16>().read_unaligned() };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// I8_CH
+
+/// # Safety
+/// AVX-512 VNNI; as [`dot_block`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn i8ch_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let cols = w.cols;
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut c = 0;
+    while c < cols {
+        let b = c / CHUNK;
+        let two = c + 2 * CHUNK <= cols;
+        let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
+        let mut xv = [_mm512_setzero_si512(); T];
+        let mut dv = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: 32 or 64 codes from c lie within the activation row.
+            xv[t] = unsafe { _mm512_maskz_loadu_epi8(mask, xs[t].codes.as_ptr().add(c).cast()) };
+            let d1 = if two { xs[t].scales[b + 1] } else { 0.0 };
+            dv[t] = pair_ps(xs[t].scales[b], d1);
+        }
+        for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + 4 + c), ahead);
+            // SAFETY: the codes of row r0 + r from c (4 bytes past the row's scale).
+            let wv = unsafe { _mm512_maskz_loadu_epi8(mask, p.add(r * rb + 4 + c).cast()) };
+            let wv = _mm512_xor_si512(wv, flip);
+            for t in 0..T {
+                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[t]);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), dv[t], acc[r][t]);
+            }
+        }
+        c += if two { 2 * CHUNK } else { CHUNK };
+    }
+    let mut offset = [0.0f32; T];
+    for t in 0..T {
+        offset[t] = 128.0 * xs[t].sums.iter().sum::<f32>();
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        // SAFETY: the row's f32 scale.
+        let s = unsafe { p.add(r * rb).cast::<f32>().read_unaligned() };
+        for t in 0..T {
+            out[r][t] = s * (_mm512_reduce_add_ps(acc[r][t]) - offset[t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX2, FMA; as [`dot_block`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn i8ch_256<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let cols = w.cols;
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for c in (0..cols).step_by(CHUNK) {
+        let b = c / CHUNK;
+        let mut xv = [_mm256_setzero_si256(); T];
+        let mut dv = [_mm256_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: 32 codes from c lie within the activation row.
+            xv[t] = unsafe { _mm256_loadu_si256(xs[t].codes.as_ptr().add(c).cast()) };
+            dv[t] = _mm256_set1_ps(xs[t].scales[b]);
+        }
+        for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + 4 + c), ahead);
+            // SAFETY: the codes of row r0 + r from c.
+            let wv = unsafe { _mm256_loadu_si256(p.add(r * rb + 4 + c).cast()) };
+            let aw = _mm256_sign_epi8(wv, wv);
+            for t in 0..T {
+                let sx = _mm256_sign_epi8(xv[t], wv);
+                let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), dv[t], acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        // SAFETY: the row's f32 scale.
+        let s = unsafe { p.add(r * rb).cast::<f32>().read_unaligned() };
+        for t in 0..T {
+            out[r][t] = s * hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// I4_B64
+
+/// # Safety
+/// AVX-512 VNNI; as [`dot_block`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn i4b64_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let low = _mm256_set1_epi8(0x0f);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for blk in 0..w.cols / I4_BLOCK {
+        let a = 2 * blk;
+        let mut xv = [_mm512_setzero_si512(); T];
+        let mut dv = [_mm512_setzero_ps(); T];
+        let mut sv = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: the 64 codes of activation blocks a and a + 1.
+            xv[t] = unsafe { _mm512_loadu_si512(xs[t].codes.as_ptr().add(a * CHUNK).cast()) };
+            dv[t] = pair_ps(xs[t].scales[a], xs[t].scales[a + 1]);
+            sv[t] = pair_ps(xs[t].sums[a], xs[t].sums[a + 1]);
+        }
+        for r in 0..R {
+            let bp = p.wrapping_add(r * rb + blk * I4_BLOCK_BYTES);
+            prefetch(bp, ahead);
+            // SAFETY: block blk of row r0 + r: a 2-byte scale and 32 bytes of nibbles.
+            let (d, nib) = unsafe { (f16_at(bp), _mm256_loadu_si256(bp.add(2).cast())) };
+            let lo = _mm256_and_si256(nib, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(nib), low);
+            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let dw = _mm512_set1_ps(d);
+            for t in 0..T {
+                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[t]);
+                // Per lane d_x · Σ q x − s_x: eight lanes of a block give d_x Σ q x − 8 s_x.
+                let v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dp), dv[t], sv[t]);
+                acc[r][t] = _mm512_fmadd_ps(v, dw, acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX2, FMA, F16C; as [`dot_block`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn i4b64_256<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let low = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for blk in 0..w.cols / I4_BLOCK {
+        let a = 2 * blk;
+        let mut xa = [_mm256_setzero_si256(); T];
+        let mut xb = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            // SAFETY: the 64 codes of activation blocks a and a + 1.
+            unsafe {
+                xa[t] = _mm256_loadu_si256(xs[t].codes.as_ptr().add(a * CHUNK).cast());
+                xb[t] = _mm256_loadu_si256(xs[t].codes.as_ptr().add((a + 1) * CHUNK).cast());
+            }
+        }
+        for r in 0..R {
+            let bp = p.wrapping_add(r * rb + blk * I4_BLOCK_BYTES);
+            prefetch(bp, ahead);
+            // SAFETY: block blk of row r0 + r: a 2-byte scale and 32 bytes of nibbles.
+            let (d, nib) = unsafe { (f16_at(bp), _mm256_loadu_si256(bp.add(2).cast())) };
+            let lo = _mm256_and_si256(nib, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(nib), low);
+            let dw = _mm256_set1_ps(d);
+            for t in 0..T {
+                let x = xs[t];
+                let pa = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xa[t]), ones);
+                let pb = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb[t]), ones);
+                let va = _mm256_fmsub_ps(
+                    _mm256_cvtepi32_ps(pa),
+                    _mm256_set1_ps(x.scales[a]),
+                    _mm256_set1_ps(x.sums[a]),
+                );
+                let vb = _mm256_fmsub_ps(
+                    _mm256_cvtepi32_ps(pb),
+                    _mm256_set1_ps(x.scales[a + 1]),
+                    _mm256_set1_ps(x.sums[a + 1]),
+                );
+                acc[r][t] = _mm256_fmadd_ps(_mm256_add_ps(va, vb), dw, acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lookup tables
+
+/// # Safety
+/// AVX-512; as [`dot_block`], `w` a 4-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn lut4_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let mut tables = [_mm512_setzero_ps(); R];
+    for (r, tb) in tables.iter_mut().enumerate() {
+        // SAFETY: a 16-entry f16 table is 32 bytes.
+        *tb = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(w.table(r0 + r).as_ptr().cast()) });
+    }
+    let p = w.data[r0 * rb..].as_ptr();
+    let low = _mm512_set1_epi32(0x0f);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        let mut x0 = [_mm512_setzero_ps(); T];
+        let mut x1 = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: 32 values from c lie within the activation row.
+            unsafe {
+                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
+                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
+            }
+        }
+        for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + c / 2), ahead);
+            // SAFETY: the 16 index bytes of this chunk of row r0 + r.
+            let b = unsafe { _mm_loadu_si128(p.add(r * rb + c / 2).cast()) };
+            let b = _mm512_cvtepu8_epi32(b);
+            let w0 = _mm512_permutexvar_ps(_mm512_and_si512(b, low), tables[r]);
+            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), tables[r]);
+            for t in 0..T {
+                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX-512; as [`dot_block`], `w` a 2-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn lut2_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let mut tables = [_mm512_setzero_ps(); R];
+    for (r, tb) in tables.iter_mut().enumerate() {
+        // SAFETY: a 4-entry f16 table is 8 bytes.
+        let t = unsafe { _mm_loadl_epi64(w.table(r0 + r).as_ptr().cast()) };
+        *tb = _mm512_castps256_ps512(_mm256_cvtph_ps(t));
+    }
+    let p = w.data[r0 * rb..].as_ptr();
+    // Byte j holds elements j + 8k at bits 2k: two copies of the 8 bytes shifted by 0 and 2
+    // give elements 0..16, by 4 and 6 elements 16..32.
+    let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+    let three = _mm512_set1_epi32(3);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        let mut x0 = [_mm512_setzero_ps(); T];
+        let mut x1 = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: 32 values from c lie within the activation row.
+            unsafe {
+                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
+                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
+            }
+        }
+        for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + c / 4), ahead);
+            // SAFETY: the 8 index bytes of this chunk of row r0 + r.
+            let b = unsafe { _mm_loadl_epi64(p.add(r * rb + c / 4).cast()) };
+            let b = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
+            let i0 = _mm512_and_si512(_mm512_srlv_epi32(b, shift_lo), three);
+            let i1 = _mm512_and_si512(_mm512_srlv_epi32(b, shift_hi), three);
+            let w0 = _mm512_permutexvar_ps(i0, tables[r]);
+            let w1 = _mm512_permutexvar_ps(i1, tables[r]);
+            for t in 0..T {
+                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// Entries `i` (0..16) of a 16-entry table held as two 8-entry halves.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lookup16(i: __m256i, lo: __m256, hi: __m256) -> __m256 {
+    let a = _mm256_permutevar8x32_ps(lo, i);
+    let b = _mm256_permutevar8x32_ps(hi, i);
+    // Bit 3 of the index, moved to the sign bit, picks the upper half.
+    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(i)))
+}
+
+/// # Safety
+/// AVX2, FMA, F16C; as [`dot_block`], `w` a 4-bit lookup-table tensor.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut4_256<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    for r in 0..R {
+        let tp = w.table(r0 + r).as_ptr();
+        // SAFETY: a 16-entry f16 table is 32 bytes.
+        unsafe {
+            lo[r] = _mm256_cvtph_ps(_mm_loadu_si128(tp.cast()));
+            hi[r] = _mm256_cvtph_ps(_mm_loadu_si128(tp.add(16).cast()));
+        }
+    }
+    let p = w.data[r0 * rb..].as_ptr();
+    let low = _mm256_set1_epi32(0x0f);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c / 2);
+            prefetch(ip, ahead);
+            // SAFETY: the 16 index bytes of this chunk of row r0 + r.
+            let (b0, b1) = unsafe {
+                (
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.cast())),
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(8).cast())),
+                )
+            };
+            let wv = [
+                lookup16(_mm256_and_si256(b0, low), lo[r], hi[r]),
+                lookup16(_mm256_and_si256(b1, low), lo[r], hi[r]),
+                lookup16(_mm256_srli_epi32::<4>(b0), lo[r], hi[r]),
+                lookup16(_mm256_srli_epi32::<4>(b1), lo[r], hi[r]),
+            ];
+            for t in 0..T {
+                let xp = xs[t].values.as_ptr();
+                for (k, wk) in wv.iter().enumerate() {
+                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
+                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
+                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX2, FMA, F16C; as [`dot_block`], `w` a 2-bit lookup-table tensor.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut2_256<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let mut tables = [_mm256_setzero_ps(); R];
+    for (r, tb) in tables.iter_mut().enumerate() {
+        // SAFETY: a 4-entry f16 table is 8 bytes.
+        *tb = _mm256_cvtph_ps(unsafe { _mm_loadl_epi64(w.table(r0 + r).as_ptr().cast()) });
+    }
+    let p = w.data[r0 * rb..].as_ptr();
+    let three = _mm256_set1_epi32(3);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        for r in 0..R {
+            prefetch(p.wrapping_add(r * rb + c / 4), ahead);
+            // SAFETY: the 8 index bytes of this chunk of row r0 + r.
+            let b = unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(r * rb + c / 4).cast())) };
+            let wv = [
+                _mm256_permutevar8x32_ps(tables[r], _mm256_and_si256(b, three)),
+                _mm256_permutevar8x32_ps(
+                    tables[r],
+                    _mm256_and_si256(_mm256_srli_epi32::<2>(b), three),
+                ),
+                _mm256_permutevar8x32_ps(
+                    tables[r],
+                    _mm256_and_si256(_mm256_srli_epi32::<4>(b), three),
+                ),
+                _mm256_permutevar8x32_ps(tables[r], _mm256_srli_epi32::<6>(b)),
+            ];
+            for t in 0..T {
+                let xp = xs[t].values.as_ptr();
+                for (k, wk) in wv.iter().enumerate() {
+                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
+                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
+                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}

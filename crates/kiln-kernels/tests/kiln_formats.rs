@@ -1,0 +1,246 @@
+//! The kiln-format kernels (`I8_CH`, `I4_B64`, lookup tables) at every available level
+//! against their scalar reference, and the reference against kiln-format's dequantization.
+
+use kiln_format::ggml::f32_to_f16;
+use kiln_format::kiln_types::{self, KilnType};
+use kiln_kernels::kiln_formats::{
+    activation_format, dot_block_with, dot_reference, error_bound, KilnMatrix,
+};
+use kiln_kernels::{available_isas, quantize_row, QuantizedRow};
+use proptest::prelude::*;
+
+/// An f16 scale or table entry: ordinary values, zero, the extremes of the range.
+fn f16_value() -> impl Strategy<Value = u16> {
+    prop_oneof![
+        6 => (-4.0f32..4.0).prop_map(f32_to_f16),
+        1 => Just(0u16),
+        1 => Just(0x7bffu16),
+        1 => Just(0xfbffu16),
+        1 => Just(0x0001u16),
+        1 => (-1e-3f32..1e-3).prop_map(f32_to_f16),
+    ]
+}
+
+/// An f32 row scale of `I8_CH`.
+fn f32_scale() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        6 => -0.1f32..0.1,
+        1 => Just(0.0f32),
+        1 => -1e4f32..1e4,
+        1 => -1e-30f32..1e-30,
+    ]
+}
+
+/// The bytes of a `rows` × `cols` tensor of `ty`: random codes or indices (every byte value,
+/// including `I8_CH`'s −128), random scales and tables.
+fn tensor(ty: KilnType, rows: usize, cols: usize) -> BoxedStrategy<Vec<u8>> {
+    let row_bytes = ty.row_bytes(cols).unwrap();
+    match ty {
+        KilnType::I8Ch => prop::collection::vec(
+            (f32_scale(), prop::collection::vec(any::<u8>(), cols)),
+            rows,
+        )
+        .prop_map(|rs| {
+            rs.into_iter()
+                .flat_map(|(s, codes)| s.to_le_bytes().into_iter().chain(codes))
+                .collect()
+        })
+        .boxed(),
+        KilnType::I4B64 => prop::collection::vec(
+            (f16_value(), prop::collection::vec(any::<u8>(), 32)),
+            rows * cols / 64,
+        )
+        .prop_map(|bs| {
+            bs.into_iter()
+                .flat_map(|(d, q)| d.to_le_bytes().into_iter().chain(q))
+                .collect()
+        })
+        .boxed(),
+        KilnType::Lut { .. } => {
+            let tables = ty.tables(rows).unwrap() * ty.table_len();
+            (
+                prop::collection::vec(any::<u8>(), rows * row_bytes),
+                prop::collection::vec(f16_value(), tables),
+            )
+                .prop_map(|(idx, t)| {
+                    idx.into_iter()
+                        .chain(t.into_iter().flat_map(u16::to_le_bytes))
+                        .collect()
+                })
+                .boxed()
+        }
+    }
+}
+
+/// Activations with zero blocks, tiny and large values.
+fn activations(n: usize) -> impl Strategy<Value = Vec<f32>> {
+    (
+        prop::collection::vec(
+            prop_oneof![
+                6 => -4.0f32..4.0,
+                1 => Just(0.0f32),
+                1 => -1e4f32..1e4,
+                1 => -1e-20f32..1e-20,
+            ],
+            n,
+        ),
+        prop::collection::vec(0u8..6, n.div_ceil(32)),
+    )
+        .prop_map(|(mut x, pats)| {
+            for (c, p) in x.chunks_mut(32).zip(pats) {
+                if p == 0 {
+                    c.fill(0.0);
+                }
+            }
+            x
+        })
+}
+
+/// A tensor of `ty` with 1..=9 rows (a multiple of the table group) and 1..=`max_units`
+/// units of columns, and 1..=5 activation rows.
+fn case(
+    ty: KilnType,
+    max_units: usize,
+) -> impl Strategy<Value = (usize, usize, Vec<u8>, Vec<Vec<f32>>)> {
+    let group = match ty {
+        KilnType::Lut { group: Some(g), .. } => g as usize,
+        _ => 1,
+    };
+    (1..=9usize / group.min(9), 1..=max_units, 1..=5usize).prop_flat_map(move |(g, u, t)| {
+        let rows = g * group;
+        let cols = u * ty.row_multiple();
+        (
+            Just(rows),
+            Just(cols),
+            tensor(ty, rows, cols),
+            prop::collection::vec(activations(cols), t),
+        )
+    })
+}
+
+fn check(
+    ty: KilnType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    xs: &[Vec<f32>],
+) -> Result<(), TestCaseError> {
+    let w = KilnMatrix::new(ty, data, rows, cols).expect("a well-sized tensor");
+    let xq: Vec<QuantizedRow> = xs
+        .iter()
+        .map(|x| {
+            let mut q = QuantizedRow::new();
+            quantize_row(x, activation_format(ty), &mut q);
+            q
+        })
+        .collect();
+    // The reference is the exact product of the dequantized weights and activations, up to
+    // f64 and one rounding to f32.
+    let mut wrow = vec![0.0f32; cols];
+    for r in 0..rows {
+        kiln_types::dequantize_row(ty, data, rows, cols, r, &mut wrow);
+        for q in &xq {
+            let x = q.dequantize();
+            let exact: f64 = wrow
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            let mag: f64 = wrow
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+                .sum();
+            let reference = f64::from(dot_reference(&w, r, q));
+            prop_assert!(
+                (reference - exact).abs() <= 1e-6 * mag + 1e-30,
+                "{ty} row {r}: reference {reference}, exact {exact}"
+            );
+        }
+    }
+    // Every level, over a row range not starting at 0 when there is room, into a strided
+    // output.
+    let start = usize::from(rows > 4);
+    let n = rows - start;
+    let stride = n + 3;
+    for isa in available_isas() {
+        let mut out = vec![f32::NAN; (xq.len() - 1) * stride + n];
+        dot_block_with(isa, &w, start..rows, &xq, &mut out, stride);
+        for (t, q) in xq.iter().enumerate() {
+            for k in 0..n {
+                let got = f64::from(out[t * stride + k]);
+                let want = f64::from(dot_reference(&w, start + k, q));
+                let bound = error_bound(&w, start + k, q);
+                prop_assert!(
+                    (got - want).abs() <= bound,
+                    "{ty} {isa:?} row {} token {t}: got {got}, reference {want}, bound {bound}",
+                    start + k
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+macro_rules! kernels_match_reference {
+    ($($name:ident: $ty:expr, $units:expr;)*) => {$(
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(160))]
+            /// Every available level against the reference, within `error_bound`.
+            #[test]
+            fn $name((rows, cols, data, xs) in case($ty, $units)) {
+                check($ty, rows, cols, &data, &xs)?;
+            }
+        }
+    )*};
+}
+
+kernels_match_reference! {
+    i8_ch: KilnType::I8Ch, 9;
+    i4_b64: KilnType::I4B64, 5;
+    lut4_per_tensor: KilnType::Lut { bits: 4, group: None }, 9;
+    lut4_groups_of_two: KilnType::Lut { bits: 4, group: Some(2) }, 9;
+    lut2_groups_of_three: KilnType::Lut { bits: 2, group: Some(3) }, 9;
+    lut6: KilnType::Lut { bits: 6, group: None }, 4;
+    lut8_groups_of_four: KilnType::Lut { bits: 8, group: Some(4) }, 4;
+}
+
+#[test]
+fn known_values() {
+    // One I8_CH row: scale 0.5, codes 1, -2, 0, ...; activations exactly representable.
+    let cols = 32;
+    let mut data = 0.5f32.to_le_bytes().to_vec();
+    let codes: Vec<i8> = (0..cols as i32).map(|i| (i % 5 - 2) as i8).collect();
+    data.extend(codes.iter().map(|&c| c as u8));
+    let w = KilnMatrix::new(KilnType::I8Ch, &data, 1, cols).unwrap();
+    let x: Vec<f32> = (0..cols)
+        .map(|i| if i % 2 == 0 { 127.0 } else { -127.0 })
+        .collect();
+    let mut q = QuantizedRow::new();
+    quantize_row(&x, activation_format(KilnType::I8Ch), &mut q);
+    let want: f32 = codes
+        .iter()
+        .zip(&x)
+        .map(|(&c, &v)| 0.5 * f32::from(c) * v)
+        .sum();
+    assert_eq!(dot_reference(&w, 0, &q), want);
+    for isa in available_isas() {
+        let mut out = [0.0f32];
+        dot_block_with(isa, &w, 0..1, std::slice::from_ref(&q), &mut out, 1);
+        assert_eq!(out[0], want, "{isa:?}");
+    }
+}
+
+#[test]
+#[should_panic(expected = "need F32 activations")]
+fn lookup_tables_refuse_int8_activations() {
+    let ty = KilnType::Lut {
+        bits: 4,
+        group: None,
+    };
+    let data = vec![0u8; ty.data_length(32, 1).unwrap() as usize];
+    let w = KilnMatrix::new(ty, &data, 1, 32).unwrap();
+    let mut q = QuantizedRow::new();
+    quantize_row(&[1.0; 32], activation_format(KilnType::I8Ch), &mut q);
+    dot_reference(&w, 0, &q);
+}

@@ -1,0 +1,737 @@
+//! Conversion of a GGUF file or Hugging Face folder into a kiln package (or a GGUF file, or a
+//! Hugging Face folder), optionally changing the weights' format on the way.
+//!
+//! Where a ggml block type represents a scheme exactly, tensors are stored in it, so the
+//! runtime's kernels for that type read them in place: `keep` copies the source's blocks byte
+//! for byte (the package runs exactly as the GGUF does), `f32`/`f16`/`bf16` store those float
+//! types, `int4-block32` stores symmetric int4 in blocks of 32 as ggml `Q4_0` blocks
+//! (`w = d * (q - 8)`, one f16 scale per block) and `int4-block32-offset` int4 with a scale
+//! and a minimum per block as `Q4_1` (`w = d * q + m`). The other schemes have kiln formats
+//! of their own ([`kiln_format::kiln_types`]): `int8-channel` is `I8_CH`, `int4-block64` is
+//! `I4_B64`, and `lut2` … `lut8` are `LUT{b}` (one table per tensor) or `LUT{b}_G{n}` (one
+//! per `--lut-group-channels` output channels).
+//!
+//! The int4 scale of each block is chosen by a small search for the least squared error
+//! rather than from the largest weight alone (ggml's reference rounding), which matters most
+//! when the source is itself quantized. Lookup tables are learned by k-means (k-means++
+//! seeding, Lloyd iterations to convergence) and stored as f16.
+//!
+//! Protected tensors — 1-D vectors (norms, biases), and by default the embedding and output
+//! matrices — are never stored below their source precision: when the target has fewer bits
+//! per weight than the source they are copied as they are.
+//!
+//! Output: a kiln package (default), a GGUF file ([`gguf_out`]: ggml types only) or a Hugging
+//! Face folder ([`hf_out`]: float types only).
+//!
+//! With `fp16_safe` (kiln packages only), the weights are first made fp16-safe
+//! ([`crate::fp16_fix`]): the tensors that write into the residual stream are divided by a
+//! power of two before any format change, the model description records the matching
+//! embedding scale and norm epsilon, and the fix goes into the manifest's `conversion.fp16`.
+
+pub mod gguf_out;
+pub mod hf_out;
+
+use crate::error::ModelError;
+use crate::fp16_fix::{self, Fp16Fix};
+use crate::model::Model;
+use crate::weights::{GgufSource, TensorSource};
+use crate::{arch, hf, package};
+use kiln_format::ggml::{self, GgmlType};
+use kiln_format::gguf::GgufFile;
+use kiln_format::kiln_types::{self, KilnType, LutOptions, TensorFormat};
+use kiln_format::package::{
+    sha256_file, Conversion, FileHash, Manifest, PackageWriter, SourceInfo, TensorQuality,
+};
+use kiln_format::quant::{cosine, snr_db};
+use kiln_format::safetensors::ShardedSafetensors;
+use kiln_tokenizer::TokenizerSpec;
+use serde_json::Value;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// The weight format a conversion stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantTarget {
+    /// Each tensor as the source stores it.
+    Keep,
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// Symmetric int8 with one f32 scale per output channel (kiln `I8_CH`).
+    Int8Channel,
+    /// Symmetric int4 in blocks of 32 input channels with an f16 scale (ggml `Q4_0`).
+    Int4Block32,
+    /// int4 in blocks of 32 with an f16 scale and minimum (ggml `Q4_1`).
+    Int4Block32Offset,
+    /// Symmetric int4 in blocks of 64 input channels with an f16 scale (kiln `I4_B64`).
+    Int4Block64,
+    /// Lookup tables of `2^bits` f16 entries learned by k-means (kiln `LUT{bits}[_G{n}]`).
+    Lut(u8),
+}
+
+impl QuantTarget {
+    /// Every target, in the order the command line lists them.
+    pub const ALL: [QuantTarget; 12] = [
+        QuantTarget::Keep,
+        QuantTarget::F32,
+        QuantTarget::F16,
+        QuantTarget::Bf16,
+        QuantTarget::Int8Channel,
+        QuantTarget::Int4Block32,
+        QuantTarget::Int4Block32Offset,
+        QuantTarget::Int4Block64,
+        QuantTarget::Lut(2),
+        QuantTarget::Lut(4),
+        QuantTarget::Lut(6),
+        QuantTarget::Lut(8),
+    ];
+
+    /// The name used on the command line and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantTarget::Keep => "keep",
+            QuantTarget::F32 => "f32",
+            QuantTarget::F16 => "f16",
+            QuantTarget::Bf16 => "bf16",
+            QuantTarget::Int8Channel => "int8-channel",
+            QuantTarget::Int4Block32 => "int4-block32",
+            QuantTarget::Int4Block32Offset => "int4-block32-offset",
+            QuantTarget::Int4Block64 => "int4-block64",
+            QuantTarget::Lut(2) => "lut2",
+            QuantTarget::Lut(4) => "lut4",
+            QuantTarget::Lut(6) => "lut6",
+            QuantTarget::Lut(_) => "lut8",
+        }
+    }
+
+    /// The ggml type a tensor becomes, `None` for [`QuantTarget::Keep`] and the kiln formats.
+    pub fn ggml_type(self) -> Option<GgmlType> {
+        match self.format(None)? {
+            TensorFormat::Ggml(t) => Some(t),
+            TensorFormat::Kiln(_) => None,
+        }
+    }
+
+    /// The format a tensor becomes (`group`: output channels per lookup table, `None` for one
+    /// table per tensor); `None` for [`QuantTarget::Keep`].
+    pub fn format(self, group: Option<u32>) -> Option<TensorFormat> {
+        Some(match self {
+            QuantTarget::Keep => return None,
+            QuantTarget::F32 => GgmlType::F32.into(),
+            QuantTarget::F16 => GgmlType::F16.into(),
+            QuantTarget::Bf16 => GgmlType::BF16.into(),
+            QuantTarget::Int8Channel => KilnType::I8Ch.into(),
+            QuantTarget::Int4Block32 => GgmlType::Q4_0.into(),
+            QuantTarget::Int4Block32Offset => GgmlType::Q4_1.into(),
+            QuantTarget::Int4Block64 => KilnType::I4B64.into(),
+            QuantTarget::Lut(bits) => KilnType::Lut { bits, group }.into(),
+        })
+    }
+
+    /// Whether the target is a lookup-table scheme.
+    pub fn is_lut(self) -> bool {
+        matches!(self, QuantTarget::Lut(_))
+    }
+}
+
+impl fmt::Display for QuantTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for QuantTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        QuantTarget::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = QuantTarget::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown --quant '{s}' (supported: {})", names.join(", "))
+            })
+    }
+}
+
+/// What a conversion writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// A kiln package folder.
+    #[default]
+    Kiln,
+    /// A GGUF file (ggml types only).
+    Gguf,
+    /// A Hugging Face folder: `config.json`, `model.safetensors` (float types only).
+    Safetensors,
+}
+
+impl OutputFormat {
+    /// The `--to` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Kiln => "kiln",
+            OutputFormat::Gguf => "gguf",
+            OutputFormat::Safetensors => "safetensors",
+        }
+    }
+}
+
+impl FromStr for OutputFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            OutputFormat::Kiln,
+            OutputFormat::Gguf,
+            OutputFormat::Safetensors,
+        ]
+        .into_iter()
+        .find(|t| t.name() == s)
+        .ok_or_else(|| format!("unknown --to '{s}' (supported: kiln, gguf, safetensors)"))
+    }
+}
+
+/// The tensors kept at source precision unless the caller names others.
+pub const DEFAULT_KEEP: [&str; 2] = ["token_embd.weight", "output.weight"];
+
+/// Settings of a conversion.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// The weight format to store.
+    pub quant: QuantTarget,
+    /// Tensors never stored below their source precision (besides 1-D vectors).
+    pub keep: Vec<String>,
+    /// The shard size cap in bytes (kiln packages).
+    pub max_shard_bytes: u64,
+    /// Output channels per lookup table; `None`: one table per tensor.
+    pub lut_group_channels: Option<u32>,
+    /// How lookup tables are learned.
+    pub lut: LutOptions,
+    /// What to write.
+    pub to: OutputFormat,
+    /// Apply the fp16 range fix ([`crate::fp16_fix`]), calibrated on
+    /// [`crate::validate::DEFAULT_PROMPTS`] (kiln packages only).
+    pub fp16_safe: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            quant: QuantTarget::Keep,
+            keep: DEFAULT_KEEP.iter().map(|s| s.to_string()).collect(),
+            max_shard_bytes: kiln_format::package::DEFAULT_MAX_SHARD_BYTES,
+            lut_group_channels: None,
+            lut: LutOptions::default(),
+            to: OutputFormat::Kiln,
+            fp16_safe: false,
+        }
+    }
+}
+
+impl ConvertOptions {
+    /// The `quant` setting as manifests record it: the target name, with the table group
+    /// for lookup tables (`lut4-g16`).
+    pub fn quant_label(&self) -> String {
+        match (self.quant, self.lut_group_channels) {
+            (QuantTarget::Lut(_), Some(g)) => format!("{}-g{g}", self.quant.name()),
+            _ => self.quant.name().to_string(),
+        }
+    }
+}
+
+/// What happened to one tensor.
+#[derive(Clone, Debug)]
+pub struct TensorOutcome {
+    /// Canonical name.
+    pub name: String,
+    /// Shape in ggml order.
+    pub shape: Vec<u64>,
+    /// The source's format.
+    pub from: TensorFormat,
+    /// The stored format.
+    pub to: TensorFormat,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// Reconstruction quality against the source values, when the format changed.
+    pub quality: Option<TensorQuality>,
+    /// Why a tensor was left in its source format although the target differs.
+    pub kept_because: Option<String>,
+}
+
+/// The result of a conversion.
+pub struct ConvertReport {
+    /// The manifest written (kiln packages only).
+    pub manifest: Option<Manifest>,
+    /// Per tensor, in write order.
+    pub tensors: Vec<TensorOutcome>,
+    /// Files written (shards, or the GGUF file, or the folder's files).
+    pub files: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Things the output leaves out that a reader may expect (e.g. no tokenizer).
+    pub notes: Vec<String>,
+    /// The fp16 range fix applied, with `fp16_safe`.
+    pub fp16: Option<Fp16Fix>,
+}
+
+fn is_vector(dims: &[u64]) -> bool {
+    dims.iter().filter(|&&d| d != 1).count() <= 1
+}
+
+/// Bits per weight of `format` for a tensor of `dims`.
+fn bits_per_weight(format: TensorFormat, dims: &[u64]) -> Option<f64> {
+    let n: u64 = dims.iter().product();
+    Some(format.data_length(dims)? as f64 * 8.0 / n as f64)
+}
+
+/// The source model, opened.
+pub(crate) struct Source {
+    config: crate::config::ModelConfig,
+    tensors: Box<dyn TensorSource>,
+    format: &'static str,
+    hashes: Vec<FileHash>,
+    tokenizer: Value,
+    chat_template: Option<String>,
+    /// Hugging Face tokenizer files to carry over: (name, contents).
+    files: Vec<(String, Vec<u8>)>,
+    /// The GGUF file, for a GGUF source (its metadata is carried into GGUF output).
+    gguf: Option<Arc<GgufFile>>,
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    )
+}
+
+fn open_source(src: &Path) -> Result<Source, ModelError> {
+    if package::is_package(src) {
+        return Err(ModelError::unsupported(
+            src,
+            "converting from a kiln package is not supported; convert the original GGUF file or \
+             Hugging Face folder",
+        ));
+    }
+    if src.is_dir() {
+        let (json, config_path) = hf::read_config(src)?;
+        let config = hf::config_from_json(&json, &config_path)?;
+        let tied = hf::tie_word_embeddings(&json, &config, &config_path)?;
+        let weights = ShardedSafetensors::open_dir(src)?;
+        let mut hashes = Vec::new();
+        for f in weights.files() {
+            hashes.push(FileHash {
+                file: file_name(f.path()),
+                sha256: sha256_file(f.path())?,
+            });
+        }
+        let tensors = hf::HfSource::new(src, &weights, &config, tied)?;
+        let mut files = Vec::new();
+        for name in package::HF_TOKENIZER_FILES {
+            let path = src.join(name);
+            if path.is_file() {
+                let bytes =
+                    std::fs::read(&path).map_err(|e| ModelError::bad(&path, e.to_string()))?;
+                files.push((name.to_string(), bytes));
+            }
+        }
+        let (tokenizer, chat_template) = if src.join(hf::TOKENIZER_FILE).is_file() {
+            let tok = kiln_tokenizer::Tokenizer::from_hf(src)
+                .map_err(|e| ModelError::bad(src, format!("tokenizer: {e}")))?;
+            let names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+            (
+                package::hf_tokenizer_value(&names),
+                tok.chat_template().map(str::to_string),
+            )
+        } else {
+            files.clear();
+            (Value::Null, None)
+        };
+        return Ok(Source {
+            config,
+            tensors: Box::new(tensors),
+            format: "hf",
+            hashes,
+            tokenizer,
+            chat_template,
+            files,
+            gguf: None,
+        });
+    }
+    hf::refuse_weights_file(src)?;
+    let file = Arc::new(GgufFile::open(src)?);
+    let config = arch::config_from_gguf(&file)?;
+    let hashes = vec![FileHash {
+        file: file_name(src),
+        sha256: sha256_file(src)?,
+    }];
+    // A GGUF without tokenizer metadata still converts; the package then runs on token ids.
+    let (tokenizer, chat_template) = match TokenizerSpec::from_gguf(&file) {
+        Ok(spec) => (
+            package::gguf_tokenizer_value(&spec),
+            spec.chat_template.clone(),
+        ),
+        Err(kiln_tokenizer::TokenizerError::MissingKey(_)) => (Value::Null, None),
+        Err(e) => return Err(ModelError::bad(src, format!("tokenizer: {e}"))),
+    };
+    Ok(Source {
+        config,
+        tensors: Box::new(GgufSource(Arc::clone(&file))),
+        format: "gguf",
+        hashes,
+        tokenizer,
+        chat_template,
+        files: Vec::new(),
+        gguf: Some(file),
+    })
+}
+
+/// Converts the model at `src` (GGUF file or Hugging Face folder) into `options.to` at `out`.
+/// `on_tensor` is called after each tensor is converted, with its outcome and the count done
+/// and total. Nothing appears at `out` unless the whole conversion succeeds.
+pub fn convert(
+    src: &Path,
+    out: &Path,
+    options: &ConvertOptions,
+    on_tensor: &mut dyn FnMut(&TensorOutcome, usize, usize),
+) -> Result<ConvertReport, ModelError> {
+    if options.lut_group_channels == Some(0) {
+        return Err(ModelError::Request(
+            "--lut-group-channels must be at least 1".into(),
+        ));
+    }
+    let source = open_source(src)?;
+    // Refuse what the runtime could not run before spending time on it.
+    Model::from_source(source.config.clone(), source.tensors.as_ref())?;
+    if options.fp16_safe && options.to != OutputFormat::Kiln {
+        return Err(ModelError::Request(format!(
+            "--fp16-safe writes kiln packages (the fix lives in the package's model \
+             description), not --to {}",
+            options.to.name()
+        )));
+    }
+    match options.to {
+        OutputFormat::Kiln => to_package(src, out, &source, options, on_tensor),
+        OutputFormat::Gguf => gguf_out::write(src, out, &source, options, on_tensor),
+        OutputFormat::Safetensors => hf_out::write(src, out, &source, options, on_tensor),
+    }
+}
+
+fn to_package(
+    src: &Path,
+    out: &Path,
+    source: &Source,
+    options: &ConvertOptions,
+    on_tensor: &mut dyn FnMut(&TensorOutcome, usize, usize),
+) -> Result<ConvertReport, ModelError> {
+    let safe = if options.fp16_safe {
+        Some(make_fp16_safe(src, source)?)
+    } else {
+        None
+    };
+    let (config, tensors): (&crate::config::ModelConfig, &dyn TensorSource) = match &safe {
+        Some(safe) => (&safe.config, &safe.source),
+        None => (&source.config, source.tensors.as_ref()),
+    };
+    let config_json = serde_json::to_value(config)
+        .map_err(|e| ModelError::bad(src, format!("cannot describe the model: {e}")))?;
+    let fp16 = safe.as_ref().map(|s| s.fix.clone());
+    let fp16_json = match &fp16 {
+        Some(fix) => Some(
+            serde_json::to_value(fix)
+                .map_err(|e| ModelError::bad(src, format!("cannot describe the fp16 fix: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut writer = PackageWriter::create(out, options.max_shard_bytes)?;
+    for (name, bytes) in &source.files {
+        writer.add_file(name, bytes)?;
+    }
+    let names = tensors.names();
+    let mut outcomes = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let stored = convert_tensor(tensors, name, options)?;
+        writer.add_tensor(
+            name,
+            &stored.outcome.shape,
+            stored.outcome.to,
+            stored.bytes(),
+            stored.outcome.quality.clone(),
+        )?;
+        on_tensor(&stored.outcome, i + 1, names.len());
+        outcomes.push(stored.outcome);
+    }
+    let manifest = Manifest {
+        format: String::new(),
+        format_version: 0,
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        architecture: config.architecture.clone(),
+        config: config_json,
+        tokenizer: source.tokenizer.clone(),
+        chat_template: source.chat_template.clone(),
+        source: SourceInfo {
+            path: src.display().to_string(),
+            format: source.format.to_string(),
+            sha256: source.hashes.clone(),
+        },
+        conversion: Conversion {
+            quant: options.quant_label(),
+            keep: options.keep.clone(),
+            max_shard_bytes: options.max_shard_bytes,
+            fp16: fp16_json,
+        },
+        alignment: 0,
+        shards: Vec::new(),
+        files: Vec::new(),
+        tensors: Vec::new(),
+    };
+    let manifest = writer.finish(manifest)?;
+    Ok(ConvertReport {
+        files: manifest.shards.len(),
+        bytes: manifest.shards.iter().map(|s| s.size).sum(),
+        manifest: Some(manifest),
+        tensors: outcomes,
+        notes: Vec::new(),
+        fp16,
+    })
+}
+
+/// Calibrates the fp16 fix on the built-in prompts, tokenized by the source's own tokenizer.
+fn make_fp16_safe<'a>(
+    src: &Path,
+    source: &'a Source,
+) -> Result<fp16_fix::SafeModel<'a>, ModelError> {
+    let no_tokenizer = || {
+        ModelError::Request(format!(
+            "{}: --fp16-safe calibrates on text prompts, but the model has no tokenizer",
+            src.display()
+        ))
+    };
+    let tokenizer = match source.format {
+        "hf" if src.join(hf::TOKENIZER_FILE).is_file() => kiln_tokenizer::Tokenizer::from_hf(src),
+        "gguf" if !source.tokenizer.is_null() => {
+            kiln_tokenizer::Tokenizer::from_gguf(&GgufFile::open(src)?)
+        }
+        _ => return Err(no_tokenizer()),
+    }
+    .map_err(|e| ModelError::bad(src, format!("tokenizer: {e}")))?;
+    let prompts = crate::validate::DEFAULT_PROMPTS
+        .iter()
+        .map(|p| tokenizer.encode(p, true, true))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ModelError::bad(src, format!("tokenizer: {e}")))?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = crate::pool::ThreadPool::new(threads);
+    fp16_fix::make_safe(&source.config, source.tensors.as_ref(), &pool, &prompts)
+}
+
+/// One converted tensor: what happened, and the bytes to store.
+pub(crate) struct StoredTensor {
+    pub(crate) outcome: TensorOutcome,
+    data: StoredData,
+}
+
+/// Where a converted tensor's bytes are.
+enum StoredData {
+    /// Unchanged: in the source's storage.
+    Source(crate::weights::TensorRef),
+    /// Newly encoded.
+    Owned(Vec<u8>),
+}
+
+impl StoredTensor {
+    /// The bytes to store.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match &self.data {
+            // Checked by `tensor_data` when the tensor was converted.
+            StoredData::Source(t) => t.data().expect("tensor data checked"),
+            StoredData::Owned(v) => v,
+        }
+    }
+
+    /// The bytes to store, owned.
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        match self.data {
+            StoredData::Source(t) => t.data().expect("tensor data checked").to_vec(),
+            StoredData::Owned(v) => v,
+        }
+    }
+}
+
+/// The format `name` is stored in, and why it stays in its source format when it does.
+fn target_format(
+    name: &str,
+    dims: &[u64],
+    from: TensorFormat,
+    options: &ConvertOptions,
+) -> (TensorFormat, Option<String>) {
+    let Some(target) = options.quant.format(options.lut_group_channels) else {
+        return (from, None);
+    };
+    if target == from {
+        return (from, None);
+    }
+    if is_vector(dims) && target.kiln().is_some() {
+        // Norms and biases are read as f32 vectors; the kiln formats are for matrices.
+        return (from, Some("vectors stay in ggml types".into()));
+    }
+    let protected = is_vector(dims) || options.keep.iter().any(|k| k == name);
+    let bits = |f| bits_per_weight(f, dims).unwrap_or(f64::INFINITY);
+    if target.data_length(dims).is_none() {
+        let why = match target {
+            TensorFormat::Kiln(KilnType::Lut { group: Some(g), .. }) => format!(
+                "shape does not fit {target} (rows must be a multiple of 32 elements and {g} \
+                 must divide the {} rows)",
+                dims[1..].iter().product::<u64>()
+            ),
+            _ => format!("row length is not a whole number of {target} blocks"),
+        };
+        return (from, Some(why));
+    }
+    if protected && bits(target) < bits(from) {
+        return (from, Some("kept at source precision".into()));
+    }
+    (target, None)
+}
+
+/// Converts one tensor of `source` as `options` asks.
+pub(crate) fn convert_tensor(
+    source: &dyn TensorSource,
+    name: &str,
+    options: &ConvertOptions,
+) -> Result<StoredTensor, ModelError> {
+    let t = crate::weights::require(source, name)?;
+    let data = crate::weights::tensor_data(source, name, &t)?;
+    let (target, kept_because) = target_format(name, &t.dims, t.format, options);
+    let mut outcome = TensorOutcome {
+        name: name.to_string(),
+        shape: t.dims.clone(),
+        from: t.format,
+        to: target,
+        bytes: data.len() as u64,
+        quality: None,
+        kept_because,
+    };
+    if target == t.format {
+        return Ok(StoredTensor {
+            outcome,
+            data: StoredData::Source(t),
+        });
+    }
+    let bad = |e: String| ModelError::bad(source.origin(), format!("tensor '{name}': {e}"));
+    let values = dequantized(source, name, t.format, data, t.n_elements())?;
+    let cols = t.dims[0] as usize;
+    let rows = values.len() / cols;
+    let stored = match target {
+        TensorFormat::Ggml(GgmlType::Q4_0) => quantize_q4_0_searched(&values),
+        TensorFormat::Ggml(ty) => ggml::quantize(ty, &values).map_err(|e| bad(e.to_string()))?,
+        TensorFormat::Kiln(KilnType::I8Ch) => {
+            kiln_types::encode_i8_channel(&values, rows, cols).map_err(|e| bad(e.to_string()))?
+        }
+        TensorFormat::Kiln(KilnType::I4B64) => {
+            kiln_types::encode_i4_b64(&values, rows, cols).map_err(|e| bad(e.to_string()))?
+        }
+        TensorFormat::Kiln(ty @ KilnType::Lut { .. }) => {
+            kiln_types::encode_lut(ty, &values, rows, cols, options.lut)
+                .map_err(|e| bad(e.to_string()))?
+        }
+    };
+    let back = reconstruct(target, &stored, rows, cols).map_err(bad)?;
+    let snr = snr_db(&values, &back);
+    outcome.quality = Some(TensorQuality {
+        scheme: options.quant_label(),
+        snr_db: snr.is_finite().then_some(snr),
+        cosine: cosine(&values, &back),
+    });
+    outcome.bytes = stored.len() as u64;
+    Ok(StoredTensor {
+        outcome,
+        data: StoredData::Owned(stored),
+    })
+}
+
+/// The values `stored` (a `rows` × `cols` tensor in `format`) holds.
+fn reconstruct(
+    format: TensorFormat,
+    stored: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>, String> {
+    let mut back = vec![0.0f32; rows * cols];
+    match format {
+        TensorFormat::Ggml(ty) => {
+            ggml::dequantize(ty, stored, &mut back).map_err(|e| e.to_string())?
+        }
+        TensorFormat::Kiln(ty) => {
+            for (r, row) in back.chunks_exact_mut(cols).enumerate() {
+                kiln_types::dequantize_row(ty, stored, rows, cols, r, row);
+            }
+        }
+    }
+    Ok(back)
+}
+
+fn dequantized(
+    source: &dyn TensorSource,
+    name: &str,
+    format: TensorFormat,
+    data: &[u8],
+    n: u64,
+) -> Result<Vec<f32>, ModelError> {
+    let n = usize::try_from(n)
+        .map_err(|_| ModelError::bad(source.origin(), format!("tensor '{name}' is too large")))?;
+    let TensorFormat::Ggml(format) = format else {
+        return Err(ModelError::unsupported(
+            source.origin(),
+            format!("tensor '{name}' is stored as {format}, which conversion does not read"),
+        ));
+    };
+    let mut out = vec![0.0f32; n];
+    ggml::dequantize(format, data, &mut out)
+        .map_err(|e| ModelError::bad(source.origin(), format!("tensor '{name}': {e}")))?;
+    Ok(out)
+}
+
+/// Elements per Q4_0 block.
+const Q4_BLOCK: usize = 32;
+/// Bytes per Q4_0 block: an f16 scale and 16 bytes of nibbles.
+const Q4_BLOCK_BYTES: usize = 2 + Q4_BLOCK / 2;
+
+/// Symmetric int4 in blocks of 32 as ggml `Q4_0` blocks (`w = d * (q - 8)`), each block's
+/// scale `d` searched for the least squared reconstruction error
+/// ([`kiln_types::quantize_int4_searched`]). `values.len()` must be a multiple of 32.
+pub fn quantize_q4_0_searched(values: &[f32]) -> Vec<u8> {
+    let blocks = values.len() / Q4_BLOCK;
+    let mut out = vec![0u8; blocks * Q4_BLOCK_BYTES];
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(blocks.max(1));
+    let per_thread = blocks.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (src, dst) in values
+            .chunks(per_thread * Q4_BLOCK)
+            .zip(out.chunks_mut(per_thread * Q4_BLOCK_BYTES))
+        {
+            scope.spawn(move || {
+                for (x, y) in src
+                    .chunks_exact(Q4_BLOCK)
+                    .zip(dst.chunks_exact_mut(Q4_BLOCK_BYTES))
+                {
+                    let mut codes = [8u8; Q4_BLOCK];
+                    let d = kiln_types::quantize_int4_searched(x, &mut codes);
+                    y[..2].copy_from_slice(&ggml::f32_to_f16(d).to_le_bytes());
+                    for j in 0..Q4_BLOCK / 2 {
+                        y[2 + j] = codes[j] | (codes[j + Q4_BLOCK / 2] << 4);
+                    }
+                }
+            });
+        }
+    });
+    out
+}
