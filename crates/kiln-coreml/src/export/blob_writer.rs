@@ -23,6 +23,12 @@ pub enum BlobType {
     U8,
     /// Signed bytes (code 4).
     I8,
+    /// Signed 4-bit integers, two per byte, low nibble first (code 8).
+    I4,
+    /// Unsigned 4-bit integers (code 11).
+    U4,
+    /// Unsigned 6-bit integers, least significant bit first (code 13).
+    U6,
 }
 
 impl BlobType {
@@ -32,6 +38,20 @@ impl BlobType {
             BlobType::F32 => 2,
             BlobType::U8 => 3,
             BlobType::I8 => 4,
+            BlobType::I4 => 8,
+            BlobType::U4 => 11,
+            BlobType::U6 => 13,
+        }
+    }
+
+    /// Bits per element.
+    pub fn bits(self) -> usize {
+        match self {
+            BlobType::F16 => 16,
+            BlobType::F32 => 32,
+            BlobType::U8 | BlobType::I8 => 8,
+            BlobType::I4 | BlobType::U4 => 4,
+            BlobType::U6 => 6,
         }
     }
 }
@@ -72,6 +92,26 @@ impl BlobWriter {
     /// Appends one blob of raw little-endian element bytes and returns the offset of its
     /// metadata record (what a program's `BlobFileValue.offset` holds).
     pub fn append(&mut self, ty: BlobType, data: &[u8]) -> Result<u64, ExportError> {
+        let elements = data.len() * 8 / ty.bits();
+        self.append_packed(ty, data, elements)
+    }
+
+    /// Appends `elements` values of a (possibly sub-byte) type packed into `data`, least
+    /// significant bit first; the bits left over in the last byte are recorded as padding.
+    pub fn append_packed(
+        &mut self,
+        ty: BlobType,
+        data: &[u8],
+        elements: usize,
+    ) -> Result<u64, ExportError> {
+        let bits = elements * ty.bits();
+        if bits.div_ceil(8) != data.len() {
+            return Err(ExportError::Build(format!(
+                "{elements} elements of {} bits do not fill {} bytes",
+                ty.bits(),
+                data.len()
+            )));
+        }
         if self.count == u32::MAX {
             return Err(ExportError::Invalid(
                 "a weight file holds at most 2^32 - 1 blobs".into(),
@@ -85,7 +125,7 @@ impl BlobWriter {
         meta[4..8].copy_from_slice(&ty.code().to_le_bytes());
         meta[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
         meta[16..24].copy_from_slice(&data_at.to_le_bytes());
-        // Whole-byte types never carry padding bits; bytes 24..32 stay zero.
+        meta[24..32].copy_from_slice(&((data.len() * 8 - bits) as u64).to_le_bytes());
         self.write(&meta)?;
         self.write(data)?;
         let pad = (BLOB_ALIGNMENT - self.len % BLOB_ALIGNMENT) % BLOB_ALIGNMENT;

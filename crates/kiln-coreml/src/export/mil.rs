@@ -10,7 +10,7 @@
 //! thread a `Result` through every op, the builder records the first one and
 //! [`ProgramBuilder::finish`] returns it.
 
-use super::blob_writer::BlobWriter;
+use super::blob_writer::{BlobType, BlobWriter};
 use super::ExportError;
 use crate::proto::{self, DataType};
 use std::collections::{HashMap, HashSet};
@@ -61,12 +61,15 @@ pub enum InputDim {
     Range(usize, usize),
 }
 
-/// An op input: one variable, or several (`concat`'s `values`).
+/// An op input: one variable, several (`concat`'s `values`), or a value written into the op
+/// itself (how coremltools passes the constant inputs of `constexpr_*` ops).
 pub enum Arg<'a> {
     /// A single variable.
     One(&'a Var),
     /// A list of variables.
     Many(Vec<&'a Var>),
+    /// An inline value.
+    Value(proto::Value),
 }
 
 /// Builds one function (`main`) of an ML Program, and the model description around it.
@@ -266,6 +269,12 @@ impl ProgramBuilder {
                 let names: Vec<&Var> = match a {
                     Arg::One(v) => vec![v],
                     Arg::Many(vs) => vs.clone(),
+                    Arg::Value(v) => {
+                        let arguments = vec![proto::Binding {
+                            binding: Some(proto::BindingKind::Value(v.clone())),
+                        }];
+                        return (k.to_string(), proto::Argument { arguments });
+                    }
                 };
                 let arguments = names
                     .into_iter()
@@ -454,6 +463,61 @@ impl ProgramBuilder {
             })),
         };
         self.constant(hint, dtype, shape, val)
+    }
+
+    /// Writes `data` (`elements` values of `ty`, packed) to the weight file and returns the
+    /// value referring to it, typed `dtype` of `shape`: the input of a `constexpr_*` op.
+    pub fn blob_value(
+        &mut self,
+        hint: &str,
+        ty: BlobType,
+        dtype: DataType,
+        shape: &[usize],
+        data: &[u8],
+    ) -> proto::Value {
+        let elements: usize = shape.iter().product();
+        let offset = match self.weights.as_mut() {
+            None => Err(ExportError::Invalid(format!(
+                "weight {hint}: the program has no weight file"
+            ))),
+            Some(w) => w.append_packed(ty, data, elements),
+        };
+        let offset = offset.unwrap_or_else(|e| {
+            self.fail(format!("weight {hint}: {e}"));
+            0
+        });
+        let fixed: Vec<Option<usize>> = shape.iter().map(|&d| Some(d)).collect();
+        proto::Value {
+            doc_string: String::new(),
+            r#type: Some(tensor_type(dtype, &fixed)),
+            value: Some(proto::ValueKind::BlobFileValue(proto::BlobFileValue {
+                file_name: WEIGHT_FILE.to_string(),
+                offset,
+            })),
+        }
+    }
+
+    /// A `constexpr_*` op (weights decompressed when the model loads) whose inputs are
+    /// inline values, with one output of `dtype` and `shape`.
+    pub fn constexpr(
+        &mut self,
+        op_type: &str,
+        hint: &str,
+        inputs: Vec<(&str, proto::Value)>,
+        dtype: DataType,
+        shape: &[usize],
+    ) -> Var {
+        let args: Vec<(&str, Arg)> = inputs
+            .into_iter()
+            .map(|(k, v)| (k, Arg::Value(v)))
+            .collect();
+        self.op(
+            op_type,
+            hint,
+            &args,
+            dtype,
+            shape.iter().map(|&d| Some(d)).collect(),
+        )
     }
 
     // -----------------------------------------------------------------------------------------
@@ -801,6 +865,76 @@ impl ProgramBuilder {
             &[("x", Arg::One(x)), ("axis", Arg::One(&ax))],
             x.dtype,
             x.shape.clone(),
+        )
+    }
+
+    /// `x >= y` element-wise (numpy broadcasting), a bool tensor.
+    pub fn greater_equal(&mut self, hint: &str, x: &Var, y: &Var) -> Var {
+        if x.dtype != y.dtype {
+            self.fail(format!("greater_equal {hint}: operand types differ"));
+        }
+        let shape = self.broadcast(hint, x, y);
+        self.op(
+            "greater_equal",
+            hint,
+            &[("x", Arg::One(x)), ("y", Arg::One(y))],
+            DataType::Bool,
+            shape,
+        )
+    }
+
+    /// `a` where `cond` holds, else `b` (numpy broadcasting of all three).
+    pub fn select(&mut self, hint: &str, cond: &Var, a: &Var, b: &Var) -> Var {
+        if a.dtype != b.dtype || cond.dtype != DataType::Bool {
+            self.fail(format!("select {hint}: operand types do not fit"));
+        }
+        let ab = self.broadcast(hint, a, b);
+        let ab = Var {
+            shape: ab,
+            ..a.clone()
+        };
+        let shape = self.broadcast(hint, cond, &ab);
+        self.op(
+            "select",
+            hint,
+            &[
+                ("cond", Arg::One(cond)),
+                ("a", Arg::One(a)),
+                ("b", Arg::One(b)),
+            ],
+            a.dtype,
+            shape,
+        )
+    }
+
+    /// GELU; `mode` is `EXACT`, `TANH_APPROXIMATION` or `SIGMOID_APPROXIMATION`.
+    pub fn gelu(&mut self, hint: &str, x: &Var, mode: &str) -> Var {
+        let m = self.string(&format!("{hint}_mode"), mode);
+        self.op(
+            "gelu",
+            hint,
+            &[("x", Arg::One(x)), ("mode", Arg::One(&m))],
+            x.dtype,
+            x.shape.clone(),
+        )
+    }
+
+    /// Index of the largest value along the last axis (int32, the axis dropped).
+    pub fn argmax_last(&mut self, hint: &str, x: &Var) -> Var {
+        let axis = self.int(&format!("{hint}_axis"), -1);
+        let keep = self.boolean(&format!("{hint}_keep_dims"), false);
+        let mut shape = x.shape.clone();
+        shape.pop();
+        self.op(
+            "reduce_argmax",
+            hint,
+            &[
+                ("x", Arg::One(x)),
+                ("axis", Arg::One(&axis)),
+                ("keep_dims", Arg::One(&keep)),
+            ],
+            DataType::Int32,
+            shape,
         )
     }
 

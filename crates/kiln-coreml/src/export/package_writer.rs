@@ -62,7 +62,7 @@ impl PackageWriter {
     /// Starts a package that will end up at `dest` (an existing package there is replaced
     /// on [`PackageWriter::commit`]; anything else there is refused now).
     pub fn create(dest: &Path) -> Result<PackageWriter, ExportError> {
-        if dest.exists() && !crate::cli_support::is_mlpackage(dest) {
+        if dest.exists() && !(dest.is_dir() && crate::cli_support::is_mlpackage(dest)) {
             return Err(ExportError::Invalid(format!(
                 "{} exists and is not a Core ML package; refusing to replace it",
                 dest.display()
