@@ -8,7 +8,9 @@
 #[path = "../../kiln-runtime/tests/tiny/mod.rs"]
 mod tiny;
 
-use kiln_coreml::export::{export_llama, export_path, ExportError, ExportOptions};
+use kiln_coreml::export::{
+    export_llama, export_path, ExportError, ExportOptions, HeadSplit, OutputKind,
+};
 use kiln_coreml::proto::{DataType, ValueTypeKind};
 use kiln_coreml::{ExecOptions, Executor, Fp16Rounding, MlPackage, Tensor};
 use kiln_format::ggml::GgmlType;
@@ -231,6 +233,36 @@ fn gguf_variants_match_the_runtime() {
                 ..base()
             },
         ),
+        // Gemma 3: 7 tokens through local layers of window 4 (the mask the program computes
+        // hides the oldest keys from the last queries) and one global layer.
+        (
+            "gemma3-window4",
+            tiny::Spec {
+                arch: "gemma3",
+                n_layers: 7,
+                n_kv_heads: 1,
+                rope_base: 1_000_000.0,
+                sliding_window: 4,
+                eps: 1e-6,
+                ..base()
+            },
+        ),
+        (
+            "gemma3-linear-rope-x8",
+            tiny::Spec {
+                arch: "gemma3",
+                n_layers: 6,
+                n_heads: 2,
+                n_kv_heads: 2,
+                head_dim: 32,
+                rope_dim: 32,
+                rope_base: 10_000.0,
+                sliding_window: 8,
+                linear_rope_factor: Some(8.0),
+                eps: 1e-6,
+                ..base()
+            },
+        ),
     ];
     for (i, (name, spec)) in variants.iter().enumerate() {
         check_against_runtime(name, spec, 20 + i as u64, REL_TOL);
@@ -361,5 +393,186 @@ fn compressed_tiny_llama_is_as_close_as_coremltools_own_packages() {
             d <= 1.5 * theirs,
             "{name}: max abs diff {d}, coremltools {theirs}"
         );
+    }
+}
+
+/// A tiny model with more layers, for the tests that cut it.
+fn four_layer_llama() -> (Model, tiny::Spec) {
+    let spec = tiny::Spec {
+        n_layers: 4,
+        ..tiny::Spec::llama()
+    };
+    let path = tiny::TinyFile::generate(&spec, 31).write("coreml-four-layers");
+    (Model::load(&path).unwrap(), spec)
+}
+
+const CALLS: [&[u32]; 3] = [&[3, 1, 4, 1, 5], &[9], &[26]];
+
+#[test]
+fn chunked_packages_chain_to_the_logits_of_one_package() {
+    let (model, spec) = four_layer_llama();
+    let whole = out_dir("whole");
+    let opts = ExportOptions {
+        context: 32,
+        query: (1, 8),
+        ..ExportOptions::default()
+    };
+    export_llama(&model, &whole, &opts).unwrap();
+    let (want, _) = run_package(&whole, &CALLS, spec.vocab);
+
+    // Each layer's weights take ~62 kB in fp16, the embedding (also the tied head) 12 kB:
+    // an 80 kB limit gives embedding + layer 0, one layer per package, layer 3 + the head.
+    let dest = out_dir("chunked");
+    let limit = 80_000;
+    let summary = export_llama(
+        &model,
+        &dest,
+        &ExportOptions {
+            max_chunk_bytes: limit,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    let layers: Vec<(usize, usize)> = summary
+        .packages
+        .iter()
+        .map(|p| (p.layers.start, p.layers.end))
+        .collect();
+    assert_eq!(layers, [(0, 1), (1, 2), (2, 3), (3, 4)], "{summary:?}");
+    assert!(summary.packages.iter().all(|p| p.weight_bytes <= limit));
+    assert!(summary.packages[0].embedding && summary.packages[3].head);
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary.sidecar).unwrap()).unwrap();
+    let listed: Vec<&str> = sidecar["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        [1, 2, 3, 4].map(|i| format!("export-chunked-part{i}.mlpackage"))
+    );
+    assert_eq!(sidecar["packages"][1]["inputs"][0], "hidden_in");
+    assert_eq!(sidecar["packages"][1]["states"][0]["shape"][0], 1);
+
+    let mut execs: Vec<Executor> = summary
+        .packages
+        .iter()
+        .map(|p| {
+            let pkg = MlPackage::open(&p.path).unwrap();
+            pkg.verify().unwrap_or_else(|e| panic!("{e}"));
+            Executor::new(&pkg).unwrap()
+        })
+        .collect();
+    let mut got = Vec::new();
+    let mut past = 0;
+    for ids in CALLS {
+        let mask = causal_mask(ids.len(), past);
+        let mut feed = HashMap::new();
+        feed.insert(
+            "input_ids".to_string(),
+            Tensor::i32(vec![1, ids.len()], ids.iter().map(|&t| t as i32).collect()).unwrap(),
+        );
+        let last = execs.len() - 1;
+        for (i, exec) in execs.iter_mut().enumerate() {
+            feed.insert("causal_mask".to_string(), mask.clone());
+            let mut out = exec.predict(&feed).unwrap_or_else(|e| panic!("{e}"));
+            feed.clear();
+            if i == last {
+                got.extend(out["logits"].to_f32_vec());
+            } else {
+                feed.insert("hidden_in".to_string(), out.remove("hidden_out").unwrap());
+            }
+        }
+        past += ids.len();
+    }
+    // The chain computes what the single package does, but hands hidden states over as fp16
+    // outputs where the single package keeps them at the executor's f32. Measured: 3.9e-4
+    // of the largest logit.
+    let d = max_abs_diff(&got, &want);
+    eprintln!(
+        "chunked: max abs diff {d:.5}, max |logit| {:.3}",
+        max_abs(&want)
+    );
+    assert!(d <= REL_TOL * max_abs(&want), "max abs diff {d}");
+
+    // A limit below one layer's weights is refused, naming the part.
+    let e = export_llama(
+        &model,
+        &out_dir("too-small"),
+        &ExportOptions {
+            max_chunk_bytes: 20_000,
+            ..opts
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("a layer alone takes"), "{e}");
+}
+
+#[test]
+fn split_lm_head_argmax_output_and_single_token_calls() {
+    let (model, spec) = four_layer_llama();
+    let opts = ExportOptions {
+        context: 32,
+        query: (1, 8),
+        ..ExportOptions::default()
+    };
+    let whole = out_dir("head-whole");
+    export_llama(&model, &whole, &opts).unwrap();
+    let (want, _) = run_package(&whole, &CALLS, spec.vocab);
+
+    // Three pieces of 32 rows, concatenated: the same products.
+    let split = out_dir("head-split");
+    let summary = export_llama(
+        &model,
+        &split,
+        &ExportOptions {
+            lm_head_split: HeadSplit::Pieces(3),
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(summary.head_pieces, 3);
+    let (got, _) = run_package(&split, &CALLS, spec.vocab);
+    assert!(got == want, "max abs diff {}", max_abs_diff(&got, &want));
+
+    // One token per call, next_token out: the arg max of the logits above, row by row.
+    let argmax_pkg = out_dir("argmax-q1");
+    export_llama(
+        &model,
+        &argmax_pkg,
+        &ExportOptions {
+            query: (1, 1),
+            output: OutputKind::Argmax,
+            ..opts
+        },
+    )
+    .unwrap();
+    let pkg = MlPackage::open(&argmax_pkg).unwrap();
+    pkg.verify().unwrap_or_else(|e| panic!("{e}"));
+    let d = pkg.description();
+    assert_eq!(d.outputs[0].name, "next_token");
+    match &d.inputs[0].ty {
+        kiln_coreml::FeatureType::Array(a) => {
+            assert_eq!(a.shape, vec![1, 1]);
+            assert!(a.accepts(&[1, 1]) && !a.accepts(&[1, 2]), "{a:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut exec = Executor::new(&pkg).unwrap();
+    let tokens: Vec<u32> = CALLS.concat();
+    for (pos, &t) in tokens.iter().enumerate() {
+        let mut feed = HashMap::new();
+        feed.insert(
+            "input_ids".to_string(),
+            Tensor::i32(vec![1, 1], vec![t as i32]).unwrap(),
+        );
+        feed.insert("causal_mask".to_string(), causal_mask(1, pos));
+        let out = exec.predict(&feed).unwrap_or_else(|e| panic!("{e}"));
+        let next = out["next_token"].to_f32_vec();
+        let row = &want[pos * spec.vocab..(pos + 1) * spec.vocab];
+        let best = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+        assert_eq!(next, [best as f32], "position {pos}");
     }
 }

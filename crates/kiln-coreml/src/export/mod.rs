@@ -340,7 +340,7 @@ fn plan_chunks(
     let shared = model.tied_embeddings && pieces == 1;
     let total: u64 = embed + layers.iter().sum::<u64>() + if shared { 0 } else { head };
     let max = opts.max_chunk_bytes;
-    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    let mb = |b: u64| format!("{:.3} MB", b as f64 / 1e6);
     if total <= max {
         return Ok(vec![ChunkSpec {
             layers: 0..c.n_layers,
