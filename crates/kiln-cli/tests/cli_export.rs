@@ -104,6 +104,66 @@ fn smollm2_export_predicts_the_reference_next_token() {
     );
     // Measured: cosine 0.999999, max abs diff 0.020 (fp16 weights and activations).
     assert!(cos >= 0.9999, "cosine {cos}");
+
+    // The sidecar and the metadata carry what a runtime needs.
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("kiln.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["context"], 64);
+    assert_eq!(
+        sidecar["lm_head_pieces"], 3,
+        "49152 rows in pieces of 16384"
+    );
+    assert_eq!(sidecar["packages"][0]["path"], "smollm2.mlpackage");
+    assert_eq!(
+        sidecar["packages"][0]["states"][0]["shape"],
+        serde_json::json!([30, 1, 3, 64, 64])
+    );
+    let sha = reference["model_sha256"].as_str().unwrap();
+    assert_eq!(sidecar["source"]["sha256"], sha);
+    assert_eq!(sidecar["special_tokens"]["eos"], 2);
+    let pkg_desc = kiln_coreml::MlPackage::open(&pkg)
+        .unwrap()
+        .description()
+        .clone();
+    let meta = &pkg_desc.metadata;
+    assert_eq!(meta["kiln.source_sha256"], sha);
+    assert_eq!(meta["kiln.version"], env!("CARGO_PKG_VERSION"));
+    assert!(meta["kiln.chat_template"].contains("im_start"));
+    let tokenizer: serde_json::Value = serde_json::from_str(&meta["kiln.tokenizer_json"]).unwrap();
+    assert_eq!(tokenizer["model"]["type"], "BPE");
+
+    // int8 weights, arg max out: the reference's next token.
+    let q8 = dir.join("q8").join("smollm2-int8.mlpackage");
+    kiln_ok(&[
+        "export",
+        "coreml",
+        s(&model),
+        "-o",
+        s(&q8),
+        "--context",
+        "64",
+        "--query-len",
+        "1-8",
+        "--quant",
+        "int8-channel",
+        "--output",
+        "argmax",
+    ]);
+    let out_dir = dir.join("out-q8");
+    kiln_ok(&[
+        "predict",
+        s(&q8),
+        "--calls",
+        s(&calls),
+        "--out",
+        s(&out_dir),
+    ]);
+    let next = read_f32(&out_dir.join("call0.next_token.f32"));
+    assert_eq!(next.len(), ids.len());
+    assert_eq!(
+        next[ids.len() - 1] as u64,
+        case["last_top10_ids"][0].as_u64().unwrap()
+    );
 }
 
 #[test]
@@ -114,7 +174,18 @@ fn export_refuses_bad_requests_with_exit_2() {
     for args in [
         vec!["--context", "0"],
         vec!["--context", "16", "--max-query", "32"],
+        vec!["--context", "16", "--query-len", "4-2"],
+        vec!["--query-len", "0"],
+        vec!["--query-len", "one"],
         vec!["--context", "100000"],
+        vec!["--quant", "int3"],
+        vec!["--quant", "int8-channel", "--lut-group-channels", "16"],
+        vec!["--quant", "lut4", "--lut-group-channels", "7"],
+        vec!["--lm-head-split", "0"],
+        vec!["--max-chunk-mb", "0"],
+        vec!["--max-chunk-mb", "0.01"],
+        vec!["--output", "probabilities"],
+        vec!["--precision", "bf16"],
     ] {
         let mut all = vec!["export", "coreml", s(&hf), "-o", s(&pkg)];
         all.extend(args.iter().copied());
