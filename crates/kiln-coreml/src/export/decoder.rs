@@ -20,6 +20,12 @@
 //! rsqrt run in fp32: the residual stream of real models reaches values whose squares
 //! overflow fp16. Rotary angles are computed in fp32 in both modes; positions times
 //! frequencies lose too much in fp16 beyond a few hundred positions.
+//!
+//! Models whose sub-blocks end in a norm (Gemma 3) carry their residual stream scaled by
+//! [`residual_scale`]: Gemma 3 270M's reaches ~105000, beyond fp16's 65504. Only the
+//! embedding scale and the post-norm weights change; the norms that read the stream are
+//! scale-invariant once their epsilon is scaled by the square (exact), so the logits are
+//! those of the unscaled model. `hidden_in` / `hidden_out` carry the scaled stream.
 
 use super::mil::{InputDim, ProgramBuilder, Var};
 use super::weights::{self, WeightFormat};
@@ -203,6 +209,21 @@ pub fn part_bytes(model: &Model, format: WeightFormat, head_pieces: usize) -> (u
     (embed, layers, head)
 }
 
+/// The factor the residual stream is carried at: 1/16 when every layer ends both sub-blocks
+/// in a norm (so every addition to the stream can be scaled through that norm's weight),
+/// else 1. A power of two, so the scaling itself is exact in fp16.
+pub fn residual_scale(model: &Model) -> f32 {
+    let post = model
+        .layers
+        .iter()
+        .all(|l| l.post_attn_norm.is_some() && l.post_ffn_norm.is_some());
+    if post {
+        1.0 / 16.0
+    } else {
+        1.0
+    }
+}
+
 /// Per distinct rotary setting, the fp16 `cos` and `sin` of this call's positions.
 struct RopeTables {
     tables: Vec<((u32, u32), Var, Var)>,
@@ -282,8 +303,9 @@ pub fn build(
             &dense(&model.token_embd),
         )?;
         x = b.gather("embeddings", &embed, &x, 0);
-        if let Some(s) = c.embedding_scale {
-            let s = b.scalar("embedding_scale", F16, s);
+        let scale = c.embedding_scale.unwrap_or(1.0) * residual_scale(model);
+        if scale != 1.0 {
+            let s = b.scalar("embedding_scale", F16, scale);
             x = b.mul("embeddings_scaled", &x, &s);
         }
         embed_var = Some(embed);
@@ -540,7 +562,19 @@ fn layer(
     let eps = c.rms_eps;
     let interleaved = c.rope_style == RopeStyle::Interleaved;
     let p = format!("layer{l}");
-    let h = rms_norm(b, prec, eps, &format!("{p}_attn_norm"), x, &lw.attn_norm);
+    // The norms reading the (scaled) residual stream see its epsilon scaled alike; the post
+    // norms write into the stream at its scale.
+    let rs = residual_scale(model);
+    let stream_eps = eps * rs * rs;
+    let into_stream = |w: &[f32]| -> Vec<f32> { w.iter().map(|v| v * rs).collect() };
+    let h = rms_norm(
+        b,
+        prec,
+        stream_eps,
+        &format!("{p}_attn_norm"),
+        x,
+        &lw.attn_norm,
+    );
 
     let (mut wq, mut wk) = (dense(&lw.wq), dense(&lw.wk));
     let (mut bq, mut bk) = (lw.bq.clone(), lw.bk.clone());
@@ -686,11 +720,25 @@ fn layer(
     let bo = bias(b, &format!("{p}_o_proj"), &lw.bo);
     let mut o = b.linear(&format!("{p}_attn_out"), &o, &wo, bo.as_ref());
     if let Some(pn) = &lw.post_attn_norm {
-        o = rms_norm(b, prec, eps, &format!("{p}_post_attn_norm"), &o, pn);
+        o = rms_norm(
+            b,
+            prec,
+            eps,
+            &format!("{p}_post_attn_norm"),
+            &o,
+            &into_stream(pn),
+        );
     }
     let x = b.add(&format!("{p}_attn_residual"), x, &o);
 
-    let h = rms_norm(b, prec, eps, &format!("{p}_ffn_norm"), &x, &lw.ffn_norm);
+    let h = rms_norm(
+        b,
+        prec,
+        stream_eps,
+        &format!("{p}_ffn_norm"),
+        &x,
+        &lw.ffn_norm,
+    );
     let proj = |b: &mut ProgramBuilder,
                 name: &str,
                 m: &WeightMatrix,
@@ -710,7 +758,14 @@ fn layer(
     let prod = b.mul(&format!("{p}_gated"), &act, &up);
     let mut down = proj(b, "down_proj", &lw.w_down, &lw.b_down, &prod)?;
     if let Some(pn) = &lw.post_ffn_norm {
-        down = rms_norm(b, prec, eps, &format!("{p}_post_ffn_norm"), &down, pn);
+        down = rms_norm(
+            b,
+            prec,
+            eps,
+            &format!("{p}_post_ffn_norm"),
+            &down,
+            &into_stream(pn),
+        );
     }
     Ok(b.add(&format!("{p}_ffn_residual"), &x, &down))
 }

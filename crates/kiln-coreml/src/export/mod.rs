@@ -636,6 +636,7 @@ fn write_sidecar(
         "hidden_size": c.n_embd,
         "layers": c.n_layers,
         "lm_head_pieces": summary.head_pieces,
+        "hidden_scale": decoder::residual_scale(model),
         "mask": "causal_mask is added to the attention scores: fp16 [1, 1, q, past + q], 0 where query i may see position j (j <= past + i), -inf elsewhere; sliding windows are applied inside the program",
         "special_tokens": {
             "bos": source.bos_token_id,
