@@ -262,19 +262,17 @@ pub fn export_path(
         info.eos_token_id = t.eos_id();
         info.stop_token_ids = t.stop_ids();
         info.add_bos = t.add_bos();
-        info.tokenizer_json = tokenizer_json(t, dest);
+        info.tokenizer_json = tokenizer_json(t);
     }
     export_model(&bundle.model, dest, opts, &info)
 }
 
-/// The tokenizer as `tokenizer.json` text, written through a scratch folder beside `dest`;
-/// `None` for vocabularies without an exact `tokenizer.json` form.
-fn tokenizer_json(t: &kiln_tokenizer::Tokenizer, dest: &Path) -> Option<String> {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let dir = dest.with_file_name(format!(".{name}.tokenizer-{}", std::process::id()));
+/// The tokenizer as `tokenizer.json` text, written through a scratch folder; `None` for
+/// vocabularies without an exact `tokenizer.json` form.
+fn tokenizer_json(t: &kiln_tokenizer::Tokenizer) -> Option<String> {
+    static SCRATCH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("kiln-tokenizer-{}-{n}", std::process::id()));
     let text = t
         .save_hf(&dir)
         .ok()
@@ -302,11 +300,9 @@ fn source_sha256(src: &Path) -> Result<String, ExportError> {
         let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
         listing.push_str(&format!("{}  {}\n", hash(f)?, name.unwrap_or_default()));
     }
-    let scratch = std::env::temp_dir().join(format!("kiln-source-sha-{}", std::process::id()));
-    std::fs::write(&scratch, listing).map_err(|e| ExportError::io(&scratch, e))?;
-    let h = hash(&scratch);
-    let _ = std::fs::remove_file(&scratch);
-    h
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(listing.as_bytes());
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Checks the model against its family's exporter.
