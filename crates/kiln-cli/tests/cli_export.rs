@@ -150,7 +150,10 @@ fn smollm2_export_predicts_the_reference_next_token() {
         "argmax",
     ]);
     // Written into a folder the export had to create, with its metadata all the same.
-    let q8_desc = kiln_coreml::MlPackage::open(&q8).unwrap().description().clone();
+    let q8_desc = kiln_coreml::MlPackage::open(&q8)
+        .unwrap()
+        .description()
+        .clone();
     assert!(q8_desc.metadata.contains_key("kiln.tokenizer_json"));
     assert_eq!(q8_desc.metadata["kiln.weights"], "int8-channel");
     let out_dir = dir.join("out-q8");

@@ -441,8 +441,8 @@ pub fn export_model(
     Ok(summary)
 }
 
-/// Exports a loaded Llama-family model to a single package with default settings for
-/// everything but `opts` (kept for callers of the first exporter).
+/// Exports a loaded model as [`export_model`] does, without source information (no
+/// tokenizer, chat template or sha256 in the metadata).
 pub fn export_llama(
     model: &kiln_runtime::Model,
     dest: &Path,
