@@ -10,8 +10,8 @@
 //!   [`Executor::new`], [`Executor::predict`], [`Executor::reset_states`];
 //! - runs language-model packages token by token, with the call protocol read from their
 //!   description, prompts split into calls and positions tracked: [`CoremlSession`];
-//! - writes packages: [`export`] (weight files, package layout, a MIL program builder and
-//!   the Llama-family exporter).
+//! - writes packages: [`export`] (weight files, package layout, a MIL program builder, weight
+//!   compression as coremltools 9 writes it, and the Llama-family and Gemma 3 exporter).
 //!
 //! Execution computes in f32 with fp16 storage: weights, inputs, states and outputs the
 //! program types as fp16 hold fp16 values ([`Fp16Rounding`] can also round every fp16
