@@ -1,6 +1,6 @@
 //! The decoder-only transformer as a stateful ML Program: one package, or one chunk of a
-//! model cut into packages over layer ranges. The architecture files ([`super::llama`],
-//! [`super::gemma3`]) check what their family needs; the program is built here from the
+//! model cut into packages over layer ranges. The architecture files (`llama.rs`,
+//! `gemma3.rs`) check what their family needs; the program is built here from the
 //! model's description, as kiln's runtime computes it.
 //!
 //! Interface of a package (the protocol of the coremltools-made reference packages):
