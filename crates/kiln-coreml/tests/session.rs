@@ -113,7 +113,8 @@ fn prompts_split_into_calls_match_the_runtime() {
     let dest = out_dir("split");
     let opts = ExportOptions {
         context: 12,
-        max_query: 3,
+        query: (1, 3),
+        ..ExportOptions::default()
     };
     export_llama(&model, &dest, &opts).unwrap_or_else(|e| panic!("{e}"));
     let mut s = CoremlSession::open(&dest).unwrap();
