@@ -314,7 +314,12 @@ fn tokenizers_carried_by_the_package_are_used() {
     let folder = dir.join("export");
     std::fs::create_dir_all(&folder).unwrap();
     let beside = folder.join("smol.mlpackage");
-    edited_copy(pkg, &beside, |_| {});
+    // Without the tokenizer the exporter put in the metadata: the sidecar's is the only one.
+    edited_copy(pkg, &beside, |m| {
+        let meta = m.description.as_mut().unwrap().metadata.as_mut().unwrap();
+        meta.user_defined.remove("kiln.tokenizer_json");
+        meta.user_defined.remove("kiln.chat_template");
+    });
     let sidecar = |packages: &[&str]| {
         let packages: Vec<Value> = packages.iter().map(|p| json!({ "path": p })).collect();
         let doc = json!({
