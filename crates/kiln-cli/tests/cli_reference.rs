@@ -460,5 +460,19 @@ fn bench_json_has_the_contract_fields() {
     // Weights read per token: every matrix once, close to the file's size (96.4 MB).
     let bytes = out["bytes_per_token"].as_f64().unwrap();
     assert!((90e6..100e6).contains(&bytes), "{bytes}");
-    assert!(out["roofline_pct"].as_f64().unwrap() < 100.0);
+    // The roofline is the measured bandwidth over the bytes per token, and the percentage
+    // is generation speed against it. Both are measured, at different moments, so on a busy
+    // machine the ratio can pass 100 %: hold the arithmetic exactly, the value loosely.
+    let (pct, tg) = (
+        out["roofline_pct"].as_f64().unwrap(),
+        out["tg_tok_s"].as_f64().unwrap(),
+    );
+    let roofline = out["roofline_tok_s"].as_f64().unwrap();
+    let bandwidth = out["bandwidth_gb_s"].as_f64().unwrap();
+    assert!(
+        (roofline - bandwidth * 1e9 / bytes).abs() <= 1e-6 * roofline,
+        "{out}"
+    );
+    assert!((pct - 100.0 * tg / roofline).abs() <= 1e-6 * pct, "{out}");
+    assert!(pct < 300.0, "{out}");
 }
