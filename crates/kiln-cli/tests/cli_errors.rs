@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn tmpdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-errors-{}", std::process::id()));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kiln-cli-errors-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

@@ -31,7 +31,7 @@ fn copy_dir(from: &Path, to: &Path) {
 /// A fresh writable copy of a reference package.
 fn copy_of(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "kiln-coreml-malformed-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)

@@ -159,7 +159,7 @@ fn package(
     output_types: &[DataType],
 ) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "kiln-coreml-ops-{}-{}.mlpackage",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)

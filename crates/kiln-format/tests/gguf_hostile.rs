@@ -160,7 +160,8 @@ fn every_truncation_is_refused() {
 
 #[test]
 fn truncated_files_on_disk() {
-    let dir = std::env::temp_dir().join(format!("kiln-format-hostile-{}", std::process::id()));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kiln-format-hostile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let full = base();
     for len in [0, 3, 4, 8, 23, 24, 100, full.len() - 1] {

@@ -245,7 +245,8 @@ fn add_metadata_replaces_in_place() {
 
 #[test]
 fn write_is_atomic_and_readable() {
-    let dir = std::env::temp_dir().join(format!("kiln-format-write-{}", std::process::id()));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kiln-format-write-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("model.gguf");
     let mut w = GgufWriter::new();
