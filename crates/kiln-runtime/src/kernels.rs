@@ -5,7 +5,7 @@
 
 use crate::pool::{split_range, ThreadPool};
 use crate::weights::WeightMatrix;
-use kiln_kernels::QuantizedRow;
+use kiln_kernels::{ActivationFormat, QuantizedRow};
 use std::cell::RefCell;
 
 // The f32 vector kernels (SIMD per level, with scalar references) live with the other kernels.
@@ -111,13 +111,45 @@ fn matmul_quantized(
     y: &mut [f32],
     refine: bool,
 ) {
-    let (rows, cols) = (w.rows(), w.cols());
     let ty = w.format();
+    let (data, row_bytes) = (w.data(), w.row_bytes());
     let fmt = kiln_kernels::activation_format(ty);
+    quantized_product(
+        pool,
+        w.rows(),
+        w.cols(),
+        fmt,
+        x,
+        n_tokens,
+        y,
+        refine,
+        |range, xq, tile, width| {
+            kiln_kernels::dot_block(ty, data, row_bytes, range, xq, tile, width)
+        },
+    );
+}
+
+/// The shape of every integer matrix product: `x` (`n_tokens` rows of `cols`) quantized once
+/// into `fmt` (with `refine`, each row's quantization residual too, as rows
+/// `n_tokens..2·n_tokens`), then the `rows` output channels shared out between tasks, each
+/// calling `dot(range, activations, tile, width)` for its rows (`tile[t * width + r]`, as the
+/// kernel crate's `dot_block` writes) and adding the residual products in.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantized_product(
+    pool: &ThreadPool,
+    rows: usize,
+    cols: usize,
+    fmt: ActivationFormat,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    refine: bool,
+    dot: impl Fn(std::ops::Range<usize>, &[QuantizedRow], &mut [f32], usize) + Sync,
+) {
     QUANTIZED_ROWS.with(|cell| {
         let mut xq = cell.borrow_mut();
         // With refinement, rows n_tokens..2·n_tokens hold each row's quantization residual.
-        let n_rows_q = if refine && fmt != kiln_kernels::ActivationFormat::F32 {
+        let n_rows_q = if refine && fmt != ActivationFormat::F32 {
             2 * n_tokens
         } else {
             n_tokens
@@ -135,8 +167,6 @@ fn matmul_quantized(
             }
         }
         let xq = &xq[..n_rows_q];
-        let data = w.data();
-        let row_bytes = w.row_bytes();
         let out = SharedOut::new(y);
         // Decode: small row ranges keep both threads busy; prefill: each task owns a band of
         // rows for every token, so weights are read once per band.
@@ -152,7 +182,7 @@ fn matmul_quantized(
                 tile.resize(n_rows_q * width, 0.0);
                 // One sweep over the weights for the activations and their residuals: the
                 // kernel loads each weight tile once for all activation rows.
-                kiln_kernels::dot_block(ty, data, row_bytes, range.clone(), xq, &mut tile, width);
+                dot(range.clone(), xq, &mut tile, width);
                 let (sum, residual) = tile.split_at_mut(n_tokens * width);
                 if n_rows_q > n_tokens {
                     sum.iter_mut()
