@@ -148,18 +148,7 @@ pub fn dot_block_with(
     if n_rows == 0 || xq.is_empty() {
         return;
     }
-    assert!(
-        xq.len() == 1 || out_stride >= n_rows,
-        "dot_block: output stride {out_stride} is less than the {n_rows} rows"
-    );
-    let needed = (xq.len() - 1)
-        .checked_mul(out_stride)
-        .and_then(|v| v.checked_add(n_rows));
-    assert!(
-        needed.is_some_and(|n| n <= out.len()),
-        "dot_block: output of {} values is too short",
-        out.len()
-    );
+    crate::check_output(n_rows, xq.len(), out.len(), out_stride);
     #[cfg(target_arch = "x86_64")]
     if crate::x86::kiln_formats::has_kernel(isa, w.ty) {
         // SAFETY: the CPU has `isa` (asserted above); `w` is a checked tensor, every

@@ -179,18 +179,7 @@ pub fn dot_block_with(
     if n_rows == 0 {
         return;
     }
-    assert!(
-        xq.len() == 1 || out_stride >= n_rows,
-        "dot_block: output stride {out_stride} is less than the {n_rows} rows"
-    );
-    let needed = (xq.len() - 1)
-        .checked_mul(out_stride)
-        .and_then(|v| v.checked_add(n_rows));
-    assert!(
-        needed.is_some_and(|n| n <= out.len()),
-        "dot_block: output of {} values is too short",
-        out.len()
-    );
+    check_output(n_rows, xq.len(), out.len(), out_stride);
     let w = &w[rows.start * row_bytes..end];
     if !has_simd(weights) || row_bytes == 0 {
         scalar_block(weights, w, row_bytes, n_rows, xq, out, out_stride);
@@ -229,6 +218,22 @@ pub fn dot_block_with(
         #[allow(unreachable_patterns)]
         _ => scalar_block(weights, w, row_bytes, n_rows, xq, out, out_stride),
     }
+}
+
+/// Panics unless an output of `out_len` values with rows `out_stride` apart holds `n_rows`
+/// values for each of `n_act` activation rows (`n_act >= 1`).
+pub(crate) fn check_output(n_rows: usize, n_act: usize, out_len: usize, out_stride: usize) {
+    assert!(
+        n_act == 1 || out_stride >= n_rows,
+        "dot_block: output stride {out_stride} is less than the {n_rows} rows"
+    );
+    let needed = (n_act - 1)
+        .checked_mul(out_stride)
+        .and_then(|v| v.checked_add(n_rows));
+    assert!(
+        needed.is_some_and(|n| n <= out_len),
+        "dot_block: output of {out_len} values is too short"
+    );
 }
 
 /// Whether `weights` has SIMD kernels (the others always run the reference).
