@@ -5,25 +5,6 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn smollm2() -> PathBuf {
-    let p = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-models",
-        p.display()
-    );
-    p
-}
-
-/// The transformers-written tiny Llama folder (float32, no tokenizer).
-fn tiny_hf() -> PathBuf {
-    repo().join("../shared/reference/coreml/tiny_llama_hf")
-}
-
 /// transformers' float32 logits of the tiny model for [`IDS`], last position.
 fn tiny_reference_logits() -> Vec<f32> {
     let all = read_f32(&repo().join("../shared/reference/coreml/tiny_llama.logits_7x256.f32"));

@@ -16,17 +16,6 @@ fn tmpdir() -> PathBuf {
     dir
 }
 
-fn smollm2() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-models",
-        p.display()
-    );
-    p
-}
-
 #[test]
 fn missing_file_is_bad_input() {
     let out = kiln(&["inspect", "/nonexistent/model.gguf"]);

@@ -6,10 +6,6 @@ use common::*;
 
 use std::path::PathBuf;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn tmpdir(tag: &str) -> PathBuf {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("kiln-cli-export-{}-{tag}", std::process::id()));

@@ -12,20 +12,6 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn gguf() -> PathBuf {
-    let model = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        model.exists(),
-        "{} is missing: run scripts/fetch-models",
-        model.display()
-    );
-    model
-}
-
 fn tmpdir(tag: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("cli-mlpackage-{}-{tag}", std::process::id()));
@@ -46,7 +32,7 @@ fn smollm2_package() -> &'static Path {
         kiln_ok(&[
             "export",
             "coreml",
-            s(&gguf()),
+            s(&smollm2()),
             "-o",
             s(&pkg),
             "--context",
@@ -99,7 +85,7 @@ fn smollm2_package_logits_match_the_gguf_and_transformers() {
         let ids = ids_of(&case["prompt_token_ids"]);
         let got = logits_of(pkg, &ids, &dir.join(format!("{name}.pkg.f32")), &[]);
         let cpu = logits_of(
-            &gguf(),
+            &smollm2(),
             &ids,
             &dir.join(format!("{name}.gguf.f32")),
             &["--precision", "exact"],
@@ -142,7 +128,7 @@ fn validate_gates_the_exported_package_against_its_source() {
             "validate".to_string(),
             s(pkg).to_string(),
             "--against".to_string(),
-            s(&gguf()).to_string(),
+            s(&smollm2()).to_string(),
             "--prompts".to_string(),
             s(&prompts).to_string(),
             "--continuation".to_string(),
@@ -170,7 +156,7 @@ fn validate_gates_the_exported_package_against_its_source() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = kiln(&["validate", s(&gguf()), "--against", s(pkg)]);
+    let out = kiln(&["validate", s(&smollm2()), "--against", s(pkg)]);
     assert_bad_input(&out, &["candidate, not the source"]);
 }
 
@@ -184,7 +170,7 @@ fn run_json(args: &[&str]) -> Value {
 #[test]
 fn smollm2_package_generates_greedily_like_the_gguf() {
     let pkg = smollm2_package();
-    let model = gguf();
+    let model = smollm2();
     let reference = reference();
     for name in ["capital", "code"] {
         let case = &reference["cases"][name];
@@ -270,7 +256,7 @@ fn tokenizers_carried_by_the_package_are_used() {
     let pkg = smollm2_package();
     let reference = reference();
     let dir = tmpdir("tokenizers");
-    let file = kiln_format::gguf::GgufFile::open(gguf()).unwrap();
+    let file = kiln_format::gguf::GgufFile::open(smollm2()).unwrap();
     let tok = kiln_tokenizer::Tokenizer::from_gguf(&file).unwrap();
     let mut spec = kiln_tokenizer::TokenizerSpec::from_gguf(&file).unwrap();
     let template = spec
@@ -421,7 +407,7 @@ fn package_requests_that_cannot_be_served_exit_2() {
         "run",
         s(smollm2_package()),
         "--tokenizer",
-        s(&gguf()),
+        s(&smollm2()),
         "--prompt",
         "hello",
         "-n",
@@ -446,9 +432,9 @@ fn package_requests_that_cannot_be_served_exit_2() {
     // Package-only options on other models, other commands on packages.
     let r = kiln(&[
         "run",
-        s(&gguf()),
+        s(&smollm2()),
         "--tokenizer",
-        s(&gguf()),
+        s(&smollm2()),
         "--prompt",
         "hi",
     ]);

@@ -6,25 +6,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn smollm2() -> PathBuf {
-    let p = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-models",
-        p.display()
-    );
-    p
-}
-
-/// The transformers-written tiny Llama folder (no tokenizer), a fast real source.
-fn tiny_hf() -> PathBuf {
-    repo().join("../shared/reference/coreml/tiny_llama_hf")
-}
-
 fn tmpdir(tag: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-package-{tag}"));
     let _ = std::fs::remove_dir_all(&dir);

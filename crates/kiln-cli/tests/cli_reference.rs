@@ -8,20 +8,6 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn model(file: &str) -> PathBuf {
-    let p = repo().join("models").join(file);
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-models",
-        p.display()
-    );
-    p
-}
-
 fn reference_dir() -> PathBuf {
     repo().join("../shared/reference")
 }

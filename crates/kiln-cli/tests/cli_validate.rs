@@ -12,24 +12,6 @@ use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn model(name: &str) -> PathBuf {
-    let p = repo().join("models").join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-models",
-        p.display()
-    );
-    p
-}
-
-fn smollm2() -> PathBuf {
-    model("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 fn gemma3() -> PathBuf {
     model("gemma-3-270m-q4_k_m.gguf")
 }

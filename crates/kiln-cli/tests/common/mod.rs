@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Runs `kiln` with `args`.
@@ -65,4 +65,30 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// Index of the largest value (the first of equals).
 pub fn argmax(v: &[f32]) -> usize {
     (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best })
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A model file of `models/`, which `scripts/fetch-models` downloads.
+pub fn model(file: &str) -> PathBuf {
+    let p = repo().join("models").join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models",
+        p.display()
+    );
+    p
+}
+
+/// The SmolLM2 GGUF file.
+pub fn smollm2() -> PathBuf {
+    model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The transformers-written tiny Llama folder (float32, no tokenizer), a fast real source.
+pub fn tiny_hf() -> PathBuf {
+    repo().join("../shared/reference/coreml/tiny_llama_hf")
 }
