@@ -63,16 +63,39 @@ pub fn predict(a: PredictArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `kiln verify`.
+/// `kiln verify`: one package, or every package of a model split over layers.
 pub fn verify(a: VerifyArgs) -> Result<(), Failure> {
     require_mlpackage(&a.package)?;
-    let (pkg, report) = cli_support::verify(&a.package).map_err(failure)?;
+    let parts = cli_support::verify_all(&a.package).map_err(failure)?;
     if a.json {
-        println!("{}", cli_support::verify_json(&pkg, &report));
+        let reports: Vec<_> = parts
+            .iter()
+            .map(|(pkg, report)| cli_support::verify_json(pkg, report))
+            .collect();
+        match reports.as_slice() {
+            [one] => println!("{one}"),
+            _ => println!(
+                "{}",
+                serde_json::json!({
+                    "package": a.package.display().to_string(),
+                    "ok": true,
+                    "packages": reports,
+                })
+            ),
+        }
     } else {
-        println!("{}: ok", a.package.display());
-        print!("{}", pkg.description());
-        println!("{report}");
+        for (pkg, report) in &parts {
+            println!("{}: ok", pkg.path().display());
+            print!("{}", pkg.description());
+            println!("{report}");
+        }
+        if parts.len() > 1 {
+            println!(
+                "{}: ok, {} packages run in a chain",
+                a.package.display(),
+                parts.len()
+            );
+        }
     }
     Ok(())
 }

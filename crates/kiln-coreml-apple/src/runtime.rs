@@ -381,9 +381,9 @@ pub(crate) fn open_session(
     path: &Path,
     compute_units: ComputeUnits,
 ) -> Result<CoremlSession, CoreMlError> {
-    let pkg = MlPackage::open(path)?;
-    let runner = CoreMlRunner::load(path, compute_units)?;
-    CoremlSession::with_runner(&pkg, Box::new(runner))
+    CoremlSession::open_with(path, |pkg| {
+        Ok(Box::new(CoreMlRunner::load(pkg.path(), compute_units)?))
+    })
 }
 
 fn device_of(d: &ProtocolObject<dyn MLComputeDeviceProtocol>) -> Device {

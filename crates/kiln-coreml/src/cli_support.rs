@@ -296,6 +296,48 @@ pub fn verify(package: &Path) -> Result<(MlPackage, VerifyReport), CliFailure> {
     Ok((pkg, report))
 }
 
+/// [`verify`] for every package `path` stands for (several for a model split over layers,
+/// see [`crate::chain::resolve_packages`]); the weight file of each part of a split model is
+/// also held to the sha256 its sidecar records, so a tampered or swapped part is named.
+pub fn verify_all(path: &Path) -> Result<Vec<(MlPackage, VerifyReport)>, CliFailure> {
+    let parts = crate::chain::resolve_packages(path)?;
+    if parts.len() == 1 {
+        return Ok(vec![verify(&parts[0])?]);
+    }
+    let sidecar = path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(crate::SIDECAR_FILE);
+    let doc: Value = std::fs::read(&sidecar)
+        .ok()
+        .and_then(|t| serde_json::from_slice(&t).ok())
+        .unwrap_or(Value::Null);
+    let recorded = |i: usize| {
+        doc["packages"][i]["weight_sha256"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let (pkg, report) = verify(part)?;
+        if let Some(want) = recorded(i) {
+            let file = part.join("Data/com.apple.CoreML/weights/weight.bin");
+            let got = kiln_format::package::sha256_file(&file).map_err(|e| bad(e.to_string()))?;
+            if got != want {
+                return Err(bad(format!(
+                    "{}: sha256 {got}, but {} records {want} for package {} of {}: the weights were changed after export",
+                    file.display(),
+                    sidecar.display(),
+                    i + 1,
+                    parts.len()
+                )));
+            }
+        }
+        out.push((pkg, report));
+    }
+    Ok(out)
+}
+
 /// A verification report (with the package's interface) as JSON.
 pub fn verify_json(pkg: &MlPackage, r: &VerifyReport) -> Value {
     let feats = |list: &[crate::FeatureInfo]| -> Vec<Value> {

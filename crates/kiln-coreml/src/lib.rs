@@ -9,7 +9,8 @@
 //! - executes their main function on the CPU, with states carried across calls:
 //!   [`Executor::new`], [`Executor::predict`], [`Executor::reset_states`];
 //! - runs language-model packages token by token, with the call protocol read from their
-//!   description, prompts split into calls and positions tracked: [`CoremlSession`];
+//!   description, prompts split into calls and positions tracked: [`CoremlSession`], also
+//!   over the packages of a model split over layers ([`chain`]);
 //! - writes packages: [`export`] (weight files, package layout, a MIL program builder, weight
 //!   compression as coremltools 9 writes it, and the Llama-family and Gemma 3 exporter).
 //!
@@ -25,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod blob;
+pub mod chain;
 pub mod cli_support;
 mod error;
 mod exec;

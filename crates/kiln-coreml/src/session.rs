@@ -20,6 +20,10 @@
 //! - output `logits` (float `[1, q, vocab]`) or `next_token` (int32, one id per position,
 //!   for packages exported with an argmax head).
 //!
+//! A model split over several packages (an export over `--max-chunk-mb`) runs as one: the
+//! packages listed in the sidecar are called in order, each one's hidden states feeding the
+//! next ([`crate::chain`]).
+//!
 //! Prompts longer than a call allows are split into several calls; a query length the
 //! package cannot take exactly is padded (the padded positions are computed and dropped,
 //! and the next call overwrites what they wrote).
@@ -37,6 +41,7 @@
 //! {...}}` (a [`kiln_tokenizer::TokenizerSpec`], as kiln packages store it) or a bare
 //! `TokenizerSpec`; metadata stores each as JSON text.
 
+use crate::chain::ChainRunner;
 use crate::exec::{ExecOptions, Executor};
 use crate::package::{ArrayDataType, ArrayInfo, FeatureType, ModelDescription, ShapeFlexibility};
 use crate::tensor::{Tensor, TensorData};
@@ -530,16 +535,6 @@ impl CallProtocol {
             package: package.to_string(),
             message: m,
         };
-        if info.packages.len() > 1 {
-            return Err(bad(format!(
-                "{} lists {} packages (a model split over layers: {}); kiln runs models exported as one package so far (export with a larger --max-chunk-mb)",
-                info.sidecar
-                    .as_deref()
-                    .map_or_else(|| SIDECAR_FILE.into(), |p| p.display().to_string()),
-                info.packages.len(),
-                info.packages.join(", ")
-            )));
-        }
         let mut ids: Option<(&str, &ArrayInfo)> = None;
         let mut mask: Option<(&str, &ArrayInfo)> = None;
         let mut positions: Option<(&str, &ArrayInfo)> = None;
@@ -905,7 +900,9 @@ impl std::fmt::Debug for CoremlSession {
 
 impl CoremlSession {
     /// Opens the package at `path` (and its sidecar), discovers how to call it and loads its
-    /// weights into kiln's reference executor.
+    /// weights into kiln's reference executor. A model split over several packages is opened
+    /// whole, from any of its packages or from the name it was exported to (see
+    /// [`crate::chain::resolve_packages`]).
     pub fn open(path: impl AsRef<Path>) -> Result<CoremlSession, CoreMlError> {
         CoremlSession::with_options(path, ExecOptions::default())
     }
@@ -915,32 +912,76 @@ impl CoremlSession {
         path: impl AsRef<Path>,
         options: ExecOptions,
     ) -> Result<CoremlSession, CoreMlError> {
-        let pkg = MlPackage::open(path)?;
-        let info = PackageInfo::read(&pkg)?;
-        let protocol = CallProtocol::discover(pkg.label(), pkg.description(), &info)?;
-        let exec = Executor::with_options(&pkg, options)?;
-        CoremlSession::assemble(&pkg, info, protocol, Box::new(exec))
+        CoremlSession::open_with(path, |pkg| {
+            Ok(Box::new(Executor::with_options(pkg, options)?))
+        })
+    }
+
+    /// Opens the package (or the packages of a split model) at `path` with runners made by
+    /// `load`, one per package: how the Core ML backend and the reference executor share the
+    /// discovery of packages, protocol and metadata.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        mut load: impl FnMut(&MlPackage) -> Result<Box<dyn PackageRunner>, CoreMlError>,
+    ) -> Result<CoremlSession, CoreMlError> {
+        let path = path.as_ref();
+        let parts = crate::chain::resolve_packages(path)?;
+        if let [only] = parts.as_slice() {
+            let pkg = MlPackage::open(only)?;
+            let info = PackageInfo::read(&pkg)?;
+            let protocol = CallProtocol::discover(pkg.label(), pkg.description(), &info)?;
+            let runner = load(&pkg)?;
+            return CoremlSession::assemble(pkg.label(), pkg.path(), info, protocol, runner);
+        }
+        let mut info = None;
+        let mut stages = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let pkg = MlPackage::open(part)?;
+            if info.is_none() {
+                // The first package carries the tokenizer; the sidecar is shared.
+                info = Some(PackageInfo::read(&pkg)?);
+            }
+            let runner = load(&pkg)?;
+            stages.push((pkg, runner));
+        }
+        let info = info.unwrap_or_default();
+        let (chain, whole) = ChainRunner::new(stages)?;
+        let label = format!("{} ({} packages)", path.display(), parts.len());
+        let protocol = CallProtocol::discover(&label, &whole, &info)?;
+        CoremlSession::assemble(&label, path, info, protocol, Box::new(chain))
     }
 
     /// A session over `pkg` whose calls `runner` computes; the protocol is read from `pkg`.
+    /// One package of a split model is refused: [`CoremlSession::open_with`] runs it whole.
     pub fn with_runner(
         pkg: &MlPackage,
         runner: Box<dyn PackageRunner>,
     ) -> Result<CoremlSession, CoreMlError> {
+        let parts = crate::chain::resolve_packages(pkg.path())?;
+        if parts.len() > 1 {
+            return Err(CoreMlError::Package {
+                package: pkg.label().to_string(),
+                message: format!(
+                    "one of the {} packages of a split model, which run only together (open the model with CoremlSession::open_with)",
+                    parts.len()
+                ),
+            });
+        }
         let info = PackageInfo::read(pkg)?;
         let protocol = CallProtocol::discover(pkg.label(), pkg.description(), &info)?;
-        CoremlSession::assemble(pkg, info, protocol, runner)
+        CoremlSession::assemble(pkg.label(), pkg.path(), info, protocol, runner)
     }
 
     fn assemble(
-        pkg: &MlPackage,
+        label: &str,
+        path: &Path,
         info: PackageInfo,
         protocol: CallProtocol,
         runner: Box<dyn PackageRunner>,
     ) -> Result<CoremlSession, CoreMlError> {
         let mut session = CoremlSession {
-            label: pkg.label().to_string(),
-            path: pkg.path().to_path_buf(),
+            label: label.to_string(),
+            path: path.to_path_buf(),
             runner,
             protocol,
             info,

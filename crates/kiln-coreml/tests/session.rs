@@ -485,3 +485,95 @@ fn stored_tokenizer_json_takes_the_named_special_tokens() {
     let e = bad.tokenizer("pkg").unwrap_err().to_string();
     assert!(e.contains("unknown kind") && e.contains("pkg"), "{e}");
 }
+
+/// A tiny four-layer Llama exported whole and cut into four packages (`--max-chunk-mb`):
+/// opened by the name it was exported to, or by any of its parts, the chain computes the
+/// whole package's logits (prompts split into calls, states carried in every part), and the
+/// runtime's; a single part is not run alone and a missing part is named.
+#[test]
+fn split_models_run_as_one_session() {
+    let spec = tiny::Spec {
+        n_layers: 4,
+        ..tiny::Spec::llama()
+    };
+    let path = tiny::TinyFile::generate(&spec, 31).write("session-four-layers");
+    let model = Model::load(&path).unwrap();
+    let folder = |name: &str| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("session-split-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let opts = ExportOptions {
+        context: 16,
+        query: (1, 3),
+        ..ExportOptions::default()
+    };
+    let whole = folder("whole").join("tiny.mlpackage");
+    export_llama(&model, &whole, &opts).unwrap();
+    let dest = folder("chunked").join("tiny.mlpackage");
+    // Each layer takes ~62 kB in fp16, the embedding (the tied head too) 12 kB.
+    let summary = export_llama(
+        &model,
+        &dest,
+        &ExportOptions {
+            max_chunk_bytes: 80_000,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(summary.packages.len(), 4);
+    assert!(!dest.exists());
+
+    let tokens = tiny::random_tokens(8, 10, spec.vocab);
+    let want = CoremlSession::open(&whole)
+        .unwrap()
+        .forward_all(&tokens)
+        .unwrap();
+    let pool = ThreadPool::new(2);
+    let exact = tiny::exact_session(&model, &pool, 16)
+        .forward(&tokens, Logits::All)
+        .unwrap();
+    let scale = want.iter().map(|x| x.abs()).fold(0.0, f32::max);
+
+    let mut s = CoremlSession::open(&dest).unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.backend().contains("4 packages"), "{}", s.backend());
+    assert_eq!(s.protocol().query, QueryLengths::Range { min: 1, max: 3 });
+    assert_eq!(s.n_ctx(), 16);
+    assert_eq!(s.vocab_size(), spec.vocab);
+    assert_eq!(s.protocol().states.len(), 8);
+    let got = s.forward_all(&tokens).unwrap();
+    // The parts hand hidden states over as fp16 where the whole package keeps the executor's
+    // f32, and both round their logits to fp16 (measured: 0.031, one fp16 step at 39.75).
+    let d = max_abs_diff(&got, &want);
+    let d_exact = max_abs_diff(&got, &exact);
+    eprintln!("split session: max abs diff {d:.6} vs one package, {d_exact:.6} vs the runtime, max |logit| {scale:.3}");
+    assert!(d <= 1.5e-3 * scale, "max abs diff {d} (scale {scale})");
+    assert!(
+        d_exact <= 1.5e-3 * scale,
+        "max abs diff {d_exact} (scale {scale})"
+    );
+
+    // Decode after the prompt, then the same from a fresh chain opened by one of its parts.
+    let next = TokenModel::forward_last(&mut s, &tokens[..2]).unwrap();
+    let part3 = dest.with_file_name("tiny-part3.mlpackage");
+    let mut again = CoremlSession::open(&part3).unwrap();
+    assert_eq!(again.forward_all(&tokens).unwrap(), got);
+    assert_eq!(
+        TokenModel::forward_last(&mut again, &tokens[..2]).unwrap(),
+        next
+    );
+    s.reset();
+    assert_eq!(s.forward_all(&tokens).unwrap(), got);
+
+    // One part alone is refused; so is a chain with a part missing.
+    let pkg = kiln_coreml::MlPackage::open(&part3).unwrap();
+    let exec = kiln_coreml::Executor::new(&pkg).unwrap();
+    let e = CoremlSession::with_runner(&pkg, Box::new(exec))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4 packages of a split model"), "{e}");
+    std::fs::remove_dir_all(dest.with_file_name("tiny-part4.mlpackage")).unwrap();
+    let e = CoremlSession::open(&dest).unwrap_err().to_string();
+    assert!(e.contains("tiny-part4.mlpackage"), "{e}");
+}
