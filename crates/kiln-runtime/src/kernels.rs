@@ -5,6 +5,8 @@
 
 use crate::pool::{split_range, ThreadPool};
 use crate::weights::WeightMatrix;
+use kiln_format::ggml::GgmlType;
+use kiln_format::kiln_types::TensorFormat;
 use kiln_kernels::{ActivationFormat, QuantizedRow};
 use std::cell::RefCell;
 
@@ -90,14 +92,11 @@ pub fn matmul(
         }
         return matmul_gemm(pool, w, x, n_tokens, y);
     }
-    if w.kiln_format().is_some() && precision != Precision::Exact {
-        let refine = precision == Precision::Refined;
-        return crate::kiln_matmul::matmul(pool, w, x, n_tokens, y, refine);
-    }
-    match precision {
-        Precision::Exact => matmul_exact(pool, w, x, n_tokens, y),
-        Precision::Int8 => matmul_quantized(pool, w, x, n_tokens, y, false),
-        Precision::Refined => matmul_quantized(pool, w, x, n_tokens, y, true),
+    let refine = precision == Precision::Refined;
+    match (precision, w.tensor_format()) {
+        (Precision::Exact, _) => matmul_exact(pool, w, x, n_tokens, y),
+        (_, TensorFormat::Kiln(_)) => crate::kiln_matmul::matmul(pool, w, x, n_tokens, y, refine),
+        (_, TensorFormat::Ggml(ty)) => matmul_quantized(pool, w, ty, x, n_tokens, y, refine),
     }
 }
 
@@ -106,12 +105,12 @@ pub fn matmul(
 fn matmul_quantized(
     pool: &ThreadPool,
     w: &WeightMatrix,
+    ty: GgmlType,
     x: &[f32],
     n_tokens: usize,
     y: &mut [f32],
     refine: bool,
 ) {
-    let ty = w.format();
     let (data, row_bytes) = (w.data(), w.row_bytes());
     let fmt = kiln_kernels::activation_format(ty);
     quantized_product(

@@ -168,15 +168,12 @@ impl WeightMatrix {
         self.cols
     }
 
-    /// The ggml block format of the stored weights, for the ggml kernels.
-    ///
-    /// # Panics
-    /// If the weights are in a kiln format ([`WeightMatrix::kiln_format`]); the matrix
-    /// product sends those to their own kernels before anything asks for a ggml type.
-    pub fn format(&self) -> GgmlType {
+    /// The ggml block type of the stored weights, if they are in one (`None` for a kiln
+    /// format, see [`WeightMatrix::kiln_format`]).
+    pub fn ggml_format(&self) -> Option<GgmlType> {
         match self.format {
-            TensorFormat::Ggml(t) => t,
-            TensorFormat::Kiln(t) => panic!("{t} weights have no ggml block type"),
+            TensorFormat::Ggml(t) => Some(t),
+            TensorFormat::Kiln(_) => None,
         }
     }
 

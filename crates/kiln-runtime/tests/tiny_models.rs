@@ -354,9 +354,9 @@ fn every_weight_format_computes_from_its_stored_blocks() {
         let name = format!("format_{}", ty.name().to_lowercase());
         let path = TinyFile::generate(&spec, seed).write(&name);
         let model = Model::load(&path).unwrap_or_else(|e| panic!("{ty}: {e}"));
-        assert_eq!(model.token_embd.format(), ty);
-        assert_eq!(model.layers[1].w_down.format(), ty);
-        assert_eq!(model.output.format(), ty);
+        assert_eq!(model.token_embd.ggml_format(), Some(ty));
+        assert_eq!(model.layers[1].w_down.ggml_format(), Some(ty));
+        assert_eq!(model.output.ggml_format(), Some(ty));
         let got = exact_session(&model, &pool, tokens.len())
             .forward(&tokens, Logits::All)
             .unwrap_or_else(|e| panic!("{ty}: {e}"));
