@@ -485,6 +485,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
 
 /// `kiln perplexity`.
 pub fn perplexity(a: PerplexityArgs) -> CmdResult {
+    crate::mlpackage_commands::refuse_package_args(&a.model, &a.package)?;
     let pool = threads(a.threads)?;
     let bundle = ModelBundle::open(&a.model)?;
     let text = read_text_file(&a.text_file, "the text file")?;
@@ -504,8 +505,19 @@ pub fn perplexity(a: PerplexityArgs) -> CmdResult {
         bos,
         precision(&a.precision),
     )?;
-    let seconds = started.elapsed().as_secs_f64();
-    if a.json {
+    print_perplexity(&p, a.ctx, bos, started.elapsed().as_secs_f64(), a.json);
+    Ok(())
+}
+
+/// Prints a perplexity result, as a line or as JSON.
+pub fn print_perplexity(
+    p: &kiln_runtime::perplexity::Perplexity,
+    ctx: usize,
+    bos: Option<u32>,
+    seconds: f64,
+    json: bool,
+) {
+    if json {
         println!(
             "{}",
             json!({
@@ -513,7 +525,7 @@ pub fn perplexity(a: PerplexityArgs) -> CmdResult {
                 "n_tokens": p.n_tokens,
                 "scored_tokens": p.scored_tokens,
                 "chunks": p.n_chunks,
-                "ctx": a.ctx,
+                "ctx": ctx,
                 "bos": bos,
                 "seconds": seconds,
             })
@@ -521,10 +533,9 @@ pub fn perplexity(a: PerplexityArgs) -> CmdResult {
     } else {
         println!(
             "perplexity {:.4} over {} scored tokens ({} tokens, {} chunks of ctx {}, {:.1} s)",
-            p.ppl, p.scored_tokens, p.n_tokens, p.n_chunks, a.ctx, seconds
+            p.ppl, p.scored_tokens, p.n_tokens, p.n_chunks, ctx, seconds
         );
     }
-    Ok(())
 }
 
 /// `kiln tokenize`: from a GGUF model, or a Hugging Face `tokenizer.json` (or its folder).

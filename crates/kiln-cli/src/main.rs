@@ -219,7 +219,7 @@ pub struct LogitsInput {
 /// Arguments of `kiln perplexity`.
 #[derive(Args)]
 pub struct PerplexityArgs {
-    /// The model: a GGUF file or a Hugging Face folder.
+    /// The model: a GGUF file, a Hugging Face folder, a kiln package or a Core ML .mlpackage.
     pub model: PathBuf,
     /// The text to score.
     #[arg(long)]
@@ -237,6 +237,8 @@ pub struct PerplexityArgs {
     /// residual), int8, or exact (f32 activations, weights dequantized exactly).
     #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
     pub precision: String,
+    #[command(flatten)]
+    pub package: mlpackage_commands::PackageArgs,
 }
 
 /// Arguments of `kiln tokenize`.
@@ -314,9 +316,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => commands::chat(a),
         Command::Logits(a) if is_mlpackage(&a.model) => mlpackage_commands::logits(a),
         Command::Logits(a) => commands::logits(a),
-        Command::Perplexity(a) if is_mlpackage(&a.model) => {
-            Err(not_for_mlpackage("perplexity", &a.model))
-        }
+        Command::Perplexity(a) if is_mlpackage(&a.model) => mlpackage_commands::perplexity(a),
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Bench(a) if is_mlpackage(&a.model) => Err(not_for_mlpackage("bench", &a.model)),

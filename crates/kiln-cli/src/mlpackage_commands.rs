@@ -3,7 +3,7 @@
 //! Core ML itself through `kiln_coreml_apple` (Apple platforms; elsewhere it says so).
 
 use crate::commands::{self, Failure, PromptEncoder};
-use crate::{LogitsArgs, RunArgs};
+use crate::{LogitsArgs, PerplexityArgs, RunArgs};
 use clap::{Args, ValueEnum};
 use kiln_coreml::{CoreMlError, CoremlSession};
 use kiln_coreml_apple::AppleError;
@@ -253,6 +253,29 @@ pub fn logits(a: LogitsArgs) -> Result<(), Failure> {
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
     commands::write_atomic(&a.out, &bytes)?;
     println!("{}", json!({ "prompt_token_ids": ids }));
+    Ok(())
+}
+
+/// `kiln perplexity PKG.mlpackage`: the package's own logits scored on a text, chunk by
+/// chunk as for any model (`--ctx` at most the package's context).
+pub fn perplexity(a: PerplexityArgs) -> Result<(), Failure> {
+    let text = commands::read_text_file(&a.text_file, "the text file")?;
+    let mut session = open_session(&a.model, &a.package)?;
+    if !session.has_logits() {
+        return Err(Failure::input(format!(
+            "{}: the package returns only the most likely token (next_token), not the logits perplexity needs",
+            a.model.display()
+        )));
+    }
+    let encoder = package_text(&a.model, session.info(), a.package.tokenizer.as_deref())?
+        .ok_or_else(|| Failure::input(no_tokenizer(&a.model)))?;
+    let tokenizer = &encoder.tokenizer;
+    let tokens = tokenizer.encode(&text, false, false)?;
+    let bos = tokenizer.add_bos().then(|| tokenizer.bos_id()).flatten();
+    let started = Instant::now();
+    let p = kiln_runtime::perplexity::perplexity_of(&mut session, &tokens, a.ctx, bos)
+        .map_err(|e| Failure::input(format!("{}: {e}", a.model.display())))?;
+    commands::print_perplexity(&p, a.ctx, bos, started.elapsed().as_secs_f64(), a.json);
     Ok(())
 }
 
