@@ -156,6 +156,8 @@ fn options(a: &CoremlArgs) -> Result<ExportOptions, Failure> {
         },
         lm_head_split,
         max_chunk_bytes: (a.max_chunk_mb * 1e6) as u64,
+        // Read from the source by the exporter.
+        fp16_graph: Default::default(),
     })
 }
 

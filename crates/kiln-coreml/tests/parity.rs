@@ -153,14 +153,23 @@ fn fp16_device() -> ExecOptions {
     }
 }
 
+/// What to measure of `--precision fp16` (every activation rounded to fp16, as a device
+/// computing in fp16 does): on which case, and whether the plain export must fail there.
+struct PureFp16 {
+    case: usize,
+    expect_garbage: bool,
+}
+
 /// Exports `model` in each format, runs the cases, prints the figures and checks the gates;
-/// `pure_fp16_case` also measures `--precision fp16` on that case.
+/// `pure_fp16` also measures `--precision fp16` on one case, exported from the model and
+/// from its `kiln convert --fp16-safe` package (which must reach cosine 0.99 and the right
+/// top-1).
 fn parity(
     model_file: &str,
     reference: &str,
     case_names: &[&str],
     vocab: usize,
-    pure_fp16_case: Option<usize>,
+    pure_fp16: Option<PureFp16>,
 ) {
     let model = repo().join("models").join(model_file);
     assert!(
@@ -270,7 +279,11 @@ fn parity(
         }
     }
     // A package whose RMSNorm statistics are fp16 too, as an fp16 device runs it.
-    if let Some(pure) = pure_fp16_case {
+    if let Some(PureFp16 {
+        case: pure,
+        expect_garbage: expect_fp16_garbage,
+    }) = pure_fp16
+    {
         let case = &cases[pure];
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("parity-{reference}"));
         let dest = dir.join(format!("{reference}-precision-fp16.mlpackage"));
@@ -280,15 +293,51 @@ fn parity(
             precision: Precision::Fp16,
             ..ExportOptions::default()
         };
-        export_path(&model, &dest, &opts).unwrap_or_else(|e| panic!("{e}"));
-        let pkg = MlPackage::open(&dest).unwrap();
-        let mut exec = Executor::with_options(&pkg, fp16_device()).unwrap();
-        let last = call(&mut exec, &case.ids, 0, vocab);
+        let pure_fp16 = |source: &Path, dest: &Path| {
+            export_path(source, dest, &opts).unwrap_or_else(|e| panic!("{e}"));
+            let pkg = MlPackage::open(dest).unwrap();
+            let mut exec = Executor::with_options(&pkg, fp16_device()).unwrap();
+            let last = call(&mut exec, &case.ids, 0, vocab);
+            (
+                cosine(&last, &case.last_logits),
+                argmax(&last) == case.greedy[0],
+            )
+        };
+        let (plain, plain_top1) = pure_fp16(&model, &dest);
+        // The same model made fp16-safe (`kiln convert --fp16-safe`): the exporter reads the
+        // fix from the package and computes the norms it names max-scaled.
+        let safe = dir.join(format!("{reference}-fp16-safe.kiln"));
+        let _ = std::fs::remove_dir_all(&safe);
+        let convert = kiln_runtime::convert::ConvertOptions {
+            fp16_safe: true,
+            ..Default::default()
+        };
+        let report = kiln_runtime::convert::convert(&model, &safe, &convert, &mut |_, _, _| {})
+            .unwrap_or_else(|e| panic!("{e}"));
+        let fix = report.fp16.expect("an fp16 fix");
+        let (fixed, fixed_top1) = pure_fp16(
+            &safe,
+            &dir.join(format!("{reference}-fp16-safe-precision-fp16.mlpackage")),
+        );
+        let word = |right: bool| if right { "right" } else { "wrong" };
         println!(
-            "{reference} --precision fp16, every fp16 activation rounded, {}: last-token cosine {:.5}, top-1 {}",
+            "{reference} --precision fp16, every fp16 activation rounded, {}: last-token cosine {plain:.5}, top-1 {}; from the --fp16-safe package (max-scaled {:?}, fp32 {:?}): cosine {fixed:.5}, top-1 {}",
             case.name,
-            cosine(&last, &case.last_logits),
-            if argmax(&last) == case.greedy[0] { "right" } else { "wrong" }
+            word(plain_top1),
+            fix.graph.max_scaled_norms,
+            fix.graph.fp32_ops,
+            word(fixed_top1),
+        );
+        if expect_fp16_garbage {
+            // Its logits are NaN: squares of the residual stream overflow to infinity.
+            assert!(
+                !plain_top1 && (plain.is_nan() || plain < 0.5),
+                "pure fp16 without the fix: cosine {plain}"
+            );
+        }
+        assert!(
+            fixed >= 0.99 && fixed_top1,
+            "pure fp16 from the fp16-safe package: cosine {fixed}"
         );
     }
     assert!(failures.is_empty(), "{failures:#?}");
@@ -301,7 +350,10 @@ fn smollm2_package_parity() {
         "smollm2",
         &["capital", "capital_chat"],
         49152,
-        Some(0),
+        Some(PureFp16 {
+            case: 0,
+            expect_garbage: true,
+        }),
     );
 }
 

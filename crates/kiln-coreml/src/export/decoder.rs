@@ -32,6 +32,7 @@ use super::weights::{self, WeightFormat};
 use super::{ExportError, ExportOptions, OutputKind, Precision};
 use crate::proto::DataType;
 use kiln_runtime::config::{Activation, ModelConfig, RopeStyle};
+use kiln_runtime::fp16::ops as norm_role;
 use kiln_runtime::weights::WeightMatrix;
 use kiln_runtime::Model;
 use std::ops::Range;
@@ -224,6 +225,15 @@ pub fn residual_scale(model: &Model) -> f32 {
     }
 }
 
+/// Epsilon of the RMSNorms that read the residual stream as the program carries it: the
+/// model's own for those norms (a model made fp16-safe by `kiln convert --fp16-safe` already
+/// carries its stream scaled and says so in `residual_rms_eps`), times the square of the
+/// program's further [`residual_scale`], so the norms' outputs are those of the unscaled model.
+fn stream_eps(model: &Model) -> f32 {
+    let rs = residual_scale(model);
+    model.config.residual_eps() * rs * rs
+}
+
 /// Per distinct rotary setting, the fp16 `cos` and `sin` of this call's positions.
 struct RopeTables {
     tables: Vec<((u32, u32), Var, Var)>,
@@ -323,8 +333,9 @@ pub fn build(
     }
     let h = rms_norm(
         b,
-        opts.precision,
-        c.rms_eps,
+        opts,
+        norm_role::OUTPUT_NORM,
+        stream_eps(model),
         "final_norm",
         &x,
         &model.output_norm,
@@ -474,32 +485,66 @@ fn shared_values(
 /// RMSNorm over the last axis with weight `w`; statistics in fp32 under mixed precision.
 fn rms_norm(
     b: &mut ProgramBuilder,
-    precision: Precision,
+    opts: &ExportOptions,
+    role: &str,
     eps: f32,
     name: &str,
     x: &Var,
     w: &[f32],
 ) -> Var {
-    match precision {
-        Precision::Mixed => {
-            let xf = b.cast(&format!("{name}_x_fp32"), x, F32);
-            let sq = b.mul(&format!("{name}_square"), &xf, &xf);
-            let ms = b.mean_last(&format!("{name}_mean"), &sq);
-            let r = b.rsqrt(&format!("{name}_rsqrt"), &ms, eps);
-            let n = b.mul(&format!("{name}_normalized"), &xf, &r);
-            let wv = b.weight(&format!("{name}_weight"), F32, &[w.len()], w);
-            let y = b.mul(&format!("{name}_scaled"), &n, &wv);
-            b.cast(name, &y, F16)
-        }
-        Precision::Fp16 => {
-            let sq = b.mul(&format!("{name}_square"), x, x);
-            let ms = b.mean_last(&format!("{name}_mean"), &sq);
-            let r = b.rsqrt(&format!("{name}_rsqrt"), &ms, eps);
-            let n = b.mul(&format!("{name}_normalized"), x, &r);
-            let wv = b.weight(&format!("{name}_weight"), F16, &[w.len()], w);
-            b.mul(name, &n, &wv)
-        }
+    let graph = &opts.fp16_graph;
+    let fp32 = opts.precision == Precision::Mixed
+        || graph
+            .fp32_ops
+            .iter()
+            .any(|op| op.split('.').next() == Some(role));
+    if fp32 {
+        let xf = b.cast(&format!("{name}_x_fp32"), x, F32);
+        let sq = b.mul(&format!("{name}_square"), &xf, &xf);
+        let ms = b.mean_last(&format!("{name}_mean"), &sq);
+        let r = b.rsqrt(&format!("{name}_rsqrt"), &ms, eps);
+        let n = b.mul(&format!("{name}_normalized"), &xf, &r);
+        let wv = b.weight(&format!("{name}_weight"), F32, &[w.len()], w);
+        let y = b.mul(&format!("{name}_scaled"), &n, &wv);
+        return b.cast(name, &y, F16);
     }
+    let wv = b.weight(&format!("{name}_weight"), F16, &[w.len()], w);
+    if graph.max_scaled_norms.iter().any(|n| n == role) {
+        // Divided by the row's largest magnitude first: every square is at most 1 and the
+        // mean at least 1/width, so nothing overflows or vanishes in fp16; the epsilon is
+        // divided by the same factor squared, which keeps the value of the norm. The floor
+        // (fp16's smallest normal) keeps an all-zero row finite.
+        let a = b.unary("abs", &format!("{name}_abs"), x);
+        let m = b.reduce_last("reduce_max", &format!("{name}_row_max"), &a);
+        let floor = b.scalar(&format!("{name}_floor"), F16, F16_MIN_NORMAL);
+        let m = b.binary("maximum", &format!("{name}_divisor"), &m, &floor);
+        let y = b.binary("real_div", &format!("{name}_max_scaled"), x, &m);
+        let sq = b.mul(&format!("{name}_square"), &y, &y);
+        let ms = b.mean_last(&format!("{name}_mean"), &sq);
+        let e = b.scalar(&format!("{name}_eps"), F16, eps);
+        let e = b.binary("real_div", &format!("{name}_eps_once"), &e, &m);
+        let e = b.binary("real_div", &format!("{name}_eps_scaled"), &e, &m);
+        let t = b.add(&format!("{name}_mean_eps"), &ms, &e);
+        let r = b.rsqrt(&format!("{name}_rsqrt"), &t, 0.0);
+        let n = b.mul(&format!("{name}_normalized"), &y, &r);
+        return b.mul(name, &n, &wv);
+    }
+    let sq = b.mul(&format!("{name}_square"), x, x);
+    let ms = b.mean_last(&format!("{name}_mean"), &sq);
+    let r = b.rsqrt(&format!("{name}_rsqrt"), &ms, eps);
+    let n = b.mul(&format!("{name}_normalized"), x, &r);
+    b.mul(name, &n, &wv)
+}
+
+/// fp16's smallest normal value.
+const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
+
+/// Whether an operation the fp16 fix names (`attn_norm`, `ffn_norm.square`, …) belongs to an
+/// RMSNorm, the only operations the exported program can compute in fp32.
+pub(super) fn is_norm(op: &str) -> bool {
+    op.split('.')
+        .next()
+        .is_some_and(|base| base.ends_with("norm"))
 }
 
 /// x `[1, n, q, hd]` → x·cos + rotate_half(x)·sin, rotate_half(x) = [-x2, x1].
@@ -558,18 +603,18 @@ fn layer(
     let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
     let group = nh / nkv;
     let wf = opts.weights;
-    let prec = opts.precision;
     let eps = c.rms_eps;
     let interleaved = c.rope_style == RopeStyle::Interleaved;
     let p = format!("layer{l}");
     // The norms reading the (scaled) residual stream see its epsilon scaled alike; the post
     // norms write into the stream at its scale.
     let rs = residual_scale(model);
-    let stream_eps = eps * rs * rs;
+    let stream_eps = stream_eps(model);
     let into_stream = |w: &[f32]| -> Vec<f32> { w.iter().map(|v| v * rs).collect() };
     let h = rms_norm(
         b,
-        prec,
+        opts,
+        norm_role::ATTN_NORM,
         stream_eps,
         &format!("{p}_attn_norm"),
         x,
@@ -608,11 +653,11 @@ fn layer(
                  w: &Var,
                  bias: Option<&Var>,
                  n: usize,
-                 norm: Option<&Vec<f32>>| {
+                 norm: Option<(&str, &Vec<f32>)>| {
         let y = b.linear(&format!("{name}_linear"), &h, w, bias);
         let mut y = b.reshape(&format!("{name}_heads"), &y, &[1, -1, n as i64, hd as i64]);
-        if let Some(nw) = norm {
-            y = rms_norm(b, prec, eps, &format!("{name}_norm"), &y, nw);
+        if let Some((role, nw)) = norm {
+            y = rms_norm(b, opts, role, eps, &format!("{name}_norm"), &y, nw);
         }
         b.transpose(name, &y, &[0, 2, 1, 3])
     };
@@ -622,7 +667,7 @@ fn layer(
         &wq,
         bq.as_ref(),
         nh,
-        lw.q_norm.as_ref(),
+        lw.q_norm.as_ref().map(|w| (norm_role::ATTN_Q_NORM, w)),
     );
     let k = heads(
         b,
@@ -630,7 +675,7 @@ fn layer(
         &wk,
         bk.as_ref(),
         nkv,
-        lw.k_norm.as_ref(),
+        lw.k_norm.as_ref().map(|w| (norm_role::ATTN_K_NORM, w)),
     );
     let v = heads(b, &format!("{p}_v"), &wv, bv.as_ref(), nkv, None);
     let rope_key = (lc.rope_base.to_bits(), lc.rope_freq_scale.to_bits());
@@ -722,7 +767,8 @@ fn layer(
     if let Some(pn) = &lw.post_attn_norm {
         o = rms_norm(
             b,
-            prec,
+            opts,
+            norm_role::POST_ATTENTION_NORM,
             eps,
             &format!("{p}_post_attn_norm"),
             &o,
@@ -733,7 +779,8 @@ fn layer(
 
     let h = rms_norm(
         b,
-        prec,
+        opts,
+        norm_role::FFN_NORM,
         stream_eps,
         &format!("{p}_ffn_norm"),
         &x,
@@ -760,7 +807,8 @@ fn layer(
     if let Some(pn) = &lw.post_ffn_norm {
         down = rms_norm(
             b,
-            prec,
+            opts,
+            norm_role::POST_FFW_NORM,
             eps,
             &format!("{p}_post_ffn_norm"),
             &down,

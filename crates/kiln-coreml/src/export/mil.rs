@@ -940,6 +940,11 @@ impl ProgramBuilder {
 
     /// Mean over the last axis, kept as a unit axis.
     pub fn mean_last(&mut self, hint: &str, x: &Var) -> Var {
+        self.reduce_last("reduce_mean", hint, x)
+    }
+
+    /// A `reduce_*` op (`reduce_mean`, `reduce_max`, …) over the last axis, keeping it.
+    pub fn reduce_last(&mut self, op_type: &str, hint: &str, x: &Var) -> Var {
         let axes = self.ints(&format!("{hint}_axes"), &[-1]);
         let keep = self.boolean(&format!("{hint}_keep_dims"), true);
         let mut shape = x.shape.clone();
@@ -947,7 +952,7 @@ impl ProgramBuilder {
             *l = Some(1);
         }
         self.op(
-            "reduce_mean",
+            op_type,
             hint,
             &[
                 ("x", Arg::One(x)),

@@ -31,6 +31,7 @@ pub use package_writer::PackageWriter;
 pub use weights::{WeightFormat, INT4_BLOCK};
 
 use crate::proto;
+pub use kiln_runtime::fp16::GraphFix;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -144,6 +145,11 @@ pub struct ExportOptions {
     /// The largest weight file of one package, in bytes; larger models are cut into
     /// packages over layer ranges.
     pub max_chunk_bytes: u64,
+    /// What the program computes differently so that it stays in fp16 range, as
+    /// `kiln convert --fp16-safe` recorded it in the source package ([`export_model`] reads
+    /// it from there): the RMSNorms it names are computed max-scaled under
+    /// [`Precision::Fp16`], and with their statistics in fp32 when listed as fp32 ops.
+    pub fp16_graph: GraphFix,
 }
 
 impl Default for ExportOptions {
@@ -156,6 +162,7 @@ impl Default for ExportOptions {
             output: OutputKind::Logits,
             lm_head_split: HeadSplit::Auto,
             max_chunk_bytes: DEFAULT_MAX_CHUNK_BYTES,
+            fp16_graph: GraphFix::default(),
         }
     }
 }
@@ -316,6 +323,16 @@ fn check_model(model: &kiln_runtime::Model, opts: &ExportOptions) -> Result<(), 
     for rows in decoder::head_pieces(c.vocab_size, pieces) {
         opts.weights.check("the LM head", rows.len(), c.n_embd)?;
     }
+    if let Some(op) = opts
+        .fp16_graph
+        .fp32_ops
+        .iter()
+        .find(|op| !decoder::is_norm(op))
+    {
+        return Err(ExportError::Invalid(format!(
+            "the source's fp16 fix keeps {op} in fp32, which the exported program cannot do (only RMSNorm statistics are computed in fp32)"
+        )));
+    }
     if opts.max_chunk_bytes == 0 {
         return Err(ExportError::Invalid(
             "--max-chunk-mb must be positive".into(),
@@ -416,6 +433,20 @@ pub fn export_model(
     opts: &ExportOptions,
     source: &SourceInfo,
 ) -> Result<ExportSummary, ExportError> {
+    // A source made fp16-safe says what its graph must compute differently.
+    let recorded = kiln_runtime::fp16_fix::of_model_path(&model.origin)
+        .map_err(|e| ExportError::Invalid(e.to_string()))?;
+    let with_fix;
+    let opts = match recorded {
+        Some(fix) if opts.fp16_graph == GraphFix::default() => {
+            with_fix = ExportOptions {
+                fp16_graph: fix.graph,
+                ..opts.clone()
+            };
+            &with_fix
+        }
+        _ => opts,
+    };
     check_model(model, opts)?;
     if dest.extension().is_none_or(|e| e != "mlpackage") {
         return Err(ExportError::Invalid(format!(
