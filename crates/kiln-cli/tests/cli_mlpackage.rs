@@ -29,19 +29,28 @@ fn smollm2_package() -> &'static Path {
     static PKG: OnceLock<PathBuf> = OnceLock::new();
     PKG.get_or_init(|| {
         let pkg = tmpdir("export").join("smollm2.mlpackage");
-        kiln_ok(&[
-            "export",
-            "coreml",
-            s(&smollm2()),
-            "-o",
-            s(&pkg),
-            "--context",
-            &CONTEXT.to_string(),
-            "--max-query",
-            &MAX_QUERY.to_string(),
-        ]);
+        export_smollm2(&pkg, &[]);
         pkg
     })
+}
+
+/// `kiln export coreml` of SmolLM2 with the settings above, plus `extra`.
+fn export_smollm2(pkg: &Path, extra: &[&str]) {
+    let (context, max_query) = (CONTEXT.to_string(), MAX_QUERY.to_string());
+    let source = smollm2();
+    let mut args = vec![
+        "export",
+        "coreml",
+        s(&source),
+        "-o",
+        s(pkg),
+        "--context",
+        &context,
+        "--max-query",
+        &max_query,
+    ];
+    args.extend_from_slice(extra);
+    kiln_ok(&args);
 }
 
 fn reference() -> Value {
@@ -169,19 +178,7 @@ fn smollm2_split_over_packages_runs_as_one() {
     let whole = smollm2_package();
     let dir = tmpdir("split");
     let pkg = dir.join("smol.mlpackage");
-    kiln_ok(&[
-        "export",
-        "coreml",
-        s(&smollm2()),
-        "-o",
-        s(&pkg),
-        "--context",
-        &CONTEXT.to_string(),
-        "--max-query",
-        &MAX_QUERY.to_string(),
-        "--max-chunk-mb",
-        "100",
-    ]);
+    export_smollm2(&pkg, &["--max-chunk-mb", "100"]);
     // Embedding + layers 0..6, layers 6..20, 20..30, then the tied head alone (56.6 MB).
     let parts: Vec<PathBuf> = (1..=4)
         .map(|i| dir.join(format!("smol-part{i}.mlpackage")))
