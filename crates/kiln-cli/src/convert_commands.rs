@@ -25,7 +25,8 @@ pub struct ConvertArgs {
     pub to: String,
     /// Weight format: keep (the source's blocks as they are), f32, f16, bf16, int8-channel
     /// (int8, one scale per output channel), int4-block32 (ggml Q4_0), int4-block32-offset
-    /// (ggml Q4_1), int4-block64, or lut2, lut4, lut6, lut8 (k-means lookup tables).
+    /// (ggml Q4_1), int4-block64, lut2, lut4, lut6, lut8 (k-means lookup tables), or
+    /// lut4-block32 (a 4-bit table with a scale and an offset per block of 32).
     #[arg(long, default_value = "keep")]
     pub quant: String,
     /// Output channels sharing one lookup table (lut2..lut8); without it, one table per

@@ -1,6 +1,7 @@
 //! Tensor formats of the kiln package that no ggml block type represents: int8 with one scale
-//! per output channel, int4 in blocks of 64, and lookup tables (palettization) of 2, 4, 6 or
-//! 8 bits per tensor or per group of output channels.
+//! per output channel, int4 in blocks of 64, lookup tables (palettization) of 2, 4, 6 or
+//! 8 bits per tensor or per group of output channels, and a 4-bit lookup table with a scale
+//! and an offset per block of 32.
 //!
 //! A package tensor is either a ggml block type or one of these ([`TensorFormat`]). Every
 //! layout here is row-major over `rows` output channels of `cols` input channels (ggml shape
@@ -26,6 +27,16 @@
 //!
 //!   These orders put consecutive elements in consecutive SIMD lanes after one shift and mask,
 //!   so a kernel needs no shuffle to line indices up with activations.
+//! - `LUT4_B32` ([`KilnType::Lut4B32`]): one table of 16 unsigned 7-bit entries `u` (0..=127,
+//!   ascending) for the tensor, and per block of 32 input channels an int8 scale `a` and an
+//!   int8 offset `b`, in units of the row's f32 scale unit `S` and offset unit `M`:
+//!   `w = S · a · u[q] + M · b`. Each row is `S`, `M` (f32), then `cols / 32` blocks of 18
+//!   bytes: `a`, `b` (i8), 16 bytes of indices laid out as for `LUT4`. The table's 16 bytes
+//!   follow the last row. 4.5 bits per weight, as ggml's `Q4_0`.
+//!
+//!   Small integer entries let a kernel look weights up with a byte shuffle and multiply them
+//!   with int8 activations exactly (`127 · 127 · 2` fits the 16-bit pair sums); the offset
+//!   comes in through the activation block sums.
 
 use std::fmt;
 
@@ -40,6 +51,14 @@ pub const I4_BLOCK: usize = 64;
 pub const I4_BLOCK_BYTES: usize = 2 + I4_BLOCK / 2;
 /// Index widths a lookup-table format may use.
 pub const LUT_BITS: [u8; 4] = [2, 4, 6, 8];
+/// Bytes of a `LUT4_B32` row's header: the f32 scale and offset units.
+pub const LUT4_B32_ROW_HEADER: usize = 8;
+/// Bytes per `LUT4_B32` block: the int8 scale and offset, and 16 bytes of indices.
+pub const LUT4_B32_BLOCK_BYTES: usize = 2 + CHUNK / 2;
+/// Bytes of the `LUT4_B32` table: 16 entries of one byte.
+pub const LUT4_B32_TABLE_BYTES: usize = 16;
+/// The largest `LUT4_B32` table entry.
+pub const LUT4_B32_ENTRY_MAX: u8 = 127;
 
 /// A kiln-specific tensor format (see the module documentation for the byte layouts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,6 +67,9 @@ pub enum KilnType {
     I8Ch,
     /// Symmetric int4 in blocks of 64 input channels with an f16 scale.
     I4B64,
+    /// 4-bit indices into one 7-bit table for the tensor, with an int8 scale and offset per
+    /// block of 32 input channels against f32 units per row.
+    Lut4B32,
     /// `bits`-bit indices into f16 tables of `2^bits` entries.
     Lut {
         /// Bits per index: 2, 4, 6 or 8.
@@ -63,6 +85,7 @@ impl KilnType {
         match self {
             KilnType::I8Ch => "I8_CH".into(),
             KilnType::I4B64 => "I4_B64".into(),
+            KilnType::Lut4B32 => "LUT4_B32".into(),
             KilnType::Lut { bits, group: None } => format!("LUT{bits}"),
             KilnType::Lut {
                 bits,
@@ -76,6 +99,7 @@ impl KilnType {
         match name {
             "I8_CH" => return Some(KilnType::I8Ch),
             "I4_B64" => return Some(KilnType::I4B64),
+            "LUT4_B32" => return Some(KilnType::Lut4B32),
             _ => {}
         }
         let rest = name.strip_prefix("LUT")?;
@@ -114,12 +138,13 @@ impl KilnType {
         match self {
             KilnType::I8Ch => cols.checked_add(4),
             KilnType::I4B64 => Some(cols / I4_BLOCK * I4_BLOCK_BYTES),
+            KilnType::Lut4B32 => Some(LUT4_B32_ROW_HEADER + cols / CHUNK * LUT4_B32_BLOCK_BYTES),
             KilnType::Lut { bits, .. } => Some(cols / 8 * bits as usize),
         }
     }
 
-    /// Tables of a `rows`-row tensor (0 for the formats without tables), or `None` when the
-    /// group size does not divide `rows`.
+    /// f16 tables of a `rows`-row tensor (0 for the formats without them, `LUT4_B32`'s byte
+    /// table included), or `None` when the group size does not divide `rows`.
     pub fn tables(self, rows: usize) -> Option<usize> {
         match self {
             KilnType::Lut { group: None, .. } => Some(1),
@@ -131,7 +156,7 @@ impl KilnType {
         }
     }
 
-    /// Entries per table (`2^bits`; 0 for the formats without tables).
+    /// Entries per f16 table (`2^bits`; 0 for the formats without them).
     pub fn table_len(self) -> usize {
         match self {
             KilnType::Lut { bits, .. } => 1 << bits,
@@ -145,7 +170,10 @@ impl KilnType {
             return None;
         }
         let row = self.row_bytes(cols)? as u64;
-        let tables = (self.tables(rows)? * self.table_len() * 2) as u64;
+        let tables = match self {
+            KilnType::Lut4B32 => LUT4_B32_TABLE_BYTES as u64,
+            _ => (self.tables(rows)? * self.table_len() * 2) as u64,
+        };
         row.checked_mul(rows as u64)?.checked_add(tables)
     }
 
@@ -286,6 +314,25 @@ pub fn dequantize_row(
                 }
             }
         }
+        KilnType::Lut4B32 => {
+            let u = lut4_b32_table(data);
+            let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
+            let m = f32::from_le_bytes([row[4], row[5], row[6], row[7]]);
+            let mut idx = [0u8; CHUNK];
+            for (o, blk) in out
+                .chunks_exact_mut(CHUNK)
+                .zip(row[LUT4_B32_ROW_HEADER..].chunks_exact(LUT4_B32_BLOCK_BYTES))
+            {
+                // In f64, so each weight is rounded once even where the offset cancels most
+                // of the scaled entry.
+                let a = f64::from(s) * f64::from(blk[0] as i8);
+                let b = f64::from(m) * f64::from(blk[1] as i8);
+                unpack_chunk(4, &blk[2..], &mut idx);
+                for (v, &i) in o.iter_mut().zip(&idx) {
+                    *v = (a * f64::from(u[i as usize]) + b) as f32;
+                }
+            }
+        }
         KilnType::Lut { bits, .. } => {
             let table = lut_table(ty, data, rows, cols, r);
             let mut idx = [0u8; CHUNK];
@@ -301,6 +348,38 @@ pub fn dequantize_row(
             }
         }
     }
+}
+
+/// Checks what the size alone cannot: that `data` (a `rows` × `cols` tensor of `ty`, of the
+/// right length) holds values the format allows — a `LUT4_B32` table's entries are at most
+/// [`LUT4_B32_ENTRY_MAX`], which the kernels rely on.
+pub fn check_data(ty: KilnType, data: &[u8], rows: usize, cols: usize) -> Result<(), QuantError> {
+    if ty.data_length(cols, rows) != Some(data.len() as u64) {
+        return Err(QuantError(format!(
+            "{ty}: {} bytes are not a {rows}x{cols} tensor",
+            data.len()
+        )));
+    }
+    if ty == KilnType::Lut4B32 {
+        let table = lut4_b32_table(data);
+        if let Some(k) = table.iter().position(|&e| e > LUT4_B32_ENTRY_MAX) {
+            return Err(QuantError(format!(
+                "{ty}: table entry {k} is {}, the format allows 0..={LUT4_B32_ENTRY_MAX}",
+                table[k]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The table of a `LUT4_B32` tensor (its last 16 bytes).
+///
+/// # Panics
+/// If `data` is shorter than the table.
+pub fn lut4_b32_table(data: &[u8]) -> &[u8; LUT4_B32_TABLE_BYTES] {
+    data[data.len() - LUT4_B32_TABLE_BYTES..]
+        .try_into()
+        .expect("16 bytes")
 }
 
 /// The table of row `r` of a lookup-table tensor, as f32.
@@ -616,6 +695,97 @@ pub fn encode_lut(
     Ok(out)
 }
 
+/// Encodes `w` (`rows` × `cols`, row-major) as `LUT4_B32`.
+///
+/// The table is learned with the blocks' scales and offsets by alternating least squares
+/// ([`quant::lut_block::learn_table`]) and put on the 7-bit grid (its first entry 0, its last
+/// 127: the blocks' scales and offsets absorb any affine map). Then, per row, every block's
+/// scale and offset are fitted to that table, the row's units set so the largest magnitudes
+/// are ±127, and every block fitted again with its scale and offset rounded to the units, so
+/// the stored parameters are the ones searched for.
+pub fn encode_lut4_b32(w: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
+    check_matrix(KilnType::Lut4B32, w, rows, cols)?;
+    let learned = quant::lut_block::learn_table(w, rows, cols, CHUNK);
+    let (lo, hi) = (learned[0], learned[15]);
+    let max = f32::from(LUT4_B32_ENTRY_MAX);
+    // The span of the grid is chosen where the table's entries fall closest to integers: a
+    // uniform table (an affine source, such as ggml's Q4_1) then stays exactly uniform.
+    let rel: [f32; 16] = std::array::from_fn(|k| {
+        if hi > lo {
+            (learned[k] - lo) / (hi - lo)
+        } else {
+            k as f32 / 15.0
+        }
+    });
+    let misfit = |span: f32| -> f32 {
+        rel.iter()
+            .map(|&v| {
+                let e = (v * span - (v * span).round()) / span;
+                e * e
+            })
+            .sum()
+    };
+    let span = (64..=u16::from(LUT4_B32_ENTRY_MAX))
+        .rev()
+        .map(f32::from)
+        .fold((f32::INFINITY, max), |best, sp| {
+            let e = misfit(sp);
+            if e < best.0 {
+                (e, sp)
+            } else {
+                best
+            }
+        })
+        .1;
+    let table: [u8; LUT4_B32_TABLE_BYTES] =
+        std::array::from_fn(|k| (rel[k] * span).round().clamp(0.0, max) as u8);
+    let t: [f32; 16] = std::array::from_fn(|k| f32::from(table[k]));
+    let row_bytes = KilnType::Lut4B32.row_bytes(cols).expect("checked");
+    let mut out = vec![0u8; rows * row_bytes + LUT4_B32_TABLE_BYTES];
+    let (row_part, table_part) = out.split_at_mut(rows * row_bytes);
+    table_part.copy_from_slice(&table);
+    let nb = cols / CHUNK;
+    let rows_per_piece = (16384 / cols).max(1);
+    quant::par_chunks(row_part, rows_per_piece * row_bytes, |start, dst| {
+        let first = start / row_bytes;
+        let mut sm = vec![(0.0f32, 0.0f32); nb];
+        let mut q = [0u8; CHUNK];
+        for (k, row_out) in dst.chunks_exact_mut(row_bytes).enumerate() {
+            let r = first + k;
+            let row = &w[r * cols..(r + 1) * cols];
+            let exact = |a: f32, b: f32| (a, b);
+            for (p, x) in sm.iter_mut().zip(row.chunks_exact(CHUNK)) {
+                let (_, a, b) = quant::lut_block::fit_block(x, &t, &exact, &mut q);
+                *p = (a, b);
+            }
+            let unit = |f: fn(&(f32, f32)) -> f32| {
+                sm.iter().fold(0.0f32, |acc, p| acc.max(f(p).abs())) / max
+            };
+            let (su, mu) = (unit(|p| p.0), unit(|p| p.1));
+            let to_code = |v: f32, u: f32| {
+                if u > 0.0 {
+                    (v / u).round().clamp(-max, max)
+                } else {
+                    0.0
+                }
+            };
+            let round = |a: f32, b: f32| (to_code(a, su) * su, to_code(b, mu) * mu);
+            row_out[..4].copy_from_slice(&su.to_le_bytes());
+            row_out[4..8].copy_from_slice(&mu.to_le_bytes());
+            for (x, blk) in row
+                .chunks_exact(CHUNK)
+                .zip(row_out[LUT4_B32_ROW_HEADER..].chunks_exact_mut(LUT4_B32_BLOCK_BYTES))
+            {
+                let (_, a, b) = quant::lut_block::fit_block(x, &t, &round, &mut q);
+                blk[0] = to_code(a, su) as i8 as u8;
+                blk[1] = to_code(b, mu) as i8 as u8;
+                pack_chunk(4, &q, &mut blk[2..]);
+            }
+        }
+    });
+    Ok(out)
+}
+
 /// Index of the entry of the ascending `table` nearest to `v` (the lower one on a tie).
 fn nearest(table: &[f32], v: f32) -> u8 {
     let i = table.partition_point(|&t| t < v);
@@ -652,6 +822,7 @@ mod tests {
         for ty in [
             KilnType::I8Ch,
             KilnType::I4B64,
+            KilnType::Lut4B32,
             KilnType::Lut {
                 bits: 4,
                 group: None,
@@ -713,5 +884,10 @@ mod tests {
         assert_eq!(KilnType::I8Ch.data_length(64, 3), Some(3 * 68));
         assert_eq!(KilnType::I4B64.data_length(128, 2), Some(2 * 68));
         assert_eq!(KilnType::I4B64.data_length(96, 2), None);
+        assert_eq!(
+            KilnType::Lut4B32.data_length(64, 3),
+            Some(3 * (8 + 36) + 16)
+        );
+        assert_eq!(KilnType::Lut4B32.data_length(48, 3), None);
     }
 }

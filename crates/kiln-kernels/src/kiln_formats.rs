@@ -1,10 +1,15 @@
 //! Dot-product kernels for the kiln package's own tensor formats
-//! ([`kiln_format::kiln_types`]): `I8_CH`, `I4_B64` and the lookup tables `LUT{b}[_G{n}]`.
+//! ([`kiln_format::kiln_types`]): `I8_CH`, `I4_B64`, the lookup tables `LUT{b}[_G{n}]` and
+//! `LUT4_B32`.
 //!
 //! - `I8_CH` and `I4_B64` multiply integer weight codes with int8 activations in 32-element
 //!   blocks ([`ActivationFormat::Q8_1`]), exactly like the ggml kernels: integer sums per
 //!   block, then the activation block's scale, then the weight's scale (per row for `I8_CH`,
 //!   per 64-element block for `I4_B64`).
+//! - `LUT4_B32` does the same with the weights looked up in its 7-bit table (integers, so the
+//!   block sums stay exact): per block the integer sum times the block's scale code and the
+//!   activation scale, plus the offset code times the activation block sum; the row's units
+//!   multiply the two totals at the end.
 //! - Lookup tables multiply in f32 against f32 activations ([`ActivationFormat::F32`]): each
 //!   index is looked up in the row's table (`vpermps` over a table held in registers) and the
 //!   value multiplied with the activation, so the product is that of the stored weights with
@@ -17,7 +22,9 @@
 use std::ops::Range;
 
 use kiln_format::ggml::f16_to_f32;
-use kiln_format::kiln_types::{self, KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES};
+use kiln_format::kiln_types::{
+    self, KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER,
+};
 
 use crate::activation::{ActivationFormat, QuantizedRow};
 use crate::Isa;
@@ -25,7 +32,7 @@ use crate::Isa;
 /// The activation format the kernels for `ty` multiply with.
 pub fn activation_format(ty: KilnType) -> ActivationFormat {
     match ty {
-        KilnType::I8Ch | KilnType::I4B64 => ActivationFormat::Q8_1,
+        KilnType::I8Ch | KilnType::I4B64 | KilnType::Lut4B32 => ActivationFormat::Q8_1,
         KilnType::Lut { .. } => ActivationFormat::F32,
     }
 }
@@ -178,7 +185,8 @@ pub fn dot_reference(w: &KilnMatrix, r: usize, xq: &QuantizedRow) -> f32 {
 /// The largest difference guaranteed between a SIMD kernel and [`dot_reference`]:
 /// `(cols / 16 + 64) * f32::EPSILON * M`, where `M` bounds every partial sum a kernel forms:
 /// `sum_i |w_i x_i|` for lookup tables; for the integer formats the same over the codes as the
-/// kernels offset them (`|s| (|c| + 128) |x|` for `I8_CH`, `|d| (q + 8) |x|` for `I4_B64`).
+/// kernels offset them (`|s| (|c| + 128) |x|` for `I8_CH`, `|d| (q + 8) |x|` for `I4_B64`;
+/// for `LUT4_B32`, `|S a| u |x|` plus `|M b Σx|` per block).
 ///
 /// # Panics
 /// As [`dot_reference`].
@@ -233,6 +241,30 @@ pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
                 }
             }
             debug_assert_eq!(row.len() / I4_BLOCK_BYTES * I4_BLOCK, w.cols);
+            (sum, mag)
+        }
+        KilnType::Lut4B32 => {
+            let u = kiln_types::lut4_b32_table(w.data);
+            let s = f64::from(f32::from_le_bytes([row[0], row[1], row[2], row[3]]));
+            let m = f64::from(f32::from_le_bytes([row[4], row[5], row[6], row[7]]));
+            let mut idx = [0u8; CHUNK];
+            let (mut sum, mut mag) = (0.0f64, 0.0f64);
+            for (b, blk) in row[LUT4_B32_ROW_HEADER..]
+                .chunks_exact(LUT4_B32_BLOCK_BYTES)
+                .enumerate()
+            {
+                kiln_types::unpack_chunk(4, &blk[2..], &mut idx);
+                let (mut ux, mut um) = (0i64, 0i64);
+                for (&i, &xc) in idx.iter().zip(&x.codes[b * CHUNK..(b + 1) * CHUNK]) {
+                    let (uv, xc) = (i64::from(u[i as usize]), i64::from(xc));
+                    ux += uv * xc;
+                    um += uv * xc.abs();
+                }
+                let a = s * f64::from(blk[0] as i8) * f64::from(x.scales[b]);
+                let off = m * f64::from(blk[1] as i8) * f64::from(x.sums[b]);
+                sum += a * ux as f64 + off;
+                mag += a.abs() * um as f64 + off.abs();
+            }
             (sum, mag)
         }
         KilnType::Lut { bits, .. } => {

@@ -1,4 +1,4 @@
-//! The kiln-format kernels (`I8_CH`, `I4_B64`, lookup tables) at every available level
+//! The kiln-format kernels (`I8_CH`, `I4_B64`, lookup tables, `LUT4_B32`) at every available level
 //! against their scalar reference, and the reference against kiln-format's dequantization.
 
 use kiln_format::ggml::f32_to_f16;
@@ -56,6 +56,30 @@ fn tensor(ty: KilnType, rows: usize, cols: usize) -> BoxedStrategy<Vec<u8>> {
                 .collect()
         })
         .boxed(),
+        KilnType::Lut4B32 => (
+            prop::collection::vec(
+                (
+                    f32_scale(),
+                    f32_scale(),
+                    prop::collection::vec(any::<u8>(), cols / 32 * 18),
+                ),
+                rows,
+            ),
+            // Any entries of the 7-bit grid, in any order.
+            prop::collection::vec(0u8..=kiln_types::LUT4_B32_ENTRY_MAX, 16),
+        )
+            .prop_map(|(rs, table)| {
+                rs.into_iter()
+                    .flat_map(|(s, m, blocks)| {
+                        s.to_le_bytes()
+                            .into_iter()
+                            .chain(m.to_le_bytes())
+                            .chain(blocks)
+                    })
+                    .chain(table)
+                    .collect()
+            })
+            .boxed(),
         KilnType::Lut { .. } => {
             let tables = ty.tables(rows).unwrap() * ty.table_len();
             (
@@ -198,6 +222,7 @@ macro_rules! kernels_match_reference {
 kernels_match_reference! {
     i8_ch: KilnType::I8Ch, 9;
     i4_b64: KilnType::I4B64, 5;
+    lut4_b32: KilnType::Lut4B32, 9;
     lut4_per_tensor: KilnType::Lut { bits: 4, group: None }, 9;
     lut4_groups_of_two: KilnType::Lut { bits: 4, group: Some(2) }, 9;
     lut2_groups_of_three: KilnType::Lut { bits: 2, group: Some(3) }, 9;
@@ -223,6 +248,49 @@ fn known_values() {
         .zip(&x)
         .map(|(&c, &v)| 0.5 * f32::from(c) * v)
         .sum();
+    assert_eq!(dot_reference(&w, 0, &q), want);
+    for isa in available_isas() {
+        let mut out = [0.0f32];
+        dot_block_with(isa, &w, 0..1, std::slice::from_ref(&q), &mut out, 1);
+        assert_eq!(out[0], want, "{isa:?}");
+    }
+}
+
+#[test]
+fn lut4_b32_known_values() {
+    // One row of two blocks: units S = 0.5, M = 0.25; block 0 scale 2, offset -4, block 1
+    // scale -1, offset 8; table u[k] = 8k; index of element i is i % 16.
+    let cols = 64;
+    let mut data = 0.5f32.to_le_bytes().to_vec();
+    data.extend(0.25f32.to_le_bytes());
+    let mut want_w = Vec::new();
+    for (a, b) in [(2i8, -4i8), (-1, 8)] {
+        data.extend([a as u8, b as u8]);
+        data.extend((0..16u8).map(|j| j | (j << 4)));
+        want_w.extend(
+            (0..32).map(|i| 0.5 * f32::from(a) * (8 * (i % 16)) as f32 + 0.25 * f32::from(b)),
+        );
+    }
+    data.extend((0..16u8).map(|k| 8 * k));
+    let ty = KilnType::Lut4B32;
+    let mut back = vec![0.0f32; cols];
+    kiln_types::dequantize_row(ty, &data, 1, cols, 0, &mut back);
+    assert_eq!(back, want_w);
+    let w = KilnMatrix::new(ty, &data, 1, cols).unwrap();
+    // Activations the int8 blocks hold exactly (each block's largest magnitude is 127).
+    let x: Vec<f32> = (0..cols)
+        .map(|i| {
+            if i % 32 == 0 {
+                127.0
+            } else {
+                ((i * 7) % 200) as f32 - 100.0
+            }
+        })
+        .collect();
+    let mut q = QuantizedRow::new();
+    quantize_row(&x, activation_format(ty), &mut q);
+    assert_eq!(q.dequantize(), x);
+    let want: f32 = want_w.iter().zip(&x).map(|(&a, &b)| a * b).sum();
     assert_eq!(dot_reference(&w, 0, &q), want);
     for isa in available_isas() {
         let mut out = [0.0f32];

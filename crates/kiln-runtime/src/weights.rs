@@ -147,7 +147,15 @@ impl WeightMatrix {
                 ),
             )
         })?;
-        tensor_data(source, name, &t)?;
+        let data = tensor_data(source, name, &t)?;
+        if let TensorFormat::Kiln(ty) = t.format {
+            kiln_types::check_data(ty, data, rows, cols).map_err(|e| {
+                ModelError::bad(
+                    source.origin(),
+                    format!("tensor {}: {e}", source.describe(name)),
+                )
+            })?;
+        }
         Ok(WeightMatrix {
             storage: t.storage,
             offset: t.offset,

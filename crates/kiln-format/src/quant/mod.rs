@@ -26,6 +26,7 @@ mod int4;
 mod int8;
 pub mod kmeans;
 mod lut;
+pub mod lut_block;
 mod metrics;
 mod par;
 

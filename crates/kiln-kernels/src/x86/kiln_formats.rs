@@ -1,4 +1,5 @@
-//! AVX-512 VNNI and AVX2 kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2`, `LUT4`).
+//! AVX-512 VNNI and AVX2 kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2`, `LUT4`,
+//! `LUT4_B32`).
 //!
 //! Tiles of 4 weight rows by 2 activation rows, rows outermost, as for the ggml formats: a
 //! tile's weights are unpacked once and stay in L1 while the activation rows pass.
@@ -10,6 +11,12 @@
 //! - `I4_B64`: the nibbles of a 64-element block are its unsigned codes `q` in order (low
 //!   nibbles elements 0..32, high nibbles 32..64), multiplied by the two activation blocks; the
 //!   `−8` offset comes in through the activation block sums, once per block.
+//! - `LUT4_B32`: the nibbles index the tensor's 16-byte table with `vpshufb` (the table in
+//!   every 128-bit lane), giving unsigned 7-bit weights that `vpdpbusd` (AVX2: `vpmaddubsw`,
+//!   whose pair sums stay below 2 · 127 · 127 < 2^15) multiplies with the int8 activations.
+//!   Each block's integer sum is scaled by its scale code times the activation scale; the
+//!   offset codes meet the activation block sums in a scalar sum; the row's two units apply
+//!   once at the end.
 //! - `LUT2` / `LUT4`: the row's f16 table is widened to f32 in one register and looked up with
 //!   `vpermps` (AVX2: two 8-entry halves and a blend on the index's top bit), then multiplied
 //!   with the f32 activations.
@@ -21,7 +28,9 @@
 use core::arch::x86_64::*;
 use std::ops::Range;
 
-use kiln_format::kiln_types::{KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES};
+use kiln_format::kiln_types::{
+    self, KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER,
+};
 
 use crate::activation::QuantizedRow;
 use crate::kiln_formats::KilnMatrix;
@@ -31,7 +40,7 @@ use crate::Isa;
 pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
     let simd = matches!(isa, Isa::Avx2 | Isa::Avx512Vnni);
     simd && match ty {
-        KilnType::I8Ch | KilnType::I4B64 => true,
+        KilnType::I8Ch | KilnType::I4B64 | KilnType::Lut4B32 => true,
         KilnType::Lut { bits, .. } => bits == 4 || bits == 2,
     }
 }
@@ -117,10 +126,12 @@ unsafe fn tile<const R: usize, const T: usize>(
         match (isa, w.ty) {
             (Isa::Avx512Vnni, KilnType::I8Ch) => i8ch_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut4B32) => lut4b32_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { bits: 4, .. }) => lut4_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { .. }) => lut2_512::<R, T>(w, r0, xs),
             (_, KilnType::I8Ch) => i8ch_256::<R, T>(w, r0, xs),
             (_, KilnType::I4B64) => i4b64_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut4B32) => lut4b32_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { bits: 4, .. }) => lut4_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { .. }) => lut2_256::<R, T>(w, r0, xs),
         }
@@ -380,6 +391,173 @@ unsafe fn i4b64_256<const R: usize, const T: usize>(
     for r in 0..R {
         for t in 0..T {
             out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// LUT4_B32
+
+/// The 32 indices of a `LUT4_B32` block (16 bytes at `p`), in element order: low nibbles
+/// (elements 0..16) in the lower lane, high nibbles (16..32) in the upper.
+///
+/// # Safety
+/// `p..p + 16` is readable.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn lut4b32_indices(p: *const u8) -> __m256i {
+    // SAFETY: 16 readable bytes (the caller's guarantee).
+    let n = unsafe { _mm_loadu_si128(p.cast()) };
+    let low = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(n, low);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(n), low);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// The row's f32 scale and offset units.
+///
+/// # Safety
+/// `p..p + 8` is readable.
+#[inline(always)]
+unsafe fn lut4b32_units(p: *const u8) -> (f32, f32) {
+    // SAFETY: 8 readable bytes (the caller's guarantee).
+    unsafe {
+        (
+            p.cast::<f32>().read_unaligned(),
+            p.add(4).cast::<f32>().read_unaligned(),
+        )
+    }
+}
+
+/// # Safety
+/// AVX-512 VNNI; as [`dot_block`], `w` a `LUT4_B32` tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn lut4b32_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let nb = w.cols / CHUNK;
+    // SAFETY: the table is 16 bytes.
+    let t128 = unsafe { _mm_loadu_si128(kiln_types::lut4_b32_table(w.data).as_ptr().cast()) };
+    let t512 = _mm512_broadcast_i32x4(t128);
+    let t256 = _mm256_broadcastsi128_si256(t128);
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut offs = [[0.0f32; T]; R];
+    let mut b = 0;
+    while b + 2 <= nb {
+        let mut xv = [_mm512_setzero_si512(); T];
+        let mut dv = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: the 64 codes of activation blocks b and b + 1.
+            xv[t] = unsafe { _mm512_loadu_si512(xs[t].codes.as_ptr().add(b * CHUNK).cast()) };
+            dv[t] = pair_ps(xs[t].scales[b], xs[t].scales[b + 1]);
+        }
+        for r in 0..R {
+            let bp = p.wrapping_add(r * rb + LUT4_B32_ROW_HEADER + b * LUT4_B32_BLOCK_BYTES);
+            prefetch(bp, ahead);
+            // SAFETY: blocks b and b + 1 of row r0 + r: codes at 0, 1 and indices at 2..18
+            // of each 18-byte block.
+            let (a0, m0, a1, m1, i0, i1) = unsafe {
+                (
+                    *bp as i8,
+                    *bp.add(1) as i8,
+                    *bp.add(LUT4_B32_BLOCK_BYTES) as i8,
+                    *bp.add(LUT4_B32_BLOCK_BYTES + 1) as i8,
+                    lut4b32_indices(bp.add(2)),
+                    lut4b32_indices(bp.add(LUT4_B32_BLOCK_BYTES + 2)),
+                )
+            };
+            let idx = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(i0), i1);
+            let wq = _mm512_shuffle_epi8(t512, idx);
+            let av = pair_ps(f32::from(a0), f32::from(a1));
+            for t in 0..T {
+                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv[t]);
+                let f = _mm512_mul_ps(dv[t], av);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), f, acc[r][t]);
+                offs[r][t] += f32::from(m0) * xs[t].sums[b] + f32::from(m1) * xs[t].sums[b + 1];
+            }
+        }
+        b += 2;
+    }
+    if b < nb {
+        let mut xv = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            // SAFETY: the 32 codes of activation block b.
+            xv[t] = unsafe { _mm256_loadu_si256(xs[t].codes.as_ptr().add(b * CHUNK).cast()) };
+        }
+        for r in 0..R {
+            let bp = p.wrapping_add(r * rb + LUT4_B32_ROW_HEADER + b * LUT4_B32_BLOCK_BYTES);
+            // SAFETY: block b of row r0 + r.
+            let (a0, m0, i0) = unsafe { (*bp as i8, *bp.add(1) as i8, lut4b32_indices(bp.add(2))) };
+            let wq = _mm256_shuffle_epi8(t256, i0);
+            for t in 0..T {
+                let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, xv[t]);
+                let f = _mm256_set1_ps(xs[t].scales[b] * f32::from(a0));
+                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(dp), f);
+                acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_zextps256_ps512(v));
+                offs[r][t] += f32::from(m0) * xs[t].sums[b];
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        // SAFETY: the row's 8-byte header.
+        let (s, m) = unsafe { lut4b32_units(p.add(r * rb)) };
+        for t in 0..T {
+            out[r][t] = s * _mm512_reduce_add_ps(acc[r][t]) + m * offs[r][t];
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX2, FMA; as [`dot_block`], `w` a `LUT4_B32` tensor.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut4b32_256<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    // SAFETY: the table is 16 bytes.
+    let t128 = unsafe { _mm_loadu_si128(kiln_types::lut4_b32_table(w.data).as_ptr().cast()) };
+    let t256 = _mm256_broadcastsi128_si256(t128);
+    let ones = _mm256_set1_epi16(1);
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut offs = [[0.0f32; T]; R];
+    for b in 0..w.cols / CHUNK {
+        let mut xv = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            // SAFETY: the 32 codes of activation block b.
+            xv[t] = unsafe { _mm256_loadu_si256(xs[t].codes.as_ptr().add(b * CHUNK).cast()) };
+        }
+        for r in 0..R {
+            let bp = p.wrapping_add(r * rb + LUT4_B32_ROW_HEADER + b * LUT4_B32_BLOCK_BYTES);
+            prefetch(bp, ahead);
+            // SAFETY: block b of row r0 + r.
+            let (a0, m0, i0) = unsafe { (*bp as i8, *bp.add(1) as i8, lut4b32_indices(bp.add(2))) };
+            let wq = _mm256_shuffle_epi8(t256, i0);
+            for t in 0..T {
+                let dp = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xv[t]), ones);
+                let f = _mm256_set1_ps(xs[t].scales[b] * f32::from(a0));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), f, acc[r][t]);
+                offs[r][t] += f32::from(m0) * xs[t].sums[b];
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        // SAFETY: the row's 8-byte header.
+        let (s, m) = unsafe { lut4b32_units(p.add(r * rb)) };
+        for t in 0..T {
+            out[r][t] = s * hsum256(acc[r][t]) + m * offs[r][t];
         }
     }
     out

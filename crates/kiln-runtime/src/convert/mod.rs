@@ -8,8 +8,9 @@
 //! (`w = d * (q - 8)`, one f16 scale per block) and `int4-block32-offset` int4 with a scale
 //! and a minimum per block as `Q4_1` (`w = d * q + m`). The other schemes have kiln formats
 //! of their own ([`kiln_format::kiln_types`]): `int8-channel` is `I8_CH`, `int4-block64` is
-//! `I4_B64`, and `lut2` … `lut8` are `LUT{b}` (one table per tensor) or `LUT{b}_G{n}` (one
-//! per `--lut-group-channels` output channels).
+//! `I4_B64`, `lut2` … `lut8` are `LUT{b}` (one table per tensor) or `LUT{b}_G{n}` (one
+//! per `--lut-group-channels` output channels), and `lut4-block32` is `LUT4_B32` (a 4-bit
+//! table for the tensor with a scale and an offset per block of 32, learned together).
 //!
 //! The int4 scale of each block is chosen by a small search for the least squared error
 //! rather than from the largest weight alone (ggml's reference rounding), which matters most
@@ -72,11 +73,14 @@ pub enum QuantTarget {
     Int4Block64,
     /// Lookup tables of `2^bits` f16 entries learned by k-means (kiln `LUT{bits}[_G{n}]`).
     Lut(u8),
+    /// A 16-entry table for the tensor with an int8 scale and offset per block of 32 input
+    /// channels (kiln `LUT4_B32`), 4.5 bits per weight.
+    Lut4Block32,
 }
 
 impl QuantTarget {
     /// Every target, in the order the command line lists them.
-    pub const ALL: [QuantTarget; 12] = [
+    pub const ALL: [QuantTarget; 13] = [
         QuantTarget::Keep,
         QuantTarget::F32,
         QuantTarget::F16,
@@ -89,6 +93,7 @@ impl QuantTarget {
         QuantTarget::Lut(4),
         QuantTarget::Lut(6),
         QuantTarget::Lut(8),
+        QuantTarget::Lut4Block32,
     ];
 
     /// The name used on the command line and in manifests.
@@ -106,6 +111,7 @@ impl QuantTarget {
             QuantTarget::Lut(4) => "lut4",
             QuantTarget::Lut(6) => "lut6",
             QuantTarget::Lut(_) => "lut8",
+            QuantTarget::Lut4Block32 => "lut4-block32",
         }
     }
 
@@ -130,10 +136,12 @@ impl QuantTarget {
             QuantTarget::Int4Block32Offset => GgmlType::Q4_1.into(),
             QuantTarget::Int4Block64 => KilnType::I4B64.into(),
             QuantTarget::Lut(bits) => KilnType::Lut { bits, group }.into(),
+            QuantTarget::Lut4Block32 => KilnType::Lut4B32.into(),
         })
     }
 
-    /// Whether the target is a lookup-table scheme.
+    /// Whether the target is a lookup-table scheme with tables per group of output channels
+    /// (`--lut-group-channels` applies).
     pub fn is_lut(self) -> bool {
         matches!(self, QuantTarget::Lut(_))
     }
@@ -636,6 +644,9 @@ pub(crate) fn convert_tensor(
         }
         TensorFormat::Kiln(KilnType::I4B64) => {
             kiln_types::encode_i4_b64(&values, rows, cols).map_err(|e| bad(e.to_string()))?
+        }
+        TensorFormat::Kiln(KilnType::Lut4B32) => {
+            kiln_types::encode_lut4_b32(&values, rows, cols).map_err(|e| bad(e.to_string()))?
         }
         TensorFormat::Kiln(ty @ KilnType::Lut { .. }) => {
             kiln_types::encode_lut(ty, &values, rows, cols, options.lut)
