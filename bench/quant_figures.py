@@ -37,6 +37,7 @@ SCHEMES = [
     ("lut4-g1", ["--quant", "lut4", "--lut-group-channels", "1"]),
     ("lut6-g16", ["--quant", "lut6", "--lut-group-channels", "16"]),
     ("lut8", ["--quant", "lut8"]),
+    ("lut4-block32", ["--quant", "lut4-block32"]),
 ]
 
 # llama.cpp file types, by the bit width they stand beside.
@@ -138,6 +139,7 @@ SPEED = {
     "lut2-g16": (["--quant", "lut2", "--lut-group-channels", "16"], "Q2_K"),
     "lut6-g16": (["--quant", "lut6", "--lut-group-channels", "16"], "Q6_K"),
     "lut8": (["--quant", "lut8"], "Q8_0"),
+    "lut4-block32": (["--quant", "lut4-block32"], "Q4_0"),
 }
 
 

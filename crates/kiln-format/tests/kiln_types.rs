@@ -3,8 +3,8 @@
 
 use kiln_format::ggml::{f16_to_f32, f32_to_f16};
 use kiln_format::kiln_types::{
-    self, dequantize_row, encode_i4_b64, encode_i8_channel, encode_lut, KilnType, LutOptions,
-    TensorFormat,
+    self, dequantize_row, encode_i4_b64, encode_i8_channel, encode_lut, encode_lut4_b32, KilnType,
+    LutOptions, TensorFormat,
 };
 use kiln_format::package::{
     Conversion, Manifest, Package, PackageWriter, SourceInfo, TensorQuality, Verify,
@@ -122,6 +122,71 @@ fn lookup_tables_are_exact_for_few_values_and_close_for_many() {
     }
 }
 
+/// Symmetric int4 in blocks of 32 with searched scales (what `--quant int4-block32` stores).
+fn int4_block32(w: &[f32]) -> Vec<f32> {
+    let mut codes = [0u8; 32];
+    w.chunks_exact(32)
+        .flat_map(|x| {
+            let d = kiln_types::quantize_int4_searched(x, &mut codes);
+            codes.map(|c| d * (f32::from(c) - 8.0))
+        })
+        .collect()
+}
+
+#[test]
+fn lut4_b32_follows_block_offsets_and_beats_int4_block32() {
+    let (rows, cols) = (16, 256);
+    let ty = KilnType::Lut4B32;
+    // A ggml Q4_1-like source: each block of 32 is d·q + m with its own f16 d and m.
+    let mut seed = 7u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    let mut w = Vec::with_capacity(rows * cols);
+    for _ in 0..rows * cols / 32 {
+        let d = f16_to_f32(f32_to_f16(0.001 + (next() % 1000) as f32 * 1e-5));
+        let m = f16_to_f32(f32_to_f16(-8.5 * d + (next() % 100) as f32 * 1e-5));
+        for _ in 0..32 {
+            w.push(d * (next() % 16) as f32 + m);
+        }
+    }
+    let data = encode_lut4_b32(&w, rows, cols).unwrap();
+    assert_eq!(data.len(), rows * (8 + cols / 32 * 18) + 16);
+    let table = kiln_types::lut4_b32_table(&data);
+    assert!(table.windows(2).all(|p| p[0] <= p[1]), "{table:?}");
+    assert!(table[15] <= kiln_types::LUT4_B32_ENTRY_MAX);
+    let lut = snr_db(&w, &decode(ty, &data, rows, cols));
+    let int4 = snr_db(&w, &int4_block32(&w));
+    assert!(
+        lut > 30.0 && lut > int4 + 6.0,
+        "LUT4_B32 {lut} dB, int4-block32 {int4} dB"
+    );
+
+    // Bell-shaped weights with outliers: the learned levels and the offsets still win.
+    let w = weights(rows, cols, 11);
+    let data = encode_lut4_b32(&w, rows, cols).unwrap();
+    let lut = snr_db(&w, &decode(ty, &data, rows, cols));
+    let int4 = snr_db(&w, &int4_block32(&w));
+    assert!(
+        lut > int4 + 1.0,
+        "LUT4_B32 {lut} dB, int4-block32 {int4} dB"
+    );
+    kiln_types::check_data(ty, &data, rows, cols).unwrap();
+
+    // A table entry off the 7-bit grid is refused (the kernels rely on it), as is a size
+    // that is not the shape's.
+    let mut bad = data.clone();
+    let n = bad.len();
+    bad[n - 3] = 200;
+    let e = kiln_types::check_data(ty, &bad, rows, cols).unwrap_err();
+    assert!(e.to_string().contains("table entry 13 is 200"), "{e}");
+    let e = kiln_types::check_data(ty, &data[1..], rows, cols).unwrap_err();
+    assert!(e.to_string().contains("not a 16x256 tensor"), "{e}");
+}
+
 #[test]
 fn encoders_refuse_what_does_not_fit() {
     let w = weights(3, 64, 4);
@@ -133,6 +198,8 @@ fn encoders_refuse_what_does_not_fit() {
     assert!(e.to_string().contains("2 must divide 3"), "{e}");
     let e = encode_i4_b64(&w[..96], 3, 32).unwrap_err();
     assert!(e.to_string().contains("multiple of 64"), "{e}");
+    let e = encode_lut4_b32(&w[..144], 3, 48).unwrap_err();
+    assert!(e.to_string().contains("multiple of 32"), "{e}");
     let mut bad = w.clone();
     bad[70] = f32::NAN;
     let e = encode_i8_channel(&bad, 3, 64).unwrap_err();
@@ -186,6 +253,7 @@ fn kiln_formats_round_trip_through_a_package() {
     let cases = [
         (KilnType::I8Ch, encode_i8_channel(&w, rows, cols).unwrap()),
         (KilnType::I4B64, encode_i4_b64(&w, rows, cols).unwrap()),
+        (KilnType::Lut4B32, encode_lut4_b32(&w, rows, cols).unwrap()),
         (
             lut,
             encode_lut(lut, &w, rows, cols, LutOptions::default()).unwrap(),
@@ -204,7 +272,7 @@ fn kiln_formats_round_trip_through_a_package() {
     }
     // A size that is not what the shape takes in the format is refused when written.
     let e = writer
-        .add_tensor("bad", &[cols as u64, 3], lut, &cases[2].1, None)
+        .add_tensor("bad", &[cols as u64, 3], lut, &cases[3].1, None)
         .unwrap_err();
     assert!(e.to_string().contains("impossible size"), "{e}");
     writer.finish(manifest()).unwrap();
@@ -248,6 +316,8 @@ fn bits_per_weight_count_scales_and_tables() {
     let f = |ty: KilnType| TensorFormat::Kiln(ty).bits_per_weight(576, 576).unwrap();
     assert!((f(KilnType::I8Ch) - (8.0 + 32.0 / 576.0)).abs() < 1e-9);
     assert!((f(KilnType::I4B64) - 4.25).abs() < 1e-9);
+    let lut4_b32 = 4.5 + (8.0 * 576.0 + 16.0) * 8.0 / (576.0 * 576.0);
+    assert!((f(KilnType::Lut4B32) - lut4_b32).abs() < 1e-9);
     let lut = f(KilnType::Lut {
         bits: 4,
         group: Some(16),
