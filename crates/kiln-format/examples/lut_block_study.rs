@@ -13,6 +13,13 @@
 //! cargo run --release -p kiln-format --example lut_block_study -- models/X.gguf \
 //!     --write SCHEME OUT.gguf     # every matrix but the embedding, reconstructed as F32
 //! ```
+//!
+//! `kiln perplexity OUT.gguf` then judges a scheme without a package format for it. Scheme
+//! names: `int4-b{32,64}[-off]` (uniform tables), `lut-b{32,64}[-off]`, `lut-b32-g16` (a table
+//! per 16 rows), `-off8` (int8 scale and offset codes per block against per-row units), and
+//! `LUT4_B32`, the package format's own encoder. Environment knobs for exploring: `LBS_ONLY`
+//! (comma-separated schemes), `LBS_KIND` (tensor name part), `LBS_ROUNDS` (alternation
+//! rounds), `LBS_STEPS` (scale candidates), `LBS_TABLES` (print the learned tables).
 
 use kiln_format::ggml::{f16_to_f32, f32_to_f16, GgmlType};
 use kiln_format::gguf::{GgufFile, GgufWriter};
@@ -23,8 +30,8 @@ use kiln_format::quant::snr_db;
 enum Store {
     /// f16 per block.
     F16,
-    /// 8 bits per block against an f32 per-row maximum (scale unsigned magnitude with a sign
-    /// bit taken from the 8: int8; offset int8).
+    /// int8 codes per block in units of the row's largest (scale and offset alike), as
+    /// `LUT4_B32` stores them.
     I8Row,
 }
 

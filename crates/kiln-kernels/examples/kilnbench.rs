@@ -71,6 +71,7 @@ fn main() {
         for ty in [
             KilnType::I8Ch,
             KilnType::I4B64,
+            KilnType::Lut4B32,
             KilnType::Lut {
                 bits: 4,
                 group: Some(16),
@@ -86,6 +87,7 @@ fn main() {
             let data = match ty {
                 KilnType::I8Ch => kiln_types::encode_i8_channel(&w, rows, k).unwrap(),
                 KilnType::I4B64 => kiln_types::encode_i4_b64(&w, rows, k).unwrap(),
+                KilnType::Lut4B32 => kiln_types::encode_lut4_b32(&w, rows, k).unwrap(),
                 _ => kiln_types::encode_lut(ty, &w, rows, k, LutOptions::default()).unwrap(),
             };
             let m = KilnMatrix::new(ty, &data, rows, k).unwrap();
