@@ -202,6 +202,8 @@ kernels_match_reference! {
     lut4_groups_of_two: KilnType::Lut { bits: 4, group: Some(2) }, 9;
     lut2_groups_of_three: KilnType::Lut { bits: 2, group: Some(3) }, 9;
     lut6: KilnType::Lut { bits: 6, group: None }, 4;
+    lut6_groups_of_two: KilnType::Lut { bits: 6, group: Some(2) }, 4;
+    lut8: KilnType::Lut { bits: 8, group: None }, 4;
     lut8_groups_of_four: KilnType::Lut { bits: 8, group: Some(4) }, 4;
 }
 

@@ -1,4 +1,4 @@
-//! AVX-512 VNNI and AVX2 kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2`, `LUT4`).
+//! AVX-512 VNNI and AVX2 kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2` to `LUT8`).
 //!
 //! Tiles of 4 weight rows by 2 activation rows, rows outermost, as for the ggml formats: a
 //! tile's weights are unpacked once and stay in L1 while the activation rows pass.
@@ -13,6 +13,11 @@
 //! - `LUT2` / `LUT4`: the row's f16 table is widened to f32 in one register and looked up with
 //!   `vpermps` (AVX2: two 8-entry halves and a blend on the index's top bit), then multiplied
 //!   with the f32 activations.
+//! - `LUT6`: AVX-512 holds the 64 f32 entries in four registers, `vpermt2ps` picks from each
+//!   pair by the index's low five bits and bit 5 chooses the pair. AVX2 (eight `vpermps` and
+//!   seven blends per eight weights would be slower) gathers from the table widened to f32.
+//! - `LUT8`: 256 entries are too many for registers; both levels gather from the table widened
+//!   to f32 once per tile (rows sharing a table share the widening).
 
 // Tiles index several parallel arrays (accumulators, tables, rows) by row and token; index
 // loops say that more plainly than zipped iterators.
@@ -30,10 +35,15 @@ use crate::Isa;
 /// Whether `isa` has a kernel for `ty` here (the others run the reference).
 pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
     let simd = matches!(isa, Isa::Avx2 | Isa::Avx512Vnni);
-    simd && match ty {
-        KilnType::I8Ch | KilnType::I4B64 => true,
-        KilnType::Lut { bits, .. } => bits == 4 || bits == 2,
-    }
+    simd && matches!(
+        ty,
+        KilnType::I8Ch
+            | KilnType::I4B64
+            | KilnType::Lut {
+                bits: 2 | 4 | 6 | 8,
+                ..
+            }
+    )
 }
 
 const TILE_ROWS: usize = super::TILE_ROWS;
@@ -117,10 +127,14 @@ unsafe fn tile<const R: usize, const T: usize>(
         match (isa, w.ty) {
             (Isa::Avx512Vnni, KilnType::I8Ch) => i8ch_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut { bits: 8, .. }) => lut8_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut { bits: 6, .. }) => lut6_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { bits: 4, .. }) => lut4_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { .. }) => lut2_512::<R, T>(w, r0, xs),
             (_, KilnType::I8Ch) => i8ch_256::<R, T>(w, r0, xs),
             (_, KilnType::I4B64) => i4b64_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut { bits: 8, .. }) => lut8_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut { bits: 6, .. }) => lut6_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { bits: 4, .. }) => lut4_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { .. }) => lut2_256::<R, T>(w, r0, xs),
         }
@@ -630,6 +644,300 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
                 ),
                 _mm256_permutevar8x32_ps(tables[r], _mm256_srli_epi32::<6>(b)),
             ];
+            for t in 0..T {
+                let xp = xs[t].values.as_ptr();
+                for (k, wk) in wv.iter().enumerate() {
+                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
+                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
+                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6- and 8-bit lookup tables
+
+/// The f32 tables of rows `r0..r0 + R` of a lookup-table tensor with `N` entries per table,
+/// and for each row which of them it uses: rows sharing a table (every row of a tensor-wide
+/// table, a tile inside a group) widen it once.
+///
+/// # Safety
+/// AVX2 and F16C; `w` is a lookup-table tensor of `N` entries (`N` a multiple of 8) with
+/// rows `r0..r0 + R`.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn widen_tables<const R: usize, const N: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+) -> ([[f32; N]; R], [usize; R]) {
+    let mut tables = [[0.0f32; N]; R];
+    let mut which = [0usize; R];
+    let mut n = 0;
+    for r in 0..R {
+        let src = w.table(r0 + r);
+        if r > 0 && src.as_ptr() == w.table(r0 + r - 1).as_ptr() {
+            which[r] = which[r - 1];
+            continue;
+        }
+        debug_assert_eq!(src.len(), 2 * N);
+        for k in (0..N).step_by(8) {
+            // SAFETY: entries k..k + 8 of the f16 table (2N bytes) and of the f32 one.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(2 * k).cast());
+                _mm256_storeu_ps(tables[n].as_mut_ptr().add(k), _mm256_cvtph_ps(h));
+            }
+        }
+        which[r] = n;
+        n += 1;
+    }
+    (tables, which)
+}
+
+/// Entries `i` (0..64) of a 64-entry table held in four registers of 16.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn lookup64_512(i: __m512i, t: &[__m512; 4]) -> __m512 {
+    // vpermt2ps picks from 32 entries by the index's low five bits; bit 5 picks the pair.
+    let lo = _mm512_permutex2var_ps(t[0], i, t[1]);
+    let hi = _mm512_permutex2var_ps(t[2], i, t[3]);
+    _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), lo, hi)
+}
+
+/// # Safety
+/// AVX-512; as [`dot_block`], `w` a 6-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn lut6_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let mut tables = [[_mm512_setzero_ps(); 4]; R];
+    for (r, tb) in tables.iter_mut().enumerate() {
+        let tp = w.table(r0 + r).as_ptr();
+        for (q, t) in tb.iter_mut().enumerate() {
+            // SAFETY: a 64-entry f16 table is 128 bytes.
+            *t = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.add(32 * q).cast()) });
+        }
+    }
+    let p = w.data[r0 * rb..].as_ptr();
+    let low = _mm512_set1_epi32(0x0f);
+    let top = _mm512_set1_epi32(0x30);
+    // The 8 bytes of top bits are laid out as a 2-bit row (see `lut2_512`); shifted left by
+    // 4 first, a right shift by 2k leaves element j + 8k's two bits at bits 4..6.
+    let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        let mut x0 = [_mm512_setzero_ps(); T];
+        let mut x1 = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: 32 values from c lie within the activation row.
+            unsafe {
+                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
+                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
+            }
+        }
+        for r in 0..R {
+            // A chunk of 32 six-bit indices is 24 bytes.
+            let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
+            prefetch(ip, ahead);
+            // SAFETY: the 24 index bytes of this chunk of row r0 + r.
+            let (b, h) = unsafe {
+                (
+                    _mm_loadu_si128(ip.cast()),
+                    _mm_loadl_epi64(ip.add(16).cast()),
+                )
+            };
+            let b = _mm512_cvtepu8_epi32(b);
+            let h = _mm512_slli_epi32::<4>(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(h, h)));
+            let i0 = _mm512_or_si512(
+                _mm512_and_si512(b, low),
+                _mm512_and_si512(_mm512_srlv_epi32(h, shift_lo), top),
+            );
+            let i1 = _mm512_or_si512(
+                _mm512_srli_epi32::<4>(b),
+                _mm512_and_si512(_mm512_srlv_epi32(h, shift_hi), top),
+            );
+            let w0 = lookup64_512(i0, &tables[r]);
+            let w1 = lookup64_512(i1, &tables[r]);
+            for t in 0..T {
+                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX-512; as [`dot_block`], `w` an 8-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn lut8_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    // SAFETY: `w` is an 8-bit lookup-table tensor with these rows (the caller's guarantee).
+    let (tables, which) = unsafe { widen_tables::<R, 256>(w, r0) };
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        let mut x0 = [_mm512_setzero_ps(); T];
+        let mut x1 = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: 32 values from c lie within the activation row.
+            unsafe {
+                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
+                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
+            }
+        }
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c);
+            prefetch(ip, ahead);
+            let table = tables[which[r]].as_ptr();
+            // SAFETY: the 32 index bytes of this chunk of row r0 + r; every index is below
+            // 256, inside the row's widened table.
+            let (w0, w1) = unsafe {
+                let i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(ip.cast()));
+                let i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(ip.add(16).cast()));
+                (
+                    _mm512_i32gather_ps::<4>(i0, table),
+                    _mm512_i32gather_ps::<4>(i1, table),
+                )
+            };
+            for t in 0..T {
+                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX2, FMA, F16C; as [`dot_block`], `w` a 6-bit lookup-table tensor.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut6_256<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    // SAFETY: `w` is a 6-bit lookup-table tensor with these rows (the caller's guarantee).
+    let (tables, which) = unsafe { widen_tables::<R, 64>(w, r0) };
+    let p = w.data[r0 * rb..].as_ptr();
+    let low = _mm256_set1_epi32(0x0f);
+    let top = _mm256_set1_epi32(0x30);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
+            prefetch(ip, ahead);
+            // SAFETY: the 24 index bytes of this chunk of row r0 + r.
+            let (b0, b1, h) = unsafe {
+                (
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.cast())),
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(8).cast())),
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(16).cast())),
+                )
+            };
+            // Byte j of the top bits holds elements j + 8k at bits 2k: shifted left by 4,
+            // then right by 2k, they land at bits 4..6.
+            let h = _mm256_slli_epi32::<4>(h);
+            let idx = [
+                _mm256_or_si256(_mm256_and_si256(b0, low), _mm256_and_si256(h, top)),
+                _mm256_or_si256(
+                    _mm256_and_si256(b1, low),
+                    _mm256_and_si256(_mm256_srli_epi32::<2>(h), top),
+                ),
+                _mm256_or_si256(
+                    _mm256_srli_epi32::<4>(b0),
+                    _mm256_and_si256(_mm256_srli_epi32::<4>(h), top),
+                ),
+                _mm256_or_si256(
+                    _mm256_srli_epi32::<4>(b1),
+                    _mm256_and_si256(_mm256_srli_epi32::<6>(h), top),
+                ),
+            ];
+            let table = tables[which[r]].as_ptr();
+            let mut wv = [_mm256_setzero_ps(); 4];
+            for (wk, &ik) in wv.iter_mut().zip(&idx) {
+                // SAFETY: every index is below 64, inside the row's widened table.
+                *wk = unsafe { _mm256_i32gather_ps::<4>(table, ik) };
+            }
+            for t in 0..T {
+                let xp = xs[t].values.as_ptr();
+                for (k, wk) in wv.iter().enumerate() {
+                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
+                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
+                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX2, FMA, F16C; as [`dot_block`], `w` an 8-bit lookup-table tensor.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut8_256<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    // SAFETY: `w` is an 8-bit lookup-table tensor with these rows (the caller's guarantee).
+    let (tables, which) = unsafe { widen_tables::<R, 256>(w, r0) };
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c);
+            prefetch(ip, ahead);
+            let table = tables[which[r]].as_ptr();
+            let mut wv = [_mm256_setzero_ps(); 4];
+            for (k, wk) in wv.iter_mut().enumerate() {
+                // SAFETY: index bytes 8k..8k + 8 of this chunk of row r0 + r; every index is
+                // below 256, inside the row's widened table.
+                *wk = unsafe {
+                    let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(8 * k).cast()));
+                    _mm256_i32gather_ps::<4>(table, i)
+                };
+            }
             for t in 0..T {
                 let xp = xs[t].values.as_ptr();
                 for (k, wk) in wv.iter().enumerate() {
