@@ -207,6 +207,14 @@ kernels_match_reference! {
     lut8_groups_of_four: KilnType::Lut { bits: 8, group: Some(4) }, 4;
 }
 
+/// On aarch64 the NEON kernels must be among the levels checked above (CI runs this file under
+/// qemu-user, whose `-cpu max` adds the dot-product extension).
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_kernels_are_checked() {
+    assert!(available_isas().contains(&kiln_kernels::Isa::Neon));
+}
+
 #[test]
 fn known_values() {
     // One I8_CH row: scale 0.5, codes 1, -2, 0, ...; activations exactly representable.

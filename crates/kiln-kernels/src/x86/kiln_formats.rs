@@ -127,6 +127,9 @@ unsafe fn tile<const R: usize, const T: usize>(
         match (isa, w.ty) {
             (Isa::Avx512Vnni, KilnType::I8Ch) => i8ch_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut { bits: 8, .. }) if has_vbmi() => {
+                lut8_vbmi::<R, T>(w, r0, xs)
+            }
             (Isa::Avx512Vnni, KilnType::Lut { bits: 8, .. }) => lut8_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { bits: 6, .. }) => lut6_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { bits: 4, .. }) => lut4_512::<R, T>(w, r0, xs),
@@ -952,6 +955,160 @@ unsafe fn lut8_256<const R: usize, const T: usize>(
     for r in 0..R {
         for t in 0..T {
             out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// Whether the CPU has AVX-512 VBMI (`vpermi2b`), which the fast 8-bit lookup needs (Ice Lake
+/// and later; Cascade Lake's AVX-512 VNNI has no VBMI).
+fn has_vbmi() -> bool {
+    static VBMI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VBMI.get_or_init(|| is_x86_feature_detected!("avx512vbmi"))
+}
+
+/// `vpermb` indices that order 64 bytes so that interleaving their low and high bytes per
+/// 128-bit lane (`vpunpcklbw` / `vpunpckhbw`) gives elements 0..32 and 32..64 in order:
+/// position `16j + m` takes element `8j + m`, position `16j + 8 + m` element `32 + 8j + m`.
+const VBMI_ORDER: __m512i = {
+    let mut a = [0u8; 64];
+    let mut j = 0;
+    while j < 4 {
+        let mut m = 0;
+        while m < 8 {
+            a[16 * j + m] = (8 * j + m) as u8;
+            a[16 * j + 8 + m] = (32 + 8 * j + m) as u8;
+            m += 1;
+        }
+        j += 1;
+    }
+    // SAFETY: [u8; 64] and __m512i have the same size; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u8; 64], __m512i>(a) }
+};
+
+/// An f16 table of 256 entries as byte planes: low bytes in `[0]` (entries 0..64) to `[3]`,
+/// high bytes in `[4]` to `[7]`.
+type BytePlanes = [__m512i; 8];
+
+/// # Safety
+/// AVX-512 BW/VBMI; `t` is 512 readable bytes (256 f16 entries).
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+unsafe fn byte_planes(t: *const u8) -> BytePlanes {
+    let mut planes = [_mm512_setzero_si512(); 8];
+    for q in 0..4 {
+        // SAFETY: entries 64q .. 64q + 64 are 128 readable bytes.
+        let (a, b) = unsafe {
+            (
+                _mm512_loadu_si512(t.add(128 * q).cast()),
+                _mm512_loadu_si512(t.add(128 * q + 64).cast()),
+            )
+        };
+        // Words to their low bytes, and shifted down, to their high bytes.
+        let lo = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm512_cvtepi16_epi8(a)),
+            _mm512_cvtepi16_epi8(b),
+        );
+        let hi = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(a))),
+            _mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(b)),
+        );
+        planes[q] = lo;
+        planes[4 + q] = hi;
+    }
+    planes
+}
+
+/// The f16 entries of 64 indices as two registers of 32 words (elements 0..32, 32..64), the
+/// indices already in [`VBMI_ORDER`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn lookup256_vbmi(i: __m512i, t: &BytePlanes) -> (__m512i, __m512i) {
+    // vpermi2b picks from 128 bytes by the index's low seven bits; bit 7 picks the half.
+    let upper = _mm512_movepi8_mask(i);
+    let lo = _mm512_mask_blend_epi8(
+        upper,
+        _mm512_permutex2var_epi8(t[0], i, t[1]),
+        _mm512_permutex2var_epi8(t[2], i, t[3]),
+    );
+    let hi = _mm512_mask_blend_epi8(
+        upper,
+        _mm512_permutex2var_epi8(t[4], i, t[5]),
+        _mm512_permutex2var_epi8(t[6], i, t[7]),
+    );
+    (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
+}
+
+/// # Safety
+/// AVX-512 with VBMI; as [`dot_block`], `w` an 8-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")]
+unsafe fn lut8_vbmi<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let mut tables = [[_mm512_setzero_si512(); 8]; R];
+    let mut which = [0usize; R];
+    let mut n = 0;
+    for r in 0..R {
+        let src = w.table(r0 + r).as_ptr();
+        if r > 0 && src == w.table(r0 + r - 1).as_ptr() {
+            which[r] = which[r - 1];
+            continue;
+        }
+        // SAFETY: a 256-entry f16 table is 512 bytes.
+        tables[n] = unsafe { byte_planes(src) };
+        which[r] = n;
+        n += 1;
+    }
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut c = 0;
+    while c < w.cols {
+        // 64 elements at a time, or the last 32.
+        let two = c + 2 * CHUNK <= w.cols;
+        let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
+        let fmask: __mmask16 = if two { u16::MAX } else { 0 };
+        let mut xv = [[_mm512_setzero_ps(); 4]; T];
+        for t in 0..T {
+            let xp = xs[t].values.as_ptr();
+            // SAFETY: values c .. c + 32 (c + 64 when `two`) lie within the activation row;
+            // masked-off lanes are not read.
+            unsafe {
+                xv[t][0] = _mm512_loadu_ps(xp.add(c));
+                xv[t][1] = _mm512_loadu_ps(xp.add(c + 16));
+                xv[t][2] = _mm512_maskz_loadu_ps(fmask, xp.add(c + 32));
+                xv[t][3] = _mm512_maskz_loadu_ps(fmask, xp.add(c + 48));
+            }
+        }
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c);
+            prefetch(ip, ahead);
+            // SAFETY: 32 or 64 index bytes of row r0 + r from c.
+            let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
+            let (a, b) = lookup256_vbmi(_mm512_permutexvar_epi8(VBMI_ORDER, i), &tables[which[r]]);
+            let wv = [
+                _mm512_cvtph_ps(_mm512_castsi512_si256(a)),
+                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(a)),
+                _mm512_cvtph_ps(_mm512_castsi512_si256(b)),
+                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(b)),
+            ];
+            // The last 32 elements alone: the lookups of the zeroed indices are not used.
+            let quarters = if two { 4 } else { 2 };
+            for t in 0..T {
+                for k in 0..quarters {
+                    acc[r][t] = _mm512_fmadd_ps(wv[k], xv[t][k], acc[r][t]);
+                }
+            }
+        }
+        c += if two { 2 * CHUNK } else { CHUNK };
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
         }
     }
     out
