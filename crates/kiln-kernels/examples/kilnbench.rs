@@ -2,30 +2,72 @@
 //! and GB/s of weight bytes, single-threaded, on a matrix larger than the caches.
 //!
 //! ```sh
-//! cargo run --release -p kiln-kernels --example kilnbench -- [--mb 64] [--k 2048] [--tokens 2]
+//! cargo run --release -p kiln-kernels --example kilnbench -- [--mb 64] [--k 2048] [--tokens 2] \
+//!     [--reps 5] [--rounds 3] [--isa avx512] [--formats "Q8_0 I8_CH LUT8"]
 //! ```
+//!
+//! Each round times every format at every level once, in turn, so drift on a shared machine
+//! touches them alike; the figures are medians over the rounds. Lookup-table weights are random
+//! indices and tables (the kernels' speed does not depend on what the tables hold), so no
+//! k-means runs here.
 
 use std::time::Instant;
 
-use kiln_format::ggml::{self, GgmlType};
-use kiln_format::kiln_types::{self, KilnType, LutOptions};
+use kiln_format::ggml::{self, f32_to_f16, GgmlType};
+use kiln_format::kiln_types::{self, KilnType};
 use kiln_kernels::kiln_formats::{self, KilnMatrix};
-use kiln_kernels::{activation_format, available_isas, dot_block_with, quantize_row, QuantizedRow};
+use kiln_kernels::{
+    activation_format, available_isas, dot_block_with, quantize_row, Isa, QuantizedRow,
+};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
+fn args() -> Vec<String> {
+    std::env::args().collect()
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args = args();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+        .cloned()
+}
+
+fn num(name: &str, default: usize) -> usize {
+    arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A weight matrix in one of the compared formats.
+enum Weights {
+    Ggml(GgmlType, Vec<u8>, usize),
+    Kiln(KilnType, Vec<u8>, usize),
+}
+
+impl Weights {
+    fn name(&self) -> String {
+        match self {
+            Weights::Ggml(t, ..) => t.name().to_string(),
+            Weights::Kiln(t, ..) => t.name(),
+        }
+    }
 }
 
 fn main() {
-    let mb = arg("--mb", 64);
-    let k = arg("--k", 2048);
-    let tokens = arg("--tokens", 2);
-    let reps = arg("--reps", 5);
+    let mb = num("--mb", 64);
+    let k = num("--k", 2048);
+    let tokens = num("--tokens", 2);
+    let reps = num("--reps", 5);
+    let rounds = num("--rounds", 3);
+    let isas: Vec<Isa> = match arg("--isa") {
+        Some(name) => {
+            let isa = Isa::from_name(&name).expect("--isa: scalar, avx2, avx512, neon, dotprod");
+            assert!(isa.is_available(), "--isa {name}: not available here");
+            vec![isa]
+        }
+        None => available_isas(),
+    };
+    let formats = arg("--formats").unwrap_or_else(|| {
+        "Q4_0 Q8_0 I8_CH I4_B64 LUT4_B32 LUT4_G16 LUT2_G16 LUT6_G16 LUT8 Q6_K".to_string()
+    });
     let mut s = 1u64;
     let mut unit = move || {
         s ^= s << 13;
@@ -36,76 +78,102 @@ fn main() {
     let x: Vec<Vec<f32>> = (0..tokens)
         .map(|_| (0..k).map(|_| unit()).collect())
         .collect();
-    let time = |f: &mut dyn FnMut()| {
-        f();
-        let t = Instant::now();
-        for _ in 0..reps {
-            f();
-        }
-        t.elapsed().as_secs_f64() / reps as f64
-    };
     // Each format gets `mb` MB of weights.
-    for isa in available_isas() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
-            let rows = (mb << 20) / ty.row_bytes(k).unwrap();
+    let mut weights = Vec::new();
+    for name in formats.split_whitespace() {
+        if let Some(ty) = GgmlType::from_name(name) {
+            let rb = ty.row_bytes(k).expect("--k fits the ggml type");
+            let rows = (mb << 20) / rb;
             let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
-            let data = ggml::quantize(ty, &w).unwrap();
-            let xq: Vec<QuantizedRow> = x
-                .iter()
-                .map(|v| {
-                    let mut q = QuantizedRow::new();
-                    quantize_row(v, activation_format(ty), &mut q);
-                    q
-                })
-                .collect();
-            let mut out = vec![0.0f32; rows * tokens];
-            let rb = ty.row_bytes(k).unwrap();
-            let sec =
-                time(&mut || dot_block_with(isa, ty, &data, rb, 0..rows, &xq, &mut out, rows));
-            println!(
-                "{isa:?} {ty:>8}: {:.3} ns/w  {:.1} GB/s",
-                sec * 1e9 / (rows * k * tokens) as f64,
-                data.len() as f64 / sec / 1e9
-            );
-        }
-        for ty in [
-            KilnType::I8Ch,
-            KilnType::I4B64,
-            KilnType::Lut4B32,
-            KilnType::Lut {
-                bits: 4,
-                group: Some(16),
-            },
-            KilnType::Lut {
-                bits: 2,
-                group: Some(16),
-            },
-        ] {
-            let row_bytes = ty.row_bytes(k).unwrap();
-            let rows = ((mb << 20) / row_bytes) / 16 * 16;
-            let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
+            weights.push(Weights::Ggml(ty, ggml::quantize(ty, &w).unwrap(), rows));
+        } else if let Some(ty) = KilnType::from_name(name) {
+            let rows = ((mb << 20) / ty.row_bytes(k).expect("--k fits the format")) / 16 * 16;
             let data = match ty {
-                KilnType::I8Ch => kiln_types::encode_i8_channel(&w, rows, k).unwrap(),
-                KilnType::I4B64 => kiln_types::encode_i4_b64(&w, rows, k).unwrap(),
-                KilnType::Lut4B32 => kiln_types::encode_lut4_b32(&w, rows, k).unwrap(),
-                _ => kiln_types::encode_lut(ty, &w, rows, k, LutOptions::default()).unwrap(),
+                KilnType::I8Ch => {
+                    let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
+                    kiln_types::encode_i8_channel(&w, rows, k).unwrap()
+                }
+                KilnType::I4B64 => {
+                    let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
+                    kiln_types::encode_i4_b64(&w, rows, k).unwrap()
+                }
+                KilnType::Lut4B32 => {
+                    let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
+                    kiln_types::encode_lut4_b32(&w, rows, k).unwrap()
+                }
+                KilnType::Lut { .. } => {
+                    let len = ty.data_length(k, rows).unwrap() as usize;
+                    let split = ty.tables_offset(k, rows).unwrap();
+                    let mut d: Vec<u8> = (0..len).map(|_| (unit() * 128.0 + 128.0) as u8).collect();
+                    for e in d[split..].chunks_exact_mut(2) {
+                        e.copy_from_slice(&f32_to_f16(unit()).to_le_bytes());
+                    }
+                    d
+                }
             };
-            let m = KilnMatrix::new(ty, &data, rows, k).unwrap();
-            let xq: Vec<QuantizedRow> = x
-                .iter()
-                .map(|v| {
-                    let mut q = QuantizedRow::new();
-                    quantize_row(v, kiln_formats::activation_format(ty), &mut q);
-                    q
-                })
-                .collect();
-            let mut out = vec![0.0f32; rows * tokens];
-            let sec =
-                time(&mut || kiln_formats::dot_block_with(isa, &m, 0..rows, &xq, &mut out, rows));
+            weights.push(Weights::Kiln(ty, data, rows));
+        } else {
+            panic!("--formats: unknown format {name}");
+        }
+    }
+    let quantized = |fmt| -> Vec<QuantizedRow> {
+        x.iter()
+            .map(|v| {
+                let mut q = QuantizedRow::new();
+                quantize_row(v, fmt, &mut q);
+                q
+            })
+            .collect()
+    };
+    let mut seconds = vec![vec![Vec::new(); weights.len()]; isas.len()];
+    for _ in 0..rounds {
+        for (i, &isa) in isas.iter().enumerate() {
+            for (f, wt) in weights.iter().enumerate() {
+                let mut run: Box<dyn FnMut()> = match wt {
+                    Weights::Ggml(ty, data, rows) => {
+                        let (ty, rows) = (*ty, *rows);
+                        let xq = quantized(activation_format(ty));
+                        let rb = ty.row_bytes(k).unwrap();
+                        let mut out = vec![0.0f32; rows * tokens];
+                        Box::new(move || {
+                            dot_block_with(isa, ty, data, rb, 0..rows, &xq, &mut out, rows)
+                        })
+                    }
+                    Weights::Kiln(ty, data, rows) => {
+                        let rows = *rows;
+                        let m = KilnMatrix::new(*ty, data, rows, k).unwrap();
+                        let xq = quantized(kiln_formats::activation_format(*ty));
+                        let mut out = vec![0.0f32; rows * tokens];
+                        Box::new(move || {
+                            kiln_formats::dot_block_with(isa, &m, 0..rows, &xq, &mut out, rows)
+                        })
+                    }
+                };
+                // The scalar reference is slow: one repetition is plenty.
+                let n = if isa == Isa::Scalar { 1 } else { reps };
+                run();
+                let t = Instant::now();
+                for _ in 0..n {
+                    run();
+                }
+                seconds[i][f].push(t.elapsed().as_secs_f64() / n as f64);
+            }
+        }
+    }
+    for (i, isa) in isas.iter().enumerate() {
+        for (f, wt) in weights.iter().enumerate() {
+            let (bytes, rows) = match wt {
+                Weights::Ggml(_, d, r) | Weights::Kiln(_, d, r) => (d.len(), *r),
+            };
+            let mut s = seconds[i][f].clone();
+            s.sort_by(f64::total_cmp);
+            let sec = s[s.len() / 2];
             println!(
-                "{isa:?} {ty:>8}: {:.3} ns/w  {:.1} GB/s",
+                "{:<11} {:>9}: {:7.4} ns/w  {:5.1} GB/s",
+                format!("{isa:?}"),
+                wt.name(),
                 sec * 1e9 / (rows * k * tokens) as f64,
-                data.len() as f64 / sec / 1e9
+                bytes as f64 / sec / 1e9
             );
         }
     }

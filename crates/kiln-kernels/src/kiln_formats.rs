@@ -11,13 +11,14 @@
 //!   activation scale, plus the offset code times the activation block sum; the row's units
 //!   multiply the two totals at the end.
 //! - Lookup tables multiply in f32 against f32 activations ([`ActivationFormat::F32`]): each
-//!   index is looked up in the row's table (`vpermps` over a table held in registers) and the
+//!   index is looked up in the row's table (x86: `vpermps`/`vpermt2ps` over a table held in
+//!   registers, gathers for 256 entries; NEON: `tbl` over the table's byte planes) and the
 //!   value multiplied with the activation, so the product is that of the stored weights with
 //!   the unquantized activations.
 //!
 //! [`dot_reference`] is the scalar meaning of every kernel (integer parts exact, the rest in
-//! f64); every SIMD kernel stays within [`error_bound`] of it. Levels without a kernel for a
-//! format run the reference.
+//! f64); every SIMD kernel (AVX-512, AVX2, NEON with and without the dot-product extension)
+//! stays within [`error_bound`] of it. [`Isa::Scalar`] runs the reference.
 
 use std::ops::Range;
 
@@ -162,6 +163,12 @@ pub fn dot_block_with(
         // activation row is in its activation format and `w.cols` long (checked above),
         // rows lie within `w` and `out` has room for every (token, row) index (asserted).
         unsafe { crate::x86::kiln_formats::dot_block(isa, w, rows, xq, out, out_stride) };
+        return;
+    }
+    #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
+    if crate::arm::kiln_formats::has_kernel(isa, w.ty) {
+        // SAFETY: as above, for NEON (and the dot-product extension at NeonDotprod).
+        unsafe { crate::arm::kiln_formats::dot_block(isa, w, rows, xq, out, out_stride) };
         return;
     }
     for (t, x) in xq.iter().enumerate() {

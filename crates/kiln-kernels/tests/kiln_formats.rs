@@ -227,7 +227,17 @@ kernels_match_reference! {
     lut4_groups_of_two: KilnType::Lut { bits: 4, group: Some(2) }, 9;
     lut2_groups_of_three: KilnType::Lut { bits: 2, group: Some(3) }, 9;
     lut6: KilnType::Lut { bits: 6, group: None }, 4;
+    lut6_groups_of_two: KilnType::Lut { bits: 6, group: Some(2) }, 4;
+    lut8: KilnType::Lut { bits: 8, group: None }, 4;
     lut8_groups_of_four: KilnType::Lut { bits: 8, group: Some(4) }, 4;
+}
+
+/// On aarch64 the NEON kernels must be among the levels checked above (CI runs this file under
+/// qemu-user, whose `-cpu max` adds the dot-product extension).
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_kernels_are_checked() {
+    assert!(available_isas().contains(&kiln_kernels::Isa::Neon));
 }
 
 #[test]

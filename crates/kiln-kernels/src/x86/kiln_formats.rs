@@ -1,4 +1,4 @@
-//! AVX-512 VNNI and AVX2 kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2`, `LUT4`,
+//! AVX-512 VNNI and AVX2 kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2` to `LUT8`,
 //! `LUT4_B32`).
 //!
 //! Tiles of 4 weight rows by 2 activation rows, rows outermost, as for the ggml formats: a
@@ -20,6 +20,11 @@
 //! - `LUT2` / `LUT4`: the row's f16 table is widened to f32 in one register and looked up with
 //!   `vpermps` (AVX2: two 8-entry halves and a blend on the index's top bit), then multiplied
 //!   with the f32 activations.
+//! - `LUT6`: AVX-512 holds the 64 f32 entries in four registers, `vpermt2ps` picks from each
+//!   pair by the index's low five bits and bit 5 chooses the pair. AVX2 (eight `vpermps` and
+//!   seven blends per eight weights would be slower) gathers from the table widened to f32.
+//! - `LUT8`: 256 entries are too many for registers; both levels gather from the table widened
+//!   to f32 once per tile (rows sharing a table share the widening).
 
 // Tiles index several parallel arrays (accumulators, tables, rows) by row and token; index
 // loops say that more plainly than zipped iterators.
@@ -39,10 +44,16 @@ use crate::Isa;
 /// Whether `isa` has a kernel for `ty` here (the others run the reference).
 pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
     let simd = matches!(isa, Isa::Avx2 | Isa::Avx512Vnni);
-    simd && match ty {
-        KilnType::I8Ch | KilnType::I4B64 | KilnType::Lut4B32 => true,
-        KilnType::Lut { bits, .. } => bits == 4 || bits == 2,
-    }
+    simd && matches!(
+        ty,
+        KilnType::I8Ch
+            | KilnType::I4B64
+            | KilnType::Lut4B32
+            | KilnType::Lut {
+                bits: 2 | 4 | 6 | 8,
+                ..
+            }
+    )
 }
 
 const TILE_ROWS: usize = super::TILE_ROWS;
@@ -127,11 +138,18 @@ unsafe fn tile<const R: usize, const T: usize>(
             (Isa::Avx512Vnni, KilnType::I8Ch) => i8ch_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut4B32) => lut4b32_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut { bits: 8, .. }) if has_vbmi() => {
+                lut8_vbmi::<R, T>(w, r0, xs)
+            }
+            (Isa::Avx512Vnni, KilnType::Lut { bits: 8, .. }) => lut8_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut { bits: 6, .. }) => lut6_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { bits: 4, .. }) => lut4_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { .. }) => lut2_512::<R, T>(w, r0, xs),
             (_, KilnType::I8Ch) => i8ch_256::<R, T>(w, r0, xs),
             (_, KilnType::I4B64) => i4b64_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut4B32) => lut4b32_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut { bits: 8, .. }) => lut8_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut { bits: 6, .. }) => lut6_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { bits: 4, .. }) => lut4_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { .. }) => lut2_256::<R, T>(w, r0, xs),
         }
@@ -166,6 +184,23 @@ fn hsum256(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
+}
+
+/// Sum of `v`, 16 lanes at a time (a scalar loop is one long chain of dependent adds, paid
+/// once per tile).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sum_512(v: &[f32]) -> f32 {
+    let mut acc = _mm512_setzero_ps();
+    for chunk in v.chunks(16) {
+        let mask: __mmask16 = ((1u32 << chunk.len()) - 1) as u16;
+        // SAFETY: the mask covers the chunk's elements only.
+        acc = _mm512_add_ps(acc, unsafe { _mm512_maskz_loadu_ps(mask, chunk.as_ptr()) });
+    }
+    _mm512_reduce_add_ps(acc)
 }
 
 /// The f32 value of the f16 at `p`.
@@ -212,8 +247,21 @@ unsafe fn i8ch_512<const R: usize, const T: usize>(
         }
         for r in 0..R {
             prefetch(p.wrapping_add(r * rb + 4 + c), ahead);
-            // SAFETY: the codes of row r0 + r from c (4 bytes past the row's scale).
-            let wv = unsafe { _mm512_maskz_loadu_epi8(mask, p.add(r * rb + 4 + c).cast()) };
+            let wp = p.wrapping_add(r * rb + 4 + c);
+            // SAFETY: the codes of row r0 + r from c (4 bytes past the row's scale): 64 bytes
+            // when `two`, else 32.
+            let wv = unsafe {
+                if two {
+                    // Two 32-byte loads, not one of 64: rows start 4 bytes past a multiple of
+                    // 32, so every 64-byte load would split two cache lines, and streaming
+                    // through split 64-byte loads ran at half the speed of Q8_0's kernel.
+                    let a = _mm256_loadu_si256(wp.cast());
+                    let b = _mm256_loadu_si256(wp.add(CHUNK).cast());
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+                } else {
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(wp.cast()))
+                }
+            };
             let wv = _mm512_xor_si512(wv, flip);
             for t in 0..T {
                 let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[t]);
@@ -224,7 +272,8 @@ unsafe fn i8ch_512<const R: usize, const T: usize>(
     }
     let mut offset = [0.0f32; T];
     for t in 0..T {
-        offset[t] = 128.0 * xs[t].sums.iter().sum::<f32>();
+        // SAFETY: AVX-512 F (this function's features).
+        offset[t] = 128.0 * unsafe { sum_512(&xs[t].sums) };
     }
     let mut out = [[0.0; T]; R];
     for r in 0..R {
@@ -791,6 +840,454 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
     for r in 0..R {
         for t in 0..T {
             out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6- and 8-bit lookup tables
+
+/// The f32 tables of rows `r0..r0 + R` of a lookup-table tensor with `N` entries per table,
+/// and for each row which of them it uses: rows sharing a table (every row of a tensor-wide
+/// table, a tile inside a group) widen it once.
+///
+/// # Safety
+/// AVX2 and F16C; `w` is a lookup-table tensor of `N` entries (`N` a multiple of 8) with
+/// rows `r0..r0 + R`.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn widen_tables<const R: usize, const N: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+) -> ([[f32; N]; R], [usize; R]) {
+    let mut tables = [[0.0f32; N]; R];
+    let mut which = [0usize; R];
+    let mut n = 0;
+    for r in 0..R {
+        let src = w.table(r0 + r);
+        if r > 0 && src.as_ptr() == w.table(r0 + r - 1).as_ptr() {
+            which[r] = which[r - 1];
+            continue;
+        }
+        debug_assert_eq!(src.len(), 2 * N);
+        for k in (0..N).step_by(8) {
+            // SAFETY: entries k..k + 8 of the f16 table (2N bytes) and of the f32 one.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(2 * k).cast());
+                _mm256_storeu_ps(tables[n].as_mut_ptr().add(k), _mm256_cvtph_ps(h));
+            }
+        }
+        which[r] = n;
+        n += 1;
+    }
+    (tables, which)
+}
+
+/// Entries `i` (0..64) of a 64-entry table held in four registers of 16.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn lookup64_512(i: __m512i, t: &[__m512; 4]) -> __m512 {
+    // vpermt2ps picks from 32 entries by the index's low five bits; bit 5 picks the pair.
+    let lo = _mm512_permutex2var_ps(t[0], i, t[1]);
+    let hi = _mm512_permutex2var_ps(t[2], i, t[3]);
+    _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), lo, hi)
+}
+
+/// # Safety
+/// AVX-512; as [`dot_block`], `w` a 6-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn lut6_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let mut tables = [[_mm512_setzero_ps(); 4]; R];
+    for (r, tb) in tables.iter_mut().enumerate() {
+        let tp = w.table(r0 + r).as_ptr();
+        for (q, t) in tb.iter_mut().enumerate() {
+            // SAFETY: a 64-entry f16 table is 128 bytes.
+            *t = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.add(32 * q).cast()) });
+        }
+    }
+    let p = w.data[r0 * rb..].as_ptr();
+    let low = _mm512_set1_epi32(0x0f);
+    let top = _mm512_set1_epi32(0x30);
+    // The 8 bytes of top bits are laid out as a 2-bit row (see `lut2_512`); shifted left by
+    // 4 first, a right shift by 2k leaves element j + 8k's two bits at bits 4..6.
+    let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        let mut x0 = [_mm512_setzero_ps(); T];
+        let mut x1 = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: 32 values from c lie within the activation row.
+            unsafe {
+                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
+                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
+            }
+        }
+        for r in 0..R {
+            // A chunk of 32 six-bit indices is 24 bytes.
+            let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
+            prefetch(ip, ahead);
+            // SAFETY: the 24 index bytes of this chunk of row r0 + r.
+            let (b, h) = unsafe {
+                (
+                    _mm_loadu_si128(ip.cast()),
+                    _mm_loadl_epi64(ip.add(16).cast()),
+                )
+            };
+            let b = _mm512_cvtepu8_epi32(b);
+            let h = _mm512_slli_epi32::<4>(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(h, h)));
+            let i0 = _mm512_or_si512(
+                _mm512_and_si512(b, low),
+                _mm512_and_si512(_mm512_srlv_epi32(h, shift_lo), top),
+            );
+            let i1 = _mm512_or_si512(
+                _mm512_srli_epi32::<4>(b),
+                _mm512_and_si512(_mm512_srlv_epi32(h, shift_hi), top),
+            );
+            let w0 = lookup64_512(i0, &tables[r]);
+            let w1 = lookup64_512(i1, &tables[r]);
+            for t in 0..T {
+                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX-512; as [`dot_block`], `w` an 8-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn lut8_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    // SAFETY: `w` is an 8-bit lookup-table tensor with these rows (the caller's guarantee).
+    let (tables, which) = unsafe { widen_tables::<R, 256>(w, r0) };
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        let mut x0 = [_mm512_setzero_ps(); T];
+        let mut x1 = [_mm512_setzero_ps(); T];
+        for t in 0..T {
+            // SAFETY: 32 values from c lie within the activation row.
+            unsafe {
+                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
+                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
+            }
+        }
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c);
+            prefetch(ip, ahead);
+            let table = tables[which[r]].as_ptr();
+            // SAFETY: the 32 index bytes of this chunk of row r0 + r; every index is below
+            // 256, inside the row's widened table.
+            let (w0, w1) = unsafe {
+                let i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(ip.cast()));
+                let i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(ip.add(16).cast()));
+                (
+                    _mm512_i32gather_ps::<4>(i0, table),
+                    _mm512_i32gather_ps::<4>(i1, table),
+                )
+            };
+            for t in 0..T {
+                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX2, FMA, F16C; as [`dot_block`], `w` a 6-bit lookup-table tensor.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut6_256<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    // SAFETY: `w` is a 6-bit lookup-table tensor with these rows (the caller's guarantee).
+    let (tables, which) = unsafe { widen_tables::<R, 64>(w, r0) };
+    let p = w.data[r0 * rb..].as_ptr();
+    let low = _mm256_set1_epi32(0x0f);
+    let top = _mm256_set1_epi32(0x30);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
+            prefetch(ip, ahead);
+            // SAFETY: the 24 index bytes of this chunk of row r0 + r.
+            let (b0, b1, h) = unsafe {
+                (
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.cast())),
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(8).cast())),
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(16).cast())),
+                )
+            };
+            // Byte j of the top bits holds elements j + 8k at bits 2k: shifted left by 4,
+            // then right by 2k, they land at bits 4..6.
+            let h = _mm256_slli_epi32::<4>(h);
+            let idx = [
+                _mm256_or_si256(_mm256_and_si256(b0, low), _mm256_and_si256(h, top)),
+                _mm256_or_si256(
+                    _mm256_and_si256(b1, low),
+                    _mm256_and_si256(_mm256_srli_epi32::<2>(h), top),
+                ),
+                _mm256_or_si256(
+                    _mm256_srli_epi32::<4>(b0),
+                    _mm256_and_si256(_mm256_srli_epi32::<4>(h), top),
+                ),
+                _mm256_or_si256(
+                    _mm256_srli_epi32::<4>(b1),
+                    _mm256_and_si256(_mm256_srli_epi32::<6>(h), top),
+                ),
+            ];
+            let table = tables[which[r]].as_ptr();
+            let mut wv = [_mm256_setzero_ps(); 4];
+            for (wk, &ik) in wv.iter_mut().zip(&idx) {
+                // SAFETY: every index is below 64, inside the row's widened table.
+                *wk = unsafe { _mm256_i32gather_ps::<4>(table, ik) };
+            }
+            for t in 0..T {
+                let xp = xs[t].values.as_ptr();
+                for (k, wk) in wv.iter().enumerate() {
+                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
+                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
+                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// # Safety
+/// AVX2, FMA, F16C; as [`dot_block`], `w` an 8-bit lookup-table tensor.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut8_256<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    // SAFETY: `w` is an 8-bit lookup-table tensor with these rows (the caller's guarantee).
+    let (tables, which) = unsafe { widen_tables::<R, 256>(w, r0) };
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for c in (0..w.cols).step_by(CHUNK) {
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c);
+            prefetch(ip, ahead);
+            let table = tables[which[r]].as_ptr();
+            let mut wv = [_mm256_setzero_ps(); 4];
+            for (k, wk) in wv.iter_mut().enumerate() {
+                // SAFETY: index bytes 8k..8k + 8 of this chunk of row r0 + r; every index is
+                // below 256, inside the row's widened table.
+                *wk = unsafe {
+                    let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(8 * k).cast()));
+                    _mm256_i32gather_ps::<4>(table, i)
+                };
+            }
+            for t in 0..T {
+                let xp = xs[t].values.as_ptr();
+                for (k, wk) in wv.iter().enumerate() {
+                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
+                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
+                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// Whether the CPU has AVX-512 VBMI (`vpermi2b`), which the fast 8-bit lookup needs (Ice Lake
+/// and later; Cascade Lake's AVX-512 VNNI has no VBMI).
+fn has_vbmi() -> bool {
+    static VBMI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VBMI.get_or_init(|| is_x86_feature_detected!("avx512vbmi"))
+}
+
+/// `vpermb` indices that order 64 bytes so that interleaving their low and high bytes per
+/// 128-bit lane (`vpunpcklbw` / `vpunpckhbw`) gives elements 0..32 and 32..64 in order:
+/// position `16j + m` takes element `8j + m`, position `16j + 8 + m` element `32 + 8j + m`.
+const VBMI_ORDER: __m512i = {
+    let mut a = [0u8; 64];
+    let mut j = 0;
+    while j < 4 {
+        let mut m = 0;
+        while m < 8 {
+            a[16 * j + m] = (8 * j + m) as u8;
+            a[16 * j + 8 + m] = (32 + 8 * j + m) as u8;
+            m += 1;
+        }
+        j += 1;
+    }
+    // SAFETY: [u8; 64] and __m512i have the same size; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u8; 64], __m512i>(a) }
+};
+
+/// An f16 table of 256 entries as byte planes: low bytes in `[0]` (entries 0..64) to `[3]`,
+/// high bytes in `[4]` to `[7]`.
+type BytePlanes = [__m512i; 8];
+
+/// # Safety
+/// AVX-512 BW/VBMI; `t` is 512 readable bytes (256 f16 entries).
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+unsafe fn byte_planes(t: *const u8) -> BytePlanes {
+    let mut planes = [_mm512_setzero_si512(); 8];
+    for q in 0..4 {
+        // SAFETY: entries 64q .. 64q + 64 are 128 readable bytes.
+        let (a, b) = unsafe {
+            (
+                _mm512_loadu_si512(t.add(128 * q).cast()),
+                _mm512_loadu_si512(t.add(128 * q + 64).cast()),
+            )
+        };
+        // Words to their low bytes, and shifted down, to their high bytes.
+        let lo = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm512_cvtepi16_epi8(a)),
+            _mm512_cvtepi16_epi8(b),
+        );
+        let hi = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(a))),
+            _mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(b)),
+        );
+        planes[q] = lo;
+        planes[4 + q] = hi;
+    }
+    planes
+}
+
+/// The f16 entries of 64 indices as two registers of 32 words (elements 0..32, 32..64), the
+/// indices already in [`VBMI_ORDER`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn lookup256_vbmi(i: __m512i, t: &BytePlanes) -> (__m512i, __m512i) {
+    // vpermi2b picks from 128 bytes by the index's low seven bits; bit 7 picks the half.
+    let upper = _mm512_movepi8_mask(i);
+    let lo = _mm512_mask_blend_epi8(
+        upper,
+        _mm512_permutex2var_epi8(t[0], i, t[1]),
+        _mm512_permutex2var_epi8(t[2], i, t[3]),
+    );
+    let hi = _mm512_mask_blend_epi8(
+        upper,
+        _mm512_permutex2var_epi8(t[4], i, t[5]),
+        _mm512_permutex2var_epi8(t[6], i, t[7]),
+    );
+    (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
+}
+
+/// # Safety
+/// AVX-512 with VBMI; as [`dot_block`], `w` an 8-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")]
+unsafe fn lut8_vbmi<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let mut tables = [[_mm512_setzero_si512(); 8]; R];
+    let mut which = [0usize; R];
+    let mut n = 0;
+    for r in 0..R {
+        let src = w.table(r0 + r).as_ptr();
+        if r > 0 && src == w.table(r0 + r - 1).as_ptr() {
+            which[r] = which[r - 1];
+            continue;
+        }
+        // SAFETY: a 256-entry f16 table is 512 bytes.
+        tables[n] = unsafe { byte_planes(src) };
+        which[r] = n;
+        n += 1;
+    }
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut c = 0;
+    while c < w.cols {
+        // 64 elements at a time, or the last 32.
+        let two = c + 2 * CHUNK <= w.cols;
+        let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
+        let fmask: __mmask16 = if two { u16::MAX } else { 0 };
+        let mut xv = [[_mm512_setzero_ps(); 4]; T];
+        for t in 0..T {
+            let xp = xs[t].values.as_ptr();
+            // SAFETY: values c .. c + 32 (c + 64 when `two`) lie within the activation row;
+            // masked-off lanes are not read.
+            unsafe {
+                xv[t][0] = _mm512_loadu_ps(xp.add(c));
+                xv[t][1] = _mm512_loadu_ps(xp.add(c + 16));
+                xv[t][2] = _mm512_maskz_loadu_ps(fmask, xp.add(c + 32));
+                xv[t][3] = _mm512_maskz_loadu_ps(fmask, xp.add(c + 48));
+            }
+        }
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c);
+            prefetch(ip, ahead);
+            // SAFETY: 32 or 64 index bytes of row r0 + r from c.
+            let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
+            let (a, b) = lookup256_vbmi(_mm512_permutexvar_epi8(VBMI_ORDER, i), &tables[which[r]]);
+            let wv = [
+                _mm512_cvtph_ps(_mm512_castsi512_si256(a)),
+                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(a)),
+                _mm512_cvtph_ps(_mm512_castsi512_si256(b)),
+                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(b)),
+            ];
+            // The last 32 elements alone: the lookups of the zeroed indices are not used.
+            let quarters = if two { 4 } else { 2 };
+            for t in 0..T {
+                for k in 0..quarters {
+                    acc[r][t] = _mm512_fmadd_ps(wv[k], xv[t][k], acc[r][t]);
+                }
+            }
+        }
+        c += if two { 2 * CHUNK } else { CHUNK };
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
         }
     }
     out

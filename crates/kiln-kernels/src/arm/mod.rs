@@ -11,6 +11,8 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
+pub(crate) mod kiln_formats;
+
 use kiln_format::ggml::{bf16_to_f32, f16_to_f32, GgmlType};
 
 use crate::activation::QuantizedRow;

@@ -1,0 +1,318 @@
+//! NEON kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2` to `LUT8`), row by row like
+//! the ggml kernels of this architecture.
+//!
+//! - `I8_CH`: the codes are signed bytes already; `sdot` (or `smull` + `sadalp`) multiplies
+//!   them with each activation block, the block's scale is applied per block and the row's
+//!   scale once at the end.
+//! - `I4_B64`: the nibbles minus 8, as signed bytes: low nibbles meet the first activation
+//!   block of the 64, high nibbles the second.
+//! - Lookup tables: the row's table widened to f32 and split into four byte planes (byte `k`
+//!   of every entry), so `tbl` looks sixteen indices up at once in each plane (`tbl` over one
+//!   register for 2 and 4 bits, four registers for 6 bits, four chained `tbx` over sixteen for
+//!   8 bits) and two rounds of `zip` put the bytes back together as f32 in element order.
+//!   Rows sharing a table (a tensor-wide table, the rows of a group) widen it once.
+
+use core::arch::aarch64::*;
+use std::ops::Range;
+
+use kiln_format::ggml::f16_to_f32;
+use kiln_format::kiln_types::{KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES};
+
+use super::{dot16, ld, ldx, signed};
+use crate::activation::QuantizedRow;
+use crate::kiln_formats::KilnMatrix;
+use crate::layout::rd_u16;
+use crate::Isa;
+
+/// Whether `isa` has a kernel for `ty` here (every kiln format, at both NEON levels).
+pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
+    matches!(isa, Isa::Neon | Isa::NeonDotprod)
+        && matches!(
+            ty,
+            KilnType::I8Ch
+                | KilnType::I4B64
+                | KilnType::Lut {
+                    bits: 2 | 4 | 6 | 8,
+                    ..
+                }
+        )
+}
+
+/// Byte planes of one widened table: plane `k` (at `k * PLANE`) holds byte `k` of every f32
+/// entry; planes are at least 16 bytes so a 4-entry plane is one whole register.
+struct Planes {
+    bytes: [u8; 4 * 256],
+    plane: usize,
+}
+
+impl Planes {
+    /// The planes of the f16 table `table` (`n` entries, `n` ≤ 256).
+    fn new(table: &[u8], n: usize) -> Planes {
+        let plane = n.max(16);
+        let mut bytes = [0u8; 4 * 256];
+        for (e, h) in table.chunks_exact(2).take(n).enumerate() {
+            let v = f16_to_f32(u16::from_le_bytes([h[0], h[1]])).to_le_bytes();
+            for (k, &b) in v.iter().enumerate() {
+                bytes[k * plane + e] = b;
+            }
+        }
+        Planes { bytes, plane }
+    }
+}
+
+/// Row by row, activation row by activation row.
+///
+/// # Safety
+/// The CPU has `isa` (NEON, and the dot-product extension for [`Isa::NeonDotprod`]);
+/// `has_kernel(isa, w.ty)`; every `xq[t]` is in the activation format of `w.ty` and `w.cols`
+/// long; `rows` lies within `w`; `out` holds `(xq.len() - 1) * out_stride + rows.len()`
+/// values.
+pub(crate) unsafe fn dot_block(
+    isa: Isa,
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let dotprod = isa == Isa::NeonDotprod;
+    let mut planes: Option<(*const u8, Planes)> = None;
+    for (k, r) in rows.enumerate() {
+        let row = w.row(r);
+        if let KilnType::Lut { bits, .. } = w.ty {
+            let table = w.table(r);
+            if planes.as_ref().is_none_or(|(p, _)| *p != table.as_ptr()) {
+                planes = Some((table.as_ptr(), Planes::new(table, w.ty.table_len())));
+            }
+            let (_, pl) = planes.as_ref().expect("set above");
+            for (t, x) in xq.iter().enumerate() {
+                // SAFETY: `row` is one whole row of `w.cols` indices, `x` holds `w.cols` f32
+                // values (the caller's guarantee) and `pl` is the row's table.
+                out[t * out_stride + k] = unsafe {
+                    match bits {
+                        2 => lut::<2>(row, pl, x),
+                        4 => lut::<4>(row, pl, x),
+                        6 => lut::<6>(row, pl, x),
+                        _ => lut::<8>(row, pl, x),
+                    }
+                };
+            }
+            continue;
+        }
+        for (t, x) in xq.iter().enumerate() {
+            // SAFETY: `row` is one whole row for `x` (the caller's guarantee), and `dotprod`
+            // is set only when the CPU has the extension.
+            out[t * out_stride + k] = unsafe {
+                match (w.ty, dotprod) {
+                    (KilnType::I8Ch, true) => i8ch::<true>(row, x),
+                    (KilnType::I8Ch, false) => i8ch::<false>(row, x),
+                    (_, true) => i4b64::<true>(row, x),
+                    (_, false) => i4b64::<false>(row, x),
+                }
+            };
+        }
+    }
+}
+
+/// # Safety
+/// `row` is one `I8_CH` row of `x.len` elements, `x` in Q8_1; if `DOT`, the CPU has the
+/// dot-product extension.
+#[target_feature(enable = "neon")]
+unsafe fn i8ch<const DOT: bool>(row: &[u8], x: &QuantizedRow) -> f32 {
+    let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
+    let codes = row[4..].as_ptr();
+    let mut acc = [vdupq_n_f32(0.0); 2];
+    for b in 0..x.len / CHUNK {
+        // SAFETY: block b's 32 codes exist in the row and in the activations.
+        unsafe {
+            let wp = codes.add(b * CHUNK);
+            let xc = x.codes.as_ptr().add(b * CHUNK);
+            let w0 = vreinterpretq_s8_u8(ld(wp));
+            let w1 = vreinterpretq_s8_u8(ld(wp.add(16)));
+            let i = dot16::<DOT>(
+                dot16::<DOT>(vdupq_n_s32(0), w0, ldx(xc)),
+                w1,
+                ldx(xc.add(16)),
+            );
+            let a = &mut acc[b % 2];
+            *a = vfmaq_n_f32(*a, vcvtq_f32_s32(i), x.scales[b]);
+        }
+    }
+    s * vaddvq_f32(vaddq_f32(acc[0], acc[1]))
+}
+
+/// # Safety
+/// `row` is one `I4_B64` row of `x.len` elements, `x` in Q8_1; if `DOT`, the CPU has the
+/// dot-product extension.
+#[target_feature(enable = "neon")]
+unsafe fn i4b64<const DOT: bool>(row: &[u8], x: &QuantizedRow) -> f32 {
+    let p = row.as_ptr();
+    let mut acc = [vdupq_n_f32(0.0); 2];
+    for blk in 0..x.len / I4_BLOCK {
+        let a = 2 * blk;
+        // SAFETY: block blk (2-byte scale, 32 bytes of nibbles) lies in the row, and
+        // activation blocks a and a + 1 in the activations.
+        unsafe {
+            let bp = p.add(blk * I4_BLOCK_BYTES);
+            let d = f16_to_f32(rd_u16(bp));
+            let (q0, q1) = (ld(bp.add(2)), ld(bp.add(18)));
+            let low = vdupq_n_u8(0x0f);
+            let xa = x.codes.as_ptr().add(a * CHUNK);
+            let xb = xa.add(CHUNK);
+            let ia = dot16::<DOT>(
+                dot16::<DOT>(vdupq_n_s32(0), signed(vandq_u8(q0, low), 8), ldx(xa)),
+                signed(vandq_u8(q1, low), 8),
+                ldx(xa.add(16)),
+            );
+            let ib = dot16::<DOT>(
+                dot16::<DOT>(vdupq_n_s32(0), signed(vshrq_n_u8::<4>(q0), 8), ldx(xb)),
+                signed(vshrq_n_u8::<4>(q1), 8),
+                ldx(xb.add(16)),
+            );
+            acc[0] = vfmaq_n_f32(acc[0], vcvtq_f32_s32(ia), d * x.scales[a]);
+            acc[1] = vfmaq_n_f32(acc[1], vcvtq_f32_s32(ib), d * x.scales[a + 1]);
+        }
+    }
+    vaddvq_f32(vaddq_f32(acc[0], acc[1]))
+}
+
+/// Four consecutive 16-byte registers at `p`.
+///
+/// # Safety
+/// `p..p + 64` is readable.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn ld4(p: *const u8) -> uint8x16x4_t {
+    // SAFETY: 64 readable bytes (the caller's guarantee).
+    unsafe { uint8x16x4_t(ld(p), ld(p.add(16)), ld(p.add(32)), ld(p.add(48))) }
+}
+
+/// Bytes `idx` of one plane of `2^BITS` entries at `p` (every index below `2^BITS`).
+///
+/// # Safety
+/// The plane (at least 16 bytes) is readable at `p`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn plane_lookup<const BITS: u8>(p: *const u8, idx: uint8x16_t) -> uint8x16_t {
+    // SAFETY: the plane's bytes (the caller's guarantee).
+    unsafe {
+        match BITS {
+            2 | 4 => vqtbl1q_u8(ld(p), idx),
+            6 => vqtbl4q_u8(ld4(p), idx),
+            _ => {
+                // Out-of-range indices leave `tbx` lanes as they are: four 64-entry windows.
+                let mut v = vqtbl4q_u8(ld4(p), idx);
+                for k in 1..4 {
+                    let i = vsubq_u8(idx, vdupq_n_u8(64 * k as u8));
+                    v = vqtbx4q_u8(v, ld4(p.add(64 * k)), i);
+                }
+                v
+            }
+        }
+    }
+}
+
+/// The f32 entries of 16 indices (elements in lane order), from the table's byte planes.
+///
+/// # Safety
+/// `pl` holds a table of `2^BITS` entries and every index is below `2^BITS`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn lookup<const BITS: u8>(pl: &Planes, idx: uint8x16_t) -> [float32x4_t; 4] {
+    let p = pl.bytes.as_ptr();
+    // SAFETY: four planes of `pl.plane` bytes each.
+    let [b0, b1, b2, b3] =
+        unsafe { [0, 1, 2, 3].map(|k| plane_lookup::<BITS>(p.add(k * pl.plane), idx)) };
+    // Bytes 0 and 1, and 2 and 3, into 16-bit halves; the halves into little-endian words.
+    let lo01 = vreinterpretq_u16_u8(vzip1q_u8(b0, b1));
+    let hi01 = vreinterpretq_u16_u8(vzip2q_u8(b0, b1));
+    let lo23 = vreinterpretq_u16_u8(vzip1q_u8(b2, b3));
+    let hi23 = vreinterpretq_u16_u8(vzip2q_u8(b2, b3));
+    [
+        vreinterpretq_f32_u16(vzip1q_u16(lo01, lo23)),
+        vreinterpretq_f32_u16(vzip2q_u16(lo01, lo23)),
+        vreinterpretq_f32_u16(vzip1q_u16(hi01, hi23)),
+        vreinterpretq_f32_u16(vzip2q_u16(hi01, hi23)),
+    ]
+}
+
+/// The two bits of elements `j + 8k` kept at bits `2k` of byte `j` (the 2-bit layout of 8
+/// bytes at `p`): elements 0..16, then 16..32.
+///
+/// # Safety
+/// `p..p + 8` is readable.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn two_bits(p: *const u8) -> (uint8x16_t, uint8x16_t) {
+    const SHIFT_LO: [i8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, -2, -2, -2, -2, -2, -2, -2, -2];
+    const SHIFT_HI: [i8; 16] = [
+        -4, -4, -4, -4, -4, -4, -4, -4, -6, -6, -6, -6, -6, -6, -6, -6,
+    ];
+    // SAFETY: 8 readable bytes (the caller's guarantee); the shift tables are 16 bytes.
+    unsafe {
+        let h = vld1_u8(p);
+        let hh = vcombine_u8(h, h);
+        let three = vdupq_n_u8(3);
+        (
+            vandq_u8(vshlq_u8(hh, vld1q_s8(SHIFT_LO.as_ptr())), three),
+            vandq_u8(vshlq_u8(hh, vld1q_s8(SHIFT_HI.as_ptr())), three),
+        )
+    }
+}
+
+/// The indices of one 32-element chunk (`4 * BITS` bytes at `p`): elements 0..16, 16..32.
+///
+/// # Safety
+/// `p..p + 4 * BITS` is readable.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn indices<const BITS: u8>(p: *const u8) -> (uint8x16_t, uint8x16_t) {
+    // SAFETY: the chunk's bytes (the caller's guarantee).
+    unsafe {
+        match BITS {
+            8 => (ld(p), ld(p.add(16))),
+            2 => two_bits(p),
+            _ => {
+                let b = ld(p);
+                let lo = vandq_u8(b, vdupq_n_u8(0x0f));
+                let hi = vshrq_n_u8::<4>(b);
+                if BITS == 4 {
+                    (lo, hi)
+                } else {
+                    let (t0, t1) = two_bits(p.add(16));
+                    (
+                        vorrq_u8(lo, vshlq_n_u8::<4>(t0)),
+                        vorrq_u8(hi, vshlq_n_u8::<4>(t1)),
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// `row` is one `BITS`-bit lookup-table row of `x.len` elements, `pl` its table, `x` in F32.
+#[target_feature(enable = "neon")]
+unsafe fn lut<const BITS: u8>(row: &[u8], pl: &Planes, x: &QuantizedRow) -> f32 {
+    let p = row.as_ptr();
+    let chunk_bytes = 4 * BITS as usize;
+    let mut acc = [vdupq_n_f32(0.0); 4];
+    for c in 0..x.len / CHUNK {
+        // SAFETY: chunk c of the row and values c * 32 .. c * 32 + 32 of the activations;
+        // unpacked indices are below 2^BITS.
+        unsafe {
+            let (i0, i1) = indices::<BITS>(p.add(c * chunk_bytes));
+            let xs = x.values.as_ptr().add(c * CHUNK);
+            for (h, idx) in [i0, i1].into_iter().enumerate() {
+                let wv = lookup::<BITS>(pl, idx);
+                for (k, wk) in wv.into_iter().enumerate() {
+                    acc[k] = vfmaq_f32(acc[k], wk, vld1q_f32(xs.add(16 * h + 4 * k)));
+                }
+            }
+        }
+    }
+    vaddvq_f32(vaddq_f32(
+        vaddq_f32(acc[0], acc[1]),
+        vaddq_f32(acc[2], acc[3]),
+    ))
+}
