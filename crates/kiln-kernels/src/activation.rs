@@ -237,7 +237,7 @@ pub fn quantize_row(x: &[f32], fmt: ActivationFormat, out: &mut QuantizedRow) {
 ///
 /// The same plain arithmetic is compiled twice on x86-64, the second time with AVX2 enabled
 /// so that it vectorises; IEEE arithmetic makes both give identical codes.
-fn quantize_blocks(x: &[f32], bl: usize, codes: &mut [i8], scales: &mut Vec<f32>) {
+pub(crate) fn quantize_blocks(x: &[f32], bl: usize, codes: &mut [i8], scales: &mut Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
     if crate::Isa::Avx2.is_available() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
@@ -274,7 +274,7 @@ fn to_code(r: f32) -> i8 {
 
 /// Quantizes one block (a multiple of 8 elements); returns its scale.
 #[inline(always)]
-fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+pub(crate) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     // Eight running maxima vectorise; f32::max ignores NaN, so a NaN element cannot poison
     // the scale of its block.
     let mut lanes = [0.0f32; 8];

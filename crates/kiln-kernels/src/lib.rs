@@ -58,6 +58,7 @@
 mod activation;
 pub mod gemm;
 pub mod gemm_bf16;
+pub mod gemm_i8;
 mod isa;
 pub mod kiln_formats;
 mod layout;

@@ -183,9 +183,14 @@ impl<'m> Session<'m> {
         // Attention sub-block.
         b.h.copy_from_slice(x);
         kernels::rms_norm(&mut b.h, &w.attn_norm, c.residual_eps());
-        matmul(pool, &w.wq, &b.h, t_len, &mut b.q, precision);
-        matmul(pool, &w.wk, &b.h, t_len, &mut b.k, precision);
-        matmul(pool, &w.wv, &b.h, t_len, &mut b.v, precision);
+        kernels::matmul_shared(
+            pool,
+            &[&w.wq, &w.wk, &w.wv],
+            &b.h,
+            t_len,
+            &mut [&mut b.q, &mut b.k, &mut b.v],
+            precision,
+        );
         add_bias(&mut b.q, w.bq.as_deref());
         add_bias(&mut b.k, w.bk.as_deref());
         add_bias(&mut b.v, w.bv.as_deref());
@@ -232,8 +237,14 @@ impl<'m> Session<'m> {
         // Feed-forward sub-block.
         b.h.copy_from_slice(x);
         kernels::rms_norm(&mut b.h, &w.ffn_norm, c.residual_eps());
-        matmul(pool, &w.w_gate, &b.h, t_len, &mut b.gate, precision);
-        matmul(pool, &w.w_up, &b.h, t_len, &mut b.up, precision);
+        kernels::matmul_shared(
+            pool,
+            &[&w.w_gate, &w.w_up],
+            &b.h,
+            t_len,
+            &mut [&mut b.gate, &mut b.up],
+            precision,
+        );
         add_bias(&mut b.gate, w.b_gate.as_deref());
         add_bias(&mut b.up, w.b_up.as_deref());
         let activation = match c.activation {
