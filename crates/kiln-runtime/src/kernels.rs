@@ -646,6 +646,76 @@ mod matmul_tests {
         }
     }
 
+    /// Prompts under `Int8` take the int8 GEMM for the 32-element formats: the same
+    /// quantized activations and integer sums as the decode kernels, so the two agree up to
+    /// f32 rounding. The other formats keep the bf16/f32 GEMM.
+    #[test]
+    fn int8_prompts_agree_with_the_int8_decode_kernels() {
+        let pool = ThreadPool::new(2);
+        let n_tokens = GEMM_MIN_TOKENS + 5;
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+        ] {
+            let (rows, cols) = (70, 512);
+            let w = matrix(ty, rows, cols, 5);
+            let x = activations(n_tokens, cols);
+            let mut prompt = vec![0.0; n_tokens * rows];
+            matmul(&pool, &w, &x, n_tokens, &mut prompt, Precision::Int8);
+            let mut decode = vec![0.0; n_tokens * rows];
+            for (xt, yt) in x.chunks_exact(cols).zip(decode.chunks_exact_mut(rows)) {
+                matmul(&pool, &w, xt, 1, yt, Precision::Int8);
+            }
+            let mut exact = vec![0.0; n_tokens * rows];
+            matmul(&pool, &w, &x, n_tokens, &mut exact, Precision::Exact);
+            let scale = exact.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = max_err(&prompt, &exact);
+            if kiln_kernels::gemm_i8::available(ty) {
+                let drift = max_err(&prompt, &decode);
+                assert!(
+                    drift <= 2e-6 * scale,
+                    "{ty}: {drift} from decode (scale {scale})"
+                );
+                // And int8 activations are coarse, not wrong: within 2 % of the output range.
+                assert!(
+                    err <= 0.02 * scale && err > 1e-5 * scale,
+                    "{ty}: {err} (scale {scale})"
+                );
+            } else {
+                // The bf16 GEMM: weights dequantized exactly, operands rounded to bf16.
+                assert!(err <= 0.01 * scale, "{ty}: {err} (scale {scale})");
+            }
+        }
+    }
+
+    #[test]
+    fn shared_products_equal_separate_ones() {
+        let pool = ThreadPool::new(2);
+        let n_tokens = GEMM_MIN_TOKENS + 3;
+        let cols = 256;
+        let ws = [
+            matrix(GgmlType::Q4_0, 64, cols, 1),
+            matrix(GgmlType::Q4_0, 40, cols, 2),
+            matrix(GgmlType::Q4_0, 33, cols, 3),
+        ];
+        let x = activations(n_tokens, cols);
+        for p in [Precision::Int8, Precision::Refined, Precision::Exact] {
+            let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; n_tokens * w.rows()]).collect();
+            let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+            let refs: Vec<&WeightMatrix> = ws.iter().collect();
+            matmul_shared(&pool, &refs, &x, n_tokens, &mut outs, p);
+            for (w, y) in ws.iter().zip(&ys) {
+                let mut one = vec![0.0; n_tokens * w.rows()];
+                matmul(&pool, w, &x, n_tokens, &mut one, p);
+                assert_eq!(&one, y, "{p:?}");
+            }
+        }
+    }
+
     #[test]
     fn float_weights_are_exact_on_every_path() {
         let pool = ThreadPool::new(2);
