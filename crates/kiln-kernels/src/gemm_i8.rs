@@ -365,6 +365,32 @@ pub fn pack_panel_with(
     pack_scales(f, w, row_bytes, rows.start, out);
 }
 
+/// Asks the CPU to bring rows `rows` of `w` (rows of `row_bytes` bytes) into its L2 cache: a
+/// hint given one panel ahead, so that packing does not wait on memory for each of the 32 row
+/// streams it reads (the hardware prefetchers follow only a few). Rows past the end of `w` are
+/// ignored; on CPUs without such hints it does nothing.
+pub fn prefetch_rows(w: &[u8], row_bytes: usize, rows: Range<usize>) {
+    let start = rows.start.saturating_mul(row_bytes).min(w.len());
+    let end = rows.end.saturating_mul(row_bytes).min(w.len());
+    prefetch(&w[start..end]);
+}
+
+/// Prefetch hints for every cache line of `bytes`.
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for at in (0..bytes.len()).step_by(64) {
+        // SAFETY: `at` is inside `bytes`; a prefetch never faults and changes no state a
+        // program can observe.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                bytes.as_ptr().add(at).cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
 /// The scalar packing, which every faster one reproduces bit for bit (but for NaN scales,
 /// which the hardware conversions may return quieted).
 ///
@@ -492,6 +518,33 @@ pub fn gemm_panel_i8(panel: &PackedPanel, x: &QuantizedBatch, out: &mut [f32], o
     gemm_panel_i8_with(detect(), panel, x, out, out_stride)
 }
 
+/// [`gemm_panel_i8`], bringing `ahead` (the weight rows the next panel will be packed from)
+/// into the L2 cache a slice at a time meanwhile, so that packing it does not wait on memory
+/// for each of the row streams it reads: a few lines of hints between groups of tokens keep
+/// the memory system busy without flooding it, where one burst of hints is mostly dropped.
+///
+/// # Panics
+/// As [`gemm_panel_i8`].
+pub fn gemm_panel_i8_ahead(
+    panel: &PackedPanel,
+    x: &QuantizedBatch,
+    out: &mut [f32],
+    out_stride: usize,
+    ahead: &[u8],
+) {
+    const TOKENS: usize = 8;
+    let isa = detect();
+    let ty = check(panel, x, out, out_stride);
+    let groups = x.n_tokens.div_ceil(TOKENS).max(1);
+    let lines = ahead.len().div_ceil(64);
+    for g in 0..groups {
+        let tokens = g * TOKENS..((g + 1) * TOKENS).min(x.n_tokens);
+        run(isa, ty, panel, x, tokens, out, out_stride);
+        let (from, to) = (lines * g / groups, lines * (g + 1) / groups);
+        prefetch(&ahead[(from * 64).min(ahead.len())..(to * 64).min(ahead.len())]);
+    }
+}
+
 /// [`gemm_panel_i8`] with the kernel of a given level (the reference where it has none).
 ///
 /// # Panics
@@ -508,21 +561,34 @@ pub fn gemm_panel_i8_with(
         "gemm_panel_i8: this CPU cannot run {isa:?} kernels"
     );
     let ty = check(panel, x, out, out_stride);
-    if x.n_tokens == 0 || panel.n_rows == 0 {
+    run(isa, ty, panel, x, 0..x.n_tokens, out, out_stride);
+}
+
+/// Tokens `tokens` of the product, with the kernel of `isa` (available, shapes checked).
+fn run(
+    isa: Isa,
+    ty: GgmlType,
+    panel: &PackedPanel,
+    x: &QuantizedBatch,
+    tokens: Range<usize>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    if tokens.is_empty() || panel.n_rows == 0 {
         return;
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI and FMA (`is_available`); `check` validated
         // the shapes the kernel's pointer arithmetic relies on.
-        Isa::Avx512Vnni => unsafe { x86::gemm_avx512(panel, x, out, out_stride) },
+        Isa::Avx512Vnni => unsafe { x86::gemm_avx512(panel, x, tokens, out, out_stride) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX2 and FMA; the codes stay below 64 (`has_kernel`), and `check`
         // validated the shapes.
         Isa::Avx2 if has_kernel(Isa::Avx2, ty) => unsafe {
-            x86::gemm_avx2(panel, x, out, out_stride)
+            x86::gemm_avx2(panel, x, tokens, out, out_stride)
         },
-        _ => gemm_panel_i8_reference(panel, x, out, out_stride),
+        _ => reference_tokens(panel, x, tokens, out, out_stride),
     }
 }
 
@@ -537,8 +603,18 @@ pub fn gemm_panel_i8_reference(
     out_stride: usize,
 ) {
     check(panel, x, out, out_stride);
+    reference_tokens(panel, x, 0..x.n_tokens, out, out_stride);
+}
+
+fn reference_tokens(
+    panel: &PackedPanel,
+    x: &QuantizedBatch,
+    tokens: Range<usize>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let nb = panel.blocks();
-    for t in 0..x.n_tokens {
+    for t in tokens {
         for r in 0..panel.n_rows {
             let mut acc = 0.0f32;
             for b in 0..nb {
@@ -617,6 +693,7 @@ mod x86 {
     use super::{Format, PackedPanel, QuantizedBatch, BLOCK_CODES, PANEL_ROWS, STEPS};
     use crate::layout::QK;
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     /// Stands in for the rows past the last of a partial panel: codes that pack to zero
     /// (Q8_0's are flipped on the way, hence 0x80), read at the same offsets as a real block.
@@ -1045,15 +1122,16 @@ mod x86 {
     pub unsafe fn gemm_avx512(
         panel: &PackedPanel,
         x: &QuantizedBatch,
+        tokens: Range<usize>,
         out: &mut [f32],
         stride: usize,
     ) {
         let s = Shape::new(panel, x);
         let mins = panel.has_mins();
         let n_rows = panel.n_rows;
-        let mut t = 0;
-        while t < x.n_tokens {
-            let mr = (x.n_tokens - t).min(MR512);
+        let mut t = tokens.start;
+        while t < tokens.end {
+            let mr = (tokens.end - t).min(MR512);
             // Tokens t..t + mr write rows (t + i) * stride..+ n_rows, inside `out` (`check`).
             let o = &mut out[t * stride..];
             // SAFETY: tokens t..t + mr exist; the features are the caller's.
@@ -1144,6 +1222,7 @@ mod x86 {
     pub unsafe fn gemm_avx2(
         panel: &PackedPanel,
         x: &QuantizedBatch,
+        tokens: Range<usize>,
         out: &mut [f32],
         stride: usize,
     ) {
@@ -1155,9 +1234,9 @@ mod x86 {
                 break;
             }
             let n = (panel.n_rows - r0).min(16);
-            let mut t = 0;
-            while t < x.n_tokens {
-                let mr = (x.n_tokens - t).min(2);
+            let mut t = tokens.start;
+            while t < tokens.end {
+                let mr = (tokens.end - t).min(2);
                 // SAFETY: tokens t..t + mr exist and rows r0..r0 + 16 are inside the panel;
                 // the features are the caller's.
                 let acc = unsafe {
@@ -1440,7 +1519,7 @@ mod tests {
             type_index in 0usize..5,
             blocks in 1usize..8,
             n_rows in 1usize..=PANEL_ROWS,
-            n_tokens in 0usize..15,
+            n_tokens in 0usize..21,
             pad in 0usize..4,
             seed in any::<u32>(),
         ) {
@@ -1456,6 +1535,12 @@ mod tests {
             let len = n_tokens * stride;
             let mut reference = vec![7.0f32; len];
             gemm_panel_i8_reference(&panel, &batch, &mut reference, stride);
+            // Token groups with prefetching in between change nothing.
+            let mut ahead = vec![7.0f32; len];
+            gemm_panel_i8_ahead(&panel, &batch, &mut ahead, stride, &w);
+            for i in 0..len {
+                prop_assert_eq!(ahead[i].to_bits(), reference[i].to_bits());
+            }
             for isa in available_isas() {
                 if !has_kernel(isa, ty) {
                     continue;

@@ -53,7 +53,18 @@ impl Isa {
     }
 
     /// Whether this CPU can run the level's kernels.
+    ///
+    /// Probed once per process: the f32 vector kernels check it on every call, and attention
+    /// calls them for every (query, key) pair.
+    #[inline]
     pub fn is_available(self) -> bool {
+        static AVAILABLE: OnceLock<[bool; 5]> = OnceLock::new();
+        let all = AVAILABLE.get_or_init(|| Isa::ALL.map(Isa::probe));
+        all[self as usize]
+    }
+
+    /// Asks the CPU whether it has the level.
+    fn probe(self) -> bool {
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
@@ -64,7 +75,7 @@ impl Isa {
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => {
-                Isa::Avx2.is_available()
+                Isa::Avx2.probe()
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
@@ -120,6 +131,15 @@ pub(crate) fn choose(best: Isa, request: Option<&str>) -> Isa {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_are_listed_in_declaration_order() {
+        // `is_available` indexes its table by the discriminant.
+        for (i, isa) in Isa::ALL.into_iter().enumerate() {
+            assert_eq!(isa as usize, i);
+            assert_eq!(isa.is_available(), isa.probe());
+        }
+    }
 
     #[test]
     fn names_round_trip() {

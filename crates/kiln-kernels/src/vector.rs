@@ -63,6 +63,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 ///
 /// # Panics
 /// If the slices differ in length or the CPU lacks `isa`.
+#[inline]
 pub fn dot_f32_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
     match isa {
@@ -90,6 +91,7 @@ pub fn sum_f32(x: &[f32]) -> f32 {
 ///
 /// # Panics
 /// If the CPU lacks `isa`.
+#[inline]
 pub fn sum_f32_with(isa: Isa, x: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -118,6 +120,7 @@ pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
 ///
 /// # Panics
 /// If the slices differ in length or the CPU lacks `isa`.
+#[inline]
 pub fn axpy_f32_with(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len(), "axpy_f32: lengths differ");
     match isa {

@@ -363,7 +363,7 @@ fn matmul_gemm_i8(
     n_tokens: usize,
     ys: &mut [&mut [f32]],
 ) {
-    use kiln_kernels::gemm_i8::{gemm_panel_i8, pack_panel, quantize_batch, PANEL_ROWS};
+    use kiln_kernels::gemm_i8::{gemm_panel_i8_ahead, pack_panel, quantize_batch, PANEL_ROWS};
     let cols = ws[0].cols();
     // Panels are numbered across the matrices: matrix i owns panels first[i]..first[i + 1].
     let mut first = Vec::with_capacity(ws.len() + 1);
@@ -376,18 +376,31 @@ fn matmul_gemm_i8(
         let mut batch = batch.borrow_mut();
         quantize_batch(x, n_tokens, cols, ty, &mut batch);
         let batch = &*batch;
-        pool.for_each(first[ws.len()], |p| {
+        let n_panels = first[ws.len()];
+        let n_threads = pool.n_threads();
+        pool.for_each(n_panels, |p| {
             let i = first.partition_point(|&f| f <= p) - 1;
             let (w, out) = (ws[i], &outs[i]);
             let rows = w.rows();
             let start = (p - first[i]) * PANEL_ROWS;
             let n = PANEL_ROWS.min(rows - start);
+            // Threads take panels in turn, so this one most likely gets the panel
+            // `n_threads` ahead next: have its weights on the way while this one computes.
+            let next = p + n_threads;
+            let ahead = if next < n_panels {
+                let j = first.partition_point(|&f| f <= next) - 1;
+                let (data, row_bytes) = (ws[j].data(), ws[j].row_bytes());
+                let s = (next - first[j]) * PANEL_ROWS * row_bytes;
+                &data[s..(s + PANEL_ROWS * row_bytes).min(data.len())]
+            } else {
+                &[]
+            };
             GEMM_I8_PANEL.with(|panel| {
                 TILE_OUT.with(|tile| {
                     let (mut panel, mut tile) = (panel.borrow_mut(), tile.borrow_mut());
                     pack_panel(ty, w.data(), w.row_bytes(), start..start + n, &mut panel);
                     tile.resize(n_tokens * n, 0.0);
-                    gemm_panel_i8(&panel, batch, &mut tile, n);
+                    gemm_panel_i8_ahead(&panel, batch, &mut tile, n, ahead);
                     for t in 0..n_tokens {
                         // SAFETY: rows start..start + n of token t of matrix i belong to
                         // panel p alone.
