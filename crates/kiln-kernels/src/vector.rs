@@ -138,6 +138,78 @@ pub fn axpy_f32_with(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `out[j] = dot_f32(q, row j of k)` for consecutive rows of `q.len()` values in `k`: one
+/// attention query against a run of keys, each exactly (bit for bit) as [`dot_f32`] computes
+/// it, with one dispatch for all of them.
+///
+/// # Panics
+/// If `q` is empty, `k` is not whole rows of `q.len()`, or `out` does not hold one value per
+/// row.
+pub fn dot_rows_f32(q: &[f32], k: &[f32], out: &mut [f32]) {
+    dot_rows_f32_with(detect(), q, k, out)
+}
+
+/// [`dot_rows_f32`] at a given level.
+///
+/// # Panics
+/// As [`dot_rows_f32`], and if the CPU lacks `isa`.
+pub fn dot_rows_f32_with(isa: Isa, q: &[f32], k: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    assert!(
+        d > 0 && k.len() == out.len() * d,
+        "dot_rows_f32: {} values are not {} rows of {d}",
+        k.len(),
+        out.len()
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both x86 levels include AVX2 and FMA (`is_available`); `k` holds `out.len()`
+        // rows of `q.len()` (asserted above).
+        Isa::Avx2 | Isa::Avx512Vnni if isa.is_available() => unsafe { x86::dot_rows(q, k, out) },
+        _ => {
+            for (o, row) in out.iter_mut().zip(k.chunks_exact(d)) {
+                *o = dot_f32_with(isa, q, row);
+            }
+        }
+    }
+}
+
+/// `y += sum_j p[j] * (row j of v)` for consecutive rows of `y.len()` values in `v`: the
+/// weighted sum of an attention head's values, exactly (bit for bit) as successive
+/// [`axpy_f32`] calls compute it, with `y` kept in registers across the rows.
+///
+/// # Panics
+/// If `y` is empty, `v` is not whole rows of `y.len()`, or `p` does not hold one weight per
+/// row.
+pub fn axpy_rows_f32(p: &[f32], v: &[f32], y: &mut [f32]) {
+    axpy_rows_f32_with(detect(), p, v, y)
+}
+
+/// [`axpy_rows_f32`] at a given level.
+///
+/// # Panics
+/// As [`axpy_rows_f32`], and if the CPU lacks `isa`.
+pub fn axpy_rows_f32_with(isa: Isa, p: &[f32], v: &[f32], y: &mut [f32]) {
+    let d = y.len();
+    assert!(
+        d > 0 && v.len() == p.len() * d,
+        "axpy_rows_f32: {} values are not {} rows of {d}",
+        v.len(),
+        p.len()
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both x86 levels include AVX2 and FMA (`is_available`); `v` holds `p.len()`
+        // rows of `y.len()` (asserted above).
+        Isa::Avx2 | Isa::Avx512Vnni if isa.is_available() => unsafe { x86::axpy_rows(p, v, y) },
+        _ => {
+            for (&a, row) in p.iter().zip(v.chunks_exact(d)) {
+                axpy_f32_with(isa, a, row, y);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -207,6 +279,57 @@ mod x86 {
         }
         let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         hsum(v) + x[i..].iter().sum::<f32>()
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `k.len() == out.len() * q.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows(q: &[f32], k: &[f32], out: &mut [f32]) {
+        for (o, row) in out.iter_mut().zip(k.chunks_exact(q.len())) {
+            // SAFETY: the rows are `q.len()` long; the features are the caller's.
+            *o = unsafe { dot(q, row) };
+        }
+    }
+
+    /// `axpy` row after row, eight-lane columns of `y` held in registers: the same fused
+    /// multiply-add per element and row, in the same order, as separate calls.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `v.len() == p.len() * y.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_rows(p: &[f32], v: &[f32], y: &mut [f32]) {
+        let d = y.len();
+        let (pv, py) = (v.as_ptr(), y.as_mut_ptr());
+        // Up to 64 columns (eight registers) per pass over the rows.
+        let mut c0 = 0;
+        while c0 + 8 <= d {
+            let width = ((d - c0) / 8).min(8);
+            // SAFETY: columns c0..c0 + 8 * width lie within `y` and within every row of `v`.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (i, a) in acc.iter_mut().enumerate().take(width) {
+                    *a = _mm256_loadu_ps(py.add(c0 + 8 * i));
+                }
+                for (j, &a) in p.iter().enumerate() {
+                    let va = _mm256_set1_ps(a);
+                    let row = pv.add(j * d + c0);
+                    for (i, acc) in acc.iter_mut().enumerate().take(width) {
+                        *acc = _mm256_fmadd_ps(va, _mm256_loadu_ps(row.add(8 * i)), *acc);
+                    }
+                }
+                for (i, a) in acc.iter().enumerate().take(width) {
+                    _mm256_storeu_ps(py.add(c0 + 8 * i), *a);
+                }
+            }
+            c0 += 8 * width;
+        }
+        if c0 < d {
+            for (&a, row) in p.iter().zip(v.chunks_exact(d)) {
+                for j in c0..d {
+                    y[j] += a * row[j];
+                }
+            }
+        }
     }
 
     /// # Safety

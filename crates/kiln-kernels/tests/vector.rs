@@ -55,6 +55,39 @@ proptest! {
     }
 }
 
+proptest! {
+    /// The row-batched forms are the single-row kernels bit for bit, at every level.
+    #[test]
+    fn row_batches_match_single_rows_bit_for_bit(
+        d in 1usize..140,
+        n in 0usize..12,
+        seed in any::<u32>(),
+    ) {
+        let val = |i: usize| {
+            let h = (i as u32).wrapping_mul(2_654_435_761) ^ seed;
+            (h >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        };
+        let q: Vec<f32> = (0..d).map(val).collect();
+        let rows: Vec<f32> = (0..n * d).map(|i| val(i + 1000)).collect();
+        let p: Vec<f32> = (0..n).map(|i| val(i + 5000)).collect();
+        let y0: Vec<f32> = (0..d).map(|i| val(i + 7000)).collect();
+        for isa in available_isas() {
+            let mut scores = vec![0.0f32; n];
+            dot_rows_f32_with(isa, &q, &rows, &mut scores);
+            let mut y = y0.clone();
+            axpy_rows_f32_with(isa, &p, &rows, &mut y);
+            let mut y_one = y0.clone();
+            for (j, row) in rows.chunks_exact(d).enumerate() {
+                prop_assert_eq!(scores[j].to_bits(), dot_f32_with(isa, &q, row).to_bits());
+                axpy_f32_with(isa, p[j], row, &mut y_one);
+            }
+            for (a, b) in y.iter().zip(&y_one) {
+                prop_assert_eq!(a.to_bits(), b.to_bits(), "{:?}", isa);
+            }
+        }
+    }
+}
+
 #[test]
 #[should_panic(expected = "lengths differ")]
 fn dot_of_unequal_lengths_panics() {

@@ -11,7 +11,7 @@ use kiln_kernels::{ActivationFormat, QuantizedRow};
 use std::cell::RefCell;
 
 // The f32 vector kernels (SIMD per level, with scalar references) live with the other kernels.
-pub use kiln_kernels::vector::{axpy_f32, dot_f32, sum_f32};
+pub use kiln_kernels::vector::{axpy_f32, axpy_rows_f32, dot_f32, dot_rows_f32, sum_f32};
 
 /// Rows of the weight matrix dequantized together in a prefill tile: 16 rows of up to a few
 /// thousand columns stay in L2 while every token of the batch is multiplied with them.

@@ -314,16 +314,18 @@ impl<'m> Session<'m> {
                 scores.clear();
                 scores.resize(group * n, 0.0);
                 let q_base = (t * c.n_heads + g * group) * hd;
-                for (jj, j) in keys_here.clone().enumerate() {
-                    let off = cache.offset(g, j);
-                    let k = &keys[off..off + hd];
-                    for hh in 0..group {
-                        let qh = &q[q_base + hh * hd..q_base + (hh + 1) * hd];
-                        let mut sc = kernels::dot_f32(qh, k) * scale;
+                // One head's positions are consecutive rows of the cache.
+                let first = cache.offset(g, keys_here.start);
+                let (ks, vs) = (&keys[first..first + n * hd], &values[first..first + n * hd]);
+                for hh in 0..group {
+                    let qh = &q[q_base + hh * hd..q_base + (hh + 1) * hd];
+                    let row = &mut scores[hh * n..(hh + 1) * n];
+                    kernels::dot_rows_f32(qh, ks, row);
+                    for sc in row.iter_mut() {
+                        *sc *= scale;
                         if let Some(cap) = softcap {
-                            sc = cap * (sc / cap).tanh();
+                            *sc = cap * (*sc / cap).tanh();
                         }
-                        scores[hh * n + jj] = sc;
                     }
                 }
                 for hh in 0..group {
@@ -339,13 +341,9 @@ impl<'m> Session<'m> {
                     rec[1] = sum;
                     rec[2..].fill(0.0);
                 }
-                for (jj, j) in keys_here.enumerate() {
-                    let off = cache.offset(g, j);
-                    let v = &values[off..off + hd];
-                    for hh in 0..group {
-                        let p = scores[hh * n + jj];
-                        kernels::axpy_f32(p, v, &mut dst[hh * stride + 2..(hh + 1) * stride]);
-                    }
+                for hh in 0..group {
+                    let p = &scores[hh * n..(hh + 1) * n];
+                    kernels::axpy_rows_f32(p, vs, &mut dst[hh * stride + 2..(hh + 1) * stride]);
                 }
             });
         });
