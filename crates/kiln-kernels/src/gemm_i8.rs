@@ -1206,13 +1206,22 @@ mod x86 {
             }
         }
         for (i, a) in acc.iter().enumerate() {
+            let dst = &mut out[i * stride..i * stride + n_rows];
+            if n_rows == PANEL_ROWS {
+                // SAFETY: `dst` holds two vectors of 16 floats.
+                unsafe {
+                    _mm512_storeu_ps(dst.as_mut_ptr(), a[0]);
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(16), a[1]);
+                }
+                continue;
+            }
             let mut lanes = [0.0f32; PANEL_ROWS];
             // SAFETY: `lanes` holds two vectors of 16 floats.
             unsafe {
                 _mm512_storeu_ps(lanes.as_mut_ptr(), a[0]);
                 _mm512_storeu_ps(lanes.as_mut_ptr().add(16), a[1]);
             }
-            out[i * stride..i * stride + n_rows].copy_from_slice(&lanes[..n_rows]);
+            dst.copy_from_slice(&lanes[..n_rows]);
         }
     }
 

@@ -42,6 +42,11 @@
 //!   [`reference::error_bound`]. Results may differ between levels in the last bits (not in
 //!   the integer sums), never between runs.
 //!
+//! Prompts (many activation rows at once) run as panel GEMMs instead: [`gemm`] (f32) and
+//! [`gemm_bf16`] on dequantized weights, and [`gemm_i8`], which multiplies the integer codes
+//! of the 32-element formats with int8 activations (`vpdpbusd`, or `vpmaddubsw` on AVX2),
+//! bit for bit its scalar reference.
+//!
 //! The f32 vector kernels of the forward pass (dot products, sums, `y += a·x`) are in
 //! [`vector`], with the same dispatch and the same kind of references.
 //!
