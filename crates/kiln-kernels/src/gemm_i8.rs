@@ -577,6 +577,9 @@ fn run(
     if tokens.is_empty() || panel.n_rows == 0 {
         return;
     }
+    // Only the x86 levels have kernels that depend on the weight type.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ty;
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI and FMA (`is_available`); `check` validated
