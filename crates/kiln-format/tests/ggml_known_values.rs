@@ -189,7 +189,11 @@ fn iq4_blocks_dequantize_to_hand_computed_values() {
     for (ty, want) in [(GgmlType::IQ4_NL, &want_nl), (GgmlType::IQ4_XS, &want_xs)] {
         let t = file.require_tensor(&format!("{ty}")).unwrap();
         assert_eq!(t.ty, ty);
-        assert_bits_eq(&format!("{ty} from GGUF"), &file.tensor_f32(t).unwrap(), want);
+        assert_bits_eq(
+            &format!("{ty} from GGUF"),
+            &file.tensor_f32(t).unwrap(),
+            want,
+        );
     }
     drop(file);
     std::fs::remove_file(&path).unwrap();

@@ -3,8 +3,7 @@
 //! their quantizers, in `iquants`, are kiln's own).
 
 use super::{
-    f32_to_bf16, f32_to_f16, iquants, kquantize, kquants, legacy, DequantError, GgmlType, QK,
-    QK_K,
+    f32_to_bf16, f32_to_f16, iquants, kquantize, kquants, legacy, DequantError, GgmlType, QK, QK_K,
 };
 
 /// Quantizes `src` to type `ty` with ggml's reference semantics (`quantize_row_*_ref`):
