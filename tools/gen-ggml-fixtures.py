@@ -52,10 +52,14 @@ F16_FIELDS = {
     T.Q4_K: [(0, "d"), (2, "m")],
     T.Q5_K: [(0, "d"), (2, "m")],
     T.Q6_K: [(208, "d")],
+    T.IQ4_NL: [(0, "d")],
+    T.IQ4_XS: [(0, "d")],
 }
 
+# New types go at the end: each type's seed is its position here, so the others' fixtures stay
+# byte for byte what they were.
 ALL = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
-       T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+       T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
 QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
 
 

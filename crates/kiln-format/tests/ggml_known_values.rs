@@ -34,7 +34,7 @@ fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-const FIXTURE_TYPES: [GgmlType; 13] = [
+const FIXTURE_TYPES: [GgmlType; 15] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -48,6 +48,8 @@ const FIXTURE_TYPES: [GgmlType; 13] = [
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
 ];
 
 const QUANTIZABLE: [GgmlType; 8] = [
@@ -128,6 +130,73 @@ fn dot_row_matches_dequantized_dot_on_fixtures() {
             "{ty}: dot_row {got} vs {exact} (magnitude {mag})"
         );
     }
+}
+
+/// IQ4 blocks built by hand, with values worked out from the layout in `ggml-common.h` and
+/// `dequantize_row_iq4_*` in `ggml-quants.c`: every level and every scale bit appears once,
+/// and all values are exact in f32, so each one is compared exactly. The blocks also go
+/// through a GGUF file and back.
+#[test]
+fn iq4_blocks_dequantize_to_hand_computed_values() {
+    const LEVELS: [f32; 16] = [
+        -127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0, 1.0, 13.0, 25.0, 38.0, 53.0,
+        69.0, 89.0, 113.0,
+    ];
+    // Codes j (low nibbles, elements 0..16) and 15 - j (high nibbles, elements 16..32).
+    let nibbles: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+
+    // IQ4_NL: d = 0.5 (f16 0x3800).
+    let mut nl = vec![0x00, 0x38];
+    nl.extend_from_slice(&nibbles);
+    let mut want_nl = Vec::new();
+    want_nl.extend((0..16).map(|j| 0.5 * LEVELS[j]));
+    want_nl.extend((0..16).map(|j| 0.5 * LEVELS[15 - j]));
+
+    // IQ4_XS: d = 0.25 (f16 0x3400); the eight 6-bit scales ls = 0, 1, 31, 32, 33, 47, 62, 63
+    // (multipliers ls - 32 = -32, -31, -1, 0, 1, 15, 30, 31). Low nibbles, two per byte,
+    // sub-block 2k in the low half: 0x10, 0x0f, 0xf1, 0xfe. High two bits at 2 * ib of
+    // scales_h: 0,0,1,2,2,2,3,3 -> 0xfa90.
+    let ls = [0i32, 1, 31, 32, 33, 47, 62, 63];
+    let mut xs = vec![0x00, 0x34, 0x90, 0xfa, 0x10, 0x0f, 0xf1, 0xfe];
+    for _ in 0..8 {
+        xs.extend_from_slice(&nibbles);
+    }
+    let mut want_xs = Vec::new();
+    for &l in &ls {
+        let m = 0.25 * (l - 32) as f32;
+        want_xs.extend((0..16).map(|j| m * LEVELS[j]));
+        want_xs.extend((0..16).map(|j| m * LEVELS[15 - j]));
+    }
+    assert_eq!(want_xs[0], 1016.0); // 0.25 * -32 * -127
+    assert_eq!(want_xs[255], 0.25 * 31.0 * -127.0);
+
+    let mut writer = kiln_format::gguf::GgufWriter::new();
+    for (ty, blocks, want) in [
+        (GgmlType::IQ4_NL, &nl, &want_nl),
+        (GgmlType::IQ4_XS, &xs, &want_xs),
+    ] {
+        assert_eq!(blocks.len(), ty.block_bytes());
+        let mut got = vec![0.0; want.len()];
+        ggml::dequantize(ty, blocks, &mut got).unwrap();
+        assert_bits_eq(&format!("hand-made {ty}"), &got, want);
+        writer
+            .add_tensor(format!("{ty}"), &[want.len() as u64], ty, blocks.clone())
+            .unwrap();
+    }
+    let path = std::env::temp_dir().join(format!("kiln-iq4-{}.gguf", std::process::id()));
+    writer.write(&path).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    for (ty, want) in [(GgmlType::IQ4_NL, &want_nl), (GgmlType::IQ4_XS, &want_xs)] {
+        let t = file.require_tensor(&format!("{ty}")).unwrap();
+        assert_eq!(t.ty, ty);
+        assert_bits_eq(
+            &format!("{ty} from GGUF"),
+            &file.tensor_f32(t).unwrap(),
+            want,
+        );
+    }
+    drop(file);
+    std::fs::remove_file(&path).unwrap();
 }
 
 fn model(name: &str) -> PathBuf {

@@ -19,7 +19,7 @@ use kiln_kernels::{
     activation_format, available_isas, dot_block_with, quantize_row, ActivationFormat, Isa,
 };
 
-const FORMATS: [GgmlType; 13] = [
+const FORMATS: [GgmlType; 15] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q8_0,
@@ -30,6 +30,8 @@ const FORMATS: [GgmlType; 13] = [
     GgmlType::Q5_K,
     GgmlType::Q3_K,
     GgmlType::Q2_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
     GgmlType::F16,
     GgmlType::BF16,
     GgmlType::F32,
@@ -52,6 +54,7 @@ impl Rng {
 fn f16_fields(ty: GgmlType) -> &'static [usize] {
     match ty {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
         GgmlType::Q4_1 | GgmlType::Q5_1 => &[0, 2],
         GgmlType::Q2_K => &[80, 82],
         GgmlType::Q3_K => &[108],

@@ -18,7 +18,8 @@ pub enum ActivationFormat {
     /// codes with signed activations.
     Q8_1,
     /// 256-element super-blocks with one scale and the integer sum of every 16 codes (ggml's
-    /// Q8_K): what the K-quants' per-sub-block minimums and offsets need.
+    /// Q8_K): what the K-quants' per-sub-block minimums and offsets need. IQ4_XS uses it too:
+    /// its sub-block scales are small integers, so a whole super-block is one integer sum.
     Q8_K,
     /// Plain f32 copies, for the float weight formats.
     F32,
@@ -43,13 +44,15 @@ pub fn activation_format(weights: GgmlType) -> ActivationFormat {
         | GgmlType::Q5_0
         | GgmlType::Q5_1
         | GgmlType::Q8_0
-        | GgmlType::Q8_1 => ActivationFormat::Q8_1,
+        | GgmlType::Q8_1
+        | GgmlType::IQ4_NL => ActivationFormat::Q8_1,
         GgmlType::Q2_K
         | GgmlType::Q3_K
         | GgmlType::Q4_K
         | GgmlType::Q5_K
         | GgmlType::Q6_K
-        | GgmlType::Q8_K => ActivationFormat::Q8_K,
+        | GgmlType::Q8_K
+        | GgmlType::IQ4_XS => ActivationFormat::Q8_K,
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActivationFormat::F32,
     }
 }

@@ -36,6 +36,13 @@ pub(crate) const Q6_K_QH: usize = 128;
 pub(crate) const Q6_K_SCALES: usize = 192;
 pub(crate) const Q6_K_D: usize = 208;
 
+pub(crate) const IQ4_NL_BYTES: usize = 18;
+
+pub(crate) const IQ4_XS_BYTES: usize = 136;
+pub(crate) const IQ4_XS_SCALES_H: usize = 2;
+pub(crate) const IQ4_XS_SCALES_L: usize = 4;
+pub(crate) const IQ4_XS_QS: usize = 8;
+
 /// Reads a little-endian `u16` at `p`.
 ///
 /// # Safety
@@ -88,6 +95,26 @@ pub(crate) fn k4_scales_mins(a: u32, b: u32, c: u32) -> (u64, u64) {
         u64::from(sc_lo) | (u64::from(sc_hi) << 32),
         u64::from(mn_lo) | (u64::from(mn_hi) << 32),
     )
+}
+
+/// The eight 6-bit scales of an IQ4_XS super-block, still biased by 32, one per byte in
+/// sub-block order, from `scales_h` and `scales_l` (read as a little-endian word).
+///
+/// Scale `ib` keeps its low four bits in nibble `ib % 2` of byte `ib / 2` of `scales_l` and its
+/// top two at bit `2 * ib` of `scales_h`: both are spread to one field per byte by halving the
+/// field groups three times, then joined.
+#[inline(always)]
+#[allow(dead_code)]
+pub(crate) fn iq4xs_scales(scales_h: u16, scales_l: u32) -> u64 {
+    let lo = u64::from(scales_l);
+    let lo = (lo & 0xffff) | ((lo & 0xffff_0000) << 16);
+    let lo = (lo & 0x0000_00ff_0000_00ff) | ((lo & 0x0000_ff00_0000_ff00) << 8);
+    let lo = (lo & 0x000f_000f_000f_000f) | ((lo & 0x00f0_00f0_00f0_00f0) << 4);
+    let hi = u64::from(scales_h);
+    let hi = (hi & 0xff) | ((hi & 0xff00) << 24);
+    let hi = (hi & 0x0000_000f_0000_000f) | ((hi & 0x0000_00f0_0000_00f0) << 12);
+    let hi = (hi & 0x0003_0003_0003_0003) | ((hi & 0x000c_000c_000c_000c) << 6);
+    lo | (hi << 4)
 }
 
 /// The sixteen 6-bit scales of a Q3_K super-block, still biased by 32, in sub-block order

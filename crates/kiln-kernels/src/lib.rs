@@ -53,9 +53,9 @@
 //! The kiln package's own formats (`I8_CH`, `I4_B64`, lookup tables) have their kernels in
 //! [`kiln_formats`].
 //!
-//! Covered weight types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F32, F16
-//! and BF16 have SIMD kernels; Q8_1 and Q8_K (activation formats in ggml) are accepted as
-//! weights too and computed by the reference.
+//! Covered weight types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL,
+//! IQ4_XS, F32, F16 and BF16 have SIMD kernels; Q8_1 and Q8_K (activation formats in ggml) are
+//! accepted as weights too and computed by the reference.
 
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]

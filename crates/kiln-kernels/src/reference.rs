@@ -5,12 +5,16 @@
 //! stored in the block. That form covers every format (Q4_0 is `d * u - 8d`, Q6_K is
 //! `d * sc * u - 32 * d * sc`, Q4_K is `d * sc * u - dmin * mn`, …) and is the form the
 //! SIMD kernels compute in: an integer dot product of codes per sub-block, then scales.
+//! Signed codes are read with an offset of 128 (Q8_0's `q` is `u - 128`, IQ4's table level
+//! `L[q]` is `(L[q] + 128) - 128`), which is how the VNNI kernels multiply them, and is the
+//! larger of the forms kernels use, so [`error_bound`] covers those that multiply signed
+//! codes directly.
 //!
 //! The reference does the same integer sums exactly and combines them in f64, so it is the
 //! exact dot product of the dequantized weights and the dequantized activations up to one
 //! rounding to f32 at the end.
 
-use kiln_format::ggml::{bf16_to_f32, f16_to_f32, GgmlType};
+use kiln_format::ggml::{bf16_to_f32, f16_to_f32, GgmlType, IQ4_NL_VALUES};
 
 use crate::activation::{activation_format, ActivationFormat, QuantizedRow};
 use crate::layout::*;
@@ -108,6 +112,26 @@ fn decode(ty: GgmlType, b: &[u8], out: &mut Decoded) {
             }
             out.d[0] = d;
             out.m[0] = -128.0 * d;
+            out.sub = QK;
+        }
+        GgmlType::IQ4_NL => {
+            let d = f16(b, 0);
+            iq4_levels(&b[2..18], &mut out.u[..QK]);
+            out.d[0] = d;
+            out.m[0] = -128.0 * d;
+            out.sub = QK;
+        }
+        GgmlType::IQ4_XS => {
+            let d = f16(b, 0);
+            let sh = u16::from_le_bytes([b[IQ4_XS_SCALES_H], b[IQ4_XS_SCALES_H + 1]]);
+            for ib in 0..8 {
+                let low = (b[IQ4_XS_SCALES_L + ib / 2] >> (4 * (ib % 2))) & 0x0f;
+                let high = ((sh >> (2 * ib)) & 3) as u8;
+                out.d[ib] = d * f64::from(i32::from(low | (high << 4)) - 32);
+                out.m[ib] = -128.0 * out.d[ib];
+                let qs = IQ4_XS_QS + 16 * ib;
+                iq4_levels(&b[qs..qs + 16], &mut out.u[32 * ib..32 * ib + 32]);
+            }
             out.sub = QK;
         }
         GgmlType::Q8_K => {
@@ -209,6 +233,16 @@ fn decode(ty: GgmlType, b: &[u8], out: &mut Decoded) {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
             unreachable!("float types are not block-decoded")
         }
+    }
+}
+
+/// The 32 table levels packed in `qs` (16 bytes: element `j` low nibble of byte `j`, element
+/// `j + 16` its high nibble), offset by 128.
+fn iq4_levels(qs: &[u8], u: &mut [i32]) {
+    let level = |q: u8| i32::from(IQ4_NL_VALUES[usize::from(q)]) + 128;
+    for (j, &byte) in qs.iter().enumerate() {
+        u[j] = level(byte & 0x0f);
+        u[j + 16] = level(byte >> 4);
     }
 }
 

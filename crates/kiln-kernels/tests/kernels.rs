@@ -10,7 +10,7 @@ use kiln_kernels::{
 use proptest::prelude::*;
 
 /// Weight types with SIMD kernels.
-const SIMD_TYPES: [GgmlType; 13] = [
+const SIMD_TYPES: [GgmlType; 15] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
@@ -21,10 +21,15 @@ const SIMD_TYPES: [GgmlType; 13] = [
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
 ];
+
+/// How many of [`SIMD_TYPES`] are quantized (they come first).
+const N_QUANTIZED: usize = 12;
 
 /// Byte offsets of the f16 scale fields of a block (`ggml-common.h`).
 fn f16_fields(ty: GgmlType) -> &'static [usize] {
@@ -35,6 +40,7 @@ fn f16_fields(ty: GgmlType) -> &'static [usize] {
         GgmlType::Q3_K => &[108],
         GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
         GgmlType::Q6_K => &[208],
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
         _ => &[],
     }
 }
@@ -205,6 +211,8 @@ simd_vs_reference! {
     q4_k_kernels_match_reference: GgmlType::Q4_K;
     q5_k_kernels_match_reference: GgmlType::Q5_K;
     q6_k_kernels_match_reference: GgmlType::Q6_K;
+    iq4_nl_kernels_match_reference: GgmlType::IQ4_NL;
+    iq4_xs_kernels_match_reference: GgmlType::IQ4_XS;
     f32_kernels_match_reference: GgmlType::F32;
     f16_kernels_match_reference: GgmlType::F16;
     bf16_kernels_match_reference: GgmlType::BF16;
@@ -248,7 +256,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     #[test]
     fn kernels_are_exact_with_power_of_two_scales(
-        ty_i in 0usize..10,
+        ty_i in 0usize..N_QUANTIZED,
         units in 1usize..=9,
         seed in prop::collection::vec(any::<u8>(), 9 * 292),
         e_w in -8i32..4,
@@ -302,7 +310,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(192))]
     #[test]
     fn dot_block_equals_dot_for_every_pair(
-        ty_i in 0usize..13,
+        ty_i in 0usize..SIMD_TYPES.len(),
         units in 1usize..=6,
         n_rows in 1usize..=10,
         skip in 0usize..3,
@@ -374,7 +382,7 @@ fn all_quantized_and_float() -> Vec<GgmlType> {
 /// Any implemented type with a row and activations (Q8_K weights come from its quantizer,
 /// whose f32 scale random bytes would not keep finite).
 fn any_case() -> impl Strategy<Value = (GgmlType, Vec<u8>, Vec<f32>)> {
-    (0usize..15).prop_flat_map(|i| {
+    (0usize..SIMD_TYPES.len() + 2).prop_flat_map(|i| {
         let ty = all_quantized_and_float()[i];
         if ty == GgmlType::Q8_K {
             (1usize..=2)

@@ -653,6 +653,8 @@ mod matmul_tests {
             GgmlType::Q8_0,
             GgmlType::Q4_K,
             GgmlType::Q6_K,
+            GgmlType::IQ4_NL,
+            GgmlType::IQ4_XS,
         ] {
             for n_tokens in [1, 5] {
                 let (rows, cols) = (48, 512);

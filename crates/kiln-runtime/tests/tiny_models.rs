@@ -683,9 +683,10 @@ fn chunked_decode_attention_matches_one_batch_at_long_context() {
     }
 }
 
-/// The default (quantized-activation) path on every weight format: logits within a small
-/// distance of the exact path, measured as cosine over all positions and as agreement of the
-/// chosen token wherever the exact path's top two are not nearly tied.
+/// The default path on every weight format, as a prompt (one batch: the dequantizing GEMM) and
+/// token by token (decode: the integer kernels on quantized activations): logits within a
+/// small distance of the exact path, measured as cosine over all positions and as agreement
+/// of the chosen token wherever the exact path's top two are not nearly tied.
 #[test]
 fn quantized_path_stays_close_to_exact_for_every_format() {
     let seed = 3100;
@@ -698,33 +699,95 @@ fn quantized_path_stays_close_to_exact_for_every_format() {
         let exact = exact_session(&model, &pool, tokens.len())
             .forward(&tokens, Logits::All)
             .unwrap();
-        let quantized = Session::new(&model, &pool, tokens.len())
+        let prompt = Session::new(&model, &pool, tokens.len())
             .forward(&tokens, Logits::All)
             .unwrap();
-        let dot: f64 = exact
-            .iter()
-            .zip(&quantized)
-            .map(|(a, b)| f64::from(a * b))
-            .sum();
-        let na: f64 = exact.iter().map(|a| f64::from(a * a)).sum::<f64>().sqrt();
-        let nb: f64 = quantized
-            .iter()
-            .map(|b| f64::from(b * b))
-            .sum::<f64>()
-            .sqrt();
-        let cos = dot / (na * nb);
-        let mut compared = 0;
-        for (e, q) in exact.chunks(spec.vocab).zip(quantized.chunks(spec.vocab)) {
-            let mut sorted = e.to_vec();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            if sorted[0] - sorted[1] < 0.05 * sorted[0].abs().max(1.0) {
-                continue;
-            }
-            compared += 1;
-            let top = |v: &[f32]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b });
-            assert_eq!(top(e), top(q), "{ty}: quantized path picks another token");
+        let mut decode_session = Session::new(&model, &pool, tokens.len());
+        let mut decode = Vec::new();
+        for &t in &tokens {
+            decode.extend(decode_session.forward(&[t], Logits::Last).unwrap());
         }
-        eprintln!("{ty}: cosine {cos:.6}, {compared} positions compared");
-        assert!(cos >= 0.999, "{ty}: cosine {cos}");
+        for (path, quantized) in [("prompt", &prompt), ("decode", &decode)] {
+            let dot: f64 = exact
+                .iter()
+                .zip(quantized)
+                .map(|(a, b)| f64::from(a * b))
+                .sum();
+            let na: f64 = exact.iter().map(|a| f64::from(a * a)).sum::<f64>().sqrt();
+            let nb: f64 = quantized
+                .iter()
+                .map(|b| f64::from(b * b))
+                .sum::<f64>()
+                .sqrt();
+            let cos = dot / (na * nb);
+            let mut compared = 0;
+            for (e, q) in exact.chunks(spec.vocab).zip(quantized.chunks(spec.vocab)) {
+                let mut sorted = e.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                if sorted[0] - sorted[1] < 0.05 * sorted[0].abs().max(1.0) {
+                    continue;
+                }
+                compared += 1;
+                let top = |v: &[f32]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b });
+                assert_eq!(
+                    top(e),
+                    top(q),
+                    "{ty} {path}: quantized path picks another token"
+                );
+            }
+            eprintln!("{ty} {path}: cosine {cos:.6}, {compared} positions compared");
+            assert!(cos >= 0.999, "{ty} {path}: cosine {cos}");
+        }
+    }
+}
+
+/// IQ4 sources through `convert`: kept as they are (`--quant keep`) in a kiln package and in a
+/// GGUF file, the blocks, and so the logits, are the source's bit for bit; requantized to a
+/// kiln format (int8 per channel), they are dequantized and requantized like any other type.
+#[test]
+fn iq4_sources_convert_keeping_or_requantizing_their_blocks() {
+    use kiln_runtime::convert::{convert, ConvertOptions, OutputFormat, QuantTarget};
+    let seed = 3200;
+    let tokens = random_tokens(seed, 6, 96);
+    let pool = ThreadPool::new(2);
+    for ty in [GgmlType::IQ4_NL, GgmlType::IQ4_XS] {
+        let src = TinyFile::generate(&format_spec(ty), seed).write(&format!("convert_{ty}"));
+        let source = Model::load(&src).unwrap();
+        let want = exact_session(&source, &pool, tokens.len())
+            .forward(&tokens, Logits::All)
+            .unwrap();
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        for (to, quant, name) in [
+            (OutputFormat::Kiln, QuantTarget::Keep, "keep.kiln"),
+            (OutputFormat::Gguf, QuantTarget::Keep, "keep.gguf"),
+            (OutputFormat::Kiln, QuantTarget::Int8Channel, "i8.kiln"),
+        ] {
+            let out = dir.join(format!("convert_{ty}_{name}"));
+            let _ = std::fs::remove_dir_all(&out);
+            let _ = std::fs::remove_file(&out);
+            let options = ConvertOptions {
+                quant,
+                to,
+                keep: Vec::new(),
+                ..ConvertOptions::default()
+            };
+            convert(&src, &out, &options, &mut |_, _, _| {})
+                .unwrap_or_else(|e| panic!("{ty} {name}: {e}"));
+            let model = Model::load(&out).unwrap_or_else(|e| panic!("{ty} {name}: {e}"));
+            let got = exact_session(&model, &pool, tokens.len())
+                .forward(&tokens, Logits::All)
+                .unwrap();
+            if quant == QuantTarget::Keep {
+                assert_eq!(model.layers[0].w_down.ggml_format(), Some(ty), "{name}");
+                assert_eq!(model.output.ggml_format(), Some(ty), "{name}");
+                assert_eq!(got, want, "{ty} {name}: logits differ from the source's");
+            } else {
+                assert_eq!(model.layers[0].w_down.ggml_format(), None, "{name}");
+                let diff = max_abs(&got, &want);
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                eprintln!("{ty} {name}: max |diff| {diff:.3e} of {scale:.2}");
+                assert!(diff > 0.0 && diff < 0.05 * scale, "{ty} {name}: {diff}");
+            }
+        }
     }
 }

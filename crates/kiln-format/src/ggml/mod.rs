@@ -9,6 +9,7 @@
 //! Everything here is scalar, portable code. [`dot_row`] is the reference the runtime's SIMD
 //! kernels are checked against; it is written so the compiler can vectorise it on its own.
 
+mod iquants;
 mod kquantize;
 mod kquants;
 mod legacy;
@@ -17,6 +18,7 @@ mod scale;
 
 use std::fmt;
 
+pub use iquants::IQ4_NL_VALUES;
 pub use quantize::quantize;
 pub use scale::scale_pow2;
 
@@ -60,13 +62,18 @@ pub enum GgmlType {
     Q6_K,
     /// 8-bit K-quant with an f32 scale and per-16 sums (an activation format).
     Q8_K,
+    /// Non-linear 4-bit, 32 elements per block, one f16 scale: `x = d * IQ4_NL_VALUES[q]`.
+    IQ4_NL,
+    /// Non-linear 4-bit in 256-element super-blocks of 8 sub-blocks with 6-bit scales:
+    /// `x = d * (ls - 32) * IQ4_NL_VALUES[q]`.
+    IQ4_XS,
     /// bfloat16: the upper half of an IEEE 754 binary32.
     BF16,
 }
 
 impl GgmlType {
     /// Every type kiln implements, in ggml id order.
-    pub const ALL: [GgmlType; 15] = [
+    pub const ALL: [GgmlType; 17] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -81,6 +88,8 @@ impl GgmlType {
         GgmlType::Q5_K,
         GgmlType::Q6_K,
         GgmlType::Q8_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
         GgmlType::BF16,
     ];
 
@@ -106,6 +115,8 @@ impl GgmlType {
             GgmlType::Q5_K => 13,
             GgmlType::Q6_K => 14,
             GgmlType::Q8_K => 15,
+            GgmlType::IQ4_NL => 20,
+            GgmlType::IQ4_XS => 23,
             GgmlType::BF16 => 30,
         }
     }
@@ -127,6 +138,8 @@ impl GgmlType {
             GgmlType::Q5_K => "Q5_K",
             GgmlType::Q6_K => "Q6_K",
             GgmlType::Q8_K => "Q8_K",
+            GgmlType::IQ4_NL => "IQ4_NL",
+            GgmlType::IQ4_XS => "IQ4_XS",
             GgmlType::BF16 => "BF16",
         }
     }
@@ -138,7 +151,8 @@ impl GgmlType {
             .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
-    /// Elements per block: 1 for the float types, 32 for Q4_0 … Q8_1, 256 for the K-quants.
+    /// Elements per block: 1 for the float types, 32 for Q4_0 … Q8_1 and IQ4_NL, 256 for the
+    /// K-quants and IQ4_XS.
     pub fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
@@ -147,13 +161,15 @@ impl GgmlType {
             | GgmlType::Q5_0
             | GgmlType::Q5_1
             | GgmlType::Q8_0
-            | GgmlType::Q8_1 => QK,
+            | GgmlType::Q8_1
+            | GgmlType::IQ4_NL => QK,
             GgmlType::Q2_K
             | GgmlType::Q3_K
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
-            | GgmlType::Q8_K => QK_K,
+            | GgmlType::Q8_K
+            | GgmlType::IQ4_XS => QK_K,
         }
     }
 
@@ -174,6 +190,8 @@ impl GgmlType {
             GgmlType::Q5_K => kquants::Q5_K_BYTES,
             GgmlType::Q6_K => kquants::Q6_K_BYTES,
             GgmlType::Q8_K => kquants::Q8_K_BYTES,
+            GgmlType::IQ4_NL => iquants::IQ4_NL_BYTES,
+            GgmlType::IQ4_XS => iquants::IQ4_XS_BYTES,
         }
     }
 
@@ -252,6 +270,8 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Dequa
         GgmlType::Q5_K => each_block(src, dst, kquants::dequant_q5_k),
         GgmlType::Q6_K => each_block(src, dst, kquants::dequant_q6_k),
         GgmlType::Q8_K => each_block(src, dst, kquants::dequant_q8_k),
+        GgmlType::IQ4_NL => each_block(src, dst, iquants::dequant_iq4_nl),
+        GgmlType::IQ4_XS => each_block(src, dst, iquants::dequant_iq4_xs),
     }
     Ok(())
 }
@@ -289,6 +309,8 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
         GgmlType::Q5_K => dot_blocks(row, x, kquants::dot_q5_k),
         GgmlType::Q6_K => dot_blocks(row, x, kquants::dot_q6_k),
         GgmlType::Q8_K => dot_blocks(row, x, kquants::dot_q8_k),
+        GgmlType::IQ4_NL => dot_blocks(row, x, iquants::dot_iq4_nl),
+        GgmlType::IQ4_XS => dot_blocks(row, x, iquants::dot_iq4_xs),
     }
 }
 

@@ -1,13 +1,15 @@
 //! Reference quantizers, following the arithmetic of ggml's `quantize_row_*_ref` so that
-//! kiln-made test models hold the same bytes ggml would have written.
+//! kiln-made test models hold the same bytes ggml would have written (the IQ4 types excepted:
+//! their quantizers, in `iquants`, are kiln's own).
 
 use super::{
-    f32_to_bf16, f32_to_f16, kquantize, kquants, legacy, DequantError, GgmlType, QK, QK_K,
+    f32_to_bf16, f32_to_f16, iquants, kquantize, kquants, legacy, DequantError, GgmlType, QK, QK_K,
 };
 
 /// Quantizes `src` to type `ty` with ggml's reference semantics (`quantize_row_*_ref`):
 /// round-to-nearest for the float and 32-element types, and for the K-quants ggml's
-/// per-sub-block scale search without an importance matrix.
+/// per-sub-block scale search without an importance matrix. IQ4_NL and IQ4_XS get kiln's own
+/// least-squares scale search (valid blocks, not necessarily ggml's bytes).
 ///
 /// Implemented for every [`GgmlType`]. `src.len()` must be a multiple of `ty.block_len()`.
 pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, DequantError> {
@@ -47,6 +49,8 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, DequantError> {
         GgmlType::Q5_K => each_k(src, &mut out, kquants::Q5_K_BYTES, kquantize::quant_q5_k),
         GgmlType::Q6_K => each_k(src, &mut out, kquants::Q6_K_BYTES, kquantize::quant_q6_k),
         GgmlType::Q8_K => each_k(src, &mut out, kquants::Q8_K_BYTES, kquantize::quant_q8_k),
+        GgmlType::IQ4_NL => each(src, &mut out, iquants::IQ4_NL_BYTES, iquants::quant_iq4_nl),
+        GgmlType::IQ4_XS => each_k(src, &mut out, iquants::IQ4_XS_BYTES, iquants::quant_iq4_xs),
     }
     Ok(out)
 }

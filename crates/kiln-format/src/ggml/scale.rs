@@ -23,6 +23,8 @@ fn fields(ty: GgmlType) -> &'static [Field] {
     match ty {
         GgmlType::F32 | GgmlType::Q8_K => &[F32(0)],
         GgmlType::F16 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[F16(0)],
+        // IQ4_XS's sub-block scales are integers relative to d.
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[F16(0)],
         GgmlType::BF16 => &[Bf16(0)],
         // Q8_1's second field is d·sum(q), which scales with d.
         GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 | GgmlType::Q4_K | GgmlType::Q5_K => {

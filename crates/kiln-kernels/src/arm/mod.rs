@@ -3,7 +3,8 @@
 //!
 //! Unlike on x86, both multiplies here are signed by signed, so weight offsets are applied to
 //! the codes themselves (Q4_0's nibbles minus 8, Q6_K's six bits minus 32, …) and only stored
-//! minimums need the activation sums. Each kernel is written once, generic over `DOT`.
+//! minimums need the activation sums; the IQ4 types' nibbles become their signed table levels
+//! through one `tbl`. Each kernel is written once, generic over `DOT`.
 //!
 //! `vdotq_s32` is not yet stable in Rust, so `sdot` is emitted with inline assembly (enabling
 //! the extension for the assembler only; it runs only where the CPU reports `dotprod`).
@@ -13,7 +14,7 @@ use core::arch::asm;
 
 pub(crate) mod kiln_formats;
 
-use kiln_format::ggml::{bf16_to_f32, f16_to_f32, GgmlType};
+use kiln_format::ggml::{bf16_to_f32, f16_to_f32, GgmlType, IQ4_NL_VALUES};
 
 use crate::activation::QuantizedRow;
 use crate::layout::*;
@@ -65,6 +66,8 @@ unsafe fn row_dot<const DOT: bool>(weights: GgmlType, row: &[u8], x: &QuantizedR
             GgmlType::Q5_0 => legacy::<Q5_0_BYTES, 2, DOT>(p, x),
             GgmlType::Q5_1 => legacy::<Q5_1_BYTES, 3, DOT>(p, x),
             GgmlType::Q8_0 => legacy::<Q8_0_BYTES, 4, DOT>(p, x),
+            GgmlType::IQ4_NL => legacy::<IQ4_NL_BYTES, 5, DOT>(p, x),
+            GgmlType::IQ4_XS => iq4_xs::<DOT>(p, x),
             GgmlType::Q2_K => q2_k::<DOT>(p, x),
             GgmlType::Q3_K => q3_k::<DOT>(p, x),
             GgmlType::Q4_K => q45_k::<false, DOT>(p, x),
@@ -145,6 +148,15 @@ fn shr(v: uint8x16_t, shift: usize) -> uint8x16_t {
     vshlq_u8(v, vdupq_n_s8(-(shift as i8)))
 }
 
+/// The IQ4 levels of 16 nibbles (values 0..16).
+#[target_feature(enable = "neon")]
+#[inline]
+fn iq4_levels(nibbles: uint8x16_t) -> int8x16_t {
+    // SAFETY: IQ4_NL_VALUES is 16 readable bytes.
+    let table = unsafe { vld1q_s8(IQ4_NL_VALUES.as_ptr()) };
+    vqtbl1q_s8(table, nibbles)
+}
+
 /// Codes minus `off`, as signed bytes.
 #[target_feature(enable = "neon")]
 #[inline]
@@ -153,7 +165,7 @@ fn signed(v: uint8x16_t, off: u8) -> int8x16_t {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 32-element formats. F: 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1, 4 Q8_0.
+// 32-element formats. F: 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1, 4 Q8_0, 5 IQ4_NL.
 
 /// # Safety
 /// As [`row_dot`].
@@ -176,6 +188,12 @@ unsafe fn legacy<const BYTES: usize, const F: u8, const DOT: bool>(
                 (
                     vreinterpretq_s8_u8(ld(blk.add(2))),
                     vreinterpretq_s8_u8(ld(blk.add(18))),
+                )
+            } else if F == 5 {
+                let qs = ld(blk.add(2));
+                (
+                    iq4_levels(vandq_u8(qs, vdupq_n_u8(0x0f))),
+                    iq4_levels(vshrq_n_u8::<4>(qs)),
                 )
             } else {
                 let qs = ld(blk.add([2, 4, 6, 8][F as usize]));
@@ -266,6 +284,36 @@ unsafe fn q45_k<const FIVE: bool, const DOT: bool>(p: *const u8, x: &QuantizedRo
         }
     }
     vaddvq_f32(acc) + mins
+}
+
+/// # Safety
+/// As [`row_dot`], for IQ4_XS.
+#[target_feature(enable = "neon")]
+unsafe fn iq4_xs<const DOT: bool>(p: *const u8, x: &QuantizedRow) -> f32 {
+    let mut acc = vdupq_n_f32(0.0);
+    for sb in 0..x.len / QK_K {
+        // SAFETY: super-block sb exists in the row and in the activations.
+        unsafe {
+            let blk = p.add(sb * IQ4_XS_BYTES);
+            let xc = x.codes.as_ptr().add(sb * QK_K);
+            let scales = iq4xs_scales(
+                rd_u16(blk.add(IQ4_XS_SCALES_H)),
+                rd_u32(blk.add(IQ4_XS_SCALES_L)),
+            );
+            let mut isum = vdupq_n_s32(0);
+            for ib in 0..8 {
+                let q = ld(blk.add(IQ4_XS_QS + 16 * ib));
+                let lo = iq4_levels(vandq_u8(q, vdupq_n_u8(0x0f)));
+                let hi = iq4_levels(vshrq_n_u8::<4>(q));
+                let d = dot16::<DOT>(vdupq_n_s32(0), lo, ldx(xc.add(32 * ib)));
+                let d = dot16::<DOT>(d, hi, ldx(xc.add(32 * ib + 16)));
+                isum = vmlaq_n_s32(isum, d, ((scales >> (8 * ib)) & 0xff) as i32 - 32);
+            }
+            let d = f16_to_f32(rd_u16(blk));
+            acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), d * x.scales[sb]);
+        }
+    }
+    vaddvq_f32(acc)
 }
 
 /// # Safety

@@ -4,7 +4,8 @@
 //! codes with signed activation codes into 16-bit pair sums (never saturating: codes are at
 //! most 63 and activations at most 127 in magnitude), and `vpmaddwd` widens them to int32,
 //! by ones for the 32-element formats or by the sub-block scales for the K-quants. Q8_0's
-//! signed weights use the sign trick instead: `|w|` times `x * sign(w)`.
+//! signed weights use the sign trick instead: `|w|` times `x * sign(w)`, and so do the IQ4
+//! types, whose nibbles a `vpshufb` turns into their signed table levels first.
 //!
 //! AVX-VNNI (`vpdpbusd` on 256-bit registers, on CPUs without AVX-512) is not used yet: it
 //! would fuse the `vpmaddubsw`/`vpmaddwd` pairs.
@@ -13,7 +14,7 @@ use core::arch::x86_64::*;
 
 use kiln_format::ggml::GgmlType;
 
-use super::{kq, leg, tiled_dot_block};
+use super::{iq4, kq, leg, tiled_dot_block};
 use crate::activation::QuantizedRow;
 use crate::layout::*;
 
@@ -72,6 +73,10 @@ const BIT_OF_ELEMENT: __m256i = {
     unsafe { core::mem::transmute::<[u8; 32], __m256i>(a) }
 };
 
+/// The IQ4 levels, in both lanes.
+// SAFETY: [u8; 32] and __m256i have the same size; every bit pattern is valid in both.
+const IQ4_SIGNED: __m256i = unsafe { core::mem::transmute::<[u8; 32], __m256i>(iq4::SIGNED_32) };
+
 /// The kernel for `R` rows by `T` activation rows.
 ///
 /// # Safety
@@ -92,6 +97,8 @@ unsafe fn tile<const R: usize, const T: usize>(
             GgmlType::Q5_0 => legacy::<{ leg::Q5_0 }, R, T>(w, row_bytes, xs),
             GgmlType::Q5_1 => legacy::<{ leg::Q5_1 }, R, T>(w, row_bytes, xs),
             GgmlType::Q8_0 => legacy::<{ leg::Q8_0 }, R, T>(w, row_bytes, xs),
+            GgmlType::IQ4_NL => legacy::<{ leg::IQ4_NL }, R, T>(w, row_bytes, xs),
+            GgmlType::IQ4_XS => iq4_xs::<R, T>(w, row_bytes, xs),
             GgmlType::Q2_K => kquant::<{ kq::Q2_K }, R, T>(w, row_bytes, xs),
             GgmlType::Q3_K => kquant::<{ kq::Q3_K }, R, T>(w, row_bytes, xs),
             GgmlType::Q4_K => kquant::<{ kq::Q4_K }, R, T>(w, row_bytes, xs),
@@ -209,7 +216,7 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
                 // SAFETY: block b + k of every activation row is in bounds.
                 let x =
                     unsafe { _mm256_loadu_si256(xs[t].codes.as_ptr().add((b + k) * QK).cast()) };
-                let (uu, xx) = if F == leg::Q8_0 {
+                let (uu, xx) = if leg::is_signed(F) {
                     (_mm256_sign_epi8(u, u), _mm256_sign_epi8(x, u))
                 } else {
                     (u, x)
@@ -222,8 +229,8 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
     }
 }
 
-/// Scales `d` and offsets `m` of blocks `0..N` at `p` (zero beyond `N`). Q8_0 has no offset
-/// here: its kernel multiplies signed codes.
+/// Scales `d` and offsets `m` of blocks `0..N` at `p` (zero beyond `N`). Q8_0 and IQ4_NL have
+/// no offset here: their kernel multiplies signed codes.
 ///
 /// # Safety
 /// `N` blocks of format `F` are readable at `p`.
@@ -244,7 +251,7 @@ unsafe fn leg_scales<const F: u8, const N: usize>(p: *const u8) -> (__m128, __m1
     let d = _mm_cvtph_ps(_mm_cvtsi64_si128(dh as i64));
     let m = if leg::has_min(F) {
         _mm_cvtph_ps(_mm_cvtsi64_si128(mh as i64))
-    } else if F == leg::Q8_0 {
+    } else if leg::is_signed(F) {
         _mm_setzero_ps()
     } else {
         _mm_mul_ps(d, _mm_set1_ps(leg::offset(F)))
@@ -252,7 +259,8 @@ unsafe fn leg_scales<const F: u8, const N: usize>(p: *const u8) -> (__m128, __m1
     (d, m)
 }
 
-/// The codes of the block at `p` in element order: unsigned, or Q8_0's signed bytes.
+/// The codes of the block at `p` in element order: unsigned, or Q8_0's signed bytes, or
+/// IQ4_NL's signed levels.
 ///
 /// # Safety
 /// One block of format `F` is readable at `p`.
@@ -275,6 +283,9 @@ unsafe fn leg_codes<const F: u8>(p: *const u8) -> __m256i {
         let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), SPREAD_BITS);
         let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, BIT_OF_ELEMENT), BIT_OF_ELEMENT);
         u = _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+    }
+    if F == leg::IQ4_NL {
+        u = _mm256_shuffle_epi8(IQ4_SIGNED, u);
     }
     u
 }
@@ -503,6 +514,80 @@ unsafe fn kchunk<const F: u8>(p: *const u8, c: usize, h: &KHead) -> (__m256i, __
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IQ4_XS: per 32-element sub-block, signed levels times activations by the sign trick, pair
+// sums widened by the sub-block's integer scale; one float multiply per super-block.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn iq4_xs<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let nsb = xs[0].len / QK_K;
+    let ahead = super::prefetch_distance(row_bytes);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for sb in 0..nsb {
+        let mut dx = [0.0f32; T];
+        let mut xp = [core::ptr::null::<i8>(); T];
+        for t in 0..T {
+            dx[t] = xs[t].scales[sb];
+            // SAFETY: super-block sb exists: its 256 codes are in bounds.
+            xp[t] = unsafe { xs[t].codes.as_ptr().add(sb * QK_K) };
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let p = w.wrapping_add(r * row_bytes + sb * IQ4_XS_BYTES);
+            // Every line of the super-block one tile ahead (harmless at any address).
+            for line in (0..IQ4_XS_BYTES).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
+            }
+            // SAFETY: super-block sb of row r is in bounds (the caller's guarantee).
+            let (d, scales) = unsafe {
+                (
+                    f16_at(p),
+                    iq4xs_scales(
+                        rd_u16(p.add(IQ4_XS_SCALES_H)),
+                        rd_u32(p.add(IQ4_XS_SCALES_L)),
+                    ),
+                )
+            };
+            let mut isum = [_mm256_setzero_si256(); T];
+            for c in 0..8 {
+                // SAFETY: sub-block c's 16 bytes of nibbles lie within the super-block.
+                let a = unsafe { _mm_loadu_si128(p.add(IQ4_XS_QS + 16 * c).cast()) };
+                let nib = _mm256_and_si256(
+                    _mm256_set_m128i(_mm_srli_epi16::<4>(a), a),
+                    _mm256_set1_epi8(0x0f),
+                );
+                let levels = _mm256_shuffle_epi8(IQ4_SIGNED, nib);
+                let aw = _mm256_sign_epi8(levels, levels);
+                let sv = _mm256_set1_epi16(((scales >> (8 * c)) & 0xff) as i16 - 32);
+                for t in 0..T {
+                    // SAFETY: xp[t] points at 256 codes.
+                    let x = unsafe { _mm256_loadu_si256(xp[t].add(32 * c).cast()) };
+                    let pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, levels));
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(pairs, sv));
+                }
+            }
+            for t in 0..T {
+                acc_r[t] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum[t]),
+                    _mm256_set1_ps(d * dx[t]),
+                    acc_r[t],
+                );
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum(acc[r][t]);
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,12 +9,16 @@
 //! K-quants: `vpmaddubsw` gives 16-bit pair sums of codes times activations, and `vpdpwssd`
 //! multiplies those by the 16-bit sub-block scales and accumulates in int32, so a whole
 //! super-block is one integer sum. Minimums and offsets come from the per-16 activation sums.
+//!
+//! IQ4: a `vpshufb` turns the nibbles into table levels. IQ4_NL takes them plus 128 and runs as
+//! Q8_0 does; IQ4_XS multiplies the signed levels as `|w|` times `x` negated where `w < 0`
+//! (exact in `vpmaddubsw`: |levels| and |codes| are at most 127), then as the K-quants.
 
 use core::arch::x86_64::*;
 
 use kiln_format::ggml::GgmlType;
 
-use super::{kq, leg, tiled_dot_block};
+use super::{iq4, kq, leg, tiled_dot_block};
 use crate::activation::QuantizedRow;
 use crate::layout::*;
 
@@ -82,20 +86,32 @@ const fn leg_code_idx(f: u8, pair: usize) -> __m512i {
     unsafe { core::mem::transmute::<[i16; 32], __m512i>(a) }
 }
 
-const LEG_SCALE_IDX: [__m512i; 5] = [
+const LEG_SCALE_IDX: [__m512i; 6] = [
     leg_scale_idx(leg::Q4_0),
     leg_scale_idx(leg::Q4_1),
     leg_scale_idx(leg::Q5_0),
     leg_scale_idx(leg::Q5_1),
     leg_scale_idx(leg::Q8_0),
+    leg_scale_idx(leg::IQ4_NL),
 ];
 
-const LEG_CODE_IDX: [[__m512i; 2]; 4] = [
+/// Indexed by format id; Q8_0 (id 4) reads its bytes whole and has no entry of its own.
+const LEG_CODE_IDX: [[__m512i; 2]; 6] = [
     [leg_code_idx(leg::Q4_0, 0), leg_code_idx(leg::Q4_0, 1)],
     [leg_code_idx(leg::Q4_1, 0), leg_code_idx(leg::Q4_1, 1)],
     [leg_code_idx(leg::Q5_0, 0), leg_code_idx(leg::Q5_0, 1)],
     [leg_code_idx(leg::Q5_1, 0), leg_code_idx(leg::Q5_1, 1)],
+    [leg_code_idx(leg::Q4_0, 0), leg_code_idx(leg::Q4_0, 1)],
+    [leg_code_idx(leg::IQ4_NL, 0), leg_code_idx(leg::IQ4_NL, 1)],
 ];
+
+/// The IQ4 levels plus 128, in every lane.
+// SAFETY: [u8; 64] and __m512i have the same size; every bit pattern is valid in both.
+const IQ4_UNSIGNED: __m512i =
+    unsafe { core::mem::transmute::<[u8; 64], __m512i>(iq4::UNSIGNED_64) };
+/// The IQ4 levels, in every lane.
+// SAFETY: as above.
+const IQ4_SIGNED: __m512i = unsafe { core::mem::transmute::<[u8; 64], __m512i>(iq4::SIGNED_64) };
 
 /// `vpshufb` indices doubling each of eight bytes (Q4_K minimums onto their two 16-sums).
 const DUP_PAIRS: __m128i = {
@@ -130,6 +146,8 @@ unsafe fn tile<const R: usize, const T: usize>(
             GgmlType::Q5_0 => legacy::<{ leg::Q5_0 }, R, T>(w, row_bytes, xs),
             GgmlType::Q5_1 => legacy::<{ leg::Q5_1 }, R, T>(w, row_bytes, xs),
             GgmlType::Q8_0 => legacy::<{ leg::Q8_0 }, R, T>(w, row_bytes, xs),
+            GgmlType::IQ4_NL => legacy::<{ leg::IQ4_NL }, R, T>(w, row_bytes, xs),
+            GgmlType::IQ4_XS => iq4_xs::<R, T>(w, row_bytes, xs),
             GgmlType::Q2_K => kquant::<{ kq::Q2_K }, R, T>(w, row_bytes, xs),
             GgmlType::Q3_K => kquant::<{ kq::Q3_K }, R, T>(w, row_bytes, xs),
             GgmlType::Q4_K => kquant::<{ kq::Q4_K }, R, T>(w, row_bytes, xs),
@@ -335,6 +353,9 @@ unsafe fn leg_unpack<const F: u8, const N: usize>(
             }
             // Bit i of the fifth bits belongs to element i: it is a byte mask already.
             v = _mm512_mask_add_epi8(v, qh, v, _mm512_set1_epi8(16));
+        }
+        if F == leg::IQ4_NL {
+            v = _mm512_shuffle_epi8(IQ4_UNSIGNED, v);
         }
         *u = v;
     }
@@ -577,6 +598,102 @@ unsafe fn kunpack<const F: u8>(p: *const u8) -> KBlock {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IQ4_XS
+//
+// A 64-byte load of packed codes holds four sub-blocks, one per 128-bit lane: their low
+// nibbles are elements 0..16 of each, the high nibbles 16..32. The activations are regrouped
+// once per super-block to match (lane `ib` = elements `32 ib..32 ib + 16`, or `+ 16..+ 32`), so
+// each weight row needs only a mask, a shift and one table lookup per 128 elements.
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn iq4_xs<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let nsb = xs[0].len / QK_K;
+    let ahead = super::prefetch_distance(row_bytes);
+    let zero = _mm512_setzero_si512();
+    let m4 = _mm512_set1_epi8(0x0f);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for sb in 0..nsb {
+        let mut dx = [0.0f32; T];
+        // Per activation row: [low halves of sub-blocks 0..4, their high halves, the same
+        // for sub-blocks 4..8].
+        let mut xg = [[zero; 4]; T];
+        for t in 0..T {
+            dx[t] = xs[t].scales[sb];
+            // SAFETY: super-block sb exists: its 256 codes are in bounds.
+            let v = unsafe {
+                let c = xs[t].codes.as_ptr().add(sb * QK_K);
+                [0, 1, 2, 3].map(|g| _mm512_loadu_si512(c.add(64 * g).cast()))
+            };
+            for h in 0..2 {
+                xg[t][2 * h] = _mm512_shuffle_i64x2::<0b10_00_10_00>(v[2 * h], v[2 * h + 1]);
+                xg[t][2 * h + 1] = _mm512_shuffle_i64x2::<0b11_01_11_01>(v[2 * h], v[2 * h + 1]);
+            }
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let p = w.wrapping_add(r * row_bytes + sb * IQ4_XS_BYTES);
+            // Every line of the super-block one tile ahead (harmless at any address).
+            for line in (0..IQ4_XS_BYTES).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
+            }
+            // SAFETY: super-block sb of row r is in bounds (the caller's guarantee): the
+            // offsets below lie within its 136 bytes.
+            let (d, scales, q) = unsafe {
+                (
+                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(rd_u16(p))))),
+                    iq4xs_scales(
+                        rd_u16(p.add(IQ4_XS_SCALES_H)),
+                        rd_u32(p.add(IQ4_XS_SCALES_L)),
+                    ),
+                    [0, 1].map(|h| _mm512_loadu_si512(p.add(IQ4_XS_QS + 64 * h).cast())),
+                )
+            };
+            let sc = _mm_sub_epi8(_mm_cvtsi64_si128(scales as i64), _mm_set1_epi8(32));
+            let scw = _mm512_castsi128_si512(_mm_cvtepi8_epi16(sc));
+            let mut aw = [zero; 4];
+            let mut neg = [0 as __mmask64; 4];
+            for h in 0..2 {
+                let nibbles = [
+                    _mm512_and_si512(q[h], m4),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q[h]), m4),
+                ];
+                for (k, nib) in nibbles.into_iter().enumerate() {
+                    let levels = _mm512_shuffle_epi8(IQ4_SIGNED, nib);
+                    aw[2 * h + k] = _mm512_abs_epi8(levels);
+                    neg[2 * h + k] = _mm512_movepi8_mask(levels);
+                }
+            }
+            // Sub-block scales under the pair sums: one per lane.
+            let sv = [
+                _mm512_permutexvar_epi16(K16_IDX[0], scw),
+                _mm512_permutexvar_epi16(K16_IDX[1], scw),
+            ];
+            for t in 0..T {
+                let mut i = zero;
+                for j in 0..4 {
+                    let x = xg[t][j];
+                    let sx = _mm512_mask_sub_epi8(x, neg[j], zero, x);
+                    i = _mm512_dpwssd_epi32(i, _mm512_maddubs_epi16(aw[j], sx), sv[j / 2]);
+                }
+                acc_r[t] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(d * dx[t]), acc_r[t]);
+            }
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ pub(crate) mod leg {
     pub(crate) const Q5_0: u8 = 2;
     pub(crate) const Q5_1: u8 = 3;
     pub(crate) const Q8_0: u8 = 4;
+    /// Q4_0's layout, with each nibble indexing the IQ4 table.
+    pub(crate) const IQ4_NL: u8 = 5;
 
     use crate::layout::*;
 
@@ -110,6 +112,7 @@ pub(crate) mod leg {
             Q4_1 => Q4_1_BYTES,
             Q5_0 => Q5_0_BYTES,
             Q5_1 => Q5_1_BYTES,
+            IQ4_NL => IQ4_NL_BYTES,
             _ => Q8_0_BYTES,
         }
     }
@@ -123,6 +126,11 @@ pub(crate) mod leg {
             Q5_1 => 8,
             _ => 2,
         }
+    }
+
+    /// Whether the codes are signed bytes (Q8_0's, or IQ4_NL's table levels).
+    pub(crate) const fn is_signed(f: u8) -> bool {
+        matches!(f, Q8_0 | IQ4_NL)
     }
 
     /// Offset of the fifth bits (Q5_0 / Q5_1).
@@ -142,15 +150,36 @@ pub(crate) mod leg {
         matches!(f, Q5_0 | Q5_1)
     }
 
-    /// The weight offset in units of the block scale, for the types without a stored minimum.
+    /// The weight offset in units of the block scale, for the types without a stored minimum
+    /// (the signed types' codes taken as unsigned, i.e. plus 128).
     pub(crate) const fn offset(f: u8) -> f32 {
         match f {
             Q4_0 => -8.0,
             Q5_0 => -16.0,
-            Q8_0 => -128.0,
+            Q8_0 | IQ4_NL => -128.0,
             _ => 0.0,
         }
     }
+}
+
+/// `vpshufb` tables of the IQ4 levels, repeated in every 128-bit lane (`vpshufb` looks up
+/// within lanes): signed, and plus 128 (unsigned bytes for `vpdpbusd`).
+pub(crate) mod iq4 {
+    use kiln_format::ggml::IQ4_NL_VALUES;
+
+    const fn table<const N: usize>(bias: i16) -> [u8; N] {
+        let mut a = [0u8; N];
+        let mut i = 0;
+        while i < N {
+            a[i] = (IQ4_NL_VALUES[i % 16] as i16 + bias) as u8;
+            i += 1;
+        }
+        a
+    }
+
+    pub(crate) const SIGNED_32: [u8; 32] = table(0);
+    pub(crate) const SIGNED_64: [u8; 64] = table(0);
+    pub(crate) const UNSIGNED_64: [u8; 64] = table(128);
 }
 
 /// Format ids of the K-quant kernels.
