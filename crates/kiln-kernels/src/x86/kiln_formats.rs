@@ -770,6 +770,129 @@ unsafe fn lut4b32_step_256<const R: usize, const T: usize, const N: usize>(
     }
 }
 
+/// Whether `isa` has a dequantization kernel for `ty` here (`LUT4_B32` only).
+pub(crate) fn has_dequantize(isa: Isa, ty: KilnType) -> bool {
+    matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) && ty == KilnType::Lut4B32
+}
+
+/// Row `r` of the `LUT4_B32` tensor `w` dequantized into `out`, exactly as
+/// `kiln_types::dequantize_row`: per block the 16 values `(S·a · u[k] + M·b)` in f64, rounded
+/// to f32 once, then looked up by the indices (`vpermps`; AVX2: two 8-entry halves and a
+/// blend on the index's top bit).
+///
+/// # Safety
+/// The CPU has `isa` (AVX2 or AVX-512 VNNI, with FMA and F16C); `has_dequantize(isa, w.ty)`;
+/// `r < w.rows` and `out.len() == w.cols`.
+pub(crate) unsafe fn dequantize_row(isa: Isa, w: &KilnMatrix, r: usize, out: &mut [f32]) {
+    let row = w.row(r);
+    let (s, m) = {
+        // SAFETY: the row starts with its 8-byte header.
+        let (s, m) = unsafe { lut4b32_header(row.as_ptr()) };
+        (f64::from(s), f64::from(m))
+    };
+    let u = kiln_types::lut4_b32_table(w.data);
+    // SAFETY: the caller's guarantees are what each kernel needs.
+    unsafe {
+        if isa == Isa::Avx512Vnni {
+            lut4b32_dequantize_512(row, u, s, m, out)
+        } else {
+            lut4b32_dequantize_256(row, u, s, m, out)
+        }
+    }
+}
+
+/// The 16 values of one block, `(a · u[k] + b)` rounded to f32, from the table widened to f64
+/// (`u0` entries 0..4, `u1` 4..8, `u2` 8..12, `u3` 12..16).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lut4b32_values(u: &[__m256d; 4], a: f64, b: f64) -> [__m128; 4] {
+    let (a, b) = (_mm256_set1_pd(a), _mm256_set1_pd(b));
+    // A multiply and an add, not a fused multiply-add: the reference rounds twice in f64.
+    u.map(|u| _mm256_cvtpd_ps(_mm256_add_pd(_mm256_mul_pd(a, u), b)))
+}
+
+/// The table widened to f64, four entries per register.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lut4b32_table_f64(u: &[u8; 16]) -> [__m256d; 4] {
+    std::array::from_fn(|k| {
+        _mm256_setr_pd(
+            f64::from(u[4 * k]),
+            f64::from(u[4 * k + 1]),
+            f64::from(u[4 * k + 2]),
+            f64::from(u[4 * k + 3]),
+        )
+    })
+}
+
+/// # Safety
+/// AVX-512 F; `row` is one `LUT4_B32` row of `out.len()` elements, `u` its table.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn lut4b32_dequantize_512(row: &[u8], u: &[u8; 16], s: f64, m: f64, out: &mut [f32]) {
+    let uf = lut4b32_table_f64(u);
+    let low = _mm512_set1_epi32(0x0f);
+    for (o, blk) in out
+        .chunks_exact_mut(CHUNK)
+        .zip(row[LUT4_B32_ROW_HEADER..].chunks_exact(LUT4_B32_BLOCK_BYTES))
+    {
+        let a = s * f64::from(blk[0] as i8);
+        let b = m * f64::from(blk[1] as i8);
+        let [v0, v1, v2, v3] = lut4b32_values(&uf, a, b);
+        let lo = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v0), v1);
+        let hi = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v2), v3);
+        let v = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castps_pd(_mm512_castps256_ps512(lo)),
+            _mm256_castps_pd(hi),
+        ));
+        // SAFETY: the block's 16 index bytes, and 32 values of `o`.
+        unsafe {
+            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(2).cast()));
+            let w0 = _mm512_permutexvar_ps(_mm512_and_si512(q, low), v);
+            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), v);
+            _mm512_storeu_ps(o.as_mut_ptr(), w0);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16), w1);
+        }
+    }
+}
+
+/// # Safety
+/// AVX2; `row` is one `LUT4_B32` row of `out.len()` elements, `u` its table.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut4b32_dequantize_256(row: &[u8], u: &[u8; 16], s: f64, m: f64, out: &mut [f32]) {
+    let uf = lut4b32_table_f64(u);
+    let low = _mm256_set1_epi32(0x0f);
+    for (o, blk) in out
+        .chunks_exact_mut(CHUNK)
+        .zip(row[LUT4_B32_ROW_HEADER..].chunks_exact(LUT4_B32_BLOCK_BYTES))
+    {
+        let a = s * f64::from(blk[0] as i8);
+        let b = m * f64::from(blk[1] as i8);
+        let [v0, v1, v2, v3] = lut4b32_values(&uf, a, b);
+        let lo = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v0), v1);
+        let hi = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v2), v3);
+        for half in 0..2 {
+            // SAFETY: 8 of the block's 16 index bytes, and 16 values of `o`.
+            unsafe {
+                let q = _mm_loadl_epi64(blk.as_ptr().add(2 + 8 * half).cast());
+                let q = _mm256_cvtepu8_epi32(q);
+                for (k, idx) in [_mm256_and_si256(q, low), _mm256_srli_epi32::<4>(q)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    // Bit 3 of the index picks the upper eight entries.
+                    let pick = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+                    let w = _mm256_blendv_ps(
+                        _mm256_permutevar8x32_ps(lo, idx),
+                        _mm256_permutevar8x32_ps(hi, idx),
+                        pick,
+                    );
+                    _mm256_storeu_ps(o.as_mut_ptr().add(16 * k + 8 * half), w);
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Lookup tables
 
