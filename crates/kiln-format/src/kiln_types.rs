@@ -315,21 +315,22 @@ pub fn dequantize_row(
             }
         }
         KilnType::Lut4B32 => {
-            let u = lut4_b32_table(data);
-            let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
-            let m = f32::from_le_bytes([row[4], row[5], row[6], row[7]]);
-            let mut idx = [0u8; CHUNK];
+            let u = lut4_b32_table(data).map(f64::from);
+            let s = f64::from(f32::from_le_bytes([row[0], row[1], row[2], row[3]]));
+            let m = f64::from(f32::from_le_bytes([row[4], row[5], row[6], row[7]]));
             for (o, blk) in out
                 .chunks_exact_mut(CHUNK)
                 .zip(row[LUT4_B32_ROW_HEADER..].chunks_exact(LUT4_B32_BLOCK_BYTES))
             {
                 // In f64, so each weight is rounded once even where the offset cancels most
-                // of the scaled entry.
-                let a = f64::from(s) * f64::from(blk[0] as i8);
-                let b = f64::from(m) * f64::from(blk[1] as i8);
-                unpack_chunk(4, &blk[2..], &mut idx);
-                for (v, &i) in o.iter_mut().zip(&idx) {
-                    *v = (a * f64::from(u[i as usize]) + b) as f32;
+                // of the scaled entry; a block's weights take 16 values, computed once.
+                let a = s * f64::from(blk[0] as i8);
+                let b = m * f64::from(blk[1] as i8);
+                let v: [f32; 16] = std::array::from_fn(|k| (a * u[k] + b) as f32);
+                let (lo, hi) = o.split_at_mut(CHUNK / 2);
+                for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&blk[2..]) {
+                    *l = v[usize::from(q & 0x0f)];
+                    *h = v[usize::from(q >> 4)];
                 }
             }
         }

@@ -178,6 +178,44 @@ pub fn dot_block_with(
     }
 }
 
+/// Row `r` of `w` dequantized into `out` (`w.cols()` values): exactly the values of
+/// [`kiln_types::dequantize_row`], with the kernels of [`crate::detect`]'s level where there
+/// are any (`LUT4_B32` on AVX-512 and AVX2, whose scalar loop of table lookups made prompt
+/// processing, which dequantizes every weight once per batch, 2.4 times slower than for
+/// `Q4_0`).
+///
+/// # Panics
+/// If `r >= w.rows()` or `out.len() != w.cols()`.
+pub fn dequantize_row(w: &KilnMatrix, r: usize, out: &mut [f32]) {
+    dequantize_row_with(crate::detect(), w, r, out)
+}
+
+/// [`dequantize_row`] with the kernels of a given level.
+///
+/// # Panics
+/// As [`dequantize_row`], and if the CPU does not have `isa`.
+pub fn dequantize_row_with(isa: Isa, w: &KilnMatrix, r: usize, out: &mut [f32]) {
+    assert!(
+        isa.is_available(),
+        "dequantize: this CPU cannot run {isa:?} kernels"
+    );
+    assert!(
+        r < w.rows && out.len() == w.cols,
+        "dequantize_row: row {r} of {} into {} values for {} columns",
+        w.rows,
+        out.len(),
+        w.cols
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::x86::kiln_formats::has_dequantize(isa, w.ty) {
+        // SAFETY: the CPU has `isa` (asserted above), `w` is a checked tensor, row `r` lies
+        // within it and `out` holds one row (asserted above).
+        unsafe { crate::x86::kiln_formats::dequantize_row(isa, w, r, out) };
+        return;
+    }
+    kiln_types::dequantize_row(w.ty, w.data, w.rows, w.cols, r, out);
+}
+
 /// The scalar reference: `sum_i w[r][i] * x[i]` for row `r` of `w`, with integer parts exact
 /// and the rest in f64.
 ///

@@ -4,7 +4,7 @@
 use kiln_format::ggml::f32_to_f16;
 use kiln_format::kiln_types::{self, KilnType};
 use kiln_kernels::kiln_formats::{
-    activation_format, dot_block_with, dot_reference, error_bound, KilnMatrix,
+    activation_format, dequantize_row_with, dot_block_with, dot_reference, error_bound, KilnMatrix,
 };
 use kiln_kernels::{available_isas, quantize_row, QuantizedRow};
 use proptest::prelude::*;
@@ -230,6 +230,39 @@ kernels_match_reference! {
     lut6_groups_of_two: KilnType::Lut { bits: 6, group: Some(2) }, 4;
     lut8: KilnType::Lut { bits: 8, group: None }, 4;
     lut8_groups_of_four: KilnType::Lut { bits: 8, group: Some(4) }, 4;
+}
+
+macro_rules! dequantization_matches_reference {
+    ($($name:ident: $ty:expr, $units:expr;)*) => {$(
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(96))]
+            /// Every level's dequantization gives kiln-format's values, bit for bit.
+            #[test]
+            fn $name((rows, cols, data, _xs) in case($ty, $units)) {
+                let w = KilnMatrix::new($ty, &data, rows, cols).expect("a well-sized tensor");
+                let (mut want, mut got) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+                for r in 0..rows {
+                    kiln_types::dequantize_row($ty, &data, rows, cols, r, &mut want);
+                    for isa in available_isas() {
+                        got.fill(f32::NAN);
+                        dequantize_row_with(isa, &w, r, &mut got);
+                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                            prop_assert!(
+                                g.to_bits() == e.to_bits(),
+                                "{} {isa:?} row {r} element {i}: {g} against {e}",
+                                $ty
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    )*};
+}
+
+dequantization_matches_reference! {
+    dequantize_lut4_b32: KilnType::Lut4B32, 9;
+    dequantize_i8_ch: KilnType::I8Ch, 3;
 }
 
 /// On aarch64 the NEON kernels must be among the levels checked above (CI runs this file under

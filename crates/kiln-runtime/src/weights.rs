@@ -233,7 +233,15 @@ impl WeightMatrix {
                 ggml::dequantize(t, self.row_data(r), out).expect("row size validated at load")
             }
             TensorFormat::Kiln(t) => {
-                kiln_types::dequantize_row(t, self.data(), self.rows, self.cols, r, out)
+                // The kernel crate's dequantization: the same values, SIMD where it has any.
+                let m = kiln_kernels::kiln_formats::KilnMatrix::new(
+                    t,
+                    self.data(),
+                    self.rows,
+                    self.cols,
+                )
+                .expect("shape validated at load");
+                kiln_kernels::kiln_formats::dequantize_row(&m, r, out)
             }
         }
     }

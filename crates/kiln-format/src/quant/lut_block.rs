@@ -15,7 +15,9 @@
 pub const ENTRIES: usize = 16;
 
 /// Alternation rounds when learning a table (the error stops falling after about 20 on the
-/// models measured in `docs/quantization.md`).
+/// models measured in `docs/quantization.md`). Stopping earlier where the error had stopped
+/// falling for three rounds cost Gemma 3 0.06 in perplexity (22.09 against 22.02) for a
+/// third of the conversion time.
 const ROUNDS: usize = 24;
 
 /// Weights the table is learned on at most (whole rows, evenly spaced).
@@ -27,6 +29,11 @@ fn midpoints(t: &[f32; ENTRIES]) -> [f32; ENTRIES - 1] {
     std::array::from_fn(|k| 0.5 * (t[k] + t[k + 1]))
 }
 
+/// Values [`assign`] ranks at once: each midpoint is compared with a whole row of them, which
+/// compilers turn into vector compares (this ranking is most of what quantizing to
+/// `LUT4_B32` costs).
+const LANES: usize = 32;
+
 /// Indices of `x` for `w = s · t[q] + m` (stored into `q`), and the squared error.
 pub(crate) fn assign(x: &[f32], t: &[f32; ENTRIES], s: f32, m: f32, q: &mut [u8]) -> f32 {
     let mids = midpoints(t);
@@ -37,12 +44,22 @@ pub(crate) fn assign(x: &[f32], t: &[f32; ENTRIES], s: f32, m: f32, q: &mut [u8]
     }
     let inv = 1.0 / s;
     let mut err = 0.0;
-    for (o, &v) in q.iter_mut().zip(x) {
-        let u = (v - m) * inv;
-        let k: usize = mids.iter().map(|&md| usize::from(md < u)).sum();
-        *o = k as u8;
-        let e = v - (s * t[k] + m);
-        err += e * e;
+    for (xc, qc) in x.chunks(LANES).zip(q.chunks_mut(LANES)) {
+        let mut u = [0.0f32; LANES];
+        for (u, &v) in u.iter_mut().zip(xc) {
+            *u = (v - m) * inv;
+        }
+        let mut rank = [0u32; LANES];
+        for &md in &mids {
+            for (r, &u) in rank.iter_mut().zip(&u) {
+                *r += u32::from(md < u);
+            }
+        }
+        for ((o, &v), &k) in qc.iter_mut().zip(xc).zip(&rank) {
+            *o = k as u8;
+            let e = v - (s * t[k as usize & (ENTRIES - 1)] + m);
+            err += e * e;
+        }
     }
     err
 }
@@ -84,11 +101,19 @@ pub(crate) fn fit_block(
         });
     let mut best = (f32::INFINITY, 0.0f32, 0.0f32);
     let mut consider = |s: f32, m: f32, best: &mut (f32, f32, f32), q: &mut [u8]| {
+        // Nothing beats an exact fit (common where the source is affine per block, as ggml's
+        // Q4_1 and Q4_K are).
+        if best.0 == 0.0 {
+            return;
+        }
         let (s, m) = round(s, m);
         let e = assign(x, t, s, m, trial);
         if e < best.0 {
             *best = (e, s, m);
             q.copy_from_slice(trial);
+            if e == 0.0 {
+                return;
+            }
         }
         let (s2, m2) = refit(x, t, trial);
         let (s2, m2) = round(s2, m2);
@@ -113,20 +138,27 @@ pub(crate) fn fit_block(
     best
 }
 
-/// The least-squares table for blocks of `block` weights of `w` with scales `s`, offsets `m`
-/// and indices `q`, sorted; entries no weight uses keep their value from `t`.
+/// One block of the sample while a table is learned: its indices, scale, offset and squared
+/// error for the current table.
+struct BlockFit<'a> {
+    q: &'a mut [u8],
+    s: f32,
+    m: f32,
+    err: f32,
+}
+
+/// The least-squares table for the blocks `fits` of `sample` (blocks of `block` weights),
+/// sorted; entries no weight uses keep their value from `t`.
 fn table_step(
-    w: &[f32],
+    sample: &[f32],
     block: usize,
-    s: &[f32],
-    m: &[f32],
-    q: &[u8],
+    fits: &[BlockFit],
     t: &[f32; ENTRIES],
 ) -> [f32; ENTRIES] {
     let (mut num, mut den) = ([0.0f64; ENTRIES], [0.0f64; ENTRIES]);
-    for (b, (x, qb)) in w.chunks_exact(block).zip(q.chunks_exact(block)).enumerate() {
-        let (sv, mv) = (f64::from(s[b]), f64::from(m[b]));
-        for (&v, &k) in x.iter().zip(qb) {
+    for (x, f) in sample.chunks_exact(block).zip(fits) {
+        let (sv, mv) = (f64::from(f.s), f64::from(f.m));
+        for (&v, &k) in x.iter().zip(f.q.iter()) {
             num[k as usize] += sv * (f64::from(v) - mv);
             den[k as usize] += sv * sv;
         }
@@ -143,7 +175,8 @@ fn table_step(
 
 /// Learns the table of a `rows` × `cols` matrix `w` (row-major, finite, `cols` a multiple of
 /// `block`) with blocks of `block` input channels: alternating least squares from the uniform
-/// table `0..16` on evenly spaced rows (about [`SAMPLE`] weights). Deterministic.
+/// table `0..16` on evenly spaced rows (about [`SAMPLE`] weights), [`ROUNDS`] times or until
+/// every block fits exactly. The blocks of a round are fitted on every core. Deterministic.
 pub fn learn_table(w: &[f32], rows: usize, cols: usize, block: usize) -> [f32; ENTRIES] {
     assert!(cols % block == 0 && w.len() == rows * cols && block <= 256);
     let stride = (rows * cols / SAMPLE).max(1);
@@ -153,22 +186,32 @@ pub fn learn_table(w: &[f32], rows: usize, cols: usize, block: usize) -> [f32; E
         .flatten()
         .copied()
         .collect();
-    let blocks = sample.len() / block;
     let mut t: [f32; ENTRIES] = std::array::from_fn(|i| i as f32);
-    let (mut s, mut m) = (vec![0.0f32; blocks], vec![0.0f32; blocks]);
     let mut q = vec![0u8; sample.len()];
+    let mut fits: Vec<BlockFit> = q
+        .chunks_exact_mut(block)
+        .map(|q| BlockFit {
+            q,
+            s: 0.0,
+            m: 0.0,
+            err: 0.0,
+        })
+        .collect();
     let exact = |a: f32, b: f32| (a, b);
+    let per_piece = (4096 / block).max(1);
     for _ in 0..ROUNDS {
-        for (b, (x, qb)) in sample
-            .chunks_exact(block)
-            .zip(q.chunks_exact_mut(block))
-            .enumerate()
-        {
-            let (_, sb, mb) = fit_block(x, &t, &exact, qb);
-            s[b] = sb;
-            m[b] = mb;
+        super::par_chunks(&mut fits, per_piece, |first, part| {
+            for (i, f) in part.iter_mut().enumerate() {
+                let x = &sample[(first + i) * block..(first + i + 1) * block];
+                (f.err, f.s, f.m) = fit_block(x, &t, &exact, f.q);
+            }
+        });
+        if fits.iter().all(|f| f.err == 0.0) {
+            // Every block fits exactly (an affine source such as ggml's Q4_1): the table is
+            // as good as it gets.
+            break;
         }
-        t = table_step(&sample, block, &s, &m, &q, &t);
+        t = table_step(&sample, block, &fits, &t);
     }
     t
 }

@@ -1,5 +1,5 @@
-//! NEON kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2` to `LUT8`), row by row like
-//! the ggml kernels of this architecture.
+//! NEON kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2` to `LUT8`, `LUT4_B32`), row by
+//! row like the ggml kernels of this architecture.
 //!
 //! - `I8_CH`: the codes are signed bytes already; `sdot` (or `smull` + `sadalp`) multiplies
 //!   them with each activation block, the block's scale is applied per block and the row's
@@ -11,12 +11,18 @@
 //!   register for 2 and 4 bits, four registers for 6 bits, four chained `tbx` over sixteen for
 //!   8 bits) and two rounds of `zip` put the bytes back together as f32 in element order.
 //!   Rows sharing a table (a tensor-wide table, the rows of a group) widen it once.
+//! - `LUT4_B32`: `tbl` looks the nibbles up in the tensor's 16-byte table, giving 7-bit
+//!   weights that are signed bytes as they stand, multiplied with each activation block as for
+//!   `I8_CH`; per block the integer sum is scaled by the scale code times the activation scale
+//!   and the offset code meets the activation block sum; the row's units apply at the end.
 
 use core::arch::aarch64::*;
 use std::ops::Range;
 
 use kiln_format::ggml::f16_to_f32;
-use kiln_format::kiln_types::{KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES};
+use kiln_format::kiln_types::{
+    self, KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER,
+};
 
 use super::{dot16, ld, ldx, signed};
 use crate::activation::QuantizedRow;
@@ -31,6 +37,7 @@ pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
             ty,
             KilnType::I8Ch
                 | KilnType::I4B64
+                | KilnType::Lut4B32
                 | KilnType::Lut {
                     bits: 2 | 4 | 6 | 8,
                     ..
@@ -76,6 +83,12 @@ pub(crate) unsafe fn dot_block(
     out_stride: usize,
 ) {
     let dotprod = isa == Isa::NeonDotprod;
+    // `LUT4_B32`'s table (other formats ignore it).
+    let table: &[u8] = if w.ty == KilnType::Lut4B32 {
+        kiln_types::lut4_b32_table(w.data)
+    } else {
+        &[]
+    };
     let mut planes: Option<(*const u8, Planes)> = None;
     for (k, r) in rows.enumerate() {
         let row = w.row(r);
@@ -106,6 +119,8 @@ pub(crate) unsafe fn dot_block(
                 match (w.ty, dotprod) {
                     (KilnType::I8Ch, true) => i8ch::<true>(row, x),
                     (KilnType::I8Ch, false) => i8ch::<false>(row, x),
+                    (KilnType::Lut4B32, true) => lut4b32::<true>(row, table, x),
+                    (KilnType::Lut4B32, false) => lut4b32::<false>(row, table, x),
                     (_, true) => i4b64::<true>(row, x),
                     (_, false) => i4b64::<false>(row, x),
                 }
@@ -174,6 +189,43 @@ unsafe fn i4b64<const DOT: bool>(row: &[u8], x: &QuantizedRow) -> f32 {
         }
     }
     vaddvq_f32(vaddq_f32(acc[0], acc[1]))
+}
+
+/// # Safety
+/// `row` is one `LUT4_B32` row of `x.len` elements, `table` its tensor's 16-byte table (entries
+/// at most 127), `x` in Q8_1; if `DOT`, the CPU has the dot-product extension.
+#[target_feature(enable = "neon")]
+unsafe fn lut4b32<const DOT: bool>(row: &[u8], table: &[u8], x: &QuantizedRow) -> f32 {
+    let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
+    let m = f32::from_le_bytes([row[4], row[5], row[6], row[7]]);
+    let p = row[LUT4_B32_ROW_HEADER..].as_ptr();
+    // SAFETY: the table is 16 bytes (the caller's guarantee).
+    let t = unsafe { ld(table.as_ptr()) };
+    let low = vdupq_n_u8(0x0f);
+    let mut acc = [vdupq_n_f32(0.0); 2];
+    let mut offs = [0.0f32; 2];
+    for b in 0..x.len / CHUNK {
+        // SAFETY: block b (scale and offset codes, 16 bytes of nibbles) lies in the row, and
+        // activation block b in the activations.
+        unsafe {
+            let bp = p.add(b * LUT4_B32_BLOCK_BYTES);
+            let (a, o) = (*bp as i8, *bp.add(1) as i8);
+            let q = ld(bp.add(2));
+            // Entries are at most 127: as signed bytes they are the same numbers.
+            let w0 = vreinterpretq_s8_u8(vqtbl1q_u8(t, vandq_u8(q, low)));
+            let w1 = vreinterpretq_s8_u8(vqtbl1q_u8(t, vshrq_n_u8::<4>(q)));
+            let xc = x.codes.as_ptr().add(b * CHUNK);
+            let i = dot16::<DOT>(
+                dot16::<DOT>(vdupq_n_s32(0), w0, ldx(xc)),
+                w1,
+                ldx(xc.add(16)),
+            );
+            let k = b % 2;
+            acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(i), f32::from(a) * x.scales[b]);
+            offs[k] += f32::from(o) * x.sums[b];
+        }
+    }
+    s * vaddvq_f32(vaddq_f32(acc[0], acc[1])) + m * (offs[0] + offs[1])
 }
 
 /// Four consecutive 16-byte registers at `p`.

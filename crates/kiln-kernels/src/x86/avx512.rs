@@ -52,7 +52,7 @@ const K32_IDX: [__m512i; 4] = [words(16, 0), words(16, 2), words(16, 4), words(1
 /// The same for 16-element sub-blocks: four per register.
 const K16_IDX: [__m512i; 4] = [words(8, 0), words(8, 4), words(8, 8), words(8, 12)];
 /// `vpermps` indices spreading four block scales over two blocks' eight lanes each.
-const PAIR_IDX: [__m512i; 2] = [dwords(8, 0), dwords(8, 2)];
+pub(super) const PAIR_IDX: [__m512i; 2] = [dwords(8, 0), dwords(8, 2)];
 /// `vpermt2w` indices gathering, from a 128-byte window over four blocks of format `f`, the
 /// four f16 scales into words 0..4 and (for Q4_1/Q5_1) the four minimums into words 4..8.
 const fn leg_scale_idx(f: u8) -> __m512i {
@@ -86,7 +86,7 @@ const fn leg_code_idx(f: u8, pair: usize) -> __m512i {
     unsafe { core::mem::transmute::<[i16; 32], __m512i>(a) }
 }
 
-const LEG_SCALE_IDX: [__m512i; 6] = [
+pub(super) const LEG_SCALE_IDX: [__m512i; 6] = [
     leg_scale_idx(leg::Q4_0),
     leg_scale_idx(leg::Q4_1),
     leg_scale_idx(leg::Q5_0),
@@ -96,7 +96,7 @@ const LEG_SCALE_IDX: [__m512i; 6] = [
 ];
 
 /// Indexed by format id; Q8_0 (id 4) reads its bytes whole and has no entry of its own.
-const LEG_CODE_IDX: [[__m512i; 2]; 6] = [
+pub(super) const LEG_CODE_IDX: [[__m512i; 2]; 6] = [
     [leg_code_idx(leg::Q4_0, 0), leg_code_idx(leg::Q4_0, 1)],
     [leg_code_idx(leg::Q4_1, 0), leg_code_idx(leg::Q4_1, 1)],
     [leg_code_idx(leg::Q5_0, 0), leg_code_idx(leg::Q5_0, 1)],
