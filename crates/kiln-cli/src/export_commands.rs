@@ -47,7 +47,9 @@ pub struct CoremlArgs {
     /// The package to write (an .mlpackage folder; an existing package is replaced).
     #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
-    /// Weight format: fp16, int8-channel, int4-block32, lut4 or lut6.
+    /// Weight format: fp16, int8-channel, int4-block32, lut4, lut6, or lut4-block32 (a 4-bit
+    /// table with a scale and an offset per block of 32; a kiln package's LUT4_B32 tensors are
+    /// carried over as they are).
     #[arg(long, default_value = "fp16")]
     pub quant: String,
     /// Output channels sharing one lookup table (lut4/lut6); default one table per tensor.

@@ -576,3 +576,55 @@ fn split_lm_head_argmax_output_and_single_token_calls() {
         assert_eq!(next, [best as f32], "position {pos}");
     }
 }
+
+/// A kiln package in `LUT4_B32` exported as `lut4-block32` carries its own encoding into the
+/// chained `constexpr_lut_to_dense` → `constexpr_blockwise_shift_scale` ops (q and k rows
+/// reordered for the rotary layout on the way): the package's logits come out of the Core ML
+/// program as the runtime computes them from the kiln package, within fp16 rounding of the
+/// block scales and offsets.
+#[test]
+fn lut4_block32_package_exports_its_own_values() {
+    use kiln_coreml::export::WeightFormat;
+    use kiln_runtime::convert::{convert, ConvertOptions, QuantTarget};
+    let spec = tiny::Spec::llama();
+    let gguf = tiny::TinyFile::generate(&spec, 41).write("coreml-lut4-block32");
+    let kiln_pkg = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("coreml-lut4-block32.kiln");
+    let _ = std::fs::remove_dir_all(&kiln_pkg);
+    let options = ConvertOptions {
+        quant: QuantTarget::Lut4Block32,
+        keep: Vec::new(),
+        ..ConvertOptions::default()
+    };
+    convert(&gguf, &kiln_pkg, &options, &mut |_, _, _| {}).unwrap();
+    let model = Model::load(&kiln_pkg).unwrap();
+    assert_eq!(
+        model.layers[0].wq.kiln_format(),
+        Some(kiln_format::kiln_types::KilnType::Lut4B32)
+    );
+    let dest = out_dir("lut4-block32");
+    let opts = ExportOptions {
+        context: spec.n_ctx,
+        query: (1, 8),
+        weights: WeightFormat::Lut4Block32,
+        ..ExportOptions::default()
+    };
+    export_llama(&model, &dest, &opts).unwrap();
+    let pkg = MlPackage::open(&dest).unwrap();
+    let report = pkg.verify().unwrap();
+    for op in ["constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"] {
+        assert!(report.op_types.contains_key(op), "{:?}", report.op_types);
+    }
+
+    let tokens = tiny::random_tokens(42, 7, spec.vocab);
+    let calls: [&[u32]; 3] = [&tokens[..5], &tokens[5..6], &tokens[6..7]];
+    let pool = ThreadPool::new(2);
+    let mut session = tiny::exact_session(&model, &pool, spec.n_ctx);
+    let mut want = Vec::new();
+    for c in calls {
+        want.extend(session.forward(c, Logits::All).unwrap());
+    }
+    let (stored, _) = run_package(&dest, &calls, spec.vocab);
+    let (d, scale) = (max_abs_diff(&stored, &want), max_abs(&want));
+    eprintln!("lut4-block32 package: max abs diff {d:.6}, max |logit| {scale:.3}");
+    assert!(d <= REL_TOL * scale, "max abs diff {d} (scale {scale})");
+}

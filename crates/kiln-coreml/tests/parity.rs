@@ -6,8 +6,8 @@
 //! Gates: mixed precision (fp16 weights): last-token cosine >= 0.99 and greedy tokens
 //! identical up to the first near-tie (reference gap < 0.1), and cosine >= 0.99 still when
 //! every fp16 activation is rounded as an fp16 device does; int8-channel: cosine >= 0.98.
-//! The 4-bit schemes (int4-block32, lut4 per tensor and per 16 channels, lut6) are measured
-//! and printed (`--nocapture`); docs/coreml-export.md records the figures.
+//! The 4-bit schemes (int4-block32, lut4 per tensor and per 16 channels, lut6, lut4-block32)
+//! are measured and printed (`--nocapture`); docs/coreml-export.md records the figures.
 
 use kiln_coreml::export::{export_path, ExportOptions, Precision, WeightFormat};
 use kiln_coreml::{ExecOptions, Executor, Fp16Rounding, MlPackage, Tensor};
@@ -203,6 +203,7 @@ fn parity(
                 group_channels: None,
             },
         ),
+        ("lut4-block32", WeightFormat::Lut4Block32),
     ];
     let mut failures = Vec::new();
     for (name, weights) in formats {

@@ -31,6 +31,7 @@ use super::mil::{InputDim, ProgramBuilder, Var};
 use super::weights::{self, WeightFormat};
 use super::{ExportError, ExportOptions, OutputKind, Precision};
 use crate::proto::DataType;
+use kiln_format::kiln_types::{self, KilnType, LUT4_B32_TABLE_BYTES};
 use kiln_runtime::config::{Activation, ModelConfig, RopeStyle};
 use kiln_runtime::fp16::ops as norm_role;
 use kiln_runtime::weights::WeightMatrix;
@@ -150,18 +151,62 @@ fn dense_rows(m: &WeightMatrix, rows: Range<usize>) -> Vec<f32> {
 /// lets one rotary formulation serve GGUF llama files (whose converter permuted the rows)
 /// and Hugging Face checkpoints alike.
 pub fn deinterleave(rows: &[f32], cols: usize, heads: usize, head_dim: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in deinterleaved_order(heads, head_dim) {
+        out.extend_from_slice(&rows[r * cols..(r + 1) * cols]);
+    }
+    out
+}
+
+/// The source row of each row [`deinterleave`] writes.
+fn deinterleaved_order(heads: usize, head_dim: usize) -> Vec<usize> {
     let half = head_dim / 2;
-    let mut out = vec![0f32; rows.len()];
+    let mut order = vec![0; heads * head_dim];
     for h in 0..heads {
         for i in 0..half {
             for (dst, src) in [(i, 2 * i), (i + half, 2 * i + 1)] {
-                let d = (h * head_dim + dst) * cols;
-                let s = (h * head_dim + src) * cols;
-                out[d..d + cols].copy_from_slice(&rows[s..s + cols]);
+                order[h * head_dim + dst] = h * head_dim + src;
             }
         }
     }
-    out
+    order
+}
+
+/// Emits rows `order` of `m`, in that order, as a matrix in `format`. A `LUT4_B32` tensor
+/// exported as `lut4-block32` keeps its own encoding (its rows are independent of each other),
+/// so the Core ML program holds the package's values, not a second quantization of them.
+fn matrix_rows(
+    b: &mut ProgramBuilder,
+    hint: &str,
+    format: WeightFormat,
+    m: &WeightMatrix,
+    order: &[usize],
+) -> Result<Var, ExportError> {
+    let cols = m.cols();
+    if format == WeightFormat::Lut4Block32 && m.kiln_format() == Some(KilnType::Lut4B32) {
+        let (data, rb) = (m.data(), m.row_bytes());
+        let mut own = Vec::with_capacity(order.len() * rb + LUT4_B32_TABLE_BYTES);
+        for &r in order {
+            own.extend_from_slice(&data[r * rb..(r + 1) * rb]);
+        }
+        own.extend_from_slice(kiln_types::lut4_b32_table(data));
+        return weights::lut4_block32(b, hint, order.len(), cols, &own);
+    }
+    let mut w = vec![0f32; order.len() * cols];
+    for (&r, row) in order.iter().zip(w.chunks_exact_mut(cols)) {
+        m.dequantize_row(r, row);
+    }
+    weights::matrix(b, hint, format, order.len(), cols, &w)
+}
+
+/// [`matrix_rows`] of every row in order.
+fn matrix_of(
+    b: &mut ProgramBuilder,
+    hint: &str,
+    format: WeightFormat,
+    m: &WeightMatrix,
+) -> Result<Var, ExportError> {
+    matrix_rows(b, hint, format, m, &(0..m.rows()).collect::<Vec<_>>())
 }
 
 /// Row ranges of the LM head's pieces: `pieces` ranges as equal as possible.
@@ -178,7 +223,14 @@ pub fn head_pieces(vocab: usize, pieces: usize) -> Vec<Range<usize>> {
 pub fn part_bytes(model: &Model, format: WeightFormat, head_pieces: usize) -> (u64, Vec<u64>, u64) {
     const RECORD: u64 = 64 + 64;
     let c = &model.config;
-    let m = |w: &WeightMatrix| format.matrix_bytes(w.rows(), w.cols()) + 2 * RECORD;
+    // Blobs per matrix: data and scale (or indices and table); the chain of lut4-block32 adds
+    // its table and offset.
+    let blobs = if format == WeightFormat::Lut4Block32 {
+        4
+    } else {
+        2
+    };
+    let m = |w: &WeightMatrix| format.matrix_bytes(w.rows(), w.cols()) + blobs * RECORD;
     let v = |n: usize| 4 * n as u64 + RECORD;
     let embed = m(&model.token_embd);
     let layers = model
@@ -304,14 +356,7 @@ pub fn build(
 
     let mut embed_var = None;
     if chunk.embedding {
-        let embed = weights::matrix(
-            b,
-            "embed_tokens",
-            wf,
-            c.vocab_size,
-            c.n_embd,
-            &dense(&model.token_embd),
-        )?;
+        let embed = matrix_of(b, "embed_tokens", wf, &model.token_embd)?;
         x = b.gather("embeddings", &embed, &x, 0);
         let scale = c.embedding_scale.unwrap_or(1.0) * residual_scale(model);
         if scale != 1.0 {
@@ -357,14 +402,8 @@ pub fn build(
             } else {
                 format!("lm_head_{i}")
             };
-            let w = weights::matrix(
-                b,
-                &hint,
-                wf,
-                rows.len(),
-                c.n_embd,
-                &dense_rows(&model.output, rows.clone()),
-            )?;
+            let order: Vec<usize> = rows.clone().collect();
+            let w = matrix_rows(b, &hint, wf, &model.output, &order)?;
             let name = if single {
                 logits_name.to_string()
             } else {
@@ -621,24 +660,18 @@ fn layer(
         &lw.attn_norm,
     );
 
-    let (mut wq, mut wk) = (dense(&lw.wq), dense(&lw.wk));
+    let (mut q_order, mut k_order): (Vec<usize>, Vec<usize>) =
+        ((0..lw.wq.rows()).collect(), (0..lw.wk.rows()).collect());
     let (mut bq, mut bk) = (lw.bq.clone(), lw.bk.clone());
     if interleaved {
-        wq = deinterleave(&wq, c.n_embd, nh, hd);
-        wk = deinterleave(&wk, c.n_embd, nkv, hd);
+        q_order = deinterleaved_order(nh, hd);
+        k_order = deinterleaved_order(nkv, hd);
         bq = bq.map(|v| deinterleave(&v, 1, nh, hd));
         bk = bk.map(|v| deinterleave(&v, 1, nkv, hd));
     }
-    let wq = weights::matrix(b, &format!("{p}_q_proj"), wf, nh * hd, c.n_embd, &wq)?;
-    let wk = weights::matrix(b, &format!("{p}_k_proj"), wf, nkv * hd, c.n_embd, &wk)?;
-    let wv = weights::matrix(
-        b,
-        &format!("{p}_v_proj"),
-        wf,
-        nkv * hd,
-        c.n_embd,
-        &dense(&lw.wv),
-    )?;
+    let wq = matrix_rows(b, &format!("{p}_q_proj"), wf, &lw.wq, &q_order)?;
+    let wk = matrix_rows(b, &format!("{p}_k_proj"), wf, &lw.wk, &k_order)?;
+    let wv = matrix_of(b, &format!("{p}_v_proj"), wf, &lw.wv)?;
     let bias = |b: &mut ProgramBuilder, name: &str, v: &Option<Vec<f32>>| -> Option<Var> {
         v.as_ref()
             .map(|v| b.weight(&format!("{name}_bias"), F16, &[v.len()], v))
@@ -754,14 +787,7 @@ fn layer(
     let o = b.matmul(&format!("{p}_attn_values"), &attn, values, false, false);
     let o = b.transpose(&format!("{p}_attn_tokens"), &o, &[0, 2, 1, 3]);
     let o = b.reshape(&format!("{p}_attn_merged"), &o, &[1, -1, (nh * hd) as i64]);
-    let wo = weights::matrix(
-        b,
-        &format!("{p}_o_proj"),
-        wf,
-        c.n_embd,
-        nh * hd,
-        &dense(&lw.wo),
-    )?;
+    let wo = matrix_of(b, &format!("{p}_o_proj"), wf, &lw.wo)?;
     let bo = bias(b, &format!("{p}_o_proj"), &lw.bo);
     let mut o = b.linear(&format!("{p}_attn_out"), &o, &wo, bo.as_ref());
     if let Some(pn) = &lw.post_attn_norm {
@@ -792,7 +818,7 @@ fn layer(
                 bv: &Option<Vec<f32>>,
                 input: &Var|
      -> Result<Var, ExportError> {
-        let w = weights::matrix(b, &format!("{p}_{name}"), wf, m.rows(), m.cols(), &dense(m))?;
+        let w = matrix_of(b, &format!("{p}_{name}"), wf, m)?;
         let bb = bias(b, &format!("{p}_{name}"), bv);
         Ok(b.linear(&format!("{p}_{name}_out"), input, &w, bb.as_ref()))
     };

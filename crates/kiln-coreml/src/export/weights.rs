@@ -7,16 +7,27 @@
 //!   byte, low nibble first) and `scale` fp16 `[out, in / 32]`;
 //! - `lut4`, `lut6`: `constexpr_lut_to_dense` with `indices` uint4/uint6 `[out, in]` (packed
 //!   least significant bit first) and `lut` fp16 `[groups, 1, 2^bits, 1]`, one table per group
-//!   of output channels (`groups = out / group_channels`) or one for the tensor (`[1, 1, ..]`).
+//!   of output channels (`groups = out / group_channels`) or one for the tensor (`[1, 1, ..]`);
+//! - `lut4-block32` (kiln's `LUT4_B32`, `w = S·a·u[q] + M·b`): two ops chained, as
+//!   coremltools 9 writes a quantized weight palettized further (joint compression):
+//!   `constexpr_lut_to_dense` with `indices` uint4 `[out, in]` and the 7-bit table as an int8
+//!   `lut` `[1, 1, 16, 1]`, giving int8 `[out, in]`, which is the `data` of a
+//!   `constexpr_blockwise_shift_scale` with `scale` fp16 `[out, in / 32]` (`S·a`) and `offset`
+//!   fp16 of the same shape (`−M·b / (S·a)`: `scale · (u − offset)` is the weight). A block
+//!   whose scale code is 0 holds `M·b` throughout: its indices are written as 0, its scale as
+//!   1 and its offset as `u[0] − M·b`.
 //!
-//! Each op's inputs are inline values referring to blobs, and its output is fp16 `[out, in]`,
-//! which `linear` and `gather` take as they would a `const`. The quantizers are
-//! `kiln_format::quant`'s.
+//! Each op's inputs are inline values referring to blobs (the second op of a chain also takes
+//! the first's output), and its output is fp16 `[out, in]`, which `linear` and `gather` take
+//! as they would a `const`. The quantizers are `kiln_format::quant`'s and `kiln_types`'.
 
 use super::blob_writer::BlobType;
-use super::mil::{ProgramBuilder, Var};
+use super::mil::{Arg, ProgramBuilder, Var};
 use super::ExportError;
 use crate::proto::DataType;
+use kiln_format::kiln_types::{
+    self, KilnType, CHUNK, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER, LUT4_B32_TABLE_BYTES,
+};
 use kiln_format::quant::{quantize_int4_block, quantize_int8_channel, quantize_lut};
 use std::fmt;
 use std::str::FromStr;
@@ -43,6 +54,9 @@ pub enum WeightFormat {
         /// Output channels sharing a table; `None`: one table per tensor.
         group_channels: Option<usize>,
     },
+    /// kiln's `LUT4_B32`: a 16-entry 7-bit table for the tensor, a scale and an offset per
+    /// block of 32 input channels (fp16 here, int8 codes in a kiln package).
+    Lut4Block32,
 }
 
 impl WeightFormat {
@@ -60,6 +74,9 @@ impl WeightFormat {
                 let groups = group_channels.map_or(1, |g| rows / g.max(1)) as u64;
                 (n * bits as u64).div_ceil(8) + groups * (2u64 << bits)
             }
+            WeightFormat::Lut4Block32 => {
+                n / 2 + LUT4_B32_TABLE_BYTES as u64 + 2 * 2 * n / CHUNK as u64
+            }
         }
     }
 
@@ -71,6 +88,10 @@ impl WeightFormat {
                     "{what} has {cols} input channels, not a multiple of the int4 block of {INT4_BLOCK}"
                 ),
             )),
+            WeightFormat::Lut4Block32 if cols % CHUNK != 0 => Err(ExportError::Invalid(format!(
+                "{what} has {cols} input channels, not a multiple of the lut4-block32 block of \
+                 {CHUNK}"
+            ))),
             WeightFormat::Lut {
                 group_channels: Some(g),
                 ..
@@ -97,6 +118,7 @@ impl fmt::Display for WeightFormat {
                 bits,
                 group_channels: Some(g),
             } => write!(f, "lut{bits}-g{g}"),
+            WeightFormat::Lut4Block32 => write!(f, "lut4-block32"),
         }
     }
 }
@@ -104,8 +126,8 @@ impl fmt::Display for WeightFormat {
 impl FromStr for WeightFormat {
     type Err = String;
 
-    /// `fp16`, `int8-channel`, `int4-block32`, `lut4` or `lut6` (per-tensor tables; the group
-    /// size is set separately).
+    /// `fp16`, `int8-channel`, `int4-block32`, `lut4`, `lut6` (per-tensor tables; the group
+    /// size is set separately) or `lut4-block32`.
     fn from_str(s: &str) -> Result<WeightFormat, String> {
         Ok(match s {
             "fp16" => WeightFormat::Fp16,
@@ -119,9 +141,11 @@ impl FromStr for WeightFormat {
                 bits: 6,
                 group_channels: None,
             },
+            "lut4-block32" => WeightFormat::Lut4Block32,
             other => {
                 return Err(format!(
-                    "unknown weight format '{other}' (expected fp16, int8-channel, int4-block32, lut4 or lut6)"
+                    "unknown weight format '{other}' (expected fp16, int8-channel, int4-block32, \
+                     lut4, lut6 or lut4-block32)"
                 ))
             }
         })
@@ -238,5 +262,106 @@ pub fn matrix(
                 &[rows, cols],
             )
         }
+        WeightFormat::Lut4Block32 => {
+            let data = kiln_types::encode_lut4_b32(w, rows, cols).map_err(quant)?;
+            lut4_block32(b, hint, rows, cols, &data)?
+        }
     })
+}
+
+/// Emits a `rows` × `cols` tensor stored as kiln's `LUT4_B32` (`data`, its bytes as a kiln
+/// package holds them) as the two chained ops of `lut4-block32`; returns the fp16 variable.
+/// The values are the tensor's own, rounded to fp16 in the scale and offset only.
+pub fn lut4_block32(
+    b: &mut ProgramBuilder,
+    hint: &str,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+) -> Result<Var, ExportError> {
+    let ty = KilnType::Lut4B32;
+    kiln_types::check_data(ty, data, rows, cols)
+        .map_err(|e| ExportError::Invalid(format!("{hint}: {e}")))?;
+    WeightFormat::Lut4Block32.check(hint, rows, cols)?;
+    let f16 = DataType::Float16;
+    let u = kiln_types::lut4_b32_table(data);
+    let row_bytes = ty.row_bytes(cols).expect("checked");
+    let nb = cols / CHUNK;
+    // Indices two per byte in element order, low nibble first (the blob's uint4 order).
+    let mut indices = vec![0u8; rows * cols / 2];
+    let (mut scale, mut offset) = (Vec::with_capacity(rows * nb), Vec::with_capacity(rows * nb));
+    for (row, out) in data[..rows * row_bytes]
+        .chunks_exact(row_bytes)
+        .zip(indices.chunks_exact_mut(cols / 2))
+    {
+        let unit = |k: usize| f64::from(f32::from_le_bytes(row[k..k + 4].try_into().unwrap()));
+        let (s, m) = (unit(0), unit(4));
+        for (blk, dst) in row[LUT4_B32_ROW_HEADER..]
+            .chunks_exact(LUT4_B32_BLOCK_BYTES)
+            .zip(out.chunks_exact_mut(CHUNK / 2))
+        {
+            let (a, o) = (f64::from(blk[0] as i8), f64::from(blk[1] as i8));
+            let mut idx = [0u8; CHUNK];
+            if a != 0.0 {
+                kiln_types::unpack_chunk(4, &blk[2..], &mut idx);
+                scale.push(s * a);
+                offset.push(-m * o / (s * a));
+            } else {
+                // Every weight of the block is M·b whatever its indices say.
+                scale.push(1.0);
+                offset.push(f64::from(u[0]) - m * o);
+            }
+            for (d, pair) in dst.iter_mut().zip(idx.chunks_exact(2)) {
+                *d = pair[0] | (pair[1] << 4);
+            }
+        }
+    }
+    let indices = b.blob_value(
+        &format!("{hint}_indices"),
+        BlobType::U4,
+        DataType::Uint4,
+        &[rows, cols],
+        &indices,
+    );
+    let lut = b.blob_value(
+        &format!("{hint}_lut"),
+        BlobType::I8,
+        DataType::Int8,
+        &[1, 1, 16, 1],
+        u,
+    );
+    let codes = b.constexpr(
+        "constexpr_lut_to_dense",
+        &format!("{hint}_codes"),
+        vec![("indices", indices), ("lut", lut)],
+        DataType::Int8,
+        &[rows, cols],
+    );
+    let scale_bytes = f16_bytes(scale.into_iter().map(|v| v as f32));
+    let offset_bytes = f16_bytes(offset.into_iter().map(|v| v as f32));
+    let scale = b.blob_value(
+        &format!("{hint}_scale"),
+        BlobType::F16,
+        f16,
+        &[rows, nb],
+        &scale_bytes,
+    );
+    let offset = b.blob_value(
+        &format!("{hint}_offset"),
+        BlobType::F16,
+        f16,
+        &[rows, nb],
+        &offset_bytes,
+    );
+    Ok(b.op(
+        "constexpr_blockwise_shift_scale",
+        hint,
+        &[
+            ("data", Arg::One(&codes)),
+            ("scale", Arg::Value(scale)),
+            ("offset", Arg::Value(offset)),
+        ],
+        f16,
+        vec![Some(rows), Some(cols)],
+    ))
 }

@@ -464,12 +464,12 @@ unsafe fn i4b64_256<const R: usize, const T: usize>(
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn lut4b32_indices(p: *const u8) -> __m256i {
+    // The 16 bytes in both lanes (a broadcast load, no shuffle), the upper lane shifted by a
+    // nibble: shuffles are what this kernel runs short of.
     // SAFETY: 16 readable bytes (the caller's guarantee).
-    let n = unsafe { _mm_loadu_si128(p.cast()) };
-    let low = _mm_set1_epi8(0x0f);
-    let lo = _mm_and_si128(n, low);
-    let hi = _mm_and_si128(_mm_srli_epi16::<4>(n), low);
-    _mm256_set_m128i(hi, lo)
+    let n = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast())) };
+    let n = _mm256_srlv_epi32(n, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    _mm256_and_si256(n, _mm256_set1_epi8(0x0f))
 }
 
 /// The row's f32 scale unit `S` and offset unit `M`.
