@@ -1,0 +1,164 @@
+//! The weight reads of one decoded token, kernels alone: every matrix of a GGUF file through
+//! its integer kernel once, in the order a token reads them (layers by number, the output
+//! projection last), one thread, repeated. Against `kiln bench`'s generation figure this splits
+//! a token's time into kernel streaming and everything else, and the GB/s per tensor kind show
+//! whether the kernels stream at the memory's rate.
+//!
+//! ```sh
+//! cargo run --release -p kiln-kernels --example decode_kernels -- MODEL.gguf [--reps 30] [--tokens 2]
+//! ```
+//!
+//! `--tokens 2` is the two activation rows of the runtime's default (refined) decode.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use kiln_format::gguf::{GgufFile, TensorInfo};
+use kiln_kernels::{activation_format, detect, dot_block_with, quantize_row, QuantizedRow};
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+/// Where a tensor falls in a token's reads: layer (the embedding's output use last), then the
+/// order a layer uses its matrices.
+fn read_order(name: &str) -> (usize, usize) {
+    const LAYER: [&str; 7] = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    match name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+        Some((layer, rest)) => (
+            layer.parse::<usize>().map_or(usize::MAX - 1, |l| l + 1),
+            LAYER
+                .iter()
+                .position(|p| rest.starts_with(p))
+                .unwrap_or(LAYER.len()),
+        ),
+        None if name.starts_with("output.") || name.starts_with("token_embd") => (usize::MAX, 0),
+        None => (0, 0),
+    }
+}
+
+fn main() {
+    let Some(path) = std::env::args().nth(1).filter(|a| !a.starts_with("--")) else {
+        eprintln!("usage: decode_kernels MODEL.gguf [--reps 30] [--tokens 2]");
+        std::process::exit(2);
+    };
+    let reps: usize = arg("--reps")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
+        .max(2);
+    let tokens: usize = arg("--tokens")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
+    let file = GgufFile::open(&path).unwrap_or_else(|e| {
+        eprintln!("decode_kernels: {e}");
+        std::process::exit(2);
+    });
+    let isa = detect();
+    // The output projection: `output.weight`, or the tied embedding when there is none.
+    let tied = file.tensor("output.weight").is_none();
+    let mut mats: Vec<&TensorInfo> = file
+        .tensors()
+        .iter()
+        .filter(|t| t.dims.len() == 2)
+        .filter(|t| {
+            t.name.starts_with("blk.")
+                || t.name == "output.weight"
+                || (tied && t.name == "token_embd.weight")
+        })
+        .collect();
+    mats.sort_by_key(|t| read_order(&t.name));
+    let mut s = 1u64;
+    let mut unit = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let mut work: Vec<(&TensorInfo, Vec<QuantizedRow>, Vec<f32>)> = mats
+        .iter()
+        .map(|t| {
+            let k = t.row_len() as usize;
+            let xq = (0..tokens)
+                .map(|_| {
+                    let x: Vec<f32> = (0..k).map(|_| unit()).collect();
+                    let mut q = QuantizedRow::new();
+                    quantize_row(&x, activation_format(t.ty), &mut q);
+                    q
+                })
+                .collect();
+            (*t, xq, vec![0.0f32; t.n_rows() as usize * tokens])
+        })
+        .collect();
+    let bytes: u64 = mats.iter().map(|t| t.n_bytes).sum();
+    let mut per = vec![Vec::with_capacity(reps); work.len()];
+    let mut totals = Vec::with_capacity(reps);
+    for rep in 0..reps {
+        let start = Instant::now();
+        for (i, (t, xq, out)) in work.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            let rows = t.n_rows() as usize;
+            dot_block_with(
+                isa,
+                t.ty,
+                file.tensor_data(t),
+                t.row_bytes() as usize,
+                0..rows,
+                xq,
+                out,
+                rows,
+            );
+            if rep > 0 {
+                per[i].push(t0.elapsed().as_secs_f64());
+            }
+        }
+        if rep > 0 {
+            totals.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let token = median(&mut totals);
+    println!(
+        "{isa:?}, {tokens} activation row(s): {} matrices, {:.1} MB per token, {:.3} ms median ({:.3} fastest), {:.1} GB/s, {:.1} tok/s of kernels alone",
+        mats.len(),
+        bytes as f64 / 1e6,
+        token * 1e3,
+        totals[0] * 1e3,
+        bytes as f64 / token / 1e9,
+        1.0 / token
+    );
+    let mut kinds: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    for (i, (t, ..)) in work.iter().enumerate() {
+        let kind = t
+            .name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .map_or(t.name.as_str(), |(_, rest)| rest);
+        let e = kinds.entry(format!("{} {kind}", t.ty.name())).or_default();
+        e.0 += median(&mut per[i]);
+        e.1 += t.n_bytes;
+    }
+    for (kind, (sec, b)) in kinds {
+        println!(
+            "{kind:>32}: {:7.3} ms {:7.1} MB {:5.1} GB/s",
+            sec * 1e3,
+            b as f64 / 1e6,
+            b as f64 / sec / 1e9
+        );
+    }
+}
