@@ -182,6 +182,28 @@ impl QuantizedRow {
             .collect()
     }
 
+    /// [`dequantize`](Self::dequantize) into `out` (`len` values), without allocating.
+    ///
+    /// # Panics
+    /// If `out` is not the row's length.
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        if self.format == ActivationFormat::F32 {
+            out.copy_from_slice(&self.values);
+            return;
+        }
+        let bl = self.format.block_len();
+        assert_eq!(out.len(), self.codes.len(), "dequantize_into: row length");
+        for ((o, q), &d) in out
+            .chunks_exact_mut(bl)
+            .zip(self.codes.chunks_exact(bl))
+            .zip(&self.scales)
+        {
+            o.iter_mut()
+                .zip(q)
+                .for_each(|(o, &q)| *o = d * f32::from(q));
+        }
+    }
+
     fn fill_sums(&mut self) {
         self.sums.clear();
         self.group_sums.clear();

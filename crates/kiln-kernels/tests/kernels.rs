@@ -407,6 +407,9 @@ proptest! {
         let mut wd = vec![0.0f32; n];
         dequantize(ty, &w, &mut wd).unwrap();
         let xd = xq.dequantize();
+        let mut into = vec![f32::NAN; n];
+        xq.dequantize_into(&mut into);
+        prop_assert_eq!(&into, &xd, "{}: dequantize_into differs from dequantize", ty);
         let exact: f64 = wd.iter().zip(&xd).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
         let got = f64::from(dot_reference(ty, &w, &xq));
         let m = dot_magnitude(ty, &w, &xq);

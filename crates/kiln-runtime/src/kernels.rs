@@ -5,7 +5,6 @@
 
 use crate::pool::{split_range, ThreadPool};
 use crate::weights::WeightMatrix;
-use kiln_format::ggml::GgmlType;
 use kiln_format::kiln_types::TensorFormat;
 use kiln_kernels::{ActivationFormat, QuantizedRow};
 use std::cell::RefCell;
@@ -105,12 +104,19 @@ pub fn matmul(
         }
         return matmul_gemm(pool, w, x, n_tokens, y);
     }
-    let refine = precision == Precision::Refined;
-    match (precision, w.tensor_format()) {
-        (Precision::Exact, _) => matmul_exact(pool, w, x, n_tokens, y),
-        (_, TensorFormat::Kiln(_)) => crate::kiln_matmul::matmul(pool, w, x, n_tokens, y, refine),
-        (_, TensorFormat::Ggml(ty)) => matmul_quantized(pool, w, ty, x, n_tokens, y, refine),
+    if precision == Precision::Exact {
+        return matmul_exact(pool, w, x, n_tokens, y);
     }
+    let refine = precision == Precision::Refined;
+    quantized_products(
+        pool,
+        w.cols(),
+        x,
+        n_tokens,
+        &[integer_product(w)],
+        &mut [y],
+        refine,
+    );
 }
 
 /// `ys[i] = x · ws[i]ᵀ` for several weight matrices that multiply the same activations (a
@@ -145,6 +151,18 @@ pub fn matmul_shared(
         }
         return matmul_gemm_i8(pool, ws, ty, x, n_tokens, ys);
     }
+    // Decode: one quantization of `x` and one parallel section for all the matrices, when
+    // their kernels read the same activation format.
+    if n_tokens < GEMM_MIN_TOKENS && precision != Precision::Exact {
+        let products: Vec<IntegerProduct> = ws.iter().map(|w| integer_product(w)).collect();
+        let cols = ws.first().map_or(0, |w| w.cols());
+        if products.iter().all(|p| p.fmt == products[0].fmt) && ws.iter().all(|w| w.cols() == cols)
+        {
+            assert_eq!(x.len(), n_tokens * cols, "matmul_shared: activation shape");
+            let refine = precision == Precision::Refined;
+            return quantized_products(pool, cols, x, n_tokens, &products, ys, refine);
+        }
+    }
     for (w, y) in ws.iter().zip(ys.iter_mut()) {
         matmul(pool, w, x, n_tokens, y, precision);
     }
@@ -166,51 +184,61 @@ fn int8_gemm_type(
     (same && kiln_kernels::gemm_i8::available(ty)).then_some(ty)
 }
 
-/// The integer path: activations quantized once per call, then each task runs the kernel
-/// crate's register-blocked dot products over its share of the weight rows.
-fn matmul_quantized(
-    pool: &ThreadPool,
-    w: &WeightMatrix,
-    ty: GgmlType,
-    x: &[f32],
-    n_tokens: usize,
-    y: &mut [f32],
-    refine: bool,
-) {
-    let (data, row_bytes) = (w.data(), w.row_bytes());
-    let fmt = kiln_kernels::activation_format(ty);
-    quantized_product(
-        pool,
-        w.rows(),
-        w.cols(),
-        fmt,
-        x,
-        n_tokens,
-        y,
-        refine,
-        |range, xq, tile, width| {
-            kiln_kernels::dot_block(ty, data, row_bytes, range, xq, tile, width)
-        },
-    );
+/// One matrix's side of an integer product at decode batch sizes: its output channels, the
+/// activation format its kernel reads, and the kernel over a range of rows (`tile[t * width +
+/// r]`, as the kernel crate's `dot_block` writes).
+pub(crate) struct IntegerProduct<'a> {
+    pub rows: usize,
+    pub fmt: ActivationFormat,
+    #[allow(clippy::type_complexity)]
+    pub dot: Box<dyn Fn(std::ops::Range<usize>, &[QuantizedRow], &mut [f32], usize) + Sync + 'a>,
+}
+
+/// The decode product of `w`: the kernel crate's tiled dot products for its format (ggml
+/// blocks, float rows or a kiln format).
+fn integer_product(w: &WeightMatrix) -> IntegerProduct<'_> {
+    match w.tensor_format() {
+        TensorFormat::Kiln(_) => crate::kiln_matmul::product(w),
+        TensorFormat::Ggml(ty) => {
+            let (data, row_bytes) = (w.data(), w.row_bytes());
+            IntegerProduct {
+                rows: w.rows(),
+                fmt: kiln_kernels::activation_format(ty),
+                dot: Box::new(move |range, xq, tile, width| {
+                    kiln_kernels::dot_block(ty, data, row_bytes, range, xq, tile, width)
+                }),
+            }
+        }
+    }
 }
 
 /// The shape of every integer matrix product: `x` (`n_tokens` rows of `cols`) quantized once
-/// into `fmt` (with `refine`, each row's quantization residual too, as rows
-/// `n_tokens..2·n_tokens`), then the `rows` output channels shared out between tasks, each
-/// calling `dot(range, activations, tile, width)` for its rows (`tile[t * width + r]`, as the
-/// kernel crate's `dot_block` writes) and adding the residual products in.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn quantized_product(
+/// into the products' common activation format (with `refine`, each row's quantization
+/// residual too, as rows `n_tokens..2·n_tokens`), then every product's output channels shared
+/// out between the tasks of one parallel section, each task calling its product's kernel for
+/// its rows and adding the residual products in. Several matrices that multiply the same
+/// activations (a layer's query, key and value) so pay one quantization and one
+/// synchronisation.
+///
+/// # Panics
+/// If the products differ in activation format or `ys` do not match them.
+pub(crate) fn quantized_products(
     pool: &ThreadPool,
-    rows: usize,
     cols: usize,
-    fmt: ActivationFormat,
     x: &[f32],
     n_tokens: usize,
-    y: &mut [f32],
+    products: &[IntegerProduct],
+    ys: &mut [&mut [f32]],
     refine: bool,
-    dot: impl Fn(std::ops::Range<usize>, &[QuantizedRow], &mut [f32], usize) + Sync,
 ) {
+    assert_eq!(products.len(), ys.len(), "one output per product");
+    let Some(fmt) = products.first().map(|p| p.fmt) else {
+        return;
+    };
+    assert!(
+        products.iter().all(|p| p.fmt == fmt),
+        "products share one activation format"
+    );
     QUANTIZED_ROWS.with(|cell| {
         let mut xq = cell.borrow_mut();
         // With refinement, rows n_tokens..2·n_tokens hold each row's quantization residual.
@@ -222,22 +250,43 @@ pub(crate) fn quantized_product(
         if xq.len() < n_rows_q {
             xq.resize_with(n_rows_q, QuantizedRow::new);
         }
-        for t in 0..n_tokens {
-            let xt = &x[t * cols..(t + 1) * cols];
-            kiln_kernels::quantize_row(xt, fmt, &mut xq[t]);
-            if n_rows_q > n_tokens {
-                let mut residual = xq[t].dequantize();
-                residual.iter_mut().zip(xt).for_each(|(r, v)| *r = v - *r);
-                kiln_kernels::quantize_row(&residual, fmt, &mut xq[n_tokens + t]);
+        ROW_SCRATCH.with(|residual| {
+            let mut residual = residual.borrow_mut();
+            for t in 0..n_tokens {
+                let xt = &x[t * cols..(t + 1) * cols];
+                kiln_kernels::quantize_row(xt, fmt, &mut xq[t]);
+                if n_rows_q > n_tokens {
+                    residual.resize(cols, 0.0);
+                    xq[t].dequantize_into(&mut residual);
+                    residual.iter_mut().zip(xt).for_each(|(r, v)| *r = v - *r);
+                    kiln_kernels::quantize_row(&residual, fmt, &mut xq[n_tokens + t]);
+                }
             }
-        }
+        });
         let xq = &xq[..n_rows_q];
-        let out = SharedOut::new(y);
+        let outs: Vec<SharedOut> = ys
+            .iter_mut()
+            .zip(products)
+            .map(|(y, p)| {
+                assert_eq!(y.len(), n_tokens * p.rows, "product output shape");
+                SharedOut::new(y)
+            })
+            .collect();
         // Decode: small row ranges keep both threads busy; prefill: each task owns a band of
         // rows for every token, so weights are read once per band.
-        let n_tasks = (pool.n_threads() * 4).min(rows.div_ceil(16)).max(1);
-        pool.for_each(n_tasks, |task| {
-            let range = split_range(rows, n_tasks, task);
+        let tasks: Vec<usize> = products
+            .iter()
+            .map(|p| (pool.n_threads() * 4).min(p.rows.div_ceil(16)).max(1))
+            .collect();
+        let total: usize = tasks.iter().sum();
+        pool.for_each(total, |item| {
+            let (mut which, mut task) = (0, item);
+            while task >= tasks[which] {
+                task -= tasks[which];
+                which += 1;
+            }
+            let (p, rows) = (&products[which], products[which].rows);
+            let range = split_range(rows, tasks[which], task);
             if range.is_empty() {
                 return;
             }
@@ -247,7 +296,7 @@ pub(crate) fn quantized_product(
                 tile.resize(n_rows_q * width, 0.0);
                 // One sweep over the weights for the activations and their residuals: the
                 // kernel loads each weight tile once for all activation rows.
-                dot(range.clone(), xq, &mut tile, width);
+                (p.dot)(range.clone(), xq, &mut tile, width);
                 let (sum, residual) = tile.split_at_mut(n_tokens * width);
                 if n_rows_q > n_tokens {
                     sum.iter_mut()
@@ -255,8 +304,10 @@ pub(crate) fn quantized_product(
                         .for_each(|(s, r)| *s += r);
                 }
                 for t in 0..n_tokens {
-                    // SAFETY: rows `range` of token `t` belong to this task alone.
-                    let dst = unsafe { out.slice(t * rows + range.start..t * rows + range.end) };
+                    // SAFETY: rows `range` of token `t` of this product belong to this task
+                    // alone.
+                    let dst =
+                        unsafe { outs[which].slice(t * rows + range.start..t * rows + range.end) };
                     dst.copy_from_slice(&sum[t * width..(t + 1) * width]);
                 }
             });

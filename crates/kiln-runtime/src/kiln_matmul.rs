@@ -7,36 +7,25 @@
 //! copies, which need no refinement), then each task runs the kernel crate's tiled dot
 //! products over its share of the weight rows.
 
-use crate::pool::ThreadPool;
+use crate::kernels::IntegerProduct;
 use crate::weights::WeightMatrix;
 use kiln_kernels::kiln_formats::{self, KilnMatrix};
 
-/// `y[t, o] = sum_i w[o, i] * x[t, i]` for `n_tokens` activation rows of a kiln-format `w`
-/// (`refine`: add the product with each row's int8 quantization residual).
+/// The decode product of a kiln-format `w`: its activation format and tiled kernel, for
+/// [`crate::kernels::quantized_products`] (which quantizes the activations, adds the residual
+/// product under `Precision::Refined`, and shares the rows out between threads).
 ///
 /// # Panics
-/// If `w` is not in a kiln format or the shapes do not match.
-pub(crate) fn matmul(
-    pool: &ThreadPool,
-    w: &WeightMatrix,
-    x: &[f32],
-    n_tokens: usize,
-    y: &mut [f32],
-    refine: bool,
-) {
+/// If `w` is not in a kiln format.
+pub(crate) fn product(w: &WeightMatrix) -> IntegerProduct<'_> {
     let ty = w.kiln_format().expect("kiln-format weights");
     let (rows, cols) = (w.rows(), w.cols());
     let m = KilnMatrix::new(ty, w.data(), rows, cols).expect("shape validated at load");
-    let fmt = kiln_formats::activation_format(ty);
-    crate::kernels::quantized_product(
-        pool,
+    IntegerProduct {
         rows,
-        cols,
-        fmt,
-        x,
-        n_tokens,
-        y,
-        refine,
-        |range, xq, tile, width| kiln_formats::dot_block(&m, range, xq, tile, width),
-    );
+        fmt: kiln_formats::activation_format(ty),
+        dot: Box::new(move |range, xq, tile, width| {
+            kiln_formats::dot_block(&m, range, xq, tile, width)
+        }),
+    }
 }
