@@ -56,6 +56,7 @@ fn smollm2_packages_run_like_their_source() {
         "keep package logits differ from the GGUF's"
     );
     assert_eq!(perplexity(&keep), src_ppl);
+    assert_stored_in_use_order(&keep);
     // Text in, text out: the tokenizer and chat template travel in the manifest.
     let text = kiln_ok(&[
         "run",
@@ -112,6 +113,50 @@ fn smollm2_packages_run_like_their_source() {
             "{quant}: {quantized} tensors with quality figures"
         );
     }
+}
+
+/// The package's tensors lie in its shards in the order a token reads them: the embedding,
+/// layer 0 (norm, q, k, v, output, norm, gate, up, down), layer 1, …, then the output norm. The
+/// source GGUF lists them by name (`blk.10` before `blk.2`, `ffn_down` before `attn_q`).
+fn assert_stored_in_use_order(pkg: &Path) {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pkg.join("manifest.json")).unwrap()).unwrap();
+    let mut stored: Vec<(String, u64, String)> = manifest["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["shard"].as_str().unwrap().to_string(),
+                t["offset"].as_u64().unwrap(),
+                t["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    stored.sort();
+    let layers = stored
+        .iter()
+        .filter(|t| t.2.ends_with("attn_q.weight"))
+        .count();
+    let mut want = vec!["token_embd.weight".to_string()];
+    for i in 0..layers {
+        for n in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ] {
+            want.push(format!("blk.{i}.{n}.weight"));
+        }
+    }
+    want.push("output_norm.weight".into());
+    let got: Vec<String> = stored.into_iter().map(|t| t.2).collect();
+    assert_eq!(got, want, "tensors in storage order");
 }
 
 /// A small package from the tiny Hugging Face folder, for damage tests.
