@@ -184,7 +184,7 @@ fn hf_folder_converts_and_runs_identically() {
     let out = kiln_ok(&["verify", s(&pkg), "--json"]);
     assert!(out.contains("\"ok\":true"), "{out}");
     let out = kiln_ok(&["inspect", s(&pkg)]);
-    assert!(out.contains("kiln package version 1"), "{out}");
+    assert!(out.contains("kiln package version 2"), "{out}");
     assert!(out.contains("no tokenizer"), "{out}");
 }
 
@@ -247,6 +247,24 @@ fn damaged_packages_exit_2_with_the_fault_named() {
     let pkg = tiny_package("missing");
     std::fs::remove_file(first_shard(&pkg)).unwrap();
     assert_bad_input(&kiln(&["verify", s(&pkg)]), &["shard-00001.bin", "missing"]);
+
+    // A version 1 package with I8_CH tensors (their rows were laid out differently then).
+    let pkg = tmpdir("v1-i8").join("tiny.kiln");
+    let src = tiny_hf();
+    let args = ["convert", s(&src), "-o", s(&pkg), "--quant", "int8-channel"];
+    kiln_ok(&[&args[..], &["--keep", "none"]].concat());
+    assert!(dir_logits(&pkg, &[]).status.success());
+    edit_manifest(&pkg, |v| v["format_version"] = serde_json::Value::from(1));
+    assert_bad_input(
+        &dir_logits(&pkg, &["--no-verify"]),
+        &[
+            "manifest.json",
+            "version 1",
+            "I8_CH",
+            "'token_embd.weight'",
+            "convert the source model again",
+        ],
+    );
 
     // A tensor pointing past the end of its shard.
     let pkg = tiny_package("past-end");
