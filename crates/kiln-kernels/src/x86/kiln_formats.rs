@@ -221,8 +221,18 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 
 /// The f32 scales of rows `r0..r0 + R` of the `I8_CH` tensor `w` (stored after every row's
 /// codes).
+///
+/// Called at the start of a tile, so the load overlaps the tile's code stream rather than
+/// waiting at its end, and prefetching the scales 64 rows on: the scales are a second stream
+/// beside the codes, one cache line per 16 rows, and reading them only at the end of each tile
+/// cost about 2 % of whole decode speed (Gemma 3, SmolLM2).
 #[inline(always)]
 fn i8ch_scales<const R: usize>(w: &KilnMatrix, r0: usize) -> [f32; R] {
+    let at = w.rows * w.row_bytes + r0 * kiln_types::I8_CH_SCALE_BYTES;
+    prefetch(
+        w.data.as_ptr().wrapping_add(at),
+        64 * kiln_types::I8_CH_SCALE_BYTES,
+    );
     std::array::from_fn(|r| kiln_types::i8_ch_scale(w.data, w.rows, w.cols, r0 + r))
 }
 
@@ -238,6 +248,7 @@ unsafe fn i8ch_512<const R: usize, const T: usize>(
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
+    let s = i8ch_scales::<R>(w, r0);
     let flip = _mm512_set1_epi8(-128);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut c = 0;
@@ -273,7 +284,6 @@ unsafe fn i8ch_512<const R: usize, const T: usize>(
         // SAFETY: AVX-512 F (this function's features).
         offset[t] = 128.0 * unsafe { sum_512(&xs[t].sums) };
     }
-    let s = i8ch_scales::<R>(w, r0);
     let mut out = [[0.0; T]; R];
     for r in 0..R {
         for t in 0..T {
@@ -295,6 +305,7 @@ unsafe fn i8ch_256<const R: usize, const T: usize>(
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
+    let s = i8ch_scales::<R>(w, r0);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for c in (0..cols).step_by(CHUNK) {
@@ -318,7 +329,6 @@ unsafe fn i8ch_256<const R: usize, const T: usize>(
             }
         }
     }
-    let s = i8ch_scales::<R>(w, r0);
     let mut out = [[0.0; T]; R];
     for r in 0..R {
         for t in 0..T {
