@@ -1,5 +1,6 @@
 //! Kernel throughput of the kiln formats against the ggml formats of equal bits: ns per weight
-//! and GB/s of weight bytes, single-threaded, on a matrix larger than the caches.
+//! and GB/s of weight bytes, single-threaded, on a matrix larger than the caches, stored 64-byte
+//! aligned as a package's shards hold tensors.
 //!
 //! ```sh
 //! cargo run --release -p kiln-kernels --example kilnbench -- [--mb 64] [--k 2048] [--tokens 2] \
