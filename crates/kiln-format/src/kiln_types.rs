@@ -133,8 +133,9 @@ impl KilnType {
         }
     }
 
-    /// Bytes of one row's codes or indices, or `None` if
-    /// `cols` is not a whole number of [`KilnType::row_multiple`] or the size overflows.
+    /// Bytes of one row's codes or indices (`I8_CH`'s scales and the tables follow the last
+    /// row), or `None` if `cols` is not a whole number of [`KilnType::row_multiple`] or the
+    /// size overflows.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
         if cols == 0 || cols % self.row_multiple() != 0 {
             return None;

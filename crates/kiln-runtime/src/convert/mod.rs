@@ -510,8 +510,8 @@ fn to_package(
     })
 }
 
-/// Matrices of a layer in the order a token reads them (with their biases), then the rest of
-/// the layer's names in the order a token reaches them.
+/// A layer's tensors in the order a token reaches them: each matrix followed by its bias, the
+/// norms where they apply.
 const LAYER_USE_ORDER: [&str; 20] = [
     "attn_norm.weight",
     "attn_q.weight",
