@@ -56,6 +56,7 @@ fn smollm2_packages_run_like_their_source() {
         "keep package logits differ from the GGUF's"
     );
     assert_eq!(perplexity(&keep), src_ppl);
+    assert_stored_in_use_order(&keep);
     // Text in, text out: the tokenizer and chat template travel in the manifest.
     let text = kiln_ok(&[
         "run",
@@ -114,6 +115,50 @@ fn smollm2_packages_run_like_their_source() {
     }
 }
 
+/// The package's tensors lie in its shards in the order a token reads them: the embedding,
+/// layer 0 (norm, q, k, v, output, norm, gate, up, down), layer 1, …, then the output norm. The
+/// source GGUF lists them by name (`blk.10` before `blk.2`, `ffn_down` before `attn_q`).
+fn assert_stored_in_use_order(pkg: &Path) {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pkg.join("manifest.json")).unwrap()).unwrap();
+    let mut stored: Vec<(String, u64, String)> = manifest["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["shard"].as_str().unwrap().to_string(),
+                t["offset"].as_u64().unwrap(),
+                t["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    stored.sort();
+    let layers = stored
+        .iter()
+        .filter(|t| t.2.ends_with("attn_q.weight"))
+        .count();
+    let mut want = vec!["token_embd.weight".to_string()];
+    for i in 0..layers {
+        for n in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ] {
+            want.push(format!("blk.{i}.{n}.weight"));
+        }
+    }
+    want.push("output_norm.weight".into());
+    let got: Vec<String> = stored.into_iter().map(|t| t.2).collect();
+    assert_eq!(got, want, "tensors in storage order");
+}
+
 /// A small package from the tiny Hugging Face folder, for damage tests.
 fn tiny_package(tag: &str) -> PathBuf {
     let pkg = tmpdir(tag).join("tiny.kiln");
@@ -139,7 +184,7 @@ fn hf_folder_converts_and_runs_identically() {
     let out = kiln_ok(&["verify", s(&pkg), "--json"]);
     assert!(out.contains("\"ok\":true"), "{out}");
     let out = kiln_ok(&["inspect", s(&pkg)]);
-    assert!(out.contains("kiln package version 1"), "{out}");
+    assert!(out.contains("kiln package version 2"), "{out}");
     assert!(out.contains("no tokenizer"), "{out}");
 }
 
@@ -202,6 +247,24 @@ fn damaged_packages_exit_2_with_the_fault_named() {
     let pkg = tiny_package("missing");
     std::fs::remove_file(first_shard(&pkg)).unwrap();
     assert_bad_input(&kiln(&["verify", s(&pkg)]), &["shard-00001.bin", "missing"]);
+
+    // A version 1 package with I8_CH tensors (their rows were laid out differently then).
+    let pkg = tmpdir("v1-i8").join("tiny.kiln");
+    let src = tiny_hf();
+    let args = ["convert", s(&src), "-o", s(&pkg), "--quant", "int8-channel"];
+    kiln_ok(&[&args[..], &["--keep", "none"]].concat());
+    assert!(dir_logits(&pkg, &[]).status.success());
+    edit_manifest(&pkg, |v| v["format_version"] = serde_json::Value::from(1));
+    assert_bad_input(
+        &dir_logits(&pkg, &["--no-verify"]),
+        &[
+            "manifest.json",
+            "version 1",
+            "I8_CH",
+            "'token_embd.weight'",
+            "convert the source model again",
+        ],
+    );
 
     // A tensor pointing past the end of its shard.
     let pkg = tiny_package("past-end");

@@ -10,8 +10,12 @@
 //!
 //! Byte layouts (all little-endian; `docs/kiln-package.md` has the same with pictures):
 //!
-//! - `I8_CH` ([`KilnType::I8Ch`]): each row is an f32 scale `s` followed by `cols` int8 codes
-//!   `c`; `w = s · c`. A row takes `4 + cols` bytes.
+//! - `I8_CH` ([`KilnType::I8Ch`]): first the `cols` int8 codes `c` of every row, row after
+//!   row; then the f32 scale `s` of every row, in row order; `w = s · c`. Keeping the scales out
+//!   of the rows makes a row exactly `cols` bytes, so with `cols` a multiple of 64 every row
+//!   starts on a cache line and the kernels' 64-byte loads never split one. (Package format
+//!   version 1 stored each row as its scale then its codes; see
+//!   [`crate::package::FORMAT_VERSION`].)
 //! - `I4_B64` ([`KilnType::I4B64`]): each row is `cols / 64` blocks of 34 bytes: an f16 scale
 //!   `d`, then 32 bytes where byte `j` holds element `j` in its low nibble and element `j + 32`
 //!   in its high nibble; `w = d · (q − 8)`. (ggml's `Q4_0` with blocks of 64.)
@@ -129,14 +133,15 @@ impl KilnType {
         }
     }
 
-    /// Bytes of one row's codes or indices (`I8_CH` includes the row's scale), or `None` if
-    /// `cols` is not a whole number of [`KilnType::row_multiple`] or the size overflows.
+    /// Bytes of one row's codes or indices (`I8_CH`'s scales and the tables follow the last
+    /// row), or `None` if `cols` is not a whole number of [`KilnType::row_multiple`] or the
+    /// size overflows.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
         if cols == 0 || cols % self.row_multiple() != 0 {
             return None;
         }
         match self {
-            KilnType::I8Ch => cols.checked_add(4),
+            KilnType::I8Ch => Some(cols),
             KilnType::I4B64 => Some(cols / I4_BLOCK * I4_BLOCK_BYTES),
             KilnType::Lut4B32 => Some(LUT4_B32_ROW_HEADER + cols / CHUNK * LUT4_B32_BLOCK_BYTES),
             KilnType::Lut { bits, .. } => Some(cols / 8 * bits as usize),
@@ -172,12 +177,13 @@ impl KilnType {
         let row = self.row_bytes(cols)? as u64;
         let tables = match self {
             KilnType::Lut4B32 => LUT4_B32_TABLE_BYTES as u64,
+            KilnType::I8Ch => (rows as u64).checked_mul(I8_CH_SCALE_BYTES as u64)?,
             _ => (self.tables(rows)? * self.table_len() * 2) as u64,
         };
         row.checked_mul(rows as u64)?.checked_add(tables)
     }
 
-    /// Byte offset of the tables (the end of the rows).
+    /// Byte offset of the tables (`I8_CH`: of the row scales), the end of the rows.
     pub fn tables_offset(self, cols: usize, rows: usize) -> Option<usize> {
         self.row_bytes(cols)?.checked_mul(rows)
     }
@@ -296,8 +302,8 @@ pub fn dequantize_row(
     let row = &data[r * row_bytes..(r + 1) * row_bytes];
     match ty {
         KilnType::I8Ch => {
-            let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
-            for (o, &c) in out.iter_mut().zip(&row[4..]) {
+            let s = i8_ch_scale(data, rows, cols, r);
+            for (o, &c) in out.iter_mut().zip(row) {
                 *o = s * f32::from(c as i8);
             }
         }
@@ -500,15 +506,31 @@ fn check_matrix(ty: KilnType, w: &[f32], rows: usize, cols: usize) -> Result<(),
     Ok(())
 }
 
+/// Bytes of an `I8_CH` row scale (an f32).
+pub const I8_CH_SCALE_BYTES: usize = 4;
+
+/// The f32 scale of row `r` of the `I8_CH` tensor `data` (`rows` × `cols`), stored after the
+/// codes of every row.
+///
+/// # Panics
+/// If `data` is shorter than the tensor, or `r >= rows`.
+pub fn i8_ch_scale(data: &[u8], rows: usize, cols: usize, r: usize) -> f32 {
+    assert!(r < rows, "I8_CH: row {r} of {rows}");
+    let at = rows * cols + r * I8_CH_SCALE_BYTES;
+    let b = &data[at..at + I8_CH_SCALE_BYTES];
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
 /// Encodes `w` (`rows` × `cols`, row-major) as `I8_CH`: per row the f32 scale
-/// `max |w| / 127` and codes rounded to nearest (every weight within half a step).
+/// `max |w| / 127` and codes rounded to nearest (every weight within half a step); the codes
+/// of every row first, then the scales.
 pub fn encode_i8_channel(w: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
     check_matrix(KilnType::I8Ch, w, rows, cols)?;
     let q = quant::quantize_int8_channel(w, rows, cols)?;
-    let mut out = Vec::with_capacity(rows * (cols + 4));
-    for (r, codes) in q.codes().chunks_exact(cols).enumerate() {
-        out.extend_from_slice(&q.scales()[r].to_le_bytes());
-        out.extend(codes.iter().map(|&c| c as u8));
+    let mut out = Vec::with_capacity(rows * (cols + I8_CH_SCALE_BYTES));
+    out.extend(q.codes().iter().map(|&c| c as u8));
+    for s in q.scales() {
+        out.extend_from_slice(&s.to_le_bytes());
     }
     Ok(out)
 }
@@ -883,6 +905,8 @@ mod tests {
         assert_eq!(l.data_length(64, 3), None);
         assert_eq!(l.data_length(48, 4), None);
         assert_eq!(KilnType::I8Ch.data_length(64, 3), Some(3 * 68));
+        assert_eq!(KilnType::I8Ch.row_bytes(64), Some(64));
+        assert_eq!(KilnType::I8Ch.tables_offset(64, 3), Some(3 * 64));
         assert_eq!(KilnType::I4B64.data_length(128, 2), Some(2 * 68));
         assert_eq!(KilnType::I4B64.data_length(96, 2), None);
         assert_eq!(

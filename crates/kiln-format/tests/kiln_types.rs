@@ -7,7 +7,7 @@ use kiln_format::kiln_types::{
     LutOptions, TensorFormat,
 };
 use kiln_format::package::{
-    Conversion, Manifest, Package, PackageWriter, SourceInfo, TensorQuality, Verify,
+    Conversion, Manifest, Package, PackageWriter, SourceInfo, TensorQuality, Verify, FORMAT_VERSION,
 };
 use kiln_format::quant::snr_db;
 use std::path::{Path, PathBuf};
@@ -49,8 +49,17 @@ fn int8_channel_is_within_half_a_step_per_row() {
     for r in 0..rows {
         let row = &w[r * cols..(r + 1) * cols];
         let step = row.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
-        let s = f32::from_le_bytes(data[r * (cols + 4)..][..4].try_into().unwrap());
+        // Every row's codes first (row r at r * cols), then the row scales.
+        let s = f32::from_le_bytes(data[rows * cols + 4 * r..][..4].try_into().unwrap());
         assert_eq!(s, step);
+        assert_eq!(kiln_types::i8_ch_scale(&data, rows, cols, r), step);
+        for (i, &c) in data[r * cols..(r + 1) * cols].iter().enumerate() {
+            assert_eq!(
+                f32::from(c as i8) * s,
+                back[r * cols + i],
+                "row {r}, code {i}"
+            );
+        }
         for (a, b) in row.iter().zip(&back[r * cols..]) {
             assert!((a - b).abs() <= 0.5 * step * 1.0001, "row {r}: {a} vs {b}");
         }
@@ -309,6 +318,62 @@ fn kiln_formats_round_trip_through_a_package() {
         e.contains("tensor 'LUT4_G2'") && e.contains("does not fit LUT4_G3"),
         "{e}"
     );
+}
+
+/// Version 1 packages stored each `I8_CH` row as its scale then its codes: the same length as
+/// the codes-first layout, so only the version tells them apart. Such a package is refused,
+/// naming the manifest and a tensor and saying to convert again; a version 1 package without
+/// `I8_CH` tensors (whose formats did not change) still opens.
+#[test]
+fn version_1_packages_open_unless_they_hold_i8_ch() {
+    let (rows, cols) = (4, 128);
+    let w = weights(rows, cols, 9);
+    let cases = [
+        (KilnType::I8Ch, encode_i8_channel(&w, rows, cols).unwrap()),
+        (KilnType::I4B64, encode_i4_b64(&w, rows, cols).unwrap()),
+    ];
+    for (ty, data) in &cases {
+        let out = scratch(&format!("v1-{ty}")).join("m.kiln");
+        let mut writer = PackageWriter::create(&out, 1 << 20).unwrap();
+        writer
+            .add_tensor(
+                "blk.0.attn_q.weight",
+                &[cols as u64, rows as u64],
+                *ty,
+                data,
+                None,
+            )
+            .unwrap();
+        let written = writer.finish(manifest()).unwrap();
+        assert_eq!(written.format_version, FORMAT_VERSION);
+        assert_eq!(FORMAT_VERSION, 2);
+        Package::open(&out, Verify::Full).unwrap();
+
+        let path = out.join("manifest.json");
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        m["format_version"] = 1.into();
+        std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        match (ty, Package::open(&out, Verify::Full)) {
+            (KilnType::I8Ch, Err(e)) => {
+                let e = e.to_string();
+                for needle in [
+                    "manifest.json",
+                    "version 1",
+                    "I8_CH",
+                    "'blk.0.attn_q.weight'",
+                    "convert the source model again",
+                ] {
+                    assert!(e.contains(needle), "{needle}: {e}");
+                }
+            }
+            (KilnType::I8Ch, Ok(_)) => panic!("a version 1 I8_CH package opened"),
+            (_, r) => assert_eq!(
+                r.unwrap().tensor("blk.0.attn_q.weight").unwrap().data(),
+                &data[..]
+            ),
+        }
+    }
 }
 
 #[test]

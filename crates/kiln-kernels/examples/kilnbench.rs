@@ -1,5 +1,6 @@
 //! Kernel throughput of the kiln formats against the ggml formats of equal bits: ns per weight
-//! and GB/s of weight bytes, single-threaded, on a matrix larger than the caches.
+//! and GB/s of weight bytes, single-threaded, on a matrix larger than the caches, stored 64-byte
+//! aligned as a package's shards hold tensors.
 //!
 //! ```sh
 //! cargo run --release -p kiln-kernels --example kilnbench -- [--mb 64] [--k 2048] [--tokens 2] \
@@ -36,10 +37,20 @@ fn num(name: &str, default: usize) -> usize {
     arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// `data` copied to a 64-byte boundary, as a package's shards hold tensors: (buffer, offset
+/// of the data in it).
+fn aligned(data: Vec<u8>) -> (Vec<u8>, usize) {
+    let mut v: Vec<u8> = Vec::with_capacity(data.len() + 64);
+    let pad = v.as_ptr().align_offset(64);
+    v.resize(pad, 0);
+    v.extend_from_slice(&data);
+    (v, pad)
+}
+
 /// A weight matrix in one of the compared formats.
 enum Weights {
-    Ggml(GgmlType, Vec<u8>, usize),
-    Kiln(KilnType, Vec<u8>, usize),
+    Ggml(GgmlType, (Vec<u8>, usize), usize),
+    Kiln(KilnType, (Vec<u8>, usize), usize),
 }
 
 impl Weights {
@@ -85,7 +96,11 @@ fn main() {
             let rb = ty.row_bytes(k).expect("--k fits the ggml type");
             let rows = (mb << 20) / rb;
             let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
-            weights.push(Weights::Ggml(ty, ggml::quantize(ty, &w).unwrap(), rows));
+            weights.push(Weights::Ggml(
+                ty,
+                aligned(ggml::quantize(ty, &w).unwrap()),
+                rows,
+            ));
         } else if let Some(ty) = KilnType::from_name(name) {
             let rows = ((mb << 20) / ty.row_bytes(k).expect("--k fits the format")) / 16 * 16;
             let data = match ty {
@@ -111,7 +126,7 @@ fn main() {
                     d
                 }
             };
-            weights.push(Weights::Kiln(ty, data, rows));
+            weights.push(Weights::Kiln(ty, aligned(data), rows));
         } else {
             panic!("--formats: unknown format {name}");
         }
@@ -130,8 +145,9 @@ fn main() {
         for (i, &isa) in isas.iter().enumerate() {
             for (f, wt) in weights.iter().enumerate() {
                 let mut run: Box<dyn FnMut()> = match wt {
-                    Weights::Ggml(ty, data, rows) => {
+                    Weights::Ggml(ty, (buf, at), rows) => {
                         let (ty, rows) = (*ty, *rows);
+                        let data = &buf[*at..];
                         let xq = quantized(activation_format(ty));
                         let rb = ty.row_bytes(k).unwrap();
                         let mut out = vec![0.0f32; rows * tokens];
@@ -139,8 +155,9 @@ fn main() {
                             dot_block_with(isa, ty, data, rb, 0..rows, &xq, &mut out, rows)
                         })
                     }
-                    Weights::Kiln(ty, data, rows) => {
+                    Weights::Kiln(ty, (buf, at), rows) => {
                         let rows = *rows;
+                        let data = &buf[*at..];
                         let m = KilnMatrix::new(*ty, data, rows, k).unwrap();
                         let xq = quantized(kiln_formats::activation_format(*ty));
                         let mut out = vec![0.0f32; rows * tokens];
@@ -163,7 +180,7 @@ fn main() {
     for (i, isa) in isas.iter().enumerate() {
         for (f, wt) in weights.iter().enumerate() {
             let (bytes, rows) = match wt {
-                Weights::Ggml(_, d, r) | Weights::Kiln(_, d, r) => (d.len(), *r),
+                Weights::Ggml(_, (d, at), r) | Weights::Kiln(_, (d, at), r) => (d.len() - at, *r),
             };
             let mut s = seconds[i][f].clone();
             s.sort_by(f64::total_cmp);

@@ -246,9 +246,9 @@ pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
     let row = w.row(r);
     match w.ty {
         KilnType::I8Ch => {
-            let s = f64::from(f32::from_le_bytes([row[0], row[1], row[2], row[3]]));
+            let s = f64::from(kiln_types::i8_ch_scale(w.data, w.rows, w.cols, r));
             let (mut sum, mut mag) = (0.0f64, 0.0f64);
-            for ((c, q), &dx) in row[4..]
+            for ((c, q), &dx) in row
                 .chunks_exact(CHUNK)
                 .zip(x.codes.chunks_exact(CHUNK))
                 .zip(&x.scales)

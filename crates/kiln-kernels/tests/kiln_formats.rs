@@ -36,16 +36,18 @@ fn f32_scale() -> impl Strategy<Value = f32> {
 fn tensor(ty: KilnType, rows: usize, cols: usize) -> BoxedStrategy<Vec<u8>> {
     let row_bytes = ty.row_bytes(cols).unwrap();
     match ty {
-        KilnType::I8Ch => prop::collection::vec(
-            (f32_scale(), prop::collection::vec(any::<u8>(), cols)),
-            rows,
+        // Every row's codes, then every row's scale.
+        KilnType::I8Ch => (
+            prop::collection::vec(any::<u8>(), rows * cols),
+            prop::collection::vec(f32_scale(), rows),
         )
-        .prop_map(|rs| {
-            rs.into_iter()
-                .flat_map(|(s, codes)| s.to_le_bytes().into_iter().chain(codes))
-                .collect()
-        })
-        .boxed(),
+            .prop_map(|(codes, scales)| {
+                codes
+                    .into_iter()
+                    .chain(scales.into_iter().flat_map(f32::to_le_bytes))
+                    .collect()
+            })
+            .boxed(),
         KilnType::I4B64 => prop::collection::vec(
             (f16_value(), prop::collection::vec(any::<u8>(), 32)),
             rows * cols / 64,
@@ -275,12 +277,15 @@ fn neon_kernels_are_checked() {
 
 #[test]
 fn known_values() {
-    // One I8_CH row: scale 0.5, codes 1, -2, 0, ...; activations exactly representable.
+    // Two I8_CH rows (codes of both, then their scales 0.5 and -0.25): codes 1, -2, 0, ... and
+    // their negation; activations exactly representable.
     let cols = 32;
-    let mut data = 0.5f32.to_le_bytes().to_vec();
     let codes: Vec<i8> = (0..cols as i32).map(|i| (i % 5 - 2) as i8).collect();
-    data.extend(codes.iter().map(|&c| c as u8));
-    let w = KilnMatrix::new(KilnType::I8Ch, &data, 1, cols).unwrap();
+    let mut data: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
+    data.extend(codes.iter().map(|&c| (-c) as u8));
+    data.extend(0.5f32.to_le_bytes());
+    data.extend((-0.25f32).to_le_bytes());
+    let w = KilnMatrix::new(KilnType::I8Ch, &data, 2, cols).unwrap();
     let x: Vec<f32> = (0..cols)
         .map(|i| if i % 2 == 0 { 127.0 } else { -127.0 })
         .collect();
@@ -291,11 +296,12 @@ fn known_values() {
         .zip(&x)
         .map(|(&c, &v)| 0.5 * f32::from(c) * v)
         .sum();
+    assert_eq!(dot_reference(&w, 1, &q), want / 2.0);
     assert_eq!(dot_reference(&w, 0, &q), want);
     for isa in available_isas() {
-        let mut out = [0.0f32];
-        dot_block_with(isa, &w, 0..1, std::slice::from_ref(&q), &mut out, 1);
-        assert_eq!(out[0], want, "{isa:?}");
+        let mut out = [0.0f32; 2];
+        dot_block_with(isa, &w, 0..2, std::slice::from_ref(&q), &mut out, 2);
+        assert_eq!(out, [want, want / 2.0], "{isa:?}");
     }
 }
 
@@ -335,11 +341,6 @@ fn lut4_b32_known_values() {
     assert_eq!(q.dequantize(), x);
     let want: f32 = want_w.iter().zip(&x).map(|(&a, &b)| a * b).sum();
     assert_eq!(dot_reference(&w, 0, &q), want);
-    for isa in available_isas() {
-        let mut out = [0.0f32];
-        dot_block_with(isa, &w, 0..1, std::slice::from_ref(&q), &mut out, 1);
-        assert_eq!(out[0], want, "{isa:?}");
-    }
 }
 
 #[test]

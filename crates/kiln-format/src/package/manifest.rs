@@ -5,8 +5,15 @@ use serde_json::Value;
 
 /// The value of the manifest's `format` field.
 pub const FORMAT_NAME: &str = "kiln-package";
-/// The manifest layout this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The package format this code writes (and the newest it reads). Version 2 stores `I8_CH`
+/// tensors with every row's codes first and the row scales after them (version 1: each row's
+/// scale before its codes); nothing else changed.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest package format this code reads: version 1 packages load unless they hold
+/// `I8_CH` tensors, which are refused with a request to convert again.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// The first version whose `I8_CH` tensors have the codes-first layout.
+pub const I8_CH_CODES_FIRST_VERSION: u32 = 2;
 
 /// The whole manifest of a package.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use super::manifest::{Manifest, ShardEntry, TensorEntry};
 use super::writer::sha256_bytes;
-use super::{ALIGNMENT, EXTENSION, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE};
+use super::{
+    ALIGNMENT, EXTENSION, FORMAT_NAME, FORMAT_VERSION, I8_CH_CODES_FIRST_VERSION, MANIFEST_FILE,
+    OLDEST_FORMAT_VERSION,
+};
 use crate::file_io::Storage;
 use crate::kiln_types::TensorFormat;
 use crate::FormatError;
@@ -133,14 +136,31 @@ impl Package {
                 manifest.format
             )));
         }
-        if manifest.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version) {
             return Err(FormatError::unsupported(
                 &manifest_path,
                 format!(
-                    "package format version {} (this kiln reads version {FORMAT_VERSION})",
+                    "package format version {} (this kiln reads versions \
+                     {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
                     manifest.format_version
                 ),
             ));
+        }
+        if manifest.format_version < I8_CH_CODES_FIRST_VERSION {
+            // Version 1 stored each I8_CH row as its scale then its codes: the same length as
+            // today's layout, so reading it as today's would give wrong weights silently.
+            // Every other format is unchanged, so such packages still load.
+            if let Some(t) = manifest.tensors.iter().find(|t| t.format == "I8_CH") {
+                return Err(FormatError::unsupported(
+                    &manifest_path,
+                    format!(
+                        "package format version {} stores I8_CH tensors (such as '{}') in a \
+                         row layout this kiln no longer reads; convert the source model again \
+                         (kiln convert SRC -o OUT --quant int8-channel)",
+                        manifest.format_version, t.name
+                    ),
+                ));
+            }
         }
         if manifest.alignment != ALIGNMENT {
             return Err(bad(format!(

@@ -117,8 +117,8 @@ pub(crate) unsafe fn dot_block(
             // is set only when the CPU has the extension.
             out[t * out_stride + k] = unsafe {
                 match (w.ty, dotprod) {
-                    (KilnType::I8Ch, true) => i8ch::<true>(row, x),
-                    (KilnType::I8Ch, false) => i8ch::<false>(row, x),
+                    (KilnType::I8Ch, true) => i8ch::<true>(row, scale(w, r), x),
+                    (KilnType::I8Ch, false) => i8ch::<false>(row, scale(w, r), x),
                     (KilnType::Lut4B32, true) => lut4b32::<true>(row, table, x),
                     (KilnType::Lut4B32, false) => lut4b32::<false>(row, table, x),
                     (_, true) => i4b64::<true>(row, x),
@@ -129,13 +129,17 @@ pub(crate) unsafe fn dot_block(
     }
 }
 
+/// The scale of row `r` of the `I8_CH` tensor `w` (stored after every row's codes).
+fn scale(w: &KilnMatrix, r: usize) -> f32 {
+    kiln_types::i8_ch_scale(w.data, w.rows, w.cols, r)
+}
+
 /// # Safety
-/// `row` is one `I8_CH` row of `x.len` elements, `x` in Q8_1; if `DOT`, the CPU has the
-/// dot-product extension.
+/// `row` holds the `x.len` codes of one `I8_CH` row whose scale is `s`, `x` in Q8_1; if
+/// `DOT`, the CPU has the dot-product extension.
 #[target_feature(enable = "neon")]
-unsafe fn i8ch<const DOT: bool>(row: &[u8], x: &QuantizedRow) -> f32 {
-    let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
-    let codes = row[4..].as_ptr();
+unsafe fn i8ch<const DOT: bool>(row: &[u8], s: f32, x: &QuantizedRow) -> f32 {
+    let codes = row.as_ptr();
     let mut acc = [vdupq_n_f32(0.0); 2];
     for b in 0..x.len / CHUNK {
         // SAFETY: block b's 32 codes exist in the row and in the activations.
