@@ -49,6 +49,9 @@ pub struct KilnMatrix<'a> {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) row_bytes: usize,
+    /// Rows per table of a lookup-table format (`rows` for a tensor-wide one; 1 otherwise):
+    /// a kernel finds a row's `LUT4_B32` table without going through the shape again.
+    group_rows: u32,
 }
 
 impl<'a> KilnMatrix<'a> {
@@ -61,6 +64,7 @@ impl<'a> KilnMatrix<'a> {
             rows,
             cols,
             row_bytes: ty.row_bytes(cols)?,
+            group_rows: u32::try_from(ty.group_rows(rows).unwrap_or(1)).ok()?,
         })
     }
 
@@ -90,9 +94,15 @@ impl<'a> KilnMatrix<'a> {
         &self.data[start..start + len]
     }
 
-    /// The 7-bit table row `r` uses (`LUT4_B32` only).
+    /// The 7-bit table row `r` (< `rows`) uses (`LUT4_B32` only): the tables follow the last
+    /// row, one per group of `group_rows` rows.
+    #[inline]
     pub(crate) fn lut4_b32_table(&self, r: usize) -> &'a [u8; 16] {
-        kiln_types::lut4_b32_table(self.ty, self.data, self.rows, self.cols, r)
+        debug_assert!(matches!(self.ty, KilnType::Lut4B32 { .. }) && r < self.rows);
+        // A 32-bit division: rows are far below 2^32 (the tables would not fit otherwise).
+        let g = (r as u32 / self.group_rows) as usize;
+        let at = self.rows * self.row_bytes + g * 16;
+        self.data[at..at + 16].try_into().expect("16 bytes")
     }
 }
 
