@@ -190,11 +190,8 @@ fn check(
     // Every level, over row ranges not starting at 0 and not ending at the last row when
     // there is room (so with table groups they start and end inside a group, and tiles of
     // four rows straddle groups), into a strided output.
-    let mut ranges = vec![usize::from(rows > 4)..rows];
-    if rows >= 3 {
-        ranges.push(1..rows - 1);
-    }
-    for range in ranges {
+    let inner = (rows >= 3).then(|| 1..rows - 1);
+    for range in std::iter::once(usize::from(rows > 4)..rows).chain(inner) {
         let start = range.start;
         let n = range.len();
         let stride = n + 3;
