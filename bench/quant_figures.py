@@ -38,6 +38,7 @@ SCHEMES = [
     ("lut6-g16", ["--quant", "lut6", "--lut-group-channels", "16"]),
     ("lut8", ["--quant", "lut8"]),
     ("lut4-block32", ["--quant", "lut4-block32"]),
+    ("lut4-block32-g16", ["--quant", "lut4-block32", "--lut-group-channels", "16"]),
 ]
 
 # llama.cpp file types, by the bit width they stand beside.
@@ -140,6 +141,7 @@ SPEED = {
     "lut6-g16": (["--quant", "lut6", "--lut-group-channels", "16"], "Q6_K"),
     "lut8": (["--quant", "lut8"], "Q8_0"),
     "lut4-block32": (["--quant", "lut4-block32"], "Q4_0"),
+    "lut4-block32-g16": (["--quant", "lut4-block32", "--lut-group-channels", "16"], "Q4_0"),
 }
 
 

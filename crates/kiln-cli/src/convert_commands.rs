@@ -29,8 +29,8 @@ pub struct ConvertArgs {
     /// lut4-block32 (a 4-bit table with a scale and an offset per block of 32).
     #[arg(long, default_value = "keep")]
     pub quant: String,
-    /// Output channels sharing one lookup table (lut2..lut8); without it, one table per
-    /// tensor.
+    /// Output channels sharing one lookup table (lut2..lut8, lut4-block32); without it, one
+    /// table per tensor.
     #[arg(long)]
     pub lut_group_channels: Option<u32>,
     /// Comma-separated tensors never stored below their source precision (1-D vectors never
@@ -105,8 +105,8 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
         }
         if !quant.is_lut() {
             return Err(input(format!(
-                "--lut-group-channels applies to lookup tables (lut2, lut4, lut6, lut8), not \
-                 --quant {quant}"
+                "--lut-group-channels applies to lookup tables (lut2, lut4, lut6, lut8, \
+                 lut4-block32), not --quant {quant}"
             )));
         }
     }

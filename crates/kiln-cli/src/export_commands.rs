@@ -48,8 +48,8 @@ pub struct CoremlArgs {
     #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
     /// Weight format: fp16, int8-channel, int4-block32, lut4, lut6, or lut4-block32 (a 4-bit
-    /// table with a scale and an offset per block of 32; a kiln package's LUT4_B32 tensors are
-    /// carried over as they are).
+    /// table with a scale and an offset per block of 32; a kiln package's LUT4_B32 and
+    /// LUT4_B32_G{n} tensors are carried over as they are, tables per group included).
     #[arg(long, default_value = "fp16")]
     pub quant: String,
     /// Output channels sharing one lookup table (lut4/lut6); default one table per tensor.

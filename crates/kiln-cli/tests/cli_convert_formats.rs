@@ -54,10 +54,17 @@ fn every_scheme_converts_and_runs_the_tiny_model() {
     let want = tiny_reference_logits();
     // (quant, extra arguments, stored format of the matrices, least weight SNR in dB, least
     // logits cosine against transformers; the model's random weights are hard on 2 and 4 bits)
-    let cases: [(&str, &[&str], &str, f64, f64); 10] = [
+    let cases: [(&str, &[&str], &str, f64, f64); 11] = [
         ("int8-channel", &[], "I8_CH", 38.0, 0.9999),
         ("int4-block32", &[], "Q4_0", 17.0, 0.985),
         ("lut4-block32", &[], "LUT4_B32", 18.5, 0.985),
+        (
+            "lut4-block32",
+            &["--lut-group-channels", "16"],
+            "LUT4_B32_G16",
+            18.5,
+            0.985,
+        ),
         ("int4-block32-offset", &[], "Q4_1", 17.0, 0.985),
         ("int4-block64", &[], "I4_B64", 16.0, 0.98),
         (
@@ -352,4 +359,21 @@ fn conversions_that_cannot_be_written_are_refused() {
         "none",
     ]);
     assert!(report.contains("48 must divide the 64 rows"), "{report}");
+    // For lut4-block32 it is refused instead, naming the tensor.
+    let o = kiln(&[
+        "convert",
+        s(&tiny),
+        "-o",
+        s(&pkg),
+        "--quant",
+        "lut4-block32",
+        "--lut-group-channels",
+        "48",
+        "--keep",
+        "none",
+    ]);
+    assert_bad_input(
+        &o,
+        &["tensor '", "--lut-group-channels 48 does not divide its"],
+    );
 }

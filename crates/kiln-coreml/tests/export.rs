@@ -584,24 +584,41 @@ fn split_lm_head_argmax_output_and_single_token_calls() {
 /// block scales and offsets.
 #[test]
 fn lut4_block32_package_exports_its_own_values() {
+    lut4_block32_package_export(None);
+}
+
+/// As [`lut4_block32_package_exports_its_own_values`] for `LUT4_B32_G4`: a table per four
+/// output channels, which the rotary reordering of q and k mixes (those rows each carry
+/// their group's table into the `lut`).
+#[test]
+fn lut4_block32_grouped_package_exports_its_own_values() {
+    lut4_block32_package_export(Some(4));
+}
+
+fn lut4_block32_package_export(group: Option<u32>) {
     use kiln_coreml::export::WeightFormat;
     use kiln_runtime::convert::{convert, ConvertOptions, QuantTarget};
     let spec = tiny::Spec::llama();
-    let gguf = tiny::TinyFile::generate(&spec, 41).write("coreml-lut4-block32");
-    let kiln_pkg = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("coreml-lut4-block32.kiln");
+    let name = match group {
+        None => "lut4-block32".to_string(),
+        Some(g) => format!("lut4-block32-g{g}"),
+    };
+    let gguf = tiny::TinyFile::generate(&spec, 41).write(&format!("coreml-{name}"));
+    let kiln_pkg = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("coreml-{name}.kiln"));
     let _ = std::fs::remove_dir_all(&kiln_pkg);
     let options = ConvertOptions {
         quant: QuantTarget::Lut4Block32,
         keep: Vec::new(),
+        lut_group_channels: group,
         ..ConvertOptions::default()
     };
     convert(&gguf, &kiln_pkg, &options, &mut |_, _, _| {}).unwrap();
     let model = Model::load(&kiln_pkg).unwrap();
     assert_eq!(
         model.layers[0].wq.kiln_format(),
-        Some(kiln_format::kiln_types::KilnType::Lut4B32)
+        Some(kiln_format::kiln_types::KilnType::Lut4B32 { group })
     );
-    let dest = out_dir("lut4-block32");
+    let dest = out_dir(&name);
     let opts = ExportOptions {
         context: spec.n_ctx,
         query: (1, 8),
@@ -625,6 +642,6 @@ fn lut4_block32_package_exports_its_own_values() {
     }
     let (stored, _) = run_package(&dest, &calls, spec.vocab);
     let (d, scale) = (max_abs_diff(&stored, &want), max_abs(&want));
-    eprintln!("lut4-block32 package: max abs diff {d:.6}, max |logit| {scale:.3}");
+    eprintln!("{name} package: max abs diff {d:.6}, max |logit| {scale:.3}");
     assert!(d <= REL_TOL * scale, "max abs diff {d} (scale {scale})");
 }

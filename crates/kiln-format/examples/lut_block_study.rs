@@ -221,8 +221,8 @@ fn fit_block(
 fn reconstruct(w: &[f32], rows: usize, cols: usize, cfg: &Cfg) -> Vec<f32> {
     if cfg.rounds == usize::MAX {
         // The stored format, as `kiln convert --quant lut4-block32` writes it.
-        let ty = kiln_types::KilnType::Lut4B32;
-        let data = kiln_types::encode_lut4_b32(w, rows, cols).unwrap();
+        let ty = kiln_types::KilnType::Lut4B32 { group: None };
+        let data = kiln_types::encode_lut4_b32(ty, w, rows, cols).unwrap();
         let mut back = vec![0.0f32; w.len()];
         for (r, row) in back.chunks_exact_mut(cols).enumerate() {
             kiln_types::dequantize_row(ty, &data, rows, cols, r, row);

@@ -31,12 +31,14 @@
 //!
 //!   These orders put consecutive elements in consecutive SIMD lanes after one shift and mask,
 //!   so a kernel needs no shuffle to line indices up with activations.
-//! - `LUT4_B32` ([`KilnType::Lut4B32`]): one table of 16 unsigned 7-bit entries `u` (0..=127,
-//!   ascending) for the tensor, and per block of 32 input channels an int8 scale `a` and an
-//!   int8 offset `b`, in units of the row's f32 scale unit `S` and offset unit `M`:
-//!   `w = S · a · u[q] + M · b`. Each row is `S`, `M` (f32), then `cols / 32` blocks of 18
-//!   bytes: `a`, `b` (i8), 16 bytes of indices laid out as for `LUT4`. The table's 16 bytes
-//!   follow the last row. 4.5 bits per weight, as ggml's `Q4_0`.
+//! - `LUT4_B32` and `LUT4_B32_G{n}` ([`KilnType::Lut4B32`]): tables of 16 unsigned 7-bit
+//!   entries `u` (0..=127, ascending), one per group of `n` consecutive rows (`LUT4_B32`: one
+//!   for the tensor), and per block of 32 input channels an int8 scale `a` and an int8 offset
+//!   `b`, in units of the row's f32 scale unit `S` and offset unit `M`:
+//!   `w = S · a · u[group(r)][q] + M · b`. Each row is `S`, `M` (f32), then `cols / 32` blocks
+//!   of 18 bytes: `a`, `b` (i8), 16 bytes of indices laid out as for `LUT4`. The tables, 16
+//!   bytes each in group order, follow the last row. 4.5 bits per weight, as ggml's `Q4_0`
+//!   (`_G{n}` adds 128 / (n · cols) bits).
 //!
 //!   Small integer entries let a kernel look weights up with a byte shuffle and multiply them
 //!   with int8 activations exactly (`127 · 127 · 2` fits the 16-bit pair sums); the offset
@@ -59,7 +61,7 @@ pub const LUT_BITS: [u8; 4] = [2, 4, 6, 8];
 pub const LUT4_B32_ROW_HEADER: usize = 8;
 /// Bytes per `LUT4_B32` block: the int8 scale and offset, and 16 bytes of indices.
 pub const LUT4_B32_BLOCK_BYTES: usize = 2 + CHUNK / 2;
-/// Bytes of the `LUT4_B32` table: 16 entries of one byte.
+/// Bytes of one `LUT4_B32` table: 16 entries of one byte.
 pub const LUT4_B32_TABLE_BYTES: usize = 16;
 /// The largest `LUT4_B32` table entry.
 pub const LUT4_B32_ENTRY_MAX: u8 = 127;
@@ -71,9 +73,12 @@ pub enum KilnType {
     I8Ch,
     /// Symmetric int4 in blocks of 64 input channels with an f16 scale.
     I4B64,
-    /// 4-bit indices into one 7-bit table for the tensor, with an int8 scale and offset per
-    /// block of 32 input channels against f32 units per row.
-    Lut4B32,
+    /// 4-bit indices into 7-bit tables, with an int8 scale and offset per block of 32 input
+    /// channels against f32 units per row.
+    Lut4B32 {
+        /// Output channels sharing a table; `None`: one table for the whole tensor.
+        group: Option<u32>,
+    },
     /// `bits`-bit indices into f16 tables of `2^bits` entries.
     Lut {
         /// Bits per index: 2, 4, 6 or 8.
@@ -84,12 +89,14 @@ pub enum KilnType {
 }
 
 impl KilnType {
-    /// The format's name in manifests: `I8_CH`, `I4_B64`, `LUT4`, `LUT4_G16`, ….
+    /// The format's name in manifests: `I8_CH`, `I4_B64`, `LUT4`, `LUT4_G16`, `LUT4_B32`,
+    /// `LUT4_B32_G16`, ….
     pub fn name(self) -> String {
         match self {
             KilnType::I8Ch => "I8_CH".into(),
             KilnType::I4B64 => "I4_B64".into(),
-            KilnType::Lut4B32 => "LUT4_B32".into(),
+            KilnType::Lut4B32 { group: None } => "LUT4_B32".into(),
+            KilnType::Lut4B32 { group: Some(g) } => format!("LUT4_B32_G{g}"),
             KilnType::Lut { bits, group: None } => format!("LUT{bits}"),
             KilnType::Lut {
                 bits,
@@ -103,23 +110,35 @@ impl KilnType {
         match name {
             "I8_CH" => return Some(KilnType::I8Ch),
             "I4_B64" => return Some(KilnType::I4B64),
-            "LUT4_B32" => return Some(KilnType::Lut4B32),
             _ => {}
+        }
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+        let group_size = |g: Option<&str>| -> Option<Option<u32>> {
+            match g {
+                None => Some(None),
+                Some(g) if !digits(g) || g.starts_with('0') => None,
+                Some(g) => Some(Some(g.parse::<u32>().ok().filter(|&g| g > 0)?)),
+            }
+        };
+        if let Some(rest) = name.strip_prefix("LUT4_B32") {
+            let group = match rest {
+                "" => None,
+                _ => Some(rest.strip_prefix("_G")?),
+            };
+            return Some(KilnType::Lut4B32 {
+                group: group_size(group)?,
+            });
         }
         let rest = name.strip_prefix("LUT")?;
         let (bits, group) = match rest.split_once("_G") {
             Some((b, g)) => (b, Some(g)),
             None => (rest, None),
         };
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
-        if !digits(bits) || group.is_some_and(|g| !digits(g) || g.starts_with('0')) {
+        if !digits(bits) {
             return None;
         }
         let bits: u8 = bits.parse().ok()?;
-        let group = match group {
-            Some(g) => Some(g.parse::<u32>().ok().filter(|&g| g > 0)?),
-            None => None,
-        };
+        let group = group_size(group)?;
         LUT_BITS
             .contains(&bits)
             .then_some(KilnType::Lut { bits, group })
@@ -143,21 +162,40 @@ impl KilnType {
         match self {
             KilnType::I8Ch => Some(cols),
             KilnType::I4B64 => Some(cols / I4_BLOCK * I4_BLOCK_BYTES),
-            KilnType::Lut4B32 => Some(LUT4_B32_ROW_HEADER + cols / CHUNK * LUT4_B32_BLOCK_BYTES),
+            KilnType::Lut4B32 { .. } => {
+                Some(LUT4_B32_ROW_HEADER + cols / CHUNK * LUT4_B32_BLOCK_BYTES)
+            }
             KilnType::Lut { bits, .. } => Some(cols / 8 * bits as usize),
         }
     }
 
     /// f16 tables of a `rows`-row tensor (0 for the formats without them, `LUT4_B32`'s byte
-    /// table included), or `None` when the group size does not divide `rows`.
+    /// tables included: see [`KilnType::lut4_b32_tables`]), or `None` when the group size
+    /// does not divide `rows`.
     pub fn tables(self, rows: usize) -> Option<usize> {
         match self {
-            KilnType::Lut { group: None, .. } => Some(1),
-            KilnType::Lut { group: Some(g), .. } => {
-                let g = g as usize;
-                (rows % g == 0).then_some(rows / g)
-            }
+            KilnType::Lut { group, .. } => groups(group, rows),
             _ => Some(0),
+        }
+    }
+
+    /// Byte tables of a `rows`-row `LUT4_B32` tensor (one per group of rows; 0 for the other
+    /// formats), or `None` when the group size does not divide `rows`.
+    pub fn lut4_b32_tables(self, rows: usize) -> Option<usize> {
+        match self {
+            KilnType::Lut4B32 { group } => groups(group, rows),
+            _ => Some(0),
+        }
+    }
+
+    /// Output channels sharing a table (`rows` for a tensor-wide table; `None` for the
+    /// formats without tables).
+    pub fn group_rows(self, rows: usize) -> Option<usize> {
+        match self {
+            KilnType::Lut { group, .. } | KilnType::Lut4B32 { group } => {
+                Some(group.map_or(rows, |g| g as usize))
+            }
+            _ => None,
         }
     }
 
@@ -176,7 +214,7 @@ impl KilnType {
         }
         let row = self.row_bytes(cols)? as u64;
         let tables = match self {
-            KilnType::Lut4B32 => LUT4_B32_TABLE_BYTES as u64,
+            KilnType::Lut4B32 { .. } => (self.lut4_b32_tables(rows)? * LUT4_B32_TABLE_BYTES) as u64,
             KilnType::I8Ch => (rows as u64).checked_mul(I8_CH_SCALE_BYTES as u64)?,
             _ => (self.tables(rows)? * self.table_len() * 2) as u64,
         };
@@ -186,6 +224,18 @@ impl KilnType {
     /// Byte offset of the tables (`I8_CH`: of the row scales), the end of the rows.
     pub fn tables_offset(self, cols: usize, rows: usize) -> Option<usize> {
         self.row_bytes(cols)?.checked_mul(rows)
+    }
+}
+
+/// Tables of a `rows`-row tensor with `group` rows per table (`None`: one), or `None` when
+/// `group` does not divide `rows`.
+fn groups(group: Option<u32>, rows: usize) -> Option<usize> {
+    match group {
+        None => Some(1),
+        Some(g) => {
+            let g = g as usize;
+            (rows % g == 0).then_some(rows / g)
+        }
     }
 }
 
@@ -320,8 +370,8 @@ pub fn dequantize_row(
                 }
             }
         }
-        KilnType::Lut4B32 => {
-            let u = lut4_b32_table(data).map(f64::from);
+        KilnType::Lut4B32 { .. } => {
+            let u = lut4_b32_table(ty, data, rows, cols, r).map(f64::from);
             let s = f64::from(f32::from_le_bytes([row[0], row[1], row[2], row[3]]));
             let m = f64::from(f32::from_le_bytes([row[4], row[5], row[6], row[7]]));
             for (o, blk) in out
@@ -358,8 +408,8 @@ pub fn dequantize_row(
 }
 
 /// Checks what the size alone cannot: that `data` (a `rows` × `cols` tensor of `ty`, of the
-/// right length) holds values the format allows — a `LUT4_B32` table's entries are at most
-/// [`LUT4_B32_ENTRY_MAX`], which the kernels rely on.
+/// right length) holds values the format allows — every `LUT4_B32` table's entries are at
+/// most [`LUT4_B32_ENTRY_MAX`], which the kernels rely on.
 pub fn check_data(ty: KilnType, data: &[u8], rows: usize, cols: usize) -> Result<(), QuantError> {
     if ty.data_length(cols, rows) != Some(data.len() as u64) {
         return Err(QuantError(format!(
@@ -367,24 +417,50 @@ pub fn check_data(ty: KilnType, data: &[u8], rows: usize, cols: usize) -> Result
             data.len()
         )));
     }
-    if ty == KilnType::Lut4B32 {
-        let table = lut4_b32_table(data);
-        if let Some(k) = table.iter().position(|&e| e > LUT4_B32_ENTRY_MAX) {
-            return Err(QuantError(format!(
-                "{ty}: table entry {k} is {}, the format allows 0..={LUT4_B32_ENTRY_MAX}",
-                table[k]
-            )));
+    if let KilnType::Lut4B32 { .. } = ty {
+        let tables = lut4_b32_tables(ty, data, rows, cols);
+        for (g, table) in tables.chunks_exact(LUT4_B32_TABLE_BYTES).enumerate() {
+            if let Some(k) = table.iter().position(|&e| e > LUT4_B32_ENTRY_MAX) {
+                return Err(QuantError(format!(
+                    "{ty}: entry {k} of table {g} is {}, the format allows \
+                     0..={LUT4_B32_ENTRY_MAX}",
+                    table[k]
+                )));
+            }
         }
     }
     Ok(())
 }
 
-/// The table of a `LUT4_B32` tensor (its last 16 bytes).
+/// Every table of a `LUT4_B32` tensor `data` (`rows` × `cols`, of the right length): 16 bytes
+/// per group of rows, in group order, after the last row.
 ///
 /// # Panics
-/// If `data` is shorter than the table.
-pub fn lut4_b32_table(data: &[u8]) -> &[u8; LUT4_B32_TABLE_BYTES] {
-    data[data.len() - LUT4_B32_TABLE_BYTES..]
+/// If `ty` is not `LUT4_B32` or `data` is not a `rows` × `cols` tensor of it.
+pub fn lut4_b32_tables(ty: KilnType, data: &[u8], rows: usize, cols: usize) -> &[u8] {
+    let n = ty.lut4_b32_tables(rows).expect("shape checked");
+    assert!(
+        matches!(ty, KilnType::Lut4B32 { .. }) && n > 0,
+        "{ty} has no byte tables"
+    );
+    let start = ty.tables_offset(cols, rows).expect("shape checked");
+    &data[start..start + n * LUT4_B32_TABLE_BYTES]
+}
+
+/// The table row `r` of a `LUT4_B32` tensor `data` (`rows` × `cols`) uses: its group's.
+///
+/// # Panics
+/// As [`lut4_b32_tables`], and if `r >= rows`.
+pub fn lut4_b32_table(
+    ty: KilnType,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    r: usize,
+) -> &[u8; LUT4_B32_TABLE_BYTES] {
+    assert!(r < rows, "row {r} of {rows}");
+    let g = r / ty.group_rows(rows).expect("a table format");
+    lut4_b32_tables(ty, data, rows, cols)[g * LUT4_B32_TABLE_BYTES..][..LUT4_B32_TABLE_BYTES]
         .try_into()
         .expect("16 bytes")
 }
@@ -490,7 +566,9 @@ fn check_matrix(ty: KilnType, w: &[f32], rows: usize, cols: usize) -> Result<(),
             "{ty} does not fit a {rows}x{cols} matrix: rows must be a multiple of {} elements{}",
             ty.row_multiple(),
             match ty {
-                KilnType::Lut { group: Some(g), .. } => format!(" and {g} must divide {rows}"),
+                KilnType::Lut { group: Some(g), .. } | KilnType::Lut4B32 { group: Some(g) } => {
+                    format!(" and {g} must divide {rows}")
+                }
                 _ => String::new(),
             }
         )));
@@ -718,21 +796,98 @@ pub fn encode_lut(
     Ok(out)
 }
 
-/// Encodes `w` (`rows` × `cols`, row-major) as `LUT4_B32`.
+/// Encodes `w` (`rows` × `cols`, row-major) as `LUT4_B32` or `LUT4_B32_G{n}` (`ty`).
 ///
-/// The table is learned with the blocks' scales and offsets by alternating least squares
-/// ([`quant::lut_block::learn_table`]) and put on the 7-bit grid (its first entry 0, its last
-/// 127: the blocks' scales and offsets absorb any affine map). Then, per row, every block's
-/// scale and offset are fitted to that table, the row's units set so the largest magnitudes
-/// are ±127, and every block fitted again with its scale and offset rounded to the units, so
-/// the stored parameters are the ones searched for.
-pub fn encode_lut4_b32(w: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
-    check_matrix(KilnType::Lut4B32, w, rows, cols)?;
+/// The tensor's table is learned with the blocks' scales and offsets by alternating least
+/// squares ([`quant::lut_block::learn_table`]); with groups, each group's table is refined
+/// from it on the group's weights ([`quant::lut_block::refine_tables`]). Each table is put on
+/// the 7-bit grid (its first entry 0, its last 127: the blocks' scales and offsets absorb any
+/// affine map). Then, per row, every block's scale and offset are fitted to the row's table,
+/// the row's units set so the largest magnitudes are ±127, and every block fitted again with
+/// its scale and offset rounded to the units, so the stored parameters are the ones searched
+/// for.
+pub fn encode_lut4_b32(
+    ty: KilnType,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<u8>, QuantError> {
+    let KilnType::Lut4B32 { group } = ty else {
+        return Err(QuantError(format!("{ty} is not LUT4_B32")));
+    };
+    check_matrix(ty, w, rows, cols)?;
     let learned = quant::lut_block::learn_table(w, rows, cols, CHUNK);
+    let group_rows = ty.group_rows(rows).expect("a table format");
+    let tables: Vec<[u8; LUT4_B32_TABLE_BYTES]> = match group {
+        None => vec![lut4_b32_grid(&learned)],
+        Some(_) => quant::lut_block::refine_tables(w, rows, cols, CHUNK, group_rows, learned)
+            .iter()
+            .map(lut4_b32_grid)
+            .collect(),
+    };
+    let tables_f32: Vec<[f32; 16]> = tables
+        .iter()
+        .map(|t| std::array::from_fn(|k| f32::from(t[k])))
+        .collect();
+    let max = f32::from(LUT4_B32_ENTRY_MAX);
+    let row_bytes = ty.row_bytes(cols).expect("checked");
+    let mut out = vec![0u8; ty.data_length(cols, rows).expect("checked") as usize];
+    let (row_part, table_part) = out.split_at_mut(rows * row_bytes);
+    for (dst, t) in table_part
+        .chunks_exact_mut(LUT4_B32_TABLE_BYTES)
+        .zip(&tables)
+    {
+        dst.copy_from_slice(t);
+    }
+    let nb = cols / CHUNK;
+    let rows_per_piece = (16384 / cols).max(1);
+    quant::par_chunks(row_part, rows_per_piece * row_bytes, |start, dst| {
+        let first = start / row_bytes;
+        let mut sm = vec![(0.0f32, 0.0f32); nb];
+        let mut q = [0u8; CHUNK];
+        for (k, row_out) in dst.chunks_exact_mut(row_bytes).enumerate() {
+            let r = first + k;
+            let row = &w[r * cols..(r + 1) * cols];
+            let t = &tables_f32[r / group_rows];
+            let exact = |a: f32, b: f32| (a, b);
+            for (p, x) in sm.iter_mut().zip(row.chunks_exact(CHUNK)) {
+                let (_, a, b) = quant::lut_block::fit_block(x, t, &exact, &mut q);
+                *p = (a, b);
+            }
+            let unit = |f: fn(&(f32, f32)) -> f32| {
+                sm.iter().fold(0.0f32, |acc, p| acc.max(f(p).abs())) / max
+            };
+            let (su, mu) = (unit(|p| p.0), unit(|p| p.1));
+            let to_code = |v: f32, u: f32| {
+                if u > 0.0 {
+                    (v / u).round().clamp(-max, max)
+                } else {
+                    0.0
+                }
+            };
+            let round = |a: f32, b: f32| (to_code(a, su) * su, to_code(b, mu) * mu);
+            row_out[..4].copy_from_slice(&su.to_le_bytes());
+            row_out[4..8].copy_from_slice(&mu.to_le_bytes());
+            for (x, blk) in row
+                .chunks_exact(CHUNK)
+                .zip(row_out[LUT4_B32_ROW_HEADER..].chunks_exact_mut(LUT4_B32_BLOCK_BYTES))
+            {
+                let (_, a, b) = quant::lut_block::fit_block(x, t, &round, &mut q);
+                blk[0] = to_code(a, su) as i8 as u8;
+                blk[1] = to_code(b, mu) as i8 as u8;
+                pack_chunk(4, &q, &mut blk[2..]);
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// A learned `LUT4_B32` table (ascending) on the 7-bit grid: its first entry 0, its last at
+/// most 127, the span chosen where the entries fall closest to integers, so a uniform table
+/// (an affine source, such as ggml's Q4_1) stays exactly uniform.
+fn lut4_b32_grid(learned: &[f32; 16]) -> [u8; LUT4_B32_TABLE_BYTES] {
     let (lo, hi) = (learned[0], learned[15]);
     let max = f32::from(LUT4_B32_ENTRY_MAX);
-    // The span of the grid is chosen where the table's entries fall closest to integers: a
-    // uniform table (an affine source, such as ggml's Q4_1) then stays exactly uniform.
     let rel: [f32; 16] = std::array::from_fn(|k| {
         if hi > lo {
             (learned[k] - lo) / (hi - lo)
@@ -760,53 +915,7 @@ pub fn encode_lut4_b32(w: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, Q
             }
         })
         .1;
-    let table: [u8; LUT4_B32_TABLE_BYTES] =
-        std::array::from_fn(|k| (rel[k] * span).round().clamp(0.0, max) as u8);
-    let t: [f32; 16] = std::array::from_fn(|k| f32::from(table[k]));
-    let row_bytes = KilnType::Lut4B32.row_bytes(cols).expect("checked");
-    let mut out = vec![0u8; rows * row_bytes + LUT4_B32_TABLE_BYTES];
-    let (row_part, table_part) = out.split_at_mut(rows * row_bytes);
-    table_part.copy_from_slice(&table);
-    let nb = cols / CHUNK;
-    let rows_per_piece = (16384 / cols).max(1);
-    quant::par_chunks(row_part, rows_per_piece * row_bytes, |start, dst| {
-        let first = start / row_bytes;
-        let mut sm = vec![(0.0f32, 0.0f32); nb];
-        let mut q = [0u8; CHUNK];
-        for (k, row_out) in dst.chunks_exact_mut(row_bytes).enumerate() {
-            let r = first + k;
-            let row = &w[r * cols..(r + 1) * cols];
-            let exact = |a: f32, b: f32| (a, b);
-            for (p, x) in sm.iter_mut().zip(row.chunks_exact(CHUNK)) {
-                let (_, a, b) = quant::lut_block::fit_block(x, &t, &exact, &mut q);
-                *p = (a, b);
-            }
-            let unit = |f: fn(&(f32, f32)) -> f32| {
-                sm.iter().fold(0.0f32, |acc, p| acc.max(f(p).abs())) / max
-            };
-            let (su, mu) = (unit(|p| p.0), unit(|p| p.1));
-            let to_code = |v: f32, u: f32| {
-                if u > 0.0 {
-                    (v / u).round().clamp(-max, max)
-                } else {
-                    0.0
-                }
-            };
-            let round = |a: f32, b: f32| (to_code(a, su) * su, to_code(b, mu) * mu);
-            row_out[..4].copy_from_slice(&su.to_le_bytes());
-            row_out[4..8].copy_from_slice(&mu.to_le_bytes());
-            for (x, blk) in row
-                .chunks_exact(CHUNK)
-                .zip(row_out[LUT4_B32_ROW_HEADER..].chunks_exact_mut(LUT4_B32_BLOCK_BYTES))
-            {
-                let (_, a, b) = quant::lut_block::fit_block(x, &t, &round, &mut q);
-                blk[0] = to_code(a, su) as i8 as u8;
-                blk[1] = to_code(b, mu) as i8 as u8;
-                pack_chunk(4, &q, &mut blk[2..]);
-            }
-        }
-    });
-    Ok(out)
+    std::array::from_fn(|k| (rel[k] * span).round().clamp(0.0, max) as u8)
 }
 
 /// Index of the entry of the ascending `table` nearest to `v` (the lower one on a tie).
@@ -845,7 +954,8 @@ mod tests {
         for ty in [
             KilnType::I8Ch,
             KilnType::I4B64,
-            KilnType::Lut4B32,
+            KilnType::Lut4B32 { group: None },
+            KilnType::Lut4B32 { group: Some(16) },
             KilnType::Lut {
                 bits: 4,
                 group: None,
@@ -862,7 +972,19 @@ mod tests {
             );
         }
         for bad in [
-            "LUT3", "LUT4_G0", "LUT4_G", "LUT4_G01", "LUT", "I8", "LUT4_G-1",
+            "LUT3",
+            "LUT4_G0",
+            "LUT4_G",
+            "LUT4_G01",
+            "LUT",
+            "I8",
+            "LUT4_G-1",
+            "LUT4_B32_G0",
+            "LUT4_B32_G",
+            "LUT4_B32_16",
+            "LUT4_B32G16",
+            "LUT4_B32_G16_G2",
+            "LUT4_B64",
         ] {
             assert_eq!(KilnType::from_name(bad), None, "{bad}");
         }
@@ -909,10 +1031,16 @@ mod tests {
         assert_eq!(KilnType::I8Ch.tables_offset(64, 3), Some(3 * 64));
         assert_eq!(KilnType::I4B64.data_length(128, 2), Some(2 * 68));
         assert_eq!(KilnType::I4B64.data_length(96, 2), None);
-        assert_eq!(
-            KilnType::Lut4B32.data_length(64, 3),
-            Some(3 * (8 + 36) + 16)
-        );
-        assert_eq!(KilnType::Lut4B32.data_length(48, 3), None);
+        let b32 = KilnType::Lut4B32 { group: None };
+        assert_eq!(b32.name(), "LUT4_B32");
+        assert_eq!(b32.data_length(64, 3), Some(3 * (8 + 36) + 16));
+        assert_eq!(b32.data_length(48, 3), None);
+        let g2 = KilnType::Lut4B32 { group: Some(2) };
+        assert_eq!(g2.name(), "LUT4_B32_G2");
+        assert_eq!(g2.data_length(64, 4), Some(4 * (8 + 36) + 2 * 16));
+        assert_eq!(g2.data_length(64, 3), None);
+        assert_eq!(g2.tables(4), Some(0));
+        assert_eq!(g2.lut4_b32_tables(4), Some(2));
+        assert_eq!(b32.lut4_b32_tables(3), Some(1));
     }
 }

@@ -12,6 +12,9 @@ use kiln_format::package::{
 use kiln_format::quant::snr_db;
 use std::path::{Path, PathBuf};
 
+/// `LUT4_B32` with one table for the tensor.
+const B32: KilnType = KilnType::Lut4B32 { group: None };
+
 /// Deterministic, roughly Gaussian weights with rows of different scales and a few outliers.
 fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
@@ -145,7 +148,7 @@ fn int4_block32(w: &[f32]) -> Vec<f32> {
 #[test]
 fn lut4_b32_follows_block_offsets_and_beats_int4_block32() {
     let (rows, cols) = (16, 256);
-    let ty = KilnType::Lut4B32;
+    let ty = B32;
     // A ggml Q4_1-like source: each block of 32 is d·q + m with its own f16 d and m.
     let mut seed = 7u64;
     let mut next = move || {
@@ -162,9 +165,9 @@ fn lut4_b32_follows_block_offsets_and_beats_int4_block32() {
             w.push(d * (next() % 16) as f32 + m);
         }
     }
-    let data = encode_lut4_b32(&w, rows, cols).unwrap();
+    let data = encode_lut4_b32(ty, &w, rows, cols).unwrap();
     assert_eq!(data.len(), rows * (8 + cols / 32 * 18) + 16);
-    let table = kiln_types::lut4_b32_table(&data);
+    let table = kiln_types::lut4_b32_table(ty, &data, rows, cols, rows - 1);
     assert!(table.windows(2).all(|p| p[0] <= p[1]), "{table:?}");
     assert!(table[15] <= kiln_types::LUT4_B32_ENTRY_MAX);
     let lut = snr_db(&w, &decode(ty, &data, rows, cols));
@@ -176,7 +179,7 @@ fn lut4_b32_follows_block_offsets_and_beats_int4_block32() {
 
     // Bell-shaped weights with outliers: the learned levels and the offsets still win.
     let w = weights(rows, cols, 11);
-    let data = encode_lut4_b32(&w, rows, cols).unwrap();
+    let data = encode_lut4_b32(ty, &w, rows, cols).unwrap();
     let lut = snr_db(&w, &decode(ty, &data, rows, cols));
     let int4 = snr_db(&w, &int4_block32(&w));
     assert!(
@@ -191,9 +194,80 @@ fn lut4_b32_follows_block_offsets_and_beats_int4_block32() {
     let n = bad.len();
     bad[n - 3] = 200;
     let e = kiln_types::check_data(ty, &bad, rows, cols).unwrap_err();
-    assert!(e.to_string().contains("table entry 13 is 200"), "{e}");
+    assert!(e.to_string().contains("entry 13 of table 0 is 200"), "{e}");
     let e = kiln_types::check_data(ty, &data[1..], rows, cols).unwrap_err();
     assert!(e.to_string().contains("not a 16x256 tensor"), "{e}");
+}
+
+#[test]
+fn lut4_b32_groups_learn_their_own_tables() {
+    // Two groups of rows with differently shaped weights: blocks peaked at zero (cubes of
+    // uniform values: levels dense in the middle), and uniformly spread blocks (evenly spaced
+    // levels). A table per group follows each.
+    let (rows, cols) = (32, 256);
+    let mut s = 99u64;
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = 2.0 * ((s >> 40) as f32 / (1u64 << 24) as f32) - 1.0;
+            let v = if i < 16 * cols { u * u * u } else { u };
+            0.01 * (1 + i / 32 % 7) as f32 * v
+        })
+        .collect();
+    let g16 = KilnType::Lut4B32 { group: Some(16) };
+    let data = encode_lut4_b32(g16, &w, rows, cols).unwrap();
+    assert_eq!(data.len(), rows * (8 + cols / 32 * 18) + 2 * 16);
+    kiln_types::check_data(g16, &data, rows, cols).unwrap();
+    let t0 = *kiln_types::lut4_b32_table(g16, &data, rows, cols, 15);
+    let t1 = *kiln_types::lut4_b32_table(g16, &data, rows, cols, 16);
+    assert_eq!(&data[data.len() - 32..data.len() - 16], &t0);
+    assert_eq!(&data[data.len() - 16..], &t1);
+    assert_ne!(t0, t1);
+    for t in [t0, t1] {
+        assert!(t.windows(2).all(|p| p[0] <= p[1]) && t[15] <= 127, "{t:?}");
+    }
+    // Row 20 decodes with the second table: w = S·a·u[q] + M·b, computed here from the bytes.
+    let rb = g16.row_bytes(cols).unwrap();
+    let row = &data[20 * rb..21 * rb];
+    let s_unit = f32::from_le_bytes(row[..4].try_into().unwrap());
+    let m_unit = f32::from_le_bytes(row[4..8].try_into().unwrap());
+    let blk = &row[8 + 18..8 + 36];
+    let want =
+        (f64::from(s_unit) * f64::from(blk[0] as i8) * f64::from(t1[usize::from(blk[2] & 15)])
+            + f64::from(m_unit) * f64::from(blk[1] as i8)) as f32;
+    let mut got = vec![0.0f32; cols];
+    dequantize_row(g16, &data, rows, cols, 20, &mut got);
+    assert_eq!(got[32], want);
+
+    // Each group's table, refined from the tensor's on the group alone, fits that group at
+    // least as well (the alternation lowers the error; the 7-bit grid allows a little
+    // slack), and the whole tensor better.
+    let half = 16 * cols;
+    let whole_data = encode_lut4_b32(B32, &w, rows, cols).unwrap();
+    let (grouped, whole) = (
+        decode(g16, &data, rows, cols),
+        decode(B32, &whole_data, rows, cols),
+    );
+    for part in [0..half, half..2 * half] {
+        let g = snr_db(&w[part.clone()], &grouped[part.clone()]);
+        let t = snr_db(&w[part.clone()], &whole[part.clone()]);
+        assert!(g > t - 0.05, "rows {part:?}: G16 {g} dB, per tensor {t} dB");
+    }
+    let (g, t) = (snr_db(&w, &grouped), snr_db(&w, &whole));
+    assert!(g > t, "G16 {g} dB, per tensor {t} dB");
+
+    // A table entry off the 7-bit grid is refused, naming its table; a group that does not
+    // divide the rows is refused.
+    let mut bad = data.clone();
+    let n = bad.len();
+    bad[n - 2] = 128;
+    let e = kiln_types::check_data(g16, &bad, rows, cols).unwrap_err();
+    assert!(e.to_string().contains("entry 14 of table 1 is 128"), "{e}");
+    let g3 = KilnType::Lut4B32 { group: Some(3) };
+    let e = encode_lut4_b32(g3, &w, rows, cols).unwrap_err();
+    assert!(e.to_string().contains("3 must divide 32"), "{e}");
 }
 
 #[test]
@@ -207,7 +281,7 @@ fn encoders_refuse_what_does_not_fit() {
     assert!(e.to_string().contains("2 must divide 3"), "{e}");
     let e = encode_i4_b64(&w[..96], 3, 32).unwrap_err();
     assert!(e.to_string().contains("multiple of 64"), "{e}");
-    let e = encode_lut4_b32(&w[..144], 3, 48).unwrap_err();
+    let e = encode_lut4_b32(B32, &w[..144], 3, 48).unwrap_err();
     assert!(e.to_string().contains("multiple of 32"), "{e}");
     let mut bad = w.clone();
     bad[70] = f32::NAN;
@@ -262,7 +336,7 @@ fn kiln_formats_round_trip_through_a_package() {
     let cases = [
         (KilnType::I8Ch, encode_i8_channel(&w, rows, cols).unwrap()),
         (KilnType::I4B64, encode_i4_b64(&w, rows, cols).unwrap()),
-        (KilnType::Lut4B32, encode_lut4_b32(&w, rows, cols).unwrap()),
+        (B32, encode_lut4_b32(B32, &w, rows, cols).unwrap()),
         (
             lut,
             encode_lut(lut, &w, rows, cols, LutOptions::default()).unwrap(),
@@ -382,7 +456,9 @@ fn bits_per_weight_count_scales_and_tables() {
     assert!((f(KilnType::I8Ch) - (8.0 + 32.0 / 576.0)).abs() < 1e-9);
     assert!((f(KilnType::I4B64) - 4.25).abs() < 1e-9);
     let lut4_b32 = 4.5 + (8.0 * 576.0 + 16.0) * 8.0 / (576.0 * 576.0);
-    assert!((f(KilnType::Lut4B32) - lut4_b32).abs() < 1e-9);
+    assert!((f(B32) - lut4_b32).abs() < 1e-9);
+    let g16 = f(KilnType::Lut4B32 { group: Some(16) });
+    assert!((g16 - (lut4_b32 + 35.0 * 16.0 * 8.0 / (576.0 * 576.0))).abs() < 1e-9);
     let lut = f(KilnType::Lut {
         bits: 4,
         group: Some(16),

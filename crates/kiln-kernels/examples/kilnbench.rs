@@ -77,7 +77,8 @@ fn main() {
         None => available_isas(),
     };
     let formats = arg("--formats").unwrap_or_else(|| {
-        "Q4_0 Q8_0 I8_CH I4_B64 LUT4_B32 LUT4_G16 LUT2_G16 LUT6_G16 LUT8 Q6_K".to_string()
+        "Q4_0 Q8_0 I8_CH I4_B64 LUT4_B32 LUT4_B32_G16 LUT4_G16 LUT2_G16 LUT6_G16 LUT8 Q6_K"
+            .to_string()
     });
     let mut s = 1u64;
     let mut unit = move || {
@@ -112,9 +113,9 @@ fn main() {
                     let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
                     kiln_types::encode_i4_b64(&w, rows, k).unwrap()
                 }
-                KilnType::Lut4B32 => {
+                KilnType::Lut4B32 { .. } => {
                     let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
-                    kiln_types::encode_lut4_b32(&w, rows, k).unwrap()
+                    kiln_types::encode_lut4_b32(ty, &w, rows, k).unwrap()
                 }
                 KilnType::Lut { .. } => {
                     let len = ty.data_length(k, rows).unwrap() as usize;

@@ -1,12 +1,13 @@
 //! Dot-product kernels for the kiln package's own tensor formats
 //! ([`kiln_format::kiln_types`]): `I8_CH`, `I4_B64`, the lookup tables `LUT{b}[_G{n}]` and
-//! `LUT4_B32`.
+//! `LUT4_B32[_G{n}]`.
 //!
 //! - `I8_CH` and `I4_B64` multiply integer weight codes with int8 activations in 32-element
 //!   blocks ([`ActivationFormat::Q8_1`]), exactly like the ggml kernels: integer sums per
 //!   block, then the activation block's scale, then the weight's scale (per row for `I8_CH`,
 //!   per 64-element block for `I4_B64`).
-//! - `LUT4_B32` does the same with the weights looked up in its 7-bit table (integers, so the
+//! - `LUT4_B32` does the same with the weights looked up in the row's 7-bit table (its group's,
+//!   or the tensor's; integers, so the
 //!   block sums stay exact): per block the integer sum times the block's scale code and the
 //!   activation scale, plus the offset code times the activation block sum; the row's units
 //!   multiply the two totals at the end.
@@ -33,7 +34,7 @@ use crate::Isa;
 /// The activation format the kernels for `ty` multiply with.
 pub fn activation_format(ty: KilnType) -> ActivationFormat {
     match ty {
-        KilnType::I8Ch | KilnType::I4B64 | KilnType::Lut4B32 => ActivationFormat::Q8_1,
+        KilnType::I8Ch | KilnType::I4B64 | KilnType::Lut4B32 { .. } => ActivationFormat::Q8_1,
         KilnType::Lut { .. } => ActivationFormat::F32,
     }
 }
@@ -48,6 +49,9 @@ pub struct KilnMatrix<'a> {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) row_bytes: usize,
+    /// Rows per table of a lookup-table format (`rows` for a tensor-wide one; 1 otherwise):
+    /// a kernel finds a row's `LUT4_B32` table without going through the shape again.
+    group_rows: u32,
 }
 
 impl<'a> KilnMatrix<'a> {
@@ -60,6 +64,7 @@ impl<'a> KilnMatrix<'a> {
             rows,
             cols,
             row_bytes: ty.row_bytes(cols)?,
+            group_rows: u32::try_from(ty.group_rows(rows).unwrap_or(1)).ok()?,
         })
     }
 
@@ -87,6 +92,17 @@ impl<'a> KilnMatrix<'a> {
     pub(crate) fn table(&self, r: usize) -> &'a [u8] {
         let (start, len) = kiln_types::lut_table_range(self.ty, self.rows, self.cols, r);
         &self.data[start..start + len]
+    }
+
+    /// The 7-bit table row `r` (< `rows`) uses (`LUT4_B32` only): the tables follow the last
+    /// row, one per group of `group_rows` rows.
+    #[inline]
+    pub(crate) fn lut4_b32_table(&self, r: usize) -> &'a [u8; 16] {
+        debug_assert!(matches!(self.ty, KilnType::Lut4B32 { .. }) && r < self.rows);
+        // A 32-bit division: rows are far below 2^32 (the tables would not fit otherwise).
+        let g = (r as u32 / self.group_rows) as usize;
+        let at = self.rows * self.row_bytes + g * 16;
+        self.data[at..at + 16].try_into().expect("16 bytes")
     }
 }
 
@@ -288,8 +304,8 @@ pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
             debug_assert_eq!(row.len() / I4_BLOCK_BYTES * I4_BLOCK, w.cols);
             (sum, mag)
         }
-        KilnType::Lut4B32 => {
-            let u = kiln_types::lut4_b32_table(w.data);
+        KilnType::Lut4B32 { .. } => {
+            let u = w.lut4_b32_table(r);
             let s = f64::from(f32::from_le_bytes([row[0], row[1], row[2], row[3]]));
             let m = f64::from(f32::from_le_bytes([row[4], row[5], row[6], row[7]]));
             let mut idx = [0u8; CHUNK];

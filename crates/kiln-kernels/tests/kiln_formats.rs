@@ -58,7 +58,7 @@ fn tensor(ty: KilnType, rows: usize, cols: usize) -> BoxedStrategy<Vec<u8>> {
                 .collect()
         })
         .boxed(),
-        KilnType::Lut4B32 => (
+        KilnType::Lut4B32 { .. } => (
             prop::collection::vec(
                 (
                     f32_scale(),
@@ -67,8 +67,11 @@ fn tensor(ty: KilnType, rows: usize, cols: usize) -> BoxedStrategy<Vec<u8>> {
                 ),
                 rows,
             ),
-            // Any entries of the 7-bit grid, in any order.
-            prop::collection::vec(0u8..=kiln_types::LUT4_B32_ENTRY_MAX, 16),
+            // Any entries of the 7-bit grid, in any order, in every table.
+            prop::collection::vec(
+                0u8..=kiln_types::LUT4_B32_ENTRY_MAX,
+                16 * ty.lut4_b32_tables(rows).unwrap(),
+            ),
         )
             .prop_map(|(rs, table)| {
                 rs.into_iter()
@@ -129,7 +132,7 @@ fn case(
     max_units: usize,
 ) -> impl Strategy<Value = (usize, usize, Vec<u8>, Vec<Vec<f32>>)> {
     let group = match ty {
-        KilnType::Lut { group: Some(g), .. } => g as usize,
+        KilnType::Lut { group: Some(g), .. } | KilnType::Lut4B32 { group: Some(g) } => g as usize,
         _ => 1,
     };
     (1..=9usize / group.min(9), 1..=max_units, 1..=5usize).prop_flat_map(move |(g, u, t)| {
@@ -184,24 +187,29 @@ fn check(
             );
         }
     }
-    // Every level, over a row range not starting at 0 when there is room, into a strided
-    // output.
-    let start = usize::from(rows > 4);
-    let n = rows - start;
-    let stride = n + 3;
-    for isa in available_isas() {
-        let mut out = vec![f32::NAN; (xq.len() - 1) * stride + n];
-        dot_block_with(isa, &w, start..rows, &xq, &mut out, stride);
-        for (t, q) in xq.iter().enumerate() {
-            for k in 0..n {
-                let got = f64::from(out[t * stride + k]);
-                let want = f64::from(dot_reference(&w, start + k, q));
-                let bound = error_bound(&w, start + k, q);
-                prop_assert!(
-                    (got - want).abs() <= bound,
-                    "{ty} {isa:?} row {} token {t}: got {got}, reference {want}, bound {bound}",
-                    start + k
-                );
+    // Every level, over row ranges not starting at 0 and not ending at the last row when
+    // there is room (so with table groups they start and end inside a group, and tiles of
+    // four rows straddle groups), into a strided output.
+    let inner = (rows >= 3).then(|| 1..rows - 1);
+    for range in std::iter::once(usize::from(rows > 4)..rows).chain(inner) {
+        let start = range.start;
+        let n = range.len();
+        let stride = n + 3;
+        for isa in available_isas() {
+            let mut out = vec![f32::NAN; (xq.len() - 1) * stride + n];
+            dot_block_with(isa, &w, range.clone(), &xq, &mut out, stride);
+            for (t, q) in xq.iter().enumerate() {
+                for k in 0..n {
+                    let got = f64::from(out[t * stride + k]);
+                    let want = f64::from(dot_reference(&w, start + k, q));
+                    let bound = error_bound(&w, start + k, q);
+                    prop_assert!(
+                        (got - want).abs() <= bound,
+                        "{ty} {isa:?} row {} token {t}: got {got}, reference {want}, bound \
+                         {bound}",
+                        start + k
+                    );
+                }
             }
         }
     }
@@ -224,7 +232,9 @@ macro_rules! kernels_match_reference {
 kernels_match_reference! {
     i8_ch: KilnType::I8Ch, 9;
     i4_b64: KilnType::I4B64, 5;
-    lut4_b32: KilnType::Lut4B32, 9;
+    lut4_b32: KilnType::Lut4B32 { group: None }, 9;
+    lut4_b32_groups_of_two: KilnType::Lut4B32 { group: Some(2) }, 9;
+    lut4_b32_groups_of_three: KilnType::Lut4B32 { group: Some(3) }, 9;
     lut4_per_tensor: KilnType::Lut { bits: 4, group: None }, 9;
     lut4_groups_of_two: KilnType::Lut { bits: 4, group: Some(2) }, 9;
     lut2_groups_of_three: KilnType::Lut { bits: 2, group: Some(3) }, 9;
@@ -263,7 +273,8 @@ macro_rules! dequantization_matches_reference {
 }
 
 dequantization_matches_reference! {
-    dequantize_lut4_b32: KilnType::Lut4B32, 9;
+    dequantize_lut4_b32: KilnType::Lut4B32 { group: None }, 9;
+    dequantize_lut4_b32_groups_of_three: KilnType::Lut4B32 { group: Some(3) }, 9;
     dequantize_i8_ch: KilnType::I8Ch, 3;
 }
 
@@ -321,7 +332,7 @@ fn lut4_b32_known_values() {
         );
     }
     data.extend((0..16u8).map(|k| 8 * k));
-    let ty = KilnType::Lut4B32;
+    let ty = KilnType::Lut4B32 { group: None };
     let mut back = vec![0.0f32; cols];
     kiln_types::dequantize_row(ty, &data, 1, cols, 0, &mut back);
     assert_eq!(back, want_w);

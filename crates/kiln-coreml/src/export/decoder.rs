@@ -173,8 +173,9 @@ fn deinterleaved_order(heads: usize, head_dim: usize) -> Vec<usize> {
 }
 
 /// Emits rows `order` of `m`, in that order, as a matrix in `format`. A `LUT4_B32` tensor
-/// exported as `lut4-block32` keeps its own encoding (its rows are independent of each other),
-/// so the Core ML program holds the package's values, not a second quantization of them.
+/// (or `LUT4_B32_G{n}`) exported as `lut4-block32` keeps its own encoding (its rows are
+/// independent of each other but for the table they use), so the Core ML program holds the
+/// package's values, not a second quantization of them.
 fn matrix_rows(
     b: &mut ProgramBuilder,
     hint: &str,
@@ -183,14 +184,31 @@ fn matrix_rows(
     order: &[usize],
 ) -> Result<Var, ExportError> {
     let cols = m.cols();
-    if format == WeightFormat::Lut4Block32 && m.kiln_format() == Some(KilnType::Lut4B32) {
-        let (data, rb) = (m.data(), m.row_bytes());
-        let mut own = Vec::with_capacity(order.len() * rb + LUT4_B32_TABLE_BYTES);
+    if let (WeightFormat::Lut4Block32, Some(ty @ KilnType::Lut4B32 { group })) =
+        (format, m.kiln_format())
+    {
+        let (data, rows, rb) = (m.data(), m.rows(), m.row_bytes());
+        let table = |r: usize| kiln_types::lut4_b32_table(ty, data, rows, cols, r);
+        let mut own = Vec::with_capacity(order.len() * (rb + LUT4_B32_TABLE_BYTES));
         for &r in order {
             own.extend_from_slice(&data[r * rb..(r + 1) * rb]);
         }
-        own.extend_from_slice(kiln_types::lut4_b32_table(data));
-        return weights::lut4_block32(b, hint, order.len(), cols, &own);
+        // With groups, the rows taken (reordered or a slice) may no longer fall in whole
+        // groups: each carries its own group's table, and the export merges the rows that
+        // still share one.
+        let own_ty = match group {
+            None => {
+                own.extend_from_slice(table(0));
+                ty
+            }
+            Some(_) => {
+                for &r in order {
+                    own.extend_from_slice(table(r));
+                }
+                KilnType::Lut4B32 { group: Some(1) }
+            }
+        };
+        return weights::lut4_block32(b, hint, own_ty, order.len(), cols, &own);
     }
     let mut w = vec![0f32; order.len() * cols];
     for (&r, row) in order.iter().zip(w.chunks_exact_mut(cols)) {
@@ -225,7 +243,7 @@ pub fn part_bytes(model: &Model, format: WeightFormat, head_pieces: usize) -> (u
     let c = &model.config;
     // Blobs per matrix: data and scale (or indices and table); the chain of lut4-block32 adds
     // its table and offset.
-    let blobs = if format == WeightFormat::Lut4Block32 {
+    let blobs = if matches!(format, WeightFormat::Lut4Block32) {
         4
     } else {
         2

@@ -10,8 +10,10 @@
 //!   of output channels (`groups = out / group_channels`) or one for the tensor (`[1, 1, ..]`);
 //! - `lut4-block32` (kiln's `LUT4_B32`, `w = S·a·u[q] + M·b`): two ops chained, as
 //!   coremltools 9 writes a quantized weight palettized further (joint compression):
-//!   `constexpr_lut_to_dense` with `indices` uint4 `[out, in]` and the 7-bit table as an int8
-//!   `lut` `[1, 1, 16, 1]`, giving int8 `[out, in]`, which is the `data` of a
+//!   `constexpr_lut_to_dense` with `indices` uint4 `[out, in]` and the 7-bit tables as an int8
+//!   `lut` `[groups, 1, 16, 1]` (one table per group of `out / groups` consecutive output
+//!   channels: `[1, 1, 16, 1]` for `LUT4_B32`'s one, `out / n` groups for `LUT4_B32_G{n}`'s),
+//!   giving int8 `[out, in]`, which is the `data` of a
 //!   `constexpr_blockwise_shift_scale` with `scale` fp16 `[out, in / 32]` (`S·a`) and `offset`
 //!   fp16 of the same shape (`−M·b / (S·a)`: `scale · (u − offset)` is the weight). A block
 //!   whose scale code is 0 holds `M·b` throughout: its indices are written as 0, its scale as
@@ -152,6 +154,18 @@ impl FromStr for WeightFormat {
     }
 }
 
+/// The largest divisor `g` of `rows` such that every row `r` not at a multiple of `g` uses
+/// the same table as row `r - 1` (`same(r)`): rows `k·g..(k + 1)·g` then share one table.
+fn lut_group(rows: usize, same: impl Fn(usize) -> bool) -> usize {
+    // Row r starts a new table where it differs from its predecessor; a group size works when
+    // every such row is a multiple of it.
+    let starts: Vec<usize> = (1..rows).filter(|&r| !same(r)).collect();
+    (1..=rows)
+        .rev()
+        .find(|g| rows % g == 0 && starts.iter().all(|s| s % g == 0))
+        .unwrap_or(1)
+}
+
 fn f16_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
     values
         .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
@@ -263,37 +277,49 @@ pub fn matrix(
             )
         }
         WeightFormat::Lut4Block32 => {
-            let data = kiln_types::encode_lut4_b32(w, rows, cols).map_err(quant)?;
-            lut4_block32(b, hint, rows, cols, &data)?
+            let ty = KilnType::Lut4B32 { group: None };
+            let data = kiln_types::encode_lut4_b32(ty, w, rows, cols).map_err(quant)?;
+            lut4_block32(b, hint, ty, rows, cols, &data)?
         }
     })
 }
 
-/// Emits a `rows` × `cols` tensor stored as kiln's `LUT4_B32` (`data`, its bytes as a kiln
-/// package holds them) as the two chained ops of `lut4-block32`; returns the fp16 variable.
-/// The values are the tensor's own, rounded to fp16 in the scale and offset only.
+/// Emits a `rows` × `cols` tensor stored as kiln's `LUT4_B32` or `LUT4_B32_G{n}` (`ty`;
+/// `data`, its bytes as a kiln package holds them) as the two chained ops of `lut4-block32`;
+/// returns the fp16 variable. The values are the tensor's own, rounded to fp16 in the scale
+/// and offset only. The `lut` has as few tables as the rows allow: the largest groups of
+/// consecutive rows, dividing `rows`, whose rows all use the same table.
 pub fn lut4_block32(
     b: &mut ProgramBuilder,
     hint: &str,
+    ty: KilnType,
     rows: usize,
     cols: usize,
     data: &[u8],
 ) -> Result<Var, ExportError> {
-    let ty = KilnType::Lut4B32;
+    if !matches!(ty, KilnType::Lut4B32 { .. }) || ty.data_length(cols, rows).is_none() {
+        return Err(ExportError::Invalid(format!(
+            "{hint}: a {rows}x{cols} matrix is not stored as {ty}"
+        )));
+    }
     kiln_types::check_data(ty, data, rows, cols)
         .map_err(|e| ExportError::Invalid(format!("{hint}: {e}")))?;
     WeightFormat::Lut4Block32.check(hint, rows, cols)?;
     let f16 = DataType::Float16;
-    let u = kiln_types::lut4_b32_table(data);
+    let table = |r: usize| kiln_types::lut4_b32_table(ty, data, rows, cols, r);
+    let group = lut_group(rows, |r| table(r) == table(r - 1));
+    let luts: Vec<u8> = (0..rows).step_by(group).flat_map(|r| *table(r)).collect();
     let row_bytes = ty.row_bytes(cols).expect("checked");
     let nb = cols / CHUNK;
     // Indices two per byte in element order, low nibble first (the blob's uint4 order).
     let mut indices = vec![0u8; rows * cols / 2];
     let (mut scale, mut offset) = (Vec::with_capacity(rows * nb), Vec::with_capacity(rows * nb));
-    for (row, out) in data[..rows * row_bytes]
+    for (r, (row, out)) in data[..rows * row_bytes]
         .chunks_exact(row_bytes)
         .zip(indices.chunks_exact_mut(cols / 2))
+        .enumerate()
     {
+        let u = table(r);
         let unit = |k: usize| f64::from(f32::from_le_bytes(row[k..k + 4].try_into().unwrap()));
         let (s, m) = (unit(0), unit(4));
         for (blk, dst) in row[LUT4_B32_ROW_HEADER..]
@@ -327,8 +353,8 @@ pub fn lut4_block32(
         &format!("{hint}_lut"),
         BlobType::I8,
         DataType::Int8,
-        &[1, 1, 16, 1],
-        u,
+        &[rows / group, 1, 16, 1],
+        &luts,
     );
     let codes = b.constexpr(
         "constexpr_lut_to_dense",

@@ -186,7 +186,45 @@ pub fn learn_table(w: &[f32], rows: usize, cols: usize, block: usize) -> [f32; E
         .flatten()
         .copied()
         .collect();
-    let mut t: [f32; ENTRIES] = std::array::from_fn(|i| i as f32);
+    let uniform: [f32; ENTRIES] = std::array::from_fn(|i| i as f32);
+    alternate(&sample, block, uniform, ROUNDS, true)
+}
+
+/// Alternation rounds when a group's table is refined from its tensor's ([`refine_tables`]).
+/// The tensor's table is already a good start; Gemma 3 (whose blocks do not fit exactly)
+/// gains little past these while every extra round costs a fit of every weight.
+pub const GROUP_ROUNDS: usize = 4;
+
+/// Tables per group of `group_rows` consecutive rows of the `rows` × `cols` matrix `w`: each
+/// refined from `init` (the tensor's table, [`learn_table`]) by alternating least squares on
+/// all of the group's weights, [`GROUP_ROUNDS`] times or until every block fits exactly.
+/// Groups are refined on every core, one group per core at a time. Deterministic.
+pub fn refine_tables(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    block: usize,
+    group_rows: usize,
+    init: [f32; ENTRIES],
+) -> Vec<[f32; ENTRIES]> {
+    assert!(cols % block == 0 && w.len() == rows * cols && block <= 256);
+    assert!(group_rows > 0 && rows % group_rows == 0);
+    let len = group_rows * cols;
+    super::par::map_indices(rows / group_rows, |g| {
+        alternate(&w[g * len..(g + 1) * len], block, init, GROUP_ROUNDS, false)
+    })
+}
+
+/// `rounds` of alternating least squares from table `t` over the blocks of `sample` (blocks
+/// of `block` weights), stopping early once every block fits exactly; `parallel`: fit the
+/// blocks of a round on every core.
+fn alternate(
+    sample: &[f32],
+    block: usize,
+    mut t: [f32; ENTRIES],
+    rounds: usize,
+    parallel: bool,
+) -> [f32; ENTRIES] {
     let mut q = vec![0u8; sample.len()];
     let mut fits: Vec<BlockFit> = q
         .chunks_exact_mut(block)
@@ -198,20 +236,25 @@ pub fn learn_table(w: &[f32], rows: usize, cols: usize, block: usize) -> [f32; E
         })
         .collect();
     let exact = |a: f32, b: f32| (a, b);
+    let fit_all = |first: usize, part: &mut [BlockFit], t: &[f32; ENTRIES]| {
+        for (i, f) in part.iter_mut().enumerate() {
+            let x = &sample[(first + i) * block..(first + i + 1) * block];
+            (f.err, f.s, f.m) = fit_block(x, t, &exact, f.q);
+        }
+    };
     let per_piece = (4096 / block).max(1);
-    for _ in 0..ROUNDS {
-        super::par_chunks(&mut fits, per_piece, |first, part| {
-            for (i, f) in part.iter_mut().enumerate() {
-                let x = &sample[(first + i) * block..(first + i + 1) * block];
-                (f.err, f.s, f.m) = fit_block(x, &t, &exact, f.q);
-            }
-        });
+    for _ in 0..rounds {
+        if parallel {
+            super::par_chunks(&mut fits, per_piece, |first, part| fit_all(first, part, &t));
+        } else {
+            fit_all(0, &mut fits, &t);
+        }
         if fits.iter().all(|f| f.err == 0.0) {
             // Every block fits exactly (an affine source such as ggml's Q4_1): the table is
             // as good as it gets.
             break;
         }
-        t = table_step(&sample, block, &fits, &t);
+        t = table_step(sample, block, &fits, &t);
     }
     t
 }

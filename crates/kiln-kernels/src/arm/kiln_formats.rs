@@ -1,4 +1,4 @@
-//! NEON kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2` to `LUT8`, `LUT4_B32`), row by
+//! NEON kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2` to `LUT8`, `LUT4_B32[_G{n}]`), row by
 //! row like the ggml kernels of this architecture.
 //!
 //! - `I8_CH`: the codes are signed bytes already; `sdot` (or `smull` + `sadalp`) multiplies
@@ -11,7 +11,8 @@
 //!   register for 2 and 4 bits, four registers for 6 bits, four chained `tbx` over sixteen for
 //!   8 bits) and two rounds of `zip` put the bytes back together as f32 in element order.
 //!   Rows sharing a table (a tensor-wide table, the rows of a group) widen it once.
-//! - `LUT4_B32`: `tbl` looks the nibbles up in the tensor's 16-byte table, giving 7-bit
+//! - `LUT4_B32`: `tbl` looks the nibbles up in the row's 16-byte table (the tensor's or its
+//!   group's), giving 7-bit
 //!   weights that are signed bytes as they stand, multiplied with each activation block as for
 //!   `I8_CH`; per block the integer sum is scaled by the scale code times the activation scale
 //!   and the offset code meets the activation block sum; the row's units apply at the end.
@@ -37,7 +38,7 @@ pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
             ty,
             KilnType::I8Ch
                 | KilnType::I4B64
-                | KilnType::Lut4B32
+                | KilnType::Lut4B32 { .. }
                 | KilnType::Lut {
                     bits: 2 | 4 | 6 | 8,
                     ..
@@ -83,12 +84,6 @@ pub(crate) unsafe fn dot_block(
     out_stride: usize,
 ) {
     let dotprod = isa == Isa::NeonDotprod;
-    // `LUT4_B32`'s table (other formats ignore it).
-    let table: &[u8] = if w.ty == KilnType::Lut4B32 {
-        kiln_types::lut4_b32_table(w.data)
-    } else {
-        &[]
-    };
     let mut planes: Option<(*const u8, Planes)> = None;
     for (k, r) in rows.enumerate() {
         let row = w.row(r);
@@ -119,8 +114,12 @@ pub(crate) unsafe fn dot_block(
                 match (w.ty, dotprod) {
                     (KilnType::I8Ch, true) => i8ch::<true>(row, scale(w, r), x),
                     (KilnType::I8Ch, false) => i8ch::<false>(row, scale(w, r), x),
-                    (KilnType::Lut4B32, true) => lut4b32::<true>(row, table, x),
-                    (KilnType::Lut4B32, false) => lut4b32::<false>(row, table, x),
+                    (KilnType::Lut4B32 { .. }, true) => {
+                        lut4b32::<true>(row, w.lut4_b32_table(r), x)
+                    }
+                    (KilnType::Lut4B32 { .. }, false) => {
+                        lut4b32::<false>(row, w.lut4_b32_table(r), x)
+                    }
                     (_, true) => i4b64::<true>(row, x),
                     (_, false) => i4b64::<false>(row, x),
                 }
@@ -196,10 +195,10 @@ unsafe fn i4b64<const DOT: bool>(row: &[u8], x: &QuantizedRow) -> f32 {
 }
 
 /// # Safety
-/// `row` is one `LUT4_B32` row of `x.len` elements, `table` its tensor's 16-byte table (entries
+/// `row` is one `LUT4_B32` row of `x.len` elements, `table` its 16-byte table (entries
 /// at most 127), `x` in Q8_1; if `DOT`, the CPU has the dot-product extension.
 #[target_feature(enable = "neon")]
-unsafe fn lut4b32<const DOT: bool>(row: &[u8], table: &[u8], x: &QuantizedRow) -> f32 {
+unsafe fn lut4b32<const DOT: bool>(row: &[u8], table: &[u8; 16], x: &QuantizedRow) -> f32 {
     let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
     let m = f32::from_le_bytes([row[4], row[5], row[6], row[7]]);
     let p = row[LUT4_B32_ROW_HEADER..].as_ptr();

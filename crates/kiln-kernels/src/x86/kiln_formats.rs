@@ -1,5 +1,5 @@
 //! AVX-512 VNNI and AVX2 kernels for the kiln formats (`I8_CH`, `I4_B64`, `LUT2` to `LUT8`,
-//! `LUT4_B32`).
+//! `LUT4_B32[_G{n}]`).
 //!
 //! Tiles of 4 weight rows by 2 activation rows, rows outermost, as for the ggml formats: a
 //! tile's weights are unpacked once and stay in L1 while the activation rows pass.
@@ -11,7 +11,8 @@
 //! - `I4_B64`: the nibbles of a 64-element block are its unsigned codes `q` in order (low
 //!   nibbles elements 0..32, high nibbles 32..64), multiplied by the two activation blocks; the
 //!   `−8` offset comes in through the activation block sums, once per block.
-//! - `LUT4_B32`: the nibbles index the tensor's 16-byte table (AVX-512: `vpermb`, which needs
+//! - `LUT4_B32`: the nibbles index the row's 16-byte table (the tensor's; with groups, each
+//!   row of a tile loads its group's, as a tile may straddle two groups; AVX-512: `vpermb`, which needs
 //!   VBMI and ignores the index bits above the nibble, so no mask; AVX2, and AVX-512 without
 //!   VBMI: `vpshufb`), giving unsigned 7-bit weights that `vpdpbusd` (AVX2: `vpmaddubsw`,
 //!   whose pair sums stay below 2 · 127 · 127 < 2^15) multiplies with the int8 activations.
@@ -49,7 +50,7 @@ pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
         ty,
         KilnType::I8Ch
             | KilnType::I4B64
-            | KilnType::Lut4B32
+            | KilnType::Lut4B32 { .. }
             | KilnType::Lut {
                 bits: 2 | 4 | 6 | 8,
                 ..
@@ -138,7 +139,12 @@ unsafe fn tile<const R: usize, const T: usize>(
         match (isa, w.ty) {
             (Isa::Avx512Vnni, KilnType::I8Ch) => i8ch_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T>(w, r0, xs),
-            (Isa::Avx512Vnni, KilnType::Lut4B32) if has_vbmi() => lut4b32_512::<R, T>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut4B32 { group: None }) if has_vbmi() => {
+                lut4b32_512::<R, T, false>(w, r0, xs)
+            }
+            (Isa::Avx512Vnni, KilnType::Lut4B32 { .. }) if has_vbmi() => {
+                lut4b32_512::<R, T, true>(w, r0, xs)
+            }
             (Isa::Avx512Vnni, KilnType::Lut { bits: 8, .. }) if has_vbmi() => {
                 lut8_vbmi::<R, T>(w, r0, xs)
             }
@@ -148,7 +154,8 @@ unsafe fn tile<const R: usize, const T: usize>(
             (Isa::Avx512Vnni, KilnType::Lut { .. }) => lut2_512::<R, T>(w, r0, xs),
             (_, KilnType::I8Ch) => i8ch_256::<R, T>(w, r0, xs),
             (_, KilnType::I4B64) => i4b64_256::<R, T>(w, r0, xs),
-            (_, KilnType::Lut4B32) => lut4b32_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut4B32 { group: None }) => lut4b32_256::<R, T, false>(w, r0, xs),
+            (_, KilnType::Lut4B32 { .. }) => lut4b32_256::<R, T, true>(w, r0, xs),
             (_, KilnType::Lut { bits: 8, .. }) => lut8_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { bits: 6, .. }) => lut6_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { bits: 4, .. }) => lut4_256::<R, T>(w, r0, xs),
@@ -514,34 +521,58 @@ const LUT4B32_PARAMS_IDX: __m512i = {
     unsafe { core::mem::transmute::<[u8; 64], __m512i>(a) }
 };
 
+/// The tables of rows `r0..r0 + R` of a `LUT4_B32` tensor, each in every 16 bytes of a
+/// register (`GROUPED == false`: the tensor's one, in the first only).
+///
 /// # Safety
-/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `LUT4_B32` tensor.
+/// AVX-512 F; rows `r0..r0 + R` exist in `w`, a `LUT4_B32` tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn lut4b32_tables_512<const R: usize, const GROUPED: bool>(
+    w: &KilnMatrix,
+    r0: usize,
+) -> [__m512i; R] {
+    let mut tables = [_mm512_setzero_si512(); R];
+    for (r, t) in tables
+        .iter_mut()
+        .enumerate()
+        .take(if GROUPED { R } else { 1 })
+    {
+        // SAFETY: a table is 16 bytes.
+        let t128 = unsafe { _mm_loadu_si128(w.lut4_b32_table(r0 + r).as_ptr().cast()) };
+        *t = _mm512_broadcast_i32x4(t128);
+    }
+    tables
+}
+
+/// # Safety
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `LUT4_B32` tensor, with one table per group
+/// of rows if `GROUPED` (a tile's rows may straddle groups, so each row takes its own).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-unsafe fn lut4b32_512<const R: usize, const T: usize>(
+unsafe fn lut4b32_512<const R: usize, const T: usize, const GROUPED: bool>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let nb = w.cols / CHUNK;
     let p = w.data[r0 * w.row_bytes..].as_ptr();
-    // SAFETY: the table is 16 bytes.
-    let t128 = unsafe { _mm_loadu_si128(kiln_types::lut4_b32_table(w.data).as_ptr().cast()) };
     // In every 16 bytes: `vpermb` then reads entry `i & 15` whatever bits 4..6 of `i` hold.
-    let table = _mm512_broadcast_i32x4(t128);
+    // SAFETY: rows r0..r0 + R exist (the caller's guarantee).
+    let table = unsafe { lut4b32_tables_512::<R, GROUPED>(w, r0) };
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut offs = [[_mm256_setzero_ps(); T]; R];
     let mut b = 0;
     while b + 4 <= nb {
         // SAFETY: blocks b..b + 4 exist in every weight row and activation row.
-        unsafe { lut4b32_step_512::<R, T, 4>(w, p, table, &xs, b, &mut acc, &mut offs) };
+        unsafe { lut4b32_step_512::<R, T, 4, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs) };
         b += 4;
     }
     // SAFETY: the last nb - b blocks exist.
     unsafe {
         match nb - b {
-            1 => lut4b32_step_512::<R, T, 1>(w, p, table, &xs, b, &mut acc, &mut offs),
-            2 => lut4b32_step_512::<R, T, 2>(w, p, table, &xs, b, &mut acc, &mut offs),
-            3 => lut4b32_step_512::<R, T, 3>(w, p, table, &xs, b, &mut acc, &mut offs),
+            1 => lut4b32_step_512::<R, T, 1, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
+            2 => lut4b32_step_512::<R, T, 2, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
+            3 => lut4b32_step_512::<R, T, 3, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
             _ => {}
         }
     }
@@ -562,14 +593,15 @@ unsafe fn lut4b32_512<const R: usize, const T: usize>(
 /// `offs` (lanes 0..4 collect what is not needed).
 ///
 /// # Safety
-/// AVX-512 VNNI and VBMI; `p` is row `r0` of `w` (a `LUT4_B32` tensor) with `R` rows from it;
-/// blocks `b..b + N` exist in every activation row.
+/// AVX-512 VNNI and VBMI; `p` is row `r0` of `w` (a `LUT4_B32` tensor) with `R` rows from it,
+/// `table` their tables ([`lut4b32_tables_512`]); blocks `b..b + N` exist in every activation
+/// row.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[inline]
-unsafe fn lut4b32_step_512<const R: usize, const T: usize, const N: usize>(
+unsafe fn lut4b32_step_512<const R: usize, const T: usize, const N: usize, const GROUPED: bool>(
     w: &KilnMatrix,
     p: *const u8,
-    table: __m512i,
+    table: &[__m512i; R],
     xs: &[&QuantizedRow; T],
     b: usize,
     acc: &mut [[__m512; T]; R],
@@ -635,7 +667,7 @@ unsafe fn lut4b32_step_512<const R: usize, const T: usize, const N: usize>(
         for (pair, wq) in wq.iter_mut().enumerate().take(N.div_ceil(2)) {
             let z = _mm512_permutex2var_epi16(lo, LEG_CODE_IDX[q4][pair], hi);
             let z = _mm512_mask_srli_epi16(z, 0xff00_ff00, z, 4);
-            *wq = _mm512_permutexvar_epi8(z, table);
+            *wq = _mm512_permutexvar_epi8(z, table[if GROUPED { r } else { 0 }]);
         }
         for t in 0..T {
             let f = _mm256_mul_ps(codes, xf[t]);
@@ -665,32 +697,40 @@ unsafe fn lut4b32_step_512<const R: usize, const T: usize, const N: usize>(
 const LUT4B32_SPLIT: [i8; 16] = [0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1];
 
 /// # Safety
-/// AVX2, FMA; as [`dot_block`], `w` a `LUT4_B32` tensor.
+/// AVX2, FMA; as [`dot_block`], `w` a `LUT4_B32` tensor, with one table per group of rows if
+/// `GROUPED`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn lut4b32_256<const R: usize, const T: usize>(
+unsafe fn lut4b32_256<const R: usize, const T: usize, const GROUPED: bool>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let nb = w.cols / CHUNK;
     let p = w.data[r0 * w.row_bytes..].as_ptr();
-    // SAFETY: the table is 16 bytes.
-    let t128 = unsafe { _mm_loadu_si128(kiln_types::lut4_b32_table(w.data).as_ptr().cast()) };
-    let table = _mm256_broadcastsi128_si256(t128);
+    let mut table = [_mm256_setzero_si256(); R];
+    for (r, t) in table
+        .iter_mut()
+        .enumerate()
+        .take(if GROUPED { R } else { 1 })
+    {
+        // SAFETY: a table is 16 bytes.
+        let t128 = unsafe { _mm_loadu_si128(w.lut4_b32_table(r0 + r).as_ptr().cast()) };
+        *t = _mm256_broadcastsi128_si256(t128);
+    }
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut offs = [[_mm256_setzero_ps(); T]; R];
     let mut b = 0;
     while b + 4 <= nb {
         // SAFETY: blocks b..b + 4 exist in every weight row and activation row.
-        unsafe { lut4b32_step_256::<R, T, 4>(w, p, table, &xs, b, &mut acc, &mut offs) };
+        unsafe { lut4b32_step_256::<R, T, 4, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs) };
         b += 4;
     }
     // SAFETY: the last nb - b blocks exist.
     unsafe {
         match nb - b {
-            1 => lut4b32_step_256::<R, T, 1>(w, p, table, &xs, b, &mut acc, &mut offs),
-            2 => lut4b32_step_256::<R, T, 2>(w, p, table, &xs, b, &mut acc, &mut offs),
-            3 => lut4b32_step_256::<R, T, 3>(w, p, table, &xs, b, &mut acc, &mut offs),
+            1 => lut4b32_step_256::<R, T, 1, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
+            2 => lut4b32_step_256::<R, T, 2, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
+            3 => lut4b32_step_256::<R, T, 3, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
             _ => {}
         }
     }
@@ -709,14 +749,15 @@ unsafe fn lut4b32_256<const R: usize, const T: usize>(
 /// As [`lut4b32_step_512`] for AVX2.
 ///
 /// # Safety
-/// AVX2, FMA; `p` is row `r0` of `w` (a `LUT4_B32` tensor) with `R` rows from it; blocks
-/// `b..b + N` exist in every activation row.
+/// AVX2, FMA; `p` is row `r0` of `w` (a `LUT4_B32` tensor) with `R` rows from it, `table`
+/// their tables (the first only unless `GROUPED`); blocks `b..b + N` exist in every
+/// activation row.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn lut4b32_step_256<const R: usize, const T: usize, const N: usize>(
+unsafe fn lut4b32_step_256<const R: usize, const T: usize, const N: usize, const GROUPED: bool>(
     w: &KilnMatrix,
     p: *const u8,
-    table: __m256i,
+    table: &[__m256i; R],
     xs: &[&QuantizedRow; T],
     b: usize,
     acc: &mut [[__m256; T]; R],
@@ -762,7 +803,7 @@ unsafe fn lut4b32_step_256<const R: usize, const T: usize, const N: usize>(
         for k in 0..N {
             // SAFETY: block b + k of row r0 + r: 16 bytes of indices after its parameters.
             let i = unsafe { lut4b32_indices(bp.add(k * LUT4_B32_BLOCK_BYTES + 2)) };
-            let wq = _mm256_shuffle_epi8(table, i);
+            let wq = _mm256_shuffle_epi8(table[if GROUPED { r } else { 0 }], i);
             for t in 0..T {
                 // SAFETY: block b + k of every activation row is in bounds.
                 let x =
@@ -777,10 +818,11 @@ unsafe fn lut4b32_step_256<const R: usize, const T: usize, const N: usize>(
 
 /// Whether `isa` has a dequantization kernel for `ty` here (`LUT4_B32` only).
 pub(crate) fn has_dequantize(isa: Isa, ty: KilnType) -> bool {
-    matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) && ty == KilnType::Lut4B32
+    matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) && matches!(ty, KilnType::Lut4B32 { .. })
 }
 
-/// Row `r` of the `LUT4_B32` tensor `w` dequantized into `out`, exactly as
+/// Row `r` of the `LUT4_B32` tensor `w` dequantized into `out` (with its group's table),
+/// exactly as
 /// `kiln_types::dequantize_row`: per block the 16 values `(S·a · u[k] + M·b)` in f64, rounded
 /// to f32 once, then looked up by the indices (`vpermps`; AVX2: two 8-entry halves and a
 /// blend on the index's top bit).
@@ -795,7 +837,7 @@ pub(crate) unsafe fn dequantize_row(isa: Isa, w: &KilnMatrix, r: usize, out: &mu
         let (s, m) = unsafe { lut4b32_header(row.as_ptr()) };
         (f64::from(s), f64::from(m))
     };
-    let u = kiln_types::lut4_b32_table(w.data);
+    let u = w.lut4_b32_table(r);
     // SAFETY: the caller's guarantees are what each kernel needs.
     unsafe {
         if isa == Isa::Avx512Vnni {

@@ -73,8 +73,9 @@ pub enum QuantTarget {
     Int4Block64,
     /// Lookup tables of `2^bits` f16 entries learned by k-means (kiln `LUT{bits}[_G{n}]`).
     Lut(u8),
-    /// A 16-entry table for the tensor with an int8 scale and offset per block of 32 input
-    /// channels (kiln `LUT4_B32`), 4.5 bits per weight.
+    /// A 16-entry table for the tensor (or per group of output channels) with an int8 scale
+    /// and offset per block of 32 input channels (kiln `LUT4_B32[_G{n}]`), 4.5 bits per
+    /// weight.
     Lut4Block32,
 }
 
@@ -136,14 +137,14 @@ impl QuantTarget {
             QuantTarget::Int4Block32Offset => GgmlType::Q4_1.into(),
             QuantTarget::Int4Block64 => KilnType::I4B64.into(),
             QuantTarget::Lut(bits) => KilnType::Lut { bits, group }.into(),
-            QuantTarget::Lut4Block32 => KilnType::Lut4B32.into(),
+            QuantTarget::Lut4Block32 => KilnType::Lut4B32 { group }.into(),
         })
     }
 
     /// Whether the target is a lookup-table scheme with tables per group of output channels
     /// (`--lut-group-channels` applies).
     pub fn is_lut(self) -> bool {
-        matches!(self, QuantTarget::Lut(_))
+        matches!(self, QuantTarget::Lut(_) | QuantTarget::Lut4Block32)
     }
 }
 
@@ -244,10 +245,10 @@ impl Default for ConvertOptions {
 
 impl ConvertOptions {
     /// The `quant` setting as manifests record it: the target name, with the table group
-    /// for lookup tables (`lut4-g16`).
+    /// for lookup tables (`lut4-g16`, `lut4-block32-g16`).
     pub fn quant_label(&self) -> String {
         match (self.quant, self.lut_group_channels) {
-            (QuantTarget::Lut(_), Some(g)) => format!("{}-g{g}", self.quant.name()),
+            (q, Some(g)) if q.is_lut() => format!("{}-g{g}", self.quant.name()),
             _ => self.quant.name().to_string(),
         }
     }
@@ -417,6 +418,7 @@ pub fn convert(
     let source = open_source(src)?;
     // Refuse what the runtime could not run before spending time on it.
     Model::from_source(source.config.clone(), source.tensors.as_ref())?;
+    check_table_groups(source.tensors.as_ref(), options)?;
     if options.fp16_safe && options.to != OutputFormat::Kiln {
         return Err(ModelError::Request(format!(
             "--fp16-safe writes kiln packages (the fix lives in the package's model \
@@ -628,6 +630,36 @@ impl StoredTensor {
     }
 }
 
+/// Refuses a `LUT4_B32` table group that does not divide the output channels of a tensor the
+/// conversion would store as `LUT4_B32`, naming the tensor: a quiet fallback to the source
+/// format would leave that tensor at several times the bits asked for.
+fn check_table_groups(
+    source: &dyn TensorSource,
+    options: &ConvertOptions,
+) -> Result<(), ModelError> {
+    let (QuantTarget::Lut4Block32, Some(g)) = (options.quant, options.lut_group_channels) else {
+        return Ok(());
+    };
+    let whole = ConvertOptions {
+        lut_group_channels: None,
+        ..options.clone()
+    };
+    for name in source.names() {
+        let t = crate::weights::require(source, &name)?;
+        let (target, _) = target_format(&name, &t.dims, t.format, &whole);
+        let rows: u64 = t.dims[1..].iter().product();
+        if matches!(target, TensorFormat::Kiln(KilnType::Lut4B32 { .. }))
+            && rows % u64::from(g) != 0
+        {
+            return Err(ModelError::Request(format!(
+                "tensor '{name}': --lut-group-channels {g} does not divide its {rows} output \
+                 channels (LUT4_B32_G{g} takes one table per {g} rows)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The format `name` is stored in, and why it stays in its source format when it does.
 fn target_format(
     name: &str,
@@ -701,8 +733,8 @@ pub(crate) fn convert_tensor(
         TensorFormat::Kiln(KilnType::I4B64) => {
             kiln_types::encode_i4_b64(&values, rows, cols).map_err(|e| bad(e.to_string()))?
         }
-        TensorFormat::Kiln(KilnType::Lut4B32) => {
-            kiln_types::encode_lut4_b32(&values, rows, cols).map_err(|e| bad(e.to_string()))?
+        TensorFormat::Kiln(ty @ KilnType::Lut4B32 { .. }) => {
+            kiln_types::encode_lut4_b32(ty, &values, rows, cols).map_err(|e| bad(e.to_string()))?
         }
         TensorFormat::Kiln(ty @ KilnType::Lut { .. }) => {
             kiln_types::encode_lut(ty, &values, rows, cols, options.lut)
