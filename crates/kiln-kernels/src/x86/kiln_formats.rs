@@ -816,13 +816,17 @@ unsafe fn lut4b32_step_256<const R: usize, const T: usize, const N: usize, const
     }
 }
 
-/// Whether `isa` has a dequantization kernel for `ty` here: `LUT4_B32`, and 8-bit lookup
-/// tables, whose 256-entry table per row is what the reference spends its time widening (for
-/// the smaller tables the reference's scalar lookups beat gathers: `LUT4` prompts ran 11 %
-/// slower through them).
+/// Whether `isa` has a dequantization kernel for `ty` here: `LUT4_B32`; every lookup-table
+/// width on AVX-512 (register lookups, gathers for 8 bits); 8-bit tables on AVX2, whose
+/// 256-entry table per row is what the reference spends its time widening (for the smaller
+/// tables AVX2's gathers lose to the reference's scalar lookups).
 pub(crate) fn has_dequantize(isa: Isa, ty: KilnType) -> bool {
-    matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
-        && matches!(ty, KilnType::Lut4B32 { .. } | KilnType::Lut { bits: 8, .. })
+    match (isa, ty) {
+        (Isa::Avx2 | Isa::Avx512Vnni, KilnType::Lut4B32 { .. }) => true,
+        (Isa::Avx512Vnni, KilnType::Lut { .. }) => true,
+        (Isa::Avx2, KilnType::Lut { bits, .. }) => bits == 8,
+        _ => false,
+    }
 }
 
 /// Row `r` of the `LUT4_B32` tensor `w` dequantized into `out` (with its group's table),
@@ -880,30 +884,140 @@ unsafe fn lut_table_f32(t: &[u8]) -> [f32; 256] {
     table
 }
 
-/// Row `r` of a `bits`-bit lookup-table tensor dequantized into `out`: its table widened once,
-/// each chunk's indices unpacked as kiln-format does, then gathered 16 at a time.
+/// Row `r` of a `bits`-bit lookup-table tensor dequantized into `out`, bit for bit as
+/// kiln-format does: 8-bit rows widen their table once and gather 16 entries at a time; the
+/// 2-, 4- and 6-bit rows unpack their indices in registers, as the dot-product kernels do, and
+/// look the entries up with `vpermps` (`vpermt2ps` and a blend for 64 entries).
 ///
 /// # Safety
-/// AVX-512 F; `w` a lookup-table tensor of `bits` bits, `r < w.rows`, `out.len() == w.cols`.
+/// AVX-512 F/BW; `w` a lookup-table tensor of `bits` bits, `r < w.rows`, `out.len() == w.cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 unsafe fn lut_dequantize_512(bits: u8, w: &KilnMatrix, r: usize, out: &mut [f32]) {
-    // SAFETY: the row's table holds 2^bits f16 entries, at most 256.
-    let table = unsafe { lut_table_f32(w.table(r)) };
-    let mut idx = [0u8; CHUNK];
-    for (o, c) in out
+    let row = w.row(r);
+    let tp = w.table(r).as_ptr();
+    let chunks = out
         .chunks_exact_mut(CHUNK)
-        .zip(w.row(r).chunks_exact(4 * usize::from(bits)))
-    {
-        kiln_types::unpack_chunk(bits, c, &mut idx);
-        for h in 0..2 {
-            // SAFETY: 16 indices (each below 2^bits <= 256) into the 256-entry table, and 16
-            // values of `o`.
-            unsafe {
-                let i = _mm512_cvtepu8_epi32(_mm_loadu_si128(idx.as_ptr().add(16 * h).cast()));
-                let v = _mm512_i32gather_ps::<4>(i, table.as_ptr());
-                _mm512_storeu_ps(o.as_mut_ptr().add(16 * h), v);
+        .zip(row.chunks_exact(4 * usize::from(bits)));
+    // SAFETY (loads): each table holds 2^bits f16 entries; each chunk holds 4·bits bytes of
+    // indices, and each `o` 32 values.
+    match bits {
+        2 => {
+            // SAFETY: 4 entries are 8 bytes; indices below 4 never reach the undefined upper
+            // half of the register.
+            let t = _mm512_castps256_ps512(_mm256_cvtph_ps(unsafe { _mm_loadl_epi64(tp.cast()) }));
+            // Byte j holds elements j + 8k at bits 2k (see `lut2_512`).
+            let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+            let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+            let three = _mm512_set1_epi32(3);
+            for (o, c) in chunks {
+                // SAFETY: as above.
+                unsafe {
+                    let b = _mm_loadl_epi64(c.as_ptr().cast());
+                    let b = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
+                    let i0 = _mm512_and_si512(_mm512_srlv_epi32(b, shift_lo), three);
+                    let i1 = _mm512_and_si512(_mm512_srlv_epi32(b, shift_hi), three);
+                    _mm512_storeu_ps(o.as_mut_ptr(), _mm512_permutexvar_ps(i0, t));
+                    _mm512_storeu_ps(o.as_mut_ptr().add(16), _mm512_permutexvar_ps(i1, t));
+                }
             }
         }
+        4 => {
+            // SAFETY: 16 entries are 32 bytes.
+            let t = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.cast()) });
+            let low = _mm512_set1_epi32(0x0f);
+            for (o, c) in chunks {
+                // SAFETY: as above.
+                unsafe {
+                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.as_ptr().cast()));
+                    let w0 = _mm512_permutexvar_ps(_mm512_and_si512(b, low), t);
+                    let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), t);
+                    _mm512_storeu_ps(o.as_mut_ptr(), w0);
+                    _mm512_storeu_ps(o.as_mut_ptr().add(16), w1);
+                }
+            }
+        }
+        6 => {
+            let mut t = [_mm512_setzero_ps(); 4];
+            for (q, tq) in t.iter_mut().enumerate() {
+                // SAFETY: 64 entries are 128 bytes.
+                *tq = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.add(32 * q).cast()) });
+            }
+            let low = _mm512_set1_epi32(0x0f);
+            let top = _mm512_set1_epi32(0x30);
+            // As in `lut6_512`: the 8 bytes of top bits laid out as a 2-bit row.
+            let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+            let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+            for (o, c) in chunks {
+                // SAFETY: as above.
+                unsafe {
+                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.as_ptr().cast()));
+                    let h = _mm_loadl_epi64(c.as_ptr().add(16).cast());
+                    let h = _mm512_slli_epi32::<4>(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(h, h)));
+                    let i0 = _mm512_or_si512(
+                        _mm512_and_si512(b, low),
+                        _mm512_and_si512(_mm512_srlv_epi32(h, shift_lo), top),
+                    );
+                    let i1 = _mm512_or_si512(
+                        _mm512_srli_epi32::<4>(b),
+                        _mm512_and_si512(_mm512_srlv_epi32(h, shift_hi), top),
+                    );
+                    _mm512_storeu_ps(o.as_mut_ptr(), lookup64_512(i0, &t));
+                    _mm512_storeu_ps(o.as_mut_ptr().add(16), lookup64_512(i1, &t));
+                }
+            }
+        }
+        // SAFETY: the caller's guarantees, and VBMI checked.
+        _ if has_vbmi() => unsafe { lut8_dequantize_vbmi(w, r, out) },
+        _ => {
+            // SAFETY: the row's table holds 2^bits f16 entries, at most 256.
+            let table = unsafe { lut_table_f32(w.table(r)) };
+            let mut idx = [0u8; CHUNK];
+            for (o, c) in chunks {
+                kiln_types::unpack_chunk(bits, c, &mut idx);
+                for h in 0..2 {
+                    // SAFETY: 16 indices (each below 2^bits <= 256) into the 256-entry table,
+                    // and 16 values of `o`.
+                    unsafe {
+                        let i =
+                            _mm512_cvtepu8_epi32(_mm_loadu_si128(idx.as_ptr().add(16 * h).cast()));
+                        let v = _mm512_i32gather_ps::<4>(i, table.as_ptr());
+                        _mm512_storeu_ps(o.as_mut_ptr().add(16 * h), v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An 8-bit lookup-table row dequantized with the table as byte planes (`vpermi2b`, see
+/// [`lookup256_vbmi`]), 64 entries per step, then widened by `vcvtph2ps`.
+///
+/// # Safety
+/// AVX-512 with VBMI; `w` an 8-bit lookup-table tensor, `r < w.rows`, `out.len() == w.cols`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
+unsafe fn lut8_dequantize_vbmi(w: &KilnMatrix, r: usize, out: &mut [f32]) {
+    // SAFETY: a 256-entry f16 table is 512 bytes.
+    let planes = unsafe { byte_planes(w.table(r).as_ptr()) };
+    let row = w.row(r);
+    let mut c = 0;
+    while c < w.cols {
+        // 64 elements at a time, or the last 32 (rows are whole chunks of 32).
+        let two = c + 2 * CHUNK <= w.cols;
+        let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
+        // SAFETY: 32 or 64 index bytes of the row from c; masked-off bytes are not read.
+        let i = unsafe { _mm512_maskz_loadu_epi8(mask, row.as_ptr().add(c).cast()) };
+        let (a, b) = lookup256_vbmi(_mm512_permutexvar_epi8(VBMI_ORDER, i), &planes);
+        let v = [
+            _mm512_cvtph_ps(_mm512_castsi512_si256(a)),
+            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(a)),
+            _mm512_cvtph_ps(_mm512_castsi512_si256(b)),
+            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(b)),
+        ];
+        for (k, vk) in v.iter().enumerate().take(if two { 4 } else { 2 }) {
+            // SAFETY: elements c + 16k .. c + 16k + 16 lie within the row.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c + 16 * k), *vk) };
+        }
+        c += if two { 2 * CHUNK } else { CHUNK };
     }
 }
 
