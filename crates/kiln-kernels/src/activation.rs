@@ -171,18 +171,17 @@ impl QuantizedRow {
 
     /// The values the row stands for: `scale * code`, or the f32 values.
     pub fn dequantize(&self) -> Vec<f32> {
-        if self.format == ActivationFormat::F32 {
-            return self.values.clone();
-        }
-        let bl = self.format.block_len();
-        self.codes
-            .chunks_exact(bl)
-            .zip(&self.scales)
-            .flat_map(|(q, &d)| q.iter().map(move |&q| d * f32::from(q)))
-            .collect()
+        let len = if self.format == ActivationFormat::F32 {
+            self.values.len()
+        } else {
+            self.codes.len()
+        };
+        let mut out = vec![0.0; len];
+        self.dequantize_into(&mut out);
+        out
     }
 
-    /// [`dequantize`](Self::dequantize) into `out` (`len` values), without allocating.
+    /// [`dequantize`](Self::dequantize) into `out` (the row's length), without allocating.
     ///
     /// # Panics
     /// If `out` is not the row's length.
