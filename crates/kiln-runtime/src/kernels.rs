@@ -135,30 +135,20 @@ pub fn matmul_shared(
     precision: Precision,
 ) {
     assert_eq!(ws.len(), ys.len(), "matmul_shared: one output per matrix");
+    let cols = ws.first().map_or(0, |w| w.cols());
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert_eq!(w.cols(), cols, "matmul_shared: matrices differ in columns");
+        assert_eq!(x.len(), n_tokens * cols, "matmul_shared: activation shape");
+        assert_eq!(y.len(), n_tokens * w.rows(), "matmul_shared: output shape");
+    }
     if let Some(ty) = int8_gemm_type(ws, n_tokens, precision) {
-        for (w, y) in ws.iter().zip(ys.iter()) {
-            assert_eq!(
-                w.cols(),
-                ws[0].cols(),
-                "matmul_shared: matrices differ in columns"
-            );
-            assert_eq!(
-                x.len(),
-                n_tokens * w.cols(),
-                "matmul_shared: activation shape"
-            );
-            assert_eq!(y.len(), n_tokens * w.rows(), "matmul_shared: output shape");
-        }
         return matmul_gemm_i8(pool, ws, ty, x, n_tokens, ys);
     }
     // Decode: one quantization of `x` and one parallel section for all the matrices, when
     // their kernels read the same activation format.
     if n_tokens < GEMM_MIN_TOKENS && precision != Precision::Exact {
         let products: Vec<IntegerProduct> = ws.iter().map(|w| integer_product(w)).collect();
-        let cols = ws.first().map_or(0, |w| w.cols());
-        if products.iter().all(|p| p.fmt == products[0].fmt) && ws.iter().all(|w| w.cols() == cols)
-        {
-            assert_eq!(x.len(), n_tokens * cols, "matmul_shared: activation shape");
+        if products.iter().all(|p| p.fmt == products[0].fmt) {
             let refine = precision == Precision::Refined;
             return quantized_products(pool, cols, x, n_tokens, &products, ys, refine);
         }
