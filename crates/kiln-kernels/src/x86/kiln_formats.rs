@@ -893,77 +893,55 @@ unsafe fn lut_table_f32(t: &[u8]) -> [f32; 256] {
 /// AVX-512 F/BW; `w` a lookup-table tensor of `bits` bits, `r < w.rows`, `out.len() == w.cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 unsafe fn lut_dequantize_512(bits: u8, w: &KilnMatrix, r: usize, out: &mut [f32]) {
-    let row = w.row(r);
     let tp = w.table(r).as_ptr();
     let chunks = out
         .chunks_exact_mut(CHUNK)
-        .zip(row.chunks_exact(4 * usize::from(bits)));
+        .zip(w.row(r).chunks_exact(4 * usize::from(bits)));
+    // Writes one chunk's 32 values.
+    let store = |o: &mut [f32], w0: __m512, w1: __m512| {
+        // SAFETY: `o` is one chunk of 32 values.
+        unsafe {
+            _mm512_storeu_ps(o.as_mut_ptr(), w0);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16), w1);
+        }
+    };
     // SAFETY (loads): each table holds 2^bits f16 entries; each chunk holds 4·bits bytes of
-    // indices, and each `o` 32 values.
+    // indices.
     match bits {
         2 => {
             // SAFETY: 4 entries are 8 bytes; indices below 4 never reach the undefined upper
             // half of the register.
             let t = _mm512_castps256_ps512(_mm256_cvtph_ps(unsafe { _mm_loadl_epi64(tp.cast()) }));
-            // Byte j holds elements j + 8k at bits 2k (see `lut2_512`).
-            let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
-            let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
-            let three = _mm512_set1_epi32(3);
             for (o, c) in chunks {
-                // SAFETY: as above.
-                unsafe {
-                    let b = _mm_loadl_epi64(c.as_ptr().cast());
-                    let b = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
-                    let i0 = _mm512_and_si512(_mm512_srlv_epi32(b, shift_lo), three);
-                    let i1 = _mm512_and_si512(_mm512_srlv_epi32(b, shift_hi), three);
-                    _mm512_storeu_ps(o.as_mut_ptr(), _mm512_permutexvar_ps(i0, t));
-                    _mm512_storeu_ps(o.as_mut_ptr().add(16), _mm512_permutexvar_ps(i1, t));
-                }
+                // SAFETY: the chunk's 8 bytes.
+                let (i0, i1) = unsafe { lut2_indices_512(c.as_ptr()) };
+                store(
+                    o,
+                    _mm512_permutexvar_ps(i0, t),
+                    _mm512_permutexvar_ps(i1, t),
+                );
             }
         }
         4 => {
             // SAFETY: 16 entries are 32 bytes.
             let t = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.cast()) });
-            let low = _mm512_set1_epi32(0x0f);
             for (o, c) in chunks {
-                // SAFETY: as above.
-                unsafe {
-                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.as_ptr().cast()));
-                    let w0 = _mm512_permutexvar_ps(_mm512_and_si512(b, low), t);
-                    let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), t);
-                    _mm512_storeu_ps(o.as_mut_ptr(), w0);
-                    _mm512_storeu_ps(o.as_mut_ptr().add(16), w1);
-                }
+                // SAFETY: the chunk's 16 bytes.
+                let (i0, i1) = unsafe { lut4_indices_512(c.as_ptr()) };
+                store(
+                    o,
+                    _mm512_permutexvar_ps(i0, t),
+                    _mm512_permutexvar_ps(i1, t),
+                );
             }
         }
         6 => {
-            let mut t = [_mm512_setzero_ps(); 4];
-            for (q, tq) in t.iter_mut().enumerate() {
-                // SAFETY: 64 entries are 128 bytes.
-                *tq = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.add(32 * q).cast()) });
-            }
-            let low = _mm512_set1_epi32(0x0f);
-            let top = _mm512_set1_epi32(0x30);
-            // As in `lut6_512`: the 8 bytes of top bits laid out as a 2-bit row.
-            let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
-            let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+            // SAFETY: 64 entries are 128 bytes.
+            let t = unsafe { lut6_table_512(tp) };
             for (o, c) in chunks {
-                // SAFETY: as above.
-                unsafe {
-                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.as_ptr().cast()));
-                    let h = _mm_loadl_epi64(c.as_ptr().add(16).cast());
-                    let h = _mm512_slli_epi32::<4>(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(h, h)));
-                    let i0 = _mm512_or_si512(
-                        _mm512_and_si512(b, low),
-                        _mm512_and_si512(_mm512_srlv_epi32(h, shift_lo), top),
-                    );
-                    let i1 = _mm512_or_si512(
-                        _mm512_srli_epi32::<4>(b),
-                        _mm512_and_si512(_mm512_srlv_epi32(h, shift_hi), top),
-                    );
-                    _mm512_storeu_ps(o.as_mut_ptr(), lookup64_512(i0, &t));
-                    _mm512_storeu_ps(o.as_mut_ptr().add(16), lookup64_512(i1, &t));
-                }
+                // SAFETY: the chunk's 24 bytes.
+                let (i0, i1) = unsafe { lut6_indices_512(c.as_ptr()) };
+                store(o, lookup64_512(i0, &t), lookup64_512(i1, &t));
             }
         }
         // SAFETY: the caller's guarantees, and VBMI checked.
@@ -1141,6 +1119,76 @@ unsafe fn lut4b32_dequantize_256(row: &[u8], u: &[u8; 16], s: f64, m: f64, out: 
 // ---------------------------------------------------------------------------------------------
 // Lookup tables
 
+/// The 32 indices of a 2-bit lookup-table chunk (the 8 bytes at `p`) as two registers of 16:
+/// elements 0..16 and 16..32. Byte j holds elements j + 8k at bits 2k, so two copies of the 8
+/// bytes shifted by 0 and 2 give elements 0..16, by 4 and 6 elements 16..32.
+///
+/// # Safety
+/// AVX-512 F/BW; 8 bytes readable at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn lut2_indices_512(p: *const u8) -> (__m512i, __m512i) {
+    let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+    let three = _mm512_set1_epi32(3);
+    // SAFETY: the caller's 8 bytes.
+    let b = unsafe { _mm_loadl_epi64(p.cast()) };
+    let b = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
+    (
+        _mm512_and_si512(_mm512_srlv_epi32(b, shift_lo), three),
+        _mm512_and_si512(_mm512_srlv_epi32(b, shift_hi), three),
+    )
+}
+
+/// The 32 indices of a 4-bit lookup-table chunk (the 16 bytes at `p`: low nibbles elements
+/// 0..16, high nibbles 16..32) as two registers of 16.
+///
+/// # Safety
+/// AVX-512 F; 16 bytes readable at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn lut4_indices_512(p: *const u8) -> (__m512i, __m512i) {
+    // SAFETY: the caller's 16 bytes.
+    let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p.cast()) });
+    (
+        _mm512_and_si512(b, _mm512_set1_epi32(0x0f)),
+        _mm512_srli_epi32::<4>(b),
+    )
+}
+
+/// The 32 indices of a 6-bit lookup-table chunk (the 24 bytes at `p`: the low nibbles laid out
+/// as a 4-bit chunk, then the top two bits as a 2-bit one) as two registers of 16.
+///
+/// # Safety
+/// AVX-512 F/BW; 24 bytes readable at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn lut6_indices_512(p: *const u8) -> (__m512i, __m512i) {
+    let top = _mm512_set1_epi32(0x30);
+    // The top bits shifted left by 4 first: a right shift by 2k then leaves element j + 8k's
+    // two bits at bits 4..6 (the shifts of `lut2_indices_512`).
+    let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
+    // SAFETY: the caller's 24 bytes: 16 of nibbles, then 8 of top bits.
+    let ((l0, l1), h) = unsafe { (lut4_indices_512(p), _mm_loadl_epi64(p.add(16).cast())) };
+    let h = _mm512_slli_epi32::<4>(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(h, h)));
+    (
+        _mm512_or_si512(l0, _mm512_and_si512(_mm512_srlv_epi32(h, shift_lo), top)),
+        _mm512_or_si512(l1, _mm512_and_si512(_mm512_srlv_epi32(h, shift_hi), top)),
+    )
+}
+
+/// A 64-entry f16 table (128 bytes at `t`) widened to f32, 16 entries per register.
+///
+/// # Safety
+/// AVX-512 F; 128 bytes readable at `t`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+#[inline]
+unsafe fn lut6_table_512(t: *const u8) -> [__m512; 4] {
+    // SAFETY: entries 16q .. 16q + 16 are the caller's bytes 32q .. 32q + 32.
+    std::array::from_fn(|q| _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(t.add(32 * q).cast()) }))
+}
+
 /// # Safety
 /// AVX-512; as [`dot_block`], `w` a 4-bit lookup-table tensor.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -1157,7 +1205,6 @@ unsafe fn lut4_512<const R: usize, const T: usize>(
         *tb = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(w.table(r0 + r).as_ptr().cast()) });
     }
     let p = w.data[r0 * rb..].as_ptr();
-    let low = _mm512_set1_epi32(0x0f);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for c in (0..w.cols).step_by(CHUNK) {
         let mut x0 = [_mm512_setzero_ps(); T];
@@ -1172,10 +1219,9 @@ unsafe fn lut4_512<const R: usize, const T: usize>(
         for r in 0..R {
             prefetch(p.wrapping_add(r * rb + c / 2), ahead);
             // SAFETY: the 16 index bytes of this chunk of row r0 + r.
-            let b = unsafe { _mm_loadu_si128(p.add(r * rb + c / 2).cast()) };
-            let b = _mm512_cvtepu8_epi32(b);
-            let w0 = _mm512_permutexvar_ps(_mm512_and_si512(b, low), tables[r]);
-            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), tables[r]);
+            let (i0, i1) = unsafe { lut4_indices_512(p.add(r * rb + c / 2)) };
+            let w0 = _mm512_permutexvar_ps(i0, tables[r]);
+            let w1 = _mm512_permutexvar_ps(i1, tables[r]);
             for t in 0..T {
                 acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
                 acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
@@ -1208,11 +1254,6 @@ unsafe fn lut2_512<const R: usize, const T: usize>(
         *tb = _mm512_castps256_ps512(_mm256_cvtph_ps(t));
     }
     let p = w.data[r0 * rb..].as_ptr();
-    // Byte j holds elements j + 8k at bits 2k: two copies of the 8 bytes shifted by 0 and 2
-    // give elements 0..16, by 4 and 6 elements 16..32.
-    let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
-    let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
-    let three = _mm512_set1_epi32(3);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for c in (0..w.cols).step_by(CHUNK) {
         let mut x0 = [_mm512_setzero_ps(); T];
@@ -1227,10 +1268,7 @@ unsafe fn lut2_512<const R: usize, const T: usize>(
         for r in 0..R {
             prefetch(p.wrapping_add(r * rb + c / 4), ahead);
             // SAFETY: the 8 index bytes of this chunk of row r0 + r.
-            let b = unsafe { _mm_loadl_epi64(p.add(r * rb + c / 4).cast()) };
-            let b = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(b, b));
-            let i0 = _mm512_and_si512(_mm512_srlv_epi32(b, shift_lo), three);
-            let i1 = _mm512_and_si512(_mm512_srlv_epi32(b, shift_hi), three);
+            let (i0, i1) = unsafe { lut2_indices_512(p.add(r * rb + c / 4)) };
             let w0 = _mm512_permutexvar_ps(i0, tables[r]);
             let w1 = _mm512_permutexvar_ps(i1, tables[r]);
             for t in 0..T {
@@ -1430,21 +1468,10 @@ unsafe fn lut6_512<const R: usize, const T: usize>(
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
-    let mut tables = [[_mm512_setzero_ps(); 4]; R];
-    for (r, tb) in tables.iter_mut().enumerate() {
-        let tp = w.table(r0 + r).as_ptr();
-        for (q, t) in tb.iter_mut().enumerate() {
-            // SAFETY: a 64-entry f16 table is 128 bytes.
-            *t = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.add(32 * q).cast()) });
-        }
-    }
+    // SAFETY: a 64-entry f16 table is 128 bytes.
+    let tables: [[__m512; 4]; R] =
+        std::array::from_fn(|r| unsafe { lut6_table_512(w.table(r0 + r).as_ptr()) });
     let p = w.data[r0 * rb..].as_ptr();
-    let low = _mm512_set1_epi32(0x0f);
-    let top = _mm512_set1_epi32(0x30);
-    // The 8 bytes of top bits are laid out as a 2-bit row (see `lut2_512`); shifted left by
-    // 4 first, a right shift by 2k leaves element j + 8k's two bits at bits 4..6.
-    let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
-    let shift_hi = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for c in (0..w.cols).step_by(CHUNK) {
         let mut x0 = [_mm512_setzero_ps(); T];
@@ -1461,22 +1488,7 @@ unsafe fn lut6_512<const R: usize, const T: usize>(
             let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
             prefetch(ip, ahead);
             // SAFETY: the 24 index bytes of this chunk of row r0 + r.
-            let (b, h) = unsafe {
-                (
-                    _mm_loadu_si128(ip.cast()),
-                    _mm_loadl_epi64(ip.add(16).cast()),
-                )
-            };
-            let b = _mm512_cvtepu8_epi32(b);
-            let h = _mm512_slli_epi32::<4>(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(h, h)));
-            let i0 = _mm512_or_si512(
-                _mm512_and_si512(b, low),
-                _mm512_and_si512(_mm512_srlv_epi32(h, shift_lo), top),
-            );
-            let i1 = _mm512_or_si512(
-                _mm512_srli_epi32::<4>(b),
-                _mm512_and_si512(_mm512_srlv_epi32(h, shift_hi), top),
-            );
+            let (i0, i1) = unsafe { lut6_indices_512(ip) };
             let w0 = lookup64_512(i0, &tables[r]);
             let w1 = lookup64_512(i1, &tables[r]);
             for t in 0..T {
