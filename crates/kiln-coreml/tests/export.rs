@@ -73,6 +73,18 @@ fn max_abs(a: &[f32]) -> f32 {
     a.iter().map(|x| x.abs()).fold(0.0, f32::max)
 }
 
+/// The runtime's exact-path logits of every position of `calls`, made in turn in one session:
+/// what an exported package must reproduce.
+fn exact_logits(model: &Model, calls: &[&[u32]], n_ctx: usize) -> Vec<f32> {
+    let pool = ThreadPool::new(2);
+    let mut session = tiny::exact_session(model, &pool, n_ctx);
+    let mut want = Vec::new();
+    for c in calls {
+        want.extend(session.forward(c, Logits::All).unwrap());
+    }
+    want
+}
+
 const PROTOCOL: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[77], &[200]];
 
 /// Opens, verifies and runs the package twice: with fp16 storage, and with every fp16
@@ -175,12 +187,7 @@ fn check_against_runtime(name: &str, spec: &tiny::Spec, seed: u64, rel_tol: f32)
 
     let tokens = tiny::random_tokens(seed + 1, 7, spec.vocab);
     let calls: [&[u32]; 3] = [&tokens[..5], &tokens[5..6], &tokens[6..7]];
-    let pool = ThreadPool::new(2);
-    let mut session = tiny::exact_session(&model, &pool, spec.n_ctx);
-    let mut want = Vec::new();
-    for c in calls {
-        want.extend(session.forward(c, Logits::All).unwrap());
-    }
+    let want = exact_logits(&model, &calls, spec.n_ctx);
     let (stored, rounded) = run_package(&dest, &calls, spec.vocab);
     let scale = max_abs(&want);
     let (d, d16) = (max_abs_diff(&stored, &want), max_abs_diff(&rounded, &want));
@@ -634,12 +641,7 @@ fn lut4_block32_package_export(group: Option<u32>) {
 
     let tokens = tiny::random_tokens(42, 7, spec.vocab);
     let calls: [&[u32]; 3] = [&tokens[..5], &tokens[5..6], &tokens[6..7]];
-    let pool = ThreadPool::new(2);
-    let mut session = tiny::exact_session(&model, &pool, spec.n_ctx);
-    let mut want = Vec::new();
-    for c in calls {
-        want.extend(session.forward(c, Logits::All).unwrap());
-    }
+    let want = exact_logits(&model, &calls, spec.n_ctx);
     let (stored, _) = run_package(&dest, &calls, spec.vocab);
     let (d, scale) = (max_abs_diff(&stored, &want), max_abs(&want));
     eprintln!("{name} package: max abs diff {d:.6}, max |logit| {scale:.3}");
