@@ -23,6 +23,7 @@ pub mod gguf;
 pub mod kiln_types;
 pub mod package;
 pub mod quant;
+pub mod read_order;
 pub mod safetensors;
 
 mod file_io;

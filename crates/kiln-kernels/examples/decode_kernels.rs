@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use kiln_format::gguf::{GgufFile, TensorInfo};
+use kiln_format::read_order;
 use kiln_kernels::{activation_format, detect, dot_block_with, quantize_row, QuantizedRow};
 
 fn arg(name: &str) -> Option<String> {
@@ -22,31 +23,6 @@ fn arg(name: &str) -> Option<String> {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .cloned()
-}
-
-/// Where a tensor falls in a token's reads: layer (the embedding's output use last), then the
-/// order a layer uses its matrices.
-fn read_order(name: &str) -> (usize, usize) {
-    const LAYER: [&str; 7] = [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
-    match name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
-        Some((layer, rest)) => (
-            layer.parse::<usize>().map_or(usize::MAX - 1, |l| l + 1),
-            LAYER
-                .iter()
-                .position(|p| rest.starts_with(p))
-                .unwrap_or(LAYER.len()),
-        ),
-        None if name.starts_with("output.") || name.starts_with("token_embd") => (usize::MAX, 0),
-        None => (0, 0),
-    }
 }
 
 fn main() {
@@ -79,7 +55,11 @@ fn main() {
                 || (tied && t.name == "token_embd.weight")
         })
         .collect();
-    mats.sort_by_key(|t| read_order(&t.name));
+    // A token reads the tied embedding last, as its output projection.
+    mats.sort_by_key(|t| match t.name.as_str() {
+        "token_embd.weight" => (u8::MAX, 0, 0),
+        name => read_order::key(name),
+    });
     let mut s = 1u64;
     let mut unit = move || {
         s ^= s << 13;

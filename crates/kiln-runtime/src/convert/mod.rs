@@ -463,7 +463,8 @@ fn to_package(
     for (name, bytes) in &source.files {
         writer.add_file(name, bytes)?;
     }
-    let names = use_order(tensors.names());
+    let mut names = tensors.names();
+    kiln_format::read_order::sort(&mut names);
     let mut outcomes = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
         let stored = convert_tensor(tensors, name, options)?;
@@ -510,62 +511,6 @@ fn to_package(
         notes: Vec::new(),
         fp16,
     })
-}
-
-/// A layer's tensors in the order a token reaches them: each matrix followed by its bias, the
-/// norms where they apply.
-const LAYER_USE_ORDER: [&str; 20] = [
-    "attn_norm.weight",
-    "attn_q.weight",
-    "attn_q.bias",
-    "attn_k.weight",
-    "attn_k.bias",
-    "attn_v.weight",
-    "attn_v.bias",
-    "attn_q_norm.weight",
-    "attn_k_norm.weight",
-    "attn_output.weight",
-    "attn_output.bias",
-    "post_attention_norm.weight",
-    "ffn_norm.weight",
-    "ffn_gate.weight",
-    "ffn_gate.bias",
-    "ffn_up.weight",
-    "ffn_up.bias",
-    "ffn_down.weight",
-    "ffn_down.bias",
-    "post_ffw_norm.weight",
-];
-
-/// `names` in the order the runtime reads the tensors for each token: the embedding, the
-/// layers by number, each in [`LAYER_USE_ORDER`], then the output norm and matrix (anything
-/// else after its group, by name). Decoding streams every matrix once per token from the
-/// mapped shards, so storing them in that order makes the reads one forward sweep: the
-/// kernels' prefetches past the end of a tensor land on the next one used. (Sources list
-/// tensors in other orders: GGUF files often by name, `blk.10` before `blk.2`.)
-fn use_order(mut names: Vec<String>) -> Vec<String> {
-    fn key(name: &str) -> (u8, u64, usize) {
-        if let Some(rest) = name.strip_prefix("blk.") {
-            if let Some((layer, within)) = rest.split_once('.') {
-                if let Ok(layer) = layer.parse::<u64>() {
-                    let rank = LAYER_USE_ORDER
-                        .iter()
-                        .position(|n| *n == within)
-                        .unwrap_or(LAYER_USE_ORDER.len());
-                    return (1, layer, rank);
-                }
-            }
-        }
-        match name {
-            "token_embd.weight" => (0, 0, 0),
-            "rope_freqs.weight" => (0, 0, 1),
-            "output_norm.weight" => (2, 0, 0),
-            "output.weight" => (2, 0, 1),
-            _ => (3, 0, 0),
-        }
-    }
-    names.sort_by(|a, b| key(a).cmp(&key(b)).then_with(|| a.cmp(b)));
-    names
 }
 
 /// Calibrates the fp16 fix on the built-in prompts, tokenized by the source's own tokenizer.
@@ -833,51 +778,4 @@ pub fn quantize_q4_0_searched(values: &[f32]) -> Vec<u8> {
         }
     });
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::use_order;
-
-    #[test]
-    fn tensors_are_stored_in_the_order_a_token_reads_them() {
-        let names = [
-            "output.weight",
-            "blk.10.attn_q.weight",
-            "blk.2.ffn_down.weight",
-            "blk.2.attn_q.weight",
-            "blk.2.attn_k.weight",
-            "blk.2.attn_norm.weight",
-            "blk.2.ffn_up.weight",
-            "blk.2.ffn_gate.weight",
-            "blk.2.unknown.weight",
-            "blk.2.attn_v.weight",
-            "blk.2.attn_output.weight",
-            "blk.2.ffn_norm.weight",
-            "output_norm.weight",
-            "token_embd.weight",
-            "zzz.weight",
-        ];
-        let got = use_order(names.iter().map(|s| s.to_string()).collect());
-        assert_eq!(
-            got,
-            [
-                "token_embd.weight",
-                "blk.2.attn_norm.weight",
-                "blk.2.attn_q.weight",
-                "blk.2.attn_k.weight",
-                "blk.2.attn_v.weight",
-                "blk.2.attn_output.weight",
-                "blk.2.ffn_norm.weight",
-                "blk.2.ffn_gate.weight",
-                "blk.2.ffn_up.weight",
-                "blk.2.ffn_down.weight",
-                "blk.2.unknown.weight",
-                "blk.10.attn_q.weight",
-                "output_norm.weight",
-                "output.weight",
-                "zzz.weight",
-            ]
-        );
-    }
 }
