@@ -5,17 +5,22 @@
 //! whether the kernels stream at the memory's rate.
 //!
 //! ```sh
-//! cargo run --release -p kiln-kernels --example decode_kernels -- MODEL.gguf [--reps 30] [--tokens 2]
+//! cargo run --release -p kiln-kernels --example decode_kernels -- MODEL.gguf [--reps 30] [--tokens 2] [--fused]
 //! ```
 //!
-//! `--tokens 2` is the two activation rows of the runtime's default (refined) decode.
+//! `--tokens 2` is the two activation rows of the runtime's default (refined) decode where the
+//! kernels have no refined path; `--fused` gives the matrices whose kernels do
+//! ([`kiln_kernels::fuses_refined`]) one refined row instead, as the runtime does.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use kiln_format::gguf::{GgufFile, TensorInfo};
 use kiln_format::read_order;
-use kiln_kernels::{activation_format, detect, dot_block_with, quantize_row, QuantizedRow};
+use kiln_kernels::{
+    activation_format, detect, dot_block_with, fuses_refined, quantize_row, quantize_row_refined,
+    QuantizedRow,
+};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -27,7 +32,7 @@ fn arg(name: &str) -> Option<String> {
 
 fn main() {
     let Some(path) = std::env::args().nth(1).filter(|a| !a.starts_with("--")) else {
-        eprintln!("usage: decode_kernels MODEL.gguf [--reps 30] [--tokens 2]");
+        eprintln!("usage: decode_kernels MODEL.gguf [--reps 30] [--tokens 2] [--fused]");
         std::process::exit(2);
     };
     let reps: usize = arg("--reps")
@@ -38,6 +43,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2)
         .max(1);
+    let fused = std::env::args().any(|a| a == "--fused");
     let file = GgufFile::open(&path).unwrap_or_else(|e| {
         eprintln!("decode_kernels: {e}");
         std::process::exit(2);
@@ -71,15 +77,21 @@ fn main() {
         .iter()
         .map(|t| {
             let k = t.row_len() as usize;
-            let xq = (0..tokens)
+            let refined = fused && fuses_refined(isa, t.ty);
+            let n = if refined { 1 } else { tokens };
+            let xq: Vec<QuantizedRow> = (0..n)
                 .map(|_| {
                     let x: Vec<f32> = (0..k).map(|_| unit()).collect();
                     let mut q = QuantizedRow::new();
-                    quantize_row(&x, activation_format(t.ty), &mut q);
+                    if refined {
+                        quantize_row_refined(&x, &mut q);
+                    } else {
+                        quantize_row(&x, activation_format(t.ty), &mut q);
+                    }
                     q
                 })
                 .collect();
-            (*t, xq, vec![0.0f32; t.n_rows() as usize * tokens])
+            (*t, xq, vec![0.0f32; t.n_rows() as usize * n])
         })
         .collect();
     let bytes: u64 = mats.iter().map(|t| t.n_bytes).sum();
@@ -114,7 +126,8 @@ fn main() {
     };
     let token = median(&mut totals);
     println!(
-        "{isa:?}, {tokens} activation row(s): {} matrices, {:.1} MB per token, {:.3} ms median ({:.3} fastest), {:.1} GB/s, {:.1} tok/s of kernels alone",
+        "{isa:?}, {tokens} activation row(s){}: {} matrices, {:.1} MB per token, {:.3} ms median ({:.3} fastest), {:.1} GB/s, {:.1} tok/s of kernels alone",
+        if fused { " (one refined row where fused)" } else { "" },
         mats.len(),
         bytes as f64 / 1e6,
         token * 1e3,

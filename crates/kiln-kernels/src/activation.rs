@@ -65,8 +65,10 @@ pub fn activation_format(weights: GgmlType) -> ActivationFormat {
 pub struct QuantizedRow {
     pub(crate) format: ActivationFormat,
     pub(crate) len: usize,
-    /// Q8_1 / Q8_K: the int8 codes.
+    /// Q8_1 / Q8_K: the int8 codes (of a refined row: the high part, in units of 256 scales).
     pub(crate) codes: Vec<i8>,
+    /// A refined Q8_1 row's low part, in units of one scale; empty otherwise.
+    pub(crate) low: Vec<i8>,
     /// Q8_1 / Q8_K: one scale per block.
     pub(crate) scales: Vec<f32>,
     /// Q8_1: `scale * sum(codes)` per block.
@@ -90,6 +92,7 @@ impl QuantizedRow {
             format: ActivationFormat::Q8_1,
             len: 0,
             codes: Vec::new(),
+            low: Vec::new(),
             scales: Vec::new(),
             sums: Vec::new(),
             group_sums: Vec::new(),
@@ -144,9 +147,41 @@ impl QuantizedRow {
         self.len == 0
     }
 
-    /// The int8 codes (empty for F32 rows).
+    /// The int8 codes (empty for F32 rows); of a refined row, the high parts.
     pub fn codes(&self) -> &[i8] {
         &self.codes
+    }
+
+    /// Whether the row is refined ([`quantize_row_refined`]): every element is the 16-bit
+    /// code `256 * codes[i] + low_codes()[i]` times its block's scale.
+    pub fn is_refined(&self) -> bool {
+        !self.low.is_empty()
+    }
+
+    /// A refined row's low parts (empty otherwise).
+    pub fn low_codes(&self) -> &[i8] {
+        &self.low
+    }
+
+    /// The integer code of element `i`: `256 * high + low` for a refined row.
+    #[inline]
+    pub(crate) fn code(&self, i: usize) -> i32 {
+        match self.low.get(i) {
+            Some(&l) => 256 * i32::from(self.codes[i]) + i32::from(l),
+            None => i32::from(self.codes[i]),
+        }
+    }
+
+    /// A refined row as the two plain Q8_1 rows whose sum it is: the high parts with 256
+    /// times the scales, the low parts with the scales. Kernels without a refined path
+    /// multiply both and add.
+    pub(crate) fn split_refined(&self) -> [QuantizedRow; 2] {
+        debug_assert!(self.is_refined());
+        let high_scales: Vec<f32> = self.scales.iter().map(|&d| 256.0 * d).collect();
+        [
+            QuantizedRow::from_codes(self.format, &self.codes, &high_scales),
+            QuantizedRow::from_codes(self.format, &self.low, &self.scales),
+        ]
     }
 
     /// One scale per block (empty for F32 rows).
@@ -192,6 +227,14 @@ impl QuantizedRow {
         }
         let bl = self.format.block_len();
         assert_eq!(out.len(), self.codes.len(), "dequantize_into: row length");
+        if self.is_refined() {
+            for (b, (o, &d)) in out.chunks_exact_mut(bl).zip(&self.scales).enumerate() {
+                for (k, o) in o.iter_mut().enumerate() {
+                    *o = d * self.code(b * bl + k) as f32;
+                }
+            }
+            return;
+        }
         for ((o, q), &d) in out
             .chunks_exact_mut(bl)
             .zip(self.codes.chunks_exact(bl))
@@ -207,6 +250,12 @@ impl QuantizedRow {
         self.sums.clear();
         self.group_sums.clear();
         match self.format {
+            ActivationFormat::Q8_1 if self.is_refined() => {
+                for (b, &d) in self.scales.iter().enumerate() {
+                    let s: i32 = (b * QK..(b + 1) * QK).map(|i| self.code(i)).sum();
+                    self.sums.push(d * s as f32);
+                }
+            }
             ActivationFormat::Q8_1 => {
                 for (q, &d) in self.codes.chunks_exact(QK).zip(&self.scales) {
                     let s: i32 = q.iter().map(|&v| i32::from(v)).sum();
@@ -243,6 +292,7 @@ pub fn quantize_row(x: &[f32], fmt: ActivationFormat, out: &mut QuantizedRow) {
     out.format = fmt;
     out.len = x.len();
     out.codes.clear();
+    out.low.clear();
     out.scales.clear();
     out.sums.clear();
     out.group_sums.clear();
@@ -255,6 +305,41 @@ pub fn quantize_row(x: &[f32], fmt: ActivationFormat, out: &mut QuantizedRow) {
             out.fill_sums();
         }
     }
+}
+
+/// Quantizes `x` into `out` as a refined Q8_1 row: per 32-element block the int8 codes `q` of
+/// [`quantize_row`] with their scale `d`, then the residual `x - d·q` as int8 codes `l` in
+/// steps of `d / 256`. The row stores the scale `d / 256` of the 16-bit code `256·q + l`, which
+/// reproduces every element within `d / 512` (a step of the residual; `|x - d·q| ≤ d / 2`
+/// keeps `l` within ±128, and the one value a clamp to ±127 can cost is `d / 256` at that
+/// edge).
+///
+/// The fixed ratio of the two parts' scales is what lets a kernel multiply both in one
+/// integer sum (`(Σ u·q) · 256 + Σ u·l`) and apply the block's scales once, so the refinement
+/// costs two multiply-adds per weight vector rather than a second activation row.
+///
+/// # Panics
+/// If `x.len()` is not a multiple of 32.
+pub fn quantize_row_refined(x: &[f32], out: &mut QuantizedRow) {
+    quantize_row(x, ActivationFormat::Q8_1, out);
+    out.low.resize(x.len(), 0);
+    const ROUND: f32 = 12_582_912.0;
+    for (b, d) in out.scales.iter_mut().enumerate() {
+        let range = b * QK..(b + 1) * QK;
+        let step = *d / 256.0;
+        if step > 0.0 && (1.0 / step).is_finite() {
+            let inv = 1.0 / step;
+            for i in range {
+                let r = x[i] - *d * f32::from(out.codes[i]);
+                out.low[i] = to_code((r * inv + ROUND) - ROUND);
+            }
+        } else {
+            // A zero or subnormal block: its codes already carry everything representable.
+            out.low[range].fill(0);
+        }
+        *d = step;
+    }
+    out.fill_sums();
 }
 
 /// Quantizes blocks of `bl` elements, appending their scales.

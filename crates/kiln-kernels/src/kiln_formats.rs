@@ -173,6 +173,16 @@ pub fn dot_block_with(
         return;
     }
     crate::check_output(n_rows, xq.len(), out.len(), out_stride);
+    if xq[0].is_refined() {
+        assert!(
+            xq.iter().all(QuantizedRow::is_refined),
+            "dot_block: refined and plain activation rows mixed"
+        );
+        crate::split_refined_block(xq, n_rows, out, out_stride, |split, scratch, stride| {
+            dot_block_with(isa, w, rows, split, scratch, stride)
+        });
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::x86::kiln_formats::has_kernel(isa, w.ty) {
         // SAFETY: the CPU has `isa` (asserted above); `w` is a checked tensor, every
@@ -259,6 +269,11 @@ pub fn error_bound(w: &KilnMatrix, r: usize, xq: &QuantizedRow) -> f64 {
 
 /// (dot product, magnitude) of row `r` with `x`, both already checked.
 pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
+    if x.is_refined() {
+        let [high, low] = x.split_refined();
+        let ((s0, m0), (s1, m1)) = (fold(w, r, &high), fold(w, r, &low));
+        return (s0 + s1, m0 + m1);
+    }
     let row = w.row(r);
     match w.ty {
         KilnType::I8Ch => {

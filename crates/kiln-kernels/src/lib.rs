@@ -77,7 +77,9 @@ mod x86;
 
 use std::ops::Range;
 
-pub use activation::{activation_format, quantize_row, ActivationFormat, QuantizedRow};
+pub use activation::{
+    activation_format, quantize_row, quantize_row_refined, ActivationFormat, QuantizedRow,
+};
 pub use isa::{available_isas, detect, Isa};
 pub use kiln_format::ggml::GgmlType;
 pub use reference::dot_reference;
@@ -186,6 +188,18 @@ pub fn dot_block_with(
         return;
     }
     check_output(n_rows, xq.len(), out.len(), out_stride);
+    if first.is_refined() {
+        assert!(
+            xq.iter().all(QuantizedRow::is_refined),
+            "dot_block: refined and plain activation rows mixed"
+        );
+        if !fuses_refined(isa, weights) {
+            split_refined_block(xq, n_rows, out, out_stride, |split, scratch, stride| {
+                dot_block_with(isa, weights, w, row_bytes, rows, split, scratch, stride)
+            });
+            return;
+        }
+    }
     let w = &w[rows.start * row_bytes..end];
     if !has_simd(weights) || row_bytes == 0 {
         scalar_block(weights, w, row_bytes, n_rows, xq, out, out_stride);
@@ -223,6 +237,43 @@ pub fn dot_block_with(
         },
         #[allow(unreachable_patterns)]
         _ => scalar_block(weights, w, row_bytes, n_rows, xq, out, out_stride),
+    }
+}
+
+/// Whether `isa`'s kernels for `weights` multiply refined activation rows
+/// ([`quantize_row_refined`]) in one pass: the 32-element formats on AVX-512 VNNI. Elsewhere a
+/// refined row costs what its two plain rows cost (the kernels run both and add).
+pub fn fuses_refined(isa: Isa, weights: GgmlType) -> bool {
+    isa == Isa::Avx512Vnni
+        && matches!(
+            weights,
+            GgmlType::Q4_0
+                | GgmlType::Q4_1
+                | GgmlType::Q5_0
+                | GgmlType::Q5_1
+                | GgmlType::Q8_0
+                | GgmlType::IQ4_NL
+        )
+}
+
+/// The products of refined rows `xq` by kernels without a refined path: `block` computes the
+/// plain rows each refined row splits into (high and low parts, in that order) into a scratch
+/// of `n_rows` values per row, and each pair is added into `out`.
+pub(crate) fn split_refined_block(
+    xq: &[QuantizedRow],
+    n_rows: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    block: impl FnOnce(&[QuantizedRow], &mut [f32], usize),
+) {
+    let split: Vec<QuantizedRow> = xq.iter().flat_map(QuantizedRow::split_refined).collect();
+    let mut scratch = vec![0.0f32; split.len() * n_rows];
+    block(&split, &mut scratch, n_rows);
+    for (t, pair) in scratch.chunks_exact(2 * n_rows).enumerate() {
+        let (high, low) = pair.split_at(n_rows);
+        for (r, (h, l)) in high.iter().zip(low).enumerate() {
+            out[t * out_stride + r] = h + l;
+        }
     }
 }
 

@@ -272,15 +272,11 @@ pub(crate) fn fold(weights: GgmlType, w_row: &[u8], xq: &QuantizedRow) -> (f64, 
             let (mut sum, mut mag) = (0.0f64, 0.0f64);
             for (bi, b) in w_row.chunks_exact(bytes).enumerate() {
                 decode(weights, b, &mut blk);
-                let codes = &xq.codes[bi * len..(bi + 1) * len];
-                for (s, (us, qs)) in blk.u[..len]
-                    .chunks_exact(blk.sub)
-                    .zip(codes.chunks_exact(blk.sub))
-                    .enumerate()
-                {
+                for (s, us) in blk.u[..len].chunks_exact(blk.sub).enumerate() {
+                    let first = bi * len + s * blk.sub;
                     let (mut uq, mut q, mut uq_abs, mut q_abs) = (0i64, 0i64, 0i64, 0i64);
-                    for (&u, &x) in us.iter().zip(qs) {
-                        let x = i64::from(x);
+                    for (i, &u) in us.iter().enumerate() {
+                        let x = i64::from(xq.code(first + i));
                         uq += i64::from(u) * x;
                         q += x;
                         uq_abs += (i64::from(u) * x).abs();

@@ -4,8 +4,8 @@
 use kiln_format::ggml::{dequantize, f32_to_bf16, f32_to_f16, GgmlType};
 use kiln_kernels::reference::{dot_magnitude, error_bound};
 use kiln_kernels::{
-    activation_format, available_isas, dot_block_with, dot_reference, dot_with, quantize_row,
-    ActivationFormat, Isa, QuantizedRow,
+    activation_format, available_isas, dot_block_with, dot_reference, dot_with, fuses_refined,
+    quantize_row, quantize_row_refined, ActivationFormat, Isa, QuantizedRow,
 };
 use proptest::prelude::*;
 
@@ -218,6 +218,126 @@ simd_vs_reference! {
     bf16_kernels_match_reference: GgmlType::BF16;
 }
 
+/// The 32-element types, whose kernels take refined activation rows.
+const REFINABLE: [GgmlType; 6] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::IQ4_NL,
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(384))]
+    /// Refined rows: every level (one pass where it fuses them, the two plain rows otherwise)
+    /// against the reference, within `error_bound`.
+    #[test]
+    fn refined_kernels_match_reference(
+        (ty, w, x) in (0usize..REFINABLE.len()).prop_flat_map(|i| {
+            let ty = REFINABLE[i];
+            case(ty, max_units(ty)).prop_map(move |(w, x)| (ty, w, x))
+        })
+    ) {
+        let mut xq = QuantizedRow::new();
+        quantize_row_refined(&x, &mut xq);
+        let want = dot_reference(ty, &w, &xq);
+        let bound = error_bound(ty, &w, &xq);
+        for isa in available_isas() {
+            let got = dot_with(isa, ty, &w, &xq);
+            let diff = (f64::from(got) - f64::from(want)).abs();
+            prop_assert!(
+                diff <= bound,
+                "{ty} {isa:?} refined: got {got}, reference {want}, |diff| {diff} > bound {bound}"
+            );
+        }
+    }
+}
+
+#[test]
+fn refined_rows_are_fused_where_expected() {
+    for ty in REFINABLE {
+        assert!(
+            fuses_refined(Isa::Avx512Vnni, ty),
+            "{ty} on AVX-512 multiplies refined rows in one pass"
+        );
+        assert!(!fuses_refined(Isa::Scalar, ty));
+    }
+    assert!(!fuses_refined(Isa::Avx512Vnni, GgmlType::Q4_K));
+}
+
+/// A refined row is a plain Q8_1 row's codes with a second int8 part in steps of 1/256 of its
+/// scale: the error per element falls from half a step to half of 1/256 of a step.
+#[test]
+fn refined_rows_round_trip_within_a_512th_of_a_step() {
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 11) as f64 / (1u64 << 53) as f64
+    };
+    for round in 0..200 {
+        let n = 32 * (1 + round % 7);
+        let spread = [1e-3f64, 1.0, 40.0, 1e4][round % 4];
+        let mut x: Vec<f32> = (0..n)
+            .map(|_| ((next() * 2.0 - 1.0) * spread) as f32)
+            .collect();
+        if round % 5 == 0 {
+            x[..32].fill(0.0);
+        }
+        if round % 3 == 0 {
+            // Halfway values of the coarse step, where the low part reaches its ±127 clamp.
+            x[40.min(n - 1)] = 3.5 * x[33.min(n - 1)].abs().max(1.0);
+        }
+        let mut plain = QuantizedRow::new();
+        quantize_row(&x, ActivationFormat::Q8_1, &mut plain);
+        let mut refined = QuantizedRow::new();
+        quantize_row_refined(&x, &mut refined);
+        assert!(refined.is_refined() && !plain.is_refined());
+        assert_eq!(
+            refined.codes(),
+            plain.codes(),
+            "the high parts are the plain codes"
+        );
+        let values = refined.dequantize();
+        let mut into = vec![f32::NAN; n];
+        refined.dequantize_into(&mut into);
+        assert_eq!(values, into);
+        for b in 0..n / 32 {
+            let d = plain.scales()[b];
+            assert_eq!(refined.scales()[b], d / 256.0);
+            let mut code_sum = 0i64;
+            for i in 32 * b..32 * (b + 1) {
+                let code = 256 * i64::from(refined.codes()[i]) + i64::from(refined.low_codes()[i]);
+                assert!(refined.low_codes()[i] != i8::MIN);
+                code_sum += code;
+                assert_eq!(values[i], refined.scales()[b] * code as f32);
+                let err = (f64::from(values[i]) - f64::from(x[i])).abs();
+                // Half a fine step, or one fine step where the low part was clamped; plus the
+                // f32 rounding of the residual and of the value.
+                let fine = f64::from(d) / 256.0;
+                let bound =
+                    fine * if refined.low_codes()[i].abs() == 127 {
+                        1.01
+                    } else {
+                        0.51
+                    } + 4.0 * f64::from(f32::EPSILON) * f64::from(x[i].abs());
+                assert!(
+                    err <= bound,
+                    "x {} → {}: error {err} > {bound}",
+                    x[i],
+                    values[i]
+                );
+            }
+            assert_eq!(
+                refined.block_sums()[b],
+                refined.scales()[b] * code_sum as f32
+            );
+        }
+    }
+}
+
 /// Q8_1 and Q8_K weights go through the reference at every level.
 #[test]
 fn activation_types_as_weights() {
@@ -317,8 +437,11 @@ proptest! {
         n_tok in 1usize..=5,
         pad in 0usize..3,
         seed in any::<u64>(),
+        refine in any::<bool>(),
     ) {
         let ty = SIMD_TYPES[ty_i];
+        // Refined rows where the type takes them (its activations are Q8_1).
+        let refine = refine && activation_format(ty) == ActivationFormat::Q8_1;
         let units = if ty.block_len() == 256 { units.div_ceil(3) } else { units };
         let n = units * ty.block_len();
         let row_bytes = ty.row_bytes(n).unwrap();
@@ -340,7 +463,13 @@ proptest! {
         let xq: Vec<QuantizedRow> = (0..n_tok)
             .map(|_| {
                 let x: Vec<f32> = (0..n).map(|_| (next() % 4001) as f32 / 500.0 - 4.0).collect();
-                quantized(ty, &x)
+                if refine {
+                    let mut xq = QuantizedRow::new();
+                    quantize_row_refined(&x, &mut xq);
+                    xq
+                } else {
+                    quantized(ty, &x)
+                }
             })
             .collect();
         let stride = n_rows + pad;

@@ -6,7 +6,9 @@ use kiln_format::kiln_types::{self, KilnType};
 use kiln_kernels::kiln_formats::{
     activation_format, dequantize_row_with, dot_block_with, dot_reference, error_bound, KilnMatrix,
 };
-use kiln_kernels::{available_isas, quantize_row, QuantizedRow};
+use kiln_kernels::{
+    available_isas, quantize_row, quantize_row_refined, ActivationFormat, QuantizedRow,
+};
 use proptest::prelude::*;
 
 /// An f16 scale or table entry: ordinary values, zero, the extremes of the range.
@@ -154,12 +156,33 @@ fn check(
     data: &[u8],
     xs: &[Vec<f32>],
 ) -> Result<(), TestCaseError> {
+    check_with(ty, rows, cols, data, xs, false)?;
+    if activation_format(ty) == ActivationFormat::Q8_1 {
+        // Refined rows too: the kernels take their two plain rows, the reference the 16-bit
+        // codes.
+        check_with(ty, rows, cols, data, xs, true)?;
+    }
+    Ok(())
+}
+
+fn check_with(
+    ty: KilnType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    xs: &[Vec<f32>],
+    refine: bool,
+) -> Result<(), TestCaseError> {
     let w = KilnMatrix::new(ty, data, rows, cols).expect("a well-sized tensor");
     let xq: Vec<QuantizedRow> = xs
         .iter()
         .map(|x| {
             let mut q = QuantizedRow::new();
-            quantize_row(x, activation_format(ty), &mut q);
+            if refine {
+                quantize_row_refined(x, &mut q);
+            } else {
+                quantize_row(x, activation_format(ty), &mut q);
+            }
             q
         })
         .collect();
@@ -205,8 +228,8 @@ fn check(
                     let bound = error_bound(&w, start + k, q);
                     prop_assert!(
                         (got - want).abs() <= bound,
-                        "{ty} {isa:?} row {} token {t}: got {got}, reference {want}, bound \
-                         {bound}",
+                        "{ty} {isa:?} row {} token {t} (refined {refine}): got {got}, \
+                         reference {want}, bound {bound}",
                         start + k
                     );
                 }

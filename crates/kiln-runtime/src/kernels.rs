@@ -180,6 +180,9 @@ fn int8_gemm_type(
 pub(crate) struct IntegerProduct<'a> {
     pub rows: usize,
     pub fmt: ActivationFormat,
+    /// Whether the kernel multiplies refined activation rows in one pass
+    /// ([`kiln_kernels::fuses_refined`]).
+    pub fuses_refined: bool,
     #[allow(clippy::type_complexity)]
     pub dot: Box<dyn Fn(std::ops::Range<usize>, &[QuantizedRow], &mut [f32], usize) + Sync + 'a>,
 }
@@ -194,6 +197,7 @@ fn integer_product(w: &WeightMatrix) -> IntegerProduct<'_> {
             IntegerProduct {
                 rows: w.rows(),
                 fmt: kiln_kernels::activation_format(ty),
+                fuses_refined: kiln_kernels::fuses_refined(kiln_kernels::detect(), ty),
                 dot: Box::new(move |range, xq, tile, width| {
                     kiln_kernels::dot_block(ty, data, row_bytes, range, xq, tile, width)
                 }),
@@ -203,8 +207,9 @@ fn integer_product(w: &WeightMatrix) -> IntegerProduct<'_> {
 }
 
 /// The shape of every integer matrix product: `x` (`n_tokens` rows of `cols`) quantized once
-/// into the products' common activation format (with `refine`, each row's quantization
-/// residual too, as rows `n_tokens..2·n_tokens`), then every product's output channels shared
+/// into the products' common activation format (with `refine`, as refined rows when every
+/// product's kernel multiplies those in one pass, otherwise with each row's quantization
+/// residual as rows `n_tokens..2·n_tokens`), then every product's output channels shared
 /// out between the tasks of one parallel section, each task calling its product's kernel for
 /// its rows and adding the residual products in. Several matrices that multiply the same
 /// activations (a layer's query, key and value) so pay one quantization and one
@@ -231,8 +236,12 @@ pub(crate) fn quantized_products(
     );
     QUANTIZED_ROWS.with(|cell| {
         let mut xq = cell.borrow_mut();
-        // With refinement, rows n_tokens..2·n_tokens hold each row's quantization residual.
-        let n_rows_q = if refine && fmt != ActivationFormat::F32 {
+        // Refinement in one pass: each row's residual rides in the row itself, at a fixed
+        // 1/256 of its scale, and the kernels fold it into their integer sums.
+        let fused =
+            refine && fmt == ActivationFormat::Q8_1 && products.iter().all(|p| p.fuses_refined);
+        // Otherwise rows n_tokens..2·n_tokens hold each row's quantization residual.
+        let n_rows_q = if refine && fmt != ActivationFormat::F32 && !fused {
             2 * n_tokens
         } else {
             n_tokens
@@ -244,6 +253,10 @@ pub(crate) fn quantized_products(
             let mut residual = residual.borrow_mut();
             for t in 0..n_tokens {
                 let xt = &x[t * cols..(t + 1) * cols];
+                if fused {
+                    kiln_kernels::quantize_row_refined(xt, &mut xq[t]);
+                    continue;
+                }
                 kiln_kernels::quantize_row(xt, fmt, &mut xq[t]);
                 if n_rows_q > n_tokens {
                     residual.resize(cols, 0.0);

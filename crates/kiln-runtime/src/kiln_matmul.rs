@@ -22,6 +22,7 @@ pub(crate) fn product(w: &WeightMatrix) -> IntegerProduct<'_> {
     let (rows, cols) = (w.rows(), w.cols());
     let m = KilnMatrix::new(ty, w.data(), rows, cols).expect("shape validated at load");
     IntegerProduct {
+        fuses_refined: false,
         rows,
         fmt: kiln_formats::activation_format(ty),
         dot: Box::new(move |range, xq, tile, width| {

@@ -18,7 +18,7 @@ use super::{iq4, kq, leg, tiled_dot_block};
 use crate::activation::QuantizedRow;
 use crate::layout::*;
 
-tiled_dot_block!(tile);
+tiled_dot_block!(tile, |_| false);
 
 /// `vpshufb` indices putting 16-element sub-block scales `2c` (low lane) and `2c + 1` (high
 /// lane) under the eight pair sums of each 128-bit lane.

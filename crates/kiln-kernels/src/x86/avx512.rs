@@ -22,7 +22,18 @@ use super::{iq4, kq, leg, tiled_dot_block};
 use crate::activation::QuantizedRow;
 use crate::layout::*;
 
-tiled_dot_block!(tile);
+tiled_dot_block!(tile, row_at_a_time);
+
+/// Whether a single activation row reads `weights` a row at a time rather than four rows side
+/// by side: Q8_0, whose one byte per weight needs little unpacking, so the four interleaved
+/// row streams of a tile (which the hardware prefetchers follow worse than one) cost more than
+/// sharing the activation loads saves. Gemma 3's Q8_0 output projection (262 144 rows of 640)
+/// streams at 38 GB/s a row at a time against 32-36 GB/s in tiles of four, one thread, one
+/// refined activation row (`decode_kernels --fused`, three interleaved rounds); its Q5_0
+/// matrices lose that way (20 against 25 GB/s) and keep the tiles.
+fn row_at_a_time(weights: GgmlType) -> bool {
+    weights == GgmlType::Q8_0
+}
 
 const fn words(group: usize, base: usize) -> __m512i {
     let mut a = [0i16; 32];
@@ -141,12 +152,12 @@ unsafe fn tile<const R: usize, const T: usize>(
     // SAFETY: the caller's guarantees are exactly what each kernel needs.
     unsafe {
         match weights {
-            GgmlType::Q4_0 => legacy::<{ leg::Q4_0 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q4_1 => legacy::<{ leg::Q4_1 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q5_0 => legacy::<{ leg::Q5_0 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q5_1 => legacy::<{ leg::Q5_1 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q8_0 => legacy::<{ leg::Q8_0 }, R, T>(w, row_bytes, xs),
-            GgmlType::IQ4_NL => legacy::<{ leg::IQ4_NL }, R, T>(w, row_bytes, xs),
+            GgmlType::Q4_0 => legacy_any::<{ leg::Q4_0 }, R, T>(w, row_bytes, xs),
+            GgmlType::Q4_1 => legacy_any::<{ leg::Q4_1 }, R, T>(w, row_bytes, xs),
+            GgmlType::Q5_0 => legacy_any::<{ leg::Q5_0 }, R, T>(w, row_bytes, xs),
+            GgmlType::Q5_1 => legacy_any::<{ leg::Q5_1 }, R, T>(w, row_bytes, xs),
+            GgmlType::Q8_0 => legacy_any::<{ leg::Q8_0 }, R, T>(w, row_bytes, xs),
+            GgmlType::IQ4_NL => legacy_any::<{ leg::IQ4_NL }, R, T>(w, row_bytes, xs),
             GgmlType::IQ4_XS => iq4_xs::<R, T>(w, row_bytes, xs),
             GgmlType::Q2_K => kquant::<{ kq::Q2_K }, R, T>(w, row_bytes, xs),
             GgmlType::Q3_K => kquant::<{ kq::Q3_K }, R, T>(w, row_bytes, xs),
@@ -164,9 +175,30 @@ unsafe fn tile<const R: usize, const T: usize>(
 // ---------------------------------------------------------------------------------------------
 // 32-element formats
 
+/// [`legacy`] for plain or refined activation rows (all of one kind, as `dot_block` checks).
+///
+/// # Safety
+/// As [`legacy`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn legacy<const F: u8, const R: usize, const T: usize>(
+unsafe fn legacy_any<const F: u8, const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    // SAFETY: the caller's guarantees, passed on.
+    unsafe {
+        if xs[0].is_refined() {
+            legacy::<F, R, T, true>(w, row_bytes, xs)
+        } else {
+            legacy::<F, R, T, false>(w, row_bytes, xs)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn legacy<const F: u8, const R: usize, const T: usize, const REFINED: bool>(
     w: *const u8,
     row_bytes: usize,
     xs: [&QuantizedRow; T],
@@ -176,15 +208,15 @@ unsafe fn legacy<const F: u8, const R: usize, const T: usize>(
     let mut b = 0;
     while b + 4 <= nb {
         // SAFETY: blocks b..b + 4 exist in every weight row and activation row.
-        unsafe { leg_step::<F, R, T, 4>(w, row_bytes, &xs, b, &mut acc) };
+        unsafe { leg_step::<F, R, T, 4, REFINED>(w, row_bytes, &xs, b, &mut acc) };
         b += 4;
     }
     // SAFETY: the last nb - b blocks exist.
     unsafe {
         match nb - b {
-            1 => leg_step::<F, R, T, 1>(w, row_bytes, &xs, b, &mut acc),
-            2 => leg_step::<F, R, T, 2>(w, row_bytes, &xs, b, &mut acc),
-            3 => leg_step::<F, R, T, 3>(w, row_bytes, &xs, b, &mut acc),
+            1 => leg_step::<F, R, T, 1, REFINED>(w, row_bytes, &xs, b, &mut acc),
+            2 => leg_step::<F, R, T, 2, REFINED>(w, row_bytes, &xs, b, &mut acc),
+            3 => leg_step::<F, R, T, 3, REFINED>(w, row_bytes, &xs, b, &mut acc),
             _ => {}
         }
     }
@@ -199,11 +231,23 @@ unsafe fn legacy<const F: u8, const R: usize, const T: usize>(
 
 /// Adds blocks `b..b + N` (N ≤ 4) of every row and activation row of the tile to `acc`.
 ///
+/// `REFINED`: the activation rows are refined, their codes `256·high + low`: the integer sum
+/// of the high parts is shifted left by 8 and the low parts multiply-added onto it, so the
+/// block's scales apply once. No overflow: a lane sums 4 products of a code ≤ 255 and one of
+/// magnitude ≤ 127 (129 540) and the shifted sum plus the low part stays below 2^26.
+///
 /// # Safety
-/// Blocks `b..b + N` exist in the `R` weight rows at `w` and in every activation row.
+/// Blocks `b..b + N` exist in the `R` weight rows at `w` and in every activation row (and
+/// its low parts if `REFINED`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
+unsafe fn leg_step<
+    const F: u8,
+    const R: usize,
+    const T: usize,
+    const N: usize,
+    const REFINED: bool,
+>(
     w: *const u8,
     row_bytes: usize,
     xs: &[&QuantizedRow; T],
@@ -218,8 +262,26 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
     let mut ds = [_mm_setzero_ps(); T];
     let mut x01 = [_mm512_setzero_si512(); T];
     let mut x23 = [_mm512_setzero_si512(); T];
+    let mut y01 = [_mm512_setzero_si512(); T];
+    let mut y23 = [_mm512_setzero_si512(); T];
     for t in 0..T {
         let x = xs[t];
+        if REFINED {
+            // SAFETY: as for the high parts below; a refined row's low parts are as long.
+            unsafe {
+                let c = x.low.as_ptr().add(b * QK);
+                y01[t] = if N >= 2 {
+                    _mm512_loadu_si512(c.cast())
+                } else {
+                    _mm512_maskz_loadu_epi8(low_half, c)
+                };
+                if N == 4 {
+                    y23[t] = _mm512_loadu_si512(c.add(2 * QK).cast());
+                } else if N == 3 {
+                    y23[t] = _mm512_maskz_loadu_epi8(low_half, c.add(2 * QK));
+                }
+            }
+        }
         // SAFETY: blocks b..b + N exist, so N scales and sums from index b and N * 32 codes
         // from b * 32 are in bounds; masked-off lanes are not read.
         unsafe {
@@ -248,14 +310,20 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
         let (d4, m4, u01, u23) = unsafe { leg_unpack::<F, N>(p) };
         for t in 0..T {
             let s = _mm512_castps128_ps512(_mm_mul_ps(d4, dx[t]));
-            let i01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u01, x01[t]);
+            let mut i01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u01, x01[t]);
+            if REFINED {
+                i01 = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(i01), u01, y01[t]);
+            }
             let mut a = _mm512_fmadd_ps(
                 _mm512_cvtepi32_ps(i01),
                 _mm512_permutexvar_ps(PAIR_IDX[0], s),
                 acc_r[t],
             );
             if N > 2 {
-                let i23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u23, x23[t]);
+                let mut i23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u23, x23[t]);
+                if REFINED {
+                    i23 = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(i23), u23, y23[t]);
+                }
                 a = _mm512_fmadd_ps(
                     _mm512_cvtepi32_ps(i23),
                     _mm512_permutexvar_ps(PAIR_IDX[1], s),
