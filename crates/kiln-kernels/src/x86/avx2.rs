@@ -18,7 +18,22 @@ use super::{iq4, kq, leg, tiled_dot_block};
 use crate::activation::QuantizedRow;
 use crate::layout::*;
 
-tiled_dot_block!(tile, |_| false);
+tiled_dot_block!(tile, |_| false, no_row_at_a_time);
+
+/// AVX2 reads every format in tiles (the row-at-a-time path is AVX-512's).
+///
+/// # Safety
+/// Never called.
+unsafe fn no_row_at_a_time(
+    _: GgmlType,
+    _: &[u8],
+    _: usize,
+    _: usize,
+    _: &QuantizedRow,
+    _: &mut [f32],
+) {
+    unreachable!("AVX2 reads no format a row at a time")
+}
 
 /// `vpshufb` indices putting 16-element sub-block scales `2c` (low lane) and `2c + 1` (high
 /// lane) under the eight pair sums of each 128-bit lane.

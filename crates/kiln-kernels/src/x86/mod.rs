@@ -22,9 +22,10 @@ pub(crate) fn prefetch_distance(row_bytes: usize) -> usize {
 
 /// The row/token tiling shared by both x86 levels; `tile` is the level's kernel for a tile of
 /// `R` rows by `T` activation rows, `row_at_a_time(weights)` whether one activation row
-/// (decode) reads the weights a row at a time.
+/// (decode) reads the weights a row at a time, which `rows(weights, w, row_bytes, n_rows, x,
+/// out)` then does.
 macro_rules! tiled_dot_block {
-    ($tile:ident, $row_at_a_time:expr) => {
+    ($tile:ident, $row_at_a_time:expr, $rows:expr) => {
         /// Tiles rows by 4 (then 1) and activation rows by 2 (then 1), rows outermost so a
         /// tile's weights stay in L1 while every activation row passes over them; with one
         /// activation row and a format `row_at_a_time` names, a row at a time.
@@ -44,8 +45,12 @@ macro_rules! tiled_dot_block {
             out_stride: usize,
         ) {
             let mut r = 0;
-            let tiled = xq.len() > 1 || !$row_at_a_time(weights);
-            while tiled && r + super::TILE_ROWS <= n_rows {
+            if xq.len() == 1 && $row_at_a_time(weights) {
+                // SAFETY: the caller's guarantees, for the one activation row.
+                unsafe { $rows(weights, w, row_bytes, n_rows, &xq[0], out) };
+                return;
+            }
+            while r + super::TILE_ROWS <= n_rows {
                 // SAFETY: rows r..r + TILE_ROWS lie within `w`; the rest is the caller's.
                 unsafe {
                     row_tile::<{ super::TILE_ROWS }>(weights, w, row_bytes, r, xq, out, out_stride)
