@@ -251,9 +251,15 @@ impl QuantizedRow {
         self.group_sums.clear();
         match self.format {
             ActivationFormat::Q8_1 if self.is_refined() => {
-                for (b, &d) in self.scales.iter().enumerate() {
-                    let s: i32 = (b * QK..(b + 1) * QK).map(|i| self.code(i)).sum();
-                    self.sums.push(d * s as f32);
+                for ((q, l), &d) in self
+                    .codes
+                    .chunks_exact(QK)
+                    .zip(self.low.chunks_exact(QK))
+                    .zip(&self.scales)
+                {
+                    let high: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                    let low: i32 = l.iter().map(|&v| i32::from(v)).sum();
+                    self.sums.push(d * (256 * high + low) as f32);
                 }
             }
             ActivationFormat::Q8_1 => {

@@ -275,11 +275,15 @@ pub(crate) fn quantized_products(
                 SharedOut::new(y)
             })
             .collect();
-        // Decode: small row ranges keep both threads busy; prefill: each task owns a band of
-        // rows for every token, so weights are read once per band.
+        // Decode: small row ranges keep several threads busy; prefill: each task owns a band
+        // of rows for every token, so weights are read once per band. One thread takes each
+        // product whole: there is nothing to balance, and every kernel call has a fixed cost.
         let tasks: Vec<usize> = products
             .iter()
-            .map(|p| (pool.n_threads() * 4).min(p.rows.div_ceil(16)).max(1))
+            .map(|p| match pool.n_threads() {
+                1 => 1,
+                n => (n * 4).min(p.rows.div_ceil(16)).max(1),
+            })
             .collect();
         let total: usize = tasks.iter().sum();
         pool.for_each(total, |item| {
@@ -291,6 +295,14 @@ pub(crate) fn quantized_products(
             let (p, rows) = (&products[which], products[which].rows);
             let range = split_range(rows, tasks[which], task);
             if range.is_empty() {
+                return;
+            }
+            if n_rows_q == 1 {
+                // One activation row: the kernel writes this task's outputs in place.
+                // SAFETY: rows `range` of this product belong to this task alone.
+                let dst = unsafe { outs[which].slice(range.clone()) };
+                let width = range.len();
+                (p.dot)(range, xq, dst, width);
                 return;
             }
             TILE_OUT.with(|tile| {
