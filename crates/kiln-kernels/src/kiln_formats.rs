@@ -173,11 +173,12 @@ pub fn dot_block_with(
         return;
     }
     crate::check_output(n_rows, xq.len(), out.len(), out_stride);
-    if xq[0].is_refined() {
-        assert!(
-            xq.iter().all(QuantizedRow::is_refined),
-            "dot_block: refined and plain activation rows mixed"
-        );
+    let refined = xq[0].is_refined();
+    assert!(
+        xq.iter().all(|x| x.is_refined() == refined),
+        "dot_block: refined and plain activation rows mixed"
+    );
+    if refined && !fuses_refined(isa, w.ty) {
         crate::split_refined_block(xq, n_rows, out, out_stride, |split, scratch, stride| {
             dot_block_with(isa, w, rows, split, scratch, stride)
         });
@@ -202,6 +203,18 @@ pub fn dot_block_with(
             out[t * out_stride + k] = fold(w, r, x).0 as f32;
         }
     }
+}
+
+/// Whether `isa`'s kernel for `ty` multiplies refined activation rows
+/// ([`crate::quantize_row_refined`]) in one pass: the integer formats on AVX-512. Elsewhere a
+/// refined row costs what its two plain rows cost.
+pub fn fuses_refined(isa: Isa, ty: KilnType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if crate::x86::kiln_formats::has_kernel(isa, ty) {
+        return crate::x86::kiln_formats::fuses_refined(isa, ty);
+    }
+    let _ = (isa, ty);
+    false
 }
 
 /// Row `r` of `w` dequantized into `out` (`w.cols()` values): exactly the values of

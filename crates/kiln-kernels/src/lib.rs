@@ -188,17 +188,16 @@ pub fn dot_block_with(
         return;
     }
     check_output(n_rows, xq.len(), out.len(), out_stride);
-    if first.is_refined() {
-        assert!(
-            xq.iter().all(QuantizedRow::is_refined),
-            "dot_block: refined and plain activation rows mixed"
-        );
-        if !fuses_refined(isa, weights) {
-            split_refined_block(xq, n_rows, out, out_stride, |split, scratch, stride| {
-                dot_block_with(isa, weights, w, row_bytes, rows, split, scratch, stride)
-            });
-            return;
-        }
+    let refined = first.is_refined();
+    assert!(
+        xq.iter().all(|x| x.is_refined() == refined),
+        "dot_block: refined and plain activation rows mixed"
+    );
+    if refined && !fuses_refined(isa, weights) {
+        split_refined_block(xq, n_rows, out, out_stride, |split, scratch, stride| {
+            dot_block_with(isa, weights, w, row_bytes, rows, split, scratch, stride)
+        });
+        return;
     }
     let w = &w[rows.start * row_bytes..end];
     if !has_simd(weights) || row_bytes == 0 {

@@ -22,7 +22,7 @@ pub(crate) fn product(w: &WeightMatrix) -> IntegerProduct<'_> {
     let (rows, cols) = (w.rows(), w.cols());
     let m = KilnMatrix::new(ty, w.data(), rows, cols).expect("shape validated at load");
     IntegerProduct {
-        fuses_refined: false,
+        fuses_refined: kiln_formats::fuses_refined(kiln_kernels::detect(), ty),
         rows,
         fmt: kiln_formats::activation_format(ty),
         dot: Box::new(move |range, xq, tile, width| {

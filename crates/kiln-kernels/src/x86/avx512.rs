@@ -260,6 +260,21 @@ unsafe fn legacy<const F: u8, const R: usize, const T: usize, const REFINED: boo
     out
 }
 
+/// `Σ w·x` per lane of four byte products (`vpdpbusd`); with `REFINED`, `x` and `y` are the
+/// high and low parts of refined activation codes and the result is `(Σ w·x) · 256 + Σ w·y`,
+/// the sum over the 16-bit codes. Exact for unsigned `w` < 256 and parts within ±127: a lane's
+/// high sum is below 2^17, so the shifted total stays below 2^26.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+pub(super) fn dpbusd_refined<const REFINED: bool>(w: __m512i, x: __m512i, y: __m512i) -> __m512i {
+    let i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+    if REFINED {
+        _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(i), w, y)
+    } else {
+        i
+    }
+}
+
 /// Adds blocks `b..b + N` (N ≤ 4) of every row and activation row of the tile to `acc`.
 ///
 /// `REFINED`: the activation rows are refined, their codes `256·high + low`: the integer sum
@@ -341,20 +356,14 @@ unsafe fn leg_step<
         let (d4, m4, u01, u23) = unsafe { leg_unpack::<F, N>(p) };
         for t in 0..T {
             let s = _mm512_castps128_ps512(_mm_mul_ps(d4, dx[t]));
-            let mut i01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u01, x01[t]);
-            if REFINED {
-                i01 = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(i01), u01, y01[t]);
-            }
+            let i01 = dpbusd_refined::<REFINED>(u01, x01[t], y01[t]);
             let mut a = _mm512_fmadd_ps(
                 _mm512_cvtepi32_ps(i01),
                 _mm512_permutexvar_ps(PAIR_IDX[0], s),
                 acc_r[t],
             );
             if N > 2 {
-                let mut i23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u23, x23[t]);
-                if REFINED {
-                    i23 = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(i23), u23, y23[t]);
-                }
+                let i23 = dpbusd_refined::<REFINED>(u23, x23[t], y23[t]);
                 a = _mm512_fmadd_ps(
                     _mm512_cvtepi32_ps(i23),
                     _mm512_permutexvar_ps(PAIR_IDX[1], s),

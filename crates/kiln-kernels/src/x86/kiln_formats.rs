@@ -39,9 +39,21 @@ use kiln_format::kiln_types::{
     self, KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER,
 };
 
+use super::avx512::dpbusd_refined;
 use crate::activation::QuantizedRow;
 use crate::kiln_formats::KilnMatrix;
 use crate::Isa;
+
+/// Whether `isa`'s kernel for `ty` multiplies refined activation rows in one pass: the integer
+/// formats on AVX-512 (`LUT4_B32` where its table lookups have VBMI).
+pub(crate) fn fuses_refined(isa: Isa, ty: KilnType) -> bool {
+    isa == Isa::Avx512Vnni
+        && match ty {
+            KilnType::I8Ch | KilnType::I4B64 => true,
+            KilnType::Lut4B32 { .. } => has_vbmi(),
+            KilnType::Lut { .. } => false,
+        }
+}
 
 /// Whether `isa` has a kernel for `ty` here (the others run the reference).
 pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
@@ -137,13 +149,21 @@ unsafe fn tile<const R: usize, const T: usize>(
     // SAFETY: the caller's guarantees are what each kernel needs.
     unsafe {
         match (isa, w.ty) {
-            (Isa::Avx512Vnni, KilnType::I8Ch) => i8ch_512::<R, T>(w, r0, xs),
-            (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T>(w, r0, xs),
-            (Isa::Avx512Vnni, KilnType::Lut4B32 { group: None }) if has_vbmi() => {
-                lut4b32_512::<R, T, false>(w, r0, xs)
+            (Isa::Avx512Vnni, KilnType::I8Ch) if xs[0].is_refined() => {
+                i8ch_512::<R, T, true>(w, r0, xs)
             }
-            (Isa::Avx512Vnni, KilnType::Lut4B32 { .. }) if has_vbmi() => {
-                lut4b32_512::<R, T, true>(w, r0, xs)
+            (Isa::Avx512Vnni, KilnType::I8Ch) => i8ch_512::<R, T, false>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::I4B64) if xs[0].is_refined() => {
+                i4b64_512::<R, T, true>(w, r0, xs)
+            }
+            (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T, false>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::Lut4B32 { group }) if has_vbmi() => {
+                match (group.is_some(), xs[0].is_refined()) {
+                    (false, false) => lut4b32_512::<R, T, false, false>(w, r0, xs),
+                    (false, true) => lut4b32_512::<R, T, false, true>(w, r0, xs),
+                    (true, false) => lut4b32_512::<R, T, true, false>(w, r0, xs),
+                    (true, true) => lut4b32_512::<R, T, true, true>(w, r0, xs),
+                }
             }
             (Isa::Avx512Vnni, KilnType::Lut { bits: 8, .. }) if has_vbmi() => {
                 lut8_vbmi::<R, T>(w, r0, xs)
@@ -246,7 +266,7 @@ fn i8ch_scales<const R: usize>(w: &KilnMatrix, r0: usize) -> [f32; R] {
 /// # Safety
 /// AVX-512 VNNI; as [`dot_block`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn i8ch_512<const R: usize, const T: usize>(
+unsafe fn i8ch_512<const R: usize, const T: usize, const REFINED: bool>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
@@ -264,10 +284,16 @@ unsafe fn i8ch_512<const R: usize, const T: usize>(
         let two = c + 2 * CHUNK <= cols;
         let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
         let mut xv = [_mm512_setzero_si512(); T];
+        let mut yv = [_mm512_setzero_si512(); T];
         let mut dv = [_mm512_setzero_ps(); T];
         for t in 0..T {
-            // SAFETY: 32 or 64 codes from c lie within the activation row.
+            // SAFETY: 32 or 64 codes from c lie within the activation row (and its low parts
+            // when refined).
             xv[t] = unsafe { _mm512_maskz_loadu_epi8(mask, xs[t].codes.as_ptr().add(c).cast()) };
+            if REFINED {
+                // SAFETY: as above.
+                yv[t] = unsafe { _mm512_maskz_loadu_epi8(mask, xs[t].low.as_ptr().add(c).cast()) };
+            }
             let d1 = if two { xs[t].scales[b + 1] } else { 0.0 };
             dv[t] = pair_ps(xs[t].scales[b], d1);
         }
@@ -280,7 +306,7 @@ unsafe fn i8ch_512<const R: usize, const T: usize>(
             let wv = unsafe { _mm512_maskz_loadu_epi8(mask, wp.cast()) };
             let wv = _mm512_xor_si512(wv, flip);
             for t in 0..T {
-                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[t]);
+                let dp = dpbusd_refined::<REFINED>(wv, xv[t], yv[t]);
                 acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), dv[t], acc[r][t]);
             }
         }
@@ -351,7 +377,7 @@ unsafe fn i8ch_256<const R: usize, const T: usize>(
 /// # Safety
 /// AVX-512 VNNI; as [`dot_block`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn i4b64_512<const R: usize, const T: usize>(
+unsafe fn i4b64_512<const R: usize, const T: usize, const REFINED: bool>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
@@ -364,11 +390,17 @@ unsafe fn i4b64_512<const R: usize, const T: usize>(
     for blk in 0..w.cols / I4_BLOCK {
         let a = 2 * blk;
         let mut xv = [_mm512_setzero_si512(); T];
+        let mut yv = [_mm512_setzero_si512(); T];
         let mut dv = [_mm512_setzero_ps(); T];
         let mut sv = [_mm512_setzero_ps(); T];
         for t in 0..T {
-            // SAFETY: the 64 codes of activation blocks a and a + 1.
+            // SAFETY: the 64 codes of activation blocks a and a + 1 (and their low parts when
+            // refined).
             xv[t] = unsafe { _mm512_loadu_si512(xs[t].codes.as_ptr().add(a * CHUNK).cast()) };
+            if REFINED {
+                // SAFETY: as above.
+                yv[t] = unsafe { _mm512_loadu_si512(xs[t].low.as_ptr().add(a * CHUNK).cast()) };
+            }
             dv[t] = pair_ps(xs[t].scales[a], xs[t].scales[a + 1]);
             sv[t] = pair_ps(xs[t].sums[a], xs[t].sums[a + 1]);
         }
@@ -382,7 +414,7 @@ unsafe fn i4b64_512<const R: usize, const T: usize>(
             let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             let dw = _mm512_set1_ps(d);
             for t in 0..T {
-                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[t]);
+                let dp = dpbusd_refined::<REFINED>(q, xv[t], yv[t]);
                 // Per lane d_x · Σ q x − s_x: eight lanes of a block give d_x Σ q x − 8 s_x.
                 let v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dp), dv[t], sv[t]);
                 acc[r][t] = _mm512_fmadd_ps(v, dw, acc[r][t]);
@@ -549,7 +581,7 @@ unsafe fn lut4b32_tables_512<const R: usize, const GROUPED: bool>(
 /// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `LUT4_B32` tensor, with one table per group
 /// of rows if `GROUPED` (a tile's rows may straddle groups, so each row takes its own).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-unsafe fn lut4b32_512<const R: usize, const T: usize, const GROUPED: bool>(
+unsafe fn lut4b32_512<const R: usize, const T: usize, const GROUPED: bool, const REFINED: bool>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
@@ -564,15 +596,23 @@ unsafe fn lut4b32_512<const R: usize, const T: usize, const GROUPED: bool>(
     let mut b = 0;
     while b + 4 <= nb {
         // SAFETY: blocks b..b + 4 exist in every weight row and activation row.
-        unsafe { lut4b32_step_512::<R, T, 4, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs) };
+        unsafe {
+            lut4b32_step_512::<R, T, 4, GROUPED, REFINED>(w, p, &table, &xs, b, &mut acc, &mut offs)
+        };
         b += 4;
     }
     // SAFETY: the last nb - b blocks exist.
     unsafe {
         match nb - b {
-            1 => lut4b32_step_512::<R, T, 1, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
-            2 => lut4b32_step_512::<R, T, 2, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
-            3 => lut4b32_step_512::<R, T, 3, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
+            1 => lut4b32_step_512::<R, T, 1, GROUPED, REFINED>(
+                w, p, &table, &xs, b, &mut acc, &mut offs,
+            ),
+            2 => lut4b32_step_512::<R, T, 2, GROUPED, REFINED>(
+                w, p, &table, &xs, b, &mut acc, &mut offs,
+            ),
+            3 => lut4b32_step_512::<R, T, 3, GROUPED, REFINED>(
+                w, p, &table, &xs, b, &mut acc, &mut offs,
+            ),
             _ => {}
         }
     }
@@ -598,7 +638,13 @@ unsafe fn lut4b32_512<const R: usize, const T: usize, const GROUPED: bool>(
 /// row.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[inline]
-unsafe fn lut4b32_step_512<const R: usize, const T: usize, const N: usize, const GROUPED: bool>(
+unsafe fn lut4b32_step_512<
+    const R: usize,
+    const T: usize,
+    const N: usize,
+    const GROUPED: bool,
+    const REFINED: bool,
+>(
     w: &KilnMatrix,
     p: *const u8,
     table: &[__m512i; R],
@@ -617,8 +663,26 @@ unsafe fn lut4b32_step_512<const R: usize, const T: usize, const N: usize, const
     let mut xf = [_mm256_setzero_ps(); T];
     let mut x01 = [_mm512_setzero_si512(); T];
     let mut x23 = [_mm512_setzero_si512(); T];
+    let mut y01 = [_mm512_setzero_si512(); T];
+    let mut y23 = [_mm512_setzero_si512(); T];
     for t in 0..T {
         let x = xs[t];
+        if REFINED {
+            // SAFETY: as for the codes below; a refined row's low parts are as long.
+            unsafe {
+                let c = x.low.as_ptr().add(b * CHUNK);
+                y01[t] = if N >= 2 {
+                    _mm512_loadu_si512(c.cast())
+                } else {
+                    _mm512_maskz_loadu_epi8(low_half, c)
+                };
+                if N == 4 {
+                    y23[t] = _mm512_loadu_si512(c.add(2 * CHUNK).cast());
+                } else if N == 3 {
+                    y23[t] = _mm512_maskz_loadu_epi8(low_half, c.add(2 * CHUNK));
+                }
+            }
+        }
         // SAFETY: blocks b..b + N exist, so N scales and sums from index b and N * 32 codes
         // from b * 32 are in bounds; masked-off lanes are not read.
         unsafe {
@@ -673,14 +737,14 @@ unsafe fn lut4b32_step_512<const R: usize, const T: usize, const N: usize, const
             let f = _mm256_mul_ps(codes, xf[t]);
             offs[r][t] = _mm256_add_ps(offs[r][t], f);
             let s = _mm512_castps256_ps512(f);
-            let i01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[0], x01[t]);
+            let i01 = dpbusd_refined::<REFINED>(wq[0], x01[t], y01[t]);
             let mut a = _mm512_fmadd_ps(
                 _mm512_cvtepi32_ps(i01),
                 _mm512_permutexvar_ps(PAIR_IDX[0], s),
                 acc[r][t],
             );
             if N > 2 {
-                let i23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[1], x23[t]);
+                let i23 = dpbusd_refined::<REFINED>(wq[1], x23[t], y23[t]);
                 a = _mm512_fmadd_ps(
                     _mm512_cvtepi32_ps(i23),
                     _mm512_permutexvar_ps(PAIR_IDX[1], s),
