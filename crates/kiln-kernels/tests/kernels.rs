@@ -257,10 +257,12 @@ proptest! {
 #[test]
 fn refined_rows_are_fused_where_expected() {
     for ty in REFINABLE {
-        assert!(
-            fuses_refined(Isa::Avx512Vnni, ty),
-            "{ty} on AVX-512 multiplies refined rows in one pass"
-        );
+        for isa in [Isa::Avx512Vnni, Isa::Avx2] {
+            assert!(
+                fuses_refined(isa, ty),
+                "{ty} on {isa:?} multiplies refined rows in one pass"
+            );
+        }
         assert!(!fuses_refined(Isa::Scalar, ty));
     }
     assert!(!fuses_refined(Isa::Avx512Vnni, GgmlType::Q4_K));

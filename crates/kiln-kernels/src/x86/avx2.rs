@@ -107,12 +107,30 @@ unsafe fn tile<const R: usize, const T: usize>(
     // SAFETY: the caller's guarantees are exactly what each kernel needs.
     unsafe {
         match weights {
-            GgmlType::Q4_0 => legacy::<{ leg::Q4_0 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q4_1 => legacy::<{ leg::Q4_1 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q5_0 => legacy::<{ leg::Q5_0 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q5_1 => legacy::<{ leg::Q5_1 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q8_0 => legacy::<{ leg::Q8_0 }, R, T>(w, row_bytes, xs),
-            GgmlType::IQ4_NL => legacy::<{ leg::IQ4_NL }, R, T>(w, row_bytes, xs),
+            GgmlType::Q4_0 if xs[0].is_refined() => {
+                legacy::<{ leg::Q4_0 }, R, T, true>(w, row_bytes, xs)
+            }
+            GgmlType::Q4_0 => legacy::<{ leg::Q4_0 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::Q4_1 if xs[0].is_refined() => {
+                legacy::<{ leg::Q4_1 }, R, T, true>(w, row_bytes, xs)
+            }
+            GgmlType::Q4_1 => legacy::<{ leg::Q4_1 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::Q5_0 if xs[0].is_refined() => {
+                legacy::<{ leg::Q5_0 }, R, T, true>(w, row_bytes, xs)
+            }
+            GgmlType::Q5_0 => legacy::<{ leg::Q5_0 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::Q5_1 if xs[0].is_refined() => {
+                legacy::<{ leg::Q5_1 }, R, T, true>(w, row_bytes, xs)
+            }
+            GgmlType::Q5_1 => legacy::<{ leg::Q5_1 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::Q8_0 if xs[0].is_refined() => {
+                legacy::<{ leg::Q8_0 }, R, T, true>(w, row_bytes, xs)
+            }
+            GgmlType::Q8_0 => legacy::<{ leg::Q8_0 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::IQ4_NL if xs[0].is_refined() => {
+                legacy::<{ leg::IQ4_NL }, R, T, true>(w, row_bytes, xs)
+            }
+            GgmlType::IQ4_NL => legacy::<{ leg::IQ4_NL }, R, T, false>(w, row_bytes, xs),
             GgmlType::IQ4_XS => iq4_xs::<R, T>(w, row_bytes, xs),
             GgmlType::Q2_K => kquant::<{ kq::Q2_K }, R, T>(w, row_bytes, xs),
             GgmlType::Q3_K => kquant::<{ kq::Q3_K }, R, T>(w, row_bytes, xs),
@@ -152,7 +170,7 @@ fn move_bits(v: __m256i, from: i32, to: i32) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn legacy<const F: u8, const R: usize, const T: usize>(
+unsafe fn legacy<const F: u8, const R: usize, const T: usize, const REFINED: bool>(
     w: *const u8,
     row_bytes: usize,
     xs: [&QuantizedRow; T],
@@ -162,15 +180,15 @@ unsafe fn legacy<const F: u8, const R: usize, const T: usize>(
     let mut b = 0;
     while b + 4 <= nb {
         // SAFETY: blocks b..b + 4 exist in every weight row and activation row.
-        unsafe { leg_step::<F, R, T, 4>(w, row_bytes, &xs, b, &mut acc) };
+        unsafe { leg_step::<F, R, T, 4, REFINED>(w, row_bytes, &xs, b, &mut acc) };
         b += 4;
     }
     // SAFETY: the last nb - b blocks exist.
     unsafe {
         match nb - b {
-            1 => leg_step::<F, R, T, 1>(w, row_bytes, &xs, b, &mut acc),
-            2 => leg_step::<F, R, T, 2>(w, row_bytes, &xs, b, &mut acc),
-            3 => leg_step::<F, R, T, 3>(w, row_bytes, &xs, b, &mut acc),
+            1 => leg_step::<F, R, T, 1, REFINED>(w, row_bytes, &xs, b, &mut acc),
+            2 => leg_step::<F, R, T, 2, REFINED>(w, row_bytes, &xs, b, &mut acc),
+            3 => leg_step::<F, R, T, 3, REFINED>(w, row_bytes, &xs, b, &mut acc),
             _ => {}
         }
     }
@@ -185,11 +203,22 @@ unsafe fn legacy<const F: u8, const R: usize, const T: usize>(
 
 /// Adds blocks `b..b + N` (N ≤ 4) of every row and activation row of the tile to `acc`.
 ///
+/// `REFINED`: the activation rows are refined, their codes `256·high + low`; the low parts'
+/// products are added to the high parts' integer sums shifted left by 8, so the block's scales
+/// apply once. Exact: a lane's high sum is at most 4 · 128 · 127 (65 024), the total below 2^25.
+///
 /// # Safety
-/// Blocks `b..b + N` exist in the `R` weight rows at `w` and in every activation row.
+/// Blocks `b..b + N` exist in the `R` weight rows at `w` and in every activation row (and its
+/// low parts if `REFINED`).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
+unsafe fn leg_step<
+    const F: u8,
+    const R: usize,
+    const T: usize,
+    const N: usize,
+    const REFINED: bool,
+>(
     w: *const u8,
     row_bytes: usize,
     xs: &[&QuantizedRow; T],
@@ -227,16 +256,31 @@ unsafe fn leg_step<const F: u8, const R: usize, const T: usize, const N: usize>(
         for k in 0..N {
             // SAFETY: block b + k of row r is in bounds.
             let u = unsafe { leg_codes::<F>(p.add(k * bytes)) };
+            let uu = if leg::is_signed(F) {
+                _mm256_sign_epi8(u, u)
+            } else {
+                u
+            };
+            // Signed weights: |w| times x with w's sign, so the first operand is unsigned.
+            let signed = |x: __m256i| {
+                if leg::is_signed(F) {
+                    _mm256_sign_epi8(x, u)
+                } else {
+                    x
+                }
+            };
             for t in 0..T {
                 // SAFETY: block b + k of every activation row is in bounds.
                 let x =
                     unsafe { _mm256_loadu_si256(xs[t].codes.as_ptr().add((b + k) * QK).cast()) };
-                let (uu, xx) = if leg::is_signed(F) {
-                    (_mm256_sign_epi8(u, u), _mm256_sign_epi8(x, u))
-                } else {
-                    (u, x)
-                };
-                let i = _mm256_madd_epi16(_mm256_maddubs_epi16(uu, xx), ones);
+                let mut i = _mm256_madd_epi16(_mm256_maddubs_epi16(uu, signed(x)), ones);
+                if REFINED {
+                    // SAFETY: a refined row's low parts are as long as its codes.
+                    let y =
+                        unsafe { _mm256_loadu_si256(xs[t].low.as_ptr().add((b + k) * QK).cast()) };
+                    let lo = _mm256_madd_epi16(_mm256_maddubs_epi16(uu, signed(y)), ones);
+                    i = _mm256_add_epi32(_mm256_slli_epi32::<8>(i), lo);
+                }
                 let s = _mm256_permutevar8x32_ps(s4[t], _mm256_set1_epi32(k as i32));
                 acc_r[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc_r[t]);
             }
