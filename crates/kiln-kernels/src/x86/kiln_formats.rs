@@ -45,14 +45,31 @@ use crate::kiln_formats::KilnMatrix;
 use crate::Isa;
 
 /// Whether `isa`'s kernel for `ty` multiplies refined activation rows in one pass: the integer
-/// formats on AVX-512 (`LUT4_B32` where its table lookups have VBMI).
+/// formats, on AVX-512 and AVX2 alike.
 pub(crate) fn fuses_refined(isa: Isa, ty: KilnType) -> bool {
-    isa == Isa::Avx512Vnni
-        && match ty {
-            KilnType::I8Ch | KilnType::I4B64 => true,
-            KilnType::Lut4B32 { .. } => has_vbmi(),
-            KilnType::Lut { .. } => false,
+    match ty {
+        KilnType::I8Ch | KilnType::I4B64 | KilnType::Lut4B32 { .. } => {
+            matches!(isa, Isa::Avx512Vnni | Isa::Avx2)
         }
+        KilnType::Lut { .. } => false,
+    }
+}
+
+/// `Σ u·x` per lane of four byte products (`vpmaddubsw` pairs, then `vpmaddwd`); with
+/// `REFINED`, `x` and `y` are the high and low parts of refined activation codes and the
+/// result is `(Σ u·x) · 256 + Σ u·y`. Exact for unsigned `u` ≤ 128 and parts within ±127: the
+/// byte pairs stay within i16 and a lane's high sum below 2^17.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn sums_256<const REFINED: bool>(u: __m256i, x: __m256i, y: __m256i) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    let i = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);
+    if REFINED {
+        let low = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), ones);
+        _mm256_add_epi32(_mm256_slli_epi32::<8>(i), low)
+    } else {
+        i
+    }
 }
 
 /// Whether `isa` has a kernel for `ty` here (the others run the reference).
@@ -172,10 +189,16 @@ unsafe fn tile<const R: usize, const T: usize>(
             (Isa::Avx512Vnni, KilnType::Lut { bits: 6, .. }) => lut6_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { bits: 4, .. }) => lut4_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { .. }) => lut2_512::<R, T>(w, r0, xs),
-            (_, KilnType::I8Ch) => i8ch_256::<R, T>(w, r0, xs),
-            (_, KilnType::I4B64) => i4b64_256::<R, T>(w, r0, xs),
-            (_, KilnType::Lut4B32 { group: None }) => lut4b32_256::<R, T, false>(w, r0, xs),
-            (_, KilnType::Lut4B32 { .. }) => lut4b32_256::<R, T, true>(w, r0, xs),
+            (_, KilnType::I8Ch) if xs[0].is_refined() => i8ch_256::<R, T, true>(w, r0, xs),
+            (_, KilnType::I8Ch) => i8ch_256::<R, T, false>(w, r0, xs),
+            (_, KilnType::I4B64) if xs[0].is_refined() => i4b64_256::<R, T, true>(w, r0, xs),
+            (_, KilnType::I4B64) => i4b64_256::<R, T, false>(w, r0, xs),
+            (_, KilnType::Lut4B32 { group }) => match (group.is_some(), xs[0].is_refined()) {
+                (false, false) => lut4b32_256::<R, T, false, false>(w, r0, xs),
+                (false, true) => lut4b32_256::<R, T, false, true>(w, r0, xs),
+                (true, false) => lut4b32_256::<R, T, true, false>(w, r0, xs),
+                (true, true) => lut4b32_256::<R, T, true, true>(w, r0, xs),
+            },
             (_, KilnType::Lut { bits: 8, .. }) => lut8_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { bits: 6, .. }) => lut6_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { bits: 4, .. }) => lut4_256::<R, T>(w, r0, xs),
@@ -329,7 +352,7 @@ unsafe fn i8ch_512<const R: usize, const T: usize, const REFINED: bool>(
 /// # Safety
 /// AVX2, FMA; as [`dot_block`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn i8ch_256<const R: usize, const T: usize>(
+unsafe fn i8ch_256<const R: usize, const T: usize, const REFINED: bool>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
@@ -339,15 +362,20 @@ unsafe fn i8ch_256<const R: usize, const T: usize>(
     let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
     let s = i8ch_scales::<R>(w, r0);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for c in (0..cols).step_by(CHUNK) {
         let b = c / CHUNK;
         let mut xv = [_mm256_setzero_si256(); T];
+        let mut yv = [_mm256_setzero_si256(); T];
         let mut dv = [_mm256_setzero_ps(); T];
         for t in 0..T {
-            // SAFETY: 32 codes from c lie within the activation row.
+            // SAFETY: 32 codes from c lie within the activation row (and its low parts when
+            // refined).
             xv[t] = unsafe { _mm256_loadu_si256(xs[t].codes.as_ptr().add(c).cast()) };
+            if REFINED {
+                // SAFETY: as above.
+                yv[t] = unsafe { _mm256_loadu_si256(xs[t].low.as_ptr().add(c).cast()) };
+            }
             dv[t] = _mm256_set1_ps(xs[t].scales[b]);
         }
         for r in 0..R {
@@ -356,8 +384,11 @@ unsafe fn i8ch_256<const R: usize, const T: usize>(
             let wv = unsafe { _mm256_loadu_si256(p.add(r * rb + c).cast()) };
             let aw = _mm256_sign_epi8(wv, wv);
             for t in 0..T {
-                let sx = _mm256_sign_epi8(xv[t], wv);
-                let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                let p32 = sums_256::<REFINED>(
+                    aw,
+                    _mm256_sign_epi8(xv[t], wv),
+                    _mm256_sign_epi8(yv[t], wv),
+                );
                 acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), dv[t], acc[r][t]);
             }
         }
@@ -433,7 +464,7 @@ unsafe fn i4b64_512<const R: usize, const T: usize, const REFINED: bool>(
 /// # Safety
 /// AVX2, FMA, F16C; as [`dot_block`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn i4b64_256<const R: usize, const T: usize>(
+unsafe fn i4b64_256<const R: usize, const T: usize, const REFINED: bool>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
@@ -442,17 +473,23 @@ unsafe fn i4b64_256<const R: usize, const T: usize>(
     let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
     let low = _mm256_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for blk in 0..w.cols / I4_BLOCK {
         let a = 2 * blk;
         let mut xa = [_mm256_setzero_si256(); T];
         let mut xb = [_mm256_setzero_si256(); T];
+        let mut ya = [_mm256_setzero_si256(); T];
+        let mut yb = [_mm256_setzero_si256(); T];
         for t in 0..T {
-            // SAFETY: the 64 codes of activation blocks a and a + 1.
+            // SAFETY: the 64 codes of activation blocks a and a + 1 (and their low parts when
+            // refined).
             unsafe {
                 xa[t] = _mm256_loadu_si256(xs[t].codes.as_ptr().add(a * CHUNK).cast());
                 xb[t] = _mm256_loadu_si256(xs[t].codes.as_ptr().add((a + 1) * CHUNK).cast());
+                if REFINED {
+                    ya[t] = _mm256_loadu_si256(xs[t].low.as_ptr().add(a * CHUNK).cast());
+                    yb[t] = _mm256_loadu_si256(xs[t].low.as_ptr().add((a + 1) * CHUNK).cast());
+                }
             }
         }
         for r in 0..R {
@@ -465,8 +502,8 @@ unsafe fn i4b64_256<const R: usize, const T: usize>(
             let dw = _mm256_set1_ps(d);
             for t in 0..T {
                 let x = xs[t];
-                let pa = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xa[t]), ones);
-                let pb = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xb[t]), ones);
+                let pa = sums_256::<REFINED>(lo, xa[t], ya[t]);
+                let pb = sums_256::<REFINED>(hi, xb[t], yb[t]);
                 let va = _mm256_fmsub_ps(
                     _mm256_cvtepi32_ps(pa),
                     _mm256_set1_ps(x.scales[a]),
@@ -764,7 +801,7 @@ const LUT4B32_SPLIT: [i8; 16] = [0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1,
 /// AVX2, FMA; as [`dot_block`], `w` a `LUT4_B32` tensor, with one table per group of rows if
 /// `GROUPED`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn lut4b32_256<const R: usize, const T: usize, const GROUPED: bool>(
+unsafe fn lut4b32_256<const R: usize, const T: usize, const GROUPED: bool, const REFINED: bool>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
@@ -786,15 +823,23 @@ unsafe fn lut4b32_256<const R: usize, const T: usize, const GROUPED: bool>(
     let mut b = 0;
     while b + 4 <= nb {
         // SAFETY: blocks b..b + 4 exist in every weight row and activation row.
-        unsafe { lut4b32_step_256::<R, T, 4, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs) };
+        unsafe {
+            lut4b32_step_256::<R, T, 4, GROUPED, REFINED>(w, p, &table, &xs, b, &mut acc, &mut offs)
+        };
         b += 4;
     }
     // SAFETY: the last nb - b blocks exist.
     unsafe {
         match nb - b {
-            1 => lut4b32_step_256::<R, T, 1, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
-            2 => lut4b32_step_256::<R, T, 2, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
-            3 => lut4b32_step_256::<R, T, 3, GROUPED>(w, p, &table, &xs, b, &mut acc, &mut offs),
+            1 => lut4b32_step_256::<R, T, 1, GROUPED, REFINED>(
+                w, p, &table, &xs, b, &mut acc, &mut offs,
+            ),
+            2 => lut4b32_step_256::<R, T, 2, GROUPED, REFINED>(
+                w, p, &table, &xs, b, &mut acc, &mut offs,
+            ),
+            3 => lut4b32_step_256::<R, T, 3, GROUPED, REFINED>(
+                w, p, &table, &xs, b, &mut acc, &mut offs,
+            ),
             _ => {}
         }
     }
@@ -818,7 +863,13 @@ unsafe fn lut4b32_256<const R: usize, const T: usize, const GROUPED: bool>(
 /// activation row.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn lut4b32_step_256<const R: usize, const T: usize, const N: usize, const GROUPED: bool>(
+unsafe fn lut4b32_step_256<
+    const R: usize,
+    const T: usize,
+    const N: usize,
+    const GROUPED: bool,
+    const REFINED: bool,
+>(
     w: &KilnMatrix,
     p: *const u8,
     table: &[__m256i; R],
@@ -841,7 +892,6 @@ unsafe fn lut4b32_step_256<const R: usize, const T: usize, const N: usize, const
             xf[t] = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(dx), ds);
         }
     }
-    let ones = _mm256_set1_epi16(1);
     for r in 0..R {
         let bp = p.wrapping_add(r * w.row_bytes + LUT4_B32_ROW_HEADER + b * LUT4_B32_BLOCK_BYTES);
         for line in (0..4 * LUT4_B32_BLOCK_BYTES).step_by(64) {
@@ -872,7 +922,13 @@ unsafe fn lut4b32_step_256<const R: usize, const T: usize, const N: usize, const
                 // SAFETY: block b + k of every activation row is in bounds.
                 let x =
                     unsafe { _mm256_loadu_si256(xs[t].codes.as_ptr().add((b + k) * CHUNK).cast()) };
-                let i = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, x), ones);
+                let y = if REFINED {
+                    // SAFETY: a refined row's low parts are as long as its codes.
+                    unsafe { _mm256_loadu_si256(xs[t].low.as_ptr().add((b + k) * CHUNK).cast()) }
+                } else {
+                    x
+                };
+                let i = sums_256::<REFINED>(wq, x, y);
                 let s = _mm256_permutevar8x32_ps(f[t], _mm256_set1_epi32(k as i32));
                 acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), s, acc[r][t]);
             }
