@@ -240,10 +240,10 @@ pub fn dot_block_with(
 }
 
 /// Whether `isa`'s kernels for `weights` multiply refined activation rows
-/// ([`quantize_row_refined`]) in one pass: the 32-element formats on AVX-512 VNNI and AVX2.
+/// ([`quantize_row_refined`]) in one pass: the 32-element formats on every SIMD level.
 /// Elsewhere a refined row costs what its two plain rows cost (the kernels run both and add).
 pub fn fuses_refined(isa: Isa, weights: GgmlType) -> bool {
-    matches!(isa, Isa::Avx512Vnni | Isa::Avx2)
+    isa != Isa::Scalar
         && matches!(
             weights,
             GgmlType::Q4_0

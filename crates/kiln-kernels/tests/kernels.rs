@@ -257,7 +257,7 @@ proptest! {
 #[test]
 fn refined_rows_are_fused_where_expected() {
     for ty in REFINABLE {
-        for isa in [Isa::Avx512Vnni, Isa::Avx2] {
+        for isa in [Isa::Avx512Vnni, Isa::Avx2, Isa::Neon, Isa::NeonDotprod] {
             assert!(
                 fuses_refined(isa, ty),
                 "{ty} on {isa:?} multiplies refined rows in one pass"

@@ -60,21 +60,29 @@ unsafe fn row_dot<const DOT: bool>(weights: GgmlType, row: &[u8], x: &QuantizedR
     let p = row.as_ptr();
     // SAFETY: forwarded from the caller.
     unsafe {
-        match weights {
-            GgmlType::Q4_0 => legacy::<Q4_0_BYTES, 0, DOT>(p, x),
-            GgmlType::Q4_1 => legacy::<Q4_1_BYTES, 1, DOT>(p, x),
-            GgmlType::Q5_0 => legacy::<Q5_0_BYTES, 2, DOT>(p, x),
-            GgmlType::Q5_1 => legacy::<Q5_1_BYTES, 3, DOT>(p, x),
-            GgmlType::Q8_0 => legacy::<Q8_0_BYTES, 4, DOT>(p, x),
-            GgmlType::IQ4_NL => legacy::<IQ4_NL_BYTES, 5, DOT>(p, x),
-            GgmlType::IQ4_XS => iq4_xs::<DOT>(p, x),
-            GgmlType::Q2_K => q2_k::<DOT>(p, x),
-            GgmlType::Q3_K => q3_k::<DOT>(p, x),
-            GgmlType::Q4_K => q45_k::<false, DOT>(p, x),
-            GgmlType::Q5_K => q45_k::<true, DOT>(p, x),
-            GgmlType::Q6_K => q6_k::<DOT>(p, x),
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => float(weights, row, x),
-            _ => crate::reference::fold(weights, row, x).0 as f32,
+        match (weights, x.is_refined()) {
+            (GgmlType::Q4_0, false) => legacy::<Q4_0_BYTES, 0, DOT, false>(p, x),
+            (GgmlType::Q4_1, false) => legacy::<Q4_1_BYTES, 1, DOT, false>(p, x),
+            (GgmlType::Q5_0, false) => legacy::<Q5_0_BYTES, 2, DOT, false>(p, x),
+            (GgmlType::Q5_1, false) => legacy::<Q5_1_BYTES, 3, DOT, false>(p, x),
+            (GgmlType::Q8_0, false) => legacy::<Q8_0_BYTES, 4, DOT, false>(p, x),
+            (GgmlType::IQ4_NL, false) => legacy::<IQ4_NL_BYTES, 5, DOT, false>(p, x),
+            (GgmlType::Q4_0, true) => legacy::<Q4_0_BYTES, 0, DOT, true>(p, x),
+            (GgmlType::Q4_1, true) => legacy::<Q4_1_BYTES, 1, DOT, true>(p, x),
+            (GgmlType::Q5_0, true) => legacy::<Q5_0_BYTES, 2, DOT, true>(p, x),
+            (GgmlType::Q5_1, true) => legacy::<Q5_1_BYTES, 3, DOT, true>(p, x),
+            (GgmlType::Q8_0, true) => legacy::<Q8_0_BYTES, 4, DOT, true>(p, x),
+            (GgmlType::IQ4_NL, true) => legacy::<IQ4_NL_BYTES, 5, DOT, true>(p, x),
+            (weights, _) => match weights {
+                GgmlType::IQ4_XS => iq4_xs::<DOT>(p, x),
+                GgmlType::Q2_K => q2_k::<DOT>(p, x),
+                GgmlType::Q3_K => q3_k::<DOT>(p, x),
+                GgmlType::Q4_K => q45_k::<false, DOT>(p, x),
+                GgmlType::Q5_K => q45_k::<true, DOT>(p, x),
+                GgmlType::Q6_K => q6_k::<DOT>(p, x),
+                GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => float(weights, row, x),
+                _ => crate::reference::fold(weights, row, x).0 as f32,
+            },
         }
     }
 }
@@ -167,10 +175,15 @@ fn signed(v: uint8x16_t, off: u8) -> int8x16_t {
 // ---------------------------------------------------------------------------------------------
 // 32-element formats. F: 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1, 4 Q8_0, 5 IQ4_NL.
 
+/// `REFINED`: `x` is refined, its codes `256·high + low`; each block's integer sum over the
+/// high parts is shifted left by 8 and the low parts' products added onto it, so the scales
+/// apply once. Exact: a lane sums 8 products of magnitude ≤ 128 · 127 per block, so the
+/// shifted sum and the low parts stay below 2^26.
+///
 /// # Safety
 /// As [`row_dot`].
 #[target_feature(enable = "neon")]
-unsafe fn legacy<const BYTES: usize, const F: u8, const DOT: bool>(
+unsafe fn legacy<const BYTES: usize, const F: u8, const DOT: bool, const REFINED: bool>(
     p: *const u8,
     x: &QuantizedRow,
 ) -> f32 {
@@ -207,7 +220,12 @@ unsafe fn legacy<const BYTES: usize, const F: u8, const DOT: bool>(
                 let off = [8, 0, 16, 0][F as usize];
                 (signed(lo, off), signed(hi, off))
             };
-            let i = dot16::<DOT>(dot16::<DOT>(vdupq_n_s32(0), w0, x0), w1, x1);
+            let mut i = dot16::<DOT>(dot16::<DOT>(vdupq_n_s32(0), w0, x0), w1, x1);
+            if REFINED {
+                let yc = x.low.as_ptr().add(b * QK);
+                let (y0, y1) = (ldx(yc), ldx(yc.add(16)));
+                i = dot16::<DOT>(dot16::<DOT>(vshlq_n_s32::<8>(i), w0, y0), w1, y1);
+            }
             acc = vfmaq_n_f32(acc, vcvtq_f32_s32(i), d * x.scales[b]);
             if F == 1 || F == 3 {
                 mins += f16_to_f32(rd_u16(blk.add(2))) * x.sums[b];
