@@ -38,6 +38,10 @@
 //!   while all activation rows pass. x86 kernels prefetch one tile ahead; with that, a single
 //!   thread streams quantized weights at 35-40 GB/s on the development machine (its
 //!   prefetched memory read does 43-50 GB/s). The aarch64 kernels work row by row.
+//! - **Refined rows** ([`quantize_row_refined`]): int8 codes plus an int8 residual at a fixed
+//!   1/256 of the block scale, 16 bits per activation. The 32-element kernels of every SIMD
+//!   level fold the residual into their integer sums (`(Σ u·q << 8) + Σ u·l`) and apply the
+//!   scales once ([`fuses_refined`]); the others multiply the row's two halves and add.
 //! - **Accuracy**: integer parts are exact; the rest is f32 rounding bounded by
 //!   [`reference::error_bound`]. Results may differ between levels in the last bits (not in
 //!   the integer sums), never between runs.
