@@ -10,6 +10,7 @@ use kiln_format::package::{
     Conversion, Manifest, Package, PackageWriter, SourceInfo, TensorQuality, Verify, FORMAT_VERSION,
 };
 use kiln_format::quant::snr_db;
+use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// `LUT4_B32` with one table for the tensor.
@@ -465,4 +466,110 @@ fn bits_per_weight_count_scales_and_tables() {
     });
     assert!((lut - (4.0 + 36.0 * 32.0 * 8.0 / (576.0 * 576.0))).abs() < 1e-9);
     assert_eq!(kiln_types::LUT_BITS, [2, 4, 6, 8]);
+}
+
+/// Squared error of `x` reconstructed from `codes` (0..=15) and scale `d`.
+fn int4_error(x: &[f32], codes: &[u8], d: f32) -> f32 {
+    x.iter()
+        .zip(codes)
+        .map(|(&v, &c)| (v - d * (f32::from(c) - 8.0)).powi(2))
+        .sum()
+}
+
+/// Blocks of 64 (and 32) weights of very different shapes: Gaussian-like with a random
+/// scale, one outlier of random size and sign at a random place, and sometimes only one sign.
+fn int4_block_strategy() -> impl Strategy<Value = Vec<f32>> {
+    (
+        prop_oneof![Just(64usize), Just(32)],
+        -12i32..6,
+        any::<u64>(),
+        0.0f32..20.0,
+        0u8..3,
+    )
+        .prop_map(|(n, exp, seed, outlier, sign)| {
+            let mut w = weights(1, n, seed);
+            let scale = 2f32.powi(exp) * 50.0;
+            for v in &mut w {
+                *v *= scale;
+                match sign {
+                    1 => *v = v.abs(),
+                    2 => *v = -v.abs(),
+                    _ => {}
+                }
+            }
+            let at = (seed % n as u64) as usize;
+            w[at] *= 1.0 + outlier;
+            w
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// Against ggml's `Q4_0` rule (the largest weight maps to −8): never a larger block error,
+    /// and the largest weight itself within half a step.
+    #[test]
+    fn unclipped_int4_is_no_worse_than_the_largest_weight_scale(x in int4_block_strategy()) {
+        let mut codes = vec![0u8; x.len()];
+        let d = kiln_types::quantize_int4_unclipped(&x, &mut codes);
+        prop_assert_eq!(f16_to_f32(f32_to_f16(d)), d, "scale not an f16 value");
+        let max = x.iter().fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let reference_d = f16_to_f32(f32_to_f16(max / -8.0));
+        let reference: f32 = x
+            .iter()
+            .map(|&v| (v - reference_d * (v / reference_d).round().clamp(-8.0, 7.0)).powi(2))
+            .sum();
+        let err = int4_error(&x, &codes, d);
+        prop_assert!(err <= reference * (1.0 + 1e-5), "{} > {}", err, reference);
+        let i = x.iter().position(|&v| v == max).unwrap();
+        let back = d * (f32::from(codes[i]) - 8.0);
+        prop_assert!(
+            (back - max).abs() <= 0.5 * d.abs() * 1.002,
+            "largest weight {} came back as {} (step {})", max, back, d
+        );
+    }
+
+    /// A block already on a symmetric int4 grid (any f16 step, any widest code from 1 to 8
+    /// steps) comes back exactly.
+    #[test]
+    fn unclipped_int4_is_exact_on_a_symmetric_grid(
+        step_bits in 0x0400u16..0x7000,
+        negative in any::<bool>(),
+        widest in 1i32..=8,
+        seed in any::<u64>(),
+        n in prop_oneof![Just(64usize), Just(32)],
+    ) {
+        let step = f16_to_f32(step_bits) * if negative { -1.0 } else { 1.0 };
+        let (lo, hi) = (-widest, widest.min(7));
+        let mut s = seed;
+        let mut q: Vec<i32> = (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                lo + ((s >> 33) % (hi - lo + 1) as u64) as i32
+            })
+            .collect();
+        q[(seed % n as u64) as usize] = -widest;
+        let x: Vec<f32> = q.iter().map(|&c| step * c as f32).collect();
+        let mut codes = vec![0u8; n];
+        let d = kiln_types::quantize_int4_unclipped(&x, &mut codes);
+        for (i, (&v, &c)) in x.iter().zip(&codes).enumerate() {
+            prop_assert_eq!(d * (f32::from(c) - 8.0), v, "element {}", i);
+        }
+    }
+}
+
+#[test]
+fn unclipped_int4_keeps_an_outlier_the_least_squares_search_clips() {
+    // 63 weights spread evenly over ±1 and one of 3: the least-squares scale spends fewer
+    // steps on the outlier and clips it by more than half a step; the unclipped search keeps
+    // it within half a step.
+    let mut x: Vec<f32> = (0..64).map(|i| (i as f32 - 31.0) / 31.0).collect();
+    x[17] = 3.0;
+    let mut codes = [0u8; 64];
+    let d = kiln_types::quantize_int4_unclipped(&x, &mut codes);
+    let kept = d * (f32::from(codes[17]) - 8.0);
+    assert!((kept - 3.0).abs() <= 0.5 * d.abs(), "{kept} (step {d})");
+    let d_ls = kiln_types::quantize_int4_searched(&x, &mut codes);
+    let clipped = d_ls * (f32::from(codes[17]) - 8.0);
+    assert!(3.0 - clipped > 0.5 * d_ls.abs(), "{clipped} (step {d_ls})");
 }
