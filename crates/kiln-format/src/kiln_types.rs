@@ -637,13 +637,19 @@ pub fn encode_i4_b64(w: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>, Qua
 }
 
 /// Codes of `x` for scale `d` (`q` in 0..=15 for `d · (q − 8)`), and the squared error.
-fn int4_codes(x: &[f32], d: f32, codes: &mut [u8]) -> f32 {
+/// Halfway cases round to even, or away from zero with `ties_away`.
+fn int4_codes(x: &[f32], d: f32, codes: &mut [u8], ties_away: bool) -> f32 {
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut err = 0.0f32;
     for (c, &v) in codes.iter_mut().zip(x) {
         // Adding and removing 1.5 * 2^23 rounds to nearest (|v * inv| is far below 2^22)
         // without a library call, so the loop vectorises.
-        let q = ((v * inv + 12_582_912.0) - 12_582_912.0).clamp(-8.0, 7.0);
+        let t = v * inv;
+        let mut q = (t + 12_582_912.0) - 12_582_912.0;
+        if ties_away && (t - q).abs() == 0.5 && q.abs() < t.abs() {
+            q += 1.0f32.copysign(t);
+        }
+        let q = q.clamp(-8.0, 7.0);
         *c = (q + 8.0) as u8;
         let e = v - d * q;
         err += e * e;
@@ -680,7 +686,7 @@ pub fn quantize_int4_searched(x: &[f32], codes: &mut [u8]) -> f32 {
     for step in 0..=12 {
         let divisor = -(6.5 + step as f32 * 0.25);
         let d = round(max / divisor);
-        let err = int4_codes(x, d, trial);
+        let err = int4_codes(x, d, trial, false);
         if err < best_err {
             best_err = err;
             best_d = d;
@@ -694,7 +700,7 @@ pub fn quantize_int4_searched(x: &[f32], codes: &mut [u8]) -> f32 {
         }
         if qq > 0.0 {
             let d = round(xq / qq);
-            let err = int4_codes(x, d, trial);
+            let err = int4_codes(x, d, trial, false);
             if err < best_err {
                 best_err = err;
                 best_d = d;
@@ -709,13 +715,15 @@ pub fn quantize_int4_searched(x: &[f32], codes: &mut [u8]) -> f32 {
 /// Symmetric int4 of one block (any length up to 256) that never clips its largest weight:
 /// fills `codes` (0..=15, for `w = d · (q − 8)`) and returns `d`, exactly representable in
 /// f16, the one of least squared error among the scales that map the weight of largest
-/// magnitude to −1 … −8 steps (rounded, not clamped).
+/// magnitude to −1 … −8 steps (rounded, not clamped). Halfway cases round away from zero.
 ///
-/// Why not [`quantize_int4_searched`]: in blocks of 64 the least-squares optimum usually
+/// Why not [`quantize_int4_searched`]: in blocks of 64 its least-squares optimum usually
 /// clips the largest weight by a step or more to refine the many small ones; that raises the
-/// weight SNR by 0.6–0.7 dB but costs far more perplexity (SmolLM2 24.67 against 21.97 with
-/// this search, Gemma 3 33.61 against 29.23; `docs/quantization.md`), because the largest
-/// weights carry more of a layer's output than their share of the squared error says.
+/// weight SNR by 0.6 dB but costs far more perplexity (SmolLM2 24.67 against 21.98 with this
+/// search, Gemma 3 33.61 against 29.25; `docs/quantization.md`). Rounding halfway cases away
+/// from zero rather than to even (source values on a `Q4_K` grid often fall exactly halfway)
+/// keeps large weights from shrinking too.
+///
 /// The candidates are the divisors 1, 2, …, 5 (so a block already on a symmetric grid with
 /// few levels is kept exactly) and 6.0, 6.1, …, 8.0; the last is the rule of ggml's `Q4_0`,
 /// so the error is never larger than that rule's.
@@ -742,7 +750,7 @@ pub fn quantize_int4_unclipped(x: &[f32], codes: &mut [u8]) -> f32 {
         .chain((60..=80).map(|k| k as f32 / 10.0));
     for divisor in divisors {
         let d = f16_to_f32(f32_to_f16(max / -divisor));
-        let err = int4_codes(x, d, trial);
+        let err = int4_codes(x, d, trial, true);
         if err < best_err {
             best_err = err;
             best_d = d;
