@@ -1,4 +1,4 @@
-//! Activation rows quantized to int8 for the integer dot products.
+//! Activation rows quantized to int8 (or int16) for the integer dot products.
 
 use kiln_format::ggml::GgmlType;
 
@@ -21,8 +21,40 @@ pub enum ActivationFormat {
     /// Q8_K): what the K-quants' per-sub-block minimums and offsets need. IQ4_XS uses it too:
     /// its sub-block scales are small integers, so a whole super-block is one integer sum.
     Q8_K,
+    /// 16-bit codes for the 6- and 8-bit lookup tables of the kiln package, which look their
+    /// weights up as 16-bit integers and multiply them with `vpdpwssd`: blocks of
+    /// [`I16_BLOCK`] elements (a row's last block may be shorter, any multiple of 32), each
+    /// with one f32 scale `d = max|x| / I16_CODE_MAX` and codes `round_half_even(x / d)` in
+    /// `-I16_CODE_MAX..=I16_CODE_MAX`. 14-bit codes are 64 times finer than int8 blocks, which
+    /// with one row per token lose too much on these formats; the bound keeps the kernels'
+    /// 32-bit sums exact (see `kiln_formats::LUT_I16_ENTRY_MAX`).
+    ///
+    /// Within a block the codes are stored in groups of 64 elements (32 for a row's last
+    /// group when the row is an odd number of 32-element chunks), each group in the order in
+    /// which the AVX-512 lookups produce their weights ([`i16_element`]), so the kernels
+    /// multiply without shuffling.
+    I16,
     /// Plain f32 copies, for the float weight formats.
     F32,
+}
+
+/// Elements per [`ActivationFormat::I16`] block (the last block of a row may be shorter).
+pub const I16_BLOCK: usize = 256;
+/// The largest magnitude of an [`ActivationFormat::I16`] code: 14 bits.
+pub const I16_CODE_MAX: i16 = 8191;
+
+/// The element (offset within its group) whose [`ActivationFormat::I16`] code is stored at
+/// offset `p` of a group of `n` elements (64, or 32 for a row's last group).
+///
+/// Byte lookups put 64 weights in the 16 bytes of four 128-bit lanes and `vpunpcklbw` /
+/// `vpunpckhbw` widen them to words lane by lane: the first half of the group's words holds
+/// elements `16j .. 16j + 8` of every lane `j`, the second half elements `16j + 8 .. 16j + 16`.
+/// The codes are stored in that order.
+#[inline]
+pub const fn i16_element(p: usize, n: usize) -> usize {
+    let half = n / 2;
+    let (h, q) = (p / half, p % half);
+    16 * (q / 8) + 8 * h + q % 8
 }
 
 impl ActivationFormat {
@@ -31,7 +63,17 @@ impl ActivationFormat {
         match self {
             ActivationFormat::Q8_1 => QK,
             ActivationFormat::Q8_K => QK_K,
+            ActivationFormat::I16 => I16_BLOCK,
             ActivationFormat::F32 => 1,
+        }
+    }
+
+    /// What a row's length must be a multiple of: the block length, except for
+    /// [`ActivationFormat::I16`], whose last block may be any multiple of 32 elements.
+    pub fn row_multiple(self) -> usize {
+        match self {
+            ActivationFormat::I16 => 32,
+            f => f.block_len(),
         }
     }
 }
@@ -69,7 +111,9 @@ pub struct QuantizedRow {
     pub(crate) codes: Vec<i8>,
     /// A refined Q8_1 row's low part, in units of one scale; empty otherwise.
     pub(crate) low: Vec<i8>,
-    /// Q8_1 / Q8_K: one scale per block.
+    /// I16: the 16-bit codes, in the format's stored order.
+    pub(crate) wide: Vec<i16>,
+    /// Q8_1 / Q8_K / I16: one scale per block.
     pub(crate) scales: Vec<f32>,
     /// Q8_1: `scale * sum(codes)` per block.
     pub(crate) sums: Vec<f32>,
@@ -93,6 +137,7 @@ impl QuantizedRow {
             len: 0,
             codes: Vec::new(),
             low: Vec::new(),
+            wide: Vec::new(),
             scales: Vec::new(),
             sums: Vec::new(),
             group_sums: Vec::new(),
@@ -104,12 +149,12 @@ impl QuantizedRow {
     /// activations (and for tests that need exact scales).
     ///
     /// # Panics
-    /// If `format` is [`ActivationFormat::F32`], if `codes.len()` is not
+    /// If `format` is [`ActivationFormat::F32`] or [`ActivationFormat::I16`], if `codes.len()` is not
     /// `scales.len() * format.block_len()`, or if a code is -128.
     pub fn from_codes(format: ActivationFormat, codes: &[i8], scales: &[f32]) -> QuantizedRow {
         assert!(
-            format != ActivationFormat::F32,
-            "from_codes: F32 rows have no codes"
+            matches!(format, ActivationFormat::Q8_1 | ActivationFormat::Q8_K),
+            "from_codes: {format:?} rows have no int8 codes"
         );
         assert_eq!(
             codes.len(),
@@ -147,7 +192,7 @@ impl QuantizedRow {
         self.len == 0
     }
 
-    /// The int8 codes (empty for F32 rows); of a refined row, the high parts.
+    /// The int8 codes (empty for F32 and I16 rows); of a refined row, the high parts.
     pub fn codes(&self) -> &[i8] {
         &self.codes
     }
@@ -184,6 +229,11 @@ impl QuantizedRow {
         ]
     }
 
+    /// I16: the 16-bit codes in their stored order (empty otherwise).
+    pub fn wide_codes(&self) -> &[i16] {
+        &self.wide
+    }
+
     /// One scale per block (empty for F32 rows).
     pub fn scales(&self) -> &[f32] {
         &self.scales
@@ -206,12 +256,7 @@ impl QuantizedRow {
 
     /// The values the row stands for: `scale * code`, or the f32 values.
     pub fn dequantize(&self) -> Vec<f32> {
-        let len = if self.format == ActivationFormat::F32 {
-            self.values.len()
-        } else {
-            self.codes.len()
-        };
-        let mut out = vec![0.0; len];
+        let mut out = vec![0.0; self.len];
         self.dequantize_into(&mut out);
         out
     }
@@ -223,6 +268,18 @@ impl QuantizedRow {
     pub fn dequantize_into(&self, out: &mut [f32]) {
         if self.format == ActivationFormat::F32 {
             out.copy_from_slice(&self.values);
+            return;
+        }
+        if self.format == ActivationFormat::I16 {
+            assert_eq!(out.len(), self.len, "dequantize_into: row length");
+            for_each_i16_block(self.len, |b, block| {
+                let d = self.scales[b];
+                for_each_i16_run(block, |src, dst| {
+                    for (o, &q) in out[dst..dst + 8].iter_mut().zip(&self.wide[src..src + 8]) {
+                        *o = d * f32::from(q);
+                    }
+                });
+            });
             return;
         }
         let bl = self.format.block_len();
@@ -275,8 +332,50 @@ impl QuantizedRow {
                     self.group_sums.push(s as i16);
                 }
             }
-            ActivationFormat::F32 => {}
+            ActivationFormat::I16 | ActivationFormat::F32 => {}
         }
+    }
+
+    /// This row's values as an F32 row in `out` (reusing its buffers), in element order.
+    pub(crate) fn dequantize_to_f32(&self, out: &mut QuantizedRow) {
+        out.format = ActivationFormat::F32;
+        out.len = self.len;
+        out.codes.clear();
+        out.low.clear();
+        out.wide.clear();
+        out.scales.clear();
+        out.sums.clear();
+        out.group_sums.clear();
+        out.values.resize(self.len, 0.0);
+        self.dequantize_into(&mut out.values);
+    }
+}
+
+/// Calls `f(b, range)` for every [`ActivationFormat::I16`] block `b` of a `len`-element row.
+#[inline]
+pub(crate) fn for_each_i16_block(len: usize, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
+    let mut b = 0;
+    let mut start = 0;
+    while start < len {
+        let end = (start + I16_BLOCK).min(len);
+        f(b, start..end);
+        b += 1;
+        start = end;
+    }
+}
+
+/// Calls `f(stored, element)` for every run of 8 consecutive elements of the
+/// [`ActivationFormat::I16`] block `block`: the run's codes are stored at `stored..stored + 8`
+/// and stand for elements `element..element + 8` (see [`i16_element`]).
+#[inline]
+pub(crate) fn for_each_i16_run(block: std::ops::Range<usize>, mut f: impl FnMut(usize, usize)) {
+    let mut g = block.start;
+    while g < block.end {
+        let n = if g + 64 <= block.end { 64 } else { 32 };
+        for p in (0..n).step_by(8) {
+            f(g + p, g + i16_element(p, n));
+        }
+        g += n;
     }
 }
 
@@ -286,25 +385,40 @@ impl QuantizedRow {
 /// reproduced within `d / 2` (plus f32 rounding). A block of zeros gets `d = 0`. Non-finite
 /// inputs give unspecified codes (never a panic, never -128).
 ///
+/// [`ActivationFormat::I16`] works the same way with `d = max|x| / I16_CODE_MAX`.
+///
 /// # Panics
-/// If `x.len()` is not a multiple of `fmt.block_len()`.
+/// If `x.len()` is not a multiple of `fmt.row_multiple()`.
 pub fn quantize_row(x: &[f32], fmt: ActivationFormat, out: &mut QuantizedRow) {
     let bl = fmt.block_len();
+    let multiple = fmt.row_multiple();
     assert!(
-        x.len().is_multiple_of(bl),
-        "quantize_row: {} elements are not a whole number of {bl}-element blocks",
+        x.len().is_multiple_of(multiple),
+        "quantize_row: {} elements are not a whole number of {multiple}-element blocks",
         x.len()
     );
     out.format = fmt;
     out.len = x.len();
     out.codes.clear();
     out.low.clear();
+    out.wide.clear();
     out.scales.clear();
     out.sums.clear();
     out.group_sums.clear();
     out.values.clear();
     match fmt {
         ActivationFormat::F32 => out.values.extend_from_slice(x),
+        ActivationFormat::I16 => {
+            out.wide.resize(x.len(), 0);
+            for_each_i16_block(x.len(), |_, block| {
+                let d = quantize_i16_block(
+                    &x[block.clone()],
+                    &mut out.wide[block.clone()],
+                    block.start,
+                );
+                out.scales.push(d);
+            });
+        }
         ActivationFormat::Q8_1 | ActivationFormat::Q8_K => {
             out.codes.resize(x.len(), 0);
             quantize_blocks(x, bl, &mut out.codes, &mut out.scales);
@@ -385,6 +499,65 @@ fn to_code(r: f32) -> i8 {
     let r = r.max(-127.0).min(127.0);
     // SAFETY: r is finite and its integer part fits in i32.
     unsafe { r.to_int_unchecked::<i32>() as i8 }
+}
+
+/// Quantizes one [`ActivationFormat::I16`] block `x` (starting at element `start` of its row)
+/// into `q` in the stored order; returns its scale. As for the int8 blocks, the plain
+/// arithmetic is compiled a second time with AVX2 on x86-64 so that it vectorises (IEEE
+/// arithmetic gives both the same codes).
+fn quantize_i16_block(x: &[f32], q: &mut [i16], start: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::Avx2.is_available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { quantize_i16_block_avx2(x, q, start) };
+    }
+    quantize_i16_block_plain(x, q, start)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_i16_block_avx2(x: &[f32], q: &mut [i16], start: usize) -> f32 {
+    quantize_i16_block_plain(x, q, start)
+}
+
+#[inline(always)]
+fn quantize_i16_block_plain(x: &[f32], q: &mut [i16], start: usize) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    for c in x.chunks_exact(8) {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
+    let d = amax / f32::from(I16_CODE_MAX);
+    if d == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    // Adding and subtracting 1.5 * 2^23 rounds to nearest-even for |v| < 2^22 (see
+    // `quantize_block`); max and min drop NaN, so the value is finite and within the bound.
+    const ROUND: f32 = 12_582_912.0;
+    let max = f32::from(I16_CODE_MAX);
+    let code = |r: f32| {
+        #[allow(clippy::manual_clamp)]
+        let r = (r.max(-max).min(max) + ROUND) - ROUND;
+        // SAFETY: r is finite and within ±8191; unlike `as`, this conversion vectorises.
+        unsafe { r.to_int_unchecked::<i32>() as i16 }
+    };
+    let id = 1.0 / d;
+    for_each_i16_run(start..start + x.len(), |stored, element| {
+        let (q, x) = (
+            &mut q[stored - start..stored - start + 8],
+            &x[element - start..element - start + 8],
+        );
+        if id.is_finite() {
+            q.iter_mut().zip(x).for_each(|(q, &v)| *q = code(v * id));
+        } else {
+            // A subnormal scale has no finite reciprocal; divide instead.
+            q.iter_mut().zip(x).for_each(|(q, &v)| *q = code(v / d));
+        }
+    });
+    d
 }
 
 /// Quantizes one block (a multiple of 8 elements); returns its scale.

@@ -11,11 +11,19 @@
 //!   block sums stay exact): per block the integer sum times the block's scale code and the
 //!   activation scale, plus the offset code times the activation block sum; the row's units
 //!   multiply the two totals at the end.
-//! - Lookup tables multiply in f32 against f32 activations ([`ActivationFormat::F32`]): each
-//!   index is looked up in the row's table (x86: `vpermps`/`vpermt2ps` over a table held in
-//!   registers, gathers for 256 entries; NEON: `tbl` over the table's byte planes) and the
-//!   value multiplied with the activation, so the product is that of the stored weights with
-//!   the unquantized activations.
+//! - 2- and 4-bit lookup tables multiply in f32 against f32 activations
+//!   ([`ActivationFormat::F32`]): each index is looked up in the row's table (x86: `vpermps`
+//!   over a table held in a register; NEON: `tbl` over the table's byte planes) and the value
+//!   multiplied with the activation, so the product is that of the stored weights with the
+//!   unquantized activations.
+//! - 6- and 8-bit lookup tables multiply in integers against 14-bit activations
+//!   ([`ActivationFormat::I16`]): each f16 table becomes, once per call, a table of 16-bit
+//!   integers `u` with one f32 scale `s` ([`lut_table_i16`]); a weight is `s · u[index]`.
+//!   AVX-512 looks the words up in registers (`vpermi2w` over 64 entries, `vpermi2b` over
+//!   the byte planes of 256) and multiplies them with the codes by `vpdpwssd`, exactly, per
+//!   activation block; AVX2 and NEON multiply `s · u` with the dequantized activations in f32.
+//!   In f32 these formats were bound by the lookups and conversions, at about 0.7 times the
+//!   speed of `Q8_0` and `Q6_K`; int8 activations, one row per token, cost too much accuracy.
 //!
 //! [`dot_reference`] is the scalar meaning of every kernel (integer parts exact, the rest in
 //! f64); every SIMD kernel (AVX-512, AVX2, NEON with and without the dot-product extension)
@@ -28,15 +36,50 @@ use kiln_format::kiln_types::{
     self, KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER,
 };
 
-use crate::activation::{ActivationFormat, QuantizedRow};
+use crate::activation::{for_each_i16_block, i16_element, ActivationFormat, QuantizedRow};
 use crate::Isa;
 
 /// The activation format the kernels for `ty` multiply with.
 pub fn activation_format(ty: KilnType) -> ActivationFormat {
     match ty {
         KilnType::I8Ch | KilnType::I4B64 | KilnType::Lut4B32 { .. } => ActivationFormat::Q8_1,
+        KilnType::Lut { bits: 6 | 8, .. } => ActivationFormat::I16,
         KilnType::Lut { .. } => ActivationFormat::F32,
     }
+}
+
+/// The largest magnitude of an entry of a table from [`lut_table_i16`].
+///
+/// With activation codes of at most `I16_CODE_MAX` = 8191, the AVX-512 kernels' 32-bit sums
+/// cannot overflow: `vpdpwssd` adds two products into each of 16 lanes, and a lane sees 2
+/// products per 32 elements (the two words of its pair), so over a block of at most 256
+/// elements at most 16 products: `16 · 16383 · 8191 = 2_147_057_680 < 2^31 − 1`.
+pub const LUT_I16_ENTRY_MAX: i16 = 16383;
+
+/// The f16 table `table` (`2^bits` entries, little-endian) as integers `u` with a scale `s`:
+/// `s = max|t| / LUT_I16_ENTRY_MAX` (0 for a table of zeros) and
+/// `u[i] = round_half_even(t[i] · (LUT_I16_ENTRY_MAX / max|t|))` (a multiply, not a division:
+/// the kernels convert a table per call), within `±LUT_I16_ENTRY_MAX`; returns `s`. Every kernel
+/// for the 6- and 8-bit lookup tables multiplies with these weights (`s · u[i]`, within `s / 2`
+/// of the stored `t[i]`); the values of a table with non-finite entries are unspecified.
+///
+/// # Panics
+/// If `u` is shorter than the table.
+pub fn lut_table_i16(table: &[u8], u: &mut [i16]) -> f32 {
+    let n = table.len() / 2;
+    let t = |i: usize| f16_to_f32(u16::from_le_bytes([table[2 * i], table[2 * i + 1]]));
+    let amax = (0..n).fold(0.0f32, |m, i| m.max(t(i).abs()));
+    let max = f32::from(LUT_I16_ENTRY_MAX);
+    let s = amax / max;
+    let inv = max / amax;
+    for (i, u) in u[..n].iter_mut().enumerate() {
+        let q = if s > 0.0 { t(i) * inv } else { 0.0 };
+        // max and min drop NaN; the value is finite and within the bound here.
+        #[allow(clippy::manual_clamp)]
+        let q = q.round_ties_even().max(-max).min(max);
+        *u = q as i16;
+    }
+    s
 }
 
 /// A whole tensor in a kiln format, its size checked against its shape: what the kernels
@@ -268,7 +311,7 @@ pub fn dot_reference(w: &KilnMatrix, r: usize, xq: &QuantizedRow) -> f32 {
 
 /// The largest difference guaranteed between a SIMD kernel and [`dot_reference`]:
 /// `(cols / 16 + 64) * f32::EPSILON * M`, where `M` bounds every partial sum a kernel forms:
-/// `sum_i |w_i x_i|` for lookup tables; for the integer formats the same over the codes as the
+/// `sum_i |w_i x_i|` for lookup tables (for 6 and 8 bits, with `w = s · u` and `x = d · q`); for the integer formats the same over the codes as the
 /// kernels offset them (`|s| (|c| + 128) |x|` for `I8_CH`, `|d| (q + 8) |x|` for `I4_B64`;
 /// for `LUT4_B32`, `|S a| u |x|` plus `|M b Σx|` per block).
 ///
@@ -354,6 +397,36 @@ pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
                 sum += a * ux as f64 + off;
                 mag += a.abs() * um as f64 + off.abs();
             }
+            (sum, mag)
+        }
+        KilnType::Lut { bits, .. } if x.format == ActivationFormat::I16 => {
+            let mut u = [0i16; 256];
+            let s = f64::from(lut_table_i16(w.table(r), &mut u));
+            let mut idx = vec![0u8; w.cols];
+            for (c, out) in row
+                .chunks_exact(4 * bits as usize)
+                .zip(idx.chunks_exact_mut(CHUNK))
+            {
+                kiln_types::unpack_chunk(bits, c, out.try_into().expect("32 indices"));
+            }
+            let (mut sum, mut mag) = (0.0f64, 0.0f64);
+            for_each_i16_block(w.cols, |b, block| {
+                let (mut ux, mut um) = (0i64, 0i64);
+                let mut g = block.start;
+                while g < block.end {
+                    let n = if g + 64 <= block.end { 64 } else { 32 };
+                    for p in 0..n {
+                        let uv = i64::from(u[idx[g + i16_element(p, n)] as usize]);
+                        let xc = i64::from(x.wide[g + p]);
+                        ux += uv * xc;
+                        um += (uv * xc).abs();
+                    }
+                    g += n;
+                }
+                let d = s * f64::from(x.scales[b]);
+                sum += d * ux as f64;
+                mag += d.abs() * um as f64;
+            });
             (sum, mag)
         }
         KilnType::Lut { bits, .. } => {

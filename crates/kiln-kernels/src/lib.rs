@@ -82,7 +82,8 @@ mod x86;
 use std::ops::Range;
 
 pub use activation::{
-    activation_format, quantize_row, quantize_row_refined, ActivationFormat, QuantizedRow,
+    activation_format, i16_element, quantize_row, quantize_row_refined, ActivationFormat,
+    QuantizedRow, I16_BLOCK, I16_CODE_MAX,
 };
 pub use isa::{available_isas, detect, Isa};
 pub use kiln_format::ggml::GgmlType;

@@ -5,7 +5,8 @@ use kiln_format::ggml::{dequantize, f32_to_bf16, f32_to_f16, GgmlType};
 use kiln_kernels::reference::{dot_magnitude, error_bound};
 use kiln_kernels::{
     activation_format, available_isas, dot_block_with, dot_reference, dot_with, fuses_refined,
-    quantize_row, quantize_row_refined, ActivationFormat, Isa, QuantizedRow,
+    i16_element, quantize_row, quantize_row_refined, ActivationFormat, Isa, QuantizedRow,
+    I16_BLOCK, I16_CODE_MAX,
 };
 use proptest::prelude::*;
 
@@ -615,6 +616,99 @@ proptest! {
             }
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// 16-bit codes: per block of 256 (the last one shorter) `d = max|x| / 8191`, every code
+    /// within ±8191 and every element within half a step, stored in the lookups' word order.
+    #[test]
+    fn wide_codes_round_trip_within_half_a_step(
+        chunks in 1usize..=20,
+        x in prop::collection::vec(
+            prop_oneof![
+                4 => -4.0f32..4.0,
+                1 => Just(0.0f32),
+                1 => -1e30f32..1e30,
+                1 => -1e-40f32..1e-40,
+            ],
+            640,
+        ),
+    ) {
+        let x = &x[..32 * chunks];
+        let mut xq = QuantizedRow::new();
+        quantize_row(x, ActivationFormat::I16, &mut xq);
+        prop_assert_eq!(xq.len(), x.len());
+        prop_assert!(xq.codes().is_empty());
+        prop_assert_eq!(xq.scales().len(), x.len().div_ceil(I16_BLOCK));
+        let back = xq.dequantize();
+        for (b, xs) in x.chunks(I16_BLOCK).enumerate() {
+            let d = xq.scales()[b];
+            let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            prop_assert_eq!(d, amax / f32::from(I16_CODE_MAX));
+            let codes = &xq.wide_codes()[b * I16_BLOCK..b * I16_BLOCK + xs.len()];
+            prop_assert!(codes.iter().all(|q| q.abs() <= I16_CODE_MAX));
+            // The stored order, from the codes themselves: group by group.
+            let mut g = 0;
+            while g < xs.len() {
+                let n = if g + 64 <= xs.len() { 64 } else { 32 };
+                for p in 0..n {
+                    let e = g + i16_element(p, n);
+                    prop_assert_eq!(back[b * I16_BLOCK + e], d * f32::from(codes[g + p]));
+                }
+                g += n;
+            }
+            // Half a step, plus the f32 rounding of x / d (codes reach 8191, so a few parts in
+            // 10^4 of a step).
+            let mut g = 0;
+            while g < xs.len() {
+                let n = if g + 64 <= xs.len() { 64 } else { 32 };
+                for p in 0..n {
+                    let v = xs[g + i16_element(p, n)];
+                    let err = (f64::from(d) * f64::from(codes[g + p]) - f64::from(v)).abs();
+                    let bound = f64::from(d) * 0.5
+                        + f64::from(v).abs() * f64::from(f32::EPSILON)
+                        + f64::from(f32::MIN_POSITIVE);
+                    prop_assert!(err <= bound, "x {} d {}: err {} > {}", v, d, err, bound);
+                }
+                g += n;
+            }
+        }
+    }
+}
+
+/// The stored order of 16-bit codes is a permutation of each group: by lanes of 16, the first
+/// eight elements of every lane, then the last eight.
+#[test]
+fn wide_code_order() {
+    for n in [32, 64] {
+        let mut seen = vec![false; n];
+        for p in 0..n {
+            seen[i16_element(p, n)] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "{n}");
+    }
+    let order: Vec<usize> = (0..32).map(|p| i16_element(p, 32)).collect();
+    let want: Vec<usize> = (0..8).chain(16..24).chain(8..16).chain(24..32).collect();
+    assert_eq!(order, want);
+    assert_eq!(i16_element(8, 64), 16);
+    assert_eq!(i16_element(32, 64), 8);
+    assert_eq!(i16_element(63, 64), 63);
+    // Ties round to even, the largest magnitude is the code bound.
+    let mut x = [0.0f32; 32];
+    x[0] = 8191.0;
+    x[1] = 2.5;
+    x[2] = -3.5;
+    let mut xq = QuantizedRow::new();
+    quantize_row(&x, ActivationFormat::I16, &mut xq);
+    assert_eq!(xq.scales(), &[1.0]);
+    assert_eq!(&xq.wide_codes()[..3], &[8191, 2, -4]);
+}
+
+#[test]
+#[should_panic(expected = "whole number of 32-element blocks")]
+fn wide_codes_need_whole_chunks() {
+    quantize_row(&[0.0; 48], ActivationFormat::I16, &mut QuantizedRow::new());
 }
 
 #[test]

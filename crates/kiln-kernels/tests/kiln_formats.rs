@@ -4,7 +4,8 @@
 use kiln_format::ggml::f32_to_f16;
 use kiln_format::kiln_types::{self, KilnType};
 use kiln_kernels::kiln_formats::{
-    activation_format, dequantize_row_with, dot_block_with, dot_reference, error_bound, KilnMatrix,
+    activation_format, dequantize_row_with, dot_block_with, dot_reference, error_bound,
+    lut_table_i16, KilnMatrix, LUT_I16_ENTRY_MAX,
 };
 use kiln_kernels::{
     available_isas, quantize_row, quantize_row_refined, ActivationFormat, QuantizedRow,
@@ -187,21 +188,50 @@ fn check_with(
         })
         .collect();
     // The reference is the exact product of the dequantized weights and activations, up to
-    // f64 and one rounding to f32.
+    // f64 and one rounding to f32. Against 16-bit activations the weights are the table's
+    // 16-bit integers times its scale, each within half the scale of the stored entry.
     let mut wrow = vec![0.0f32; cols];
+    let mut wide = vec![0.0f64; cols];
     for r in 0..rows {
         kiln_types::dequantize_row(ty, data, rows, cols, r, &mut wrow);
+        if activation_format(ty) == ActivationFormat::I16 {
+            let (at, len) = kiln_types::lut_table_range(ty, rows, cols, r);
+            let mut u = [0i16; 256];
+            let s = lut_table_i16(&data[at..at + len], &mut u);
+            let table = &data[at..at + len];
+            let amax = table
+                .chunks_exact(2)
+                .map(|h| kiln_format::ggml::f16_to_f32(u16::from_le_bytes([h[0], h[1]])).abs())
+                .fold(0.0f32, f32::max);
+            prop_assert_eq!(s, amax / f32::from(LUT_I16_ENTRY_MAX));
+            prop_assert!(u.iter().all(|v| v.abs() <= LUT_I16_ENTRY_MAX));
+            for (c, &v) in wrow.iter().enumerate() {
+                // The entry this weight is: the table index of the stored value.
+                let e = table
+                    .chunks_exact(2)
+                    .position(|h| {
+                        kiln_format::ggml::f16_to_f32(u16::from_le_bytes([h[0], h[1]])) == v
+                    })
+                    .expect("a table value");
+                let q = f64::from(s) * f64::from(u[e]);
+                prop_assert!(
+                    (q - f64::from(v)).abs() <= f64::from(s) * 0.5 * (1.0 + 1e-6),
+                    "{ty} row {r}: entry {v} as {q} (scale {s})"
+                );
+                wide[c] = q;
+            }
+        } else {
+            wide.iter_mut()
+                .zip(&wrow)
+                .for_each(|(w, &v)| *w = f64::from(v));
+        }
         for q in &xq {
             let x = q.dequantize();
-            let exact: f64 = wrow
+            let exact: f64 = wide.iter().zip(&x).map(|(&a, &b)| a * f64::from(b)).sum();
+            let mag: f64 = wide
                 .iter()
                 .zip(&x)
-                .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                .sum();
-            let mag: f64 = wrow
-                .iter()
-                .zip(&x)
-                .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+                .map(|(&a, &b)| (a * f64::from(b)).abs())
                 .sum();
             let reference = f64::from(dot_reference(&w, r, q));
             prop_assert!(
@@ -261,10 +291,10 @@ kernels_match_reference! {
     lut4_per_tensor: KilnType::Lut { bits: 4, group: None }, 9;
     lut4_groups_of_two: KilnType::Lut { bits: 4, group: Some(2) }, 9;
     lut2_groups_of_three: KilnType::Lut { bits: 2, group: Some(3) }, 9;
-    lut6: KilnType::Lut { bits: 6, group: None }, 4;
-    lut6_groups_of_two: KilnType::Lut { bits: 6, group: Some(2) }, 4;
-    lut8: KilnType::Lut { bits: 8, group: None }, 4;
-    lut8_groups_of_four: KilnType::Lut { bits: 8, group: Some(4) }, 4;
+    lut6: KilnType::Lut { bits: 6, group: None }, 19;
+    lut6_groups_of_two: KilnType::Lut { bits: 6, group: Some(2) }, 19;
+    lut8: KilnType::Lut { bits: 8, group: None }, 19;
+    lut8_groups_of_four: KilnType::Lut { bits: 8, group: Some(4) }, 19;
 }
 
 macro_rules! dequantization_matches_reference {
@@ -380,6 +410,86 @@ fn lut4_b32_known_values() {
     assert_eq!(q.dequantize(), x);
     let want: f32 = want_w.iter().zip(&x).map(|(&a, &b)| a * b).sum();
     assert_eq!(dot_reference(&w, 0, &q), want);
+}
+
+#[test]
+#[should_panic(expected = "need I16 activations")]
+fn wide_lookup_tables_refuse_f32_activations() {
+    let ty = KilnType::Lut {
+        bits: 8,
+        group: None,
+    };
+    let data = vec![0u8; ty.data_length(32, 1).unwrap() as usize];
+    let w = KilnMatrix::new(ty, &data, 1, 32).unwrap();
+    let mut q = QuantizedRow::new();
+    quantize_row(&[1.0; 32], ActivationFormat::F32, &mut q);
+    dot_reference(&w, 0, &q);
+}
+
+/// Known values through every level: 6- and 8-bit tables over a row of two 256-element
+/// activation blocks and a 32-element tail. The table's 16-bit integers are computed here in
+/// f64 from the largest entry; every level gives `Σ s·u[i]·x` within f32 rounding, which is
+/// within half the table's scale of the product with the stored entries.
+#[test]
+fn wide_lookup_tables_known_values() {
+    for bits in [6u8, 8] {
+        let ty = KilnType::Lut { bits, group: None };
+        let cols = 544;
+        let n = 1usize << bits;
+        let entries: Vec<f32> = (0..n)
+            .map(|k| kiln_format::ggml::f16_to_f32(f32_to_f16((k as f32 - 20.3).sin() * 0.37)))
+            .collect();
+        let amax = entries
+            .iter()
+            .fold(0.0f64, |m, &e| m.max(f64::from(e).abs()));
+        let s = amax / 16383.0;
+        let u: Vec<f64> = entries
+            .iter()
+            .map(|&e| (f64::from(e) / s).round())
+            .collect();
+        let idx: Vec<u8> = (0..cols).map(|i| ((i * 37 + 11) % n) as u8).collect();
+        let mut data = vec![0u8; cols * bits as usize / 8];
+        for (c, out) in idx
+            .chunks_exact(32)
+            .zip(data.chunks_exact_mut(4 * bits as usize))
+        {
+            kiln_types::pack_chunk(bits, c.try_into().unwrap(), out);
+        }
+        data.extend(entries.iter().flat_map(|&e| f32_to_f16(e).to_le_bytes()));
+        let w = KilnMatrix::new(ty, &data, 1, cols).unwrap();
+        // Multiples of 2^-4 whose blocks reach 8191 · 2^-4: the codes hold them exactly.
+        let x: Vec<f32> = (0..cols)
+            .map(|i| {
+                if i % 256 == 5 || i == 530 {
+                    -8191.0 / 16.0
+                } else {
+                    (((i * 53) % 400) as f32 - 200.0) / 16.0
+                }
+            })
+            .collect();
+        let mut q = QuantizedRow::new();
+        quantize_row(&x, activation_format(ty), &mut q);
+        assert_eq!(q.dequantize(), x);
+        let (mut want, mut stored, mut mag) = (0.0f64, 0.0f64, 0.0f64);
+        for (&i, &v) in idx.iter().zip(&x) {
+            want += s * u[i as usize] * f64::from(v);
+            stored += f64::from(entries[i as usize]) * f64::from(v);
+            mag += f64::from(v).abs();
+        }
+        assert!((want - stored).abs() <= s / 2.0 * mag, "{ty}");
+        let mut got = vec![f64::from(dot_reference(&w, 0, &q))];
+        for isa in available_isas() {
+            let mut out = [0.0f32];
+            dot_block_with(isa, &w, 0..1, std::slice::from_ref(&q), &mut out, 1);
+            got.push(f64::from(out[0]));
+        }
+        for g in got {
+            assert!(
+                (g - want).abs() <= 1e-5 * want.abs(),
+                "{ty}: {g} against {want}"
+            );
+        }
+    }
 }
 
 #[test]

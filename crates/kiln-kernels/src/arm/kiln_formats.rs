@@ -10,7 +10,10 @@
 //!   of every entry), so `tbl` looks sixteen indices up at once in each plane (`tbl` over one
 //!   register for 2 and 4 bits, four registers for 6 bits, four chained `tbx` over sixteen for
 //!   8 bits) and two rounds of `zip` put the bytes back together as f32 in element order.
-//!   Rows sharing a table (a tensor-wide table, the rows of a group) widen it once.
+//!   Rows sharing a table (a tensor-wide table, the rows of a group) widen it once. The 6-
+//!   and 8-bit tables multiply 16-bit activation codes: their table's integers
+//!   (`lut_table_i16`) take the f16 entries' place, the activations are dequantized to f32
+//!   once per call, and the table's scale applies to each dot product.
 //! - `LUT4_B32`: `tbl` looks the nibbles up in the row's 16-byte table (the tensor's or its
 //!   group's), giving 7-bit
 //!   weights that are signed bytes as they stand, multiplied with each activation block as for
@@ -56,16 +59,83 @@ struct Planes {
 impl Planes {
     /// The planes of the f16 table `table` (`n` entries, `n` ≤ 256).
     fn new(table: &[u8], n: usize) -> Planes {
+        Planes::of(
+            table
+                .chunks_exact(2)
+                .take(n)
+                .map(|h| f16_to_f32(u16::from_le_bytes([h[0], h[1]]))),
+            n,
+        )
+    }
+
+    /// The planes of a table of `n` f32 entries (`n` ≤ 256).
+    fn of(entries: impl Iterator<Item = f32>, n: usize) -> Planes {
         let plane = n.max(16);
         let mut bytes = [0u8; 4 * 256];
-        for (e, h) in table.chunks_exact(2).take(n).enumerate() {
-            let v = f16_to_f32(u16::from_le_bytes([h[0], h[1]])).to_le_bytes();
-            for (k, &b) in v.iter().enumerate() {
+        for (e, v) in entries.take(n).enumerate() {
+            for (k, &b) in v.to_le_bytes().iter().enumerate() {
                 bytes[k * plane + e] = b;
             }
         }
         Planes { bytes, plane }
     }
+}
+
+thread_local! {
+    /// The I16 activation rows of a call dequantized to f32.
+    static F32_ROWS: std::cell::RefCell<Vec<QuantizedRow>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The 6- and 8-bit lookup tables against I16 activations: each table's integers
+/// (`lut_table_i16`) as f32 planes, the activations dequantized once, the table's scale on
+/// each result.
+///
+/// # Safety
+/// As [`dot_block`], `w` a 6- or 8-bit lookup-table tensor.
+unsafe fn lut_i16_block(
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let KilnType::Lut { bits, .. } = w.ty else {
+        unreachable!("lookup-table tensors only")
+    };
+    let n = w.ty.table_len();
+    F32_ROWS.with(|cell| {
+        let mut xs = cell.borrow_mut();
+        if xs.len() < xq.len() {
+            xs.resize_with(xq.len(), QuantizedRow::new);
+        }
+        for (x, f) in xq.iter().zip(xs.iter_mut()) {
+            x.dequantize_to_f32(f);
+        }
+        let mut planes: Option<(*const u8, f32, Planes)> = None;
+        for (k, r) in rows.enumerate() {
+            let table = w.table(r);
+            if planes.as_ref().is_none_or(|(p, _, _)| *p != table.as_ptr()) {
+                let mut u = [0i16; 256];
+                let s = crate::kiln_formats::lut_table_i16(table, &mut u);
+                let pl = Planes::of(u.iter().map(|&v| f32::from(v)), n);
+                planes = Some((table.as_ptr(), s, pl));
+            }
+            let (_, s, pl) = planes.as_ref().expect("set above");
+            let row = w.row(r);
+            for (t, x) in xs[..xq.len()].iter().enumerate() {
+                // SAFETY: `row` is one whole row of `w.cols` indices, `x` holds `w.cols` f32
+                // values and `pl` is the row's table.
+                out[t * out_stride + k] = s * unsafe {
+                    if bits == 6 {
+                        lut::<6>(row, pl, x)
+                    } else {
+                        lut::<8>(row, pl, x)
+                    }
+                };
+            }
+        }
+    });
 }
 
 /// Row by row, activation row by activation row.
@@ -84,6 +154,10 @@ pub(crate) unsafe fn dot_block(
     out_stride: usize,
 ) {
     let dotprod = isa == Isa::NeonDotprod;
+    if let KilnType::Lut { bits: 6 | 8, .. } = w.ty {
+        // SAFETY: the caller's guarantees.
+        return unsafe { lut_i16_block(w, rows, xq, out, out_stride) };
+    }
     let mut planes: Option<(*const u8, Planes)> = None;
     for (k, r) in rows.enumerate() {
         let row = w.row(r);
@@ -97,11 +171,10 @@ pub(crate) unsafe fn dot_block(
                 // SAFETY: `row` is one whole row of `w.cols` indices, `x` holds `w.cols` f32
                 // values (the caller's guarantee) and `pl` is the row's table.
                 out[t * out_stride + k] = unsafe {
-                    match bits {
-                        2 => lut::<2>(row, pl, x),
-                        4 => lut::<4>(row, pl, x),
-                        6 => lut::<6>(row, pl, x),
-                        _ => lut::<8>(row, pl, x),
+                    if bits == 2 {
+                        lut::<2>(row, pl, x)
+                    } else {
+                        lut::<4>(row, pl, x)
                     }
                 };
             }

@@ -22,11 +22,11 @@
 //! - `LUT2` / `LUT4`: the row's f16 table is widened to f32 in one register and looked up with
 //!   `vpermps` (AVX2: two 8-entry halves and a blend on the index's top bit), then multiplied
 //!   with the f32 activations.
-//! - `LUT6`: AVX-512 holds the 64 f32 entries in four registers, `vpermt2ps` picks from each
-//!   pair by the index's low five bits and bit 5 chooses the pair. AVX2 (eight `vpermps` and
-//!   seven blends per eight weights would be slower) gathers from the table widened to f32.
-//! - `LUT8`: 256 entries are too many for registers; both levels gather from the table widened
-//!   to f32 once per tile (rows sharing a table share the widening).
+//! - `LUT6` / `LUT8`: 16-bit integer weights (each table made integer once per call, per group
+//!   of rows sharing it) against 14-bit activation codes, by `vpdpwssd`: AVX-512 with VBMI
+//!   looks the words up in registers (`vpermi2w` over 64 entries; byte planes and `vpermi2b`
+//!   over 256); AVX2, and AVX-512 without VBMI, gather from the integer table as f32 and
+//!   multiply the dequantized activations (see the section below).
 
 // Tiles index several parallel arrays (accumulators, tables, rows) by row and token; index
 // loops say that more plainly than zipped iterators.
@@ -101,6 +101,10 @@ pub(crate) unsafe fn dot_block(
     out: &mut [f32],
     out_stride: usize,
 ) {
+    if let KilnType::Lut { bits: 6 | 8, .. } = w.ty {
+        // SAFETY: the caller's guarantees.
+        return unsafe { lut_i16_dot_block(isa, w, rows, xq, out, out_stride) };
+    }
     let base = rows.start;
     let mut r = rows.start;
     while r < rows.end {
@@ -182,11 +186,6 @@ unsafe fn tile<const R: usize, const T: usize>(
                     (true, true) => lut4b32_512::<R, T, true, true>(w, r0, xs),
                 }
             }
-            (Isa::Avx512Vnni, KilnType::Lut { bits: 8, .. }) if has_vbmi() => {
-                lut8_vbmi::<R, T>(w, r0, xs)
-            }
-            (Isa::Avx512Vnni, KilnType::Lut { bits: 8, .. }) => lut8_512::<R, T>(w, r0, xs),
-            (Isa::Avx512Vnni, KilnType::Lut { bits: 6, .. }) => lut6_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { bits: 4, .. }) => lut4_512::<R, T>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut { .. }) => lut2_512::<R, T>(w, r0, xs),
             (_, KilnType::I8Ch) if xs[0].is_refined() => i8ch_256::<R, T, true>(w, r0, xs),
@@ -199,8 +198,6 @@ unsafe fn tile<const R: usize, const T: usize>(
                 (true, false) => lut4b32_256::<R, T, true, false>(w, r0, xs),
                 (true, true) => lut4b32_256::<R, T, true, true>(w, r0, xs),
             },
-            (_, KilnType::Lut { bits: 8, .. }) => lut8_256::<R, T>(w, r0, xs),
-            (_, KilnType::Lut { bits: 6, .. }) => lut6_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { bits: 4, .. }) => lut4_256::<R, T>(w, r0, xs),
             (_, KilnType::Lut { .. }) => lut2_256::<R, T>(w, r0, xs),
         }
@@ -1298,6 +1295,16 @@ unsafe fn lut6_indices_512(p: *const u8) -> (__m512i, __m512i) {
     )
 }
 
+/// Entries `i` (0..64) of a 64-entry table held in four registers of 16.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn lookup64_512(i: __m512i, t: &[__m512; 4]) -> __m512 {
+    // vpermt2ps picks from 32 entries by the index's low five bits; bit 5 picks the pair.
+    let lo = _mm512_permutex2var_ps(t[0], i, t[1]);
+    let hi = _mm512_permutex2var_ps(t[2], i, t[3]);
+    _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), lo, hi)
+}
+
 /// A 64-entry f16 table (128 bytes at `t`) widened to f32, 16 entries per register.
 ///
 /// # Safety
@@ -1531,166 +1538,539 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
 
 // ---------------------------------------------------------------------------------------------
 // 6- and 8-bit lookup tables
+//
+// These multiply 16-bit integer weights (the table as `lut_table_i16` makes it, once per group
+// of rows sharing it) with 14-bit activation codes ([`ActivationFormat::I16`]), which are
+// stored in the order the lookups below produce their words, so nothing is shuffled between
+// a lookup and `vpdpwssd`. Each 256-element activation block's 32-bit sums are converted and
+// scaled once; the table's scale applies at the end.
+//
+// - `LUT8` (VBMI): the table's byte planes (low bytes in four registers, high bytes in four),
+//   `vpermi2b` twice per plane and a byte blend on the index's top bit, then
+//   `vpunpcklbw` / `vpunpckhbw` to words: 64 weights in two registers.
+// - `LUT6` (VBMI): the 64 words of the table in two registers, picked by `vpermi2w`. One
+//   `vpermi2b` gathers each word's index bytes from the 48 index bytes of 64 elements and the
+//   same shifted right by four: its nibble (from the shifted copy for a high nibble) and its
+//   top-bits byte; a variable shift lines the top bits up and a bit select joins the two
+//   (`vpermi2w` reads the low six bits only).
+// - Without VBMI, and on AVX2: the activations dequantized to f32 once per call and the
+//   table's integers widened to f32, gathered and multiplied in f32 (the table's scale at the
+//   end).
 
-/// The f32 tables of rows `r0..r0 + R` of a lookup-table tensor with `N` entries per table,
-/// and for each row which of them it uses: rows sharing a table (every row of a tensor-wide
-/// table, a tile inside a group) widen it once.
+/// Calls `f(r, n, t, m)` for every tile of `n` rows from `r` (4, or 1 at the end) by `m`
+/// activation rows from `t` (2, or 1 at the end) within `rows` × `0..n_act`, rows outermost.
+#[inline(always)]
+fn for_tiles(rows: Range<usize>, n_act: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+    let mut r = rows.start;
+    while r < rows.end {
+        let n = if r + TILE_ROWS <= rows.end {
+            TILE_ROWS
+        } else {
+            1
+        };
+        let mut t = 0;
+        while t < n_act {
+            let m = if t + 2 <= n_act { 2 } else { 1 };
+            f(r, n, t, m);
+            t += m;
+        }
+        r += n;
+    }
+}
+
+/// [`crate::kiln_formats::lut_table_i16`] with AVX2, bit for bit (the same IEEE products and
+/// round-to-nearest-even; the scalar version's max and min are exact too).
 ///
 /// # Safety
-/// AVX2 and F16C; `w` is a lookup-table tensor of `N` entries (`N` a multiple of 8) with
-/// rows `r0..r0 + R`.
+/// AVX2 and F16C; `table` holds 64 or 256 f16 entries and `u` at least as many.
 #[target_feature(enable = "avx2,f16c")]
-#[inline]
-unsafe fn widen_tables<const R: usize, const N: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-) -> ([[f32; N]; R], [usize; R]) {
-    let mut tables = [[0.0f32; N]; R];
-    let mut which = [0usize; R];
-    let mut n = 0;
-    for r in 0..R {
-        let src = w.table(r0 + r);
-        if r > 0 && src.as_ptr() == w.table(r0 + r - 1).as_ptr() {
-            which[r] = which[r - 1];
-            continue;
-        }
-        debug_assert_eq!(src.len(), 2 * N);
-        for k in (0..N).step_by(8) {
-            // SAFETY: entries k..k + 8 of the f16 table (2N bytes) and of the f32 one.
-            unsafe {
-                let h = _mm_loadu_si128(src.as_ptr().add(2 * k).cast());
-                _mm256_storeu_ps(tables[n].as_mut_ptr().add(k), _mm256_cvtph_ps(h));
-            }
-        }
-        which[r] = n;
-        n += 1;
+unsafe fn lut_table_i16_256(table: &[u8], u: &mut [i16]) -> f32 {
+    let n = table.len() / 2;
+    debug_assert!(n.is_multiple_of(16) && u.len() >= n);
+    let tp = table.as_ptr();
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let mut m = _mm256_setzero_ps();
+    for k in (0..n).step_by(8) {
+        // SAFETY: entries k..k + 8 of the table.
+        let t = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(tp.add(2 * k).cast()) });
+        m = _mm256_max_ps(m, _mm256_and_ps(t, abs));
     }
-    (tables, which)
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+    let amax = lanes.iter().fold(0.0f32, |a, &v| a.max(v));
+    let entry_max = f32::from(crate::kiln_formats::LUT_I16_ENTRY_MAX);
+    let s = amax / entry_max;
+    if s.is_nan() || s <= 0.0 {
+        u[..n].fill(0);
+        return s;
+    }
+    let inv = _mm256_set1_ps(entry_max / amax);
+    let max = _mm256_set1_ps(entry_max);
+    let min = _mm256_sub_ps(_mm256_setzero_ps(), max);
+    for k in (0..n).step_by(16) {
+        // SAFETY: entries k..k + 16 of the table in, 16 words of `u` out.
+        unsafe {
+            let q = [0, 8].map(|h| {
+                let t = _mm256_cvtph_ps(_mm_loadu_si128(tp.add(2 * (k + h)).cast()));
+                let q = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm256_mul_ps(t, inv),
+                );
+                _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(q, min), max))
+            });
+            // packs works per 128-bit lane; the 64-bit permute puts the words back in order.
+            let w = _mm256_permute4x64_epi64::<0xd8>(_mm256_packs_epi32(q[0], q[1]));
+            _mm256_storeu_si256(u.as_mut_ptr().add(k).cast(), w);
+        }
+    }
+    s
 }
 
-/// Entries `i` (0..64) of a 64-entry table held in four registers of 16.
+/// [`lut_table_i16_256`] with AVX-512, for the kernels that convert a table per group of
+/// rows: bit for bit the same (`vcvtps2dq` rounds to nearest-even under the default MXCSR).
+///
+/// # Safety
+/// AVX-512 F/BW and F16C; `table` holds 64 or 256 f16 entries and `u` at least as many.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn lut_table_i16_512(table: &[u8], u: &mut [i16]) -> f32 {
+    let n = table.len() / 2;
+    debug_assert!(n.is_multiple_of(16) && u.len() >= n);
+    let tp = table.as_ptr();
+    let mut m = _mm512_setzero_ps();
+    for k in (0..n).step_by(16) {
+        // SAFETY: entries k..k + 16 of the table.
+        let t = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.add(2 * k).cast()) });
+        m = _mm512_max_ps(m, _mm512_abs_ps(t));
+    }
+    let amax = _mm512_reduce_max_ps(m);
+    let entry_max = crate::kiln_formats::LUT_I16_ENTRY_MAX;
+    let s = amax / f32::from(entry_max);
+    if s.is_nan() || s <= 0.0 {
+        u[..n].fill(0);
+        return s;
+    }
+    let inv = _mm512_set1_ps(f32::from(entry_max) / amax);
+    let (lo, hi) = (
+        _mm512_set1_epi32(-i32::from(entry_max)),
+        _mm512_set1_epi32(i32::from(entry_max)),
+    );
+    for k in (0..n).step_by(16) {
+        // SAFETY: entries k..k + 16 of the table in, 16 words of `u` out.
+        unsafe {
+            let t = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(2 * k).cast()));
+            let q = _mm512_cvtps_epi32(_mm512_mul_ps(t, inv));
+            let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            _mm256_storeu_si256(u.as_mut_ptr().add(k).cast(), _mm512_cvtepi32_epi16(q));
+        }
+    }
+    s
+}
+
+/// # Safety
+/// As [`dot_block`], `w` a 6- or 8-bit lookup-table tensor (so every `xq[t]` is I16).
+unsafe fn lut_i16_dot_block(
+    isa: Isa,
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let bits = w.ty.table_len().trailing_zeros();
+    let group = w.ty.group_rows(w.rows).unwrap_or(w.rows).max(1);
+    let native = isa == Isa::Avx512Vnni && has_vbmi();
+    let base = rows.start;
+    F32_ROWS.with(|cell| {
+        let mut f32_rows = cell.borrow_mut();
+        if !native {
+            if f32_rows.len() < xq.len() {
+                f32_rows.resize_with(xq.len(), QuantizedRow::new);
+            }
+            for (x, f) in xq.iter().zip(f32_rows.iter_mut()) {
+                x.dequantize_to_f32(f);
+            }
+        }
+        let mut r = rows.start;
+        while r < rows.end {
+            let seg = r..((r / group + 1) * group).min(rows.end);
+            let mut u = [0i16; 256];
+            // SAFETY: the CPU has AVX-512 when `native`, AVX2 and F16C at either level; the
+            // table holds 2^bits entries.
+            let s = unsafe {
+                if native {
+                    lut_table_i16_512(w.table(r), &mut u)
+                } else {
+                    lut_table_i16_256(w.table(r), &mut u)
+                }
+            };
+            // SAFETY (all tiles below): rows and activation rows of each tile exist, the
+            // rest is the caller's guarantee; the kernels' features are the level's.
+            match (native, bits) {
+                (true, 8) => {
+                    // SAFETY: 256 words are 512 bytes.
+                    let planes = unsafe { byte_planes(u.as_ptr().cast()) };
+                    for_tiles(seg.clone(), xq.len(), |r, n, t, m| unsafe {
+                        match (n, m) {
+                            (TILE_ROWS, 2) => {
+                                let v = lut8_i16_512::<TILE_ROWS, 2>(
+                                    w,
+                                    r,
+                                    &planes,
+                                    s,
+                                    [&xq[t], &xq[t + 1]],
+                                );
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (TILE_ROWS, _) => {
+                                let v = lut8_i16_512::<TILE_ROWS, 1>(w, r, &planes, s, [&xq[t]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (_, 2) => {
+                                let v =
+                                    lut8_i16_512::<1, 2>(w, r, &planes, s, [&xq[t], &xq[t + 1]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            _ => {
+                                let v = lut8_i16_512::<1, 1>(w, r, &planes, s, [&xq[t]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                        }
+                    });
+                }
+                (true, _) => {
+                    // SAFETY: 64 words are 128 bytes.
+                    let table = unsafe {
+                        [
+                            _mm512_loadu_si512(u.as_ptr().cast()),
+                            _mm512_loadu_si512(u.as_ptr().add(32).cast()),
+                        ]
+                    };
+                    for_tiles(seg.clone(), xq.len(), |r, n, t, m| unsafe {
+                        match (n, m) {
+                            (TILE_ROWS, 2) => {
+                                let v = lut6_i16_512::<TILE_ROWS, 2>(
+                                    w,
+                                    r,
+                                    &table,
+                                    s,
+                                    [&xq[t], &xq[t + 1]],
+                                );
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (TILE_ROWS, _) => {
+                                let v = lut6_i16_512::<TILE_ROWS, 1>(w, r, &table, s, [&xq[t]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (_, 2) => {
+                                let v = lut6_i16_512::<1, 2>(w, r, &table, s, [&xq[t], &xq[t + 1]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            _ => {
+                                let v = lut6_i16_512::<1, 1>(w, r, &table, s, [&xq[t]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                        }
+                    });
+                }
+                (false, _) => {
+                    let mut table = [0.0f32; 256];
+                    for (t, &v) in table.iter_mut().zip(&u) {
+                        *t = f32::from(v);
+                    }
+                    let xs = &f32_rows[..xq.len()];
+                    for_tiles(seg.clone(), xq.len(), |r, n, t, m| unsafe {
+                        match (n, m, bits) {
+                            (TILE_ROWS, 2, 8) => {
+                                let v =
+                                    lut8_256::<TILE_ROWS, 2>(w, r, &table, s, [&xs[t], &xs[t + 1]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (TILE_ROWS, 1, 8) => {
+                                let v = lut8_256::<TILE_ROWS, 1>(w, r, &table, s, [&xs[t]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (1, 2, 8) => {
+                                let v = lut8_256::<1, 2>(w, r, &table, s, [&xs[t], &xs[t + 1]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (_, _, 8) => {
+                                let v = lut8_256::<1, 1>(w, r, &table, s, [&xs[t]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (TILE_ROWS, 2, _) => {
+                                let v =
+                                    lut6_256::<TILE_ROWS, 2>(w, r, &table, s, [&xs[t], &xs[t + 1]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (TILE_ROWS, 1, _) => {
+                                let v = lut6_256::<TILE_ROWS, 1>(w, r, &table, s, [&xs[t]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            (1, 2, _) => {
+                                let v = lut6_256::<1, 2>(w, r, &table, s, [&xs[t], &xs[t + 1]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                            _ => {
+                                let v = lut6_256::<1, 1>(w, r, &table, s, [&xs[t]]);
+                                store(&v, out, out_stride, r - base, t);
+                            }
+                        }
+                    });
+                }
+            }
+            r = seg.end;
+        }
+    });
+}
+
+thread_local! {
+    /// The I16 activation rows of a call dequantized to f32, for the kernels without integer
+    /// lookups.
+    static F32_ROWS: std::cell::RefCell<Vec<QuantizedRow>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One step of `n` elements (64, or the last 32 of a row) of a 6- or 8-bit row against the
+/// I16 codes from `c`: the codes as the two registers of words the lookups pair them with
+/// (the second half of the group's codes in the second; a 32-element step fills the lower
+/// half of each, the rest zero).
+///
+/// # Safety
+/// AVX-512 BW; codes `c..c + n` exist.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn i16_codes_512(x: &QuantizedRow, c: usize, two: bool) -> (__m512i, __m512i) {
+    let p = x.wide.as_ptr();
+    // SAFETY: codes c..c + 64 (c + 32 without `two`; masked-off words are not read).
+    unsafe {
+        if two {
+            (
+                _mm512_loadu_si512(p.add(c).cast()),
+                _mm512_loadu_si512(p.add(c + 32).cast()),
+            )
+        } else {
+            (
+                _mm512_maskz_loadu_epi16(0xffff, p.add(c).cast()),
+                _mm512_maskz_loadu_epi16(0xffff, p.add(c + 16).cast()),
+            )
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` an 8-bit lookup-table tensor whose rows
+/// `r0..r0 + R` share the table `planes` (of `lut_table_i16`, scale `s`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn lut8_i16_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    planes: &BytePlanes,
+    s: f32,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut b = 0;
+    let mut start = 0;
+    while start < w.cols {
+        let end = (start + crate::activation::I16_BLOCK).min(w.cols);
+        let mut sums = [[_mm512_setzero_si512(); T]; R];
+        let mut c = start;
+        while c < end {
+            let two = c + 2 * CHUNK <= end;
+            let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
+            let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
+            for t in 0..T {
+                // SAFETY: the block's codes from c.
+                xv[t] = unsafe { i16_codes_512(xs[t], c, two) };
+            }
+            for r in 0..R {
+                let ip = p.wrapping_add(r * rb + c);
+                prefetch(ip, ahead);
+                // SAFETY: 32 or 64 index bytes of row r0 + r from c.
+                let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
+                // The words come in the codes' order; zeroed indices meet zeroed codes.
+                let (lo, hi) = lookup256_vbmi(i, planes);
+                for t in 0..T {
+                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
+                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
+                }
+            }
+            c += if two { 2 * CHUNK } else { CHUNK };
+        }
+        for t in 0..T {
+            let d = _mm512_set1_ps(xs[t].scales[b]);
+            for r in 0..R {
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
+            }
+        }
+        b += 1;
+        start = end;
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = s * _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// `vpermi2b` indices and shift counts that turn the index bytes of one step of a 6-bit row
+/// (and the same bytes shifted right by four) into the words of half `h` of the step, in the
+/// I16 codes' order: word `q` takes its element's nibble at bits 0..4 of its low byte (from
+/// the shifted bytes for a high nibble), and its top-bits byte as its high byte; shifted
+/// right by the count, the two top bits land at bits 4..6. `n` is the step (64 elements: 48
+/// bytes, two 32-element chunks of 24; or 32).
+const fn lut6_step(n: usize, h: usize) -> ([u8; 64], [u16; 32]) {
+    let mut bytes = [0u8; 64];
+    let mut top = [0u16; 32];
+    let mut q = 0;
+    while q < n / 2 {
+        let e = crate::activation::i16_element(h * n / 2 + q, n);
+        let (chunk, j) = (e / CHUNK, e % CHUNK);
+        // Index bit 6 picks the second source, the bytes shifted right by four.
+        let high = if j < 16 { 0 } else { 64 };
+        bytes[2 * q] = (24 * chunk + j % 16 + high) as u8;
+        bytes[2 * q + 1] = (24 * chunk + 16 + j % 8) as u8;
+        // Byte j % 8 holds element j's two bits at 2 (j / 8); in the high byte, at 8 + 2 (j / 8).
+        top[q] = (4 + 2 * (j / 8)) as u16;
+        q += 1;
+    }
+    (bytes, top)
+}
+
+/// [`lut6_step`] as registers for both halves of a step: byte indices and top-bit shifts.
+struct Lut6Step {
+    bytes: [__m512i; 2],
+    top: [__m512i; 2],
+}
+
+/// The registers of [`lut6_step`] for a step of `n` elements.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn lookup64_512(i: __m512i, t: &[__m512; 4]) -> __m512 {
-    // vpermt2ps picks from 32 entries by the index's low five bits; bit 5 picks the pair.
-    let lo = _mm512_permutex2var_ps(t[0], i, t[1]);
-    let hi = _mm512_permutex2var_ps(t[2], i, t[3]);
-    _mm512_mask_blend_ps(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), lo, hi)
+fn lut6_step_512(n: usize) -> Lut6Step {
+    let regs = |h: usize| {
+        let (b, t) = lut6_step(n, h);
+        // SAFETY: 64 bytes and 32 words; every bit pattern is a valid __m512i.
+        unsafe {
+            (
+                _mm512_loadu_si512(b.as_ptr().cast()),
+                _mm512_loadu_si512(t.as_ptr().cast()),
+            )
+        }
+    };
+    let (b0, t0) = regs(0);
+    let (b1, t1) = regs(1);
+    Lut6Step {
+        bytes: [b0, b1],
+        top: [t0, t1],
+    }
+}
+
+/// The 64-entry table's words for half `h` of a step of 6-bit indices `i` (its index bytes;
+/// `i4` the same shifted right by four).
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn lookup64_words(
+    i: __m512i,
+    i4: __m512i,
+    st: &Lut6Step,
+    h: usize,
+    table: &[__m512i; 2],
+) -> __m512i {
+    let v = _mm512_permutex2var_epi8(i, st.bytes[h], i4);
+    let top = _mm512_srlv_epi16(v, st.top[h]);
+    // Bits 0..4 from the nibble, the rest from the top bits: (c & a) | (!c & b).
+    let idx = _mm512_ternarylogic_epi32::<0xe4>(v, top, _mm512_set1_epi16(0x0f));
+    _mm512_permutex2var_epi16(table[0], idx, table[1])
 }
 
 /// # Safety
-/// AVX-512; as [`dot_block`], `w` a 6-bit lookup-table tensor.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn lut6_512<const R: usize, const T: usize>(
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a 6-bit lookup-table tensor whose rows
+/// `r0..r0 + R` share the table `table` (64 words of `lut_table_i16`, scale `s`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn lut6_i16_512<const R: usize, const T: usize>(
     w: &KilnMatrix,
     r0: usize,
+    table: &[__m512i; 2],
+    s: f32,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
-    // SAFETY: a 64-entry f16 table is 128 bytes.
-    let tables: [[__m512; 4]; R] =
-        std::array::from_fn(|r| unsafe { lut6_table_512(w.table(r0 + r).as_ptr()) });
     let p = w.data[r0 * rb..].as_ptr();
+    let full = lut6_step_512(64);
     let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        let mut x0 = [_mm512_setzero_ps(); T];
-        let mut x1 = [_mm512_setzero_ps(); T];
-        for t in 0..T {
-            // SAFETY: 32 values from c lie within the activation row.
-            unsafe {
-                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
-                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
-            }
-        }
-        for r in 0..R {
-            // A chunk of 32 six-bit indices is 24 bytes.
-            let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
-            prefetch(ip, ahead);
-            // SAFETY: the 24 index bytes of this chunk of row r0 + r.
-            let (i0, i1) = unsafe { lut6_indices_512(ip) };
-            let w0 = lookup64_512(i0, &tables[r]);
-            let w1 = lookup64_512(i1, &tables[r]);
-            for t in 0..T {
-                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
-            }
-        }
-    }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
-}
-
-/// # Safety
-/// AVX-512; as [`dot_block`], `w` an 8-bit lookup-table tensor.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn lut8_512<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    // SAFETY: `w` is an 8-bit lookup-table tensor with these rows (the caller's guarantee).
-    let (tables, which) = unsafe { widen_tables::<R, 256>(w, r0) };
-    let p = w.data[r0 * rb..].as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        let mut x0 = [_mm512_setzero_ps(); T];
-        let mut x1 = [_mm512_setzero_ps(); T];
-        for t in 0..T {
-            // SAFETY: 32 values from c lie within the activation row.
-            unsafe {
-                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
-                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
-            }
-        }
-        for r in 0..R {
-            let ip = p.wrapping_add(r * rb + c);
-            prefetch(ip, ahead);
-            let table = tables[which[r]].as_ptr();
-            // SAFETY: the 32 index bytes of this chunk of row r0 + r; every index is below
-            // 256, inside the row's widened table.
-            let (w0, w1) = unsafe {
-                let i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(ip.cast()));
-                let i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(ip.add(16).cast()));
-                (
-                    _mm512_i32gather_ps::<4>(i0, table),
-                    _mm512_i32gather_ps::<4>(i1, table),
-                )
+    let mut b = 0;
+    let mut start = 0;
+    while start < w.cols {
+        let end = (start + crate::activation::I16_BLOCK).min(w.cols);
+        let mut sums = [[_mm512_setzero_si512(); T]; R];
+        let mut c = start;
+        while c < end {
+            let two = c + 2 * CHUNK <= end;
+            let tail;
+            let (st, mask): (&Lut6Step, __mmask64) = if two {
+                (&full, (1u64 << 48) - 1)
+            } else {
+                tail = lut6_step_512(32);
+                (&tail, (1u64 << 24) - 1)
             };
+            let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
             for t in 0..T {
-                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
+                // SAFETY: the block's codes from c.
+                xv[t] = unsafe { i16_codes_512(xs[t], c, two) };
+            }
+            for r in 0..R {
+                // A chunk of 32 six-bit indices is 24 bytes.
+                let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
+                prefetch(ip, ahead);
+                // SAFETY: 48 (or 24) index bytes of row r0 + r from element c.
+                let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
+                let i4 = _mm512_srli_epi16::<4>(i);
+                let lo = lookup64_words(i, i4, st, 0, table);
+                let hi = lookup64_words(i, i4, st, 1, table);
+                for t in 0..T {
+                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
+                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
+                }
+            }
+            c += if two { 2 * CHUNK } else { CHUNK };
+        }
+        for t in 0..T {
+            let d = _mm512_set1_ps(xs[t].scales[b]);
+            for r in 0..R {
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
             }
         }
+        b += 1;
+        start = end;
     }
     let mut out = [[0.0; T]; R];
     for r in 0..R {
         for t in 0..T {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+            out[r][t] = s * _mm512_reduce_add_ps(acc[r][t]);
         }
     }
     out
 }
 
 /// # Safety
-/// AVX2, FMA, F16C; as [`dot_block`], `w` a 6-bit lookup-table tensor.
+/// AVX2, FMA; as [`dot_block`], `w` a 6-bit lookup-table tensor whose rows `r0..r0 + R` share
+/// `table` (the first 64 entries used; integers of `lut_table_i16`, scale `s`), `xs` F32 rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn lut6_256<const R: usize, const T: usize>(
     w: &KilnMatrix,
     r0: usize,
+    table: &[f32; 256],
+    s: f32,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
-    // SAFETY: `w` is a 6-bit lookup-table tensor with these rows (the caller's guarantee).
-    let (tables, which) = unsafe { widen_tables::<R, 64>(w, r0) };
     let p = w.data[r0 * rb..].as_ptr();
     let low = _mm256_set1_epi32(0x0f);
     let top = _mm256_set1_epi32(0x30);
@@ -1725,11 +2105,10 @@ unsafe fn lut6_256<const R: usize, const T: usize>(
                     _mm256_and_si256(_mm256_srli_epi32::<6>(h), top),
                 ),
             ];
-            let table = tables[which[r]].as_ptr();
             let mut wv = [_mm256_setzero_ps(); 4];
             for (wk, &ik) in wv.iter_mut().zip(&idx) {
-                // SAFETY: every index is below 64, inside the row's widened table.
-                *wk = unsafe { _mm256_i32gather_ps::<4>(table, ik) };
+                // SAFETY: every index is below 64, inside the table.
+                *wk = unsafe { _mm256_i32gather_ps::<4>(table.as_ptr(), ik) };
             }
             for t in 0..T {
                 let xp = xs[t].values.as_ptr();
@@ -1744,38 +2123,38 @@ unsafe fn lut6_256<const R: usize, const T: usize>(
     let mut out = [[0.0; T]; R];
     for r in 0..R {
         for t in 0..T {
-            out[r][t] = hsum256(acc[r][t]);
+            out[r][t] = s * hsum256(acc[r][t]);
         }
     }
     out
 }
 
 /// # Safety
-/// AVX2, FMA, F16C; as [`dot_block`], `w` an 8-bit lookup-table tensor.
+/// AVX2, FMA; as [`dot_block`], `w` an 8-bit lookup-table tensor whose rows `r0..r0 + R`
+/// share `table` (integers of `lut_table_i16`, scale `s`), `xs` F32 rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn lut8_256<const R: usize, const T: usize>(
     w: &KilnMatrix,
     r0: usize,
+    table: &[f32; 256],
+    s: f32,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
-    // SAFETY: `w` is an 8-bit lookup-table tensor with these rows (the caller's guarantee).
-    let (tables, which) = unsafe { widen_tables::<R, 256>(w, r0) };
     let p = w.data[r0 * rb..].as_ptr();
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for c in (0..w.cols).step_by(CHUNK) {
         for r in 0..R {
             let ip = p.wrapping_add(r * rb + c);
             prefetch(ip, ahead);
-            let table = tables[which[r]].as_ptr();
             let mut wv = [_mm256_setzero_ps(); 4];
             for (k, wk) in wv.iter_mut().enumerate() {
                 // SAFETY: index bytes 8k..8k + 8 of this chunk of row r0 + r; every index is
-                // below 256, inside the row's widened table.
+                // below 256, inside the table.
                 *wk = unsafe {
                     let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(8 * k).cast()));
-                    _mm256_i32gather_ps::<4>(table, i)
+                    _mm256_i32gather_ps::<4>(table.as_ptr(), i)
                 };
             }
             for t in 0..T {
@@ -1791,7 +2170,7 @@ unsafe fn lut8_256<const R: usize, const T: usize>(
     let mut out = [[0.0; T]; R];
     for r in 0..R {
         for t in 0..T {
-            out[r][t] = hsum256(acc[r][t]);
+            out[r][t] = s * hsum256(acc[r][t]);
         }
     }
     out
@@ -1856,8 +2235,9 @@ unsafe fn byte_planes(t: *const u8) -> BytePlanes {
     planes
 }
 
-/// The f16 entries of 64 indices as two registers of 32 words (elements 0..32, 32..64), the
-/// indices already in [`VBMI_ORDER`].
+/// The 16-bit entries of 64 indices as two registers of 32 words: lane `j` of the first
+/// holds the entries of indices `16j .. 16j + 8`, of the second `16j + 8 .. 16j + 16` (with
+/// the indices in [`VBMI_ORDER`], elements 0..32 and 32..64).
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 #[inline]
 fn lookup256_vbmi(i: __m512i, t: &BytePlanes) -> (__m512i, __m512i) {
@@ -1876,77 +2256,59 @@ fn lookup256_vbmi(i: __m512i, t: &BytePlanes) -> (__m512i, __m512i) {
     (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
 }
 
-/// # Safety
-/// AVX-512 with VBMI; as [`dot_block`], `w` an 8-bit lookup-table tensor.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")]
-unsafe fn lut8_vbmi<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    let mut tables = [[_mm512_setzero_si512(); 8]; R];
-    let mut which = [0usize; R];
-    let mut n = 0;
-    for r in 0..R {
-        let src = w.table(r0 + r).as_ptr();
-        if r > 0 && src == w.table(r0 + r - 1).as_ptr() {
-            which[r] = which[r - 1];
-            continue;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_format::ggml::f32_to_f16;
+
+    /// The SIMD table conversions give the scalar one's integers and scale, bit for bit, on
+    /// tables with ordinary values, f16 extremes, subnormals, zeros and rounding ties.
+    #[test]
+    fn table_conversions_match_the_scalar_one() {
+        let mut tables: Vec<Vec<f32>> = Vec::new();
+        for n in [64usize, 256] {
+            for seed in 0..40u32 {
+                let scale = [1e-6f32, 1e-3, 0.37, 5.0, 6e4][seed as usize % 5];
+                tables.push(
+                    (0..n)
+                        .map(|k| (k as f32 * 1.618 + seed as f32).sin() * scale)
+                        .collect(),
+                );
+            }
+            // Entries that land on ties of the 16-bit grid: max 16383, so the multiplier is 1.
+            tables.push(
+                (0..n)
+                    .map(|k| if k == 0 { 16383.0 } else { k as f32 + 0.5 })
+                    .collect(),
+            );
+            tables.push(vec![0.0; n]);
+            let mut extremes = vec![6e-8f32; n];
+            extremes[3] = -65504.0;
+            tables.push(extremes);
         }
-        // SAFETY: a 256-entry f16 table is 512 bytes.
-        tables[n] = unsafe { byte_planes(src) };
-        which[r] = n;
-        n += 1;
-    }
-    let p = w.data[r0 * rb..].as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    let mut c = 0;
-    while c < w.cols {
-        // 64 elements at a time, or the last 32.
-        let two = c + 2 * CHUNK <= w.cols;
-        let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
-        let fmask: __mmask16 = if two { u16::MAX } else { 0 };
-        let mut xv = [[_mm512_setzero_ps(); 4]; T];
-        for t in 0..T {
-            let xp = xs[t].values.as_ptr();
-            // SAFETY: values c .. c + 32 (c + 64 when `two`) lie within the activation row;
-            // masked-off lanes are not read.
-            unsafe {
-                xv[t][0] = _mm512_loadu_ps(xp.add(c));
-                xv[t][1] = _mm512_loadu_ps(xp.add(c + 16));
-                xv[t][2] = _mm512_maskz_loadu_ps(fmask, xp.add(c + 32));
-                xv[t][3] = _mm512_maskz_loadu_ps(fmask, xp.add(c + 48));
+        for t in tables {
+            let bytes: Vec<u8> = t
+                .iter()
+                .flat_map(|&v| f32_to_f16(v).to_le_bytes())
+                .collect();
+            let mut want = [0i16; 256];
+            let s = crate::kiln_formats::lut_table_i16(&bytes, &mut want);
+            let mut got = [0i16; 256];
+            if Isa::Avx2.is_available() {
+                // SAFETY: AVX2 and F16C are present (checked); 64 or 256 entries.
+                let s2 = unsafe { lut_table_i16_256(&bytes, &mut got) };
+                assert_eq!((s2.to_bits(), &got[..]), (s.to_bits(), &want[..]), "AVX2");
+            }
+            if Isa::Avx512Vnni.is_available() {
+                got.fill(0);
+                // SAFETY: AVX-512 and F16C are present (checked); 64 or 256 entries.
+                let s5 = unsafe { lut_table_i16_512(&bytes, &mut got) };
+                assert_eq!(
+                    (s5.to_bits(), &got[..]),
+                    (s.to_bits(), &want[..]),
+                    "AVX-512"
+                );
             }
         }
-        for r in 0..R {
-            let ip = p.wrapping_add(r * rb + c);
-            prefetch(ip, ahead);
-            // SAFETY: 32 or 64 index bytes of row r0 + r from c.
-            let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
-            let (a, b) = lookup256_vbmi(_mm512_permutexvar_epi8(VBMI_ORDER, i), &tables[which[r]]);
-            let wv = [
-                _mm512_cvtph_ps(_mm512_castsi512_si256(a)),
-                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(a)),
-                _mm512_cvtph_ps(_mm512_castsi512_si256(b)),
-                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(b)),
-            ];
-            // The last 32 elements alone: the lookups of the zeroed indices are not used.
-            let quarters = if two { 4 } else { 2 };
-            for t in 0..T {
-                for k in 0..quarters {
-                    acc[r][t] = _mm512_fmadd_ps(wv[k], xv[t][k], acc[r][t]);
-                }
-            }
-        }
-        c += if two { 2 * CHUNK } else { CHUNK };
     }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
 }
