@@ -338,16 +338,22 @@ impl QuantizedRow {
 
     /// This row's values as an F32 row in `out` (reusing its buffers), in element order.
     pub(crate) fn dequantize_to_f32(&self, out: &mut QuantizedRow) {
-        out.format = ActivationFormat::F32;
-        out.len = self.len;
-        out.codes.clear();
-        out.low.clear();
-        out.wide.clear();
-        out.scales.clear();
-        out.sums.clear();
-        out.group_sums.clear();
+        out.reset(ActivationFormat::F32, self.len);
         out.values.resize(self.len, 0.0);
         self.dequantize_into(&mut out.values);
+    }
+
+    /// An empty row of `format` and `len` elements, every buffer cleared but kept for reuse.
+    fn reset(&mut self, format: ActivationFormat, len: usize) {
+        self.format = format;
+        self.len = len;
+        self.codes.clear();
+        self.low.clear();
+        self.wide.clear();
+        self.scales.clear();
+        self.sums.clear();
+        self.group_sums.clear();
+        self.values.clear();
     }
 }
 
@@ -397,15 +403,7 @@ pub fn quantize_row(x: &[f32], fmt: ActivationFormat, out: &mut QuantizedRow) {
         "quantize_row: {} elements are not a whole number of {multiple}-element blocks",
         x.len()
     );
-    out.format = fmt;
-    out.len = x.len();
-    out.codes.clear();
-    out.low.clear();
-    out.wide.clear();
-    out.scales.clear();
-    out.sums.clear();
-    out.group_sums.clear();
-    out.values.clear();
+    out.reset(fmt, x.len());
     match fmt {
         ActivationFormat::F32 => out.values.extend_from_slice(x),
         ActivationFormat::I16 => {

@@ -216,12 +216,7 @@ pub fn dot_block_with(
         return;
     }
     crate::check_output(n_rows, xq.len(), out.len(), out_stride);
-    let refined = xq[0].is_refined();
-    assert!(
-        xq.iter().all(|x| x.is_refined() == refined),
-        "dot_block: refined and plain activation rows mixed"
-    );
-    if refined && !fuses_refined(isa, w.ty) {
+    if crate::refined_rows(xq) && !fuses_refined(isa, w.ty) {
         crate::split_refined_block(xq, n_rows, out, out_stride, |split, scratch, stride| {
             dot_block_with(isa, w, rows, split, scratch, stride)
         });

@@ -193,12 +193,7 @@ pub fn dot_block_with(
         return;
     }
     check_output(n_rows, xq.len(), out.len(), out_stride);
-    let refined = first.is_refined();
-    assert!(
-        xq.iter().all(|x| x.is_refined() == refined),
-        "dot_block: refined and plain activation rows mixed"
-    );
-    if refined && !fuses_refined(isa, weights) {
+    if refined_rows(xq) && !fuses_refined(isa, weights) {
         split_refined_block(xq, n_rows, out, out_stride, |split, scratch, stride| {
             dot_block_with(isa, weights, w, row_bytes, rows, split, scratch, stride)
         });
@@ -258,6 +253,19 @@ pub fn fuses_refined(isa: Isa, weights: GgmlType) -> bool {
                 | GgmlType::Q8_0
                 | GgmlType::IQ4_NL
         )
+}
+
+/// Whether the activation rows `xq` (at least one) are refined.
+///
+/// # Panics
+/// If refined and plain rows are mixed: a kernel reads the first row's kind for all.
+pub(crate) fn refined_rows(xq: &[QuantizedRow]) -> bool {
+    let refined = xq[0].is_refined();
+    assert!(
+        xq.iter().all(|x| x.is_refined() == refined),
+        "dot_block: refined and plain activation rows mixed"
+    );
+    refined
 }
 
 /// The products of refined rows `xq` by kernels without a refined path: `block` computes the

@@ -260,6 +260,31 @@ unsafe fn legacy<const F: u8, const R: usize, const T: usize, const REFINED: boo
     out
 }
 
+/// The codes of `N` (≤ 4) consecutive 32-element activation blocks at `c`, two blocks per
+/// register (zero beyond `N`; nothing beyond them is read).
+///
+/// # Safety
+/// `N * 32` codes are readable at `c`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+pub(super) unsafe fn block_codes_512<const N: usize>(c: *const i8) -> (__m512i, __m512i) {
+    let low_half: __mmask64 = u64::from(u32::MAX);
+    // SAFETY: the masks cover the first N * 32 bytes at `c` only.
+    unsafe {
+        let x01 = if N >= 2 {
+            _mm512_loadu_si512(c.cast())
+        } else {
+            _mm512_maskz_loadu_epi8(low_half, c)
+        };
+        let x23 = match N {
+            4 => _mm512_loadu_si512(c.add(2 * QK).cast()),
+            3 => _mm512_maskz_loadu_epi8(low_half, c.add(2 * QK)),
+            _ => _mm512_setzero_si512(),
+        };
+        (x01, x23)
+    }
+}
+
 /// `Σ w·x` per lane of four byte products (`vpdpbusd`); with `REFINED`, `x` and `y` are the
 /// high and low parts of refined activation codes and the result is `(Σ w·x) · 256 + Σ w·y`,
 /// the sum over the 16-bit codes. Exact for unsigned `w` < 256 and parts within ±127: a lane's
@@ -303,7 +328,6 @@ unsafe fn leg_step<
     let bytes = leg::bytes(F);
     let ahead = super::prefetch_distance(row_bytes);
     let lanes: __mmask8 = (1u8 << N) - 1;
-    let low_half: __mmask64 = u64::from(u32::MAX);
     let mut dx = [_mm_setzero_ps(); T];
     let mut ds = [_mm_setzero_ps(); T];
     let mut x01 = [_mm512_setzero_si512(); T];
@@ -314,36 +338,14 @@ unsafe fn leg_step<
         let x = xs[t];
         if REFINED {
             // SAFETY: as for the high parts below; a refined row's low parts are as long.
-            unsafe {
-                let c = x.low.as_ptr().add(b * QK);
-                y01[t] = if N >= 2 {
-                    _mm512_loadu_si512(c.cast())
-                } else {
-                    _mm512_maskz_loadu_epi8(low_half, c)
-                };
-                if N == 4 {
-                    y23[t] = _mm512_loadu_si512(c.add(2 * QK).cast());
-                } else if N == 3 {
-                    y23[t] = _mm512_maskz_loadu_epi8(low_half, c.add(2 * QK));
-                }
-            }
+            (y01[t], y23[t]) = unsafe { block_codes_512::<N>(x.low.as_ptr().add(b * QK)) };
         }
         // SAFETY: blocks b..b + N exist, so N scales and sums from index b and N * 32 codes
         // from b * 32 are in bounds; masked-off lanes are not read.
         unsafe {
             dx[t] = _mm_maskz_loadu_ps(lanes, x.scales.as_ptr().add(b));
             ds[t] = _mm_maskz_loadu_ps(lanes, x.sums.as_ptr().add(b));
-            let c = x.codes.as_ptr().add(b * QK);
-            x01[t] = if N >= 2 {
-                _mm512_loadu_si512(c.cast())
-            } else {
-                _mm512_maskz_loadu_epi8(low_half, c)
-            };
-            if N == 4 {
-                x23[t] = _mm512_loadu_si512(c.add(2 * QK).cast());
-            } else if N == 3 {
-                x23[t] = _mm512_maskz_loadu_epi8(low_half, c.add(2 * QK));
-            }
+            (x01[t], x23[t]) = block_codes_512::<N>(x.codes.as_ptr().add(b * QK));
         }
     }
     for (r, acc_r) in acc.iter_mut().enumerate() {

@@ -39,7 +39,7 @@ use kiln_format::kiln_types::{
     self, KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER,
 };
 
-use super::avx512::dpbusd_refined;
+use super::avx512::{block_codes_512, dpbusd_refined};
 use crate::activation::QuantizedRow;
 use crate::kiln_formats::KilnMatrix;
 use crate::Isa;
@@ -89,6 +89,43 @@ pub(crate) fn has_kernel(isa: Isa, ty: KilnType) -> bool {
 
 const TILE_ROWS: usize = super::TILE_ROWS;
 
+/// Runs `kernel::<R, T>(args…, xs)` for every tile of `rows` by the activation rows `xq`
+/// ([`for_tiles`]: `R` = 4 or 1 rows, `T` = 2 or 1 activation rows) and stores each into `out`,
+/// `stride` apart per activation row, row indices relative to `base`. `r` names the tile's
+/// first row for use in `args`.
+///
+/// The kernels are called in an `unsafe` block: the macro's user guarantees that every tile's
+/// rows and activation rows exist, `out` holds them, and the CPU has the kernel's features.
+macro_rules! run_tiles {
+    ($rows:expr, $xq:expr, $out:expr, $stride:expr, $base:expr, |$r:ident| $kernel:ident($($arg:expr),*)) => {{
+        let (xq, out, stride, base): (&[QuantizedRow], &mut [f32], usize, usize) =
+            ($xq, $out, $stride, $base);
+        for_tiles($rows, xq.len(), |$r, n, t, m| {
+            // SAFETY: the macro's user's guarantee (see above).
+            unsafe {
+                match (n, m) {
+                    (TILE_ROWS, 2) => {
+                        let v = $kernel::<TILE_ROWS, 2>($($arg,)* [&xq[t], &xq[t + 1]]);
+                        store(&v, out, stride, $r - base, t);
+                    }
+                    (TILE_ROWS, _) => {
+                        let v = $kernel::<TILE_ROWS, 1>($($arg,)* [&xq[t]]);
+                        store(&v, out, stride, $r - base, t);
+                    }
+                    (_, 2) => {
+                        let v = $kernel::<1, 2>($($arg,)* [&xq[t], &xq[t + 1]]);
+                        store(&v, out, stride, $r - base, t);
+                    }
+                    _ => {
+                        let v = $kernel::<1, 1>($($arg,)* [&xq[t]]);
+                        store(&v, out, stride, $r - base, t);
+                    }
+                }
+            }
+        });
+    }};
+}
+
 /// # Safety
 /// The CPU has `isa` (AVX2 or AVX-512 VNNI, with FMA and F16C); `has_kernel(isa, w.ty)`;
 /// every `xq[t]` is in the activation format of `w.ty` and `w.cols` long; `rows` lies within
@@ -106,42 +143,7 @@ pub(crate) unsafe fn dot_block(
         return unsafe { lut_i16_dot_block(isa, w, rows, xq, out, out_stride) };
     }
     let base = rows.start;
-    let mut r = rows.start;
-    while r < rows.end {
-        let n = if r + TILE_ROWS <= rows.end {
-            TILE_ROWS
-        } else {
-            1
-        };
-        let mut t = 0;
-        while t < xq.len() {
-            let m = if t + 2 <= xq.len() { 2 } else { 1 };
-            // SAFETY: rows r..r + n and activation rows t..t + m exist; the rest is the
-            // caller's guarantee.
-            unsafe {
-                match (n, m) {
-                    (TILE_ROWS, 2) => {
-                        let v = tile::<TILE_ROWS, 2>(isa, w, r, [&xq[t], &xq[t + 1]]);
-                        store(&v, out, out_stride, r - base, t);
-                    }
-                    (TILE_ROWS, _) => {
-                        let v = tile::<TILE_ROWS, 1>(isa, w, r, [&xq[t]]);
-                        store(&v, out, out_stride, r - base, t);
-                    }
-                    (_, 2) => {
-                        let v = tile::<1, 2>(isa, w, r, [&xq[t], &xq[t + 1]]);
-                        store(&v, out, out_stride, r - base, t);
-                    }
-                    _ => {
-                        let v = tile::<1, 1>(isa, w, r, [&xq[t]]);
-                        store(&v, out, out_stride, r - base, t);
-                    }
-                }
-            }
-            t += m;
-        }
-        r += n;
-    }
+    run_tiles!(rows, xq, out, out_stride, base, |r| tile(isa, w, r));
 }
 
 fn store<const R: usize, const T: usize>(
@@ -691,7 +693,6 @@ unsafe fn lut4b32_step_512<
     let q4 = super::leg::Q4_0 as usize;
     let ahead = super::prefetch_distance(w.row_bytes);
     let lanes: __mmask8 = (1u8 << N) - 1;
-    let low_half: __mmask64 = u64::from(u32::MAX);
     // Per activation row, its block scales in lanes 0..4 and block sums in 4..8: one multiply
     // with the block's scale and offset codes gives both products.
     let mut xf = [_mm256_setzero_ps(); T];
@@ -703,19 +704,7 @@ unsafe fn lut4b32_step_512<
         let x = xs[t];
         if REFINED {
             // SAFETY: as for the codes below; a refined row's low parts are as long.
-            unsafe {
-                let c = x.low.as_ptr().add(b * CHUNK);
-                y01[t] = if N >= 2 {
-                    _mm512_loadu_si512(c.cast())
-                } else {
-                    _mm512_maskz_loadu_epi8(low_half, c)
-                };
-                if N == 4 {
-                    y23[t] = _mm512_loadu_si512(c.add(2 * CHUNK).cast());
-                } else if N == 3 {
-                    y23[t] = _mm512_maskz_loadu_epi8(low_half, c.add(2 * CHUNK));
-                }
-            }
+            (y01[t], y23[t]) = unsafe { block_codes_512::<N>(x.low.as_ptr().add(b * CHUNK)) };
         }
         // SAFETY: blocks b..b + N exist, so N scales and sums from index b and N * 32 codes
         // from b * 32 are in bounds; masked-off lanes are not read.
@@ -723,17 +712,7 @@ unsafe fn lut4b32_step_512<
             let dx = _mm_maskz_loadu_ps(lanes, x.scales.as_ptr().add(b));
             let ds = _mm_maskz_loadu_ps(lanes, x.sums.as_ptr().add(b));
             xf[t] = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(dx), ds);
-            let c = x.codes.as_ptr().add(b * CHUNK);
-            x01[t] = if N >= 2 {
-                _mm512_loadu_si512(c.cast())
-            } else {
-                _mm512_maskz_loadu_epi8(low_half, c)
-            };
-            if N == 4 {
-                x23[t] = _mm512_loadu_si512(c.add(2 * CHUNK).cast());
-            } else if N == 3 {
-                x23[t] = _mm512_maskz_loadu_epi8(low_half, c.add(2 * CHUNK));
-            }
+            (x01[t], x23[t]) = block_codes_512::<N>(x.codes.as_ptr().add(b * CHUNK));
         }
     }
     let len = N * LUT4_B32_BLOCK_BYTES;
@@ -1703,39 +1682,15 @@ unsafe fn lut_i16_dot_block(
                     lut_table_i16_256(w.table(r), &mut u)
                 }
             };
-            // SAFETY (all tiles below): rows and activation rows of each tile exist, the
-            // rest is the caller's guarantee; the kernels' features are the level's.
+            // Every tile below: its rows and activation rows exist, the rest is the caller's
+            // guarantee; the kernels' features are the level's.
             match (native, bits) {
                 (true, 8) => {
                     // SAFETY: 256 words are 512 bytes.
                     let planes = unsafe { byte_planes(u.as_ptr().cast()) };
-                    for_tiles(seg.clone(), xq.len(), |r, n, t, m| unsafe {
-                        match (n, m) {
-                            (TILE_ROWS, 2) => {
-                                let v = lut8_i16_512::<TILE_ROWS, 2>(
-                                    w,
-                                    r,
-                                    &planes,
-                                    s,
-                                    [&xq[t], &xq[t + 1]],
-                                );
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (TILE_ROWS, _) => {
-                                let v = lut8_i16_512::<TILE_ROWS, 1>(w, r, &planes, s, [&xq[t]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (_, 2) => {
-                                let v =
-                                    lut8_i16_512::<1, 2>(w, r, &planes, s, [&xq[t], &xq[t + 1]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            _ => {
-                                let v = lut8_i16_512::<1, 1>(w, r, &planes, s, [&xq[t]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                        }
-                    });
+                    run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut8_i16_512(
+                        w, r, &planes, s
+                    ));
                 }
                 (true, _) => {
                     // SAFETY: 64 words are 128 bytes.
@@ -1745,32 +1700,9 @@ unsafe fn lut_i16_dot_block(
                             _mm512_loadu_si512(u.as_ptr().add(32).cast()),
                         ]
                     };
-                    for_tiles(seg.clone(), xq.len(), |r, n, t, m| unsafe {
-                        match (n, m) {
-                            (TILE_ROWS, 2) => {
-                                let v = lut6_i16_512::<TILE_ROWS, 2>(
-                                    w,
-                                    r,
-                                    &table,
-                                    s,
-                                    [&xq[t], &xq[t + 1]],
-                                );
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (TILE_ROWS, _) => {
-                                let v = lut6_i16_512::<TILE_ROWS, 1>(w, r, &table, s, [&xq[t]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (_, 2) => {
-                                let v = lut6_i16_512::<1, 2>(w, r, &table, s, [&xq[t], &xq[t + 1]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            _ => {
-                                let v = lut6_i16_512::<1, 1>(w, r, &table, s, [&xq[t]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                        }
-                    });
+                    run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut6_i16_512(
+                        w, r, &table, s
+                    ));
                 }
                 (false, _) => {
                     let mut table = [0.0f32; 256];
@@ -1778,44 +1710,15 @@ unsafe fn lut_i16_dot_block(
                         *t = f32::from(v);
                     }
                     let xs = &f32_rows[..xq.len()];
-                    for_tiles(seg.clone(), xq.len(), |r, n, t, m| unsafe {
-                        match (n, m, bits) {
-                            (TILE_ROWS, 2, 8) => {
-                                let v =
-                                    lut8_256::<TILE_ROWS, 2>(w, r, &table, s, [&xs[t], &xs[t + 1]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (TILE_ROWS, 1, 8) => {
-                                let v = lut8_256::<TILE_ROWS, 1>(w, r, &table, s, [&xs[t]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (1, 2, 8) => {
-                                let v = lut8_256::<1, 2>(w, r, &table, s, [&xs[t], &xs[t + 1]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (_, _, 8) => {
-                                let v = lut8_256::<1, 1>(w, r, &table, s, [&xs[t]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (TILE_ROWS, 2, _) => {
-                                let v =
-                                    lut6_256::<TILE_ROWS, 2>(w, r, &table, s, [&xs[t], &xs[t + 1]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (TILE_ROWS, 1, _) => {
-                                let v = lut6_256::<TILE_ROWS, 1>(w, r, &table, s, [&xs[t]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            (1, 2, _) => {
-                                let v = lut6_256::<1, 2>(w, r, &table, s, [&xs[t], &xs[t + 1]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                            _ => {
-                                let v = lut6_256::<1, 1>(w, r, &table, s, [&xs[t]]);
-                                store(&v, out, out_stride, r - base, t);
-                            }
-                        }
-                    });
+                    if bits == 8 {
+                        run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut8_256(
+                            w, r, &table, s
+                        ));
+                    } else {
+                        run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut6_256(
+                            w, r, &table, s
+                        ));
+                    }
                 }
             }
             r = seg.end;
