@@ -665,33 +665,13 @@ fn int4_codes(x: &[f32], d: f32, codes: &mut [u8], ties_away: bool) -> f32 {
 /// larger ones spend fewer steps on it. Each candidate is tried as f16 stores it, then refitted
 /// by least squares for its codes.
 pub fn quantize_int4_searched(x: &[f32], codes: &mut [u8]) -> f32 {
-    let n = x.len();
-    assert!(n <= 256 && codes.len() == n, "block of {n} elements");
-    let mut max = 0.0f32;
-    for &v in x {
-        if v.abs() > max.abs() {
-            max = v;
-        }
-    }
-    codes.fill(8);
-    if max == 0.0 {
+    let Some(mut search) = Int4Search::new(x, codes, false) else {
         return 0.0;
-    }
-    let mut best_err = f32::INFINITY;
-    let mut best_d = 0.0f32;
-    let mut best = [8u8; 256];
-    let mut trial = [0u8; 256];
-    let trial = &mut trial[..n];
+    };
     let round = |d: f32| f16_to_f32(f32_to_f16(d));
     for step in 0..=12 {
         let divisor = -(6.5 + step as f32 * 0.25);
-        let d = round(max / divisor);
-        let err = int4_codes(x, d, trial, false);
-        if err < best_err {
-            best_err = err;
-            best_d = d;
-            best[..n].copy_from_slice(trial);
-        }
+        let trial = search.consider(round(search.max / divisor));
         let (mut xq, mut qq) = (0.0f32, 0.0f32);
         for (&c, &v) in trial.iter().zip(x) {
             let q = c as f32 - 8.0;
@@ -699,17 +679,66 @@ pub fn quantize_int4_searched(x: &[f32], codes: &mut [u8]) -> f32 {
             qq += q * q;
         }
         if qq > 0.0 {
-            let d = round(xq / qq);
-            let err = int4_codes(x, d, trial, false);
-            if err < best_err {
-                best_err = err;
-                best_d = d;
-                best[..n].copy_from_slice(trial);
-            }
+            search.consider(round(xq / qq));
         }
     }
-    codes.copy_from_slice(&best[..n]);
-    best_d
+    search.finish(codes)
+}
+
+/// The scale search shared by the int4 block encoders: the block's weight of largest magnitude
+/// (sign kept), and the codes and scale of least squared error among those considered.
+struct Int4Search<'a> {
+    x: &'a [f32],
+    ties_away: bool,
+    max: f32,
+    best_err: f32,
+    best_d: f32,
+    best: [u8; 256],
+    trial: [u8; 256],
+}
+
+impl<'a> Int4Search<'a> {
+    /// A search over `x` (at most 256 weights, as long as `codes`), or `None` for a block of
+    /// zeros, whose codes are then all 8 (the zero code).
+    fn new(x: &'a [f32], codes: &mut [u8], ties_away: bool) -> Option<Self> {
+        let n = x.len();
+        assert!(n <= 256 && codes.len() == n, "block of {n} elements");
+        let mut max = 0.0f32;
+        for &v in x {
+            if v.abs() > max.abs() {
+                max = v;
+            }
+        }
+        codes.fill(8);
+        (max != 0.0).then_some(Int4Search {
+            x,
+            ties_away,
+            max,
+            best_err: f32::INFINITY,
+            best_d: 0.0,
+            best: [8; 256],
+            trial: [0; 256],
+        })
+    }
+
+    /// Codes `x` with scale `d`, keeps them if their error is the least so far, and returns
+    /// them.
+    fn consider(&mut self, d: f32) -> &[u8] {
+        let n = self.x.len();
+        let err = int4_codes(self.x, d, &mut self.trial[..n], self.ties_away);
+        if err < self.best_err {
+            self.best_err = err;
+            self.best_d = d;
+            self.best[..n].copy_from_slice(&self.trial[..n]);
+        }
+        &self.trial[..n]
+    }
+
+    /// Writes the best codes into `codes` and returns their scale.
+    fn finish(self, codes: &mut [u8]) -> f32 {
+        codes.copy_from_slice(&self.best[..self.x.len()]);
+        self.best_d
+    }
 }
 
 /// Symmetric int4 of one block (any length up to 256) that never clips its largest weight:
@@ -728,37 +757,16 @@ pub fn quantize_int4_searched(x: &[f32], codes: &mut [u8]) -> f32 {
 /// few levels is kept exactly) and 6.0, 6.1, …, 8.0; the last is the rule of ggml's `Q4_0`,
 /// so the error is never larger than that rule's.
 pub fn quantize_int4_unclipped(x: &[f32], codes: &mut [u8]) -> f32 {
-    let n = x.len();
-    assert!(n <= 256 && codes.len() == n, "block of {n} elements");
-    let mut max = 0.0f32;
-    for &v in x {
-        if v.abs() > max.abs() {
-            max = v;
-        }
-    }
-    codes.fill(8);
-    if max == 0.0 {
+    let Some(mut search) = Int4Search::new(x, codes, true) else {
         return 0.0;
-    }
-    let mut best_err = f32::INFINITY;
-    let mut best_d = 0.0f32;
-    let mut best = [8u8; 256];
-    let mut trial = [0u8; 256];
-    let trial = &mut trial[..n];
+    };
     let divisors = (1..=5)
         .map(|k| k as f32)
         .chain((60..=80).map(|k| k as f32 / 10.0));
     for divisor in divisors {
-        let d = f16_to_f32(f32_to_f16(max / -divisor));
-        let err = int4_codes(x, d, trial, true);
-        if err < best_err {
-            best_err = err;
-            best_d = d;
-            best[..n].copy_from_slice(trial);
-        }
+        search.consider(f16_to_f32(f32_to_f16(search.max / -divisor)));
     }
-    codes.copy_from_slice(&best[..n]);
-    best_d
+    search.finish(codes)
 }
 
 /// How a lookup-table encoding is learned.
