@@ -38,6 +38,34 @@ impl Storage {
             Storage::Owned(v) => v,
         }
     }
+
+    /// Drops the whole pages inside `range` from the process's resident memory, for bytes a
+    /// reader has copied elsewhere (the runtime's load-time rewrites of weight rows), so they
+    /// are not counted twice. Reading them again stays valid and gives the same bytes; owned
+    /// storage, an empty or out-of-bounds range, and platforms without `madvise` keep
+    /// everything.
+    pub(crate) fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if let Storage::Mapped(m) = self {
+            // 64 KiB: a multiple of every page size in use (4, 16 and 64 KiB), so the
+            // interior is page-aligned wherever it runs; at most 128 KiB per range stays.
+            const ALIGN: usize = 1 << 16;
+            let start = range.start.next_multiple_of(ALIGN);
+            let end = range.end.min(m.len()) / ALIGN * ALIGN;
+            if start < end {
+                // SAFETY: `MADV_DONTNEED` on a read-only shared file mapping only unmaps the
+                // pages; the next access faults them in again from the page cache, with the
+                // file's bytes, which do not change while the file is open (see `map`). So
+                // every slice borrowed from the map keeps seeing the same bytes. The range is
+                // within the map (clamped above) and page-aligned.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
 }
 
 /// Writes a file atomically: `write` fills a temporary file in the same directory, which is
@@ -90,4 +118,26 @@ fn temp_path(path: &Path) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".to_string());
     path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Released pages of a mapped file read back as the file's bytes, at their edges too.
+    #[test]
+    fn released_map_pages_read_back_unchanged() {
+        let path = std::env::temp_dir().join(format!("kiln-release-{}.bin", std::process::id()));
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let storage = Storage::map(&path).unwrap();
+        assert!(matches!(storage, Storage::Mapped(_)));
+        assert_eq!(storage.bytes(), &data[..]);
+        storage.release(1000..500_000);
+        storage.release(0..data.len() + 4096);
+        storage.release(70_000..70_001);
+        assert_eq!(storage.bytes(), &data[..]);
+        drop(storage);
+        std::fs::remove_file(&path).unwrap();
+    }
 }

@@ -5,8 +5,11 @@
 //! whether the kernels stream at the memory's rate.
 //!
 //! ```sh
-//! cargo run --release -p kiln-kernels --example decode_kernels -- MODEL.gguf [--reps 30] [--tokens 2] [--fused]
+//! cargo run --release -p kiln-kernels --example decode_kernels -- MODEL.gguf [--reps 30] [--tokens 2] [--fused] [--planar]
 //! ```
+//!
+//! `--planar` reads the matrices that have a planar layout ([`kiln_kernels::planar`]) in it,
+//! as the runtime does.
 //!
 //! `--tokens 2` is the two activation rows of the runtime's default (refined) decode where the
 //! kernels have no refined path; `--fused` gives the matrices whose kernels do
@@ -32,7 +35,7 @@ fn arg(name: &str) -> Option<String> {
 
 fn main() {
     let Some(path) = std::env::args().nth(1).filter(|a| !a.starts_with("--")) else {
-        eprintln!("usage: decode_kernels MODEL.gguf [--reps 30] [--tokens 2] [--fused]");
+        eprintln!("usage: decode_kernels MODEL.gguf [--reps 30] [--tokens 2] [--fused] [--planar]");
         std::process::exit(2);
     };
     let reps: usize = arg("--reps")
@@ -44,6 +47,7 @@ fn main() {
         .unwrap_or(2)
         .max(1);
     let fused = std::env::args().any(|a| a == "--fused");
+    let planar = std::env::args().any(|a| a == "--planar");
     let file = GgufFile::open(&path).unwrap_or_else(|e| {
         eprintln!("decode_kernels: {e}");
         std::process::exit(2);
@@ -73,7 +77,8 @@ fn main() {
         s ^= s << 17;
         (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     };
-    let mut work: Vec<(&TensorInfo, Vec<QuantizedRow>, Vec<f32>)> = mats
+    #[allow(clippy::type_complexity)]
+    let mut work: Vec<(&TensorInfo, Vec<QuantizedRow>, Vec<f32>, Option<Vec<u8>>)> = mats
         .iter()
         .map(|t| {
             let k = t.row_len() as usize;
@@ -91,7 +96,14 @@ fn main() {
                     q
                 })
                 .collect();
-            (*t, xq, vec![0.0f32; t.n_rows() as usize * n])
+            let k = t.row_len() as usize;
+            let packed = (planar && kiln_kernels::planar::supported(isa, t.ty, k)).then(|| {
+                let src = file.tensor_data(t);
+                let mut dst = vec![0u8; src.len()];
+                kiln_kernels::planar::pack_rows(t.ty, k, src, &mut dst);
+                dst
+            });
+            (*t, xq, vec![0.0f32; t.n_rows() as usize * n], packed)
         })
         .collect();
     let bytes: u64 = mats.iter().map(|t| t.n_bytes).sum();
@@ -99,19 +111,25 @@ fn main() {
     let mut totals = Vec::with_capacity(reps);
     for rep in 0..reps {
         let start = Instant::now();
-        for (i, (t, xq, out)) in work.iter_mut().enumerate() {
+        for (i, (t, xq, out, packed)) in work.iter_mut().enumerate() {
             let t0 = Instant::now();
             let rows = t.n_rows() as usize;
-            dot_block_with(
-                isa,
-                t.ty,
-                file.tensor_data(t),
-                t.row_bytes() as usize,
-                0..rows,
-                xq,
-                out,
-                rows,
-            );
+            let row_bytes = t.row_bytes() as usize;
+            match packed {
+                Some(w) => {
+                    kiln_kernels::planar::dot_block(isa, t.ty, w, row_bytes, 0..rows, xq, out, rows)
+                }
+                None => dot_block_with(
+                    isa,
+                    t.ty,
+                    file.tensor_data(t),
+                    row_bytes,
+                    0..rows,
+                    xq,
+                    out,
+                    rows,
+                ),
+            }
             if rep > 0 {
                 per[i].push(t0.elapsed().as_secs_f64());
             }

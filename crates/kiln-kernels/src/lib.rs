@@ -1,6 +1,8 @@
 //! Quantized dot-product kernels: ggml weight blocks times int8 activations.
 //!
-//! Weights stay in their GGUF block layout. Activations are quantized once per row
+//! Weights stay in their GGUF block layout, or in the equally large [`planar`] layout the
+//! runtime rewrites the 32-element formats into at load where the kernels read it faster
+//! (AVX-512). Activations are quantized once per row
 //! ([`quantize_row`]) to int8 with one f32 scale per block, in the [`ActivationFormat`] the
 //! weight type needs ([`activation_format`]). A dot product then multiplies the integer codes
 //! of both sides in integer SIMD (`vpmaddubsw`, `vpdpbusd`/`vpdpwssd`, `sdot`), exactly, and
@@ -71,6 +73,7 @@ pub mod gemm_i8;
 mod isa;
 pub mod kiln_formats;
 mod layout;
+pub mod planar;
 pub mod reference;
 pub mod vector;
 
@@ -329,7 +332,7 @@ fn scalar_block(
 
 /// Panics unless `xq` is in the activation format of `weights` and `row_bytes` is exactly one
 /// row of `xq.len()` elements.
-fn check_shape(weights: GgmlType, row_bytes: usize, xq: &QuantizedRow) {
+pub(crate) fn check_shape(weights: GgmlType, row_bytes: usize, xq: &QuantizedRow) {
     let want = activation_format(weights);
     assert_eq!(
         xq.format(),

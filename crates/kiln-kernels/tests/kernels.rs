@@ -255,6 +255,129 @@ proptest! {
     }
 }
 
+/// The formats with a planar row layout ([`kiln_kernels::planar`]).
+const PLANAR: [GgmlType; 5] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Planar rows: packing then unpacking gives the GGUF bytes back, and every level's
+    /// planar products (plain and refined rows, tiles of four rows and the rows after them,
+    /// one to three activation rows) equal its products of the GGUF rows bit for bit and stay
+    /// within `error_bound` of the reference.
+    #[test]
+    fn planar_rows_match_gguf_rows(
+        (ty, groups, w, xs, refined) in (0usize..PLANAR.len(), 1usize..=3, 1usize..=6, 1usize..=3)
+            .prop_flat_map(|(i, groups, rows, tokens)| {
+                let ty = PLANAR[i];
+                let n = 128 * groups;
+                (
+                    Just(ty),
+                    Just(groups),
+                    prop::collection::vec(quant_row(ty, 4 * groups), rows),
+                    prop::collection::vec(activations(n), tokens),
+                    any::<bool>(),
+                )
+            })
+    ) {
+        let cols = 128 * groups;
+        let row_bytes = w[0].len();
+        let gguf: Vec<u8> = w.concat();
+        let mut planar = vec![0u8; gguf.len()];
+        kiln_kernels::planar::pack_rows(ty, cols, &gguf, &mut planar);
+        let mut back = vec![0u8; row_bytes];
+        for (r, row) in planar.chunks_exact(row_bytes).enumerate() {
+            kiln_kernels::planar::unpack_row(ty, cols, row, &mut back);
+            prop_assert_eq!(&back, &w[r], "{} row {}: the round trip changed it", ty, r);
+        }
+        let xq: Vec<QuantizedRow> = xs
+            .iter()
+            .map(|x| {
+                let mut q = QuantizedRow::new();
+                if refined {
+                    quantize_row_refined(x, &mut q);
+                } else {
+                    quantize_row(x, activation_format(ty), &mut q);
+                }
+                q
+            })
+            .collect();
+        let n_rows = w.len();
+        for isa in available_isas() {
+            let mut want = vec![f32::NAN; n_rows * xq.len()];
+            dot_block_with(isa, ty, &gguf, row_bytes, 0..n_rows, &xq, &mut want, n_rows);
+            let mut got = vec![f32::NAN; n_rows * xq.len()];
+            kiln_kernels::planar::dot_block(
+                isa, ty, &planar, row_bytes, 0..n_rows, &xq, &mut got, n_rows,
+            );
+            for (t, x) in xq.iter().enumerate() {
+                for r in 0..n_rows {
+                    let (g, e) = (got[t * n_rows + r], want[t * n_rows + r]);
+                    prop_assert!(
+                        g.to_bits() == e.to_bits(),
+                        "{ty} {isa:?} row {r} token {t}: planar {g}, GGUF {e}"
+                    );
+                    let reference = dot_reference(ty, &w[r], x);
+                    let bound = error_bound(ty, &w[r], x);
+                    let diff = (f64::from(g) - f64::from(reference)).abs();
+                    prop_assert!(diff <= bound, "{ty} {isa:?}: {g} vs reference {reference}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn planar_layout_is_offered_where_kernels_read_it() {
+    use kiln_kernels::planar::supported;
+    for ty in PLANAR {
+        assert!(supported(Isa::Avx512Vnni, ty, 640), "{ty}");
+        assert!(
+            !supported(Isa::Avx512Vnni, ty, 576),
+            "{ty}: 18 blocks are not whole groups"
+        );
+        assert!(
+            !supported(Isa::Avx2, ty, 640),
+            "{ty}: AVX2 has no planar kernels"
+        );
+    }
+    assert!(!supported(Isa::Avx512Vnni, GgmlType::Q4_K, 1024));
+    assert!(!supported(Isa::Avx512Vnni, GgmlType::IQ4_NL, 1024));
+}
+
+#[test]
+fn planar_codes_sit_where_the_layout_says() {
+    // Q4_0, 4 blocks: block k's element j has code (k * 5 + j) % 16, scale bytes [k, 0x3c].
+    let mut gguf = vec![0u8; 4 * 18];
+    for (k, blk) in gguf.chunks_exact_mut(18).enumerate() {
+        blk[..2].copy_from_slice(&[k as u8, 0x3c]);
+        let code = |j: usize| ((k * 5 + j) % 16) as u8;
+        for j in 0..16 {
+            blk[2 + j] = code(j) | code(j + 16) << 4;
+        }
+    }
+    let mut planar = vec![0u8; gguf.len()];
+    kiln_kernels::planar::pack_rows(GgmlType::Q4_0, 128, &gguf, &mut planar);
+    for (i, &byte) in planar[..64].iter().enumerate() {
+        let (lo, hi) = ((i / 32) * 5 + i % 32, (2 + i / 32) * 5 + i % 32);
+        assert_eq!(
+            byte,
+            (lo % 16) as u8 | ((hi % 16) as u8) << 4,
+            "code byte {i}"
+        );
+    }
+    assert_eq!(
+        &planar[64..72],
+        &[0, 0x3c, 1, 0x3c, 2, 0x3c, 3, 0x3c],
+        "scales"
+    );
+}
+
 #[test]
 fn refined_rows_are_fused_where_expected() {
     for ty in REFINABLE {

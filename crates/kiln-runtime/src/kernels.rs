@@ -197,13 +197,22 @@ fn integer_product(w: &WeightMatrix) -> IntegerProduct<'_> {
         TensorFormat::Kiln(_) => crate::kiln_matmul::product(w),
         TensorFormat::Ggml(ty) => {
             let (data, row_bytes) = (w.data(), w.row_bytes());
+            let isa = kiln_kernels::detect();
             IntegerProduct {
                 rows: w.rows(),
                 fmt: kiln_kernels::activation_format(ty),
-                fuses_refined: kiln_kernels::fuses_refined(kiln_kernels::detect(), ty),
-                dot: Box::new(move |range, xq, tile, width| {
-                    kiln_kernels::dot_block(ty, data, row_bytes, range, xq, tile, width)
-                }),
+                fuses_refined: kiln_kernels::fuses_refined(isa, ty),
+                dot: if w.is_planar() {
+                    Box::new(move |range, xq, tile, width| {
+                        kiln_kernels::planar::dot_block(
+                            isa, ty, data, row_bytes, range, xq, tile, width,
+                        )
+                    })
+                } else {
+                    Box::new(move |range, xq, tile, width| {
+                        kiln_kernels::dot_block(ty, data, row_bytes, range, xq, tile, width)
+                    })
+                },
             }
         }
     }
@@ -429,6 +438,8 @@ thread_local! {
         RefCell::new(kiln_kernels::gemm_i8::QuantizedBatch::new());
     static GEMM_I8_PANEL: RefCell<kiln_kernels::gemm_i8::PackedPanel> =
         RefCell::new(kiln_kernels::gemm_i8::PackedPanel::new());
+    /// A panel's planar weight rows rewritten to GGUF blocks for `pack_panel`.
+    static GEMM_I8_ROWS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The int8 panel GEMM over one or more matrices of type `ty` sharing the activations `x`:
@@ -477,7 +488,21 @@ fn matmul_gemm_i8(
             GEMM_I8_PANEL.with(|panel| {
                 TILE_OUT.with(|tile| {
                     let (mut panel, mut tile) = (panel.borrow_mut(), tile.borrow_mut());
-                    pack_panel(ty, w.data(), w.row_bytes(), start..start + n, &mut panel);
+                    if w.is_planar() {
+                        // The GEMM packs GGUF blocks: rewrite the panel's rows back first.
+                        GEMM_I8_ROWS.with(|rows| {
+                            let mut rows = rows.borrow_mut();
+                            let rb = w.row_bytes();
+                            rows.resize(n * rb, 0);
+                            for (i, dst) in rows.chunks_exact_mut(rb).enumerate() {
+                                let src = &w.data()[(start + i) * rb..(start + i + 1) * rb];
+                                kiln_kernels::planar::unpack_row(ty, w.cols(), src, dst);
+                            }
+                            pack_panel(ty, &rows, rb, 0..n, &mut panel);
+                        });
+                    } else {
+                        pack_panel(ty, w.data(), w.row_bytes(), start..start + n, &mut panel);
+                    }
                     tile.resize(n_tokens * n, 0.0);
                     gemm_panel_i8_ahead(&panel, batch, &mut tile, n, ahead);
                     for (t, src) in tile.chunks_exact(n).enumerate() {

@@ -15,11 +15,19 @@ use std::sync::Arc;
 pub trait WeightStorage: Send + Sync {
     /// The whole storage (e.g. a mapped file).
     fn bytes(&self) -> &[u8];
+
+    /// Called when `range` has been copied elsewhere and is read from there: storage that
+    /// can (a mapped file) drops it from resident memory. Reading it again must stay valid.
+    fn release(&self, _range: std::ops::Range<usize>) {}
 }
 
 impl WeightStorage for GgufFile {
     fn bytes(&self) -> &[u8] {
         GgufFile::bytes(self)
+    }
+
+    fn release(&self, range: std::ops::Range<usize>) {
+        self.release_range(range);
     }
 }
 
@@ -97,7 +105,9 @@ impl TensorSource for GgufSource {
 }
 
 /// A 2-D weight matrix of `rows` output channels, each `cols` contiguous elements in a GGUF
-/// block format or a kiln format, read in place from its storage.
+/// block format or a kiln format, read in place from its storage — or, for the 32-element
+/// ggml formats where this CPU's kernels read it faster, rewritten at load into the planar
+/// row layout ([`kiln_kernels::planar`]), which takes exactly as many bytes.
 #[derive(Clone)]
 pub struct WeightMatrix {
     storage: Arc<dyn WeightStorage>,
@@ -106,6 +116,19 @@ pub struct WeightMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
+    planar: bool,
+}
+
+thread_local! {
+    /// One planar row rewritten back to its GGUF bytes, for dequantization.
+    static GGUF_ROW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether matrices are rewritten into the planar layout where the kernels support it:
+/// unless `KILN_REPACK=0` (to compare against the GGUF layout).
+fn repack_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("KILN_REPACK").map_or(true, |v| v != "0"))
 }
 
 impl WeightMatrix {
@@ -156,6 +179,29 @@ impl WeightMatrix {
                 )
             })?;
         }
+        if let TensorFormat::Ggml(ty) = t.format {
+            if repack_enabled() && kiln_kernels::planar::supported(kiln_kernels::detect(), ty, cols)
+            {
+                // In slices of about 1 MiB, each slice's source released once rewritten, so
+                // the copy and the mapped source are never both resident.
+                let mut planar = vec![0u8; data.len()];
+                let step = row_bytes * (1usize << 20).div_ceil(row_bytes);
+                for (i, (src, dst)) in data.chunks(step).zip(planar.chunks_mut(step)).enumerate() {
+                    kiln_kernels::planar::pack_rows(ty, cols, src, dst);
+                    let at = t.offset + i * step;
+                    t.storage.release(at..at + src.len());
+                }
+                return Ok(WeightMatrix {
+                    storage: Arc::new(planar),
+                    offset: 0,
+                    format: t.format,
+                    rows,
+                    cols,
+                    row_bytes,
+                    planar: true,
+                });
+            }
+        }
         Ok(WeightMatrix {
             storage: t.storage,
             offset: t.offset,
@@ -163,7 +209,14 @@ impl WeightMatrix {
             rows,
             cols,
             row_bytes,
+            planar: false,
         })
+    }
+
+    /// Whether the rows are in the planar layout ([`kiln_kernels::planar`]) rather than as
+    /// stored (then [`WeightMatrix::data`] returns planar rows of the ggml format).
+    pub fn is_planar(&self) -> bool {
+        self.planar
     }
 
     /// Output channels.
@@ -211,7 +264,7 @@ impl WeightMatrix {
         self.row_bytes
     }
 
-    /// The stored bytes of every row, row 0 first.
+    /// The stored bytes of every row, row 0 first (planar rows if [`WeightMatrix::is_planar`]).
     #[inline]
     pub fn data(&self) -> &[u8] {
         &self.storage.bytes()[self.offset..self.offset + self.n_bytes()]
@@ -229,6 +282,12 @@ impl WeightMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         match self.format {
             // The row length was validated against the block size at load: cannot fail.
+            TensorFormat::Ggml(t) if self.planar => GGUF_ROW.with(|gguf| {
+                let mut gguf = gguf.borrow_mut();
+                gguf.resize(self.row_bytes, 0);
+                kiln_kernels::planar::unpack_row(t, self.cols, self.row_data(r), &mut gguf);
+                ggml::dequantize(t, &gguf, out).expect("row size validated at load")
+            }),
             TensorFormat::Ggml(t) => {
                 ggml::dequantize(t, self.row_data(r), out).expect("row size validated at load")
             }

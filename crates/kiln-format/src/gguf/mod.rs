@@ -299,6 +299,13 @@ impl GgufFile {
         self.storage.bytes()
     }
 
+    /// Lets the OS drop `range` of the file image from resident memory: bytes the caller has
+    /// copied and reads from its copy. Reading them again stays valid (they are mapped back
+    /// in from the file); a file read into memory keeps them.
+    pub fn release_range(&self, range: std::ops::Range<usize>) {
+        self.storage.release(range);
+    }
+
     /// Offset of a tensor's data from the start of the file image.
     pub fn tensor_file_offset(&self, t: &TensorInfo) -> u64 {
         self.data_offset + t.offset

@@ -18,11 +18,11 @@ use core::arch::x86_64::*;
 
 use kiln_format::ggml::GgmlType;
 
-use super::{iq4, kq, leg, tiled_dot_block};
+use super::{iq4, kq, leg, tiled_dot_block, TILE_ROWS};
 use crate::activation::QuantizedRow;
 use crate::layout::*;
 
-tiled_dot_block!(tile, row_at_a_time, rows_one_at_a_time);
+tiled_dot_block!(tile, row_at_a_time, rows_one_at_a_time::<false>);
 
 /// Whether a single activation row reads `weights` a row at a time rather than four rows side
 /// by side: Q8_0, whose one byte per weight needs little unpacking, so the four interleaved
@@ -35,15 +35,15 @@ fn row_at_a_time(weights: GgmlType) -> bool {
     weights == GgmlType::Q8_0
 }
 
-/// `out[r] = row r · x` for the `n_rows` rows at `w`, a row at a time in one loop (a call and
+/// `out[r] = row r · x` for the `n_rows` rows at `w` (planar rows if `PLANAR`), a row at a time in one loop (a call and
 /// a format dispatch per row showed at 262 144 rows).
 ///
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI, FMA, F16C; `row_at_a_time(weights)`; `w` holds `n_rows` rows of
-/// `row_bytes` bytes, each one row of `x.len()` elements of `weights`; `x` is in the weights'
+/// `row_bytes` bytes, each one (planar if `PLANAR`) row of `x.len()` elements of `weights`; `x` is in the weights'
 /// activation format; `out` has `n_rows` elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn rows_one_at_a_time(
+unsafe fn rows_one_at_a_time<const PLANAR: bool>(
     weights: GgmlType,
     w: &[u8],
     row_bytes: usize,
@@ -58,9 +58,9 @@ unsafe fn rows_one_at_a_time(
         // SAFETY: row r lies within `w`; the rest is the caller's guarantee.
         *o = unsafe {
             if refined {
-                legacy::<{ leg::Q8_0 }, 1, 1, true>(p, row_bytes, [x])[0][0]
+                legacy::<{ leg::Q8_0 }, 1, 1, true, PLANAR>(p, row_bytes, [x])[0][0]
             } else {
-                legacy::<{ leg::Q8_0 }, 1, 1, false>(p, row_bytes, [x])[0][0]
+                legacy::<{ leg::Q8_0 }, 1, 1, false, PLANAR>(p, row_bytes, [x])[0][0]
             }
         };
     }
@@ -183,12 +183,12 @@ unsafe fn tile<const R: usize, const T: usize>(
     // SAFETY: the caller's guarantees are exactly what each kernel needs.
     unsafe {
         match weights {
-            GgmlType::Q4_0 => legacy_any::<{ leg::Q4_0 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q4_1 => legacy_any::<{ leg::Q4_1 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q5_0 => legacy_any::<{ leg::Q5_0 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q5_1 => legacy_any::<{ leg::Q5_1 }, R, T>(w, row_bytes, xs),
-            GgmlType::Q8_0 => legacy_any::<{ leg::Q8_0 }, R, T>(w, row_bytes, xs),
-            GgmlType::IQ4_NL => legacy_any::<{ leg::IQ4_NL }, R, T>(w, row_bytes, xs),
+            GgmlType::Q4_0 => legacy_any::<{ leg::Q4_0 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::Q4_1 => legacy_any::<{ leg::Q4_1 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::Q5_0 => legacy_any::<{ leg::Q5_0 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::Q5_1 => legacy_any::<{ leg::Q5_1 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::Q8_0 => legacy_any::<{ leg::Q8_0 }, R, T, false>(w, row_bytes, xs),
+            GgmlType::IQ4_NL => legacy_any::<{ leg::IQ4_NL }, R, T, false>(w, row_bytes, xs),
             GgmlType::IQ4_XS => iq4_xs::<R, T>(w, row_bytes, xs),
             GgmlType::Q2_K => kquant::<{ kq::Q2_K }, R, T>(w, row_bytes, xs),
             GgmlType::Q3_K => kquant::<{ kq::Q3_K }, R, T>(w, row_bytes, xs),
@@ -212,7 +212,7 @@ unsafe fn tile<const R: usize, const T: usize>(
 /// As [`legacy`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn legacy_any<const F: u8, const R: usize, const T: usize>(
+unsafe fn legacy_any<const F: u8, const R: usize, const T: usize, const PLANAR: bool>(
     w: *const u8,
     row_bytes: usize,
     xs: [&QuantizedRow; T],
@@ -220,16 +220,22 @@ unsafe fn legacy_any<const F: u8, const R: usize, const T: usize>(
     // SAFETY: the caller's guarantees, passed on.
     unsafe {
         if xs[0].is_refined() {
-            legacy::<F, R, T, true>(w, row_bytes, xs)
+            legacy::<F, R, T, true, PLANAR>(w, row_bytes, xs)
         } else {
-            legacy::<F, R, T, false>(w, row_bytes, xs)
+            legacy::<F, R, T, false, PLANAR>(w, row_bytes, xs)
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn legacy<const F: u8, const R: usize, const T: usize, const REFINED: bool>(
+unsafe fn legacy<
+    const F: u8,
+    const R: usize,
+    const T: usize,
+    const REFINED: bool,
+    const PLANAR: bool,
+>(
     w: *const u8,
     row_bytes: usize,
     xs: [&QuantizedRow; T],
@@ -239,15 +245,15 @@ unsafe fn legacy<const F: u8, const R: usize, const T: usize, const REFINED: boo
     let mut b = 0;
     while b + 4 <= nb {
         // SAFETY: blocks b..b + 4 exist in every weight row and activation row.
-        unsafe { leg_step::<F, R, T, 4, REFINED>(w, row_bytes, &xs, b, &mut acc) };
+        unsafe { leg_step::<F, R, T, 4, REFINED, PLANAR>(w, row_bytes, &xs, b, &mut acc) };
         b += 4;
     }
     // SAFETY: the last nb - b blocks exist.
     unsafe {
         match nb - b {
-            1 => leg_step::<F, R, T, 1, REFINED>(w, row_bytes, &xs, b, &mut acc),
-            2 => leg_step::<F, R, T, 2, REFINED>(w, row_bytes, &xs, b, &mut acc),
-            3 => leg_step::<F, R, T, 3, REFINED>(w, row_bytes, &xs, b, &mut acc),
+            1 => leg_step::<F, R, T, 1, REFINED, false>(w, row_bytes, &xs, b, &mut acc),
+            2 => leg_step::<F, R, T, 2, REFINED, false>(w, row_bytes, &xs, b, &mut acc),
+            3 => leg_step::<F, R, T, 3, REFINED, false>(w, row_bytes, &xs, b, &mut acc),
             _ => {}
         }
     }
@@ -318,6 +324,7 @@ unsafe fn leg_step<
     const T: usize,
     const N: usize,
     const REFINED: bool,
+    const PLANAR: bool,
 >(
     w: *const u8,
     row_bytes: usize,
@@ -355,7 +362,13 @@ unsafe fn leg_step<
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
         }
         // SAFETY: row r's blocks b..b + N are in bounds (the caller's guarantee).
-        let (d4, m4, u01, u23) = unsafe { leg_unpack::<F, N>(p) };
+        let (d4, m4, u01, u23) = unsafe {
+            if PLANAR {
+                leg_unpack_planar::<F>(w.add(r * row_bytes), xs[0].len / QK, b)
+            } else {
+                leg_unpack::<F, N>(p)
+            }
+        };
         for t in 0..T {
             let s = _mm512_castps128_ps512(_mm_mul_ps(d4, dx[t]));
             let i01 = dpbusd_refined::<REFINED>(u01, x01[t], y01[t]);
@@ -470,6 +483,88 @@ unsafe fn leg_unpack<const F: u8, const N: usize>(
         *u = v;
     }
     (d, m, u[0], u[1])
+}
+
+/// Blocks `b..b + 4` of the planar row at `row` ([`crate::planar`]), `nb` blocks long, as
+/// [`leg_unpack`] gives them for a GGUF row: scales, offsets and unsigned codes.
+///
+/// # Safety
+/// `row` starts a planar row of `nb` blocks of format `F` (not `IQ4_NL`), `b + 4 <= nb`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn leg_unpack_planar<const F: u8>(
+    row: *const u8,
+    nb: usize,
+    b: usize,
+) -> (__m128, __m128, __m512i, __m512i) {
+    let code_bytes = if F == leg::Q8_0 { QK } else { QK / 2 };
+    let qh_bytes = if leg::is_q5(F) { 4 * nb } else { 0 };
+    // SAFETY: the codes of blocks b..b + 4 (64 or 128 bytes from b · code_bytes), their
+    // fifth bits (16 bytes) and scales and minimums (8 bytes each) lie within the row.
+    unsafe {
+        let codes = row.add(b * code_bytes);
+        let (mut u01, mut u23) = if F == leg::Q8_0 {
+            (
+                _mm512_loadu_si512(codes.cast()),
+                _mm512_loadu_si512(codes.add(2 * QK).cast()),
+            )
+        } else {
+            let v = _mm512_loadu_si512(codes.cast());
+            let low = _mm512_set1_epi8(0x0f);
+            (
+                _mm512_and_si512(v, low),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
+            )
+        };
+        let planes = row.add(nb * code_bytes);
+        if leg::is_q5(F) {
+            let qh = planes.add(4 * b);
+            let sixteen = _mm512_set1_epi8(16);
+            let h01 = qh.cast::<u64>().read_unaligned();
+            let h23 = qh.add(8).cast::<u64>().read_unaligned();
+            u01 = _mm512_mask_add_epi8(u01, h01, u01, sixteen);
+            u23 = _mm512_mask_add_epi8(u23, h23, u23, sixteen);
+        }
+        let scales = planes.add(qh_bytes);
+        let d = _mm_cvtph_ps(_mm_loadl_epi64(scales.add(2 * b).cast()));
+        let m = if leg::has_min(F) {
+            _mm_cvtph_ps(_mm_loadl_epi64(scales.add(2 * nb + 2 * b).cast()))
+        } else {
+            _mm_mul_ps(d, _mm_set1_ps(leg::offset(F)))
+        };
+        (d, m, u01, u23)
+    }
+}
+
+/// The kernels for planar rows ([`crate::planar`]): the 32-element kernels above with the
+/// planar unpacking, tiled the same way.
+pub(crate) mod planar {
+    use super::*;
+
+    tiled_dot_block!(tile, row_at_a_time, rows_one_at_a_time::<true>);
+
+    /// # Safety
+    /// As [`super::tile`], for planar rows of a format [`crate::planar::supported`] names.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile<const R: usize, const T: usize>(
+        weights: GgmlType,
+        w: *const u8,
+        row_bytes: usize,
+        xs: [&QuantizedRow; T],
+    ) -> [[f32; T]; R] {
+        // SAFETY: the caller's guarantees are exactly what each kernel needs.
+        unsafe {
+            match weights {
+                GgmlType::Q4_0 => legacy_any::<{ leg::Q4_0 }, R, T, true>(w, row_bytes, xs),
+                GgmlType::Q4_1 => legacy_any::<{ leg::Q4_1 }, R, T, true>(w, row_bytes, xs),
+                GgmlType::Q5_0 => legacy_any::<{ leg::Q5_0 }, R, T, true>(w, row_bytes, xs),
+                GgmlType::Q5_1 => legacy_any::<{ leg::Q5_1 }, R, T, true>(w, row_bytes, xs),
+                GgmlType::Q8_0 => legacy_any::<{ leg::Q8_0 }, R, T, true>(w, row_bytes, xs),
+                _ => unreachable!("no planar layout for {weights}"),
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,271 @@
+//! The planar row layout of the 32-element ggml formats: each row's codes, fifth bits, scales
+//! and minimums in separate runs, so a decode kernel loads four blocks' codes with one aligned
+//! read and their scales with another, instead of picking them out of interleaved blocks.
+//!
+//! A GGUF row of `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` or `Q8_0` interleaves each block's f16 scale
+//! (and minimum and fifth bits) with its codes, 18 to 34 bytes a block. Unpacking that costs the
+//! AVX-512 kernels three word permutes per four blocks, and for `Q5_0` the kernel is bound by
+//! that work rather than by memory (a Gemma 3 `Q5_0` matrix streamed at 20–22 GB/s where one
+//! core reads 40 GB/s). The runtime therefore rewrites such matrices at load into this layout,
+//! byte for byte as large as the GGUF rows (so resident memory does not grow), when
+//! [`supported`] says the CPU's kernels read it.
+//!
+//! A planar row of `nb` blocks (`nb` a multiple of 4) holds, in order:
+//! - **codes**, per group of four blocks: for the 4-bit formats 64 bytes, byte `i` holding
+//!   element `i` of the group's first two blocks in its low nibble and element `i` of the last
+//!   two in its high nibble (the low 4 bits of the codes; element `j` of a pair of blocks is
+//!   element `j mod 32` of block `j / 32`); for `Q8_0` the 128 codes in element order, plus
+//!   128 (unsigned);
+//! - **fifth bits** (`Q5_0`, `Q5_1`): each block's 32 bits as stored, block after block;
+//! - **scales**: each block's f16 `d`, block after block;
+//! - **minimums** (`Q4_1`, `Q5_1`): each block's f16 `m`, block after block.
+//!
+//! [`pack_rows`] and [`unpack_row`] convert exactly (a round trip returns the GGUF bytes), and
+//! [`dot_block`] multiplies planar rows with activation rows as [`crate::dot_block`] does GGUF
+//! rows, with the same results.
+
+use std::ops::Range;
+
+use kiln_format::ggml::GgmlType;
+
+use crate::activation::QuantizedRow;
+use crate::Isa;
+
+/// Elements per block of every planar format.
+const QK: usize = 32;
+/// Blocks per group of the code plane.
+const GROUP: usize = 4;
+
+/// The facts of one planar format: bytes per GGUF block, where its fields sit in the block.
+#[derive(Clone, Copy)]
+struct Fields {
+    block: usize,
+    min: Option<usize>,
+    qh: Option<usize>,
+    qs: usize,
+    eight_bit: bool,
+}
+
+fn fields(ty: GgmlType) -> Option<Fields> {
+    let (block, min, qh, qs, eight_bit) = match ty {
+        GgmlType::Q4_0 => (18, None, None, 2, false),
+        GgmlType::Q4_1 => (20, Some(2), None, 4, false),
+        GgmlType::Q5_0 => (22, None, Some(2), 6, false),
+        GgmlType::Q5_1 => (24, Some(2), Some(4), 8, false),
+        GgmlType::Q8_0 => (34, None, None, 2, true),
+        _ => return None,
+    };
+    Some(Fields {
+        block,
+        min,
+        qh,
+        qs,
+        eight_bit,
+    })
+}
+
+/// Whether `isa` has kernels for planar rows of `cols` elements of `ty`: AVX-512 VNNI, a
+/// 32-element format other than `IQ4_NL`, and rows of whole groups of four blocks.
+pub fn supported(isa: Isa, ty: GgmlType, cols: usize) -> bool {
+    isa == Isa::Avx512Vnni && fields(ty).is_some() && cols > 0 && cols.is_multiple_of(QK * GROUP)
+}
+
+/// The planar layout's offsets within a row of `nb` blocks: (fifth bits, scales, minimums).
+fn planes(f: Fields, nb: usize) -> (usize, usize, usize) {
+    let codes = nb * if f.eight_bit { QK } else { QK / 2 };
+    let qh = codes;
+    let d = qh + if f.qh.is_some() { 4 * nb } else { 0 };
+    (qh, d, d + 2 * nb)
+}
+
+/// Rewrites `src`, whole GGUF rows of `cols` elements of `ty`, into planar rows in `dst` (the
+/// same length).
+///
+/// # Panics
+/// If `ty` has no planar layout, `cols` is not a whole number of groups of four blocks, or the
+/// buffers are not whole rows of the same length.
+pub fn pack_rows(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
+    let (f, nb, row) = shape(ty, cols, "pack_rows");
+    assert!(
+        src.len() == dst.len() && src.len().is_multiple_of(row),
+        "pack_rows: {} bytes into {} are not whole rows of {row}",
+        src.len(),
+        dst.len()
+    );
+    let (qh_at, d_at, m_at) = planes(f, nb);
+    for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
+        for (b, blk) in s.chunks_exact(f.block).enumerate() {
+            d[d_at + 2 * b..d_at + 2 * b + 2].copy_from_slice(&blk[..2]);
+            if let Some(m) = f.min {
+                d[m_at + 2 * b..m_at + 2 * b + 2].copy_from_slice(&blk[m..m + 2]);
+            }
+            if let Some(h) = f.qh {
+                d[qh_at + 4 * b..qh_at + 4 * b + 4].copy_from_slice(&blk[h..h + 4]);
+            }
+            if f.eight_bit {
+                let codes: &[u8; QK] = blk[f.qs..f.qs + QK].try_into().expect("32 codes");
+                let out: &mut [u8; QK] = (&mut d[QK * b..QK * (b + 1)]).try_into().expect("32");
+                for (o, &q) in out.iter_mut().zip(codes) {
+                    *o = q ^ 0x80;
+                }
+            }
+        }
+        if f.eight_bit {
+            continue;
+        }
+        for (g, out) in d[..nb * QK / 2].chunks_exact_mut(64).enumerate() {
+            for p in 0..2 {
+                // Block 4g + p gives the low nibbles of bytes 32p..32p + 32, block 4g + 2 + p
+                // the high ones; a GGUF byte j holds elements j and j + 16.
+                let qs = |k: usize| -> &[u8; 16] {
+                    let at = (GROUP * g + k) * f.block + f.qs;
+                    s[at..at + 16].try_into().expect("16 code bytes")
+                };
+                let (a, c) = (qs(p), qs(2 + p));
+                let (first, second) = out[32 * p..32 * p + 32].split_at_mut(16);
+                for j in 0..16 {
+                    first[j] = (a[j] & 0x0f) | (c[j] << 4);
+                    second[j] = (a[j] >> 4) | (c[j] & 0xf0);
+                }
+            }
+        }
+    }
+}
+
+/// Rewrites one planar row `src` of `cols` elements of `ty` back into its GGUF bytes in `dst`.
+///
+/// # Panics
+/// As [`pack_rows`], for one row.
+pub fn unpack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
+    let (f, nb, row) = shape(ty, cols, "unpack_row");
+    assert!(
+        src.len() == row && dst.len() == row,
+        "unpack_row: a row of {cols} elements is {row} bytes"
+    );
+    let (qh_at, d_at, m_at) = planes(f, nb);
+    for (b, blk) in dst.chunks_exact_mut(f.block).enumerate() {
+        blk[..2].copy_from_slice(&src[d_at + 2 * b..d_at + 2 * b + 2]);
+        if let Some(m) = f.min {
+            blk[m..m + 2].copy_from_slice(&src[m_at + 2 * b..m_at + 2 * b + 2]);
+        }
+        if let Some(h) = f.qh {
+            blk[h..h + 4].copy_from_slice(&src[qh_at + 4 * b..qh_at + 4 * b + 4]);
+        }
+        if f.eight_bit {
+            let codes: &[u8; QK] = src[QK * b..QK * (b + 1)].try_into().expect("32 codes");
+            let out: &mut [u8; QK] = (&mut blk[f.qs..f.qs + QK]).try_into().expect("32");
+            for (o, &q) in out.iter_mut().zip(codes) {
+                *o = q ^ 0x80;
+            }
+        } else {
+            // Block 4g + k is in bytes 32·(k mod 2) .. + 32 of group g: the low nibbles for
+            // k < 2, the high ones after; the first 16 bytes hold its elements 0..16.
+            let (g, k) = (b / GROUP, b % GROUP);
+            let at = 64 * g + 32 * (k % 2);
+            let (x, y): (&[u8; 16], &[u8; 16]) = (
+                src[at..at + 16].try_into().expect("16"),
+                src[at + 16..at + 32].try_into().expect("16"),
+            );
+            let out: &mut [u8; 16] = (&mut blk[f.qs..f.qs + 16]).try_into().expect("16");
+            for j in 0..16 {
+                out[j] = if k < 2 {
+                    (x[j] & 0x0f) | (y[j] << 4)
+                } else {
+                    (x[j] >> 4) | (y[j] & 0xf0)
+                };
+            }
+        }
+    }
+}
+
+/// The format facts, blocks per row and bytes per row of rows of `cols` elements of `ty`.
+fn shape(ty: GgmlType, cols: usize, what: &str) -> (Fields, usize, usize) {
+    let f = fields(ty).unwrap_or_else(|| panic!("{what}: {ty} has no planar layout"));
+    assert!(
+        cols > 0 && cols.is_multiple_of(QK * GROUP),
+        "{what}: {cols} columns are not whole groups of four blocks"
+    );
+    (f, cols / QK, cols / QK * f.block)
+}
+
+/// `out[t * out_stride + i] = row (rows.start + i) · xq[t]` for planar rows `w` of `ty`
+/// (`row_bytes` each, as [`crate::dot_block`] for GGUF rows, and with its results: the same
+/// kernels read both layouts). Levels without planar kernels rewrite each row to GGUF bytes
+/// and run their own kernel.
+///
+/// # Panics
+/// As [`crate::dot_block_with`], and if `ty` and the row length have no planar layout.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_block(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let Some(first) = xq.first() else { return };
+    let cols = first.len();
+    let f = fields(ty).expect("planar dot_block: a 32-element format");
+    assert!(
+        cols.is_multiple_of(QK * GROUP) && row_bytes == cols / QK * f.block,
+        "planar dot_block: rows of {row_bytes} bytes are not {cols} elements of {ty:?} in \
+         whole groups of four blocks"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        assert!(
+            isa.is_available(),
+            "dot: this CPU cannot run {isa:?} kernels"
+        );
+        assert!(rows.start <= rows.end, "dot_block: bad row range {rows:?}");
+        for x in xq {
+            assert_eq!(x.len(), cols, "dot_block: activation rows differ in length");
+            crate::check_shape(ty, row_bytes, x);
+        }
+        let end = rows
+            .end
+            .checked_mul(row_bytes)
+            .filter(|&e| e <= w.len())
+            .unwrap_or_else(|| panic!("dot_block: rows {rows:?} exceed the weights"));
+        let n_rows = rows.end - rows.start;
+        if n_rows == 0 {
+            return;
+        }
+        crate::check_output(n_rows, xq.len(), out.len(), out_stride);
+        crate::refined_rows(xq);
+        // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI, FMA and F16C (is_available); `w` holds
+        // `n_rows` planar rows of `row_bytes`, each one row of every activation row (checked
+        // above: whole groups of four blocks of `ty`), in `ty`'s activation format; `out` has
+        // room for every (token, row) index (check_output).
+        unsafe {
+            crate::x86::avx512::planar::dot_block(
+                ty,
+                &w[rows.start * row_bytes..end],
+                row_bytes,
+                n_rows,
+                xq,
+                out,
+                out_stride,
+            )
+        };
+        return;
+    }
+    let mut gguf = vec![0u8; row_bytes * (rows.end - rows.start)];
+    for (i, dst) in gguf.chunks_exact_mut(row_bytes).enumerate() {
+        let r = rows.start + i;
+        unpack_row(ty, cols, &w[r * row_bytes..(r + 1) * row_bytes], dst);
+    }
+    crate::dot_block_with(
+        isa,
+        ty,
+        &gguf,
+        row_bytes,
+        0..rows.end - rows.start,
+        xq,
+        out,
+        out_stride,
+    );
+}
