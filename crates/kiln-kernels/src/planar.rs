@@ -26,7 +26,7 @@
 
 use std::ops::Range;
 
-use kiln_format::ggml::GgmlType;
+use kiln_format::ggml::{f16_to_f32, GgmlType};
 
 use crate::activation::QuantizedRow;
 use crate::Isa;
@@ -173,6 +173,58 @@ pub fn unpack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
                 } else {
                     (x[j] >> 4) | (y[j] & 0xf0)
                 };
+            }
+        }
+    }
+}
+
+/// Dequantizes one planar row `src` of `cols` elements of `ty` into `out`: exactly the values
+/// (bit for bit) `kiln_format::ggml::dequantize` gives for the GGUF row, without rewriting it.
+///
+/// # Panics
+/// As [`unpack_row`], and if `out` is not `cols` long.
+pub fn dequantize_row(ty: GgmlType, cols: usize, src: &[u8], out: &mut [f32]) {
+    let (f, nb, row) = shape(ty, cols, "dequantize_row");
+    assert!(
+        src.len() == row && out.len() == cols,
+        "dequantize_row: a row of {cols} elements is {row} bytes"
+    );
+    let (qh_at, d_at, m_at) = planes(f, nb);
+    let bias = match ty {
+        GgmlType::Q4_0 => 8,
+        GgmlType::Q5_0 => 16,
+        GgmlType::Q8_0 => 128,
+        _ => 0,
+    };
+    let f16 = |at: usize| f16_to_f32(u16::from_le_bytes([src[at], src[at + 1]]));
+    for (b, y) in out.chunks_exact_mut(QK).enumerate() {
+        let mut u = [0u8; QK];
+        if f.eight_bit {
+            u.copy_from_slice(&src[QK * b..QK * (b + 1)]);
+        } else {
+            let (g, k) = (b / GROUP, b % GROUP);
+            let at = 64 * g + 32 * (k % 2);
+            let shift = if k < 2 { 0 } else { 4 };
+            for (u, &c) in u.iter_mut().zip(&src[at..at + QK]) {
+                *u = (c >> shift) & 0x0f;
+            }
+            if f.qh.is_some() {
+                let h = &src[qh_at + 4 * b..qh_at + 4 * b + 4];
+                let h = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+                for (j, u) in u.iter_mut().enumerate() {
+                    *u |= (((h >> j) & 1) as u8) << 4;
+                }
+            }
+        }
+        let d = f16(d_at + 2 * b);
+        if f.min.is_some() {
+            let m = f16(m_at + 2 * b);
+            for (y, &u) in y.iter_mut().zip(&u) {
+                *y = f32::from(u) * d + m;
+            }
+        } else {
+            for (y, &u) in y.iter_mut().zip(&u) {
+                *y = (i32::from(u) - bias) as f32 * d;
             }
         }
     }

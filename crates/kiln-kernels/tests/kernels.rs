@@ -266,7 +266,8 @@ const PLANAR: [GgmlType; 5] = [
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
-    /// Planar rows: packing then unpacking gives the GGUF bytes back, and every level's
+    /// Planar rows: packing then unpacking gives the GGUF bytes back, dequantizing gives the
+    /// GGUF row's values bit for bit, and every level's
     /// planar products (plain and refined rows, tiles of four rows and the rows after them,
     /// one to three activation rows) equal its products of the GGUF rows bit for bit and stay
     /// within `error_bound` of the reference.
@@ -291,9 +292,15 @@ proptest! {
         let mut planar = vec![0u8; gguf.len()];
         kiln_kernels::planar::pack_rows(ty, cols, &gguf, &mut planar);
         let mut back = vec![0u8; row_bytes];
+        let (mut want_values, mut values) = (vec![0.0f32; cols], vec![0.0f32; cols]);
         for (r, row) in planar.chunks_exact(row_bytes).enumerate() {
             kiln_kernels::planar::unpack_row(ty, cols, row, &mut back);
             prop_assert_eq!(&back, &w[r], "{} row {}: the round trip changed it", ty, r);
+            dequantize(ty, &w[r], &mut want_values).unwrap();
+            kiln_kernels::planar::dequantize_row(ty, cols, row, &mut values);
+            for (j, (a, b)) in values.iter().zip(&want_values).enumerate() {
+                prop_assert!(a.to_bits() == b.to_bits(), "{ty} row {r} element {j}: {a} vs {b}");
+            }
         }
         let xq: Vec<QuantizedRow> = xs
             .iter()

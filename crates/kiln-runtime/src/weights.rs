@@ -119,11 +119,6 @@ pub struct WeightMatrix {
     planar: bool,
 }
 
-thread_local! {
-    /// One planar row rewritten back to its GGUF bytes, for dequantization.
-    static GGUF_ROW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Whether matrices are rewritten into the planar layout where the kernels support it:
 /// unless `KILN_REPACK=0` (to compare against the GGUF layout).
 fn repack_enabled() -> bool {
@@ -282,12 +277,9 @@ impl WeightMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         match self.format {
             // The row length was validated against the block size at load: cannot fail.
-            TensorFormat::Ggml(t) if self.planar => GGUF_ROW.with(|gguf| {
-                let mut gguf = gguf.borrow_mut();
-                gguf.resize(self.row_bytes, 0);
-                kiln_kernels::planar::unpack_row(t, self.cols, self.row_data(r), &mut gguf);
-                ggml::dequantize(t, &gguf, out).expect("row size validated at load")
-            }),
+            TensorFormat::Ggml(t) if self.planar => {
+                kiln_kernels::planar::dequantize_row(t, self.cols, self.row_data(r), out)
+            }
             TensorFormat::Ggml(t) => {
                 ggml::dequantize(t, self.row_data(r), out).expect("row size validated at load")
             }
