@@ -177,14 +177,16 @@ impl WeightMatrix {
         if let TensorFormat::Ggml(ty) = t.format {
             if repack_enabled() && kiln_kernels::planar::supported(kiln_kernels::detect(), ty, cols)
             {
-                // In slices of about 1 MiB, each slice's source released once rewritten, so
-                // the copy and the mapped source are never both resident.
+                // In slices of about 1 MiB, the source released up to the end of each slice
+                // once it is rewritten (from the tensor's start, so no page straddling two
+                // slices stays), so the copy and the mapped source are never both resident.
                 let mut planar = vec![0u8; data.len()];
                 let step = row_bytes * (1usize << 20).div_ceil(row_bytes);
-                for (i, (src, dst)) in data.chunks(step).zip(planar.chunks_mut(step)).enumerate() {
+                let mut done = 0;
+                for (src, dst) in data.chunks(step).zip(planar.chunks_mut(step)) {
                     kiln_kernels::planar::pack_rows(ty, cols, src, dst);
-                    let at = t.offset + i * step;
-                    t.storage.release(at..at + src.len());
+                    done += src.len();
+                    t.storage.release(t.offset..t.offset + done);
                 }
                 return Ok(WeightMatrix {
                     storage: Arc::new(planar),
