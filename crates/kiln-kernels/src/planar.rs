@@ -10,12 +10,16 @@
 //! byte for byte as large as the GGUF rows (so resident memory does not grow), when
 //! [`supported`] says the CPU's kernels read it.
 //!
-//! A planar row of `nb` blocks (`nb` a multiple of 4) holds, in order:
-//! - **codes**, per group of four blocks: for the 4-bit formats 64 bytes, byte `i` holding
-//!   element `i` of the group's first two blocks in its low nibble and element `i` of the last
-//!   two in its high nibble (the low 4 bits of the codes; element `j` of a pair of blocks is
-//!   element `j mod 32` of block `j / 32`); for `Q8_0` the 128 codes in element order, plus
-//!   128 (unsigned);
+//! A planar row of `nb` blocks holds, in order:
+//! - **codes**: for `Q8_0` the codes of every block in element order, plus 128 (unsigned). For
+//!   the 4-bit formats (the low 4 bits of the codes) runs of 32 bytes that each hold two
+//!   blocks, byte `j` element `j` of one block in its low nibble and element `j` of the other
+//!   in its high nibble: per group of four blocks `4g..4g + 4`, the run of blocks `4g` (low)
+//!   and `4g + 2` (high), then of `4g + 1` and `4g + 3`, so that one 64-byte read gives the
+//!   group's first two blocks in its low nibbles and the last two in its high ones. The
+//!   `nb mod 4` blocks after the last whole group follow as a run of two blocks (low, then
+//!   high) if there are two or three, and a last single block as GGUF stores it (byte `j`:
+//!   elements `j` and `j + 16`);
 //! - **fifth bits** (`Q5_0`, `Q5_1`): each block's 32 bits as stored, block after block;
 //! - **scales**: each block's f16 `d`, block after block;
 //! - **minimums** (`Q4_1`, `Q5_1`): each block's f16 `m`, block after block.
@@ -65,9 +69,42 @@ fn fields(ty: GgmlType) -> Option<Fields> {
 }
 
 /// Whether `isa` has kernels for planar rows of `cols` elements of `ty`: AVX-512 VNNI, a
-/// 32-element format other than `IQ4_NL`, and rows of whole groups of four blocks.
+/// 32-element format other than `IQ4_NL`, and whole blocks.
 pub fn supported(isa: Isa, ty: GgmlType, cols: usize) -> bool {
-    isa == Isa::Avx512Vnni && fields(ty).is_some() && cols > 0 && cols.is_multiple_of(QK * GROUP)
+    isa == Isa::Avx512Vnni && fields(ty).is_some() && cols > 0 && cols.is_multiple_of(QK)
+}
+
+/// Where the 4-bit codes of one block lie in a planar row's code plane.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// The low nibbles of the 32-byte run at this offset.
+    Low(usize),
+    /// The high nibbles of the 32-byte run at this offset.
+    High(usize),
+    /// 16 bytes at this offset, as GGUF stores a block's codes.
+    Whole(usize),
+}
+
+/// The slot of block `b` of a row of `nb` blocks (4-bit formats), and for a `Low` slot the
+/// block in the same run's high nibbles.
+fn slot(nb: usize, b: usize) -> (Slot, usize) {
+    let whole = nb / GROUP * GROUP;
+    if b < whole {
+        let (g, k) = (b / GROUP, b % GROUP);
+        let at = 64 * g + 32 * (k % 2);
+        return if k < 2 {
+            (Slot::Low(at), b + 2)
+        } else {
+            (Slot::High(at), b - 2)
+        };
+    }
+    let (t, pair) = (b - whole, nb - whole >= 2);
+    let at = 64 * (whole / GROUP);
+    match (t, pair) {
+        (0, true) => (Slot::Low(at), b + 1),
+        (1, true) => (Slot::High(at), b - 1),
+        _ => (Slot::Whole(at + if pair { 32 } else { 0 }), b),
+    }
 }
 
 /// The planar layout's offsets within a row of `nb` blocks: (fifth bits, scales, minimums).
@@ -113,20 +150,23 @@ pub fn pack_rows(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
         if f.eight_bit {
             continue;
         }
-        for (g, out) in d[..nb * QK / 2].chunks_exact_mut(64).enumerate() {
-            for p in 0..2 {
-                // Block 4g + p gives the low nibbles of bytes 32p..32p + 32, block 4g + 2 + p
-                // the high ones; a GGUF byte j holds elements j and j + 16.
-                let qs = |k: usize| -> &[u8; 16] {
-                    let at = (GROUP * g + k) * f.block + f.qs;
-                    s[at..at + 16].try_into().expect("16 code bytes")
-                };
-                let (a, c) = (qs(p), qs(2 + p));
-                let (first, second) = out[32 * p..32 * p + 32].split_at_mut(16);
-                for j in 0..16 {
-                    first[j] = (a[j] & 0x0f) | (c[j] << 4);
-                    second[j] = (a[j] >> 4) | (c[j] & 0xf0);
+        let qs = |b: usize| -> &[u8; 16] {
+            let at = b * f.block + f.qs;
+            s[at..at + 16].try_into().expect("16 code bytes")
+        };
+        for b in 0..nb {
+            match slot(nb, b) {
+                (Slot::Low(at), high) => {
+                    // A GGUF byte j holds elements j and j + 16 of its block.
+                    let (lo, hi) = (qs(b), qs(high));
+                    let (first, second) = d[at..at + 32].split_at_mut(16);
+                    for j in 0..16 {
+                        first[j] = (lo[j] & 0x0f) | (hi[j] << 4);
+                        second[j] = (lo[j] >> 4) | (hi[j] & 0xf0);
+                    }
                 }
+                (Slot::High(_), _) => {}
+                (Slot::Whole(at), _) => d[at..at + 16].copy_from_slice(qs(b)),
             }
         }
     }
@@ -158,21 +198,18 @@ pub fn unpack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
                 *o = q ^ 0x80;
             }
         } else {
-            // Block 4g + k is in bytes 32·(k mod 2) .. + 32 of group g: the low nibbles for
-            // k < 2, the high ones after; the first 16 bytes hold its elements 0..16.
-            let (g, k) = (b / GROUP, b % GROUP);
-            let at = 64 * g + 32 * (k % 2);
-            let (x, y): (&[u8; 16], &[u8; 16]) = (
-                src[at..at + 16].try_into().expect("16"),
-                src[at + 16..at + 32].try_into().expect("16"),
-            );
             let out: &mut [u8; 16] = (&mut blk[f.qs..f.qs + 16]).try_into().expect("16");
+            let (at, shift) = match slot(nb, b).0 {
+                Slot::Whole(at) => {
+                    out.copy_from_slice(&src[at..at + 16]);
+                    continue;
+                }
+                Slot::Low(at) => (at, 0),
+                Slot::High(at) => (at, 4),
+            };
+            let (x, y) = (&src[at..at + 16], &src[at + 16..at + 32]);
             for j in 0..16 {
-                out[j] = if k < 2 {
-                    (x[j] & 0x0f) | (y[j] << 4)
-                } else {
-                    (x[j] >> 4) | (y[j] & 0xf0)
-                };
+                out[j] = ((x[j] >> shift) & 0x0f) | (((y[j] >> shift) & 0x0f) << 4);
             }
         }
     }
@@ -202,11 +239,21 @@ pub fn dequantize_row(ty: GgmlType, cols: usize, src: &[u8], out: &mut [f32]) {
         if f.eight_bit {
             u.copy_from_slice(&src[QK * b..QK * (b + 1)]);
         } else {
-            let (g, k) = (b / GROUP, b % GROUP);
-            let at = 64 * g + 32 * (k % 2);
-            let shift = if k < 2 { 0 } else { 4 };
-            for (u, &c) in u.iter_mut().zip(&src[at..at + QK]) {
-                *u = (c >> shift) & 0x0f;
+            let (at, shift) = match slot(nb, b).0 {
+                Slot::Low(at) => (at, 0),
+                Slot::High(at) => (at, 4),
+                Slot::Whole(at) => {
+                    let (low, high) = u.split_at_mut(QK / 2);
+                    for ((l, h), &c) in low.iter_mut().zip(high).zip(&src[at..at + 16]) {
+                        (*l, *h) = (c & 0x0f, c >> 4);
+                    }
+                    (at, 8)
+                }
+            };
+            if shift < 8 {
+                for (u, &c) in u.iter_mut().zip(&src[at..at + QK]) {
+                    *u = (c >> shift) & 0x0f;
+                }
             }
             if f.qh.is_some() {
                 let h = &src[qh_at + 4 * b..qh_at + 4 * b + 4];
@@ -234,8 +281,8 @@ pub fn dequantize_row(ty: GgmlType, cols: usize, src: &[u8], out: &mut [f32]) {
 fn shape(ty: GgmlType, cols: usize, what: &str) -> (Fields, usize, usize) {
     let f = fields(ty).unwrap_or_else(|| panic!("{what}: {ty} has no planar layout"));
     assert!(
-        cols > 0 && cols.is_multiple_of(QK * GROUP),
-        "{what}: {cols} columns are not whole groups of four blocks"
+        cols > 0 && cols.is_multiple_of(QK),
+        "{what}: {cols} columns are not whole blocks"
     );
     (f, cols / QK, cols / QK * f.block)
 }
@@ -262,9 +309,8 @@ pub fn dot_block(
     let cols = first.len();
     let f = fields(ty).expect("planar dot_block: a 32-element format");
     assert!(
-        cols.is_multiple_of(QK * GROUP) && row_bytes == cols / QK * f.block,
-        "planar dot_block: rows of {row_bytes} bytes are not {cols} elements of {ty:?} in \
-         whole groups of four blocks"
+        cols.is_multiple_of(QK) && row_bytes == cols / QK * f.block,
+        "planar dot_block: rows of {row_bytes} bytes are not {cols} elements of {ty:?}"
     );
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni {
@@ -290,7 +336,7 @@ pub fn dot_block(
         crate::refined_rows(xq);
         // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI, FMA and F16C (is_available); `w` holds
         // `n_rows` planar rows of `row_bytes`, each one row of every activation row (checked
-        // above: whole groups of four blocks of `ty`), in `ty`'s activation format; `out` has
+        // above: whole blocks of `ty`), in `ty`'s activation format; `out` has
         // room for every (token, row) index (check_output).
         unsafe {
             crate::x86::avx512::planar::dot_block(

@@ -273,20 +273,20 @@ proptest! {
     /// within `error_bound` of the reference.
     #[test]
     fn planar_rows_match_gguf_rows(
-        (ty, groups, w, xs, refined) in (0usize..PLANAR.len(), 1usize..=3, 1usize..=6, 1usize..=3)
-            .prop_flat_map(|(i, groups, rows, tokens)| {
+        (ty, blocks, w, xs, refined) in (0usize..PLANAR.len(), 1usize..=14, 1usize..=6, 1usize..=3)
+            .prop_flat_map(|(i, blocks, rows, tokens)| {
                 let ty = PLANAR[i];
-                let n = 128 * groups;
+                let n = 32 * blocks;
                 (
                     Just(ty),
-                    Just(groups),
-                    prop::collection::vec(quant_row(ty, 4 * groups), rows),
+                    Just(blocks),
+                    prop::collection::vec(quant_row(ty, blocks), rows),
                     prop::collection::vec(activations(n), tokens),
                     any::<bool>(),
                 )
             })
     ) {
-        let cols = 128 * groups;
+        let cols = 32 * blocks;
         let row_bytes = w[0].len();
         let gguf: Vec<u8> = w.concat();
         let mut planar = vec![0u8; gguf.len()];
@@ -345,8 +345,12 @@ fn planar_layout_is_offered_where_kernels_read_it() {
     for ty in PLANAR {
         assert!(supported(Isa::Avx512Vnni, ty, 640), "{ty}");
         assert!(
-            !supported(Isa::Avx512Vnni, ty, 576),
-            "{ty}: 18 blocks are not whole groups"
+            supported(Isa::Avx512Vnni, ty, 576),
+            "{ty}: two blocks after the groups"
+        );
+        assert!(
+            !supported(Isa::Avx512Vnni, ty, 600),
+            "{ty}: not whole blocks"
         );
         assert!(
             !supported(Isa::Avx2, ty, 640),
@@ -383,6 +387,25 @@ fn planar_codes_sit_where_the_layout_says() {
         &[0, 0x3c, 1, 0x3c, 2, 0x3c, 3, 0x3c],
         "scales"
     );
+
+    // Three blocks, no whole group: blocks 0 and 1 share a run (low, high), block 2 follows
+    // as GGUF stores it.
+    let tail = &gguf[..3 * 18];
+    let mut planar = vec![0u8; tail.len()];
+    kiln_kernels::planar::pack_rows(GgmlType::Q4_0, 96, tail, &mut planar);
+    for (i, &byte) in planar[..32].iter().enumerate() {
+        assert_eq!(
+            byte,
+            (i % 16) as u8 | (((5 + i) % 16) as u8) << 4,
+            "tail byte {i}"
+        );
+    }
+    assert_eq!(
+        &planar[32..48],
+        &tail[2 * 18 + 2..3 * 18],
+        "last block whole"
+    );
+    assert_eq!(&planar[48..54], &[0, 0x3c, 1, 0x3c, 2, 0x3c], "scales");
 }
 
 #[test]

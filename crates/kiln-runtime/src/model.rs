@@ -3,7 +3,9 @@
 use crate::arch;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::weights::{load_optional_vector, load_vector, GgufSource, TensorSource, WeightMatrix};
+use crate::weights::{
+    load_optional_vector, load_vector, make_planar_all, GgufSource, TensorSource, WeightMatrix,
+};
 use kiln_format::gguf::GgufFile;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -165,16 +167,20 @@ impl Model {
         source: &dyn TensorSource,
     ) -> Result<Model, ModelError> {
         let c = &config;
-        let token_embd = WeightMatrix::load(source, "token_embd.weight", c.n_embd, c.vocab_size)?;
+        let mut token_embd =
+            WeightMatrix::load(source, "token_embd.weight", c.n_embd, c.vocab_size)?;
         let output_norm = load_vector(source, "output_norm.weight", c.n_embd)?;
-        let (output, tied_embeddings) = if source.tensor("output.weight").is_some() {
-            (
-                WeightMatrix::load(source, "output.weight", c.n_embd, c.vocab_size)?,
-                false,
-            )
+        let mut output = if source.tensor("output.weight").is_some() {
+            Some(WeightMatrix::load(
+                source,
+                "output.weight",
+                c.n_embd,
+                c.vocab_size,
+            )?)
         } else {
-            (token_embd.clone(), true)
+            None
         };
+        let tied_embeddings = output.is_none();
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let name = |s: &str| format!("blk.{i}.{s}");
@@ -214,6 +220,22 @@ impl Model {
             });
         }
         refuse_unread_tensors(source, &config, &layers, tied_embeddings)?;
+        // Before the tied output is cloned from the embedding, so both share the rewrite.
+        let mut matrices: Vec<&mut WeightMatrix> = vec![&mut token_embd];
+        matrices.extend(output.as_mut());
+        for l in &mut layers {
+            matrices.extend([
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ]);
+        }
+        make_planar_all(matrices);
+        let output = output.unwrap_or_else(|| token_embd.clone());
         let n_params = source
             .names()
             .iter()

@@ -174,31 +174,6 @@ impl WeightMatrix {
                 )
             })?;
         }
-        if let TensorFormat::Ggml(ty) = t.format {
-            if repack_enabled() && kiln_kernels::planar::supported(kiln_kernels::detect(), ty, cols)
-            {
-                // In slices of about 1 MiB, the source released up to the end of each slice
-                // once it is rewritten (from the tensor's start, so no page straddling two
-                // slices stays), so the copy and the mapped source are never both resident.
-                let mut planar = vec![0u8; data.len()];
-                let step = row_bytes * (1usize << 20).div_ceil(row_bytes);
-                let mut done = 0;
-                for (src, dst) in data.chunks(step).zip(planar.chunks_mut(step)) {
-                    kiln_kernels::planar::pack_rows(ty, cols, src, dst);
-                    done += src.len();
-                    t.storage.release(t.offset..t.offset + done);
-                }
-                return Ok(WeightMatrix {
-                    storage: Arc::new(planar),
-                    offset: 0,
-                    format: t.format,
-                    rows,
-                    cols,
-                    row_bytes,
-                    planar: true,
-                });
-            }
-        }
         Ok(WeightMatrix {
             storage: t.storage,
             offset: t.offset,
@@ -208,6 +183,25 @@ impl WeightMatrix {
             row_bytes,
             planar: false,
         })
+    }
+
+    /// Rewrites the rows into the planar layout ([`kiln_kernels::planar`]) if this CPU's
+    /// kernels read it (and `KILN_REPACK` is not `0`): a copy, the mapped source released as it
+    /// is rewritten. Matrices cloned before keep the old rows. [`make_planar_all`] does many
+    /// at once.
+    pub fn make_planar(&mut self) {
+        make_planar_all(vec![self]);
+    }
+
+    /// The ggml format of the rows if [`WeightMatrix::make_planar`] would rewrite them.
+    fn planar_candidate(&self) -> Option<GgmlType> {
+        let TensorFormat::Ggml(ty) = self.format else {
+            return None;
+        };
+        (!self.planar
+            && repack_enabled()
+            && kiln_kernels::planar::supported(kiln_kernels::detect(), ty, self.cols))
+        .then_some(ty)
     }
 
     /// Whether the rows are in the planar layout ([`kiln_kernels::planar`]) rather than as
@@ -297,6 +291,56 @@ impl WeightMatrix {
                 kiln_kernels::kiln_formats::dequantize_row(&m, r, out)
             }
         }
+    }
+}
+
+/// [`WeightMatrix::make_planar`] for every matrix of `ms`, in slices of about 8 MiB spread
+/// over the CPU's cores (the copies' page faults are most of a model's load time). Each slice's
+/// source is released once it is rewritten, and each matrix's whole source at the end (the
+/// pages two slices share), so the copies and their sources are never both resident.
+pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
+    const SLICE: usize = 8 << 20;
+    let mut ms: Vec<(&mut WeightMatrix, GgmlType)> = ms
+        .into_iter()
+        .filter_map(|m| m.planar_candidate().map(|ty| (m, ty)))
+        .collect();
+    ms.sort_by_key(|(m, _)| std::cmp::Reverse(m.n_bytes()));
+    let mut copies: Vec<Vec<u8>> = ms.iter().map(|(m, _)| vec![0u8; m.n_bytes()]).collect();
+    {
+        let mut jobs = Vec::new();
+        for ((m, ty), copy) in ms.iter().zip(copies.iter_mut()) {
+            let step = m.row_bytes * SLICE.div_ceil(m.row_bytes);
+            for (i, (src, dst)) in m.data().chunks(step).zip(copy.chunks_mut(step)).enumerate() {
+                let at = m.offset + i * step;
+                jobs.push((*ty, m.cols, src, dst, &m.storage, at));
+            }
+        }
+        // Taken from the end: the largest matrices first.
+        jobs.reverse();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(jobs.len());
+        let queue = std::sync::Mutex::new(jobs);
+        let work = || {
+            while let Some((ty, cols, src, dst, storage, at)) =
+                queue.lock().unwrap_or_else(|e| e.into_inner()).pop()
+            {
+                kiln_kernels::planar::pack_rows(ty, cols, src, dst);
+                storage.release(at..at + src.len());
+            }
+        };
+        std::thread::scope(|s| {
+            for _ in 1..threads {
+                s.spawn(work);
+            }
+            work();
+        });
+    }
+    for ((m, _), copy) in ms.iter_mut().zip(copies) {
+        m.storage.release(m.offset..m.offset + m.n_bytes());
+        m.storage = Arc::new(copy);
+        m.offset = 0;
+        m.planar = true;
     }
 }
 

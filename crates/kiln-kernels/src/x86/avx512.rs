@@ -251,9 +251,9 @@ unsafe fn legacy<
     // SAFETY: the last nb - b blocks exist.
     unsafe {
         match nb - b {
-            1 => leg_step::<F, R, T, 1, REFINED, false>(w, row_bytes, &xs, b, &mut acc),
-            2 => leg_step::<F, R, T, 2, REFINED, false>(w, row_bytes, &xs, b, &mut acc),
-            3 => leg_step::<F, R, T, 3, REFINED, false>(w, row_bytes, &xs, b, &mut acc),
+            1 => leg_step::<F, R, T, 1, REFINED, PLANAR>(w, row_bytes, &xs, b, &mut acc),
+            2 => leg_step::<F, R, T, 2, REFINED, PLANAR>(w, row_bytes, &xs, b, &mut acc),
+            3 => leg_step::<F, R, T, 3, REFINED, PLANAR>(w, row_bytes, &xs, b, &mut acc),
             _ => {}
         }
     }
@@ -364,7 +364,7 @@ unsafe fn leg_step<
         // SAFETY: row r's blocks b..b + N are in bounds (the caller's guarantee).
         let (d4, m4, u01, u23) = unsafe {
             if PLANAR {
-                leg_unpack_planar::<F>(w.add(r * row_bytes), xs[0].len / QK, b)
+                leg_unpack_planar::<F, N>(w.add(r * row_bytes), xs[0].len / QK, b)
             } else {
                 leg_unpack::<F, N>(p)
             }
@@ -485,50 +485,91 @@ unsafe fn leg_unpack<const F: u8, const N: usize>(
     (d, m, u[0], u[1])
 }
 
-/// Blocks `b..b + 4` of the planar row at `row` ([`crate::planar`]), `nb` blocks long, as
-/// [`leg_unpack`] gives them for a GGUF row: scales, offsets and unsigned codes.
+/// Blocks `b..b + N` (N ≤ 4) of the planar row at `row` ([`crate::planar`]), `nb` blocks
+/// long, as [`leg_unpack`] gives them for a GGUF row: scales, offsets and unsigned codes (zero
+/// beyond `N`).
 ///
 /// # Safety
-/// `row` starts a planar row of `nb` blocks of format `F` (not `IQ4_NL`), `b + 4 <= nb`.
+/// `row` starts a planar row of `nb` blocks of format `F` (not `IQ4_NL`); `b` is a multiple of
+/// 4 and `b + N <= nb`, with `N == 4` unless `b + N == nb` (the blocks after the last whole
+/// group).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn leg_unpack_planar<const F: u8>(
+unsafe fn leg_unpack_planar<const F: u8, const N: usize>(
     row: *const u8,
     nb: usize,
     b: usize,
 ) -> (__m128, __m128, __m512i, __m512i) {
     let code_bytes = if F == leg::Q8_0 { QK } else { QK / 2 };
     let qh_bytes = if leg::is_q5(F) { 4 * nb } else { 0 };
-    // SAFETY: the codes of blocks b..b + 4 (64 or 128 bytes from b · code_bytes), their
-    // fifth bits (16 bytes) and scales and minimums (8 bytes each) lie within the row.
+    let low = _mm512_set1_epi8(0x0f);
+    // A block stored whole (16 GGUF code bytes at `p`: elements j and j + 16 in byte j) as
+    // 32 codes in element order in the low half of a register.
+    let single = |p: *const u8| {
+        // SAFETY: the caller's `p` has 16 readable bytes (below).
+        let q = unsafe { _mm_loadu_si128(p.cast()) };
+        let lo = _mm_and_si128(q, _mm_set1_epi8(0x0f));
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), _mm_set1_epi8(0x0f));
+        _mm512_zextsi256_si512(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
+    };
+    // SAFETY: blocks b..b + N of the row: their codes (N · code_bytes bytes from
+    // b · code_bytes, by the layout's runs), fifth bits (4 bytes each) and scales and minimums
+    // (2 bytes each, masked to N) lie within the row; nothing beyond them is read.
     unsafe {
         let codes = row.add(b * code_bytes);
         let (mut u01, mut u23) = if F == leg::Q8_0 {
-            (
-                _mm512_loadu_si512(codes.cast()),
-                _mm512_loadu_si512(codes.add(2 * QK).cast()),
-            )
-        } else {
+            let (x01, x23) = block_codes_512::<N>(codes.cast());
+            (x01, x23)
+        } else if N == 4 {
             let v = _mm512_loadu_si512(codes.cast());
-            let low = _mm512_set1_epi8(0x0f);
             (
                 _mm512_and_si512(v, low),
                 _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
             )
+        } else if N >= 2 {
+            // The pair run of the two blocks after the last group (low, then high nibbles),
+            // then for N = 3 the last block whole.
+            let v = _mm512_castsi256_si512(_mm256_loadu_si256(codes.cast()));
+            let lo = _mm512_and_si512(v, low);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            let u01 = _mm512_inserti64x4::<1>(lo, _mm512_castsi512_si256(hi));
+            let u23 = if N == 3 {
+                single(codes.add(32))
+            } else {
+                _mm512_setzero_si512()
+            };
+            (u01, u23)
+        } else {
+            (single(codes), _mm512_setzero_si512())
         };
         let planes = row.add(nb * code_bytes);
         if leg::is_q5(F) {
             let qh = planes.add(4 * b);
+            let bits = |k: usize| u64::from(qh.add(4 * k).cast::<u32>().read_unaligned());
             let sixteen = _mm512_set1_epi8(16);
-            let h01 = qh.cast::<u64>().read_unaligned();
-            let h23 = qh.add(8).cast::<u64>().read_unaligned();
+            let h01 = if N >= 2 {
+                bits(0) | bits(1) << 32
+            } else {
+                bits(0)
+            };
             u01 = _mm512_mask_add_epi8(u01, h01, u01, sixteen);
-            u23 = _mm512_mask_add_epi8(u23, h23, u23, sixteen);
+            if N > 2 {
+                let h23 = if N == 4 {
+                    bits(2) | bits(3) << 32
+                } else {
+                    bits(2)
+                };
+                u23 = _mm512_mask_add_epi8(u23, h23, u23, sixteen);
+            }
         }
+        let lanes: __mmask8 = (1u8 << N) - 1;
         let scales = planes.add(qh_bytes);
-        let d = _mm_cvtph_ps(_mm_loadl_epi64(scales.add(2 * b).cast()));
+        let d = _mm_cvtph_ps(_mm_maskz_loadu_epi16(lanes, scales.add(2 * b).cast()));
         let m = if leg::has_min(F) {
-            _mm_cvtph_ps(_mm_loadl_epi64(scales.add(2 * nb + 2 * b).cast()))
+            _mm_cvtph_ps(_mm_maskz_loadu_epi16(
+                lanes,
+                scales.add(2 * nb + 2 * b).cast(),
+            ))
         } else {
             _mm_mul_ps(d, _mm_set1_ps(leg::offset(F)))
         };
