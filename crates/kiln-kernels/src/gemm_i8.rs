@@ -365,6 +365,42 @@ pub fn pack_panel_with(
     pack_scales(f, w, row_bytes, rows.start, out);
 }
 
+/// [`pack_panel`] for rows in the planar layout ([`crate::planar`]): the same panel, bit for
+/// bit, read straight from the planar rows on AVX-512 for the formats without fifth bits;
+/// elsewhere the rows are rewritten to GGUF blocks first.
+///
+/// # Panics
+/// As [`pack_panel`].
+pub fn pack_panel_planar(
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: Range<usize>,
+    out: &mut PackedPanel,
+) {
+    let isa = detect();
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni
+        && format(ty).is_some_and(|f| f.qh.is_none())
+        && PANEL_ROWS * row_bytes <= i32::MAX as usize
+    {
+        let f = prepare(ty, w, row_bytes, &rows, out, false);
+        // SAFETY: AVX-512 F/BW are present (the level was detected); `prepare` checked that
+        // `rows` lies within `w` and each row is whole blocks of `f`, and sized `out`; a
+        // panel's bytes fit in an i32 (checked above); the rows are planar (the caller's
+        // promise, which only decides which bytes are read, never where).
+        unsafe { x86::pack_avx512_planar(f, w, row_bytes, rows.start, out) };
+        return;
+    }
+    let cols = row_bytes / format(ty).map_or(row_bytes.max(1), |f| f.bytes) * QK;
+    let mut gguf = vec![0u8; rows.len() * row_bytes];
+    for (i, dst) in gguf.chunks_exact_mut(row_bytes.max(1)).enumerate() {
+        let r = rows.start + i;
+        crate::planar::unpack_row(ty, cols, &w[r * row_bytes..(r + 1) * row_bytes], dst);
+    }
+    pack_panel_with(isa, ty, &gguf, row_bytes, 0..rows.len(), out);
+}
+
 /// Asks the CPU to bring rows `rows` of `w` (rows of `row_bytes` bytes) into its L2 cache: a
 /// hint given one panel ahead, so that packing does not wait on memory for each of the 32 row
 /// streams it reads (the hardware prefetchers follow only a few). Rows past the end of `w` are
@@ -806,7 +842,7 @@ mod x86 {
                 let first_codes = p.rows[r0].0;
                 let offsets: [usize; 16] = std::array::from_fn(|i| i * row_bytes);
                 unsafe {
-                    pack_group16(&p, f, r0, |i, b, half| {
+                    pack_group16(&p, f, r0, ScaleAt::gguf(f), |i, b, half| {
                         _mm_loadu_si128(
                             first_codes.add(offsets[i] + b * f.bytes + 16 * half).cast(),
                         )
@@ -814,8 +850,107 @@ mod x86 {
                 }
             } else {
                 // SAFETY: `codes16` reads padding rows from the pattern.
-                unsafe { pack_group16(&p, f, r0, |i, b, half| p.codes16(r0 + i, b, half)) }
+                unsafe {
+                    pack_group16(&p, f, r0, ScaleAt::gguf(f), |i, b, half| {
+                        p.codes16(r0 + i, b, half)
+                    })
+                }
             }
+        }
+    }
+
+    /// Where the 32-bit words holding the block scales (and minimums) of a row lie, from the
+    /// row's first byte: block `b`'s at `d + b · step` (`m + b · step`), in the word's high
+    /// half if `high`; with `m` `None` the minimum is the high half of the scale's word.
+    #[derive(Clone, Copy)]
+    struct ScaleAt {
+        d: i32,
+        m: Option<i32>,
+        step: i32,
+        high: bool,
+    }
+
+    impl ScaleAt {
+        /// GGUF blocks: the scale opens each block, the minimum (if any) follows it.
+        fn gguf(f: Format) -> ScaleAt {
+            ScaleAt {
+                d: 0,
+                m: None,
+                step: f.bytes as i32,
+                high: false,
+            }
+        }
+    }
+
+    /// [`pack_avx512`] for planar rows ([`crate::planar`]): each row's 16 code bytes of a
+    /// block rebuilt in GGUF's order from its planar runs (the 4-bit formats) or flipped
+    /// back (Q8_0, stored plus 128), and the scales gathered from their planes (each word
+    /// read ending at the scale, so no read passes the row's end).
+    ///
+    /// # Safety
+    /// As [`pack_avx512`], the rows planar, of a format without fifth bits.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn pack_avx512_planar(
+        f: Format,
+        w: &[u8],
+        row_bytes: usize,
+        first: usize,
+        out: &mut PackedPanel,
+    ) {
+        // SAFETY: the caller's bounds.
+        let p = unsafe { Packing::new(f, w, row_bytes, first, out) };
+        let nb = p.nb;
+        let q8 = f.bias == 128;
+        let code_bytes = if q8 { QK } else { QK / 2 };
+        // The planes after the codes: scales, then minimums, each 2 bytes per block.
+        let d_at = (nb * code_bytes) as i32;
+        let scales = ScaleAt {
+            d: d_at - 2,
+            m: f.min.map(|_| d_at + 2 * nb as i32 - 2),
+            step: 2,
+            high: true,
+        };
+        let slots: Vec<(usize, u8)> = (0..nb).map(|b| crate::planar::code_slot(nb, b)).collect();
+        let low = _mm_set1_epi8(0x0f);
+        let high = _mm_set1_epi8(-16);
+        let flip = _mm_set1_epi8(-128);
+        for r0 in (0..PANEL_ROWS).step_by(16) {
+            let load = |i: usize, b: usize, half: usize| {
+                let r = r0 + i;
+                if r >= p.n {
+                    // SAFETY: padding rows read the pattern, as in `pack_avx512`.
+                    return unsafe { p.codes16(r, b, half) };
+                }
+                // SAFETY: row r is real; block b's codes (32 bytes at `32 b` for Q8_0, one
+                // 32-byte run or 16 bytes at its slot otherwise) lie within the row.
+                unsafe {
+                    let row = p.base.add(r * row_bytes);
+                    if q8 {
+                        let v = _mm_loadu_si128(row.add(QK * b + 16 * half).cast());
+                        return _mm_xor_si128(v, flip);
+                    }
+                    let (at, kind) = slots[b];
+                    let x = _mm_loadu_si128(row.add(at).cast());
+                    if kind == 2 {
+                        return x;
+                    }
+                    let y = _mm_loadu_si128(row.add(at + 16).cast());
+                    if kind == 0 {
+                        _mm_or_si128(
+                            _mm_and_si128(x, low),
+                            _mm_and_si128(_mm_slli_epi16::<4>(y), high),
+                        )
+                    } else {
+                        _mm_or_si128(
+                            _mm_and_si128(_mm_srli_epi16::<4>(x), low),
+                            _mm_and_si128(y, high),
+                        )
+                    }
+                }
+            };
+            // SAFETY: the loads above are sound for every row, block and half; the scale
+            // words end at each block's scale (or minimum), inside the row.
+            unsafe { pack_group16(&p, f, r0, scales, load) };
         }
     }
 
@@ -831,6 +966,7 @@ mod x86 {
         p: &Packing,
         f: Format,
         r0: usize,
+        scales: ScaleAt,
         load: impl Fn(usize, usize, usize) -> __m128i,
     ) {
         let low = _mm512_set1_epi8(0x0f);
@@ -838,8 +974,10 @@ mod x86 {
         let q8 = f.bias == 128;
         let offsets = p.scale_offsets(r0);
         // SAFETY: `offsets` holds 16 words.
-        let mut idx = unsafe { _mm512_loadu_si512(offsets.as_ptr().cast()) };
-        let block_step = _mm512_set1_epi32(f.bytes as i32);
+        let rows_at = unsafe { _mm512_loadu_si512(offsets.as_ptr().cast()) };
+        let mut idx = _mm512_add_epi32(rows_at, _mm512_set1_epi32(scales.d));
+        let mut min_idx = _mm512_add_epi32(rows_at, _mm512_set1_epi32(scales.m.unwrap_or(0)));
+        let block_step = _mm512_set1_epi32(scales.step);
         let real = p.real(r0);
         for b in 0..p.nb {
             for half in 0..if q8 { 2 } else { 1 } {
@@ -884,21 +1022,34 @@ mod x86 {
             // start of its block b: the f16 scale and the next two bytes, which lie inside the
             // block. The scale lines of block b hold PANEL_ROWS floats.
             unsafe {
-                let words = _mm512_mask_i32gather_epi32::<1>(
-                    _mm512_setzero_si512(),
-                    real,
-                    idx,
-                    p.base.cast(),
-                );
+                let gather = |at| {
+                    let w = _mm512_mask_i32gather_epi32::<1>(
+                        _mm512_setzero_si512(),
+                        real,
+                        at,
+                        p.base.cast(),
+                    );
+                    if scales.high {
+                        _mm512_srli_epi32::<16>(w)
+                    } else {
+                        w
+                    }
+                };
+                let words = gather(idx);
                 let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
                 _mm512_storeu_ps(p.scales.add(b * PANEL_ROWS + r0), d);
                 if f.min.is_some() {
-                    // Q4_1 and Q5_1 keep their minimum right after the scale.
-                    let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words)));
+                    // GGUF's Q4_1 and Q5_1 keep their minimum right after the scale.
+                    let m_words = match scales.m {
+                        None => _mm512_srli_epi32::<16>(words),
+                        Some(_) => gather(min_idx),
+                    };
+                    let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(m_words));
                     _mm512_storeu_ps(p.mins.add(b * PANEL_ROWS + r0), m);
                 }
             }
             idx = _mm512_add_epi32(idx, block_step);
+            min_idx = _mm512_add_epi32(min_idx, block_step);
         }
     }
 
@@ -1346,6 +1497,30 @@ mod tests {
     use crate::{available_isas, quantize_row, ActivationFormat, QuantizedRow};
     use kiln_format::ggml;
     use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Panels packed from planar rows are the panels of the GGUF rows, bit for bit: every
+        /// format, rows of any whole number of blocks, full and partial panels.
+        #[test]
+        fn planar_rows_pack_the_same_panels(
+            t in 0usize..TYPES.len(),
+            blocks in 1usize..=13,
+            n in 1usize..=PANEL_ROWS,
+            seed in any::<u32>(),
+        ) {
+            let ty = TYPES[t];
+            let k = blocks * QK;
+            let w = ggml::quantize(ty, &values(n * k, seed)).unwrap();
+            let row_bytes = w.len() / n;
+            let mut planar = vec![0u8; w.len()];
+            crate::planar::pack_rows(ty, k, &w, &mut planar);
+            let (mut want, mut got) = (PackedPanel::new(), PackedPanel::new());
+            pack_panel(ty, &w, row_bytes, 0..n, &mut want);
+            pack_panel_planar(ty, &planar, row_bytes, 0..n, &mut got);
+            prop_assert_eq!(got, want);
+        }
+    }
 
     const TYPES: [GgmlType; 5] = [
         GgmlType::Q4_0,

@@ -115,6 +115,18 @@ fn planes(f: Fields, nb: usize) -> (usize, usize, usize) {
     (qh, d, d + 2 * nb)
 }
 
+/// Where block `b` of a 4-bit planar row of `nb` blocks keeps its codes: the offset in the
+/// code plane and 0 (the low nibbles of a 32-byte run), 1 (its high nibbles) or 2 (16 bytes as
+/// GGUF stores them).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn code_slot(nb: usize, b: usize) -> (usize, u8) {
+    match slot(nb, b).0 {
+        Slot::Low(at) => (at, 0),
+        Slot::High(at) => (at, 1),
+        Slot::Whole(at) => (at, 2),
+    }
+}
+
 /// Rewrites `src`, whole GGUF rows of `cols` elements of `ty`, into planar rows in `dst` (the
 /// same length).
 ///

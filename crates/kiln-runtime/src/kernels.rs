@@ -438,8 +438,6 @@ thread_local! {
         RefCell::new(kiln_kernels::gemm_i8::QuantizedBatch::new());
     static GEMM_I8_PANEL: RefCell<kiln_kernels::gemm_i8::PackedPanel> =
         RefCell::new(kiln_kernels::gemm_i8::PackedPanel::new());
-    /// A panel's planar weight rows rewritten to GGUF blocks for `pack_panel`.
-    static GEMM_I8_ROWS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The int8 panel GEMM over one or more matrices of type `ty` sharing the activations `x`:
@@ -489,17 +487,13 @@ fn matmul_gemm_i8(
                 TILE_OUT.with(|tile| {
                     let (mut panel, mut tile) = (panel.borrow_mut(), tile.borrow_mut());
                     if w.is_planar() {
-                        // The GEMM packs GGUF blocks: rewrite the panel's rows back first.
-                        GEMM_I8_ROWS.with(|rows| {
-                            let mut rows = rows.borrow_mut();
-                            let rb = w.row_bytes();
-                            rows.resize(n * rb, 0);
-                            for (i, dst) in rows.chunks_exact_mut(rb).enumerate() {
-                                let src = &w.data()[(start + i) * rb..(start + i + 1) * rb];
-                                kiln_kernels::planar::unpack_row(ty, w.cols(), src, dst);
-                            }
-                            pack_panel(ty, &rows, rb, 0..n, &mut panel);
-                        });
+                        kiln_kernels::gemm_i8::pack_panel_planar(
+                            ty,
+                            w.data(),
+                            w.row_bytes(),
+                            start..start + n,
+                            &mut panel,
+                        );
                     } else {
                         pack_panel(ty, w.data(), w.row_bytes(), start..start + n, &mut panel);
                     }
