@@ -43,8 +43,7 @@ use crate::Isa;
 pub fn activation_format(ty: KilnType) -> ActivationFormat {
     match ty {
         KilnType::I8Ch | KilnType::I4B64 | KilnType::Lut4B32 { .. } => ActivationFormat::Q8_1,
-        KilnType::Lut { bits: 6 | 8, .. } => ActivationFormat::I16,
-        KilnType::Lut { .. } => ActivationFormat::F32,
+        KilnType::Lut { .. } => ActivationFormat::I16,
     }
 }
 
@@ -60,8 +59,9 @@ pub const LUT_I16_ENTRY_MAX: i16 = 16383;
 /// `s = max|t| / LUT_I16_ENTRY_MAX` (0 for a table of zeros) and
 /// `u[i] = round_half_even(t[i] · (LUT_I16_ENTRY_MAX / max|t|))` (a multiply, not a division:
 /// the kernels convert a table per call), within `±LUT_I16_ENTRY_MAX`; returns `s`. Every kernel
-/// for the 6- and 8-bit lookup tables multiplies with these weights (`s · u[i]`, within `s / 2`
-/// of the stored `t[i]`); the values of a table with non-finite entries are unspecified.
+/// for the lookup tables multiplies with these weights (`s · u[i]`, within `s / 2` of the
+/// stored `t[i]` up to the f32 rounding of `s` and of the product, a few thousandths of `s`);
+/// the values of a table with non-finite entries are unspecified.
 ///
 /// # Panics
 /// If `u` is shorter than the table.
@@ -394,7 +394,7 @@ pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
             }
             (sum, mag)
         }
-        KilnType::Lut { bits, .. } if x.format == ActivationFormat::I16 => {
+        KilnType::Lut { bits, .. } => {
             let mut u = [0i16; 256];
             let s = f64::from(lut_table_i16(w.table(r), &mut u));
             let mut idx = vec![0u8; w.cols];
@@ -422,27 +422,6 @@ pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
                 sum += d * ux as f64;
                 mag += d.abs() * um as f64;
             });
-            (sum, mag)
-        }
-        KilnType::Lut { bits, .. } => {
-            let table: Vec<f64> = w
-                .table(r)
-                .chunks_exact(2)
-                .map(|b| f64::from(f16_to_f32(u16::from_le_bytes([b[0], b[1]]))))
-                .collect();
-            let mut idx = [0u8; CHUNK];
-            let (mut sum, mut mag) = (0.0f64, 0.0f64);
-            for (c, xs) in row
-                .chunks_exact(4 * bits as usize)
-                .zip(x.values.chunks_exact(CHUNK))
-            {
-                kiln_types::unpack_chunk(bits, c, &mut idx);
-                for (&i, &v) in idx.iter().zip(xs) {
-                    let p = table[i as usize] * f64::from(v);
-                    sum += p;
-                    mag += p.abs();
-                }
-            }
             (sum, mag)
         }
     }

@@ -138,7 +138,7 @@ pub(crate) unsafe fn dot_block(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    if let KilnType::Lut { bits: 6 | 8, .. } = w.ty {
+    if let KilnType::Lut { .. } = w.ty {
         // SAFETY: the caller's guarantees.
         return unsafe { lut_i16_dot_block(isa, w, rows, xq, out, out_stride) };
     }
@@ -188,8 +188,6 @@ unsafe fn tile<const R: usize, const T: usize>(
                     (true, true) => lut4b32_512::<R, T, true, true>(w, r0, xs),
                 }
             }
-            (Isa::Avx512Vnni, KilnType::Lut { bits: 4, .. }) => lut4_512::<R, T>(w, r0, xs),
-            (Isa::Avx512Vnni, KilnType::Lut { .. }) => lut2_512::<R, T>(w, r0, xs),
             (_, KilnType::I8Ch) if xs[0].is_refined() => i8ch_256::<R, T, true>(w, r0, xs),
             (_, KilnType::I8Ch) => i8ch_256::<R, T, false>(w, r0, xs),
             (_, KilnType::I4B64) if xs[0].is_refined() => i4b64_256::<R, T, true>(w, r0, xs),
@@ -200,8 +198,7 @@ unsafe fn tile<const R: usize, const T: usize>(
                 (true, false) => lut4b32_256::<R, T, true, false>(w, r0, xs),
                 (true, true) => lut4b32_256::<R, T, true, true>(w, r0, xs),
             },
-            (_, KilnType::Lut { bits: 4, .. }) => lut4_256::<R, T>(w, r0, xs),
-            (_, KilnType::Lut { .. }) => lut2_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut { .. }) => unreachable!("lookup tables go to lut_i16_dot_block"),
         }
     }
 }
@@ -1295,103 +1292,6 @@ unsafe fn lut6_table_512(t: *const u8) -> [__m512; 4] {
     std::array::from_fn(|q| _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(t.add(32 * q).cast()) }))
 }
 
-/// # Safety
-/// AVX-512; as [`dot_block`], `w` a 4-bit lookup-table tensor.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn lut4_512<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    let mut tables = [_mm512_setzero_ps(); R];
-    for (r, tb) in tables.iter_mut().enumerate() {
-        // SAFETY: a 16-entry f16 table is 32 bytes.
-        *tb = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(w.table(r0 + r).as_ptr().cast()) });
-    }
-    let p = w.data[r0 * rb..].as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        let mut x0 = [_mm512_setzero_ps(); T];
-        let mut x1 = [_mm512_setzero_ps(); T];
-        for t in 0..T {
-            // SAFETY: 32 values from c lie within the activation row.
-            unsafe {
-                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
-                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
-            }
-        }
-        for r in 0..R {
-            prefetch(p.wrapping_add(r * rb + c / 2), ahead);
-            // SAFETY: the 16 index bytes of this chunk of row r0 + r.
-            let (i0, i1) = unsafe { lut4_indices_512(p.add(r * rb + c / 2)) };
-            let w0 = _mm512_permutexvar_ps(i0, tables[r]);
-            let w1 = _mm512_permutexvar_ps(i1, tables[r]);
-            for t in 0..T {
-                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
-            }
-        }
-    }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
-}
-
-/// # Safety
-/// AVX-512; as [`dot_block`], `w` a 2-bit lookup-table tensor.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn lut2_512<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    let mut tables = [_mm512_setzero_ps(); R];
-    for (r, tb) in tables.iter_mut().enumerate() {
-        // SAFETY: a 4-entry f16 table is 8 bytes.
-        let t = unsafe { _mm_loadl_epi64(w.table(r0 + r).as_ptr().cast()) };
-        *tb = _mm512_castps256_ps512(_mm256_cvtph_ps(t));
-    }
-    let p = w.data[r0 * rb..].as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        let mut x0 = [_mm512_setzero_ps(); T];
-        let mut x1 = [_mm512_setzero_ps(); T];
-        for t in 0..T {
-            // SAFETY: 32 values from c lie within the activation row.
-            unsafe {
-                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
-                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
-            }
-        }
-        for r in 0..R {
-            prefetch(p.wrapping_add(r * rb + c / 4), ahead);
-            // SAFETY: the 8 index bytes of this chunk of row r0 + r.
-            let (i0, i1) = unsafe { lut2_indices_512(p.add(r * rb + c / 4)) };
-            let w0 = _mm512_permutexvar_ps(i0, tables[r]);
-            let w1 = _mm512_permutexvar_ps(i1, tables[r]);
-            for t in 0..T {
-                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
-            }
-        }
-    }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
-}
-
 /// Entries `i` (0..16) of a 16-entry table held as two 8-entry halves.
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -1403,25 +1303,25 @@ fn lookup16(i: __m256i, lo: __m256, hi: __m256) -> __m256 {
 }
 
 /// # Safety
-/// AVX2, FMA, F16C; as [`dot_block`], `w` a 4-bit lookup-table tensor.
+/// AVX2, FMA; as [`dot_block`], `w` a 4-bit lookup-table tensor whose rows `r0..r0 + R` share
+/// `table` (the first 16 entries used; integers of `lut_table_i16`, scale `s`), `xs` F32 rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn lut4_256<const R: usize, const T: usize>(
     w: &KilnMatrix,
     r0: usize,
+    table: &[f32; 256],
+    s: f32,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
-    let mut lo = [_mm256_setzero_ps(); R];
-    let mut hi = [_mm256_setzero_ps(); R];
-    for r in 0..R {
-        let tp = w.table(r0 + r).as_ptr();
-        // SAFETY: a 16-entry f16 table is 32 bytes.
-        unsafe {
-            lo[r] = _mm256_cvtph_ps(_mm_loadu_si128(tp.cast()));
-            hi[r] = _mm256_cvtph_ps(_mm_loadu_si128(tp.add(16).cast()));
-        }
-    }
+    // SAFETY: entries 0..16 of the table.
+    let (lo, hi) = unsafe {
+        (
+            _mm256_loadu_ps(table.as_ptr()),
+            _mm256_loadu_ps(table.as_ptr().add(8)),
+        )
+    };
     let p = w.data[r0 * rb..].as_ptr();
     let low = _mm256_set1_epi32(0x0f);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -1437,10 +1337,10 @@ unsafe fn lut4_256<const R: usize, const T: usize>(
                 )
             };
             let wv = [
-                lookup16(_mm256_and_si256(b0, low), lo[r], hi[r]),
-                lookup16(_mm256_and_si256(b1, low), lo[r], hi[r]),
-                lookup16(_mm256_srli_epi32::<4>(b0), lo[r], hi[r]),
-                lookup16(_mm256_srli_epi32::<4>(b1), lo[r], hi[r]),
+                lookup16(_mm256_and_si256(b0, low), lo, hi),
+                lookup16(_mm256_and_si256(b1, low), lo, hi),
+                lookup16(_mm256_srli_epi32::<4>(b0), lo, hi),
+                lookup16(_mm256_srli_epi32::<4>(b1), lo, hi),
             ];
             for t in 0..T {
                 let xp = xs[t].values.as_ptr();
@@ -1455,27 +1355,27 @@ unsafe fn lut4_256<const R: usize, const T: usize>(
     let mut out = [[0.0; T]; R];
     for r in 0..R {
         for t in 0..T {
-            out[r][t] = hsum256(acc[r][t]);
+            out[r][t] = s * hsum256(acc[r][t]);
         }
     }
     out
 }
 
 /// # Safety
-/// AVX2, FMA, F16C; as [`dot_block`], `w` a 2-bit lookup-table tensor.
+/// AVX2, FMA; as [`dot_block`], `w` a 2-bit lookup-table tensor whose rows `r0..r0 + R` share
+/// `table` (the first 4 entries used; integers of `lut_table_i16`, scale `s`), `xs` F32 rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn lut2_256<const R: usize, const T: usize>(
     w: &KilnMatrix,
     r0: usize,
+    table: &[f32; 256],
+    s: f32,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
-    let mut tables = [_mm256_setzero_ps(); R];
-    for (r, tb) in tables.iter_mut().enumerate() {
-        // SAFETY: a 4-entry f16 table is 8 bytes.
-        *tb = _mm256_cvtph_ps(unsafe { _mm_loadl_epi64(w.table(r0 + r).as_ptr().cast()) });
-    }
+    // SAFETY: entries 0..8 of the table (the lookups read the first four).
+    let tv = unsafe { _mm256_loadu_ps(table.as_ptr()) };
     let p = w.data[r0 * rb..].as_ptr();
     let three = _mm256_set1_epi32(3);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -1485,16 +1385,10 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
             // SAFETY: the 8 index bytes of this chunk of row r0 + r.
             let b = unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(r * rb + c / 4).cast())) };
             let wv = [
-                _mm256_permutevar8x32_ps(tables[r], _mm256_and_si256(b, three)),
-                _mm256_permutevar8x32_ps(
-                    tables[r],
-                    _mm256_and_si256(_mm256_srli_epi32::<2>(b), three),
-                ),
-                _mm256_permutevar8x32_ps(
-                    tables[r],
-                    _mm256_and_si256(_mm256_srli_epi32::<4>(b), three),
-                ),
-                _mm256_permutevar8x32_ps(tables[r], _mm256_srli_epi32::<6>(b)),
+                _mm256_permutevar8x32_ps(tv, _mm256_and_si256(b, three)),
+                _mm256_permutevar8x32_ps(tv, _mm256_and_si256(_mm256_srli_epi32::<2>(b), three)),
+                _mm256_permutevar8x32_ps(tv, _mm256_and_si256(_mm256_srli_epi32::<4>(b), three)),
+                _mm256_permutevar8x32_ps(tv, _mm256_srli_epi32::<6>(b)),
             ];
             for t in 0..T {
                 let xp = xs[t].values.as_ptr();
@@ -1509,7 +1403,7 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
     let mut out = [[0.0; T]; R];
     for r in 0..R {
         for t in 0..T {
-            out[r][t] = hsum256(acc[r][t]);
+            out[r][t] = s * hsum256(acc[r][t]);
         }
     }
     out
@@ -1673,13 +1567,15 @@ unsafe fn lut_i16_dot_block(
         while r < rows.end {
             let seg = r..((r / group + 1) * group).min(rows.end);
             let mut u = [0i16; 256];
+            let table = w.table(r);
             // SAFETY: the CPU has AVX-512 when `native`, AVX2 and F16C at either level; the
-            // table holds 2^bits entries.
+            // SIMD conversions take tables of 16 entries or more (a 2-bit table's 4 entries
+            // go through the scalar one, which they match).
             let s = unsafe {
-                if native {
-                    lut_table_i16_512(w.table(r), &mut u)
-                } else {
-                    lut_table_i16_256(w.table(r), &mut u)
+                match (native, bits) {
+                    (_, 2) => crate::kiln_formats::lut_table_i16(table, &mut u),
+                    (true, _) => lut_table_i16_512(table, &mut u),
+                    (false, _) => lut_table_i16_256(table, &mut u),
                 }
             };
             // Every tile below: its rows and activation rows exist, the rest is the caller's
@@ -1692,7 +1588,7 @@ unsafe fn lut_i16_dot_block(
                         w, r, &planes, s
                     ));
                 }
-                (true, _) => {
+                (true, 6) => {
                     // SAFETY: 64 words are 128 bytes.
                     let table = unsafe {
                         [
@@ -1704,20 +1600,39 @@ unsafe fn lut_i16_dot_block(
                         w, r, &table, s
                     ));
                 }
+                (true, 4) => {
+                    // SAFETY: 16 words are 32 bytes.
+                    let table = unsafe { small_table_512(&u, 16) };
+                    run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut4_i16_512(
+                        w, r, table, s
+                    ));
+                }
+                (true, _) => {
+                    // SAFETY: 4 words are 8 bytes.
+                    let table = unsafe { small_table_512(&u, 4) };
+                    run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut2_i16_512(
+                        w, r, table, s
+                    ));
+                }
                 (false, _) => {
                     let mut table = [0.0f32; 256];
                     for (t, &v) in table.iter_mut().zip(&u) {
                         *t = f32::from(v);
                     }
                     let xs = &f32_rows[..xq.len()];
-                    if bits == 8 {
-                        run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut8_256(
+                    match bits {
+                        8 => run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut8_256(
                             w, r, &table, s
-                        ));
-                    } else {
-                        run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut6_256(
+                        )),
+                        6 => run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut6_256(
                             w, r, &table, s
-                        ));
+                        )),
+                        4 => run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut4_256(
+                            w, r, &table, s
+                        )),
+                        _ => run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut2_256(
+                            w, r, &table, s
+                        )),
                     }
                 }
             }
@@ -1961,6 +1876,184 @@ unsafe fn lut6_i16_512<const R: usize, const T: usize>(
     out
 }
 
+/// `vpermb` indices and word shifts that turn the index bytes of one step of a 2- or 4-bit
+/// row into the indices of half `h` of the step, in the I16 codes' order: word `q` takes its
+/// element's index byte in both its bytes, and shifted right by the count, the element's
+/// index lands at bit 0 (the bits above it are the neighbours', which the table's copies make
+/// irrelevant, see [`lut_small_table_512`]). `n` is the step (64 elements, or 32).
+const fn lut_small_step(bits: usize, n: usize, h: usize) -> ([u8; 64], [u16; 32]) {
+    let mut bytes = [0u8; 64];
+    let mut shift = [0u16; 32];
+    let mut q = 0;
+    while q < n / 2 {
+        let e = crate::activation::i16_element(h * n / 2 + q, n);
+        let (chunk, j) = (e / CHUNK, e % CHUNK);
+        // 4 bits: byte j % 16 of the chunk, the high nibble for j ≥ 16; 2 bits: byte j % 8,
+        // bits 2 (j / 8).
+        let (byte, s) = if bits == 4 {
+            (16 * chunk + j % 16, 4 * (j / 16))
+        } else {
+            (8 * chunk + j % 8, 2 * (j / 8))
+        };
+        bytes[2 * q] = byte as u8;
+        bytes[2 * q + 1] = byte as u8;
+        shift[q] = s as u16;
+        q += 1;
+    }
+    (bytes, shift)
+}
+
+/// [`lut_small_step`] as registers: `vpermb` indices and word shifts for both halves.
+struct SmallStep {
+    bytes: [__m512i; 2],
+    shift: [__m512i; 2],
+}
+
+/// The registers of [`lut_small_step`] for `bits` and a step of `n` elements.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn small_step_512(bits: usize, n: usize) -> SmallStep {
+    let regs = |h: usize| {
+        let (b, t) = lut_small_step(bits, n, h);
+        // SAFETY: 64 bytes and 32 words; every bit pattern is a valid __m512i.
+        unsafe {
+            (
+                _mm512_loadu_si512(b.as_ptr().cast()),
+                _mm512_loadu_si512(t.as_ptr().cast()),
+            )
+        }
+    };
+    let (b0, t0) = regs(0);
+    let (b1, t1) = regs(1);
+    SmallStep {
+        bytes: [b0, b1],
+        shift: [t0, t1],
+    }
+}
+
+/// The first `n` (4 or 16) words of `u`, repeated through a register of 32: `vpermw` reads an
+/// index's low five bits, and with the table repeated every `n` words the bits above the
+/// index (its neighbours' in the packed bytes) pick a copy of the same entry.
+///
+/// # Safety
+/// AVX-512 F; `n` is 4 or 16.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn small_table_512(u: &[i16; 256], n: usize) -> __m512i {
+    // SAFETY: 16 or 4 words of `u`.
+    unsafe {
+        if n == 16 {
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(u.as_ptr().cast()))
+        } else {
+            _mm512_set1_epi64(i64::from_le_bytes(*u.as_ptr().cast::<[u8; 8]>()))
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `BITS`-bit (2 or 4) lookup-table tensor
+/// whose rows `r0..r0 + R` share `table` ([`small_table_512`] of `lut_table_i16`, scale `s`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+#[inline]
+unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    table: __m512i,
+    s: f32,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let full = small_step_512(BITS, 64);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut b = 0;
+    let mut start = 0;
+    while start < w.cols {
+        let end = (start + crate::activation::I16_BLOCK).min(w.cols);
+        let mut sums = [[_mm512_setzero_si512(); T]; R];
+        let mut c = start;
+        while c < end {
+            let two = c + 2 * CHUNK <= end;
+            let tail;
+            // A step of 64 elements is 8 · BITS bytes.
+            let (st, mask): (&SmallStep, __mmask64) = if two {
+                (&full, (1u64 << (8 * BITS)) - 1)
+            } else {
+                tail = small_step_512(BITS, 32);
+                (&tail, (1u64 << (4 * BITS)) - 1)
+            };
+            let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
+            for t in 0..T {
+                // SAFETY: the block's codes from c.
+                xv[t] = unsafe { i16_codes_512(xs[t], c, two) };
+            }
+            for r in 0..R {
+                let ip = p.wrapping_add(r * rb + c * BITS / 8);
+                prefetch(ip, ahead);
+                // SAFETY: 8 · BITS (or 4 · BITS) index bytes of row r0 + r from element c.
+                let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
+                let [lo, hi] = [0, 1].map(|h| {
+                    let v = _mm512_permutexvar_epi8(st.bytes[h], i);
+                    _mm512_permutexvar_epi16(_mm512_srlv_epi16(v, st.shift[h]), table)
+                });
+                for t in 0..T {
+                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
+                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
+                }
+            }
+            c += if two { 2 * CHUNK } else { CHUNK };
+        }
+        for t in 0..T {
+            let d = _mm512_set1_ps(xs[t].scales[b]);
+            for r in 0..R {
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
+            }
+        }
+        b += 1;
+        start = end;
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = s * _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// [`lut_small_i16_512`] for 4 bits.
+///
+/// # Safety
+/// As [`lut_small_i16_512`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn lut4_i16_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    table: __m512i,
+    s: f32,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    // SAFETY: the caller's guarantees.
+    unsafe { lut_small_i16_512::<4, R, T>(w, r0, table, s, xs) }
+}
+
+/// [`lut_small_i16_512`] for 2 bits.
+///
+/// # Safety
+/// As [`lut_small_i16_512`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn lut2_i16_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    table: __m512i,
+    s: f32,
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    // SAFETY: the caller's guarantees.
+    unsafe { lut_small_i16_512::<2, R, T>(w, r0, table, s, xs) }
+}
+
 /// # Safety
 /// AVX2, FMA; as [`dot_block`], `w` a 6-bit lookup-table tensor whose rows `r0..r0 + R` share
 /// `table` (the first 64 entries used; integers of `lut_table_i16`, scale `s`), `xs` F32 rows.
@@ -2169,7 +2262,7 @@ mod tests {
     #[test]
     fn table_conversions_match_the_scalar_one() {
         let mut tables: Vec<Vec<f32>> = Vec::new();
-        for n in [64usize, 256] {
+        for n in [16usize, 64, 256] {
             for seed in 0..40u32 {
                 let scale = [1e-6f32, 1e-3, 0.37, 5.0, 6e4][seed as usize % 5];
                 tables.push(
