@@ -1909,25 +1909,24 @@ struct SmallStep {
     shift: [__m512i; 2],
 }
 
-/// The registers of [`lut_small_step`] for `bits` and a step of `n` elements.
+/// The registers of [`lut_small_step`] for `BITS` and a step of `N` elements (constants: built
+/// at run time, they would cost more than a short row's lookups).
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn small_step_512(bits: usize, n: usize) -> SmallStep {
-    let regs = |h: usize| {
-        let (b, t) = lut_small_step(bits, n, h);
-        // SAFETY: 64 bytes and 32 words; every bit pattern is a valid __m512i.
-        unsafe {
-            (
-                _mm512_loadu_si512(b.as_ptr().cast()),
-                _mm512_loadu_si512(t.as_ptr().cast()),
-            )
+fn small_step_512<const BITS: usize, const N: usize>() -> SmallStep {
+    let [(b0, t0), (b1, t1)] = const { [lut_small_step(BITS, N, 0), lut_small_step(BITS, N, 1)] };
+    // SAFETY: 64 bytes and 32 words each; every bit pattern is a valid __m512i.
+    unsafe {
+        SmallStep {
+            bytes: [
+                _mm512_loadu_si512(b0.as_ptr().cast()),
+                _mm512_loadu_si512(b1.as_ptr().cast()),
+            ],
+            shift: [
+                _mm512_loadu_si512(t0.as_ptr().cast()),
+                _mm512_loadu_si512(t1.as_ptr().cast()),
+            ],
         }
-    };
-    let (b0, t0) = regs(0);
-    let (b1, t1) = regs(1);
-    SmallStep {
-        bytes: [b0, b1],
-        shift: [t0, t1],
     }
 }
 
@@ -1950,6 +1949,14 @@ unsafe fn small_table_512(u: &[i16; 256], n: usize) -> __m512i {
     }
 }
 
+/// The table's words for half `h` of a step of 2- or 4-bit indices `i` (its index bytes).
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn small_words(i: __m512i, st: &SmallStep, h: usize, table: __m512i) -> __m512i {
+    let v = _mm512_permutexvar_epi8(st.bytes[h], i);
+    _mm512_permutexvar_epi16(_mm512_srlv_epi16(v, st.shift[h]), table)
+}
+
 /// # Safety
 /// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `BITS`-bit (2 or 4) lookup-table tensor
 /// whose rows `r0..r0 + R` share `table` ([`small_table_512`] of `lut_table_i16`, scale `s`).
@@ -1965,7 +1972,7 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
-    let full = small_step_512(BITS, 64);
+    let full = small_step_512::<BITS, 64>();
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut b = 0;
     let mut start = 0;
@@ -1980,7 +1987,7 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
             let (st, mask): (&SmallStep, __mmask64) = if two {
                 (&full, (1u64 << (8 * BITS)) - 1)
             } else {
-                tail = small_step_512(BITS, 32);
+                tail = small_step_512::<BITS, 32>();
                 (&tail, (1u64 << (4 * BITS)) - 1)
             };
             let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
@@ -1993,10 +2000,8 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
                 prefetch(ip, ahead);
                 // SAFETY: 8 · BITS (or 4 · BITS) index bytes of row r0 + r from element c.
                 let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
-                let [lo, hi] = [0, 1].map(|h| {
-                    let v = _mm512_permutexvar_epi8(st.bytes[h], i);
-                    _mm512_permutexvar_epi16(_mm512_srlv_epi16(v, st.shift[h]), table)
-                });
+                let lo = small_words(i, st, 0, table);
+                let hi = small_words(i, st, 1, table);
                 for t in 0..T {
                     sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
                     sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
