@@ -93,8 +93,8 @@ pub struct KilnMatrix<'a> {
     pub(crate) cols: usize,
     pub(crate) row_bytes: usize,
     /// Rows per table of a lookup-table format (`rows` for a tensor-wide one; 1 otherwise):
-    /// a kernel finds a row's `LUT4_B32` table without going through the shape again.
-    group_rows: u32,
+    /// a kernel finds a row's table without going through the shape again.
+    pub(crate) group_rows: u32,
 }
 
 impl<'a> KilnMatrix<'a> {

@@ -1552,6 +1552,16 @@ unsafe fn lut_i16_dot_block(
     let bits = w.ty.table_len().trailing_zeros();
     let group = w.ty.group_rows(w.rows).unwrap_or(w.rows).max(1);
     let native = isa == Isa::Avx512Vnni && has_vbmi();
+    if native && bits <= 4 {
+        // SAFETY: the caller's guarantees, and the CPU has VBMI (checked).
+        return unsafe {
+            if bits == 4 {
+                lut_small_dot_block::<4>(w, rows, xq, out, out_stride)
+            } else {
+                lut_small_dot_block::<2>(w, rows, xq, out, out_stride)
+            }
+        };
+    }
     let base = rows.start;
     F32_ROWS.with(|cell| {
         let mut f32_rows = cell.borrow_mut();
@@ -1573,7 +1583,7 @@ unsafe fn lut_i16_dot_block(
             // go through the scalar one, which they match).
             let s = unsafe {
                 match (native, bits) {
-                    (_, 2) => crate::kiln_formats::lut_table_i16(table, &mut u),
+                    (false, 2) => crate::kiln_formats::lut_table_i16(table, &mut u),
                     (true, _) => lut_table_i16_512(table, &mut u),
                     (false, _) => lut_table_i16_256(table, &mut u),
                 }
@@ -1588,7 +1598,7 @@ unsafe fn lut_i16_dot_block(
                         w, r, &planes, s
                     ));
                 }
-                (true, 6) => {
+                (true, _) => {
                     // SAFETY: 64 words are 128 bytes.
                     let table = unsafe {
                         [
@@ -1598,20 +1608,6 @@ unsafe fn lut_i16_dot_block(
                     };
                     run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut6_i16_512(
                         w, r, &table, s
-                    ));
-                }
-                (true, 4) => {
-                    // SAFETY: 16 words are 32 bytes.
-                    let table = unsafe { small_table_512(&u, 16) };
-                    run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut4_i16_512(
-                        w, r, table, s
-                    ));
-                }
-                (true, _) => {
-                    // SAFETY: 4 words are 8 bytes.
-                    let table = unsafe { small_table_512(&u, 4) };
-                    run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut2_i16_512(
-                        w, r, table, s
                     ));
                 }
                 (false, _) => {
@@ -1930,23 +1926,139 @@ fn small_step_512<const BITS: usize, const N: usize>() -> SmallStep {
     }
 }
 
-/// The first `n` (4 or 16) words of `u`, repeated through a register of 32: `vpermw` reads an
-/// index's low five bits, and with the table repeated every `n` words the bits above the
-/// index (its neighbours' in the packed bytes) pick a copy of the same entry.
+/// The f16 table `table` of `n` (4 or 16) entries as [`crate::kiln_formats::lut_table_i16`]
+/// makes it, bit for bit (for finite entries), with its scale: the `n` words repeated through a
+/// register of 32. `vpermw` reads an index's low five bits, and with the table repeated every
+/// `n` words the bits above the index (its neighbours' in the packed bytes) pick a copy of the
+/// same entry.
+///
+/// Every row of a 1-row group converts its table per call, so the largest magnitude comes from
+/// the f16 bits (finite f16 magnitudes order as their bits do) by `vphminposuw` rather than a
+/// reduction of f32 lanes.
 ///
 /// # Safety
-/// AVX-512 F; `n` is 4 or 16.
-#[target_feature(enable = "avx512f")]
+/// AVX-512 F/BW/VL and F16C; `table` holds `n` entries, `n` is 4 or 16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 #[inline]
-unsafe fn small_table_512(u: &[i16; 256], n: usize) -> __m512i {
-    // SAFETY: 16 or 4 words of `u`.
-    unsafe {
-        if n == 16 {
-            _mm512_broadcast_i64x4(_mm256_loadu_si256(u.as_ptr().cast()))
-        } else {
-            _mm512_set1_epi64(i64::from_le_bytes(*u.as_ptr().cast::<[u8; 8]>()))
-        }
+unsafe fn small_table_i16_512(table: &[u8], n: usize) -> (__m512i, f32) {
+    debug_assert!((n == 4 || n == 16) && table.len() >= 2 * n);
+    let mask: __mmask16 = if n == 16 { u16::MAX } else { 0xf };
+    // SAFETY: the caller's n entries; masked-off words are not read.
+    let h = unsafe { _mm256_maskz_loadu_epi16(mask, table.as_ptr().cast()) };
+    let mag = _mm256_and_si256(h, _mm256_set1_epi16(0x7fff));
+    let mag = _mm_max_epu16(
+        _mm256_castsi256_si128(mag),
+        _mm256_extracti128_si256::<1>(mag),
+    );
+    // The smallest complement is the largest magnitude.
+    let all = _mm_set1_epi16(-1);
+    let top = _mm_xor_si128(_mm_minpos_epu16(_mm_xor_si128(mag, all)), all);
+    let amax = _mm_cvtss_f32(_mm_cvtph_ps(_mm_and_si128(top, _mm_cvtsi32_si128(0xffff))));
+    let entry_max = crate::kiln_formats::LUT_I16_ENTRY_MAX;
+    let s = amax / f32::from(entry_max);
+    if s.is_nan() || s <= 0.0 {
+        return (_mm512_setzero_si512(), s);
     }
+    let inv = _mm512_set1_ps(f32::from(entry_max) / amax);
+    let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtph_ps(h), inv));
+    let q = _mm512_min_epi32(
+        _mm512_max_epi32(q, _mm512_set1_epi32(-i32::from(entry_max))),
+        _mm512_set1_epi32(i32::from(entry_max)),
+    );
+    let words = _mm512_cvtepi32_epi16(q);
+    let table = if n == 16 {
+        _mm512_broadcast_i64x4(words)
+    } else {
+        _mm512_broadcastq_epi64(_mm256_castsi256_si128(words))
+    };
+    (table, s)
+}
+
+/// The 2- or 4-bit lookup-table rows `rows` of `w` against I16 activation rows, in tiles whose
+/// rows each take their own table (a table is one register).
+///
+/// Every table the rows use is converted first, in one loop: with a table per row, converting
+/// each tile's tables just before its lookups left the conversions' long dependency chains
+/// (a horizontal maximum, two divisions) exposed, at about half again a 576-column row's time.
+///
+/// # Safety
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `BITS`-bit lookup-table tensor.
+unsafe fn lut_small_dot_block<const BITS: usize>(
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let n = 1usize << BITS;
+    let base = rows.start;
+    let group = w.group_rows.max(1) as usize;
+    let first = base / group;
+    SMALL_TABLES.with(|cell| {
+        let (converted, scales) = &mut *cell.borrow_mut();
+        converted.clear();
+        scales.clear();
+        for g in first..rows.end.div_ceil(group) {
+            let table = w.table(g * group);
+            // The tables follow one another after the last row: without a prefetch ahead,
+            // each conversion waits for its table's load (of a 1-row group's tables, from DRAM).
+            prefetch(table.as_ptr(), 16 * 2 * n);
+            // SAFETY: the CPU has AVX-512 (the caller's guarantee); the table holds n entries.
+            let (v, s) = unsafe { small_table_i16_512(table, n) };
+            converted.push(v);
+            scales.push(s);
+        }
+        // SAFETY: as above.
+        let mut tables = [unsafe { _mm512_setzero_si512() }; TILE_ROWS];
+        let mut s = [0.0f32; TILE_ROWS];
+        for_tiles(rows, xq.len(), |r, rn, t, m| {
+            for k in 0..rn {
+                let g = (r + k) / group - first;
+                (tables[k], s[k]) = (converted[g], scales[g]);
+            }
+            let (tb, sc) = (&tables, &s);
+            // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
+            // guarantee.
+            unsafe {
+                match (rn, m) {
+                    (TILE_ROWS, 2) => store(
+                        &lut_small_i16_512::<BITS, TILE_ROWS, 2>(w, r, tb, sc, [&xq[t], &xq[t + 1]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                    (TILE_ROWS, _) => store(
+                        &lut_small_i16_512::<BITS, TILE_ROWS, 1>(w, r, tb, sc, [&xq[t]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                    (_, 2) => store(
+                        &lut_small_i16_512::<BITS, 1, 2>(w, r, tb, sc, [&xq[t], &xq[t + 1]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                    _ => store(
+                        &lut_small_i16_512::<BITS, 1, 1>(w, r, tb, sc, [&xq[t]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                }
+            }
+        });
+    });
+}
+
+thread_local! {
+    /// The converted tables of a 2- or 4-bit call ([`small_table_i16_512`]) and their scales.
+    static SMALL_TABLES: std::cell::RefCell<(Vec<__m512i>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The table's words for half `h` of a step of 2- or 4-bit indices `i` (its index bytes).
@@ -1958,15 +2070,14 @@ fn small_words(i: __m512i, st: &SmallStep, h: usize, table: __m512i) -> __m512i 
 }
 
 /// # Safety
-/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `BITS`-bit (2 or 4) lookup-table tensor
-/// whose rows `r0..r0 + R` share `table` ([`small_table_512`] of `lut_table_i16`, scale `s`).
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `BITS`-bit (2 or 4) lookup-table tensor;
+/// row `r0 + r` takes `tables[r]` with scale `s[r]` ([`small_table_i16_512`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-#[inline]
 unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
     w: &KilnMatrix,
     r0: usize,
-    table: __m512i,
-    s: f32,
+    tables: &[__m512i; TILE_ROWS],
+    s: &[f32; TILE_ROWS],
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let rb = w.row_bytes;
@@ -2000,8 +2111,8 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
                 prefetch(ip, ahead);
                 // SAFETY: 8 · BITS (or 4 · BITS) index bytes of row r0 + r from element c.
                 let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
-                let lo = small_words(i, st, 0, table);
-                let hi = small_words(i, st, 1, table);
+                let lo = small_words(i, st, 0, tables[r]);
+                let hi = small_words(i, st, 1, tables[r]);
                 for t in 0..T {
                     sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
                     sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
@@ -2021,42 +2132,10 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
     let mut out = [[0.0; T]; R];
     for r in 0..R {
         for t in 0..T {
-            out[r][t] = s * _mm512_reduce_add_ps(acc[r][t]);
+            out[r][t] = s[r] * _mm512_reduce_add_ps(acc[r][t]);
         }
     }
     out
-}
-
-/// [`lut_small_i16_512`] for 4 bits.
-///
-/// # Safety
-/// As [`lut_small_i16_512`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-unsafe fn lut4_i16_512<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    table: __m512i,
-    s: f32,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    // SAFETY: the caller's guarantees.
-    unsafe { lut_small_i16_512::<4, R, T>(w, r0, table, s, xs) }
-}
-
-/// [`lut_small_i16_512`] for 2 bits.
-///
-/// # Safety
-/// As [`lut_small_i16_512`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-unsafe fn lut2_i16_512<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    table: __m512i,
-    s: f32,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    // SAFETY: the caller's guarantees.
-    unsafe { lut_small_i16_512::<2, R, T>(w, r0, table, s, xs) }
 }
 
 /// # Safety
@@ -2299,6 +2378,19 @@ mod tests {
                 // SAFETY: AVX2 and F16C are present (checked); 64 or 256 entries.
                 let s2 = unsafe { lut_table_i16_256(&bytes, &mut got) };
                 assert_eq!((s2.to_bits(), &got[..]), (s.to_bits(), &want[..]), "AVX2");
+            }
+            if Isa::Avx512Vnni.is_available() && t.len() == 16 {
+                for n in [4usize, 16] {
+                    let mut want = [0i16; 16];
+                    let s = crate::kiln_formats::lut_table_i16(&bytes[..2 * n], &mut want);
+                    // SAFETY: AVX-512 and F16C are present (checked); 16 entries.
+                    let (v, s5) = unsafe { small_table_i16_512(&bytes, n) };
+                    let mut words = [0i16; 32];
+                    // SAFETY: 32 words.
+                    unsafe { _mm512_storeu_si512(words.as_mut_ptr().cast(), v) };
+                    let repeated: Vec<i16> = (0..32).map(|k| want[k % n]).collect();
+                    assert_eq!((s5.to_bits(), &words[..]), (s.to_bits(), &repeated[..]), "{n}");
+                }
             }
             if Isa::Avx512Vnni.is_available() {
                 got.fill(0);
