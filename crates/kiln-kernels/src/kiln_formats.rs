@@ -11,19 +11,17 @@
 //!   block sums stay exact): per block the integer sum times the block's scale code and the
 //!   activation scale, plus the offset code times the activation block sum; the row's units
 //!   multiply the two totals at the end.
-//! - 2- and 4-bit lookup tables multiply in f32 against f32 activations
-//!   ([`ActivationFormat::F32`]): each index is looked up in the row's table (x86: `vpermps`
-//!   over a table held in a register; NEON: `tbl` over the table's byte planes) and the value
-//!   multiplied with the activation, so the product is that of the stored weights with the
-//!   unquantized activations.
-//! - 6- and 8-bit lookup tables multiply in integers against 14-bit activations
+//! - Lookup tables multiply in integers against 14-bit activations
 //!   ([`ActivationFormat::I16`]): each f16 table becomes, once per call, a table of 16-bit
 //!   integers `u` with one f32 scale `s` ([`lut_table_i16`]); a weight is `s · u[index]`.
-//!   AVX-512 looks the words up in registers (`vpermi2w` over 64 entries, `vpermi2b` over
-//!   the byte planes of 256) and multiplies them with the codes by `vpdpwssd`, exactly, per
-//!   activation block; AVX2 and NEON multiply `s · u` with the dequantized activations in f32.
-//!   In f32 these formats were bound by the lookups and conversions, at about 0.7 times the
-//!   speed of `Q8_0` and `Q6_K`; int8 activations, one row per token, cost too much accuracy.
+//!   AVX-512 looks the words up in registers and multiplies them with the codes by `vpdpwssd`,
+//!   exactly, per activation block: `vpermi2b` over the byte planes of 256 entries (8 bits),
+//!   `vpermi2w` over 64 (6 bits), and for 2 and 4 bits `vpermw` over the table repeated
+//!   through one register, every row of a tile with its own table. AVX2 and NEON multiply
+//!   `s · u` with the dequantized activations in f32. In f32 the 6- and 8-bit formats were
+//!   bound by the lookups and conversions, at about 0.7 times the speed of `Q8_0` and `Q6_K`,
+//!   and `LUT2_G16` decoded at 0.89 times `Q2_K`'s speed; int8 activations, one row per
+//!   token, cost too much accuracy.
 //!
 //! [`dot_reference`] is the scalar meaning of every kernel (integer parts exact, the rest in
 //! f64); every SIMD kernel (AVX-512, AVX2, NEON with and without the dot-product extension)
@@ -306,7 +304,7 @@ pub fn dot_reference(w: &KilnMatrix, r: usize, xq: &QuantizedRow) -> f32 {
 
 /// The largest difference guaranteed between a SIMD kernel and [`dot_reference`]:
 /// `(cols / 16 + 64) * f32::EPSILON * M`, where `M` bounds every partial sum a kernel forms:
-/// `sum_i |w_i x_i|` for lookup tables (for 6 and 8 bits, with `w = s · u` and `x = d · q`); for the integer formats the same over the codes as the
+/// `sum_i |w_i x_i|` for lookup tables (with `w = s · u` and `x = d · q`); for the integer formats the same over the codes as the
 /// kernels offset them (`|s| (|c| + 128) |x|` for `I8_CH`, `|d| (q + 8) |x|` for `I4_B64`;
 /// for `LUT4_B32`, `|S a| u |x|` plus `|M b Σx|` per block).
 ///

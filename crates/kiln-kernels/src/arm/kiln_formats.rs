@@ -10,10 +10,10 @@
 //!   of every entry), so `tbl` looks sixteen indices up at once in each plane (`tbl` over one
 //!   register for 2 and 4 bits, four registers for 6 bits, four chained `tbx` over sixteen for
 //!   8 bits) and two rounds of `zip` put the bytes back together as f32 in element order.
-//!   Rows sharing a table (a tensor-wide table, the rows of a group) widen it once. The 6-
-//!   and 8-bit tables multiply 16-bit activation codes: their table's integers
-//!   (`lut_table_i16`) take the f16 entries' place, the activations are dequantized to f32
-//!   once per call, and the table's scale applies to each dot product.
+//!   Rows sharing a table (a tensor-wide table, the rows of a group) widen it once. Every
+//!   table multiplies 16-bit activation codes: its integers (`lut_table_i16`) take the f16
+//!   entries' place, the activations are dequantized to f32 once per call, and the table's
+//!   scale applies to each dot product.
 //! - `LUT4_B32`: `tbl` looks the nibbles up in the row's 16-byte table (the tensor's or its
 //!   group's), giving 7-bit
 //!   weights that are signed bytes as they stand, multiplied with each activation block as for

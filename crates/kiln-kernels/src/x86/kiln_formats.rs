@@ -19,14 +19,12 @@
 //!   Four blocks per step as for Q4_0 (whose block layout `LUT4_B32`'s shares): their scale
 //!   and offset codes times the activation block scales and sums in one multiply, the offsets
 //!   collected in a vector; the row's two units apply once at the end.
-//! - `LUT2` / `LUT4`: the row's f16 table is widened to f32 in one register and looked up with
-//!   `vpermps` (AVX2: two 8-entry halves and a blend on the index's top bit), then multiplied
-//!   with the f32 activations.
-//! - `LUT6` / `LUT8`: 16-bit integer weights (each table made integer once per call, per group
-//!   of rows sharing it) against 14-bit activation codes, by `vpdpwssd`: AVX-512 with VBMI
-//!   looks the words up in registers (`vpermi2w` over 64 entries; byte planes and `vpermi2b`
-//!   over 256); AVX2, and AVX-512 without VBMI, gather from the integer table as f32 and
-//!   multiply the dequantized activations (see the section below).
+//! - Lookup tables (`LUT2` to `LUT8`): 16-bit integer weights (each table made integer once per
+//!   call) against 14-bit activation codes, by `vpdpwssd`: AVX-512 with VBMI looks the words up
+//!   in registers (`vpermw` over a 4- or 16-entry table repeated through one register,
+//!   `vpermi2w` over 64 entries, byte planes and `vpermi2b` over 256); AVX2, and AVX-512
+//!   without VBMI, look the integers up as f32 (`vpermps`, gathers) and multiply the
+//!   dequantized activations (see the section below).
 
 // Tiles index several parallel arrays (accumulators, tables, rows) by row and token; index
 // loops say that more plainly than zipped iterators.
@@ -1410,13 +1408,13 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6- and 8-bit lookup tables
+// Lookup tables against I16 activations
 //
-// These multiply 16-bit integer weights (the table as `lut_table_i16` makes it, once per group
-// of rows sharing it) with 14-bit activation codes ([`ActivationFormat::I16`]), which are
-// stored in the order the lookups below produce their words, so nothing is shuffled between
-// a lookup and `vpdpwssd`. Each 256-element activation block's 32-bit sums are converted and
-// scaled once; the table's scale applies at the end.
+// These multiply 16-bit integer weights (the table as `lut_table_i16` makes it, once per call
+// and table) with 14-bit activation codes ([`ActivationFormat::I16`]), which are stored in the
+// order the lookups below produce their words, so nothing is shuffled between a lookup and
+// `vpdpwssd`. Each 256-element activation block's 32-bit sums are converted and scaled once;
+// the table's scale applies at the end.
 //
 // - `LUT8` (VBMI): the table's byte planes (low bytes in four registers, high bytes in four),
 //   `vpermi2b` twice per plane and a byte blend on the index's top bit, then
@@ -1426,9 +1424,16 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
 //   same shifted right by four: its nibble (from the shifted copy for a high nibble) and its
 //   top-bits byte; a variable shift lines the top bits up and a bit select joins the two
 //   (`vpermi2w` reads the low six bits only).
+// - `LUT4` / `LUT2` (VBMI): the table's 16 (4) words repeated through one register, so every
+//   row of a tile keeps its own. Per 32 weights one `vpermb` puts each word's index byte in
+//   both its bytes, a variable word shift brings the index down to bit 0, and `vpermw` looks
+//   it up: it reads the low five bits, and the bits above the index, its neighbours', pick
+//   a copy of the same entry. Per 64 weights: one load, six shuffles and shifts, and two
+//   `vpdpwssd` per activation row, where the f32 kernel took two widening loads, four index
+//   masks or shifts, four `vpermps` and four multiply-adds per activation row.
 // - Without VBMI, and on AVX2: the activations dequantized to f32 once per call and the
-//   table's integers widened to f32, gathered and multiplied in f32 (the table's scale at the
-//   end).
+//   table's integers widened to f32, looked up (`vpermps` for 2 and 4 bits, gathers for 6 and
+//   8) and multiplied in f32 (the table's scale at the end).
 
 /// Calls `f(r, n, t, m)` for every tile of `n` rows from `r` (4, or 1 at the end) by `m`
 /// activation rows from `t` (2, or 1 at the end) within `rows` × `0..n_act`, rows outermost.
