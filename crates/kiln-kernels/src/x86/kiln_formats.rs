@@ -1988,6 +1988,7 @@ unsafe fn small_table_i16_512(table: &[u8], n: usize) -> (__m512i, f32) {
 ///
 /// # Safety
 /// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `BITS`-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 unsafe fn lut_small_dot_block<const BITS: usize>(
     w: &KilnMatrix,
     rows: Range<usize>,
@@ -1999,71 +2000,95 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
     let base = rows.start;
     let group = w.group_rows.max(1) as usize;
     let first = base / group;
-    SMALL_TABLES.with(|cell| {
-        let (converted, scales) = &mut *cell.borrow_mut();
-        converted.clear();
-        scales.clear();
+    // The tables follow one another after the last row (the first is `w.table(0)`).
+    let tables_at = w.table(0).as_ptr();
+    // Taken out of the thread-local and put back: a closure would not take this function's
+    // features, and would move the tables through 128-bit registers.
+    let (mut converted, mut scales) = SMALL_TABLES.with(|cell| cell.take());
+    converted.clear();
+    scales.clear();
+    {
         for g in first..rows.end.div_ceil(group) {
             let table = w.table(g * group);
-            // The tables follow one another after the last row: without a prefetch ahead,
-            // each conversion waits for its table's load (of a 1-row group's tables, from DRAM).
+            debug_assert_eq!(table.as_ptr(), tables_at.wrapping_add(2 * n * g));
+            // Without a prefetch ahead, each conversion waits for its table's load (of a
+            // 1-row group's tables, from DRAM).
             prefetch(table.as_ptr(), 16 * 2 * n);
             // SAFETY: the CPU has AVX-512 (the caller's guarantee); the table holds n entries.
             let (v, s) = unsafe { small_table_i16_512(table, n) };
             converted.push(v);
             scales.push(s);
         }
-        // SAFETY: as above.
-        let mut tables = [unsafe { _mm512_setzero_si512() }; TILE_ROWS];
+        // A loop rather than `for_tiles`, for the same reason.
+        let mut tables = [_mm512_setzero_si512(); TILE_ROWS];
         let mut s = [0.0f32; TILE_ROWS];
-        for_tiles(rows, xq.len(), |r, rn, t, m| {
+        let mut r = rows.start;
+        while r < rows.end {
+            let rn = if r + TILE_ROWS <= rows.end {
+                TILE_ROWS
+            } else {
+                1
+            };
             for k in 0..rn {
                 let g = (r + k) / group - first;
                 (tables[k], s[k]) = (converted[g], scales[g]);
             }
-            let (tb, sc) = (&tables, &s);
-            // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
-            // guarantee.
-            unsafe {
-                match (rn, m) {
-                    (TILE_ROWS, 2) => store(
-                        &lut_small_i16_512::<BITS, TILE_ROWS, 2>(w, r, tb, sc, [&xq[t], &xq[t + 1]]),
-                        out,
-                        stride,
-                        r - base,
-                        t,
-                    ),
-                    (TILE_ROWS, _) => store(
-                        &lut_small_i16_512::<BITS, TILE_ROWS, 1>(w, r, tb, sc, [&xq[t]]),
-                        out,
-                        stride,
-                        r - base,
-                        t,
-                    ),
-                    (_, 2) => store(
-                        &lut_small_i16_512::<BITS, 1, 2>(w, r, tb, sc, [&xq[t], &xq[t + 1]]),
-                        out,
-                        stride,
-                        r - base,
-                        t,
-                    ),
-                    _ => store(
-                        &lut_small_i16_512::<BITS, 1, 1>(w, r, tb, sc, [&xq[t]]),
-                        out,
-                        stride,
-                        r - base,
-                        t,
-                    ),
+            let mut t = 0;
+            while t < xq.len() {
+                let m = if t + 2 <= xq.len() { 2 } else { 1 };
+                let (tb, sc) = (&tables, &s);
+                // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
+                // guarantee.
+                unsafe {
+                    match (rn, m) {
+                        (TILE_ROWS, 2) => store(
+                            &lut_small_i16_512::<BITS, TILE_ROWS, 2>(
+                                w,
+                                r,
+                                tb,
+                                sc,
+                                [&xq[t], &xq[t + 1]],
+                            ),
+                            out,
+                            stride,
+                            r - base,
+                            t,
+                        ),
+                        (TILE_ROWS, _) => store(
+                            &lut_small_i16_512::<BITS, TILE_ROWS, 1>(w, r, tb, sc, [&xq[t]]),
+                            out,
+                            stride,
+                            r - base,
+                            t,
+                        ),
+                        (_, 2) => store(
+                            &lut_small_i16_512::<BITS, 1, 2>(w, r, tb, sc, [&xq[t], &xq[t + 1]]),
+                            out,
+                            stride,
+                            r - base,
+                            t,
+                        ),
+                        _ => store(
+                            &lut_small_i16_512::<BITS, 1, 1>(w, r, tb, sc, [&xq[t]]),
+                            out,
+                            stride,
+                            r - base,
+                            t,
+                        ),
+                    }
                 }
+                t += m;
             }
-        });
-    });
+            r += rn;
+        }
+    }
+    SMALL_TABLES.with(|cell| cell.replace((converted, scales)));
 }
 
 thread_local! {
     /// The converted tables of a 2- or 4-bit call ([`small_table_i16_512`]) and their scales.
-    static SMALL_TABLES: std::cell::RefCell<(Vec<__m512i>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SMALL_TABLES: std::cell::Cell<(Vec<__m512i>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// The table's words for half `h` of a step of 2- or 4-bit indices `i` (its index bytes).
@@ -2394,7 +2419,11 @@ mod tests {
                     // SAFETY: 32 words.
                     unsafe { _mm512_storeu_si512(words.as_mut_ptr().cast(), v) };
                     let repeated: Vec<i16> = (0..32).map(|k| want[k % n]).collect();
-                    assert_eq!((s5.to_bits(), &words[..]), (s.to_bits(), &repeated[..]), "{n}");
+                    assert_eq!(
+                        (s5.to_bits(), &words[..]),
+                        (s.to_bits(), &repeated[..]),
+                        "{n}"
+                    );
                 }
             }
             if Isa::Avx512Vnni.is_available() {
