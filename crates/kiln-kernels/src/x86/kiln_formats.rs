@@ -2096,9 +2096,10 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
             let table = w.table(g * group);
             debug_assert_eq!(table.as_ptr(), tables_at.wrapping_add(2 * n * g));
             // Without a prefetch ahead, each conversion waits for its table's load (of a
-            // 1-row group's tables, from DRAM).
-            prefetch(table.as_ptr(), 16 * 2 * n);
+            // 1-row group's tables, from DRAM); four tables of 16 entries are two lines.
+            prefetch(table.as_ptr(), 32 * 2 * n);
             if n == 16 && g + 4 <= end {
+                prefetch(table.as_ptr(), 32 * 2 * n + 64);
                 // SAFETY: the CPU has AVX-512 (the caller's guarantee); tables g..g + 4 follow
                 // one another, 16 entries each.
                 let (v, s4) = unsafe { small_tables4_i16_512(table.as_ptr()) };
