@@ -2089,8 +2089,11 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
     let (mut converted, mut scales) = SMALL_TABLES.with(|cell| cell.take());
     converted.clear();
     scales.clear();
+    // A table per row of 16 entries: a tile's four tables are converted as the tile comes, at
+    // once, so the conversion overlaps the previous tile's lookups and nothing is gathered.
+    let per_row = group == 1 && n == 16;
     {
-        let end = rows.end.div_ceil(group);
+        let end = if per_row { first } else { rows.end.div_ceil(group) };
         let mut g = first;
         while g < end {
             let table = w.table(g * group);
@@ -2124,9 +2127,24 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
             } else {
                 1
             };
-            for k in 0..rn {
-                let g = (r + k) / group - first;
-                (tables[k], s[k]) = (converted[g], scales[g]);
+            if per_row {
+                let table = w.table(r);
+                prefetch(table.as_ptr(), 32 * 2 * n);
+                prefetch(table.as_ptr(), 32 * 2 * n + 64);
+                if rn == TILE_ROWS {
+                    debug_assert_eq!(w.table(r + 3).as_ptr(), table.as_ptr().wrapping_add(96));
+                    // SAFETY: the CPU has AVX-512 (the caller's guarantee); the tables of rows
+                    // r..r + 4 follow one another, 16 entries each.
+                    (tables, s) = unsafe { small_tables4_i16_512(table.as_ptr()) };
+                } else {
+                    // SAFETY: as above; the table holds 16 entries.
+                    (tables[0], s[0]) = unsafe { small_table_i16_512(table, n) };
+                }
+            } else {
+                for k in 0..rn {
+                    let g = (r + k) / group - first;
+                    (tables[k], s[k]) = (converted[g], scales[g]);
+                }
             }
             let mut t = 0;
             while t < xq.len() {
