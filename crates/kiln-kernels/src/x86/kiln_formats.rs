@@ -1290,123 +1290,6 @@ unsafe fn lut6_table_512(t: *const u8) -> [__m512; 4] {
     std::array::from_fn(|q| _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(t.add(32 * q).cast()) }))
 }
 
-/// Entries `i` (0..16) of a 16-entry table held as two 8-entry halves.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn lookup16(i: __m256i, lo: __m256, hi: __m256) -> __m256 {
-    let a = _mm256_permutevar8x32_ps(lo, i);
-    let b = _mm256_permutevar8x32_ps(hi, i);
-    // Bit 3 of the index, moved to the sign bit, picks the upper half.
-    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(i)))
-}
-
-/// # Safety
-/// AVX2, FMA; as [`dot_block`], `w` a 4-bit lookup-table tensor whose rows `r0..r0 + R` share
-/// `table` (the first 16 entries used; integers of `lut_table_i16`, scale `s`), `xs` F32 rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn lut4_256<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    table: &[f32; 256],
-    s: f32,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    // SAFETY: entries 0..16 of the table.
-    let (lo, hi) = unsafe {
-        (
-            _mm256_loadu_ps(table.as_ptr()),
-            _mm256_loadu_ps(table.as_ptr().add(8)),
-        )
-    };
-    let p = w.data[r0 * rb..].as_ptr();
-    let low = _mm256_set1_epi32(0x0f);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        for r in 0..R {
-            let ip = p.wrapping_add(r * rb + c / 2);
-            prefetch(ip, ahead);
-            // SAFETY: the 16 index bytes of this chunk of row r0 + r.
-            let (b0, b1) = unsafe {
-                (
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.cast())),
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(8).cast())),
-                )
-            };
-            let wv = [
-                lookup16(_mm256_and_si256(b0, low), lo, hi),
-                lookup16(_mm256_and_si256(b1, low), lo, hi),
-                lookup16(_mm256_srli_epi32::<4>(b0), lo, hi),
-                lookup16(_mm256_srli_epi32::<4>(b1), lo, hi),
-            ];
-            for t in 0..T {
-                let xp = xs[t].values.as_ptr();
-                for (k, wk) in wv.iter().enumerate() {
-                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
-                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
-                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
-                }
-            }
-        }
-    }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = s * hsum256(acc[r][t]);
-        }
-    }
-    out
-}
-
-/// # Safety
-/// AVX2, FMA; as [`dot_block`], `w` a 2-bit lookup-table tensor whose rows `r0..r0 + R` share
-/// `table` (the first 4 entries used; integers of `lut_table_i16`, scale `s`), `xs` F32 rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn lut2_256<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    table: &[f32; 256],
-    s: f32,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    // SAFETY: entries 0..8 of the table (the lookups read the first four).
-    let tv = unsafe { _mm256_loadu_ps(table.as_ptr()) };
-    let p = w.data[r0 * rb..].as_ptr();
-    let three = _mm256_set1_epi32(3);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        for r in 0..R {
-            prefetch(p.wrapping_add(r * rb + c / 4), ahead);
-            // SAFETY: the 8 index bytes of this chunk of row r0 + r.
-            let b = unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(r * rb + c / 4).cast())) };
-            let wv = [
-                _mm256_permutevar8x32_ps(tv, _mm256_and_si256(b, three)),
-                _mm256_permutevar8x32_ps(tv, _mm256_and_si256(_mm256_srli_epi32::<2>(b), three)),
-                _mm256_permutevar8x32_ps(tv, _mm256_and_si256(_mm256_srli_epi32::<4>(b), three)),
-                _mm256_permutevar8x32_ps(tv, _mm256_srli_epi32::<6>(b)),
-            ];
-            for t in 0..T {
-                let xp = xs[t].values.as_ptr();
-                for (k, wk) in wv.iter().enumerate() {
-                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
-                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
-                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
-                }
-            }
-        }
-    }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = s * hsum256(acc[r][t]);
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // Lookup tables against I16 activations
 //
@@ -1557,13 +1440,14 @@ unsafe fn lut_i16_dot_block(
     let bits = w.ty.table_len().trailing_zeros();
     let group = w.ty.group_rows(w.rows).unwrap_or(w.rows).max(1);
     let native = isa == Isa::Avx512Vnni && has_vbmi();
-    if native && bits <= 4 {
-        // SAFETY: the caller's guarantees, and the CPU has VBMI (checked).
+    if bits <= 4 {
+        // SAFETY: the caller's guarantees; VBMI where `native` (checked), AVX2 at either level.
         return unsafe {
-            if bits == 4 {
-                lut_small_dot_block::<4>(w, rows, xq, out, out_stride)
-            } else {
-                lut_small_dot_block::<2>(w, rows, xq, out, out_stride)
+            match (native, bits) {
+                (true, 4) => lut_small_dot_block::<4>(w, rows, xq, out, out_stride),
+                (true, _) => lut_small_dot_block::<2>(w, rows, xq, out, out_stride),
+                (false, 4) => lut_small_dot_block_256::<4>(w, rows, xq, out, out_stride),
+                (false, _) => lut_small_dot_block_256::<2>(w, rows, xq, out, out_stride),
             }
         };
     }
@@ -1588,7 +1472,6 @@ unsafe fn lut_i16_dot_block(
             // go through the scalar one, which they match).
             let s = unsafe {
                 match (native, bits) {
-                    (false, 2) => crate::kiln_formats::lut_table_i16(table, &mut u),
                     (true, _) => lut_table_i16_512(table, &mut u),
                     (false, _) => lut_table_i16_256(table, &mut u),
                 }
@@ -1621,19 +1504,14 @@ unsafe fn lut_i16_dot_block(
                         *t = f32::from(v);
                     }
                     let xs = &f32_rows[..xq.len()];
-                    match bits {
-                        8 => run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut8_256(
+                    if bits == 8 {
+                        run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut8_256(
                             w, r, &table, s
-                        )),
-                        6 => run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut6_256(
+                        ));
+                    } else {
+                        run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut6_256(
                             w, r, &table, s
-                        )),
-                        4 => run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut4_256(
-                            w, r, &table, s
-                        )),
-                        _ => run_tiles!(seg.clone(), xs, out, out_stride, base, |r| lut2_256(
-                            w, r, &table, s
-                        )),
+                        ));
                     }
                 }
             }
@@ -2093,7 +1971,11 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
     // once, so the conversion overlaps the previous tile's lookups and nothing is gathered.
     let per_row = group == 1 && n == 16;
     {
-        let end = if per_row { first } else { rows.end.div_ceil(group) };
+        let end = if per_row {
+            first
+        } else {
+            rows.end.div_ceil(group)
+        };
         let mut g = first;
         while g < end {
             let table = w.table(g * group);
@@ -2276,6 +2158,239 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
     for r in 0..R {
         for t in 0..T {
             out[r][t] = s[r] * _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// The byte planes of a table's 16-bit integers (the first 16 of `u`) for `vpshufb`: low bytes
+/// in both 128-bit lanes of the first register, high bytes in both of the second.
+///
+/// # Safety
+/// AVX2.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn small_planes_256(u: &[i16; 256]) -> (__m256i, __m256i) {
+    // SAFETY: 16 words.
+    let v = unsafe { _mm256_loadu_si256(u.as_ptr().cast()) };
+    // Per lane: even bytes (low) to the first eight, odd (high) to the last eight.
+    let split = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5,
+        7, 9, 11, 13, 15,
+    );
+    // Quadwords: low bytes of entries 0..8, 8..16, then high bytes of 0..8, 8..16.
+    let v = _mm256_permute4x64_epi64::<0xd8>(_mm256_shuffle_epi8(v, split));
+    (
+        _mm256_permute2x128_si256::<0x00>(v, v),
+        _mm256_permute2x128_si256::<0x11>(v, v),
+    )
+}
+
+/// The 2- or 4-bit lookup-table rows `rows` of `w` against I16 activation rows on AVX2: each
+/// row's table as byte planes looked up by `vpshufb`, words by `vpunpck{l,h}bw`, multiplied
+/// with the codes by `vpmaddwd` (see [`lut_small_i16_256`]).
+///
+/// # Safety
+/// AVX2, FMA and F16C; as [`dot_block`], `w` a `BITS`-bit lookup-table tensor.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut_small_dot_block_256<const BITS: usize>(
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let n = 1usize << BITS;
+    let base = rows.start;
+    let group = w.group_rows.max(1) as usize;
+    let zero = _mm256_setzero_si256();
+    let mut planes = [(zero, zero); TILE_ROWS];
+    let mut s = [0.0f32; TILE_ROWS];
+    // The table of the last row converted: rows of a group share it.
+    let mut last = (usize::MAX, (zero, zero), 0.0f32);
+    let mut r = rows.start;
+    while r < rows.end {
+        let rn = if r + TILE_ROWS <= rows.end {
+            TILE_ROWS
+        } else {
+            1
+        };
+        for k in 0..rn {
+            let g = (r + k) / group;
+            if g != last.0 {
+                let mut u = [0i16; 256];
+                let table = w.table(r + k);
+                // SAFETY: the CPU has AVX2 and F16C (the caller's guarantee); 16 entries.
+                let sc = if n == 16 {
+                    unsafe { lut_table_i16_256(table, &mut u) }
+                } else {
+                    crate::kiln_formats::lut_table_i16(table, &mut u)
+                };
+                // SAFETY: AVX2.
+                last = (g, unsafe { small_planes_256(&u) }, sc);
+            }
+            (planes[k], s[k]) = (last.1, last.2);
+        }
+        let mut t = 0;
+        while t < xq.len() {
+            let m = if t + 2 <= xq.len() { 2 } else { 1 };
+            let (pl, sc) = (&planes, &s);
+            // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
+            // guarantee.
+            unsafe {
+                match (rn, m) {
+                    (TILE_ROWS, 2) => store(
+                        &lut_small_i16_256::<BITS, TILE_ROWS, 2>(
+                            w,
+                            r,
+                            pl,
+                            sc,
+                            [&xq[t], &xq[t + 1]],
+                        ),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                    (TILE_ROWS, _) => store(
+                        &lut_small_i16_256::<BITS, TILE_ROWS, 1>(w, r, pl, sc, [&xq[t]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                    (_, 2) => store(
+                        &lut_small_i16_256::<BITS, 1, 2>(w, r, pl, sc, [&xq[t], &xq[t + 1]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                    _ => store(
+                        &lut_small_i16_256::<BITS, 1, 1>(w, r, pl, sc, [&xq[t]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                }
+            }
+            t += m;
+        }
+        r += rn;
+    }
+}
+
+/// The index bytes of one 32-element chunk of a 2- or 4-bit row at `p`, in element order:
+/// elements 0..16 in the low lane, 16..32 in the high one.
+///
+/// # Safety
+/// AVX2; the chunk's `4 · BITS` bytes readable at `p`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn small_indices_256<const BITS: usize>(p: *const u8) -> __m256i {
+    // SAFETY: the caller's bytes.
+    let lane = unsafe {
+        if BITS == 4 {
+            // Low nibbles are elements 0..16, high nibbles 16..32.
+            _mm_loadu_si128(p.cast())
+        } else {
+            // Byte j holds element j + 8k at bits 2k: elements 0..16 are the bytes and the
+            // bytes shifted by two, 16..32 the same shifted by four more.
+            let x = _mm_loadl_epi64(p.cast());
+            _mm_unpacklo_epi64(x, _mm_srli_epi16::<2>(x))
+        }
+    };
+    let mask = _mm256_set1_epi8(if BITS == 4 { 0x0f } else { 0x03 });
+    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(lane), lane), mask)
+}
+
+/// # Safety
+/// AVX2 and FMA; as [`dot_block`], `w` a `BITS`-bit (2 or 4) lookup-table tensor; row
+/// `r0 + r` takes the byte planes `planes[r]` ([`small_planes_256`]) with scale `s[r]`.
+///
+/// Per 32-element chunk `vpshufb` looks the index bytes (in element order, elements 0..16 in
+/// the low lane) up in both planes; `vpunpcklbw` / `vpunpckhbw` join them into the words of
+/// elements 0..8 and 16..24, and 8..16 and 24..32: the I16 codes' order, 16 words at a time.
+/// `vpmaddwd` adds two products per 32-bit lane, so each of the two word registers has its own
+/// accumulator: a lane sees 16 products per 256-element block, as with `vpdpwssd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut_small_i16_256<const BITS: usize, const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    planes: &[(__m256i, __m256i); TILE_ROWS],
+    s: &[f32; TILE_ROWS],
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut b = 0;
+    let mut start = 0;
+    while start < w.cols {
+        let end = (start + crate::activation::I16_BLOCK).min(w.cols);
+        let mut sums = [[[_mm256_setzero_si256(); 2]; T]; R];
+        let mut g = start;
+        while g < end {
+            // A group of 64 elements stores each chunk's two halves of words 16 and 32 codes
+            // apart (the second chunk's 16 further on); a row's last group of 32, 16 apart.
+            let two = g + 2 * CHUNK <= end;
+            let chunks: &[(usize, usize)] = if two {
+                &[(0, 32), (16, 48)]
+            } else {
+                &[(0, 16)]
+            };
+            for (ci, &(a, h)) in chunks.iter().enumerate() {
+                let c = g + CHUNK * ci;
+                let mut xv = [[_mm256_setzero_si256(); 2]; T];
+                for t in 0..T {
+                    let xp = xs[t].wide.as_ptr();
+                    // SAFETY: codes g .. g + 64 (g + 32 for a last group) of the row.
+                    unsafe {
+                        xv[t] = [
+                            _mm256_loadu_si256(xp.add(g + a).cast()),
+                            _mm256_loadu_si256(xp.add(g + h).cast()),
+                        ];
+                    }
+                }
+                for r in 0..R {
+                    let ip = p.wrapping_add(r * rb + c * BITS / 8);
+                    prefetch(ip, ahead);
+                    // SAFETY: the chunk's index bytes of row r0 + r.
+                    let i = unsafe { small_indices_256::<BITS>(ip) };
+                    let lo = _mm256_shuffle_epi8(planes[r].0, i);
+                    let hi = _mm256_shuffle_epi8(planes[r].1, i);
+                    let words = [_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)];
+                    for t in 0..T {
+                        for k in 0..2 {
+                            sums[r][t][k] = _mm256_add_epi32(
+                                sums[r][t][k],
+                                _mm256_madd_epi16(words[k], xv[t][k]),
+                            );
+                        }
+                    }
+                }
+            }
+            g += if two { 2 * CHUNK } else { CHUNK };
+        }
+        for t in 0..T {
+            let d = _mm256_set1_ps(xs[t].scales[b]);
+            for r in 0..R {
+                let v = _mm256_add_ps(
+                    _mm256_cvtepi32_ps(sums[r][t][0]),
+                    _mm256_cvtepi32_ps(sums[r][t][1]),
+                );
+                acc[r][t] = _mm256_fmadd_ps(v, d, acc[r][t]);
+            }
+        }
+        b += 1;
+        start = end;
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = s[r] * hsum256(acc[r][t]);
         }
     }
     out
