@@ -2219,13 +2219,12 @@ unsafe fn lut_small_dot_block_256<const BITS: usize>(
             let g = (r + k) / group;
             if g != last.0 {
                 let mut u = [0i16; 256];
-                let table = w.table(r + k);
+                // A 4-entry table padded with zeros to 16 converts to the same integers and
+                // scale (zeros leave the largest magnitude alone).
+                let mut table = [0u8; 32];
+                table[..2 * n].copy_from_slice(w.table(r + k));
                 // SAFETY: the CPU has AVX2 and F16C (the caller's guarantee); 16 entries.
-                let sc = if n == 16 {
-                    unsafe { lut_table_i16_256(table, &mut u) }
-                } else {
-                    crate::kiln_formats::lut_table_i16(table, &mut u)
-                };
+                let sc = unsafe { lut_table_i16_256(&table, &mut u) };
                 // SAFETY: AVX2.
                 last = (g, unsafe { small_planes_256(&u) }, sc);
             }
