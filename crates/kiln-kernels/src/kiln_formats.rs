@@ -17,8 +17,9 @@
 //!   AVX-512 looks the words up in registers and multiplies them with the codes by `vpdpwssd`,
 //!   exactly, per activation block: `vpermi2b` over the byte planes of 256 entries (8 bits),
 //!   `vpermi2w` over 64 (6 bits), and for 2 and 4 bits `vpermw` over the table repeated
-//!   through one register, every row of a tile with its own table. AVX2 and NEON multiply
-//!   `s · u` with the dequantized activations in f32. In f32 the 6- and 8-bit formats were
+//!   through one register, every row of a tile with its own table. AVX2 multiplies the 2- and
+//!   4-bit tables in integers too (`vpshufb` over byte planes, `vpmaddwd`); for 6 and 8 bits,
+//!   and on NEON, `s · u` meets the dequantized activations in f32. In f32 the 6- and 8-bit formats were
 //!   bound by the lookups and conversions, at about 0.7 times the speed of `Q8_0` and `Q6_K`,
 //!   and `LUT2_G16` decoded at 0.89 times `Q2_K`'s speed; int8 activations, one row per
 //!   token, cost too much accuracy.

@@ -23,8 +23,9 @@
 //!   call) against 14-bit activation codes, by `vpdpwssd`: AVX-512 with VBMI looks the words up
 //!   in registers (`vpermw` over a 4- or 16-entry table repeated through one register,
 //!   `vpermi2w` over 64 entries, byte planes and `vpermi2b` over 256); AVX2, and AVX-512
-//!   without VBMI, look the integers up as f32 (`vpermps`, gathers) and multiply the
-//!   dequantized activations (see the section below).
+//!   without VBMI, look 2- and 4-bit tables up from byte planes by `vpshufb` and multiply with
+//!   `vpmaddwd`, and gather 6- and 8-bit ones as f32 against the dequantized activations (see
+//!   the section below).
 
 // Tiles index several parallel arrays (accumulators, tables, rows) by row and token; index
 // loops say that more plainly than zipped iterators.
@@ -1314,9 +1315,11 @@ unsafe fn lut6_table_512(t: *const u8) -> [__m512; 4] {
 //   a copy of the same entry. Per 64 weights: one load, six shuffles and shifts, and two
 //   `vpdpwssd` per activation row, where the f32 kernel took two widening loads, four index
 //   masks or shifts, four `vpermps` and four multiply-adds per activation row.
-// - Without VBMI, and on AVX2: the activations dequantized to f32 once per call and the
-//   table's integers widened to f32, looked up (`vpermps` for 2 and 4 bits, gathers for 6 and
-//   8) and multiplied in f32 (the table's scale at the end).
+// - `LUT4` / `LUT2` without VBMI, and on AVX2: each row's table as byte planes, `vpshufb`
+//   and `vpunpck{l,h}bw` to words, `vpmaddwd` ([`lut_small_i16_256`]).
+// - `LUT6` / `LUT8` without VBMI, and on AVX2: the activations dequantized to f32 once per call
+//   and the table's integers widened to f32, gathered and multiplied in f32 (the table's scale
+//   at the end).
 
 /// Calls `f(r, n, t, m)` for every tile of `n` rows from `r` (4, or 1 at the end) by `m`
 /// activation rows from `t` (2, or 1 at the end) within `rows` × `0..n_act`, rows outermost.
@@ -1428,7 +1431,7 @@ unsafe fn lut_table_i16_512(table: &[u8], u: &mut [i16]) -> f32 {
 }
 
 /// # Safety
-/// As [`dot_block`], `w` a 6- or 8-bit lookup-table tensor (so every `xq[t]` is I16).
+/// As [`dot_block`], `w` a lookup-table tensor (so every `xq[t]` is I16).
 unsafe fn lut_i16_dot_block(
     isa: Isa,
     w: &KilnMatrix,
@@ -1468,12 +1471,12 @@ unsafe fn lut_i16_dot_block(
             let mut u = [0i16; 256];
             let table = w.table(r);
             // SAFETY: the CPU has AVX-512 when `native`, AVX2 and F16C at either level; the
-            // SIMD conversions take tables of 16 entries or more (a 2-bit table's 4 entries
-            // go through the scalar one, which they match).
+            // table holds 64 or 256 entries.
             let s = unsafe {
-                match (native, bits) {
-                    (true, _) => lut_table_i16_512(table, &mut u),
-                    (false, _) => lut_table_i16_256(table, &mut u),
+                if native {
+                    lut_table_i16_512(table, &mut u)
+                } else {
+                    lut_table_i16_256(table, &mut u)
                 }
             };
             // Every tile below: its rows and activation rows exist, the rest is the caller's
