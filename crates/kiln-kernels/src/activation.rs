@@ -21,8 +21,8 @@ pub enum ActivationFormat {
     /// Q8_K): what the K-quants' per-sub-block minimums and offsets need. IQ4_XS uses it too:
     /// its sub-block scales are small integers, so a whole super-block is one integer sum.
     Q8_K,
-    /// 16-bit codes for the 6- and 8-bit lookup tables of the kiln package, which look their
-    /// weights up as 16-bit integers and multiply them with `vpdpwssd`: blocks of
+    /// 16-bit codes for the lookup tables of the kiln package (`LUT2` to `LUT8`), which look
+    /// their weights up as 16-bit integers and multiply them with `vpdpwssd`: blocks of
     /// [`I16_BLOCK`] elements (a row's last block may be shorter, any multiple of 32), each
     /// with one f32 scale `d = max|x| / I16_CODE_MAX` and codes `round_half_even(x / d)` in
     /// `-I16_CODE_MAX..=I16_CODE_MAX`. 14-bit codes are 64 times finer than int8 blocks, which

@@ -11,19 +11,18 @@
 //!   block sums stay exact): per block the integer sum times the block's scale code and the
 //!   activation scale, plus the offset code times the activation block sum; the row's units
 //!   multiply the two totals at the end.
-//! - 2- and 4-bit lookup tables multiply in f32 against f32 activations
-//!   ([`ActivationFormat::F32`]): each index is looked up in the row's table (x86: `vpermps`
-//!   over a table held in a register; NEON: `tbl` over the table's byte planes) and the value
-//!   multiplied with the activation, so the product is that of the stored weights with the
-//!   unquantized activations.
-//! - 6- and 8-bit lookup tables multiply in integers against 14-bit activations
+//! - Lookup tables multiply in integers against 14-bit activations
 //!   ([`ActivationFormat::I16`]): each f16 table becomes, once per call, a table of 16-bit
 //!   integers `u` with one f32 scale `s` ([`lut_table_i16`]); a weight is `s · u[index]`.
-//!   AVX-512 looks the words up in registers (`vpermi2w` over 64 entries, `vpermi2b` over
-//!   the byte planes of 256) and multiplies them with the codes by `vpdpwssd`, exactly, per
-//!   activation block; AVX2 and NEON multiply `s · u` with the dequantized activations in f32.
-//!   In f32 these formats were bound by the lookups and conversions, at about 0.7 times the
-//!   speed of `Q8_0` and `Q6_K`; int8 activations, one row per token, cost too much accuracy.
+//!   AVX-512 looks the words up in registers and multiplies them with the codes by `vpdpwssd`,
+//!   exactly, per activation block: `vpermi2b` over the byte planes of 256 entries (8 bits),
+//!   `vpermi2w` over 64 (6 bits), and for 2 and 4 bits `vpermw` over the table repeated
+//!   through one register, every row of a tile with its own table. AVX2 multiplies the 2- and
+//!   4-bit tables in integers too (`vpshufb` over byte planes, `vpmaddwd`); for 6 and 8 bits,
+//!   and on NEON, `s · u` meets the dequantized activations in f32. In f32 the 6- and 8-bit formats were
+//!   bound by the lookups and conversions, at about 0.7 times the speed of `Q8_0` and `Q6_K`,
+//!   and `LUT2_G16` decoded at 0.89 times `Q2_K`'s speed; int8 activations, one row per
+//!   token, cost too much accuracy.
 //!
 //! [`dot_reference`] is the scalar meaning of every kernel (integer parts exact, the rest in
 //! f64); every SIMD kernel (AVX-512, AVX2, NEON with and without the dot-product extension)
@@ -43,8 +42,7 @@ use crate::Isa;
 pub fn activation_format(ty: KilnType) -> ActivationFormat {
     match ty {
         KilnType::I8Ch | KilnType::I4B64 | KilnType::Lut4B32 { .. } => ActivationFormat::Q8_1,
-        KilnType::Lut { bits: 6 | 8, .. } => ActivationFormat::I16,
-        KilnType::Lut { .. } => ActivationFormat::F32,
+        KilnType::Lut { .. } => ActivationFormat::I16,
     }
 }
 
@@ -60,8 +58,9 @@ pub const LUT_I16_ENTRY_MAX: i16 = 16383;
 /// `s = max|t| / LUT_I16_ENTRY_MAX` (0 for a table of zeros) and
 /// `u[i] = round_half_even(t[i] · (LUT_I16_ENTRY_MAX / max|t|))` (a multiply, not a division:
 /// the kernels convert a table per call), within `±LUT_I16_ENTRY_MAX`; returns `s`. Every kernel
-/// for the 6- and 8-bit lookup tables multiplies with these weights (`s · u[i]`, within `s / 2`
-/// of the stored `t[i]`); the values of a table with non-finite entries are unspecified.
+/// for the lookup tables multiplies with these weights (`s · u[i]`, within `s / 2` of the
+/// stored `t[i]` up to the f32 rounding of `s` and of the product, a few thousandths of `s`);
+/// the values of a table with non-finite entries are unspecified.
 ///
 /// # Panics
 /// If `u` is shorter than the table.
@@ -93,8 +92,8 @@ pub struct KilnMatrix<'a> {
     pub(crate) cols: usize,
     pub(crate) row_bytes: usize,
     /// Rows per table of a lookup-table format (`rows` for a tensor-wide one; 1 otherwise):
-    /// a kernel finds a row's `LUT4_B32` table without going through the shape again.
-    group_rows: u32,
+    /// a kernel finds a row's table without going through the shape again.
+    pub(crate) group_rows: u32,
 }
 
 impl<'a> KilnMatrix<'a> {
@@ -306,7 +305,7 @@ pub fn dot_reference(w: &KilnMatrix, r: usize, xq: &QuantizedRow) -> f32 {
 
 /// The largest difference guaranteed between a SIMD kernel and [`dot_reference`]:
 /// `(cols / 16 + 64) * f32::EPSILON * M`, where `M` bounds every partial sum a kernel forms:
-/// `sum_i |w_i x_i|` for lookup tables (for 6 and 8 bits, with `w = s · u` and `x = d · q`); for the integer formats the same over the codes as the
+/// `sum_i |w_i x_i|` for lookup tables (with `w = s · u` and `x = d · q`); for the integer formats the same over the codes as the
 /// kernels offset them (`|s| (|c| + 128) |x|` for `I8_CH`, `|d| (q + 8) |x|` for `I4_B64`;
 /// for `LUT4_B32`, `|S a| u |x|` plus `|M b Σx|` per block).
 ///
@@ -394,7 +393,7 @@ pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
             }
             (sum, mag)
         }
-        KilnType::Lut { bits, .. } if x.format == ActivationFormat::I16 => {
+        KilnType::Lut { bits, .. } => {
             let mut u = [0i16; 256];
             let s = f64::from(lut_table_i16(w.table(r), &mut u));
             let mut idx = vec![0u8; w.cols];
@@ -422,27 +421,6 @@ pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
                 sum += d * ux as f64;
                 mag += d.abs() * um as f64;
             });
-            (sum, mag)
-        }
-        KilnType::Lut { bits, .. } => {
-            let table: Vec<f64> = w
-                .table(r)
-                .chunks_exact(2)
-                .map(|b| f64::from(f16_to_f32(u16::from_le_bytes([b[0], b[1]]))))
-                .collect();
-            let mut idx = [0u8; CHUNK];
-            let (mut sum, mut mag) = (0.0f64, 0.0f64);
-            for (c, xs) in row
-                .chunks_exact(4 * bits as usize)
-                .zip(x.values.chunks_exact(CHUNK))
-            {
-                kiln_types::unpack_chunk(bits, c, &mut idx);
-                for (&i, &v) in idx.iter().zip(xs) {
-                    let p = table[i as usize] * f64::from(v);
-                    sum += p;
-                    mag += p.abs();
-                }
-            }
             (sum, mag)
         }
     }

@@ -3,10 +3,9 @@
 //! paths of [`crate::kernels`], which read any format through `dequantize_row`.
 //!
 //! As for the ggml formats: activations are quantized once per call (`I8_CH`, `I4_B64`: int8
-//! blocks, plus the quantization residual under `Precision::Refined`; 2- and 4-bit lookup
-//! tables: f32 copies; 6- and 8-bit ones: 14-bit codes in blocks of 256, neither of which needs
-//! refinement), then each task runs the kernel crate's tiled dot products over its share of the
-//! weight rows.
+//! blocks, plus the quantization residual under `Precision::Refined`; lookup tables: 14-bit
+//! codes in blocks of 256, which need no refinement), then each task runs the kernel crate's
+//! tiled dot products over its share of the weight rows.
 
 use crate::kernels::IntegerProduct;
 use crate::weights::WeightMatrix;

@@ -10,10 +10,10 @@
 //!   of every entry), so `tbl` looks sixteen indices up at once in each plane (`tbl` over one
 //!   register for 2 and 4 bits, four registers for 6 bits, four chained `tbx` over sixteen for
 //!   8 bits) and two rounds of `zip` put the bytes back together as f32 in element order.
-//!   Rows sharing a table (a tensor-wide table, the rows of a group) widen it once. The 6-
-//!   and 8-bit tables multiply 16-bit activation codes: their table's integers
-//!   (`lut_table_i16`) take the f16 entries' place, the activations are dequantized to f32
-//!   once per call, and the table's scale applies to each dot product.
+//!   Rows sharing a table (a tensor-wide table, the rows of a group) widen it once. Every
+//!   table multiplies 16-bit activation codes: its integers (`lut_table_i16`) take the f16
+//!   entries' place, the activations are dequantized to f32 once per call, and the table's
+//!   scale applies to each dot product.
 //! - `LUT4_B32`: `tbl` looks the nibbles up in the row's 16-byte table (the tensor's or its
 //!   group's), giving 7-bit
 //!   weights that are signed bytes as they stand, multiplied with each activation block as for
@@ -57,17 +57,6 @@ struct Planes {
 }
 
 impl Planes {
-    /// The planes of the f16 table `table` (`n` entries, `n` ≤ 256).
-    fn new(table: &[u8], n: usize) -> Planes {
-        Planes::of(
-            table
-                .chunks_exact(2)
-                .take(n)
-                .map(|h| f16_to_f32(u16::from_le_bytes([h[0], h[1]]))),
-            n,
-        )
-    }
-
     /// The planes of a table of `n` f32 entries (`n` ≤ 256).
     fn of(entries: impl Iterator<Item = f32>, n: usize) -> Planes {
         let plane = n.max(16);
@@ -87,12 +76,12 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The 6- and 8-bit lookup tables against I16 activations: each table's integers
+/// The lookup tables against I16 activations: each table's integers
 /// (`lut_table_i16`) as f32 planes, the activations dequantized once, the table's scale on
 /// each result.
 ///
 /// # Safety
-/// As [`dot_block`], `w` a 6- or 8-bit lookup-table tensor.
+/// As [`dot_block`], `w` a lookup-table tensor.
 unsafe fn lut_i16_block(
     w: &KilnMatrix,
     rows: Range<usize>,
@@ -127,10 +116,11 @@ unsafe fn lut_i16_block(
                 // SAFETY: `row` is one whole row of `w.cols` indices, `x` holds `w.cols` f32
                 // values and `pl` is the row's table.
                 out[t * out_stride + k] = s * unsafe {
-                    if bits == 6 {
-                        lut::<6>(row, pl, x)
-                    } else {
-                        lut::<8>(row, pl, x)
+                    match bits {
+                        2 => lut::<2>(row, pl, x),
+                        4 => lut::<4>(row, pl, x),
+                        6 => lut::<6>(row, pl, x),
+                        _ => lut::<8>(row, pl, x),
                     }
                 };
             }
@@ -154,32 +144,12 @@ pub(crate) unsafe fn dot_block(
     out_stride: usize,
 ) {
     let dotprod = isa == Isa::NeonDotprod;
-    if let KilnType::Lut { bits: 6 | 8, .. } = w.ty {
+    if let KilnType::Lut { .. } = w.ty {
         // SAFETY: the caller's guarantees.
         return unsafe { lut_i16_block(w, rows, xq, out, out_stride) };
     }
-    let mut planes: Option<(*const u8, Planes)> = None;
     for (k, r) in rows.enumerate() {
         let row = w.row(r);
-        if let KilnType::Lut { bits, .. } = w.ty {
-            let table = w.table(r);
-            if planes.as_ref().is_none_or(|(p, _)| *p != table.as_ptr()) {
-                planes = Some((table.as_ptr(), Planes::new(table, w.ty.table_len())));
-            }
-            let (_, pl) = planes.as_ref().expect("set above");
-            for (t, x) in xq.iter().enumerate() {
-                // SAFETY: `row` is one whole row of `w.cols` indices, `x` holds `w.cols` f32
-                // values (the caller's guarantee) and `pl` is the row's table.
-                out[t * out_stride + k] = unsafe {
-                    if bits == 2 {
-                        lut::<2>(row, pl, x)
-                    } else {
-                        lut::<4>(row, pl, x)
-                    }
-                };
-            }
-            continue;
-        }
         for (t, x) in xq.iter().enumerate() {
             // SAFETY: `row` is one whole row for `x` (the caller's guarantee), and `dotprod`
             // is set only when the CPU has the extension.

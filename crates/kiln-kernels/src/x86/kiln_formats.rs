@@ -19,14 +19,13 @@
 //!   Four blocks per step as for Q4_0 (whose block layout `LUT4_B32`'s shares): their scale
 //!   and offset codes times the activation block scales and sums in one multiply, the offsets
 //!   collected in a vector; the row's two units apply once at the end.
-//! - `LUT2` / `LUT4`: the row's f16 table is widened to f32 in one register and looked up with
-//!   `vpermps` (AVX2: two 8-entry halves and a blend on the index's top bit), then multiplied
-//!   with the f32 activations.
-//! - `LUT6` / `LUT8`: 16-bit integer weights (each table made integer once per call, per group
-//!   of rows sharing it) against 14-bit activation codes, by `vpdpwssd`: AVX-512 with VBMI
-//!   looks the words up in registers (`vpermi2w` over 64 entries; byte planes and `vpermi2b`
-//!   over 256); AVX2, and AVX-512 without VBMI, gather from the integer table as f32 and
-//!   multiply the dequantized activations (see the section below).
+//! - Lookup tables (`LUT2` to `LUT8`): 16-bit integer weights (each table made integer once per
+//!   call) against 14-bit activation codes, by `vpdpwssd`: AVX-512 with VBMI looks the words up
+//!   in registers (`vpermw` over a 4- or 16-entry table repeated through one register,
+//!   `vpermi2w` over 64 entries, byte planes and `vpermi2b` over 256); AVX2, and AVX-512
+//!   without VBMI, look 2- and 4-bit tables up from byte planes by `vpshufb` and multiply with
+//!   `vpmaddwd`, and gather 6- and 8-bit ones as f32 against the dequantized activations (see
+//!   the section below).
 
 // Tiles index several parallel arrays (accumulators, tables, rows) by row and token; index
 // loops say that more plainly than zipped iterators.
@@ -138,7 +137,7 @@ pub(crate) unsafe fn dot_block(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    if let KilnType::Lut { bits: 6 | 8, .. } = w.ty {
+    if let KilnType::Lut { .. } = w.ty {
         // SAFETY: the caller's guarantees.
         return unsafe { lut_i16_dot_block(isa, w, rows, xq, out, out_stride) };
     }
@@ -188,8 +187,6 @@ unsafe fn tile<const R: usize, const T: usize>(
                     (true, true) => lut4b32_512::<R, T, true, true>(w, r0, xs),
                 }
             }
-            (Isa::Avx512Vnni, KilnType::Lut { bits: 4, .. }) => lut4_512::<R, T>(w, r0, xs),
-            (Isa::Avx512Vnni, KilnType::Lut { .. }) => lut2_512::<R, T>(w, r0, xs),
             (_, KilnType::I8Ch) if xs[0].is_refined() => i8ch_256::<R, T, true>(w, r0, xs),
             (_, KilnType::I8Ch) => i8ch_256::<R, T, false>(w, r0, xs),
             (_, KilnType::I4B64) if xs[0].is_refined() => i4b64_256::<R, T, true>(w, r0, xs),
@@ -200,8 +197,7 @@ unsafe fn tile<const R: usize, const T: usize>(
                 (true, false) => lut4b32_256::<R, T, true, false>(w, r0, xs),
                 (true, true) => lut4b32_256::<R, T, true, true>(w, r0, xs),
             },
-            (_, KilnType::Lut { bits: 4, .. }) => lut4_256::<R, T>(w, r0, xs),
-            (_, KilnType::Lut { .. }) => lut2_256::<R, T>(w, r0, xs),
+            (_, KilnType::Lut { .. }) => unreachable!("lookup tables go to lut_i16_dot_block"),
         }
     }
 }
@@ -1295,234 +1291,14 @@ unsafe fn lut6_table_512(t: *const u8) -> [__m512; 4] {
     std::array::from_fn(|q| _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(t.add(32 * q).cast()) }))
 }
 
-/// # Safety
-/// AVX-512; as [`dot_block`], `w` a 4-bit lookup-table tensor.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn lut4_512<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    let mut tables = [_mm512_setzero_ps(); R];
-    for (r, tb) in tables.iter_mut().enumerate() {
-        // SAFETY: a 16-entry f16 table is 32 bytes.
-        *tb = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(w.table(r0 + r).as_ptr().cast()) });
-    }
-    let p = w.data[r0 * rb..].as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        let mut x0 = [_mm512_setzero_ps(); T];
-        let mut x1 = [_mm512_setzero_ps(); T];
-        for t in 0..T {
-            // SAFETY: 32 values from c lie within the activation row.
-            unsafe {
-                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
-                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
-            }
-        }
-        for r in 0..R {
-            prefetch(p.wrapping_add(r * rb + c / 2), ahead);
-            // SAFETY: the 16 index bytes of this chunk of row r0 + r.
-            let (i0, i1) = unsafe { lut4_indices_512(p.add(r * rb + c / 2)) };
-            let w0 = _mm512_permutexvar_ps(i0, tables[r]);
-            let w1 = _mm512_permutexvar_ps(i1, tables[r]);
-            for t in 0..T {
-                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
-            }
-        }
-    }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
-}
-
-/// # Safety
-/// AVX-512; as [`dot_block`], `w` a 2-bit lookup-table tensor.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn lut2_512<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    let mut tables = [_mm512_setzero_ps(); R];
-    for (r, tb) in tables.iter_mut().enumerate() {
-        // SAFETY: a 4-entry f16 table is 8 bytes.
-        let t = unsafe { _mm_loadl_epi64(w.table(r0 + r).as_ptr().cast()) };
-        *tb = _mm512_castps256_ps512(_mm256_cvtph_ps(t));
-    }
-    let p = w.data[r0 * rb..].as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        let mut x0 = [_mm512_setzero_ps(); T];
-        let mut x1 = [_mm512_setzero_ps(); T];
-        for t in 0..T {
-            // SAFETY: 32 values from c lie within the activation row.
-            unsafe {
-                x0[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c));
-                x1[t] = _mm512_loadu_ps(xs[t].values.as_ptr().add(c + 16));
-            }
-        }
-        for r in 0..R {
-            prefetch(p.wrapping_add(r * rb + c / 4), ahead);
-            // SAFETY: the 8 index bytes of this chunk of row r0 + r.
-            let (i0, i1) = unsafe { lut2_indices_512(p.add(r * rb + c / 4)) };
-            let w0 = _mm512_permutexvar_ps(i0, tables[r]);
-            let w1 = _mm512_permutexvar_ps(i1, tables[r]);
-            for t in 0..T {
-                acc[r][t] = _mm512_fmadd_ps(w0, x0[t], acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(w1, x1[t], acc[r][t]);
-            }
-        }
-    }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
-}
-
-/// Entries `i` (0..16) of a 16-entry table held as two 8-entry halves.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn lookup16(i: __m256i, lo: __m256, hi: __m256) -> __m256 {
-    let a = _mm256_permutevar8x32_ps(lo, i);
-    let b = _mm256_permutevar8x32_ps(hi, i);
-    // Bit 3 of the index, moved to the sign bit, picks the upper half.
-    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(i)))
-}
-
-/// # Safety
-/// AVX2, FMA, F16C; as [`dot_block`], `w` a 4-bit lookup-table tensor.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn lut4_256<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    let mut lo = [_mm256_setzero_ps(); R];
-    let mut hi = [_mm256_setzero_ps(); R];
-    for r in 0..R {
-        let tp = w.table(r0 + r).as_ptr();
-        // SAFETY: a 16-entry f16 table is 32 bytes.
-        unsafe {
-            lo[r] = _mm256_cvtph_ps(_mm_loadu_si128(tp.cast()));
-            hi[r] = _mm256_cvtph_ps(_mm_loadu_si128(tp.add(16).cast()));
-        }
-    }
-    let p = w.data[r0 * rb..].as_ptr();
-    let low = _mm256_set1_epi32(0x0f);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        for r in 0..R {
-            let ip = p.wrapping_add(r * rb + c / 2);
-            prefetch(ip, ahead);
-            // SAFETY: the 16 index bytes of this chunk of row r0 + r.
-            let (b0, b1) = unsafe {
-                (
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.cast())),
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(ip.add(8).cast())),
-                )
-            };
-            let wv = [
-                lookup16(_mm256_and_si256(b0, low), lo[r], hi[r]),
-                lookup16(_mm256_and_si256(b1, low), lo[r], hi[r]),
-                lookup16(_mm256_srli_epi32::<4>(b0), lo[r], hi[r]),
-                lookup16(_mm256_srli_epi32::<4>(b1), lo[r], hi[r]),
-            ];
-            for t in 0..T {
-                let xp = xs[t].values.as_ptr();
-                for (k, wk) in wv.iter().enumerate() {
-                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
-                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
-                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
-                }
-            }
-        }
-    }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = hsum256(acc[r][t]);
-        }
-    }
-    out
-}
-
-/// # Safety
-/// AVX2, FMA, F16C; as [`dot_block`], `w` a 2-bit lookup-table tensor.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn lut2_256<const R: usize, const T: usize>(
-    w: &KilnMatrix,
-    r0: usize,
-    xs: [&QuantizedRow; T],
-) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    let mut tables = [_mm256_setzero_ps(); R];
-    for (r, tb) in tables.iter_mut().enumerate() {
-        // SAFETY: a 4-entry f16 table is 8 bytes.
-        *tb = _mm256_cvtph_ps(unsafe { _mm_loadl_epi64(w.table(r0 + r).as_ptr().cast()) });
-    }
-    let p = w.data[r0 * rb..].as_ptr();
-    let three = _mm256_set1_epi32(3);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    for c in (0..w.cols).step_by(CHUNK) {
-        for r in 0..R {
-            prefetch(p.wrapping_add(r * rb + c / 4), ahead);
-            // SAFETY: the 8 index bytes of this chunk of row r0 + r.
-            let b = unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(r * rb + c / 4).cast())) };
-            let wv = [
-                _mm256_permutevar8x32_ps(tables[r], _mm256_and_si256(b, three)),
-                _mm256_permutevar8x32_ps(
-                    tables[r],
-                    _mm256_and_si256(_mm256_srli_epi32::<2>(b), three),
-                ),
-                _mm256_permutevar8x32_ps(
-                    tables[r],
-                    _mm256_and_si256(_mm256_srli_epi32::<4>(b), three),
-                ),
-                _mm256_permutevar8x32_ps(tables[r], _mm256_srli_epi32::<6>(b)),
-            ];
-            for t in 0..T {
-                let xp = xs[t].values.as_ptr();
-                for (k, wk) in wv.iter().enumerate() {
-                    // SAFETY: values c + 8k .. c + 8k + 8 lie within the activation row.
-                    let x = unsafe { _mm256_loadu_ps(xp.add(c + 8 * k)) };
-                    acc[r][t] = _mm256_fmadd_ps(*wk, x, acc[r][t]);
-                }
-            }
-        }
-    }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = hsum256(acc[r][t]);
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
-// 6- and 8-bit lookup tables
+// Lookup tables against I16 activations
 //
-// These multiply 16-bit integer weights (the table as `lut_table_i16` makes it, once per group
-// of rows sharing it) with 14-bit activation codes ([`ActivationFormat::I16`]), which are
-// stored in the order the lookups below produce their words, so nothing is shuffled between
-// a lookup and `vpdpwssd`. Each 256-element activation block's 32-bit sums are converted and
-// scaled once; the table's scale applies at the end.
+// These multiply 16-bit integer weights (the table as `lut_table_i16` makes it, once per call
+// and table) with 14-bit activation codes ([`ActivationFormat::I16`]), which are stored in the
+// order the lookups below produce their words, so nothing is shuffled between a lookup and
+// `vpdpwssd`. Each 256-element activation block's 32-bit sums are converted and scaled once;
+// the table's scale applies at the end.
 //
 // - `LUT8` (VBMI): the table's byte planes (low bytes in four registers, high bytes in four),
 //   `vpermi2b` twice per plane and a byte blend on the index's top bit, then
@@ -1532,9 +1308,18 @@ unsafe fn lut2_256<const R: usize, const T: usize>(
 //   same shifted right by four: its nibble (from the shifted copy for a high nibble) and its
 //   top-bits byte; a variable shift lines the top bits up and a bit select joins the two
 //   (`vpermi2w` reads the low six bits only).
-// - Without VBMI, and on AVX2: the activations dequantized to f32 once per call and the
-//   table's integers widened to f32, gathered and multiplied in f32 (the table's scale at the
-//   end).
+// - `LUT4` / `LUT2` (VBMI): the table's 16 (4) words repeated through one register, so every
+//   row of a tile keeps its own. Per 32 weights one `vpermb` puts each word's index byte in
+//   both its bytes, a variable word shift brings the index down to bit 0, and `vpermw` looks
+//   it up: it reads the low five bits, and the bits above the index, its neighbours', pick
+//   a copy of the same entry. Per 64 weights: one load, six shuffles and shifts, and two
+//   `vpdpwssd` per activation row, where the f32 kernel took two widening loads, four index
+//   masks or shifts, four `vpermps` and four multiply-adds per activation row.
+// - `LUT4` / `LUT2` without VBMI, and on AVX2: each row's table as byte planes, `vpshufb`
+//   and `vpunpck{l,h}bw` to words, `vpmaddwd` ([`lut_small_i16_256`]).
+// - `LUT6` / `LUT8` without VBMI, and on AVX2: the activations dequantized to f32 once per call
+//   and the table's integers widened to f32, gathered and multiplied in f32 (the table's scale
+//   at the end).
 
 /// Calls `f(r, n, t, m)` for every tile of `n` rows from `r` (4, or 1 at the end) by `m`
 /// activation rows from `t` (2, or 1 at the end) within `rows` × `0..n_act`, rows outermost.
@@ -1646,7 +1431,7 @@ unsafe fn lut_table_i16_512(table: &[u8], u: &mut [i16]) -> f32 {
 }
 
 /// # Safety
-/// As [`dot_block`], `w` a 6- or 8-bit lookup-table tensor (so every `xq[t]` is I16).
+/// As [`dot_block`], `w` a lookup-table tensor (so every `xq[t]` is I16).
 unsafe fn lut_i16_dot_block(
     isa: Isa,
     w: &KilnMatrix,
@@ -1658,6 +1443,17 @@ unsafe fn lut_i16_dot_block(
     let bits = w.ty.table_len().trailing_zeros();
     let group = w.ty.group_rows(w.rows).unwrap_or(w.rows).max(1);
     let native = isa == Isa::Avx512Vnni && has_vbmi();
+    if bits <= 4 {
+        // SAFETY: the caller's guarantees; VBMI where `native` (checked), AVX2 at either level.
+        return unsafe {
+            match (native, bits) {
+                (true, 4) => lut_small_dot_block::<4>(w, rows, xq, out, out_stride),
+                (true, _) => lut_small_dot_block::<2>(w, rows, xq, out, out_stride),
+                (false, 4) => lut_small_dot_block_256::<4>(w, rows, xq, out, out_stride),
+                (false, _) => lut_small_dot_block_256::<2>(w, rows, xq, out, out_stride),
+            }
+        };
+    }
     let base = rows.start;
     F32_ROWS.with(|cell| {
         let mut f32_rows = cell.borrow_mut();
@@ -1673,13 +1469,14 @@ unsafe fn lut_i16_dot_block(
         while r < rows.end {
             let seg = r..((r / group + 1) * group).min(rows.end);
             let mut u = [0i16; 256];
+            let table = w.table(r);
             // SAFETY: the CPU has AVX-512 when `native`, AVX2 and F16C at either level; the
-            // table holds 2^bits entries.
+            // table holds 64 or 256 entries.
             let s = unsafe {
                 if native {
-                    lut_table_i16_512(w.table(r), &mut u)
+                    lut_table_i16_512(table, &mut u)
                 } else {
-                    lut_table_i16_256(w.table(r), &mut u)
+                    lut_table_i16_256(table, &mut u)
                 }
             };
             // Every tile below: its rows and activation rows exist, the rest is the caller's
@@ -1961,6 +1758,646 @@ unsafe fn lut6_i16_512<const R: usize, const T: usize>(
     out
 }
 
+/// `vpermb` indices and word shifts that turn the index bytes of one step of a 2- or 4-bit
+/// row into the indices of half `h` of the step, in the I16 codes' order: word `q` takes its
+/// element's index byte in both its bytes, and shifted right by the count, the element's
+/// index lands at bit 0 (the bits above it are the neighbours', which the table's copies make
+/// irrelevant, see [`lut_small_table_512`]). `n` is the step (64 elements, or 32).
+const fn lut_small_step(bits: usize, n: usize, h: usize) -> ([u8; 64], [u16; 32]) {
+    let mut bytes = [0u8; 64];
+    let mut shift = [0u16; 32];
+    let mut q = 0;
+    while q < n / 2 {
+        let e = crate::activation::i16_element(h * n / 2 + q, n);
+        let (chunk, j) = (e / CHUNK, e % CHUNK);
+        // 4 bits: byte j % 16 of the chunk, the high nibble for j ≥ 16; 2 bits: byte j % 8,
+        // bits 2 (j / 8).
+        let (byte, s) = if bits == 4 {
+            (16 * chunk + j % 16, 4 * (j / 16))
+        } else {
+            (8 * chunk + j % 8, 2 * (j / 8))
+        };
+        bytes[2 * q] = byte as u8;
+        bytes[2 * q + 1] = byte as u8;
+        shift[q] = s as u16;
+        q += 1;
+    }
+    (bytes, shift)
+}
+
+/// [`lut_small_step`] as registers: `vpermb` indices and word shifts for both halves.
+struct SmallStep {
+    bytes: [__m512i; 2],
+    shift: [__m512i; 2],
+}
+
+/// The registers of [`lut_small_step`] for `BITS` and a step of `N` elements (constants: built
+/// at run time, they would cost more than a short row's lookups).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn small_step_512<const BITS: usize, const N: usize>() -> SmallStep {
+    let [(b0, t0), (b1, t1)] = const { [lut_small_step(BITS, N, 0), lut_small_step(BITS, N, 1)] };
+    // SAFETY: 64 bytes and 32 words each; every bit pattern is a valid __m512i.
+    unsafe {
+        SmallStep {
+            bytes: [
+                _mm512_loadu_si512(b0.as_ptr().cast()),
+                _mm512_loadu_si512(b1.as_ptr().cast()),
+            ],
+            shift: [
+                _mm512_loadu_si512(t0.as_ptr().cast()),
+                _mm512_loadu_si512(t1.as_ptr().cast()),
+            ],
+        }
+    }
+}
+
+/// The f16 table `table` of `n` (4 or 16) entries as [`crate::kiln_formats::lut_table_i16`]
+/// makes it, bit for bit (for finite entries), with its scale: the `n` words repeated through a
+/// register of 32. `vpermw` reads an index's low five bits, and with the table repeated every
+/// `n` words the bits above the index (its neighbours' in the packed bytes) pick a copy of the
+/// same entry.
+///
+/// Every row of a 1-row group converts its table per call, so the largest magnitude comes from
+/// the f16 bits (finite f16 magnitudes order as their bits do) by `vphminposuw` rather than a
+/// reduction of f32 lanes.
+///
+/// # Safety
+/// AVX-512 F/BW/VL and F16C; `table` holds `n` entries, `n` is 4 or 16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+#[inline]
+unsafe fn small_table_i16_512(table: &[u8], n: usize) -> (__m512i, f32) {
+    debug_assert!((n == 4 || n == 16) && table.len() >= 2 * n);
+    let mask: __mmask16 = if n == 16 { u16::MAX } else { 0xf };
+    // SAFETY: the caller's n entries; masked-off words are not read.
+    let h = unsafe { _mm256_maskz_loadu_epi16(mask, table.as_ptr().cast()) };
+    let mag = _mm256_and_si256(h, _mm256_set1_epi16(0x7fff));
+    let mag = _mm_max_epu16(
+        _mm256_castsi256_si128(mag),
+        _mm256_extracti128_si256::<1>(mag),
+    );
+    // The smallest complement is the largest magnitude.
+    let all = _mm_set1_epi16(-1);
+    let top = _mm_xor_si128(_mm_minpos_epu16(_mm_xor_si128(mag, all)), all);
+    let amax = _mm_cvtss_f32(_mm_cvtph_ps(_mm_and_si128(top, _mm_cvtsi32_si128(0xffff))));
+    let entry_max = crate::kiln_formats::LUT_I16_ENTRY_MAX;
+    let s = amax / f32::from(entry_max);
+    if s.is_nan() || s <= 0.0 {
+        return (_mm512_setzero_si512(), s);
+    }
+    let inv = _mm512_set1_ps(f32::from(entry_max) / amax);
+    let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtph_ps(h), inv));
+    let q = _mm512_min_epi32(
+        _mm512_max_epi32(q, _mm512_set1_epi32(-i32::from(entry_max))),
+        _mm512_set1_epi32(i32::from(entry_max)),
+    );
+    let words = _mm512_cvtepi32_epi16(q);
+    let table = if n == 16 {
+        _mm512_broadcast_i64x4(words)
+    } else {
+        _mm512_broadcastq_epi64(_mm256_castsi256_si128(words))
+    };
+    (table, s)
+}
+
+/// [`small_table_i16_512`] for four consecutive 16-entry tables at `p` at once: the largest
+/// magnitudes by shuffles and maxima within each table's 256 bits, both divisions once for the
+/// four. With a table per row, converting them one by one cost about a third of a 576-column
+/// row's time.
+///
+/// # Safety
+/// AVX-512 F/BW/VL and F16C; 128 bytes (four tables of 16 f16 entries) readable at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+#[inline]
+unsafe fn small_tables4_i16_512(p: *const u8) -> ([__m512i; 4], [f32; 4]) {
+    // SAFETY: the caller's 128 bytes.
+    let (a, b) = unsafe {
+        (
+            _mm512_loadu_si512(p.cast()),
+            _mm512_loadu_si512(p.add(64).cast()),
+        )
+    };
+    let (ma, mb) = (half_max_512(a), half_max_512(b));
+    // Words 0 and 16 of each: the four tables' largest magnitudes.
+    let pick = _mm512_setr_epi32(
+        16 << 16,
+        (48 << 16) | 32,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    );
+    let top = _mm512_permutex2var_epi16(ma, pick, mb);
+    let amax = _mm_cvtph_ps(_mm512_castsi512_si128(top));
+    let entry_max = crate::kiln_formats::LUT_I16_ENTRY_MAX;
+    let max = _mm_set1_ps(f32::from(entry_max));
+    let s4 = _mm_div_ps(amax, max);
+    let inv4 = _mm512_castps128_ps512(_mm_div_ps(max, amax));
+    // A zero (or NaN) scale gives a table of zeros, as the scalar conversion does.
+    let valid = _mm_cmp_ps_mask::<_CMP_GT_OQ>(s4, _mm_setzero_ps());
+    let (lo, hi) = (
+        _mm512_set1_epi32(-i32::from(entry_max)),
+        _mm512_set1_epi32(i32::from(entry_max)),
+    );
+    let halves = [
+        _mm512_castsi512_si256(a),
+        _mm512_extracti64x4_epi64::<1>(a),
+        _mm512_castsi512_si256(b),
+        _mm512_extracti64x4_epi64::<1>(b),
+    ];
+    let mut tables = [_mm512_setzero_si512(); 4];
+    for k in 0..4 {
+        let inv = _mm512_permutexvar_ps(_mm512_set1_epi32(k as i32), inv4);
+        let q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtph_ps(halves[k]), inv));
+        let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+        let keep: __mmask8 = if valid & (1 << k) != 0 { 0xff } else { 0 };
+        tables[k] = _mm512_maskz_mov_epi64(keep, _mm512_broadcast_i64x4(_mm512_cvtepi32_epi16(q)));
+    }
+    let mut s = [0.0f32; 4];
+    // SAFETY: four floats.
+    unsafe { _mm_storeu_ps(s.as_mut_ptr(), s4) };
+    (tables, s)
+}
+
+/// The f16 magnitudes of `x` (16-bit words, two tables of 16) with every word of each 128-bit
+/// lane, word 0 at least, raised to its 256-bit half's largest (finite f16 magnitudes order as
+/// their bits do).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn half_max_512(x: __m512i) -> __m512i {
+    let x = _mm512_and_si512(x, _mm512_set1_epi16(0x7fff));
+    let x = _mm512_max_epu16(x, _mm512_shuffle_i64x2::<0xb1>(x, x));
+    let x = _mm512_max_epu16(x, _mm512_shuffle_epi32::<0x4e>(x));
+    let x = _mm512_max_epu16(x, _mm512_shuffle_epi32::<0xb1>(x));
+    _mm512_max_epu16(x, _mm512_srli_epi32::<16>(x))
+}
+
+/// The 2- or 4-bit lookup-table rows `rows` of `w` against I16 activation rows, in tiles whose
+/// rows each take their own table (a table is one register).
+///
+/// Every table the rows use is converted first, in one loop: with a table per row, converting
+/// each tile's tables just before its lookups left the conversions' long dependency chains
+/// (a horizontal maximum, two divisions) exposed, at about half again a 576-column row's time.
+///
+/// # Safety
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `BITS`-bit lookup-table tensor.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn lut_small_dot_block<const BITS: usize>(
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let n = 1usize << BITS;
+    let base = rows.start;
+    let group = w.group_rows.max(1) as usize;
+    let first = base / group;
+    // The tables follow one another after the last row (the first is `w.table(0)`).
+    let tables_at = w.table(0).as_ptr();
+    // Taken out of the thread-local and put back: a closure would not take this function's
+    // features, and would move the tables through 128-bit registers.
+    let (mut converted, mut scales) = SMALL_TABLES.with(|cell| cell.take());
+    converted.clear();
+    scales.clear();
+    // A table per row of 16 entries: a tile's four tables are converted as the tile comes, at
+    // once, so the conversion overlaps the previous tile's lookups and nothing is gathered.
+    let per_row = group == 1 && n == 16;
+    {
+        let end = if per_row {
+            first
+        } else {
+            rows.end.div_ceil(group)
+        };
+        let mut g = first;
+        while g < end {
+            let table = w.table(g * group);
+            debug_assert_eq!(table.as_ptr(), tables_at.wrapping_add(2 * n * g));
+            // Without a prefetch ahead, each conversion waits for its table's load (of a
+            // 1-row group's tables, from DRAM); four tables of 16 entries are two lines.
+            prefetch(table.as_ptr(), 32 * 2 * n);
+            if n == 16 && g + 4 <= end {
+                prefetch(table.as_ptr(), 32 * 2 * n + 64);
+                // SAFETY: the CPU has AVX-512 (the caller's guarantee); tables g..g + 4 follow
+                // one another, 16 entries each.
+                let (v, s4) = unsafe { small_tables4_i16_512(table.as_ptr()) };
+                converted.extend_from_slice(&v);
+                scales.extend_from_slice(&s4);
+                g += 4;
+                continue;
+            }
+            // SAFETY: the CPU has AVX-512 (the caller's guarantee); the table holds n entries.
+            let (v, s) = unsafe { small_table_i16_512(table, n) };
+            converted.push(v);
+            scales.push(s);
+            g += 1;
+        }
+        // A loop rather than `for_tiles`, for the same reason.
+        let mut tables = [_mm512_setzero_si512(); TILE_ROWS];
+        let mut s = [0.0f32; TILE_ROWS];
+        let mut r = rows.start;
+        while r < rows.end {
+            let rn = if r + TILE_ROWS <= rows.end {
+                TILE_ROWS
+            } else {
+                1
+            };
+            if per_row {
+                let table = w.table(r);
+                prefetch(table.as_ptr(), 32 * 2 * n);
+                prefetch(table.as_ptr(), 32 * 2 * n + 64);
+                if rn == TILE_ROWS {
+                    debug_assert_eq!(w.table(r + 3).as_ptr(), table.as_ptr().wrapping_add(96));
+                    // SAFETY: the CPU has AVX-512 (the caller's guarantee); the tables of rows
+                    // r..r + 4 follow one another, 16 entries each.
+                    (tables, s) = unsafe { small_tables4_i16_512(table.as_ptr()) };
+                } else {
+                    // SAFETY: as above; the table holds 16 entries.
+                    (tables[0], s[0]) = unsafe { small_table_i16_512(table, n) };
+                }
+            } else {
+                for k in 0..rn {
+                    let g = (r + k) / group - first;
+                    (tables[k], s[k]) = (converted[g], scales[g]);
+                }
+            }
+            let mut t = 0;
+            while t < xq.len() {
+                let m = if t + 2 <= xq.len() { 2 } else { 1 };
+                let (tb, sc) = (&tables, &s);
+                // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
+                // guarantee.
+                unsafe {
+                    match (rn, m) {
+                        (TILE_ROWS, 2) => store(
+                            &lut_small_i16_512::<BITS, TILE_ROWS, 2>(
+                                w,
+                                r,
+                                tb,
+                                sc,
+                                [&xq[t], &xq[t + 1]],
+                            ),
+                            out,
+                            stride,
+                            r - base,
+                            t,
+                        ),
+                        (TILE_ROWS, _) => store(
+                            &lut_small_i16_512::<BITS, TILE_ROWS, 1>(w, r, tb, sc, [&xq[t]]),
+                            out,
+                            stride,
+                            r - base,
+                            t,
+                        ),
+                        (_, 2) => store(
+                            &lut_small_i16_512::<BITS, 1, 2>(w, r, tb, sc, [&xq[t], &xq[t + 1]]),
+                            out,
+                            stride,
+                            r - base,
+                            t,
+                        ),
+                        _ => store(
+                            &lut_small_i16_512::<BITS, 1, 1>(w, r, tb, sc, [&xq[t]]),
+                            out,
+                            stride,
+                            r - base,
+                            t,
+                        ),
+                    }
+                }
+                t += m;
+            }
+            r += rn;
+        }
+    }
+    SMALL_TABLES.with(|cell| cell.replace((converted, scales)));
+}
+
+thread_local! {
+    /// The converted tables of a 2- or 4-bit call ([`small_table_i16_512`]) and their scales.
+    static SMALL_TABLES: std::cell::Cell<(Vec<__m512i>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// The table's words for half `h` of a step of 2- or 4-bit indices `i` (its index bytes).
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn small_words(i: __m512i, st: &SmallStep, h: usize, table: __m512i) -> __m512i {
+    let v = _mm512_permutexvar_epi8(st.bytes[h], i);
+    _mm512_permutexvar_epi16(_mm512_srlv_epi16(v, st.shift[h]), table)
+}
+
+/// # Safety
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `BITS`-bit (2 or 4) lookup-table tensor;
+/// row `r0 + r` takes `tables[r]` with scale `s[r]` ([`small_table_i16_512`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    tables: &[__m512i; TILE_ROWS],
+    s: &[f32; TILE_ROWS],
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let full = small_step_512::<BITS, 64>();
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut b = 0;
+    let mut start = 0;
+    while start < w.cols {
+        let end = (start + crate::activation::I16_BLOCK).min(w.cols);
+        let mut sums = [[_mm512_setzero_si512(); T]; R];
+        let mut c = start;
+        while c < end {
+            let two = c + 2 * CHUNK <= end;
+            let tail;
+            // A step of 64 elements is 8 · BITS bytes.
+            let (st, mask): (&SmallStep, __mmask64) = if two {
+                (&full, (1u64 << (8 * BITS)) - 1)
+            } else {
+                tail = small_step_512::<BITS, 32>();
+                (&tail, (1u64 << (4 * BITS)) - 1)
+            };
+            let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
+            for t in 0..T {
+                // SAFETY: the block's codes from c.
+                xv[t] = unsafe { i16_codes_512(xs[t], c, two) };
+            }
+            for r in 0..R {
+                let ip = p.wrapping_add(r * rb + c * BITS / 8);
+                prefetch(ip, ahead);
+                // SAFETY: 8 · BITS (or 4 · BITS) index bytes of row r0 + r from element c.
+                let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
+                let lo = small_words(i, st, 0, tables[r]);
+                let hi = small_words(i, st, 1, tables[r]);
+                for t in 0..T {
+                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
+                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
+                }
+            }
+            c += if two { 2 * CHUNK } else { CHUNK };
+        }
+        for t in 0..T {
+            let d = _mm512_set1_ps(xs[t].scales[b]);
+            for r in 0..R {
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
+            }
+        }
+        b += 1;
+        start = end;
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = s[r] * _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// The byte planes of a table's 16-bit integers (the first 16 of `u`) for `vpshufb`: low bytes
+/// in both 128-bit lanes of the first register, high bytes in both of the second.
+///
+/// # Safety
+/// AVX2.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn small_planes_256(u: &[i16; 256]) -> (__m256i, __m256i) {
+    // SAFETY: 16 words.
+    let v = unsafe { _mm256_loadu_si256(u.as_ptr().cast()) };
+    // Per lane: even bytes (low) to the first eight, odd (high) to the last eight.
+    let split = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5,
+        7, 9, 11, 13, 15,
+    );
+    // Quadwords: low bytes of entries 0..8, 8..16, then high bytes of 0..8, 8..16.
+    let v = _mm256_permute4x64_epi64::<0xd8>(_mm256_shuffle_epi8(v, split));
+    (
+        _mm256_permute2x128_si256::<0x00>(v, v),
+        _mm256_permute2x128_si256::<0x11>(v, v),
+    )
+}
+
+/// The 2- or 4-bit lookup-table rows `rows` of `w` against I16 activation rows on AVX2: each
+/// row's table as byte planes looked up by `vpshufb`, words by `vpunpck{l,h}bw`, multiplied
+/// with the codes by `vpmaddwd` (see [`lut_small_i16_256`]).
+///
+/// # Safety
+/// AVX2, FMA and F16C; as [`dot_block`], `w` a `BITS`-bit lookup-table tensor.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut_small_dot_block_256<const BITS: usize>(
+    w: &KilnMatrix,
+    rows: Range<usize>,
+    xq: &[QuantizedRow],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let n = 1usize << BITS;
+    let base = rows.start;
+    let group = w.group_rows.max(1) as usize;
+    let zero = _mm256_setzero_si256();
+    let mut planes = [(zero, zero); TILE_ROWS];
+    let mut s = [0.0f32; TILE_ROWS];
+    // The table of the last row converted: rows of a group share it.
+    let mut last = (usize::MAX, (zero, zero), 0.0f32);
+    let mut r = rows.start;
+    while r < rows.end {
+        let rn = if r + TILE_ROWS <= rows.end {
+            TILE_ROWS
+        } else {
+            1
+        };
+        for k in 0..rn {
+            let g = (r + k) / group;
+            if g != last.0 {
+                let mut u = [0i16; 256];
+                // A 4-entry table padded with zeros to 16 converts to the same integers and
+                // scale (zeros leave the largest magnitude alone).
+                let mut table = [0u8; 32];
+                table[..2 * n].copy_from_slice(w.table(r + k));
+                // SAFETY: the CPU has AVX2 and F16C (the caller's guarantee); 16 entries.
+                let sc = unsafe { lut_table_i16_256(&table, &mut u) };
+                // SAFETY: AVX2.
+                last = (g, unsafe { small_planes_256(&u) }, sc);
+            }
+            (planes[k], s[k]) = (last.1, last.2);
+        }
+        let mut t = 0;
+        while t < xq.len() {
+            let m = if t + 2 <= xq.len() { 2 } else { 1 };
+            let (pl, sc) = (&planes, &s);
+            // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
+            // guarantee.
+            unsafe {
+                match (rn, m) {
+                    (TILE_ROWS, 2) => store(
+                        &lut_small_i16_256::<BITS, TILE_ROWS, 2>(
+                            w,
+                            r,
+                            pl,
+                            sc,
+                            [&xq[t], &xq[t + 1]],
+                        ),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                    (TILE_ROWS, _) => store(
+                        &lut_small_i16_256::<BITS, TILE_ROWS, 1>(w, r, pl, sc, [&xq[t]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                    (_, 2) => store(
+                        &lut_small_i16_256::<BITS, 1, 2>(w, r, pl, sc, [&xq[t], &xq[t + 1]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                    _ => store(
+                        &lut_small_i16_256::<BITS, 1, 1>(w, r, pl, sc, [&xq[t]]),
+                        out,
+                        stride,
+                        r - base,
+                        t,
+                    ),
+                }
+            }
+            t += m;
+        }
+        r += rn;
+    }
+}
+
+/// The index bytes of one 32-element chunk of a 2- or 4-bit row at `p`, in element order:
+/// elements 0..16 in the low lane, 16..32 in the high one.
+///
+/// # Safety
+/// AVX2; the chunk's `4 · BITS` bytes readable at `p`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn small_indices_256<const BITS: usize>(p: *const u8) -> __m256i {
+    // SAFETY: the caller's bytes.
+    let lane = unsafe {
+        if BITS == 4 {
+            // Low nibbles are elements 0..16, high nibbles 16..32.
+            _mm_loadu_si128(p.cast())
+        } else {
+            // Byte j holds element j + 8k at bits 2k: elements 0..16 are the bytes and the
+            // bytes shifted by two, 16..32 the same shifted by four more.
+            let x = _mm_loadl_epi64(p.cast());
+            _mm_unpacklo_epi64(x, _mm_srli_epi16::<2>(x))
+        }
+    };
+    let mask = _mm256_set1_epi8(if BITS == 4 { 0x0f } else { 0x03 });
+    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(lane), lane), mask)
+}
+
+/// # Safety
+/// AVX2 and FMA; as [`dot_block`], `w` a `BITS`-bit (2 or 4) lookup-table tensor; row
+/// `r0 + r` takes the byte planes `planes[r]` ([`small_planes_256`]) with scale `s[r]`.
+///
+/// Per 32-element chunk `vpshufb` looks the index bytes (in element order, elements 0..16 in
+/// the low lane) up in both planes; `vpunpcklbw` / `vpunpckhbw` join them into the words of
+/// elements 0..8 and 16..24, and 8..16 and 24..32: the I16 codes' order, 16 words at a time.
+/// `vpmaddwd` adds two products per 32-bit lane, so each of the two word registers has its own
+/// accumulator: a lane sees 16 products per 256-element block, as with `vpdpwssd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lut_small_i16_256<const BITS: usize, const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    planes: &[(__m256i, __m256i); TILE_ROWS],
+    s: &[f32; TILE_ROWS],
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut b = 0;
+    let mut start = 0;
+    while start < w.cols {
+        let end = (start + crate::activation::I16_BLOCK).min(w.cols);
+        let mut sums = [[[_mm256_setzero_si256(); 2]; T]; R];
+        let mut g = start;
+        while g < end {
+            // A group of 64 elements stores each chunk's two halves of words 16 and 32 codes
+            // apart (the second chunk's 16 further on); a row's last group of 32, 16 apart.
+            let two = g + 2 * CHUNK <= end;
+            let chunks: &[(usize, usize)] = if two {
+                &[(0, 32), (16, 48)]
+            } else {
+                &[(0, 16)]
+            };
+            for (ci, &(a, h)) in chunks.iter().enumerate() {
+                let c = g + CHUNK * ci;
+                let mut xv = [[_mm256_setzero_si256(); 2]; T];
+                for t in 0..T {
+                    let xp = xs[t].wide.as_ptr();
+                    // SAFETY: codes g .. g + 64 (g + 32 for a last group) of the row.
+                    unsafe {
+                        xv[t] = [
+                            _mm256_loadu_si256(xp.add(g + a).cast()),
+                            _mm256_loadu_si256(xp.add(g + h).cast()),
+                        ];
+                    }
+                }
+                for r in 0..R {
+                    let ip = p.wrapping_add(r * rb + c * BITS / 8);
+                    prefetch(ip, ahead);
+                    // SAFETY: the chunk's index bytes of row r0 + r.
+                    let i = unsafe { small_indices_256::<BITS>(ip) };
+                    let lo = _mm256_shuffle_epi8(planes[r].0, i);
+                    let hi = _mm256_shuffle_epi8(planes[r].1, i);
+                    let words = [_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)];
+                    for t in 0..T {
+                        for k in 0..2 {
+                            sums[r][t][k] = _mm256_add_epi32(
+                                sums[r][t][k],
+                                _mm256_madd_epi16(words[k], xv[t][k]),
+                            );
+                        }
+                    }
+                }
+            }
+            g += if two { 2 * CHUNK } else { CHUNK };
+        }
+        for t in 0..T {
+            let d = _mm256_set1_ps(xs[t].scales[b]);
+            for r in 0..R {
+                let v = _mm256_add_ps(
+                    _mm256_cvtepi32_ps(sums[r][t][0]),
+                    _mm256_cvtepi32_ps(sums[r][t][1]),
+                );
+                acc[r][t] = _mm256_fmadd_ps(v, d, acc[r][t]);
+            }
+        }
+        b += 1;
+        start = end;
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = s[r] * hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
 /// # Safety
 /// AVX2, FMA; as [`dot_block`], `w` a 6-bit lookup-table tensor whose rows `r0..r0 + R` share
 /// `table` (the first 64 entries used; integers of `lut_table_i16`, scale `s`), `xs` F32 rows.
@@ -2169,7 +2606,7 @@ mod tests {
     #[test]
     fn table_conversions_match_the_scalar_one() {
         let mut tables: Vec<Vec<f32>> = Vec::new();
-        for n in [64usize, 256] {
+        for n in [16usize, 64, 256] {
             for seed in 0..40u32 {
                 let scale = [1e-6f32, 1e-3, 0.37, 5.0, 6e4][seed as usize % 5];
                 tables.push(
@@ -2201,6 +2638,42 @@ mod tests {
                 // SAFETY: AVX2 and F16C are present (checked); 64 or 256 entries.
                 let s2 = unsafe { lut_table_i16_256(&bytes, &mut got) };
                 assert_eq!((s2.to_bits(), &got[..]), (s.to_bits(), &want[..]), "AVX2");
+            }
+            if Isa::Avx512Vnni.is_available() && t.len() == 16 {
+                for n in [4usize, 16] {
+                    let mut want = [0i16; 16];
+                    let s = crate::kiln_formats::lut_table_i16(&bytes[..2 * n], &mut want);
+                    // SAFETY: AVX-512 and F16C are present (checked); 16 entries.
+                    let (v, s5) = unsafe { small_table_i16_512(&bytes, n) };
+                    let mut words = [0i16; 32];
+                    // SAFETY: 32 words.
+                    unsafe { _mm512_storeu_si512(words.as_mut_ptr().cast(), v) };
+                    let repeated: Vec<i16> = (0..32).map(|k| want[k % n]).collect();
+                    assert_eq!(
+                        (s5.to_bits(), &words[..]),
+                        (s.to_bits(), &repeated[..]),
+                        "{n}"
+                    );
+                }
+            }
+            if Isa::Avx512Vnni.is_available() && t.len() >= 64 {
+                // Four tables at once: the first 64 entries as four tables of 16.
+                // SAFETY: AVX-512 and F16C are present (checked); 128 bytes.
+                let (v, s4) = unsafe { small_tables4_i16_512(bytes.as_ptr()) };
+                for k in 0..4 {
+                    let mut want = [0i16; 16];
+                    let s =
+                        crate::kiln_formats::lut_table_i16(&bytes[32 * k..32 * (k + 1)], &mut want);
+                    let mut words = [0i16; 32];
+                    // SAFETY: 32 words.
+                    unsafe { _mm512_storeu_si512(words.as_mut_ptr().cast(), v[k]) };
+                    let repeated: Vec<i16> = (0..32).map(|i| want[i % 16]).collect();
+                    assert_eq!(
+                        (s4[k].to_bits(), &words[..]),
+                        (s.to_bits(), &repeated[..]),
+                        "table {k} of four"
+                    );
+                }
             }
             if Isa::Avx512Vnni.is_available() {
                 got.fill(0);
