@@ -265,6 +265,13 @@ pub fn dequantize_row(ty: GgmlType, cols: usize, src: &[u8], out: &mut [f32]) {
         src.len() == row && out.len() == cols,
         "dequantize_row: a row of {cols} elements is {row} bytes"
     );
+    #[cfg(target_arch = "x86_64")]
+    if crate::detect() == Isa::Avx512Vnni {
+        // SAFETY: the CPU has the AVX-512 level's features (detected); `src` is one planar
+        // row of `nb` blocks of `ty` (its length checked above) and `out` holds its elements.
+        unsafe { crate::x86::avx512::planar::dequantize_row(ty, src.as_ptr(), nb, out) };
+        return;
+    }
     let (qh_at, d_at, m_at) = planes(f, nb);
     let bias = match ty {
         GgmlType::Q4_0 => 8,

@@ -584,6 +584,89 @@ pub(crate) mod planar {
 
     tiled_dot_block!(tile, row_at_a_time, rows_one_at_a_time::<true>);
 
+    /// The values of the planar row at `row` (`nb` blocks of `weights`) into `out`, bit for
+    /// bit what the scalar dequantization gives: `(u − bias) · d` in one rounding, or
+    /// `u · d + m` in two (no fused multiply-add), as GGUF's definitions compute them.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI, FMA, F16C; `row` starts a planar row of `nb` blocks of
+    /// `weights` (a format [`crate::planar::supported`] names); `out` has `32 · nb` elements.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(crate) unsafe fn dequantize_row(
+        weights: GgmlType,
+        row: *const u8,
+        nb: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's guarantees, passed on.
+        unsafe {
+            match weights {
+                GgmlType::Q4_0 => dequantize::<{ leg::Q4_0 }>(row, nb, out),
+                GgmlType::Q4_1 => dequantize::<{ leg::Q4_1 }>(row, nb, out),
+                GgmlType::Q5_0 => dequantize::<{ leg::Q5_0 }>(row, nb, out),
+                GgmlType::Q5_1 => dequantize::<{ leg::Q5_1 }>(row, nb, out),
+                GgmlType::Q8_0 => dequantize::<{ leg::Q8_0 }>(row, nb, out),
+                _ => unreachable!("no planar layout for {weights}"),
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`dequantize_row`], for format `F`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn dequantize<const F: u8>(row: *const u8, nb: usize, out: &mut [f32]) {
+        debug_assert!(out.len() >= nb * QK);
+        let mut b = 0;
+        while b < nb {
+            // SAFETY: blocks b..b + n exist (n = 4, or the rest after the last group).
+            let (d, m, u01, u23) = unsafe {
+                match nb - b {
+                    1 => leg_unpack_planar::<F, 1>(row, nb, b),
+                    2 => leg_unpack_planar::<F, 2>(row, nb, b),
+                    3 => leg_unpack_planar::<F, 3>(row, nb, b),
+                    _ => leg_unpack_planar::<F, 4>(row, nb, b),
+                }
+            };
+            let n = (nb - b).min(4);
+            let (mut ds, mut ms) = ([0.0f32; 4], [0.0f32; 4]);
+            // SAFETY: four floats each.
+            unsafe {
+                _mm_storeu_ps(ds.as_mut_ptr(), d);
+                _mm_storeu_ps(ms.as_mut_ptr(), m);
+            }
+            let codes = [u01, u23];
+            let bias = _mm512_set1_ps(-leg::offset(F));
+            for k in 0..n {
+                let reg = codes[k / 2];
+                let half = if k % 2 == 0 {
+                    _mm512_castsi512_si256(reg)
+                } else {
+                    _mm512_extracti64x4_epi64::<1>(reg)
+                };
+                for q in 0..2 {
+                    let bytes = if q == 0 {
+                        _mm256_castsi256_si128(half)
+                    } else {
+                        _mm256_extracti128_si256::<1>(half)
+                    };
+                    let u = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+                    let v = if leg::has_min(F) {
+                        _mm512_add_ps(
+                            _mm512_mul_ps(u, _mm512_set1_ps(ds[k])),
+                            _mm512_set1_ps(ms[k]),
+                        )
+                    } else {
+                        _mm512_mul_ps(_mm512_sub_ps(u, bias), _mm512_set1_ps(ds[k]))
+                    };
+                    let at = (b + k) * QK + 16 * q;
+                    // SAFETY: element `at + 16` is within `out` (32 · nb elements).
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(at), v) };
+                }
+            }
+            b += n;
+        }
+    }
+
     /// # Safety
     /// As [`super::tile`], for planar rows of a format [`crate::planar::supported`] names.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
