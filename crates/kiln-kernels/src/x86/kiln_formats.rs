@@ -101,27 +101,33 @@ macro_rules! run_tiles {
             ($xq, $out, $stride, $base);
         for_tiles($rows, xq.len(), |$r, n, t, m| {
             // SAFETY: the macro's user's guarantee (see above).
-            unsafe {
-                match (n, m) {
-                    (TILE_ROWS, 2) => {
-                        let v = $kernel::<TILE_ROWS, 2>($($arg,)* [&xq[t], &xq[t + 1]]);
-                        store(&v, out, stride, $r - base, t);
-                    }
-                    (TILE_ROWS, _) => {
-                        let v = $kernel::<TILE_ROWS, 1>($($arg,)* [&xq[t]]);
-                        store(&v, out, stride, $r - base, t);
-                    }
-                    (_, 2) => {
-                        let v = $kernel::<1, 2>($($arg,)* [&xq[t], &xq[t + 1]]);
-                        store(&v, out, stride, $r - base, t);
-                    }
-                    _ => {
-                        let v = $kernel::<1, 1>($($arg,)* [&xq[t]]);
-                        store(&v, out, stride, $r - base, t);
-                    }
-                }
-            }
+            unsafe { tile!(n, m, xq, t, out, stride, $r - base, $kernel($($arg),*)) }
         });
+    }};
+}
+
+/// One tile of `$n` rows (`TILE_ROWS` or 1) by `$m` activation rows (2 or 1, from `$xq[$t]`):
+/// `$kernel::<G.., R, T>(args.., rows)` (`G..` the kernel's leading generic arguments, if any),
+/// stored at row `$row` and activation row `$t` of `$out`. Unsafe as the kernel is.
+macro_rules! tile {
+    ($n:expr, $m:expr, $xq:expr, $t:expr, $out:expr, $stride:expr, $row:expr,
+     $kernel:ident $(<$($g:tt),*>)? ($($arg:expr),*)) => {{
+        let (xq, t): (&[QuantizedRow], usize) = ($xq, $t);
+        match ($n, $m) {
+            (TILE_ROWS, 2) => store(
+                &$kernel::<$($($g,)*)? TILE_ROWS, 2>($($arg,)* [&xq[t], &xq[t + 1]]),
+                $out, $stride, $row, t,
+            ),
+            (TILE_ROWS, _) => store(
+                &$kernel::<$($($g,)*)? TILE_ROWS, 1>($($arg,)* [&xq[t]]),
+                $out, $stride, $row, t,
+            ),
+            (_, 2) => store(
+                &$kernel::<$($($g,)*)? 1, 2>($($arg,)* [&xq[t], &xq[t + 1]]),
+                $out, $stride, $row, t,
+            ),
+            _ => store(&$kernel::<$($($g,)*)? 1, 1>($($arg,)* [&xq[t]]), $out, $stride, $row, t),
+        }
     }};
 }
 
@@ -2038,42 +2044,7 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
                 // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
                 // guarantee.
                 unsafe {
-                    match (rn, m) {
-                        (TILE_ROWS, 2) => store(
-                            &lut_small_i16_512::<BITS, TILE_ROWS, 2>(
-                                w,
-                                r,
-                                tb,
-                                sc,
-                                [&xq[t], &xq[t + 1]],
-                            ),
-                            out,
-                            stride,
-                            r - base,
-                            t,
-                        ),
-                        (TILE_ROWS, _) => store(
-                            &lut_small_i16_512::<BITS, TILE_ROWS, 1>(w, r, tb, sc, [&xq[t]]),
-                            out,
-                            stride,
-                            r - base,
-                            t,
-                        ),
-                        (_, 2) => store(
-                            &lut_small_i16_512::<BITS, 1, 2>(w, r, tb, sc, [&xq[t], &xq[t + 1]]),
-                            out,
-                            stride,
-                            r - base,
-                            t,
-                        ),
-                        _ => store(
-                            &lut_small_i16_512::<BITS, 1, 1>(w, r, tb, sc, [&xq[t]]),
-                            out,
-                            stride,
-                            r - base,
-                            t,
-                        ),
-                    }
+                    tile!(rn, m, xq, t, out, stride, r - base, lut_small_i16_512<BITS>(w, r, tb, sc))
                 }
                 t += m;
             }
@@ -2240,42 +2211,7 @@ unsafe fn lut_small_dot_block_256<const BITS: usize>(
             // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
             // guarantee.
             unsafe {
-                match (rn, m) {
-                    (TILE_ROWS, 2) => store(
-                        &lut_small_i16_256::<BITS, TILE_ROWS, 2>(
-                            w,
-                            r,
-                            pl,
-                            sc,
-                            [&xq[t], &xq[t + 1]],
-                        ),
-                        out,
-                        stride,
-                        r - base,
-                        t,
-                    ),
-                    (TILE_ROWS, _) => store(
-                        &lut_small_i16_256::<BITS, TILE_ROWS, 1>(w, r, pl, sc, [&xq[t]]),
-                        out,
-                        stride,
-                        r - base,
-                        t,
-                    ),
-                    (_, 2) => store(
-                        &lut_small_i16_256::<BITS, 1, 2>(w, r, pl, sc, [&xq[t], &xq[t + 1]]),
-                        out,
-                        stride,
-                        r - base,
-                        t,
-                    ),
-                    _ => store(
-                        &lut_small_i16_256::<BITS, 1, 1>(w, r, pl, sc, [&xq[t]]),
-                        out,
-                        stride,
-                        r - base,
-                        t,
-                    ),
-                }
+                tile!(rn, m, xq, t, out, stride, r - base, lut_small_i16_256<BITS>(w, r, pl, sc))
             }
             t += m;
         }
