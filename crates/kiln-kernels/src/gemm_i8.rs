@@ -67,20 +67,20 @@ const BLOCK_CODES: usize = STEPS * PANEL_ROWS * 4;
 
 /// The facts of one weight format the packing needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Format {
+pub(crate) struct Format {
     /// Bytes per 32-element block.
-    bytes: usize,
+    pub(crate) bytes: usize,
     /// Offset of the f16 minimum, for the formats that store one.
-    min: Option<usize>,
+    pub(crate) min: Option<usize>,
     /// Offset of the 4-byte high-bit field of the 5-bit formats.
-    qh: Option<usize>,
+    pub(crate) qh: Option<usize>,
     /// Offset of the codes (packed nibbles, or bytes for Q8_0).
-    qs: usize,
+    pub(crate) qs: usize,
     /// What is added to the weight value (in units of the scale) to make the code unsigned.
-    bias: i32,
+    pub(crate) bias: i32,
 }
 
-fn format(ty: GgmlType) -> Option<Format> {
+pub(crate) fn format(ty: GgmlType) -> Option<Format> {
     let f = |bytes, min, qh, qs, bias| {
         Some(Format {
             bytes,
@@ -392,12 +392,7 @@ pub fn pack_panel_planar(
         unsafe { x86::pack_avx512_planar(f, w, row_bytes, rows.start, out) };
         return;
     }
-    let cols = row_bytes / format(ty).map_or(row_bytes.max(1), |f| f.bytes) * QK;
-    let mut gguf = vec![0u8; rows.len() * row_bytes];
-    for (i, dst) in gguf.chunks_exact_mut(row_bytes.max(1)).enumerate() {
-        let r = rows.start + i;
-        crate::planar::unpack_row(ty, cols, &w[r * row_bytes..(r + 1) * row_bytes], dst);
-    }
+    let gguf = crate::planar::gguf_rows(ty, w, row_bytes, rows.clone());
     pack_panel_with(isa, ty, &gguf, row_bytes, 0..rows.len(), out);
 }
 
@@ -897,6 +892,7 @@ mod x86 {
         first: usize,
         out: &mut PackedPanel,
     ) {
+        use crate::planar::Slot;
         // SAFETY: the caller's bounds.
         let p = unsafe { Packing::new(f, w, row_bytes, first, out) };
         let nb = p.nb;
@@ -910,7 +906,7 @@ mod x86 {
             step: 2,
             high: true,
         };
-        let slots: Vec<(usize, u8)> = (0..nb).map(|b| crate::planar::code_slot(nb, b)).collect();
+        let slots: Vec<Slot> = (0..nb).map(|b| crate::planar::slot(nb, b).0).collect();
         let low = _mm_set1_epi8(0x0f);
         let high = _mm_set1_epi8(-16);
         let flip = _mm_set1_epi8(-128);
@@ -929,21 +925,22 @@ mod x86 {
                         let v = _mm_loadu_si128(row.add(QK * b + 16 * half).cast());
                         return _mm_xor_si128(v, flip);
                     }
-                    let (at, kind) = slots[b];
+                    let (at, high_half) = match slots[b] {
+                        Slot::Whole(at) => return _mm_loadu_si128(row.add(at).cast()),
+                        Slot::Low(at) => (at, false),
+                        Slot::High(at) => (at, true),
+                    };
                     let x = _mm_loadu_si128(row.add(at).cast());
-                    if kind == 2 {
-                        return x;
-                    }
                     let y = _mm_loadu_si128(row.add(at + 16).cast());
-                    if kind == 0 {
-                        _mm_or_si128(
-                            _mm_and_si128(x, low),
-                            _mm_and_si128(_mm_slli_epi16::<4>(y), high),
-                        )
-                    } else {
+                    if high_half {
                         _mm_or_si128(
                             _mm_and_si128(_mm_srli_epi16::<4>(x), low),
                             _mm_and_si128(y, high),
+                        )
+                    } else {
+                        _mm_or_si128(
+                            _mm_and_si128(x, low),
+                            _mm_and_si128(_mm_slli_epi16::<4>(y), high),
                         )
                     }
                 }

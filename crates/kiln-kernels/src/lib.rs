@@ -167,42 +167,18 @@ pub fn dot_block_with(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    assert!(
-        isa.is_available(),
-        "dot: this CPU cannot run {isa:?} kernels"
-    );
-    assert!(rows.start <= rows.end, "dot_block: bad row range {rows:?}");
-    let n_rows = rows.end - rows.start;
-    let Some(first) = xq.first() else { return };
-    for x in xq {
-        assert_eq!(
-            x.len(),
-            first.len(),
-            "dot_block: activation rows differ in length"
-        );
-    }
-    check_shape(weights, row_bytes, first);
-    let end = rows
-        .end
-        .checked_mul(row_bytes)
-        .filter(|&e| e <= w.len())
-        .unwrap_or_else(|| {
-            panic!(
-                "dot_block: {} bytes do not hold rows {rows:?} of {row_bytes} bytes",
-                w.len()
-            )
-        });
-    if n_rows == 0 {
+    let Some(rows_w) = checked_block(isa, weights, w, row_bytes, &rows, xq, out.len(), out_stride)
+    else {
         return;
-    }
-    check_output(n_rows, xq.len(), out.len(), out_stride);
+    };
+    let n_rows = rows.len();
     if refined_rows(xq) && !fuses_refined(isa, weights) {
         split_refined_block(xq, n_rows, out, out_stride, |split, scratch, stride| {
             dot_block_with(isa, weights, w, row_bytes, rows, split, scratch, stride)
         });
         return;
     }
-    let w = &w[rows.start * row_bytes..end];
+    let w = rows_w;
     if !has_simd(weights) || row_bytes == 0 {
         scalar_block(weights, w, row_bytes, n_rows, xq, out, out_stride);
         return;
@@ -240,6 +216,51 @@ pub fn dot_block_with(
         #[allow(unreachable_patterns)]
         _ => scalar_block(weights, w, row_bytes, n_rows, xq, out, out_stride),
     }
+}
+
+/// Checks the arguments of a [`dot_block_with`] call (or of [`planar::dot_block`]'s, whose
+/// rows take as many bytes), panicking as documented there, and returns the bytes of its rows,
+/// or `None` when there is nothing to compute (no rows or no activation rows).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn checked_block<'w>(
+    isa: Isa,
+    weights: GgmlType,
+    w: &'w [u8],
+    row_bytes: usize,
+    rows: &Range<usize>,
+    xq: &[QuantizedRow],
+    out_len: usize,
+    out_stride: usize,
+) -> Option<&'w [u8]> {
+    assert!(
+        isa.is_available(),
+        "dot: this CPU cannot run {isa:?} kernels"
+    );
+    assert!(rows.start <= rows.end, "dot_block: bad row range {rows:?}");
+    let first = xq.first()?;
+    for x in xq {
+        assert_eq!(
+            x.len(),
+            first.len(),
+            "dot_block: activation rows differ in length"
+        );
+    }
+    check_shape(weights, row_bytes, first);
+    let end = rows
+        .end
+        .checked_mul(row_bytes)
+        .filter(|&e| e <= w.len())
+        .unwrap_or_else(|| {
+            panic!(
+                "dot_block: {} bytes do not hold rows {rows:?} of {row_bytes} bytes",
+                w.len()
+            )
+        });
+    if rows.is_empty() {
+        return None;
+    }
+    check_output(rows.len(), xq.len(), out_len, out_stride);
+    Some(&w[rows.start * row_bytes..end])
 }
 
 /// Whether `isa`'s kernels for `weights` multiply refined activation rows
@@ -332,7 +353,7 @@ fn scalar_block(
 
 /// Panics unless `xq` is in the activation format of `weights` and `row_bytes` is exactly one
 /// row of `xq.len()` elements.
-pub(crate) fn check_shape(weights: GgmlType, row_bytes: usize, xq: &QuantizedRow) {
+fn check_shape(weights: GgmlType, row_bytes: usize, xq: &QuantizedRow) {
     let want = activation_format(weights);
     assert_eq!(
         xq.format(),

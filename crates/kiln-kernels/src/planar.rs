@@ -33,6 +33,7 @@ use std::ops::Range;
 use kiln_format::ggml::{f16_to_f32, GgmlType};
 
 use crate::activation::QuantizedRow;
+use crate::gemm_i8::{format, Format};
 use crate::Isa;
 
 /// Elements per block of every planar format.
@@ -40,43 +41,15 @@ const QK: usize = 32;
 /// Blocks per group of the code plane.
 const GROUP: usize = 4;
 
-/// The facts of one planar format: bytes per GGUF block, where its fields sit in the block.
-#[derive(Clone, Copy)]
-struct Fields {
-    block: usize,
-    min: Option<usize>,
-    qh: Option<usize>,
-    qs: usize,
-    eight_bit: bool,
-}
-
-fn fields(ty: GgmlType) -> Option<Fields> {
-    let (block, min, qh, qs, eight_bit) = match ty {
-        GgmlType::Q4_0 => (18, None, None, 2, false),
-        GgmlType::Q4_1 => (20, Some(2), None, 4, false),
-        GgmlType::Q5_0 => (22, None, Some(2), 6, false),
-        GgmlType::Q5_1 => (24, Some(2), Some(4), 8, false),
-        GgmlType::Q8_0 => (34, None, None, 2, true),
-        _ => return None,
-    };
-    Some(Fields {
-        block,
-        min,
-        qh,
-        qs,
-        eight_bit,
-    })
-}
-
 /// Whether `isa` has kernels for planar rows of `cols` elements of `ty`: AVX-512 VNNI, a
 /// 32-element format other than `IQ4_NL`, and whole blocks.
 pub fn supported(isa: Isa, ty: GgmlType, cols: usize) -> bool {
-    isa == Isa::Avx512Vnni && fields(ty).is_some() && cols > 0 && cols.is_multiple_of(QK)
+    isa == Isa::Avx512Vnni && format(ty).is_some() && cols > 0 && cols.is_multiple_of(QK)
 }
 
 /// Where the 4-bit codes of one block lie in a planar row's code plane.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Slot {
+pub(crate) enum Slot {
     /// The low nibbles of the 32-byte run at this offset.
     Low(usize),
     /// The high nibbles of the 32-byte run at this offset.
@@ -87,7 +60,7 @@ enum Slot {
 
 /// The slot of block `b` of a row of `nb` blocks (4-bit formats), and for a `Low` slot the
 /// block in the same run's high nibbles.
-fn slot(nb: usize, b: usize) -> (Slot, usize) {
+pub(crate) fn slot(nb: usize, b: usize) -> (Slot, usize) {
     let whole = nb / GROUP * GROUP;
     if b < whole {
         let (g, k) = (b / GROUP, b % GROUP);
@@ -108,23 +81,16 @@ fn slot(nb: usize, b: usize) -> (Slot, usize) {
 }
 
 /// The planar layout's offsets within a row of `nb` blocks: (fifth bits, scales, minimums).
-fn planes(f: Fields, nb: usize) -> (usize, usize, usize) {
-    let codes = nb * if f.eight_bit { QK } else { QK / 2 };
+fn planes(f: Format, nb: usize) -> (usize, usize, usize) {
+    let codes = nb * if eight_bit(f) { QK } else { QK / 2 };
     let qh = codes;
     let d = qh + if f.qh.is_some() { 4 * nb } else { 0 };
     (qh, d, d + 2 * nb)
 }
 
-/// Where block `b` of a 4-bit planar row of `nb` blocks keeps its codes: the offset in the
-/// code plane and 0 (the low nibbles of a 32-byte run), 1 (its high nibbles) or 2 (16 bytes as
-/// GGUF stores them).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) fn code_slot(nb: usize, b: usize) -> (usize, u8) {
-    match slot(nb, b).0 {
-        Slot::Low(at) => (at, 0),
-        Slot::High(at) => (at, 1),
-        Slot::Whole(at) => (at, 2),
-    }
+/// Whether the format's codes are whole bytes (`Q8_0`), not nibbles.
+fn eight_bit(f: Format) -> bool {
+    f.bias == 128
 }
 
 /// Rewrites `src`, whole GGUF rows of `cols` elements of `ty`, into planar rows in `dst` (the
@@ -143,7 +109,7 @@ pub fn pack_rows(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
     );
     let (qh_at, d_at, m_at) = planes(f, nb);
     for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
-        for (b, blk) in s.chunks_exact(f.block).enumerate() {
+        for (b, blk) in s.chunks_exact(f.bytes).enumerate() {
             d[d_at + 2 * b..d_at + 2 * b + 2].copy_from_slice(&blk[..2]);
             if let Some(m) = f.min {
                 d[m_at + 2 * b..m_at + 2 * b + 2].copy_from_slice(&blk[m..m + 2]);
@@ -151,7 +117,7 @@ pub fn pack_rows(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
             if let Some(h) = f.qh {
                 d[qh_at + 4 * b..qh_at + 4 * b + 4].copy_from_slice(&blk[h..h + 4]);
             }
-            if f.eight_bit {
+            if eight_bit(f) {
                 let codes: &[u8; QK] = blk[f.qs..f.qs + QK].try_into().expect("32 codes");
                 let out: &mut [u8; QK] = (&mut d[QK * b..QK * (b + 1)]).try_into().expect("32");
                 for (o, &q) in out.iter_mut().zip(codes) {
@@ -159,11 +125,11 @@ pub fn pack_rows(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
                 }
             }
         }
-        if f.eight_bit {
+        if eight_bit(f) {
             continue;
         }
         let qs = |b: usize| -> &[u8; 16] {
-            let at = b * f.block + f.qs;
+            let at = b * f.bytes + f.qs;
             s[at..at + 16].try_into().expect("16 code bytes")
         };
         for b in 0..nb {
@@ -195,7 +161,7 @@ pub fn unpack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
         "unpack_row: a row of {cols} elements is {row} bytes"
     );
     let (qh_at, d_at, m_at) = planes(f, nb);
-    for (b, blk) in dst.chunks_exact_mut(f.block).enumerate() {
+    for (b, blk) in dst.chunks_exact_mut(f.bytes).enumerate() {
         blk[..2].copy_from_slice(&src[d_at + 2 * b..d_at + 2 * b + 2]);
         if let Some(m) = f.min {
             blk[m..m + 2].copy_from_slice(&src[m_at + 2 * b..m_at + 2 * b + 2]);
@@ -203,7 +169,7 @@ pub fn unpack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
         if let Some(h) = f.qh {
             blk[h..h + 4].copy_from_slice(&src[qh_at + 4 * b..qh_at + 4 * b + 4]);
         }
-        if f.eight_bit {
+        if eight_bit(f) {
             let codes: &[u8; QK] = src[QK * b..QK * (b + 1)].try_into().expect("32 codes");
             let out: &mut [u8; QK] = (&mut blk[f.qs..f.qs + QK]).try_into().expect("32");
             for (o, &q) in out.iter_mut().zip(codes) {
@@ -211,7 +177,7 @@ pub fn unpack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
             }
         }
     }
-    if f.eight_bit {
+    if eight_bit(f) {
         return;
     }
     // Whole groups four blocks at a time (fixed-size runs, which the compiler vectorizes:
@@ -223,7 +189,7 @@ pub fn unpack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
             let run = 32 * (k % 2);
             let x: &[u8; 16] = v[run..run + 16].try_into().expect("16");
             let y: &[u8; 16] = v[run + 16..run + 32].try_into().expect("16");
-            let at = (GROUP * g + k) * f.block + f.qs;
+            let at = (GROUP * g + k) * f.bytes + f.qs;
             let out: &mut [u8; 16] = (&mut dst[at..at + 16]).try_into().expect("16");
             if k < 2 {
                 for j in 0..16 {
@@ -237,7 +203,7 @@ pub fn unpack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
         }
     }
     for b in groups * GROUP..nb {
-        let at_out = b * f.block + f.qs;
+        let at_out = b * f.bytes + f.qs;
         let out: &mut [u8; 16] = (&mut dst[at_out..at_out + 16]).try_into().expect("16");
         let (at, shift) = match slot(nb, b).0 {
             Slot::Whole(at) => {
@@ -273,16 +239,11 @@ pub fn dequantize_row(ty: GgmlType, cols: usize, src: &[u8], out: &mut [f32]) {
         return;
     }
     let (qh_at, d_at, m_at) = planes(f, nb);
-    let bias = match ty {
-        GgmlType::Q4_0 => 8,
-        GgmlType::Q5_0 => 16,
-        GgmlType::Q8_0 => 128,
-        _ => 0,
-    };
+    let bias = f.bias;
     let f16 = |at: usize| f16_to_f32(u16::from_le_bytes([src[at], src[at + 1]]));
     for (b, y) in out.chunks_exact_mut(QK).enumerate() {
         let mut u = [0u8; QK];
-        if f.eight_bit {
+        if eight_bit(f) {
             u.copy_from_slice(&src[QK * b..QK * (b + 1)]);
         } else {
             let (at, shift) = match slot(nb, b).0 {
@@ -323,14 +284,30 @@ pub fn dequantize_row(ty: GgmlType, cols: usize, src: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Rows `rows` of the planar rows `w` (`row_bytes` each, of `ty`) rewritten to GGUF bytes:
+/// what the levels without planar kernels multiply or pack.
+///
+/// # Panics
+/// If `ty` has no planar layout, `row_bytes` is not whole blocks of it, or `w` does not hold
+/// the rows.
+pub(crate) fn gguf_rows(ty: GgmlType, w: &[u8], row_bytes: usize, rows: Range<usize>) -> Vec<u8> {
+    let f = format(ty).unwrap_or_else(|| panic!("gguf_rows: {ty} has no planar layout"));
+    let cols = row_bytes / f.bytes * QK;
+    let mut gguf = vec![0u8; row_bytes * rows.len()];
+    for (r, dst) in rows.zip(gguf.chunks_exact_mut(row_bytes.max(1))) {
+        unpack_row(ty, cols, &w[r * row_bytes..(r + 1) * row_bytes], dst);
+    }
+    gguf
+}
+
 /// The format facts, blocks per row and bytes per row of rows of `cols` elements of `ty`.
-fn shape(ty: GgmlType, cols: usize, what: &str) -> (Fields, usize, usize) {
-    let f = fields(ty).unwrap_or_else(|| panic!("{what}: {ty} has no planar layout"));
+fn shape(ty: GgmlType, cols: usize, what: &str) -> (Format, usize, usize) {
+    let f = format(ty).unwrap_or_else(|| panic!("{what}: {ty} has no planar layout"));
     assert!(
         cols > 0 && cols.is_multiple_of(QK),
         "{what}: {cols} columns are not whole blocks"
     );
-    (f, cols / QK, cols / QK * f.block)
+    (f, cols / QK, cols / QK * f.bytes)
 }
 
 /// `out[t * out_stride + i] = row (rows.start + i) · xq[t]` for planar rows `w` of `ty`
@@ -353,43 +330,29 @@ pub fn dot_block(
 ) {
     let Some(first) = xq.first() else { return };
     let cols = first.len();
-    let f = fields(ty).expect("planar dot_block: a 32-element format");
+    let f = format(ty).expect("planar dot_block: a 32-element format");
     assert!(
-        cols.is_multiple_of(QK) && row_bytes == cols / QK * f.block,
+        cols.is_multiple_of(QK) && row_bytes == cols / QK * f.bytes,
         "planar dot_block: rows of {row_bytes} bytes are not {cols} elements of {ty:?}"
     );
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni {
-        assert!(
-            isa.is_available(),
-            "dot: this CPU cannot run {isa:?} kernels"
-        );
-        assert!(rows.start <= rows.end, "dot_block: bad row range {rows:?}");
-        for x in xq {
-            assert_eq!(x.len(), cols, "dot_block: activation rows differ in length");
-            crate::check_shape(ty, row_bytes, x);
-        }
-        let end = rows
-            .end
-            .checked_mul(row_bytes)
-            .filter(|&e| e <= w.len())
-            .unwrap_or_else(|| panic!("dot_block: rows {rows:?} exceed the weights"));
-        let n_rows = rows.end - rows.start;
-        if n_rows == 0 {
+        let Some(rows_w) =
+            crate::checked_block(isa, ty, w, row_bytes, &rows, xq, out.len(), out_stride)
+        else {
             return;
-        }
-        crate::check_output(n_rows, xq.len(), out.len(), out_stride);
+        };
         crate::refined_rows(xq);
-        // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI, FMA and F16C (is_available); `w` holds
-        // `n_rows` planar rows of `row_bytes`, each one row of every activation row (checked
-        // above: whole blocks of `ty`), in `ty`'s activation format; `out` has
-        // room for every (token, row) index (check_output).
+        // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI, FMA and F16C (is_available, in
+        // checked_block); `rows_w` holds the planar rows, each one row of every activation row
+        // (whole blocks of `ty`, checked above and by check_shape), in `ty`'s activation
+        // format; `out` has room for every (token, row) index (check_output).
         unsafe {
             crate::x86::avx512::planar::dot_block(
                 ty,
-                &w[rows.start * row_bytes..end],
+                rows_w,
                 row_bytes,
-                n_rows,
+                rows.len(),
                 xq,
                 out,
                 out_stride,
@@ -397,11 +360,7 @@ pub fn dot_block(
         };
         return;
     }
-    let mut gguf = vec![0u8; row_bytes * (rows.end - rows.start)];
-    for (i, dst) in gguf.chunks_exact_mut(row_bytes).enumerate() {
-        let r = rows.start + i;
-        unpack_row(ty, cols, &w[r * row_bytes..(r + 1) * row_bytes], dst);
-    }
+    let gguf = gguf_rows(ty, w, row_bytes, rows.clone());
     crate::dot_block_with(
         isa,
         ty,

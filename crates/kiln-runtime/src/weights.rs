@@ -185,15 +185,7 @@ impl WeightMatrix {
         })
     }
 
-    /// Rewrites the rows into the planar layout ([`kiln_kernels::planar`]) if this CPU's
-    /// kernels read it (and `KILN_REPACK` is not `0`): a copy, the mapped source released as it
-    /// is rewritten. Matrices cloned before keep the old rows. [`make_planar_all`] does many
-    /// at once.
-    pub fn make_planar(&mut self) {
-        make_planar_all(vec![self]);
-    }
-
-    /// The ggml format of the rows if [`WeightMatrix::make_planar`] would rewrite them.
+    /// The ggml format of the rows if [`make_planar_all`] would rewrite them.
     fn planar_candidate(&self) -> Option<GgmlType> {
         let TensorFormat::Ggml(ty) = self.format else {
             return None;
@@ -294,8 +286,10 @@ impl WeightMatrix {
     }
 }
 
-/// [`WeightMatrix::make_planar`] for every matrix of `ms`, in slices of about 8 MiB spread
-/// over the CPU's cores (the copies' page faults are most of a model's load time). Each slice's
+/// Rewrites every matrix of `ms` into the planar layout ([`kiln_kernels::planar`]) where this
+/// CPU's kernels read it (and `KILN_REPACK` is not `0`): a copy per matrix, which matrices
+/// cloned before do not share. The work goes in slices of about 8 MiB spread over the CPU's
+/// cores (the copies' page faults are most of a model's load time). Each slice's
 /// source is released once it is rewritten, and each matrix's whole source at the end (the
 /// pages two slices share), so the copies and their sources are never both resident.
 pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
