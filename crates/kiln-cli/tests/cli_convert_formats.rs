@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// transformers' float32 logits of the tiny model for [`IDS`], last position.
 fn tiny_reference_logits() -> Vec<f32> {
@@ -11,11 +11,8 @@ fn tiny_reference_logits() -> Vec<f32> {
     all[6 * 256..].to_vec()
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-formats-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmpdir(tag: &str) -> Scratch {
+    Scratch::new(&format!("cli-formats-{tag}"))
 }
 
 const IDS: &str = "1,2,3,4,5,77,200";

@@ -4,14 +4,8 @@
 mod common;
 use common::*;
 
-use std::path::PathBuf;
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("kiln-cli-export-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmpdir(tag: &str) -> Scratch {
+    Scratch::new(&format!("kiln-cli-export-{}-{tag}", std::process::id()))
 }
 
 /// One prefill call of `ids` with its causal mask, as a `kiln predict` calls file.

@@ -12,12 +12,8 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("cli-mlpackage-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmpdir(tag: &str) -> Scratch {
+    Scratch::new(&format!("cli-mlpackage-{}-{tag}", std::process::id()))
 }
 
 const CONTEXT: usize = 128;
@@ -28,7 +24,7 @@ const MAX_QUERY: usize = 16;
 fn smollm2_package() -> &'static Path {
     static PKG: OnceLock<PathBuf> = OnceLock::new();
     PKG.get_or_init(|| {
-        let pkg = tmpdir("export").join("smollm2.mlpackage");
+        let pkg = tmpdir("export").keep().join("smollm2.mlpackage");
         export_smollm2(&pkg, &[]);
         pkg
     })

@@ -6,11 +6,8 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-package-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmpdir(tag: &str) -> Scratch {
+    Scratch::new(&format!("cli-package-{tag}"))
 }
 
 fn perplexity(model: &Path) -> f64 {
@@ -161,7 +158,7 @@ fn assert_stored_in_use_order(pkg: &Path) {
 
 /// A small package from the tiny Hugging Face folder, for damage tests.
 fn tiny_package(tag: &str) -> PathBuf {
-    let pkg = tmpdir(tag).join("tiny.kiln");
+    let pkg = tmpdir(tag).keep().join("tiny.kiln");
     kiln_ok(&[
         "convert",
         s(&tiny_hf()),
@@ -249,7 +246,7 @@ fn damaged_packages_exit_2_with_the_fault_named() {
     assert_bad_input(&kiln(&["verify", s(&pkg)]), &["shard-00001.bin", "missing"]);
 
     // A version 1 package with I8_CH tensors (their rows were laid out differently then).
-    let pkg = tmpdir("v1-i8").join("tiny.kiln");
+    let pkg = tmpdir("v1-i8").keep().join("tiny.kiln");
     let src = tiny_hf();
     let args = ["convert", s(&src), "-o", s(&pkg), "--quant", "int8-channel"];
     kiln_ok(&[&args[..], &["--keep", "none"]].concat());

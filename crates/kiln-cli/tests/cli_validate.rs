@@ -26,11 +26,8 @@ fn reference_ppl(model: &str) -> f64 {
     v["perplexity"]["ppl"].as_f64().unwrap()
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-validate-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmpdir(tag: &str) -> Scratch {
+    Scratch::new(&format!("cli-validate-{tag}"))
 }
 
 /// Two short prompts, as a JSON list (the second spans lines).

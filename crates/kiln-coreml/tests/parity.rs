@@ -19,6 +19,24 @@ const GREEDY_STEPS: usize = 6;
 /// The reference's near-tie threshold between its two best logits.
 const NEAR_TIE: f64 = 0.1;
 
+/// A folder under cargo's test temp dir, removed when the test ends (passing or not).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -206,9 +224,9 @@ fn parity(
         ("lut4-block32", WeightFormat::Lut4Block32),
     ];
     let mut failures = Vec::new();
+    let scratch = Scratch::new(&format!("parity-{reference}"));
+    let dir = &scratch.0;
     for (name, weights) in formats {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("parity-{reference}"));
-        std::fs::create_dir_all(&dir).unwrap();
         let dest = dir.join(format!("{reference}-{name}.mlpackage"));
         let opts = ExportOptions {
             context: 64,
@@ -278,6 +296,9 @@ fn parity(
                 ));
             }
         }
+        // One package on disk at a time: Gemma 3's are up to 0.9 GB each.
+        drop((exec, pkg));
+        std::fs::remove_dir_all(&dest).unwrap();
     }
     // A package whose RMSNorm statistics are fp16 too, as an fp16 device runs it.
     if let Some(PureFp16 {
@@ -286,7 +307,6 @@ fn parity(
     }) = pure_fp16
     {
         let case = &cases[pure];
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("parity-{reference}"));
         let dest = dir.join(format!("{reference}-precision-fp16.mlpackage"));
         let opts = ExportOptions {
             context: 64,

@@ -92,3 +92,43 @@ pub fn smollm2() -> PathBuf {
 pub fn tiny_hf() -> PathBuf {
     repo().join("../shared/reference/coreml/tiny_llama_hf")
 }
+
+/// A test's working folder under cargo's test temp dir, removed when the test ends (passing or
+/// not): the suite writes several GB of packages in all, more than a CI disk may hold at once.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A fresh, empty `CARGO_TARGET_TMPDIR/name`.
+    pub fn new(name: &str) -> Scratch {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// The folder, left in place: for small fixtures and for what several tests share.
+    pub fn keep(self) -> PathBuf {
+        let dir = self.0.clone();
+        std::mem::forget(self);
+        dir
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
