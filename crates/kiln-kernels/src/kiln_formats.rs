@@ -94,6 +94,8 @@ pub struct KilnMatrix<'a> {
     /// Rows per table of a lookup-table format (`rows` for a tensor-wide one; 1 otherwise):
     /// a kernel finds a row's table without going through the shape again.
     pub(crate) group_rows: u32,
+    /// Whether the rows are planar ([`crate::planar::lut4_b32`]) rather than as stored.
+    pub(crate) planar: bool,
 }
 
 impl<'a> KilnMatrix<'a> {
@@ -107,7 +109,35 @@ impl<'a> KilnMatrix<'a> {
             cols,
             row_bytes: ty.row_bytes(cols)?,
             group_rows: u32::try_from(ty.group_rows(rows).unwrap_or(1)).ok()?,
+            planar: false,
         })
+    }
+
+    /// As [`KilnMatrix::new`], for a tensor whose rows were rewritten into the planar layout
+    /// ([`crate::planar::lut4_b32::pack_rows`]; the tables after them as stored), or `None`
+    /// if `ty` has no planar layout or `data` is not the shape's size.
+    pub fn new_planar(ty: KilnType, data: &'a [u8], rows: usize, cols: usize) -> Option<Self> {
+        let m = Self::new(ty, data, rows, cols)?;
+        let whole = cols > 0 && cols.is_multiple_of(CHUNK);
+        (matches!(ty, KilnType::Lut4B32 { .. }) && whole)
+            .then_some(KilnMatrix { planar: true, ..m })
+    }
+
+    /// Whether the rows are in the planar layout.
+    pub fn is_planar(&self) -> bool {
+        self.planar
+    }
+
+    /// Row `r` of a planar tensor as a one-row tensor in the stored layout (the row rewritten
+    /// into `buf`, its table after it): what the code without planar kernels reads.
+    fn stored_row<'b>(&self, r: usize, buf: &'b mut Vec<u8>) -> KilnMatrix<'b> {
+        debug_assert!(self.planar);
+        buf.clear();
+        buf.resize(self.row_bytes, 0);
+        crate::planar::lut4_b32::unpack_row(self.cols, self.row(r), buf);
+        buf.extend_from_slice(self.lut4_b32_table(r));
+        KilnMatrix::new(KilnType::Lut4B32 { group: None }, buf, 1, self.cols)
+            .expect("one stored row and its table")
     }
 
     /// The format.
@@ -215,6 +245,15 @@ pub fn dot_block_with(
         return;
     }
     crate::check_output(n_rows, xq.len(), out.len(), out_stride);
+    if w.planar && !crate::planar::lut4_b32::supported(isa, w.ty, w.cols) {
+        // Only the AVX-512 kernel reads planar rows: the others take each row rewritten.
+        let mut buf = Vec::new();
+        for (k, r) in rows.enumerate() {
+            let one = w.stored_row(r, &mut buf);
+            dot_block_with(isa, &one, 0..1, xq, &mut out[k..], out_stride);
+        }
+        return;
+    }
     if crate::refined_rows(xq) && !fuses_refined(isa, w.ty) {
         crate::split_refined_block(xq, n_rows, out, out_stride, |split, scratch, stride| {
             dot_block_with(isa, w, rows, split, scratch, stride)
@@ -282,6 +321,11 @@ pub fn dequantize_row_with(isa: Isa, w: &KilnMatrix, r: usize, out: &mut [f32]) 
         out.len(),
         w.cols
     );
+    if w.planar && !crate::planar::lut4_b32::supported(isa, w.ty, w.cols) {
+        let mut buf = Vec::new();
+        let one = w.stored_row(r, &mut buf);
+        return dequantize_row_with(isa, &one, 0, out);
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::x86::kiln_formats::has_dequantize(isa, w.ty) {
         // SAFETY: the CPU has `isa` (asserted above), `w` is a checked tensor, row `r` lies
@@ -323,6 +367,10 @@ pub(crate) fn fold(w: &KilnMatrix, r: usize, x: &QuantizedRow) -> (f64, f64) {
         let [high, low] = x.split_refined();
         let ((s0, m0), (s1, m1)) = (fold(w, r, &high), fold(w, r, &low));
         return (s0 + s1, m0 + m1);
+    }
+    if w.planar {
+        let mut buf = Vec::new();
+        return fold(&w.stored_row(r, &mut buf), 0, x);
     }
     let row = w.row(r);
     match w.ty {

@@ -132,21 +132,72 @@ pub fn pack_rows(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
             let at = b * f.bytes + f.qs;
             s[at..at + 16].try_into().expect("16 code bytes")
         };
-        for b in 0..nb {
-            match slot(nb, b) {
-                (Slot::Low(at), high) => {
-                    // A GGUF byte j holds elements j and j + 16 of its block.
-                    let (lo, hi) = (qs(b), qs(high));
-                    let (first, second) = d[at..at + 32].split_at_mut(16);
-                    for j in 0..16 {
-                        first[j] = (lo[j] & 0x0f) | (hi[j] << 4);
-                        second[j] = (lo[j] >> 4) | (hi[j] & 0xf0);
-                    }
+        pack_codes4(nb, qs, &mut d[..nb * QK / 2]);
+    }
+}
+
+/// Writes the 4-bit code plane of a row of `nb` blocks into `plane` (`16 · nb` bytes), block
+/// `b`'s 16 code bytes as GGUF stores them (byte `j`: elements `j` and `j + 16`) given by
+/// `qs(b)`.
+fn pack_codes4<'a>(nb: usize, qs: impl Fn(usize) -> &'a [u8; 16], plane: &mut [u8]) {
+    for b in 0..nb {
+        match slot(nb, b) {
+            (Slot::Low(at), high) => {
+                let (lo, hi) = (qs(b), qs(high));
+                let (first, second) = plane[at..at + 32].split_at_mut(16);
+                for j in 0..16 {
+                    first[j] = (lo[j] & 0x0f) | (hi[j] << 4);
+                    second[j] = (lo[j] >> 4) | (hi[j] & 0xf0);
                 }
-                (Slot::High(_), _) => {}
-                (Slot::Whole(at), _) => d[at..at + 16].copy_from_slice(qs(b)),
             }
+            (Slot::High(_), _) => {}
+            (Slot::Whole(at), _) => plane[at..at + 16].copy_from_slice(qs(b)),
         }
+    }
+}
+
+/// Reads the 4-bit code plane of a row of `nb` blocks back: `out(b, q)` receives block `b`'s
+/// 16 code bytes `q` as GGUF stores them.
+fn unpack_codes4(nb: usize, plane: &[u8], mut out: impl FnMut(usize, [u8; 16])) {
+    // Whole groups four blocks at a time (fixed-size runs, which the compiler vectorizes:
+    // prompts rewrite every row of a matrix this way before packing it), then the rest.
+    let groups = nb / GROUP;
+    for g in 0..groups {
+        let v: &[u8; 64] = plane[64 * g..64 * (g + 1)]
+            .try_into()
+            .expect("64 code bytes");
+        for k in 0..GROUP {
+            let run = 32 * (k % 2);
+            let x: &[u8; 16] = v[run..run + 16].try_into().expect("16");
+            let y: &[u8; 16] = v[run + 16..run + 32].try_into().expect("16");
+            let mut q = [0u8; 16];
+            if k < 2 {
+                for j in 0..16 {
+                    q[j] = (x[j] & 0x0f) | (y[j] << 4);
+                }
+            } else {
+                for j in 0..16 {
+                    q[j] = (x[j] >> 4) | (y[j] & 0xf0);
+                }
+            }
+            out(GROUP * g + k, q);
+        }
+    }
+    for b in groups * GROUP..nb {
+        let (at, shift) = match slot(nb, b).0 {
+            Slot::Whole(at) => {
+                out(b, plane[at..at + 16].try_into().expect("16"));
+                continue;
+            }
+            Slot::Low(at) => (at, 0),
+            Slot::High(at) => (at, 4),
+        };
+        let (x, y) = (&plane[at..at + 16], &plane[at + 16..at + 32]);
+        let mut q = [0u8; 16];
+        for j in 0..16 {
+            q[j] = ((x[j] >> shift) & 0x0f) | (((y[j] >> shift) & 0x0f) << 4);
+        }
+        out(b, q);
     }
 }
 
@@ -180,44 +231,10 @@ pub fn unpack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
     if eight_bit(f) {
         return;
     }
-    // Whole groups four blocks at a time (fixed-size runs, which the compiler vectorizes:
-    // prompts rewrite every row of a matrix this way before packing it), then the rest.
-    let groups = nb / GROUP;
-    for g in 0..groups {
-        let v: &[u8; 64] = src[64 * g..64 * (g + 1)].try_into().expect("64 code bytes");
-        for k in 0..GROUP {
-            let run = 32 * (k % 2);
-            let x: &[u8; 16] = v[run..run + 16].try_into().expect("16");
-            let y: &[u8; 16] = v[run + 16..run + 32].try_into().expect("16");
-            let at = (GROUP * g + k) * f.bytes + f.qs;
-            let out: &mut [u8; 16] = (&mut dst[at..at + 16]).try_into().expect("16");
-            if k < 2 {
-                for j in 0..16 {
-                    out[j] = (x[j] & 0x0f) | (y[j] << 4);
-                }
-            } else {
-                for j in 0..16 {
-                    out[j] = (x[j] >> 4) | (y[j] & 0xf0);
-                }
-            }
-        }
-    }
-    for b in groups * GROUP..nb {
-        let at_out = b * f.bytes + f.qs;
-        let out: &mut [u8; 16] = (&mut dst[at_out..at_out + 16]).try_into().expect("16");
-        let (at, shift) = match slot(nb, b).0 {
-            Slot::Whole(at) => {
-                out.copy_from_slice(&src[at..at + 16]);
-                continue;
-            }
-            Slot::Low(at) => (at, 0),
-            Slot::High(at) => (at, 4),
-        };
-        let (x, y) = (&src[at..at + 16], &src[at + 16..at + 32]);
-        for j in 0..16 {
-            out[j] = ((x[j] >> shift) & 0x0f) | (((y[j] >> shift) & 0x0f) << 4);
-        }
-    }
+    unpack_codes4(nb, &src[..nb * QK / 2], |b, q| {
+        let at = b * f.bytes + f.qs;
+        dst[at..at + 16].copy_from_slice(&q);
+    });
 }
 
 /// Dequantizes one planar row `src` of `cols` elements of `ty` into `out`: exactly the values
@@ -371,4 +388,122 @@ pub fn dot_block(
         out,
         out_stride,
     );
+}
+
+/// The planar layout of the kiln format `LUT4_B32` (and its grouped variants): each row's
+/// 8-byte header of units as stored, then the same 4-bit code plane as the ggml formats (the
+/// blocks' 16 index bytes each, in runs), then the parameter codes: per group of four blocks
+/// their four scale codes and then their four offset codes, and for the `t` blocks after the
+/// last group their `t` scale codes and then their `t` offset codes. The tables after the
+/// last row stay as they are.
+///
+/// A stored `LUT4_B32` block interleaves its two parameter codes with its indices (18 bytes),
+/// which the AVX-512 kernel gathered with three byte permutes per four blocks; planar rows let
+/// it load four blocks' indices with one read and their eight parameter codes with another,
+/// converted to f32 by two instructions.
+pub mod lut4_b32 {
+    use super::{pack_codes4, unpack_codes4, QK};
+    use kiln_format::kiln_types::{KilnType, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER};
+
+    use crate::Isa;
+
+    /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements: `LUT4_B32` on
+    /// AVX-512 VNNI with VBMI (its table lookups are `vpermb`).
+    pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            isa == Isa::Avx512Vnni
+                && crate::x86::kiln_formats::has_vbmi()
+                && matches!(ty, KilnType::Lut4B32 { .. })
+                && cols > 0
+                && cols.is_multiple_of(QK)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, ty, cols);
+            false
+        }
+    }
+
+    /// Where the parameter codes of a planar row of `nb` blocks start.
+    pub(crate) fn params(nb: usize) -> usize {
+        LUT4_B32_ROW_HEADER + nb * QK / 2
+    }
+
+    /// The offsets of block `b`'s scale and offset codes from the parameter codes' start.
+    pub(crate) fn param_slots(nb: usize, b: usize) -> (usize, usize) {
+        let whole = nb / 4 * 4;
+        if b < whole {
+            (2 * (b & !3) + (b & 3), 2 * (b & !3) + 4 + (b & 3))
+        } else {
+            (
+                2 * whole + (b - whole),
+                2 * whole + (nb - whole) + (b - whole),
+            )
+        }
+    }
+
+    /// Blocks per row of `cols` elements, and the row's bytes (the same in both layouts).
+    fn shape(cols: usize, what: &str) -> (usize, usize) {
+        assert!(
+            cols > 0 && cols.is_multiple_of(QK),
+            "{what}: {cols} columns are not whole LUT4_B32 blocks"
+        );
+        let nb = cols / QK;
+        (nb, LUT4_B32_ROW_HEADER + nb * LUT4_B32_BLOCK_BYTES)
+    }
+
+    /// Rewrites `src`, whole stored `LUT4_B32` rows of `cols` elements (no tables), into
+    /// planar rows in `dst` (the same length).
+    ///
+    /// # Panics
+    /// If `cols` is not whole blocks or the buffers are not whole rows of the same length.
+    pub fn pack_rows(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let (nb, row) = shape(cols, "lut4_b32::pack_rows");
+        assert!(
+            src.len() == dst.len() && src.len().is_multiple_of(row),
+            "lut4_b32::pack_rows: {} bytes into {} are not whole rows of {row}",
+            src.len(),
+            dst.len()
+        );
+        let params = params(nb);
+        for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
+            d[..LUT4_B32_ROW_HEADER].copy_from_slice(&s[..LUT4_B32_ROW_HEADER]);
+            let blocks = &s[LUT4_B32_ROW_HEADER..];
+            for (b, blk) in blocks.chunks_exact(LUT4_B32_BLOCK_BYTES).enumerate() {
+                let (a, o) = param_slots(nb, b);
+                d[params + a] = blk[0];
+                d[params + o] = blk[1];
+            }
+            let qs = |b: usize| -> &[u8; 16] {
+                let at = b * LUT4_B32_BLOCK_BYTES + 2;
+                blocks[at..at + 16].try_into().expect("16 index bytes")
+            };
+            pack_codes4(nb, qs, &mut d[LUT4_B32_ROW_HEADER..params]);
+        }
+    }
+
+    /// Rewrites one planar row `src` of `cols` elements back into its stored bytes in `dst`.
+    ///
+    /// # Panics
+    /// As [`pack_rows`], for one row.
+    pub fn unpack_row(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let (nb, row) = shape(cols, "lut4_b32::unpack_row");
+        assert!(
+            src.len() == row && dst.len() == row,
+            "lut4_b32::unpack_row: a row of {cols} elements is {row} bytes"
+        );
+        let params = params(nb);
+        dst[..LUT4_B32_ROW_HEADER].copy_from_slice(&src[..LUT4_B32_ROW_HEADER]);
+        let blocks = &mut dst[LUT4_B32_ROW_HEADER..];
+        for (b, blk) in blocks.chunks_exact_mut(LUT4_B32_BLOCK_BYTES).enumerate() {
+            let (a, o) = param_slots(nb, b);
+            blk[0] = src[params + a];
+            blk[1] = src[params + o];
+        }
+        unpack_codes4(nb, &src[LUT4_B32_ROW_HEADER..params], |b, q| {
+            let at = b * LUT4_B32_BLOCK_BYTES + 2;
+            blocks[at..at + 16].copy_from_slice(&q);
+        });
+    }
 }

@@ -9,7 +9,7 @@
 
 use crate::kernels::IntegerProduct;
 use crate::weights::WeightMatrix;
-use kiln_kernels::kiln_formats::{self, KilnMatrix};
+use kiln_kernels::kiln_formats;
 
 /// The decode product of a kiln-format `w`: its activation format and tiled kernel, for
 /// [`crate::kernels::quantized_products`] (which quantizes the activations, adds the residual
@@ -18,9 +18,8 @@ use kiln_kernels::kiln_formats::{self, KilnMatrix};
 /// # Panics
 /// If `w` is not in a kiln format.
 pub(crate) fn product(w: &WeightMatrix) -> IntegerProduct<'_> {
-    let ty = w.kiln_format().expect("kiln-format weights");
-    let (rows, cols) = (w.rows(), w.cols());
-    let m = KilnMatrix::new(ty, w.data(), rows, cols).expect("shape validated at load");
+    let m = w.kiln_matrix();
+    let (ty, rows) = (m.format(), m.rows());
     IntegerProduct {
         fuses_refined: kiln_formats::fuses_refined(kiln_kernels::detect(), ty),
         rows,

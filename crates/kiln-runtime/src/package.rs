@@ -44,6 +44,10 @@ impl WeightStorage for PackageFile {
     fn bytes(&self) -> &[u8] {
         PackageFile::bytes(self)
     }
+
+    fn release(&self, range: std::ops::Range<usize>) {
+        self.release_range(range);
+    }
 }
 
 /// The tensors of an open package.

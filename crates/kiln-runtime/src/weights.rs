@@ -185,19 +185,45 @@ impl WeightMatrix {
         })
     }
 
-    /// The ggml format of the rows if [`make_planar_all`] would rewrite them.
-    fn planar_candidate(&self) -> Option<GgmlType> {
-        let TensorFormat::Ggml(ty) = self.format else {
-            return None;
-        };
-        (!self.planar
+    /// Whether [`make_planar_all`] would rewrite the rows.
+    fn planar_candidate(&self) -> bool {
+        let isa = kiln_kernels::detect();
+        !self.planar
             && repack_enabled()
-            && kiln_kernels::planar::supported(kiln_kernels::detect(), ty, self.cols))
-        .then_some(ty)
+            && match self.format {
+                TensorFormat::Ggml(ty) => kiln_kernels::planar::supported(isa, ty, self.cols),
+                TensorFormat::Kiln(ty) => {
+                    kiln_kernels::planar::lut4_b32::supported(isa, ty, self.cols)
+                }
+            }
+    }
+
+    /// Rewrites whole rows `src` of this matrix's format into planar rows in `dst`.
+    fn pack_planar(format: TensorFormat, cols: usize, src: &[u8], dst: &mut [u8]) {
+        match format {
+            TensorFormat::Ggml(ty) => kiln_kernels::planar::pack_rows(ty, cols, src, dst),
+            TensorFormat::Kiln(_) => kiln_kernels::planar::lut4_b32::pack_rows(cols, src, dst),
+        }
+    }
+
+    /// The kernels' view of a kiln-format matrix (planar rows or as stored).
+    ///
+    /// # Panics
+    /// If the matrix is in a ggml format.
+    pub(crate) fn kiln_matrix(&self) -> kiln_kernels::kiln_formats::KilnMatrix<'_> {
+        use kiln_kernels::kiln_formats::KilnMatrix;
+        let ty = self.kiln_format().expect("kiln-format weights");
+        let (data, rows, cols) = (self.data(), self.rows, self.cols);
+        if self.planar {
+            KilnMatrix::new_planar(ty, data, rows, cols)
+        } else {
+            KilnMatrix::new(ty, data, rows, cols)
+        }
+        .expect("shape validated at load")
     }
 
     /// Whether the rows are in the planar layout ([`kiln_kernels::planar`]) rather than as
-    /// stored (then [`WeightMatrix::data`] returns planar rows of the ggml format).
+    /// stored (then [`WeightMatrix::data`] returns planar rows of the format).
     pub fn is_planar(&self) -> bool {
         self.planar
     }
@@ -271,16 +297,9 @@ impl WeightMatrix {
             TensorFormat::Ggml(t) => {
                 ggml::dequantize(t, self.row_data(r), out).expect("row size validated at load")
             }
-            TensorFormat::Kiln(t) => {
+            TensorFormat::Kiln(_) => {
                 // The kernel crate's dequantization: the same values, SIMD where it has any.
-                let m = kiln_kernels::kiln_formats::KilnMatrix::new(
-                    t,
-                    self.data(),
-                    self.rows,
-                    self.cols,
-                )
-                .expect("shape validated at load");
-                kiln_kernels::kiln_formats::dequantize_row(&m, r, out)
+                kiln_kernels::kiln_formats::dequantize_row(&self.kiln_matrix(), r, out)
             }
         }
     }
@@ -294,19 +313,21 @@ impl WeightMatrix {
 /// pages two slices share), so the copies and their sources are never both resident.
 pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
     const SLICE: usize = 8 << 20;
-    let mut ms: Vec<(&mut WeightMatrix, GgmlType)> = ms
-        .into_iter()
-        .filter_map(|m| m.planar_candidate().map(|ty| (m, ty)))
-        .collect();
-    ms.sort_by_key(|(m, _)| std::cmp::Reverse(m.n_bytes()));
-    let mut copies: Vec<Vec<u8>> = ms.iter().map(|(m, _)| vec![0u8; m.n_bytes()]).collect();
+    let mut ms: Vec<&mut WeightMatrix> = ms.into_iter().filter(|m| m.planar_candidate()).collect();
+    ms.sort_by_key(|m| std::cmp::Reverse(m.n_bytes()));
+    let mut copies: Vec<Vec<u8>> = ms.iter().map(|m| vec![0u8; m.n_bytes()]).collect();
     {
         let mut jobs = Vec::new();
-        for ((m, ty), copy) in ms.iter().zip(copies.iter_mut()) {
+        for (m, copy) in ms.iter().zip(copies.iter_mut()) {
+            // The rows; a lookup-table format's tables after them stay as they are.
+            let body = m.rows * m.row_bytes;
+            let (copy, tables) = copy.split_at_mut(body);
+            tables.copy_from_slice(&m.data()[body..]);
             let step = m.row_bytes * SLICE.div_ceil(m.row_bytes);
-            for (i, (src, dst)) in m.data().chunks(step).zip(copy.chunks_mut(step)).enumerate() {
+            let rows = &m.data()[..body];
+            for (i, (src, dst)) in rows.chunks(step).zip(copy.chunks_mut(step)).enumerate() {
                 let at = m.offset + i * step;
-                jobs.push((*ty, m.cols, src, dst, &m.storage, at));
+                jobs.push((m.format, m.cols, src, dst, &m.storage, at));
             }
         }
         // Taken from the end: the largest matrices first.
@@ -316,10 +337,10 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
             .min(jobs.len());
         let queue = std::sync::Mutex::new(jobs);
         let work = || {
-            while let Some((ty, cols, src, dst, storage, at)) =
+            while let Some((format, cols, src, dst, storage, at)) =
                 queue.lock().unwrap_or_else(|e| e.into_inner()).pop()
             {
-                kiln_kernels::planar::pack_rows(ty, cols, src, dst);
+                WeightMatrix::pack_planar(format, cols, src, dst);
                 storage.release(at..at + src.len());
             }
         };
@@ -330,7 +351,7 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
             work();
         });
     }
-    for ((m, _), copy) in ms.iter_mut().zip(copies) {
+    for (m, copy) in ms.iter_mut().zip(copies) {
         m.storage.release(m.offset..m.offset + m.n_bytes());
         m.storage = Arc::new(copy);
         m.offset = 0;
@@ -411,4 +432,86 @@ pub fn load_optional_vector(
         return Ok(None);
     }
     load_vector(source, name, len).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_kernels::kiln_formats;
+
+    /// A `rows` × `cols` `LUT4_B32` matrix in memory: varied units, parameter codes and
+    /// indices, one table of ascending entries.
+    fn lut4_b32_matrix(rows: usize, cols: usize) -> WeightMatrix {
+        let ty = KilnType::Lut4B32 { group: None };
+        let mut data = Vec::new();
+        let mut seed = 12345u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (seed >> 16) as u8
+        };
+        for r in 0..rows {
+            data.extend_from_slice(&(0.01 + r as f32 * 1e-3).to_le_bytes());
+            data.extend_from_slice(&(-0.003f32).to_le_bytes());
+            for _ in 0..cols / 32 * 18 {
+                data.push(next());
+            }
+        }
+        data.extend((0..16u8).map(|k| k * 8));
+        kiln_types::check_data(ty, &data, rows, cols).expect("a valid tensor");
+        WeightMatrix {
+            row_bytes: ty.row_bytes(cols).unwrap(),
+            storage: Arc::new(data),
+            offset: 0,
+            format: TensorFormat::Kiln(ty),
+            rows,
+            cols,
+            planar: false,
+        }
+    }
+
+    /// `LUT4_B32` matrices are rewritten into planar rows where the CPU's kernels read them,
+    /// and dequantize and multiply exactly as before (every block count past the last group
+    /// of four: 0 to 3).
+    #[test]
+    fn lut4_b32_planar_rows_compute_what_stored_rows_do() {
+        for cols in [128, 160, 192, 224] {
+            let stored = lut4_b32_matrix(9, cols);
+            let mut planar = stored.clone();
+            make_planar_all(vec![&mut planar]);
+            let ty = stored.kiln_format().unwrap();
+            let isa = kiln_kernels::detect();
+            assert_eq!(
+                planar.is_planar(),
+                repack_enabled() && kiln_kernels::planar::lut4_b32::supported(isa, ty, cols)
+            );
+            let x: Vec<f32> = (0..cols)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.1)
+                .collect();
+            let mut xq = kiln_kernels::QuantizedRow::new();
+            kiln_kernels::quantize_row_refined(&x, &mut xq);
+            let (mut a, mut b) = (vec![0.0f32; 9], vec![0.0f32; 9]);
+            kiln_formats::dot_block(
+                &stored.kiln_matrix(),
+                0..9,
+                std::slice::from_ref(&xq),
+                &mut a,
+                9,
+            );
+            kiln_formats::dot_block(
+                &planar.kiln_matrix(),
+                0..9,
+                std::slice::from_ref(&xq),
+                &mut b,
+                9,
+            );
+            assert_eq!(a, b, "{cols} columns");
+            assert!(a.iter().any(|&v| v != 0.0));
+            let (mut ra, mut rb) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+            for r in 0..9 {
+                stored.dequantize_row(r, &mut ra);
+                planar.dequantize_row(r, &mut rb);
+                assert_eq!(ra, rb, "row {r} of {cols} columns");
+            }
+        }
+    }
 }

@@ -77,6 +77,12 @@ impl PackageFile {
     pub fn bytes(&self) -> &[u8] {
         self.storage.bytes()
     }
+
+    /// Drops the pages of `range` from resident memory where the shard is mapped (they read
+    /// back unchanged, from the page cache or the file): for a reader that has copied them.
+    pub fn release_range(&self, range: std::ops::Range<usize>) {
+        self.storage.release(range);
+    }
 }
 
 /// Where one tensor's checked data lies.

@@ -485,23 +485,16 @@ unsafe fn leg_unpack<const F: u8, const N: usize>(
     (d, m, u[0], u[1])
 }
 
-/// Blocks `b..b + N` (N ≤ 4) of the planar row at `row` ([`crate::planar`]), `nb` blocks
-/// long, as [`leg_unpack`] gives them for a GGUF row: scales, offsets and unsigned codes (zero
-/// beyond `N`).
+/// The 4-bit codes of blocks `b..b + N` (N ≤ 4) of a planar code plane
+/// ([`crate::planar`]), read at `codes` (where block `b`'s run starts: `16 · b` bytes into the
+/// plane), as unsigned values in element order, two blocks per register (zero beyond `N`).
 ///
 /// # Safety
-/// `row` starts a planar row of `nb` blocks of format `F` (not `IQ4_NL`); `b` is a multiple of
-/// 4 and `b + N <= nb`, with `N == 4` unless `b + N == nb` (the blocks after the last whole
-/// group).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+/// `b` is a multiple of 4 and `N == 4` unless blocks `b..b + N` are the last of the row; their
+/// `16 · N` bytes of runs are readable at `codes`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 #[inline]
-unsafe fn leg_unpack_planar<const F: u8, const N: usize>(
-    row: *const u8,
-    nb: usize,
-    b: usize,
-) -> (__m128, __m128, __m512i, __m512i) {
-    let code_bytes = if F == leg::Q8_0 { QK } else { QK / 2 };
-    let qh_bytes = if leg::is_q5(F) { 4 * nb } else { 0 };
+pub(super) unsafe fn planar_codes4<const N: usize>(codes: *const u8) -> (__m512i, __m512i) {
     let low = _mm512_set1_epi8(0x0f);
     // A block stored whole (16 GGUF code bytes at `p`: elements j and j + 16 in byte j) as
     // 32 codes in element order in the low half of a register.
@@ -512,15 +505,10 @@ unsafe fn leg_unpack_planar<const F: u8, const N: usize>(
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), _mm_set1_epi8(0x0f));
         _mm512_zextsi256_si512(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
     };
-    // SAFETY: blocks b..b + N of the row: their codes (N · code_bytes bytes from
-    // b · code_bytes, by the layout's runs), fifth bits (4 bytes each) and scales and minimums
-    // (2 bytes each, masked to N) lie within the row; nothing beyond them is read.
+    // SAFETY: the runs of the N blocks (64 bytes for a group, a 32-byte pair run and a
+    // 16-byte single block after the last group) are readable (the caller's guarantee).
     unsafe {
-        let codes = row.add(b * code_bytes);
-        let (mut u01, mut u23) = if F == leg::Q8_0 {
-            let (x01, x23) = block_codes_512::<N>(codes.cast());
-            (x01, x23)
-        } else if N == 4 {
+        if N == 4 {
             let v = _mm512_loadu_si512(codes.cast());
             (
                 _mm512_and_si512(v, low),
@@ -541,6 +529,36 @@ unsafe fn leg_unpack_planar<const F: u8, const N: usize>(
             (u01, u23)
         } else {
             (single(codes), _mm512_setzero_si512())
+        }
+    }
+}
+
+/// Blocks `b..b + N` (N ≤ 4) of the planar row at `row` ([`crate::planar`]), `nb` blocks
+/// long, as [`leg_unpack`] gives them for a GGUF row: scales, offsets and unsigned codes (zero
+/// beyond `N`).
+///
+/// # Safety
+/// `row` starts a planar row of `nb` blocks of format `F` (not `IQ4_NL`); `b` is a multiple of
+/// 4 and `b + N <= nb`, with `N == 4` unless `b + N == nb` (the blocks after the last whole
+/// group).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn leg_unpack_planar<const F: u8, const N: usize>(
+    row: *const u8,
+    nb: usize,
+    b: usize,
+) -> (__m128, __m128, __m512i, __m512i) {
+    let code_bytes = if F == leg::Q8_0 { QK } else { QK / 2 };
+    let qh_bytes = if leg::is_q5(F) { 4 * nb } else { 0 };
+    // SAFETY: blocks b..b + N of the row: their codes (N · code_bytes bytes from
+    // b · code_bytes, by the layout's runs), fifth bits (4 bytes each) and scales and minimums
+    // (2 bytes each, masked to N) lie within the row; nothing beyond them is read.
+    unsafe {
+        let codes = row.add(b * code_bytes);
+        let (mut u01, mut u23) = if F == leg::Q8_0 {
+            block_codes_512::<N>(codes.cast())
+        } else {
+            planar_codes4::<N>(codes)
         };
         let planes = row.add(nb * code_bytes);
         if leg::is_q5(F) {

@@ -186,11 +186,15 @@ unsafe fn tile<const R: usize, const T: usize>(
             }
             (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T, false>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut4B32 { group }) if has_vbmi() => {
-                match (group.is_some(), xs[0].is_refined()) {
-                    (false, false) => lut4b32_512::<R, T, false, false>(w, r0, xs),
-                    (false, true) => lut4b32_512::<R, T, false, true>(w, r0, xs),
-                    (true, false) => lut4b32_512::<R, T, true, false>(w, r0, xs),
-                    (true, true) => lut4b32_512::<R, T, true, true>(w, r0, xs),
+                match (group.is_some(), xs[0].is_refined(), w.planar) {
+                    (false, false, false) => lut4b32_512::<R, T, false, false, false>(w, r0, xs),
+                    (false, true, false) => lut4b32_512::<R, T, false, true, false>(w, r0, xs),
+                    (true, false, false) => lut4b32_512::<R, T, true, false, false>(w, r0, xs),
+                    (true, true, false) => lut4b32_512::<R, T, true, true, false>(w, r0, xs),
+                    (false, false, true) => lut4b32_512::<R, T, false, false, true>(w, r0, xs),
+                    (false, true, true) => lut4b32_512::<R, T, false, true, true>(w, r0, xs),
+                    (true, false, true) => lut4b32_512::<R, T, true, false, true>(w, r0, xs),
+                    (true, true, true) => lut4b32_512::<R, T, true, true, true>(w, r0, xs),
                 }
             }
             (_, KilnType::I8Ch) if xs[0].is_refined() => i8ch_256::<R, T, true>(w, r0, xs),
@@ -617,9 +621,16 @@ unsafe fn lut4b32_tables_512<const R: usize, const GROUPED: bool>(
 
 /// # Safety
 /// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `LUT4_B32` tensor, with one table per group
-/// of rows if `GROUPED` (a tile's rows may straddle groups, so each row takes its own).
+/// of rows if `GROUPED` (a tile's rows may straddle groups, so each row takes its own), in
+/// planar rows ([`crate::planar::lut4_b32`]) if `PLANAR`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-unsafe fn lut4b32_512<const R: usize, const T: usize, const GROUPED: bool, const REFINED: bool>(
+unsafe fn lut4b32_512<
+    const R: usize,
+    const T: usize,
+    const GROUPED: bool,
+    const REFINED: bool,
+    const PLANAR: bool,
+>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
@@ -635,20 +646,22 @@ unsafe fn lut4b32_512<const R: usize, const T: usize, const GROUPED: bool, const
     while b + 4 <= nb {
         // SAFETY: blocks b..b + 4 exist in every weight row and activation row.
         unsafe {
-            lut4b32_step_512::<R, T, 4, GROUPED, REFINED>(w, p, &table, &xs, b, &mut acc, &mut offs)
+            lut4b32_step_512::<R, T, 4, GROUPED, REFINED, PLANAR>(
+                w, p, &table, &xs, b, &mut acc, &mut offs,
+            )
         };
         b += 4;
     }
     // SAFETY: the last nb - b blocks exist.
     unsafe {
         match nb - b {
-            1 => lut4b32_step_512::<R, T, 1, GROUPED, REFINED>(
+            1 => lut4b32_step_512::<R, T, 1, GROUPED, REFINED, PLANAR>(
                 w, p, &table, &xs, b, &mut acc, &mut offs,
             ),
-            2 => lut4b32_step_512::<R, T, 2, GROUPED, REFINED>(
+            2 => lut4b32_step_512::<R, T, 2, GROUPED, REFINED, PLANAR>(
                 w, p, &table, &xs, b, &mut acc, &mut offs,
             ),
-            3 => lut4b32_step_512::<R, T, 3, GROUPED, REFINED>(
+            3 => lut4b32_step_512::<R, T, 3, GROUPED, REFINED, PLANAR>(
                 w, p, &table, &xs, b, &mut acc, &mut offs,
             ),
             _ => {}
@@ -682,6 +695,7 @@ unsafe fn lut4b32_step_512<
     const N: usize,
     const GROUPED: bool,
     const REFINED: bool,
+    const PLANAR: bool,
 >(
     w: &KilnMatrix,
     p: *const u8,
@@ -691,7 +705,7 @@ unsafe fn lut4b32_step_512<
     acc: &mut [[__m512; T]; R],
     offs: &mut [[__m256; T]; R],
 ) {
-    use super::avx512::{LEG_CODE_IDX, PAIR_IDX};
+    use super::avx512::LEG_CODE_IDX;
     let q4 = super::leg::Q4_0 as usize;
     let ahead = super::prefetch_distance(w.row_bytes);
     let lanes: __mmask8 = (1u8 << N) - 1;
@@ -718,11 +732,58 @@ unsafe fn lut4b32_step_512<
         }
     }
     let len = N * LUT4_B32_BLOCK_BYTES;
+    let nb = w.cols / CHUNK;
+    let params = crate::planar::lut4_b32::params(nb) + 2 * b;
     for r in 0..R {
-        let bp = p.wrapping_add(r * w.row_bytes + LUT4_B32_ROW_HEADER + b * LUT4_B32_BLOCK_BYTES);
+        let row = p.wrapping_add(r * w.row_bytes);
+        let bp = row.wrapping_add(LUT4_B32_ROW_HEADER + b * LUT4_B32_BLOCK_BYTES);
         // Every line of these blocks one tile ahead (harmless at any address).
         for line in (0..4 * LUT4_B32_BLOCK_BYTES).step_by(64) {
             prefetch(bp.wrapping_add(line), ahead);
+        }
+        let table_r = table[if GROUPED { r } else { 0 }];
+        if PLANAR {
+            // SAFETY: row r0 + r is a planar row of nb blocks: blocks b..b + N have their
+            // index runs from 16 · b in the code plane and their 2 · N parameter codes from
+            // 2 · b among the parameters (N scale codes, then N offset codes: the masks
+            // read those bytes only).
+            let (u01, u23, params) = unsafe {
+                let (u01, u23) = super::avx512::planar_codes4::<N>(
+                    row.add(LUT4_B32_ROW_HEADER + (CHUNK / 2) * b),
+                );
+                let at = row.add(params);
+                let params = if N == 4 {
+                    _mm_loadl_epi64(at.cast())
+                } else {
+                    let n: __mmask16 = (1u16 << N) - 1;
+                    _mm_unpacklo_epi32(
+                        _mm_maskz_loadu_epi8(n, at.cast()),
+                        _mm_maskz_loadu_epi8(n, at.add(N).cast()),
+                    )
+                };
+                (u01, u23, params)
+            };
+            let codes = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(params));
+            let wq = [
+                _mm512_permutexvar_epi8(u01, table_r),
+                if N > 2 {
+                    _mm512_permutexvar_epi8(u23, table_r)
+                } else {
+                    _mm512_setzero_si512()
+                },
+            ];
+            lut4b32_accumulate::<R, T, N, REFINED>(
+                codes,
+                wq,
+                &xf,
+                &x01,
+                &x23,
+                &y01,
+                &y23,
+                &mut acc[r],
+                &mut offs[r],
+            );
+            continue;
         }
         // SAFETY: blocks b..b + N of row r0 + r are readable; the masks cover those
         // `len` bytes only.
@@ -746,28 +807,60 @@ unsafe fn lut4b32_step_512<
         for (pair, wq) in wq.iter_mut().enumerate().take(N.div_ceil(2)) {
             let z = _mm512_permutex2var_epi16(lo, LEG_CODE_IDX[q4][pair], hi);
             let z = _mm512_mask_srli_epi16(z, 0xff00_ff00, z, 4);
-            *wq = _mm512_permutexvar_epi8(z, table[if GROUPED { r } else { 0 }]);
+            *wq = _mm512_permutexvar_epi8(z, table_r);
         }
-        for t in 0..T {
-            let f = _mm256_mul_ps(codes, xf[t]);
-            offs[r][t] = _mm256_add_ps(offs[r][t], f);
-            let s = _mm512_castps256_ps512(f);
-            let i01 = dpbusd_refined::<REFINED>(wq[0], x01[t], y01[t]);
-            let mut a = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(i01),
-                _mm512_permutexvar_ps(PAIR_IDX[0], s),
-                acc[r][t],
+        lut4b32_accumulate::<R, T, N, REFINED>(
+            codes,
+            wq,
+            &xf,
+            &x01,
+            &x23,
+            &y01,
+            &y23,
+            &mut acc[r],
+            &mut offs[r],
+        );
+    }
+}
+
+/// Adds one row's blocks `b..b + N` to its sums with every activation row: `codes` holds the
+/// blocks' scale codes in lanes 0..4 and offset codes in 4..8, `wq` their looked-up 7-bit
+/// weights two blocks per register, `xf` each activation row's block scales and sums (lanes
+/// 0..4, 4..8), `x01`..`y23` its codes (and a refined row's low parts).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn lut4b32_accumulate<const R: usize, const T: usize, const N: usize, const REFINED: bool>(
+    codes: __m256,
+    wq: [__m512i; 2],
+    xf: &[__m256; T],
+    x01: &[__m512i; T],
+    x23: &[__m512i; T],
+    y01: &[__m512i; T],
+    y23: &[__m512i; T],
+    acc: &mut [__m512; T],
+    offs: &mut [__m256; T],
+) {
+    use super::avx512::PAIR_IDX;
+    for t in 0..T {
+        let f = _mm256_mul_ps(codes, xf[t]);
+        offs[t] = _mm256_add_ps(offs[t], f);
+        let s = _mm512_castps256_ps512(f);
+        let i01 = dpbusd_refined::<REFINED>(wq[0], x01[t], y01[t]);
+        let mut a = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(i01),
+            _mm512_permutexvar_ps(PAIR_IDX[0], s),
+            acc[t],
+        );
+        if N > 2 {
+            let i23 = dpbusd_refined::<REFINED>(wq[1], x23[t], y23[t]);
+            a = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(i23),
+                _mm512_permutexvar_ps(PAIR_IDX[1], s),
+                a,
             );
-            if N > 2 {
-                let i23 = dpbusd_refined::<REFINED>(wq[1], x23[t], y23[t]);
-                a = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(i23),
-                    _mm512_permutexvar_ps(PAIR_IDX[1], s),
-                    a,
-                );
-            }
-            acc[r][t] = a;
         }
+        acc[t] = a;
     }
 }
 
@@ -954,9 +1047,12 @@ pub(crate) unsafe fn dequantize_row(isa: Isa, w: &KilnMatrix, r: usize, out: &mu
         (f64::from(s), f64::from(m))
     };
     let u = w.lut4_b32_table(r);
-    // SAFETY: the caller's guarantees are what each kernel needs.
+    // SAFETY: the caller's guarantees are what each kernel needs (planar rows only where
+    // `crate::planar::lut4_b32::supported`: AVX-512).
     unsafe {
-        if isa == Isa::Avx512Vnni {
+        if w.planar {
+            lut4b32_dequantize_planar_512(row, w.cols / CHUNK, u, s, m, out)
+        } else if isa == Isa::Avx512Vnni {
             lut4b32_dequantize_512(row, u, s, m, out)
         } else {
             lut4b32_dequantize_256(row, u, s, m, out)
@@ -1146,6 +1242,75 @@ fn lut4b32_table_f64(u: &[u8; 16]) -> [__m256d; 4] {
     })
 }
 
+/// The 16 values of one block (as [`lut4b32_values`]) in one register.
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+fn lut4b32_values_512(u: &[__m256d; 4], a: f64, b: f64) -> __m512 {
+    let [v0, v1, v2, v3] = lut4b32_values(u, a, b);
+    let lo = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v0), v1);
+    let hi = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v2), v3);
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+        _mm512_castps_pd(_mm512_castps256_ps512(lo)),
+        _mm256_castps_pd(hi),
+    ))
+}
+
+/// # Safety
+/// AVX-512 F; `row` is one planar `LUT4_B32` row ([`crate::planar::lut4_b32`]) of `nb`
+/// blocks, `out` its `32 · nb` elements, `u` its table.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn lut4b32_dequantize_planar_512(
+    row: &[u8],
+    nb: usize,
+    u: &[u8; 16],
+    s: f64,
+    m: f64,
+    out: &mut [f32],
+) {
+    let uf = lut4b32_table_f64(u);
+    let params = crate::planar::lut4_b32::params(nb);
+    assert!(row.len() >= params + 2 * nb && out.len() == nb * CHUNK);
+    let codes = row[LUT4_B32_ROW_HEADER..].as_ptr();
+    let mut b = 0;
+    while b < nb {
+        // SAFETY: blocks b..b + n are the row's (a group of four, or the rest after the last
+        // group), their runs within the code plane (the row's length, asserted).
+        let (u01, u23) = unsafe {
+            let at = codes.add((CHUNK / 2) * b);
+            match nb - b {
+                1 => super::avx512::planar_codes4::<1>(at),
+                2 => super::avx512::planar_codes4::<2>(at),
+                3 => super::avx512::planar_codes4::<3>(at),
+                _ => super::avx512::planar_codes4::<4>(at),
+            }
+        };
+        for k in 0..(nb - b).min(4) {
+            let (a, o) = crate::planar::lut4_b32::param_slots(nb, b + k);
+            let v = lut4b32_values_512(
+                &uf,
+                s * f64::from(row[params + a] as i8),
+                m * f64::from(row[params + o] as i8),
+            );
+            let pair = if k < 2 { u01 } else { u23 };
+            let idx = if k % 2 == 0 {
+                _mm512_castsi512_si256(pair)
+            } else {
+                _mm512_extracti64x4_epi64::<1>(pair)
+            };
+            let w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(idx)), v);
+            let w1 =
+                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(idx)), v);
+            let o = &mut out[(b + k) * CHUNK..(b + k + 1) * CHUNK];
+            // SAFETY: 32 values of `o`.
+            unsafe {
+                _mm512_storeu_ps(o.as_mut_ptr(), w0);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), w1);
+            }
+        }
+        b += 4;
+    }
+}
+
 /// # Safety
 /// AVX-512 F; `row` is one `LUT4_B32` row of `out.len()` elements, `u` its table.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -1158,13 +1323,7 @@ unsafe fn lut4b32_dequantize_512(row: &[u8], u: &[u8; 16], s: f64, m: f64, out: 
     {
         let a = s * f64::from(blk[0] as i8);
         let b = m * f64::from(blk[1] as i8);
-        let [v0, v1, v2, v3] = lut4b32_values(&uf, a, b);
-        let lo = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v0), v1);
-        let hi = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v2), v3);
-        let v = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-            _mm512_castps_pd(_mm512_castps256_ps512(lo)),
-            _mm256_castps_pd(hi),
-        ));
+        let v = lut4b32_values_512(&uf, a, b);
         // SAFETY: the block's 16 index bytes, and 32 values of `o`.
         unsafe {
             let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(2).cast()));
@@ -2454,7 +2613,7 @@ unsafe fn lut8_256<const R: usize, const T: usize>(
 
 /// Whether the CPU has AVX-512 VBMI (`vpermi2b`), which the fast 8-bit lookup needs (Ice Lake
 /// and later; Cascade Lake's AVX-512 VNNI has no VBMI).
-fn has_vbmi() -> bool {
+pub(crate) fn has_vbmi() -> bool {
     static VBMI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *VBMI.get_or_init(|| is_x86_feature_detected!("avx512vbmi"))
 }
