@@ -96,6 +96,9 @@ pub struct KilnMatrix<'a> {
     pub(crate) group_rows: u32,
     /// Whether the rows are planar ([`crate::planar::lut4_b32`]) rather than as stored.
     pub(crate) planar: bool,
+    /// Every row's table converted ahead ([`convert_row_tables`]), for the kernels that would
+    /// convert them per call.
+    pub(crate) row_tables: Option<&'a [u8]>,
 }
 
 impl<'a> KilnMatrix<'a> {
@@ -110,7 +113,21 @@ impl<'a> KilnMatrix<'a> {
             row_bytes: ty.row_bytes(cols)?,
             group_rows: u32::try_from(ty.group_rows(rows).unwrap_or(1)).ok()?,
             planar: false,
+            row_tables: None,
         })
+    }
+
+    /// This tensor with every row's table converted ahead: `tables` as
+    /// [`convert_row_tables`] gives them for it, or `None` if the format has none of those
+    /// or `tables` is not their size. The kernels read the converted tables instead of
+    /// converting them per call, with the same results.
+    pub fn with_row_tables(self, tables: &'a [u8]) -> Option<Self> {
+        (has_row_tables(self.ty) && tables.len() == row_tables_len(self.rows)).then_some(
+            KilnMatrix {
+                row_tables: Some(tables),
+                ..self
+            },
+        )
     }
 
     /// As [`KilnMatrix::new`], for a tensor whose rows were rewritten into the planar layout
@@ -176,6 +193,63 @@ impl<'a> KilnMatrix<'a> {
         let at = self.rows * self.row_bytes + g * 16;
         self.data[at..at + 16].try_into().expect("16 bytes")
     }
+}
+
+/// Bytes of a converted 16-entry table: its 16-bit integers.
+const ROW_TABLE_BYTES: usize = 32;
+
+/// Whether a tensor of `ty` can carry converted row tables ([`convert_row_tables`]): 4-bit
+/// tables, one per row.
+fn has_row_tables(ty: KilnType) -> bool {
+    matches!(
+        ty,
+        KilnType::Lut {
+            bits: 4,
+            group: Some(1)
+        }
+    )
+}
+
+/// Whether `isa`'s kernel for `ty` reads row tables converted ahead
+/// ([`KilnMatrix::with_row_tables`]): 4-bit tables, one per row, on AVX-512 with VBMI. With a
+/// table per row, converting each one per token took 15 % of SmolLM2's decode time.
+pub fn uses_row_tables(isa: Isa, ty: KilnType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512Vnni && crate::x86::kiln_formats::has_vbmi() && has_row_tables(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, ty);
+        false
+    }
+}
+
+/// Bytes of the converted tables of `rows` rows.
+fn row_tables_len(rows: usize) -> usize {
+    rows * (ROW_TABLE_BYTES + 4)
+}
+
+/// Every row's table of `w` converted by [`lut_table_i16`], for
+/// [`KilnMatrix::with_row_tables`]: the rows' 16 little-endian 16-bit integers, row after row,
+/// then their f32 scales; `None` unless `w` has 4-bit tables, one per row.
+pub fn convert_row_tables(w: &KilnMatrix) -> Option<Vec<u8>> {
+    if !has_row_tables(w.ty) {
+        return None;
+    }
+    let mut out = vec![0u8; row_tables_len(w.rows)];
+    let (tables, scales) = out.split_at_mut(w.rows * ROW_TABLE_BYTES);
+    for ((r, t), s) in (0..w.rows)
+        .zip(tables.chunks_exact_mut(ROW_TABLE_BYTES))
+        .zip(scales.chunks_exact_mut(4))
+    {
+        let mut u = [0i16; 16];
+        s.copy_from_slice(&lut_table_i16(w.table(r), &mut u).to_le_bytes());
+        for (b, u) in t.chunks_exact_mut(2).zip(u) {
+            b.copy_from_slice(&u.to_le_bytes());
+        }
+    }
+    Some(out)
 }
 
 /// Panics unless every activation row fits `w`.

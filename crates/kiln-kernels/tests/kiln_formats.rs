@@ -4,8 +4,8 @@
 use kiln_format::ggml::f32_to_f16;
 use kiln_format::kiln_types::{self, KilnType};
 use kiln_kernels::kiln_formats::{
-    activation_format, dequantize_row_with, dot_block_with, dot_reference, error_bound,
-    lut_table_i16, KilnMatrix, LUT_I16_ENTRY_MAX,
+    activation_format, convert_row_tables, dequantize_row_with, dot_block_with, dot_reference,
+    error_bound, lut_table_i16, KilnMatrix, LUT_I16_ENTRY_MAX,
 };
 use kiln_kernels::{
     available_isas, planar, quantize_row, quantize_row_refined, ActivationFormat, QuantizedRow,
@@ -270,6 +270,24 @@ fn check_with(
     }
     if matches!(ty, KilnType::Lut4B32 { .. }) {
         check_planar(&w, data, &xq)?;
+    }
+    if let Some(tables) = convert_row_tables(&w) {
+        // Tables converted ahead: the products of converting them per call, bit for bit.
+        let c = w
+            .with_row_tables(&tables)
+            .expect("tables of the tensor's size");
+        let n = xq.len() * rows;
+        for isa in available_isas() {
+            let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            dot_block_with(isa, &w, 0..rows, &xq, &mut a, rows);
+            dot_block_with(isa, &c, 0..rows, &xq, &mut b, rows);
+            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                prop_assert!(
+                    a.to_bits() == b.to_bits(),
+                    "{ty} {isa:?} product {i} with converted tables: {b} against {a}"
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -4,7 +4,7 @@ use crate::arch;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::weights::{
-    load_optional_vector, load_vector, make_planar_all, GgufSource, TensorSource, WeightMatrix,
+    load_optional_vector, load_vector, prepare_for_kernels, GgufSource, TensorSource, WeightMatrix,
 };
 use kiln_format::gguf::GgufFile;
 use std::collections::HashSet;
@@ -234,7 +234,7 @@ impl Model {
                 &mut l.w_down,
             ]);
         }
-        make_planar_all(matrices);
+        prepare_for_kernels(matrices);
         let output = output.unwrap_or_else(|| token_embd.clone());
         let n_params = source
             .names()

@@ -117,10 +117,14 @@ pub struct WeightMatrix {
     cols: usize,
     row_bytes: usize,
     planar: bool,
+    /// Every row's lookup table converted for the kernels, where they read those
+    /// ([`kiln_kernels::kiln_formats::convert_row_tables`]).
+    row_tables: Option<Arc<Vec<u8>>>,
 }
 
-/// Whether matrices are rewritten into the planar layout where the kernels support it:
-/// unless `KILN_REPACK=0` (to compare against the GGUF layout).
+/// Whether matrices are rewritten into the planar layout and lookup tables converted ahead
+/// where the kernels support it: unless `KILN_REPACK=0` (to compare against the stored
+/// layout).
 fn repack_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("KILN_REPACK").map_or(true, |v| v != "0"))
@@ -182,6 +186,7 @@ impl WeightMatrix {
             cols,
             row_bytes,
             planar: false,
+            row_tables: None,
         })
     }
 
@@ -214,12 +219,16 @@ impl WeightMatrix {
         use kiln_kernels::kiln_formats::KilnMatrix;
         let ty = self.kiln_format().expect("kiln-format weights");
         let (data, rows, cols) = (self.data(), self.rows, self.cols);
-        if self.planar {
+        let m = if self.planar {
             KilnMatrix::new_planar(ty, data, rows, cols)
         } else {
             KilnMatrix::new(ty, data, rows, cols)
         }
-        .expect("shape validated at load")
+        .expect("shape validated at load");
+        match &self.row_tables {
+            Some(t) => m.with_row_tables(t).expect("converted from this matrix"),
+            None => m,
+        }
     }
 
     /// Whether the rows are in the planar layout ([`kiln_kernels::planar`]) rather than as
@@ -303,6 +312,25 @@ impl WeightMatrix {
             }
         }
     }
+}
+
+/// Readies every matrix of `ms` for this CPU's kernels: rows rewritten into the planar layout
+/// ([`make_planar_all`]), and lookup tables converted ahead where the kernels would convert
+/// each row's table per token ([`kiln_kernels::kiln_formats::uses_row_tables`]; 36 bytes a
+/// row, beside its 32-byte f16 table).
+pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) {
+    let isa = kiln_kernels::detect();
+    for m in ms.iter_mut() {
+        let Some(ty) = m.kiln_format() else { continue };
+        if m.row_tables.is_none()
+            && repack_enabled()
+            && kiln_kernels::kiln_formats::uses_row_tables(isa, ty)
+        {
+            m.row_tables =
+                kiln_kernels::kiln_formats::convert_row_tables(&m.kiln_matrix()).map(Arc::new);
+        }
+    }
+    make_planar_all(ms);
 }
 
 /// Rewrites every matrix of `ms` into the planar layout ([`kiln_kernels::planar`]) where this
@@ -466,7 +494,55 @@ mod tests {
             rows,
             cols,
             planar: false,
+            row_tables: None,
         }
+    }
+
+    /// Tables of 4-bit lookup-table rows are converted ahead where the kernels read them so,
+    /// and the products are the same bit for bit.
+    #[test]
+    fn converted_row_tables_compute_what_f16_tables_do() {
+        let ty = KilnType::Lut {
+            bits: 4,
+            group: Some(1),
+        };
+        let (rows, cols) = (9, 96);
+        let mut data: Vec<u8> = (0..rows * cols / 2).map(|i| (i * 29 % 256) as u8).collect();
+        for r in 0..rows {
+            for k in 0..16 {
+                let v = (k as f32 - 7.5) * 0.01 * (r + 1) as f32;
+                data.extend_from_slice(&kiln_format::ggml::f32_to_f16(v).to_le_bytes());
+            }
+        }
+        kiln_types::check_data(ty, &data, rows, cols).expect("a valid tensor");
+        let stored = WeightMatrix {
+            row_bytes: ty.row_bytes(cols).unwrap(),
+            storage: Arc::new(data),
+            offset: 0,
+            format: TensorFormat::Kiln(ty),
+            rows,
+            cols,
+            planar: false,
+            row_tables: None,
+        };
+        let mut prepared = stored.clone();
+        prepare_for_kernels(vec![&mut prepared]);
+        assert_eq!(
+            prepared.row_tables.is_some(),
+            repack_enabled()
+                && kiln_kernels::kiln_formats::uses_row_tables(kiln_kernels::detect(), ty)
+        );
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.3)
+            .collect();
+        let mut xq = kiln_kernels::QuantizedRow::new();
+        kiln_kernels::quantize_row(&x, kiln_formats::activation_format(ty), &mut xq);
+        let (mut a, mut b) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+        let one = std::slice::from_ref(&xq);
+        kiln_formats::dot_block(&stored.kiln_matrix(), 0..rows, one, &mut a, rows);
+        kiln_formats::dot_block(&prepared.kiln_matrix(), 0..rows, one, &mut b, rows);
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&v| v != 0.0));
     }
 
     /// `LUT4_B32` matrices are rewritten into planar rows where the CPU's kernels read them,

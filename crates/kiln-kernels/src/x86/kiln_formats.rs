@@ -2177,7 +2177,21 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
             } else {
                 1
             };
-            if per_row {
+            if let (true, Some(converted)) = (per_row, w.row_tables) {
+                // Tables converted ahead: each row's 16 words in both halves of a register.
+                let scales = &converted[w.rows * 32..];
+                for k in 0..rn {
+                    let at = 32 * (r + k);
+                    // SAFETY: the row's 32 bytes of words (`with_row_tables` checked the size).
+                    tables[k] = unsafe {
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                            converted[at..at + 32].as_ptr().cast(),
+                        ))
+                    };
+                    let b = &scales[4 * (r + k)..4 * (r + k) + 4];
+                    s[k] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            } else if per_row {
                 let table = w.table(r);
                 prefetch(table.as_ptr(), 32 * 2 * n);
                 prefetch(table.as_ptr(), 32 * 2 * n + 64);
