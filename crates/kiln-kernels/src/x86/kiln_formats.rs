@@ -1242,13 +1242,33 @@ fn lut4b32_table_f64(u: &[u8; 16]) -> [__m256d; 4] {
     })
 }
 
-/// The 16 values of one block (as [`lut4b32_values`]) in one register.
-#[target_feature(enable = "avx512f,avx2")]
+/// The table widened to f64, eight entries per register.
+#[target_feature(enable = "avx512f")]
 #[inline]
-fn lut4b32_values_512(u: &[__m256d; 4], a: f64, b: f64) -> __m512 {
-    let [v0, v1, v2, v3] = lut4b32_values(u, a, b);
-    let lo = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v0), v1);
-    let hi = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(v2), v3);
+fn lut4b32_table_f64_512(u: &[u8; 16]) -> [__m512d; 2] {
+    std::array::from_fn(|h| {
+        _mm512_setr_pd(
+            f64::from(u[8 * h]),
+            f64::from(u[8 * h + 1]),
+            f64::from(u[8 * h + 2]),
+            f64::from(u[8 * h + 3]),
+            f64::from(u[8 * h + 4]),
+            f64::from(u[8 * h + 5]),
+            f64::from(u[8 * h + 6]),
+            f64::from(u[8 * h + 7]),
+        )
+    })
+}
+
+/// The 16 values of one block, `(a · u[k] + b)` rounded to f32, in one register: a fused
+/// multiply-add in f64 rounds as the reference's multiply and add do, because `a · u[k]` (an
+/// f32 unit times a code of 8 bits times an entry of 7) is exact in f64.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn lut4b32_values_512(u: &[__m512d; 2], a: f64, b: f64) -> __m512 {
+    let (a, b) = (_mm512_set1_pd(a), _mm512_set1_pd(b));
+    let lo = _mm512_cvtpd_ps(_mm512_fmadd_pd(a, u[0], b));
+    let hi = _mm512_cvtpd_ps(_mm512_fmadd_pd(a, u[1], b));
     _mm512_castpd_ps(_mm512_insertf64x4::<1>(
         _mm512_castps_pd(_mm512_castps256_ps512(lo)),
         _mm256_castps_pd(hi),
@@ -1267,7 +1287,7 @@ unsafe fn lut4b32_dequantize_planar_512(
     m: f64,
     out: &mut [f32],
 ) {
-    let uf = lut4b32_table_f64(u);
+    let uf = lut4b32_table_f64_512(u);
     let params = crate::planar::lut4_b32::params(nb);
     assert!(row.len() >= params + 2 * nb && out.len() == nb * CHUNK);
     let codes = row[LUT4_B32_ROW_HEADER..].as_ptr();
@@ -1315,7 +1335,7 @@ unsafe fn lut4b32_dequantize_planar_512(
 /// AVX-512 F; `row` is one `LUT4_B32` row of `out.len()` elements, `u` its table.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn lut4b32_dequantize_512(row: &[u8], u: &[u8; 16], s: f64, m: f64, out: &mut [f32]) {
-    let uf = lut4b32_table_f64(u);
+    let uf = lut4b32_table_f64_512(u);
     let low = _mm512_set1_epi32(0x0f);
     for (o, blk) in out
         .chunks_exact_mut(CHUNK)
