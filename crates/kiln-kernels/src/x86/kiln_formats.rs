@@ -418,44 +418,17 @@ unsafe fn i4b64_512<const R: usize, const T: usize, const REFINED: bool>(
     r0: usize,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
-    let rb = w.row_bytes;
-    let ahead = super::prefetch_distance(rb);
-    let p = w.data[r0 * rb..].as_ptr();
-    let low = _mm256_set1_epi8(0x0f);
+    let nblk = w.cols / I4_BLOCK;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for blk in 0..w.cols / I4_BLOCK {
-        let a = 2 * blk;
-        let mut xv = [_mm512_setzero_si512(); T];
-        let mut yv = [_mm512_setzero_si512(); T];
-        let mut dv = [_mm512_setzero_ps(); T];
-        let mut sv = [_mm512_setzero_ps(); T];
-        for t in 0..T {
-            // SAFETY: the 64 codes of activation blocks a and a + 1 (and their low parts when
-            // refined).
-            xv[t] = unsafe { _mm512_loadu_si512(xs[t].codes.as_ptr().add(a * CHUNK).cast()) };
-            if REFINED {
-                // SAFETY: as above.
-                yv[t] = unsafe { _mm512_loadu_si512(xs[t].low.as_ptr().add(a * CHUNK).cast()) };
-            }
-            dv[t] = pair_ps(xs[t].scales[a], xs[t].scales[a + 1]);
-            sv[t] = pair_ps(xs[t].sums[a], xs[t].sums[a + 1]);
-        }
-        for r in 0..R {
-            let bp = p.wrapping_add(r * rb + blk * I4_BLOCK_BYTES);
-            prefetch(bp, ahead);
-            // SAFETY: block blk of row r0 + r: a 2-byte scale and 32 bytes of nibbles.
-            let (d, nib) = unsafe { (f16_at(bp), _mm256_loadu_si256(bp.add(2).cast())) };
-            let lo = _mm256_and_si256(nib, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(nib), low);
-            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-            let dw = _mm512_set1_ps(d);
-            for t in 0..T {
-                let dp = dpbusd_refined::<REFINED>(q, xv[t], yv[t]);
-                // Per lane d_x · Σ q x − s_x: eight lanes of a block give d_x Σ q x − 8 s_x.
-                let v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dp), dv[t], sv[t]);
-                acc[r][t] = _mm512_fmadd_ps(v, dw, acc[r][t]);
-            }
-        }
+    let mut blk = 0;
+    while blk + 2 <= nblk {
+        // SAFETY: blocks blk..blk + 2 exist in every row of the tile and activation row.
+        unsafe { i4b64_step_512::<R, T, 2, REFINED>(w, r0, &xs, blk, &mut acc) };
+        blk += 2;
+    }
+    if blk < nblk {
+        // SAFETY: block blk exists (the last).
+        unsafe { i4b64_step_512::<R, T, 1, REFINED>(w, r0, &xs, blk, &mut acc) };
     }
     let mut out = [[0.0; T]; R];
     for r in 0..R {
@@ -464,6 +437,124 @@ unsafe fn i4b64_512<const R: usize, const T: usize, const REFINED: bool>(
         }
     }
     out
+}
+
+/// `vpermps` indices giving lanes 0..8 the scale of lane 0 and lanes 8..16 that of lane 2
+/// (`[1]`: of lanes 1 and 3): the activation blocks whose codes meet the low (high) nibbles of
+/// two `I4_B64` blocks, one per 256-bit half.
+const I4_HALF_IDX: [__m512i; 2] = [
+    // SAFETY (both): [i32; 16] and __m512i have the same size; every bit pattern is valid.
+    unsafe {
+        core::mem::transmute::<[i32; 16], __m512i>([0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2])
+    },
+    unsafe {
+        core::mem::transmute::<[i32; 16], __m512i>([1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3])
+    },
+];
+
+/// Adds blocks `blk..blk + N` (N ≤ 2) of the tile's rows times every activation row to `acc`:
+/// the low nibbles of both blocks (elements 0..32 of each) in one register and the high ones
+/// (32..64) in another, so one `vpdpbusd` covers two activation blocks; the activation codes
+/// are rearranged to match once per activation row, for all the tile's rows.
+///
+/// # Safety
+/// AVX-512 VNNI; as [`dot_block`] for rows `r0..r0 + R` of `w` (an `I4_B64` tensor); blocks
+/// `blk..blk + N` exist.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn i4b64_step_512<const R: usize, const T: usize, const N: usize, const REFINED: bool>(
+    w: &KilnMatrix,
+    r0: usize,
+    xs: &[&QuantizedRow; T],
+    blk: usize,
+    acc: &mut [[__m512; T]; R],
+) {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let a = 2 * blk;
+    // Activation blocks a..a + 2N: their scales and sums in lanes 0..2N.
+    let lanes: __mmask8 = (1u8 << (2 * N)) - 1;
+    let codes = |c: *const i8| {
+        // SAFETY: 2N blocks of codes from `c` (the caller's guarantee, below).
+        let (x01, x23) = unsafe {
+            if N == 2 {
+                block_codes_512::<4>(c)
+            } else {
+                block_codes_512::<2>(c)
+            }
+        };
+        (
+            _mm512_shuffle_i64x2::<0x44>(x01, x23),
+            _mm512_shuffle_i64x2::<0xee>(x01, x23),
+        )
+    };
+    let mut xlo = [_mm512_setzero_si512(); T];
+    let mut xhi = [_mm512_setzero_si512(); T];
+    let mut ylo = [_mm512_setzero_si512(); T];
+    let mut yhi = [_mm512_setzero_si512(); T];
+    let mut dx = [_mm_setzero_ps(); T];
+    let mut ds = [_mm_setzero_ps(); T];
+    for t in 0..T {
+        let x = xs[t];
+        // SAFETY: activation blocks a..a + 2N exist in every activation row (and its low
+        // parts when refined); masked-off lanes are not read.
+        unsafe {
+            (xlo[t], xhi[t]) = codes(x.codes.as_ptr().add(a * CHUNK));
+            if REFINED {
+                (ylo[t], yhi[t]) = codes(x.low.as_ptr().add(a * CHUNK));
+            }
+            dx[t] = _mm_maskz_loadu_ps(lanes, x.scales.as_ptr().add(a));
+            ds[t] = _mm_maskz_loadu_ps(lanes, x.sums.as_ptr().add(a));
+        }
+    }
+    let low = _mm512_set1_epi8(0x0f);
+    let p = w.data[r0 * rb..].as_ptr();
+    for (r, acc) in acc.iter_mut().enumerate() {
+        let bp = p.wrapping_add(r * rb + blk * I4_BLOCK_BYTES);
+        prefetch(bp, ahead);
+        if N == 2 {
+            prefetch(bp.wrapping_add(64), ahead);
+        }
+        // SAFETY: blocks blk..blk + N of row r0 + r: a 2-byte scale and 32 bytes of nibbles
+        // each.
+        let (nib, d) = unsafe {
+            let first = _mm512_castsi256_si512(_mm256_loadu_si256(bp.add(2).cast()));
+            let d0 = u64::from(bp.cast::<u16>().read_unaligned());
+            if N == 2 {
+                let second = _mm256_loadu_si256(bp.add(I4_BLOCK_BYTES + 2).cast());
+                let d1 = u64::from(bp.add(I4_BLOCK_BYTES).cast::<u16>().read_unaligned());
+                (
+                    _mm512_inserti64x4::<1>(first, second),
+                    (d0 * 0x1_0001) | ((d1 * 0x1_0001) << 32),
+                )
+            } else {
+                (first, d0 * 0x1_0001)
+            }
+        };
+        let wlo = _mm512_and_si512(nib, low);
+        let whi = _mm512_and_si512(_mm512_srli_epi16::<4>(nib), low);
+        // Each block's scale twice: for its two activation blocks.
+        let dw = _mm_cvtph_ps(_mm_cvtsi64_si128(d as i64));
+        let offset = _mm_mul_ps(dw, _mm_set1_ps(-8.0));
+        for t in 0..T {
+            let s = _mm512_castps128_ps512(_mm_mul_ps(dw, dx[t]));
+            let ilo = dpbusd_refined::<REFINED>(wlo, xlo[t], ylo[t]);
+            let mut v = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(ilo),
+                _mm512_permutexvar_ps(I4_HALF_IDX[0], s),
+                acc[t],
+            );
+            let ihi = dpbusd_refined::<REFINED>(whi, xhi[t], yhi[t]);
+            v = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(ihi),
+                _mm512_permutexvar_ps(I4_HALF_IDX[1], s),
+                v,
+            );
+            // The codes' bias: −8 · d_w · (d_x Σ x) per activation block.
+            let c = _mm_mul_ps(offset, ds[t]);
+            acc[t] = _mm512_add_ps(v, _mm512_zextps128_ps512(c));
+        }
+    }
 }
 
 /// # Safety
