@@ -425,6 +425,7 @@ dequantization_matches_reference! {
     dequantize_lut4_b32: KilnType::Lut4B32 { group: None }, 9;
     dequantize_lut4_b32_groups_of_three: KilnType::Lut4B32 { group: Some(3) }, 9;
     dequantize_i8_ch: KilnType::I8Ch, 3;
+    dequantize_i4_b64: KilnType::I4B64, 5;
     dequantize_lut2_groups_of_three: KilnType::Lut { bits: 2, group: Some(3) }, 9;
     dequantize_lut4: KilnType::Lut { bits: 4, group: None }, 4;
     dequantize_lut6_groups_of_two: KilnType::Lut { bits: 6, group: Some(2) }, 4;

@@ -1105,6 +1105,7 @@ unsafe fn lut4b32_step_256<
 pub(crate) fn has_dequantize(isa: Isa, ty: KilnType) -> bool {
     match (isa, ty) {
         (Isa::Avx2 | Isa::Avx512Vnni, KilnType::Lut4B32 { .. }) => true,
+        (Isa::Avx512Vnni, KilnType::I4B64 | KilnType::I8Ch) => true,
         (Isa::Avx512Vnni, KilnType::Lut { .. }) => true,
         (Isa::Avx2, KilnType::Lut { bits, .. }) => bits == 8,
         _ => false,
@@ -1132,6 +1133,16 @@ pub(crate) unsafe fn dequantize_row(isa: Isa, w: &KilnMatrix, r: usize, out: &mu
         };
     }
     let row = w.row(r);
+    match w.ty {
+        // SAFETY: AVX-512 (has_dequantize); `row` is row r, `out` its values.
+        KilnType::I4B64 => return unsafe { i4b64_dequantize_512(row, out) },
+        KilnType::I8Ch => {
+            let scale = kiln_types::i8_ch_scale(w.data, w.rows, w.cols, r);
+            // SAFETY: as above.
+            return unsafe { i8ch_dequantize_512(row, scale, out) };
+        }
+        _ => {}
+    }
     let (s, m) = {
         // SAFETY: the row starts with its 8-byte header.
         let (s, m) = unsafe { lut4b32_header(row.as_ptr()) };
@@ -1349,6 +1360,60 @@ fn lut4b32_table_f64_512(u: &[u8; 16]) -> [__m512d; 2] {
             f64::from(u[8 * h + 7]),
         )
     })
+}
+
+/// An `I4_B64` row's values, `d · (q − 8)` as the reference rounds them (the difference is
+/// exact, the product rounded once).
+///
+/// # Safety
+/// AVX-512 F/BW and F16C; `row` is one `I4_B64` row of `out.len()` elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn i4b64_dequantize_512(row: &[u8], out: &mut [f32]) {
+    let low = _mm_set1_epi8(0x0f);
+    let eight = _mm512_set1_ps(8.0);
+    for (o, b) in out
+        .chunks_exact_mut(I4_BLOCK)
+        .zip(row.chunks_exact(I4_BLOCK_BYTES))
+    {
+        // SAFETY: the block's 2-byte scale and 32 bytes of nibbles; 64 values of `o`.
+        unsafe {
+            let d = _mm512_set1_ps(f16_at(b.as_ptr()));
+            for half in 0..2 {
+                let q = _mm_loadu_si128(b.as_ptr().add(2 + 16 * half).cast());
+                let lo = _mm_and_si128(q, low);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low);
+                // Bytes 16h..16h + 16 hold elements 16h.. (low nibbles) and 32 + 16h.. (high).
+                for (at, v) in [(16 * half, lo), (32 + 16 * half, hi)] {
+                    let f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), eight);
+                    _mm512_storeu_ps(o.as_mut_ptr().add(at), _mm512_mul_ps(d, f));
+                }
+            }
+        }
+    }
+}
+
+/// An `I8_CH` row's values, `scale · c`.
+///
+/// # Safety
+/// AVX-512 F/BW; `row` is one `I8_CH` row of codes, `out.len()` of them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn i8ch_dequantize_512(row: &[u8], scale: f32, out: &mut [f32]) {
+    let s = _mm512_set1_ps(scale);
+    let mut i = 0;
+    while i + 16 <= out.len() {
+        // SAFETY: codes and values i..i + 16.
+        unsafe {
+            let c = _mm512_cvtepi8_epi32(_mm_loadu_si128(row.as_ptr().add(i).cast()));
+            _mm512_storeu_ps(
+                out.as_mut_ptr().add(i),
+                _mm512_mul_ps(s, _mm512_cvtepi32_ps(c)),
+            );
+        }
+        i += 16;
+    }
+    for (o, &c) in out[i..].iter_mut().zip(&row[i..]) {
+        *o = scale * f32::from(c as i8);
+    }
 }
 
 /// The 16 values of one block, `(a · u[k] + b)` rounded to f32, in one register: a fused
