@@ -288,7 +288,27 @@ impl WeightMatrix {
         &self.storage.bytes()[self.offset..self.offset + self.n_bytes()]
     }
 
-    /// The stored bytes of row `r`.
+    /// Row `r` in the layout its format defines (a GGUF block row, a kiln-format row), also
+    /// when the matrix holds it planar ([`WeightMatrix::is_planar`]): for readers of the
+    /// encoding itself, such as an exporter carrying it over.
+    pub fn stored_row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
+        let row = self.row_data(r);
+        if !self.planar {
+            return std::borrow::Cow::Borrowed(row);
+        }
+        let mut out = vec![0u8; row.len()];
+        match self.format {
+            TensorFormat::Ggml(ty) => {
+                kiln_kernels::planar::unpack_row(ty, self.cols, row, &mut out)
+            }
+            TensorFormat::Kiln(_) => {
+                kiln_kernels::planar::lut4_b32::unpack_row(self.cols, row, &mut out)
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// The bytes of row `r` as held (planar if [`WeightMatrix::is_planar`]).
     #[inline]
     pub fn row_data(&self, r: usize) -> &[u8] {
         let start = self.offset + r * self.row_bytes;

@@ -188,10 +188,11 @@ fn matrix_rows(
         (format, m.kiln_format())
     {
         let (data, rows, rb) = (m.data(), m.rows(), m.row_bytes());
+        // The tables follow the rows as stored (only the rows may be held planar).
         let table = |r: usize| kiln_types::lut4_b32_table(ty, data, rows, cols, r);
         let mut own = Vec::with_capacity(order.len() * (rb + LUT4_B32_TABLE_BYTES));
         for &r in order {
-            own.extend_from_slice(&data[r * rb..(r + 1) * rb]);
+            own.extend_from_slice(&m.stored_row(r));
         }
         // With groups, the rows taken (reordered or a slice) may no longer fall in whole
         // groups: each carries its own group's table, and the export merges the rows that
