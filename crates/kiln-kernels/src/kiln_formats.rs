@@ -97,7 +97,8 @@ pub struct KilnMatrix<'a> {
     /// Whether the rows are planar ([`crate::planar::lut4_b32`]) rather than as stored.
     pub(crate) planar: bool,
     /// Every row's table converted ahead ([`convert_row_tables`]), for the kernels that would
-    /// convert them per call.
+    /// convert them per call (the AVX-512 ones only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) row_tables: Option<&'a [u8]>,
 }
 
