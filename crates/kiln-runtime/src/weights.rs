@@ -505,6 +505,11 @@ mod tests {
             }
         }
         data.extend((0..16u8).map(|k| k * 8));
+        in_memory(ty, data, rows, cols)
+    }
+
+    /// A matrix of `ty` held in memory, its data checked.
+    fn in_memory(ty: KilnType, data: Vec<u8>, rows: usize, cols: usize) -> WeightMatrix {
         kiln_types::check_data(ty, &data, rows, cols).expect("a valid tensor");
         WeightMatrix {
             row_bytes: ty.row_bytes(cols).unwrap(),
@@ -534,17 +539,7 @@ mod tests {
                 data.extend_from_slice(&kiln_format::ggml::f32_to_f16(v).to_le_bytes());
             }
         }
-        kiln_types::check_data(ty, &data, rows, cols).expect("a valid tensor");
-        let stored = WeightMatrix {
-            row_bytes: ty.row_bytes(cols).unwrap(),
-            storage: Arc::new(data),
-            offset: 0,
-            format: TensorFormat::Kiln(ty),
-            rows,
-            cols,
-            planar: false,
-            row_tables: None,
-        };
+        let stored = in_memory(ty, data, rows, cols);
         let mut prepared = stored.clone();
         prepare_for_kernels(vec![&mut prepared]);
         assert_eq!(

@@ -833,7 +833,9 @@ unsafe fn lut4b32_step_512<
             prefetch(bp.wrapping_add(line), ahead);
         }
         let table_r = table[if GROUPED { r } else { 0 }];
-        if PLANAR {
+        // The blocks' parameter codes (scales in lanes 0..4, offsets in 4..8) and their
+        // looked-up weights, two blocks per register.
+        let (codes, wq) = if PLANAR {
             // SAFETY: row r0 + r is a planar row of nb blocks: blocks b..b + N have their
             // index runs from 16 · b in the code plane and their 2 · N parameter codes from
             // 2 · b among the parameters (N scale codes, then N offset codes: the masks
@@ -863,43 +865,34 @@ unsafe fn lut4b32_step_512<
                     _mm512_setzero_si512()
                 },
             ];
-            lut4b32_accumulate::<R, T, N, REFINED>(
-                codes,
-                wq,
-                &xf,
-                &x01,
-                &x23,
-                &y01,
-                &y23,
-                &mut acc[r],
-                &mut offs[r],
-            );
-            continue;
-        }
-        // SAFETY: blocks b..b + N of row r0 + r are readable; the masks cover those
-        // `len` bytes only.
-        let (lo, hi) = unsafe {
-            let lo = if len >= 64 {
-                _mm512_loadu_si512(bp.cast())
-            } else {
-                _mm512_maskz_loadu_epi8((1u64 << len) - 1, bp.cast())
+            (codes, wq)
+        } else {
+            // SAFETY: blocks b..b + N of row r0 + r are readable; the masks cover those
+            // `len` bytes only.
+            let (lo, hi) = unsafe {
+                let lo = if len >= 64 {
+                    _mm512_loadu_si512(bp.cast())
+                } else {
+                    _mm512_maskz_loadu_epi8((1u64 << len) - 1, bp.cast())
+                };
+                let hi = if len > 64 {
+                    _mm512_maskz_loadu_epi8((1u64 << (len - 64)) - 1, bp.add(64).cast())
+                } else {
+                    _mm512_setzero_si512()
+                };
+                (lo, hi)
             };
-            let hi = if len > 64 {
-                _mm512_maskz_loadu_epi8((1u64 << (len - 64)) - 1, bp.add(64).cast())
-            } else {
-                _mm512_setzero_si512()
-            };
-            (lo, hi)
+            // The parameters of the four blocks all lie in the first 64 bytes.
+            let params = _mm512_permutexvar_epi8(LUT4B32_PARAMS_IDX, lo);
+            let codes = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm512_castsi512_si128(params)));
+            let mut wq = [_mm512_setzero_si512(); 2];
+            for (pair, wq) in wq.iter_mut().enumerate().take(N.div_ceil(2)) {
+                let z = _mm512_permutex2var_epi16(lo, LEG_CODE_IDX[q4][pair], hi);
+                let z = _mm512_mask_srli_epi16(z, 0xff00_ff00, z, 4);
+                *wq = _mm512_permutexvar_epi8(z, table_r);
+            }
+            (codes, wq)
         };
-        // The parameters of the four blocks all lie in the first 64 bytes.
-        let params = _mm512_permutexvar_epi8(LUT4B32_PARAMS_IDX, lo);
-        let codes = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm512_castsi512_si128(params)));
-        let mut wq = [_mm512_setzero_si512(); 2];
-        for (pair, wq) in wq.iter_mut().enumerate().take(N.div_ceil(2)) {
-            let z = _mm512_permutex2var_epi16(lo, LEG_CODE_IDX[q4][pair], hi);
-            let z = _mm512_mask_srli_epi16(z, 0xff00_ff00, z, 4);
-            *wq = _mm512_permutexvar_epi8(z, table_r);
-        }
         lut4b32_accumulate::<R, T, N, REFINED>(
             codes,
             wq,
