@@ -8,7 +8,8 @@
 //! that work rather than by memory (a Gemma 3 `Q5_0` matrix streamed at 20–22 GB/s where one
 //! core reads 40 GB/s). The runtime therefore rewrites such matrices at load into this layout,
 //! byte for byte as large as the GGUF rows (so resident memory does not grow), when
-//! [`supported`] says the CPU's kernels read it.
+//! [`supported`] says the CPU's kernels read it. The kiln format `LUT4_B32` has a planar layout
+//! on the same code plane ([`lut4_b32`]).
 //!
 //! A planar row of `nb` blocks holds, in order:
 //! - **codes**: for `Q8_0` the codes of every block in element order, plus 128 (unsigned). For
