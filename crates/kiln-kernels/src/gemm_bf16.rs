@@ -101,6 +101,53 @@ pub fn pack_panel_bf16(rows: &[f32], k: usize, out: &mut Vec<u16>) {
     pack_reference(rows, k, out);
 }
 
+/// [`pack_panel_bf16`] for rows already rounded to bf16: up to [`PANEL_ROWS`] rows of
+/// `2 * pairs(k)` words each (`rows[r * 2 * pairs(k)..]`, the pad word of an odd `k` zero),
+/// as [`crate::kiln_formats::dequantize_row_bf16`] gives them. The panel is the one
+/// [`pack_panel_bf16`] makes of the f32 rows the words were rounded from: only the transpose
+/// is left, from half the bytes.
+///
+/// # Panics
+/// If `rows.len()` is not a multiple of the padded row length or holds more than
+/// `PANEL_ROWS` rows.
+pub fn pack_panel_bf16_words(rows: &[u16], k: usize, out: &mut Vec<u16>) {
+    let width = 2 * pairs(k);
+    assert!(
+        k > 0 && rows.len().is_multiple_of(width),
+        "pack_panel_bf16_words: rows are not whole"
+    );
+    let n = rows.len() / width;
+    assert!(
+        n <= PANEL_ROWS,
+        "pack_panel_bf16_words: {n} rows exceed a panel"
+    );
+    out.resize(pairs(k) * LINE, 0);
+    #[cfg(target_arch = "x86_64")]
+    if bf16_available() {
+        // SAFETY: `bf16_available` checked AVX-512F; `rows` holds `n <= PANEL_ROWS` whole
+        // padded rows and `out` was just sized to the panel.
+        unsafe { x86::pack_panel_words_avx512(rows, k, out) };
+        return;
+    }
+    pack_words_reference(rows, k, out);
+}
+
+/// The scalar word packing, which the AVX-512 one reproduces (`out` already sized).
+fn pack_words_reference(rows: &[u16], k: usize, out: &mut [u16]) {
+    let width = 2 * pairs(k);
+    let n = rows.len() / width;
+    for (p, line) in out.chunks_exact_mut(LINE).enumerate() {
+        for r in 0..PANEL_ROWS {
+            let pair = if r < n {
+                [rows[r * width + 2 * p], rows[r * width + 2 * p + 1]]
+            } else {
+                [0, 0]
+            };
+            line[2 * r..2 * r + 2].copy_from_slice(&pair);
+        }
+    }
+}
+
 /// Values per pair line of a packed panel: two columns of every panel row.
 const LINE: usize = 2 * PANEL_ROWS;
 
@@ -311,6 +358,45 @@ mod x86 {
         }
     }
 
+    /// [`super::pack_panel_bf16_words`]: per block of 16 pairs and 16 rows, each row's 16
+    /// pair words in one load, then the transpose of [`pack_panel_bf16_avx512`].
+    ///
+    /// # Safety
+    /// AVX-512 F; `rows` holds `n <= PANEL_ROWS` rows of `2 * pairs(k)` words and `out` is
+    /// `pairs(k) * LINE` long.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack_panel_words_avx512(rows: &[u16], k: usize, out: &mut [u16]) {
+        let kp = pairs(k);
+        let n = rows.len() / (2 * kp);
+        let src = rows.as_ptr().cast::<u32>();
+        let dst = out.as_mut_ptr();
+        let mut p0 = 0;
+        while p0 < kp {
+            let width = 16.min(kp - p0);
+            let mask: __mmask16 = if width == 16 { !0 } else { (1 << width) - 1 };
+            for half in 0..2 {
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (i, vi) in v.iter_mut().enumerate() {
+                    let r = 16 * half + i;
+                    if r >= n {
+                        break;
+                    }
+                    // SAFETY: pairs p0..p0 + width of row r < n are inside `rows` (a row is kp
+                    // pair words), and the mask keeps the load to them.
+                    *vi = unsafe { _mm512_maskz_loadu_epi32(mask, src.add(r * kp + p0).cast()) };
+                }
+                let t = transpose16(v);
+                for (j, tj) in t.iter().enumerate().take(width) {
+                    // SAFETY: as in `pack_panel_bf16_avx512`.
+                    unsafe {
+                        _mm512_storeu_si512(dst.add((p0 + j) * LINE + 32 * half).cast(), *tj)
+                    };
+                }
+            }
+            p0 += width;
+        }
+    }
+
     /// Transposes a 16×16 matrix of 32-bit words (`v[i]` lane `j` goes to `out[j]` lane
     /// `i`): words interleaved, then 64-bit pairs, then 128-bit lanes twice.
     #[target_feature(enable = "avx512f")]
@@ -487,6 +573,32 @@ mod tests {
             assert_eq!(xb[t * 6 + 5], 0);
             for c in 0..k {
                 assert_eq!(bf16_to_f32(xb[t * 6 + c]), rows[t * k + c]);
+            }
+        }
+    }
+
+    /// Packing rows rounded to bf16 beforehand gives the panel of the f32 rows, on the
+    /// dispatched level and the reference alike, for every panel height and odd `k`.
+    #[test]
+    fn word_packing_equals_packing_the_f32_rows() {
+        for k in [1, 2, 3, 31, 32, 33, 64, 100, 576] {
+            let width = 2 * pairs(k);
+            for n in [1, 5, 16, 17, 31, 32] {
+                let rows = values(n * k, (k * 31 + n) as u32);
+                let mut words = vec![0u16; n * width];
+                for (w, r) in words.chunks_exact_mut(width).zip(rows.chunks_exact(k)) {
+                    for (o, &v) in w.iter_mut().zip(r) {
+                        *o = to_bf16(v * 1e3);
+                    }
+                }
+                let scaled: Vec<f32> = rows.iter().map(|v| v * 1e3).collect();
+                let (mut want, mut got) = (Vec::new(), vec![0xffff; 3]);
+                pack_panel_bf16(&scaled, k, &mut want);
+                pack_panel_bf16_words(&words, k, &mut got);
+                assert_eq!(got, want, "k {k}, {n} rows");
+                let mut reference = vec![0xffff; want.len()];
+                pack_words_reference(&words, k, &mut reference);
+                assert_eq!(reference, want, "reference, k {k}, {n} rows");
             }
         }
     }

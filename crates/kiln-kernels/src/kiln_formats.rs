@@ -411,6 +411,88 @@ pub fn dequantize_row_with(isa: Isa, w: &KilnMatrix, r: usize, out: &mut [f32]) 
     kiln_types::dequantize_row(w.ty, w.data, w.rows, w.cols, r, out);
 }
 
+/// Whether [`dequantize_row_bf16`] has a kernel for `w` on this CPU (where it has none, it
+/// rounds [`dequantize_row`]'s values one by one): AVX-512 with BF16, as the bf16 GEMM
+/// ([`crate::gemm_bf16`]) needs, for every format with an AVX-512 dequantization.
+pub fn has_bf16_dequantize(w: &KilnMatrix) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::gemm_bf16::bf16_available()
+            && crate::x86::kiln_formats::has_dequantize(Isa::Avx512Vnni, w.ty)
+            && (!w.planar || crate::planar::lut4_b32::supported(Isa::Avx512Vnni, w.ty, w.cols))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = w;
+        false
+    }
+}
+
+/// Row `r` of `w` dequantized and rounded to bf16 into `out` (`w.cols()` values): each is
+/// [`crate::gemm_bf16::to_bf16`] of [`dequantize_row`]'s value, which is what the bf16 GEMM's
+/// packing makes of that row. With a kernel ([`has_bf16_dequantize`]) the f32 row is never
+/// written: lookup tables are rounded once per table rather than per weight.
+///
+/// # Panics
+/// If `r >= w.rows()` or `out.len() != w.cols()`.
+pub fn dequantize_row_bf16(w: &KilnMatrix, r: usize, out: &mut [u16]) {
+    assert!(
+        r < w.rows && out.len() == w.cols,
+        "dequantize_row_bf16: row {r} of {} into {} values for {} columns",
+        w.rows,
+        out.len(),
+        w.cols
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_bf16_dequantize(w) {
+        // SAFETY: `has_bf16_dequantize` checked AVX-512 BF16 on the AVX-512 VNNI level, a
+        // kernel for the format, and planar rows only where their kernels read them; `w` is a
+        // checked tensor, row `r` lies within it and `out` holds one row (asserted above).
+        unsafe { crate::x86::kiln_formats::dequantize_row_bf16(w, r, out) };
+        return;
+    }
+    let mut values = vec![0.0f32; w.cols];
+    dequantize_row(w, r, &mut values);
+    for (o, v) in out.iter_mut().zip(values) {
+        *o = crate::gemm_bf16::to_bf16(v);
+    }
+}
+
+/// Rows `rows` of `w` as [`dequantize_row_bf16`] gives them, row `i` of the range at
+/// `out[i * stride..i * stride + w.cols()]`, the words after it up to `stride` set to zero
+/// (the bf16 GEMM's pair padding). What a panel of the GEMM packs: a lookup table that
+/// consecutive rows share is prepared once.
+///
+/// # Panics
+/// If `rows` reaches past `w.rows()`, `stride < w.cols()`, or `out.len()` is not
+/// `rows.len() * stride`.
+pub fn dequantize_rows_bf16(w: &KilnMatrix, rows: Range<usize>, out: &mut [u16], stride: usize) {
+    assert!(
+        rows.start <= rows.end
+            && rows.end <= w.rows
+            && stride >= w.cols
+            && out.len() == rows.len() * stride,
+        "dequantize_rows_bf16: rows {rows:?} of {} by {} into {} words, {stride} a row",
+        w.rows,
+        w.cols,
+        out.len()
+    );
+    for row in out.chunks_exact_mut(stride) {
+        row[w.cols..].fill(0);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_bf16_dequantize(w) {
+        // SAFETY: as in `dequantize_row_bf16`; the shapes are asserted above.
+        unsafe {
+            crate::x86::kiln_formats::dequantize_rows_bf16(w, rows.start, rows.len(), out, stride)
+        };
+        return;
+    }
+    for (r, row) in rows.zip(out.chunks_exact_mut(stride)) {
+        dequantize_row_bf16(w, r, &mut row[..w.cols]);
+    }
+}
+
 /// The scalar reference: `sum_i w[r][i] * x[i]` for row `r` of `w`, with integer parts exact
 /// and the rest in f64.
 ///

@@ -3,9 +3,11 @@
 
 use kiln_format::ggml::f32_to_f16;
 use kiln_format::kiln_types::{self, KilnType};
+use kiln_kernels::gemm_bf16::{bf16_available, to_bf16};
 use kiln_kernels::kiln_formats::{
-    activation_format, convert_row_tables, dequantize_row_with, dot_block_with, dot_reference,
-    error_bound, lut_table_i16, KilnMatrix, LUT_I16_ENTRY_MAX,
+    activation_format, convert_row_tables, dequantize_row_bf16, dequantize_row_with,
+    dequantize_rows_bf16, dot_block_with, dot_reference, error_bound, has_bf16_dequantize,
+    lut_table_i16, KilnMatrix, LUT_I16_ENTRY_MAX,
 };
 use kiln_kernels::{
     available_isas, planar, quantize_row, quantize_row_refined, ActivationFormat, QuantizedRow,
@@ -350,6 +352,19 @@ fn check_planar(w: &KilnMatrix, data: &[u8], xq: &[QuantizedRow]) -> Result<(), 
             );
         }
     }
+    // The bf16 rows of the planar layout are the stored rows' values rounded.
+    prop_assert_eq!(has_bf16_dequantize(&p), bf16_available());
+    let mut words = vec![0u16; cols];
+    for r in 0..rows {
+        kiln_types::dequantize_row(ty, data, rows, cols, r, &mut want);
+        dequantize_row_bf16(&p, r, &mut words);
+        for (i, (&g, &e)) in words.iter().zip(&want).enumerate() {
+            prop_assert!(
+                g == to_bf16(e),
+                "{ty} planar row {r} element {i}: bf16 {g:#06x} for {e}"
+            );
+        }
+    }
     for (r, x) in (0..rows).zip(xq) {
         prop_assert_eq!(
             dot_reference(w, r, x).to_bits(),
@@ -397,13 +412,33 @@ macro_rules! dequantization_matches_reference {
     ($($name:ident: $ty:expr, $units:expr;)*) => {$(
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(96))]
-            /// Every level's dequantization gives kiln-format's values, bit for bit.
+            /// Every level's dequantization gives kiln-format's values, bit for bit, and the
+            /// bf16 dequantization those values rounded (by its kernel where the CPU has
+            /// AVX-512 BF16).
             #[test]
             fn $name((rows, cols, data, _xs) in case($ty, $units)) {
                 let w = KilnMatrix::new($ty, &data, rows, cols).expect("a well-sized tensor");
+                prop_assert_eq!(has_bf16_dequantize(&w), bf16_available());
                 let (mut want, mut got) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+                let mut words = vec![0u16; cols];
+                // A panel of every row at once, padded by three words a row.
+                let stride = cols + 3;
+                let mut panel = vec![0x7fc1u16; rows * stride];
+                dequantize_rows_bf16(&w, 0..rows, &mut panel, stride);
                 for r in 0..rows {
                     kiln_types::dequantize_row($ty, &data, rows, cols, r, &mut want);
+                    words.fill(0x7fc1);
+                    dequantize_row_bf16(&w, r, &mut words);
+                    let row = &panel[r * stride..(r + 1) * stride];
+                    prop_assert_eq!(&row[..cols], &words[..], "{} row {} of a panel", $ty, r);
+                    prop_assert_eq!(&row[cols..], &[0u16; 3][..]);
+                    for (i, (&g, &e)) in words.iter().zip(&want).enumerate() {
+                        prop_assert!(
+                            g == to_bf16(e),
+                            "{} row {r} element {i}: bf16 {g:#06x} for {e}",
+                            $ty
+                        );
+                    }
                     for isa in available_isas() {
                         got.fill(f32::NAN);
                         dequantize_row_with(isa, &w, r, &mut got);

@@ -353,32 +353,34 @@ pub const GEMM_MIN_TOKENS: usize = 8;
 
 thread_local! {
     static GEMM_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static GEMM_ROWS_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     static GEMM_PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Prompt processing: each task dequantizes a panel of weight rows once and hands it to
+/// Prompt processing: each task dequantizes a panel of weight rows once
+/// (`dequantize(first_row, rows)`, rows `stride` values apart in `scratch`) and hands it to
 /// `multiply`, which packs it and runs every token of the batch through a register-blocked
 /// panel GEMM into `tile` (`n_tokens` rows of `n`); the tile is then scattered into `y`.
-fn gemm_by_panels(
+fn gemm_by_panels<T: Copy + Default + 'static>(
     pool: &ThreadPool,
     w: &WeightMatrix,
     n_tokens: usize,
     y: &mut [f32],
-    multiply: impl Fn(&[f32], usize, &mut [f32]) + Sync,
+    (scratch, stride): (&'static std::thread::LocalKey<RefCell<Vec<T>>>, usize),
+    dequantize: impl Fn(usize, &mut [T]) + Sync,
+    multiply: impl Fn(&[T], usize, &mut [f32]) + Sync,
 ) {
     use kiln_kernels::gemm::PANEL_ROWS;
-    let (rows, cols) = (w.rows(), w.cols());
+    let rows = w.rows();
     let out = SharedOut::new(y);
     pool.for_each(rows.div_ceil(PANEL_ROWS), |p| {
         let start = p * PANEL_ROWS;
         let n = PANEL_ROWS.min(rows - start);
-        GEMM_ROWS.with(|dq| {
+        scratch.with(|dq| {
             TILE_OUT.with(|tile| {
                 let (mut dq, mut tile) = (dq.borrow_mut(), tile.borrow_mut());
-                dq.resize(n * cols, 0.0);
-                for (r, row) in dq.chunks_exact_mut(cols).enumerate() {
-                    w.dequantize_row(start + r, row);
-                }
+                dq.resize(n * stride, T::default());
+                dequantize(start, &mut dq);
                 tile.resize(n_tokens * n, 0.0);
                 multiply(&dq, n, &mut tile);
                 for t in 0..n_tokens {
@@ -396,17 +398,34 @@ thread_local! {
     static GEMM_PANEL_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Dequantizes the rows of `w` from the first given into whole f32 rows.
+fn dequantize_f32(w: &WeightMatrix) -> impl Fn(usize, &mut [f32]) + Sync + '_ {
+    move |start, rows| {
+        for (r, row) in rows.chunks_exact_mut(w.cols()).enumerate() {
+            w.dequantize_row(start + r, row);
+        }
+    }
+}
+
 /// The f32 panel GEMM.
 fn matmul_gemm(pool: &ThreadPool, w: &WeightMatrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     use kiln_kernels::gemm::{gemm_panel, pack_panel};
     let cols = w.cols();
-    gemm_by_panels(pool, w, n_tokens, y, |rows, n, tile| {
-        GEMM_PANEL.with(|panel| {
-            let mut panel = panel.borrow_mut();
-            pack_panel(rows, cols, &mut panel);
-            gemm_panel(&panel, cols, n, x, n_tokens, tile, n);
-        });
-    });
+    gemm_by_panels(
+        pool,
+        w,
+        n_tokens,
+        y,
+        (&GEMM_ROWS, cols),
+        dequantize_f32(w),
+        |rows, n, tile| {
+            GEMM_PANEL.with(|panel| {
+                let mut panel = panel.borrow_mut();
+                pack_panel(rows, cols, &mut panel);
+                gemm_panel(&panel, cols, n, x, n_tokens, tile, n);
+            });
+        },
+    );
 }
 
 /// The bf16 panel GEMM (sums stay f32): activations rounded once per call, each panel once.
@@ -417,19 +436,57 @@ fn matmul_gemm_bf16(
     n_tokens: usize,
     y: &mut [f32],
 ) {
-    use kiln_kernels::gemm_bf16::{convert_activations_bf16, gemm_panel_bf16, pack_panel_bf16};
+    use kiln_kernels::gemm_bf16::{
+        convert_activations_bf16, gemm_panel_bf16, pack_panel_bf16, pack_panel_bf16_words, pairs,
+    };
     let cols = w.cols();
     GEMM_X_BF16.with(|xb| {
         let mut xb = xb.borrow_mut();
         convert_activations_bf16(x, n_tokens, cols, &mut xb);
         let xb = &xb[..];
-        gemm_by_panels(pool, w, n_tokens, y, |rows, n, tile| {
-            GEMM_PANEL_BF16.with(|panel| {
-                let mut panel = panel.borrow_mut();
-                pack_panel_bf16(rows, cols, &mut panel);
-                gemm_panel_bf16(&panel, cols, n, xb, n_tokens, tile, n);
-            });
-        });
+        let multiply = |panel: &[u16], n: usize, tile: &mut [f32]| {
+            gemm_panel_bf16(panel, cols, n, xb, n_tokens, tile, n)
+        };
+        if w.has_bf16_dequantize() {
+            // Rows rounded to bf16 as they are dequantized, padded to whole pairs.
+            let stride = 2 * pairs(cols);
+            let dequantize = |start: usize, rows: &mut [u16]| {
+                w.dequantize_rows_bf16(start, rows, stride);
+            };
+            let scratch = (&GEMM_ROWS_BF16, stride);
+            gemm_by_panels(
+                pool,
+                w,
+                n_tokens,
+                y,
+                scratch,
+                dequantize,
+                |rows, n, tile| {
+                    GEMM_PANEL_BF16.with(|panel| {
+                        let mut panel = panel.borrow_mut();
+                        pack_panel_bf16_words(rows, cols, &mut panel);
+                        multiply(&panel, n, tile);
+                    });
+                },
+            );
+            return;
+        }
+        let dequantize = dequantize_f32(w);
+        gemm_by_panels(
+            pool,
+            w,
+            n_tokens,
+            y,
+            (&GEMM_ROWS, cols),
+            dequantize,
+            |rows, n, tile| {
+                GEMM_PANEL_BF16.with(|panel| {
+                    let mut panel = panel.borrow_mut();
+                    pack_panel_bf16(rows, cols, &mut panel);
+                    multiply(&panel, n, tile);
+                });
+            },
+        );
     });
 }
 

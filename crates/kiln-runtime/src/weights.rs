@@ -332,6 +332,38 @@ impl WeightMatrix {
             }
         }
     }
+
+    /// Whether [`WeightMatrix::dequantize_row_bf16`] has a kernel here (kiln formats on CPUs
+    /// with AVX-512 BF16), which the bf16 prompt GEMM then packs from.
+    pub fn has_bf16_dequantize(&self) -> bool {
+        self.kiln_format().is_some()
+            && kiln_kernels::kiln_formats::has_bf16_dequantize(&self.kiln_matrix())
+    }
+
+    /// The rows from `start` dequantized and rounded to bf16 into `out`, one every `stride`
+    /// words (`out.len() / stride` rows, the words past `cols` zero): each value
+    /// `kiln_kernels::gemm_bf16::to_bf16` of [`WeightMatrix::dequantize_row`]'s.
+    pub fn dequantize_rows_bf16(&self, start: usize, out: &mut [u16], stride: usize) {
+        let rows = start..start + out.len() / stride.max(1);
+        match self.format {
+            TensorFormat::Kiln(_) => kiln_kernels::kiln_formats::dequantize_rows_bf16(
+                &self.kiln_matrix(),
+                rows,
+                out,
+                stride,
+            ),
+            TensorFormat::Ggml(_) => {
+                let mut values = vec![0.0f32; self.cols];
+                for (r, row) in rows.zip(out.chunks_exact_mut(stride)) {
+                    self.dequantize_row(r, &mut values);
+                    for (o, &v) in row.iter_mut().zip(&values) {
+                        *o = kiln_kernels::gemm_bf16::to_bf16(v);
+                    }
+                    row[self.cols..].fill(0);
+                }
+            }
+        }
+    }
 }
 
 /// Readies every matrix of `ms` for this CPU's kernels: rows rewritten into the planar layout
@@ -558,6 +590,37 @@ mod tests {
         kiln_formats::dot_block(&prepared.kiln_matrix(), 0..rows, one, &mut b, rows);
         assert_eq!(a, b);
         assert!(a.iter().all(|&v| v != 0.0));
+    }
+
+    /// The bf16 rows the prompt GEMM packs are the f32 rows rounded, for stored and planar
+    /// `LUT4_B32` rows alike, padded with zeros; the kernels make them wherever the CPU has
+    /// AVX-512 BF16.
+    #[test]
+    fn bf16_rows_are_the_f32_rows_rounded() {
+        let cols = 160;
+        let stored = lut4_b32_matrix(9, cols);
+        let mut planar = stored.clone();
+        make_planar_all(vec![&mut planar]);
+        for w in [&stored, &planar] {
+            assert_eq!(
+                w.has_bf16_dequantize(),
+                kiln_kernels::gemm_bf16::bf16_available()
+            );
+            let stride = cols + 2;
+            let mut words = vec![0xffffu16; 7 * stride];
+            w.dequantize_rows_bf16(2, &mut words, stride);
+            let mut values = vec![0.0f32; cols];
+            for (r, row) in (2..9).zip(words.chunks_exact(stride)) {
+                w.dequantize_row(r, &mut values);
+                let want: Vec<u16> = values
+                    .iter()
+                    .map(|&v| kiln_kernels::gemm_bf16::to_bf16(v))
+                    .chain([0, 0])
+                    .collect();
+                assert_eq!(row, &want[..], "row {r}, planar {}", w.is_planar());
+                assert!(row.iter().any(|&v| v != 0));
+            }
+        }
     }
 
     /// `LUT4_B32` matrices are rewritten into planar rows where the CPU's kernels read them,

@@ -31,6 +31,7 @@
 // loops say that more plainly than zipped iterators.
 #![allow(clippy::needless_range_loop)]
 
+use core::arch::asm;
 use core::arch::x86_64::*;
 use std::ops::Range;
 
@@ -1115,24 +1116,80 @@ pub(crate) fn has_dequantize(isa: Isa, ty: KilnType) -> bool {
 /// The CPU has `isa` (AVX2 or AVX-512 VNNI, with FMA and F16C); `has_dequantize(isa, w.ty)`;
 /// `r < w.rows` and `out.len() == w.cols`.
 pub(crate) unsafe fn dequantize_row(isa: Isa, w: &KilnMatrix, r: usize, out: &mut [f32]) {
+    // SAFETY: the caller's guarantees; `out` holds the row's f32 values.
+    unsafe { dequantize_into::<false>(isa, w, r, out.as_mut_ptr().cast()) }
+}
+
+/// Row `r` of `w` dequantized and rounded to bf16 into `out`: each value
+/// `crate::gemm_bf16::to_bf16` of [`dequantize_row`]'s, without the f32 row in between.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, FMA, F16C and AVX-512 BF16 (`crate::gemm_bf16::bf16_available`);
+/// `has_dequantize(Isa::Avx512Vnni, w.ty)`; planar rows only where
+/// `crate::planar::lut4_b32::supported`; `r < w.rows` and `out.len() == w.cols`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_row_bf16(w: &KilnMatrix, r: usize, out: &mut [u16]) {
+    // SAFETY: the caller's guarantees; `out` holds the row's bf16 values.
+    unsafe { dequantize_into::<true>(Isa::Avx512Vnni, w, r, out.as_mut_ptr().cast()) }
+}
+
+/// Rows `start..start + n` of `w` as [`dequantize_row_bf16`] gives them, row `i` at
+/// `out[i * stride..]`; 8-bit tables that consecutive rows share are rounded once.
+///
+/// # Safety
+/// As [`dequantize_row_bf16`] for each row; `start + n <= w.rows`, `stride >= w.cols` and
+/// `out.len() >= (n - 1) * stride + w.cols`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_rows_bf16(
+    w: &KilnMatrix,
+    start: usize,
+    n: usize,
+    out: &mut [u16],
+    stride: usize,
+) {
+    if matches!(w.ty, KilnType::Lut { bits: 8, .. }) && has_vbmi() {
+        // SAFETY: VBMI checked; the rest is the caller's.
+        return unsafe { lut8_rows_bf16_vbmi(w, start, n, out.as_mut_ptr(), stride) };
+    }
+    for i in 0..n {
+        // SAFETY: row start + i < w.rows into its `w.cols` words of `out` (the caller's).
+        unsafe {
+            let o = out.as_mut_ptr().add(i * stride).cast();
+            dequantize_into::<true>(Isa::Avx512Vnni, w, start + i, o)
+        }
+    }
+}
+
+/// [`dequantize_row`] (`BF16`: [`dequantize_row_bf16`]) into `out`, `w.cols` f32 (u16) values.
+///
+/// # Safety
+/// As [`dequantize_row`] (with `BF16`, [`dequantize_row_bf16`]); `out` is writable for the
+/// row's values.
+#[inline]
+unsafe fn dequantize_into<const BF16: bool>(isa: Isa, w: &KilnMatrix, r: usize, out: *mut u8) {
+    // Only the f32 values come from the AVX2 kernels (the bf16 GEMM needs AVX-512).
+    let f32_out = || {
+        // SAFETY: without `BF16`, `out` holds `w.cols` f32 values (the caller's guarantee).
+        unsafe { std::slice::from_raw_parts_mut(out.cast::<f32>(), w.cols) }
+    };
     if let KilnType::Lut { bits, .. } = w.ty {
         // SAFETY: the caller's guarantees are what each kernel needs.
         return unsafe {
-            if isa == Isa::Avx512Vnni {
-                lut_dequantize_512(bits, w, r, out)
+            if BF16 || isa == Isa::Avx512Vnni {
+                lut_dequantize_512::<BF16>(bits, w, r, out)
             } else {
-                lut_dequantize_256(bits, w, r, out)
+                lut_dequantize_256(bits, w, r, f32_out())
             }
         };
     }
     let row = w.row(r);
     match w.ty {
         // SAFETY: AVX-512 (has_dequantize); `row` is row r, `out` its values.
-        KilnType::I4B64 => return unsafe { i4b64_dequantize_512(row, out) },
+        KilnType::I4B64 => return unsafe { i4b64_dequantize_512::<BF16>(row, out, w.cols) },
         KilnType::I8Ch => {
             let scale = kiln_types::i8_ch_scale(w.data, w.rows, w.cols, r);
             // SAFETY: as above.
-            return unsafe { i8ch_dequantize_512(row, scale, out) };
+            return unsafe { i8ch_dequantize_512::<BF16>(row, scale, out, w.cols) };
         }
         _ => {}
     }
@@ -1146,13 +1203,99 @@ pub(crate) unsafe fn dequantize_row(isa: Isa, w: &KilnMatrix, r: usize, out: &mu
     // `crate::planar::lut4_b32::supported`: AVX-512).
     unsafe {
         if w.planar {
-            lut4b32_dequantize_planar_512(row, w.cols / CHUNK, u, s, m, out)
-        } else if isa == Isa::Avx512Vnni {
-            lut4b32_dequantize_512(row, u, s, m, out)
+            lut4b32_dequantize_planar_512::<BF16>(row, w.cols / CHUNK, u, s, m, out)
+        } else if BF16 || isa == Isa::Avx512Vnni {
+            lut4b32_dequantize_512::<BF16>(row, u, s, m, out, w.cols)
         } else {
-            lut4b32_dequantize_256(row, u, s, m, out)
+            lut4b32_dequantize_256(row, u, s, m, f32_out())
         }
     }
+}
+
+// The AVX-512 dequantization kernels write f32 values or (`BF16`) the same rounded to bf16,
+// for the bf16 prompt GEMM: `vcvtne2ps2bf16` rounds exactly as `crate::gemm_bf16::to_bf16`
+// does (ties to even, subnormals to zero, NaNs quiet), and a bf16 row is half the bytes to
+// write and for the panel packing to read back. The conversions are inline assembly: as
+// intrinsics they would need the kernels compiled with AVX-512 BF16, which the f32 kernels
+// must not require, and a kernel cannot inline a function with features it lacks.
+
+/// Writes 32 values at element `at` of `out`, `w0`'s first: f32, or (`BF16`) rounded to bf16.
+///
+/// # Safety
+/// AVX-512 F; elements `at..at + 32` of `out` (f32, or u16 with `BF16`) are writable; with
+/// `BF16`, the CPU has AVX-512 BF16.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn put32<const BF16: bool>(out: *mut u8, at: usize, w0: __m512, w1: __m512) {
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        if BF16 {
+            let v: __m512i;
+            // SAFETY: the caller guarantees AVX-512 BF16; the instruction only reads and
+            // writes the registers named. Intel operand order: the second source gives words
+            // 0..16.
+            asm!(
+                "vcvtne2ps2bf16 {v}, {hi}, {lo}",
+                v = lateout(zmm_reg) v,
+                hi = in(zmm_reg) w1,
+                lo = in(zmm_reg) w0,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            _mm512_storeu_si512(out.cast::<u16>().add(at).cast(), v);
+        } else {
+            let o = out.cast::<f32>().add(at);
+            _mm512_storeu_ps(o, w0);
+            _mm512_storeu_ps(o.add(16), w1);
+        }
+    }
+}
+
+/// As [`put32`], for 16 values.
+///
+/// # Safety
+/// As [`put32`], for elements `at..at + 16`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn put16<const BF16: bool>(out: *mut u8, at: usize, w: __m512) {
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        if BF16 {
+            let v: __m256i;
+            // SAFETY: as in `put32`.
+            asm!(
+                "vcvtneps2bf16 {v}, {w}",
+                v = lateout(ymm_reg) v,
+                w = in(zmm_reg) w,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            _mm256_storeu_si256(out.cast::<u16>().add(at).cast(), v);
+        } else {
+            _mm512_storeu_ps(out.cast::<f32>().add(at), w);
+        }
+    }
+}
+
+/// As [`put32`], for the one value `v` (scalar tails).
+///
+/// # Safety
+/// Element `at` of `out` is writable (f32, or u16 with `BF16`).
+#[inline]
+unsafe fn put1<const BF16: bool>(out: *mut u8, at: usize, v: f32) {
+    // SAFETY: the caller's guarantee.
+    unsafe {
+        if BF16 {
+            *out.cast::<u16>().add(at) = crate::gemm_bf16::to_bf16(v);
+        } else {
+            *out.cast::<f32>().add(at) = v;
+        }
+    }
+}
+
+/// The 16 bf16 words of a `__m256bh`.
+#[inline]
+fn bf16_words_256(v: __m256bh) -> __m256i {
+    // SAFETY: both are plain 32-byte vectors with no invalid bit patterns.
+    unsafe { std::mem::transmute::<__m256bh, __m256i>(v) }
 }
 
 /// A lookup-table row's f16 table widened to f32 (`vcvtph2ps` is exact, as kiln-format's
@@ -1179,20 +1322,22 @@ unsafe fn lut_table_f32(t: &[u8]) -> [f32; 256] {
 /// look the entries up with `vpermps` (`vpermt2ps` and a blend for 64 entries).
 ///
 /// # Safety
-/// AVX-512 F/BW; `w` a lookup-table tensor of `bits` bits, `r < w.rows`, `out.len() == w.cols`.
+/// AVX-512 F/BW (with `BF16`, AVX-512 BF16); `w` a lookup-table tensor of `bits` bits,
+/// `r < w.rows`, `out` writable for `w.cols` values (f32, or u16 with `BF16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-unsafe fn lut_dequantize_512(bits: u8, w: &KilnMatrix, r: usize, out: &mut [f32]) {
+#[inline]
+unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usize, out: *mut u8) {
     let tp = w.table(r).as_ptr();
-    let chunks = out
-        .chunks_exact_mut(CHUNK)
-        .zip(w.row(r).chunks_exact(4 * usize::from(bits)));
+    let chunks = w
+        .row(r)
+        .chunks_exact(4 * usize::from(bits))
+        .enumerate()
+        .map(|(j, c)| (CHUNK * j, c))
+        .take(w.cols / CHUNK);
     // Writes one chunk's 32 values.
-    let store = |o: &mut [f32], w0: __m512, w1: __m512| {
-        // SAFETY: `o` is one chunk of 32 values.
-        unsafe {
-            _mm512_storeu_ps(o.as_mut_ptr(), w0);
-            _mm512_storeu_ps(o.as_mut_ptr().add(16), w1);
-        }
+    let store = |at: usize, w0: __m512, w1: __m512| {
+        // SAFETY: the chunk's 32 values lie within the row (the caller's `out`).
+        unsafe { put32::<BF16>(out, at, w0, w1) }
     };
     // SAFETY (loads): each table holds 2^bits f16 entries; each chunk holds 4·bits bytes of
     // indices.
@@ -1234,7 +1379,7 @@ unsafe fn lut_dequantize_512(bits: u8, w: &KilnMatrix, r: usize, out: &mut [f32]
             }
         }
         // SAFETY: the caller's guarantees, and VBMI checked.
-        _ if has_vbmi() => unsafe { lut8_dequantize_vbmi(w, r, out) },
+        _ if has_vbmi() => unsafe { lut8_dequantize_vbmi::<BF16>(w, r, out) },
         _ => {
             // SAFETY: the row's table holds 2^bits f16 entries, at most 256.
             let table = unsafe { lut_table_f32(w.table(r)) };
@@ -1243,12 +1388,12 @@ unsafe fn lut_dequantize_512(bits: u8, w: &KilnMatrix, r: usize, out: &mut [f32]
                 kiln_types::unpack_chunk(bits, c, &mut idx);
                 for h in 0..2 {
                     // SAFETY: 16 indices (each below 2^bits <= 256) into the 256-entry table,
-                    // and 16 values of `o`.
+                    // and 16 values of the chunk.
                     unsafe {
                         let i =
                             _mm512_cvtepu8_epi32(_mm_loadu_si128(idx.as_ptr().add(16 * h).cast()));
                         let v = _mm512_i32gather_ps::<4>(i, table.as_ptr());
-                        _mm512_storeu_ps(o.as_mut_ptr().add(16 * h), v);
+                        put16::<BF16>(out, o + 16 * h, v);
                     }
                 }
             }
@@ -1257,23 +1402,109 @@ unsafe fn lut_dequantize_512(bits: u8, w: &KilnMatrix, r: usize, out: &mut [f32]
 }
 
 /// An 8-bit lookup-table row dequantized with the table as byte planes (`vpermi2b`, see
-/// [`lookup256_vbmi`]), 64 entries per step, then widened by `vcvtph2ps`.
+/// [`lookup256_vbmi`]), 64 entries per step, then widened by `vcvtph2ps`; with `BF16`, the
+/// planes are of the table rounded to bf16 once, and the words looked up are the values.
 ///
 /// # Safety
-/// AVX-512 with VBMI; `w` an 8-bit lookup-table tensor, `r < w.rows`, `out.len() == w.cols`.
+/// AVX-512 with VBMI (with `BF16`, AVX-512 BF16); `w` an 8-bit lookup-table tensor,
+/// `r < w.rows`, `out` writable for `w.cols` values (f32, or u16 with `BF16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
-unsafe fn lut8_dequantize_vbmi(w: &KilnMatrix, r: usize, out: &mut [f32]) {
-    // SAFETY: a 256-entry f16 table is 512 bytes.
-    let planes = unsafe { byte_planes(w.table(r).as_ptr()) };
-    let row = w.row(r);
+unsafe fn lut8_dequantize_vbmi<const BF16: bool>(w: &KilnMatrix, r: usize, out: *mut u8) {
+    // SAFETY: a 256-entry f16 table is 512 bytes; the bf16 one is made as large. The caller's
+    // guarantees are the row kernel's.
+    unsafe {
+        let planes = if BF16 {
+            lut8_planes_bf16(w.table(r))
+        } else {
+            byte_planes(w.table(r).as_ptr())
+        };
+        lut8_row_vbmi::<BF16>(&planes, w.row(r), w.cols, out)
+    }
+}
+
+/// Rows `start..start + n` of the 8-bit lookup-table tensor `w` rounded to bf16, row `i` at
+/// `out + i · stride` words: as [`lut8_dequantize_vbmi`], with the planes of a table that
+/// consecutive rows share made once.
+///
+/// # Safety
+/// AVX-512 with VBMI and BF16; `start + n <= w.rows`; `out` writable for `n` rows of `stride
+/// >= w.cols` words.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
+unsafe fn lut8_rows_bf16_vbmi(
+    w: &KilnMatrix,
+    start: usize,
+    n: usize,
+    out: *mut u16,
+    stride: usize,
+) {
+    let mut made: Option<(*const u8, BytePlanes)> = None;
+    for i in 0..n {
+        let t = w.table(start + i);
+        let planes = match made {
+            Some((at, planes)) if at == t.as_ptr() => planes,
+            _ => {
+                // SAFETY: AVX-512 BF16 (the caller's), and a 256-entry table.
+                let planes = unsafe { lut8_planes_bf16(t) };
+                made = Some((t.as_ptr(), planes));
+                planes
+            }
+        };
+        // SAFETY: row start + i of `w`, into its row of `out` (the caller's guarantees).
+        unsafe {
+            lut8_row_vbmi::<true>(
+                &planes,
+                w.row(start + i),
+                w.cols,
+                out.add(i * stride).cast(),
+            )
+        };
+    }
+}
+
+/// The byte planes of an 8-bit table rounded to bf16.
+///
+/// # Safety
+/// AVX-512 with VBMI and BF16, F16C; `t` holds 256 f16 entries.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,f16c")]
+unsafe fn lut8_planes_bf16(t: &[u8]) -> BytePlanes {
+    // SAFETY: the caller's guarantees; the rounded table is 512 bytes.
+    unsafe { byte_planes(lut8_table_bf16(t).as_ptr().cast()) }
+}
+
+/// One 8-bit lookup-table row of `cols` indices looked up in `planes` (f16 entries, or with
+/// `BF16` entries already rounded to bf16) into `out`.
+///
+/// # Safety
+/// AVX-512 with VBMI; `row` holds `cols` indices, a multiple of 32; `out` is writable for
+/// `cols` values (f32, or u16 with `BF16`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
+#[inline]
+unsafe fn lut8_row_vbmi<const BF16: bool>(
+    planes: &BytePlanes,
+    row: &[u8],
+    cols: usize,
+    out: *mut u8,
+) {
+    let planes = *planes;
     let mut c = 0;
-    while c < w.cols {
+    while c < cols {
         // 64 elements at a time, or the last 32 (rows are whole chunks of 32).
-        let two = c + 2 * CHUNK <= w.cols;
+        let two = c + 2 * CHUNK <= cols;
         let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
         // SAFETY: 32 or 64 index bytes of the row from c; masked-off bytes are not read.
         let i = unsafe { _mm512_maskz_loadu_epi8(mask, row.as_ptr().add(c).cast()) };
         let (a, b) = lookup256_vbmi(_mm512_permutexvar_epi8(VBMI_ORDER, i), &planes);
+        if BF16 {
+            // SAFETY: elements c .. c + 32 (and c + 32 .. c + 64 when `two`) lie within the row.
+            unsafe {
+                _mm512_storeu_si512(out.cast::<u16>().add(c).cast(), a);
+                if two {
+                    _mm512_storeu_si512(out.cast::<u16>().add(c + CHUNK).cast(), b);
+                }
+            }
+            c += if two { 2 * CHUNK } else { CHUNK };
+            continue;
+        }
         let v = [
             _mm512_cvtph_ps(_mm512_castsi512_si256(a)),
             _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(a)),
@@ -1282,10 +1513,31 @@ unsafe fn lut8_dequantize_vbmi(w: &KilnMatrix, r: usize, out: &mut [f32]) {
         ];
         for (k, vk) in v.iter().enumerate().take(if two { 4 } else { 2 }) {
             // SAFETY: elements c + 16k .. c + 16k + 16 lie within the row.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c + 16 * k), *vk) };
+            unsafe { _mm512_storeu_ps(out.cast::<f32>().add(c + 16 * k), *vk) };
         }
         c += if two { 2 * CHUNK } else { CHUNK };
     }
+}
+
+/// An 8-bit lookup-table row's 256 f16 entries rounded to bf16 (through f32, exactly, as the
+/// f32 values would be).
+///
+/// # Safety
+/// AVX-512 F and BF16, F16C; `t` holds 256 f16 entries.
+#[target_feature(enable = "avx512f,avx512bf16,avx2,f16c")]
+unsafe fn lut8_table_bf16(t: &[u8]) -> [u16; 256] {
+    debug_assert_eq!(t.len(), 512);
+    let mut words = [0u16; 256];
+    for q in 0..16 {
+        // SAFETY: entries 16q .. 16q + 16 are bytes 32q .. 32q + 32 of `t`, and words 16q ..
+        // 16q + 16 of `words`.
+        unsafe {
+            let f = _mm512_cvtph_ps(_mm256_loadu_si256(t.as_ptr().add(32 * q).cast()));
+            let v = bf16_words_256(_mm512_cvtneps_pbh(f));
+            _mm256_storeu_si256(words.as_mut_ptr().add(16 * q).cast(), v);
+        }
+    }
+    words
 }
 
 /// [`lut_dequantize_512`] with AVX2 gathers of 8.
@@ -1359,16 +1611,18 @@ fn lut4b32_table_f64_512(u: &[u8; 16]) -> [__m512d; 2] {
 /// exact, the product rounded once).
 ///
 /// # Safety
-/// AVX-512 F/BW and F16C; `row` is one `I4_B64` row of `out.len()` elements.
+/// AVX-512 F/BW and F16C (with `BF16`, AVX-512 BF16); `row` is one `I4_B64` row of `n`
+/// elements, `out` writable for them (f32, or u16 with `BF16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-unsafe fn i4b64_dequantize_512(row: &[u8], out: &mut [f32]) {
+#[inline]
+unsafe fn i4b64_dequantize_512<const BF16: bool>(row: &[u8], out: *mut u8, n: usize) {
     let low = _mm_set1_epi8(0x0f);
     let eight = _mm512_set1_ps(8.0);
-    for (o, b) in out
-        .chunks_exact_mut(I4_BLOCK)
+    for (o, b) in (0..n)
+        .step_by(I4_BLOCK)
         .zip(row.chunks_exact(I4_BLOCK_BYTES))
     {
-        // SAFETY: the block's 2-byte scale and 32 bytes of nibbles; 64 values of `o`.
+        // SAFETY: the block's 2-byte scale and 32 bytes of nibbles; its 64 values of `out`.
         unsafe {
             let d = _mm512_set1_ps(f16_at(b.as_ptr()));
             for half in 0..2 {
@@ -1378,7 +1632,7 @@ unsafe fn i4b64_dequantize_512(row: &[u8], out: &mut [f32]) {
                 // Bytes 16h..16h + 16 hold elements 16h.. (low nibbles) and 32 + 16h.. (high).
                 for (at, v) in [(16 * half, lo), (32 + 16 * half, hi)] {
                     let f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), eight);
-                    _mm512_storeu_ps(o.as_mut_ptr().add(at), _mm512_mul_ps(d, f));
+                    put16::<BF16>(out, o + at, _mm512_mul_ps(d, f));
                 }
             }
         }
@@ -1388,24 +1642,24 @@ unsafe fn i4b64_dequantize_512(row: &[u8], out: &mut [f32]) {
 /// An `I8_CH` row's values, `scale · c`.
 ///
 /// # Safety
-/// AVX-512 F/BW; `row` is one `I8_CH` row of codes, `out.len()` of them.
+/// AVX-512 F/BW (with `BF16`, AVX-512 BF16); `row` is one `I8_CH` row of `n` codes, `out`
+/// writable for `n` values (f32, or u16 with `BF16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn i8ch_dequantize_512(row: &[u8], scale: f32, out: &mut [f32]) {
+#[inline]
+unsafe fn i8ch_dequantize_512<const BF16: bool>(row: &[u8], scale: f32, out: *mut u8, n: usize) {
     let s = _mm512_set1_ps(scale);
     let mut i = 0;
-    while i + 16 <= out.len() {
+    while i + 16 <= n {
         // SAFETY: codes and values i..i + 16.
         unsafe {
             let c = _mm512_cvtepi8_epi32(_mm_loadu_si128(row.as_ptr().add(i).cast()));
-            _mm512_storeu_ps(
-                out.as_mut_ptr().add(i),
-                _mm512_mul_ps(s, _mm512_cvtepi32_ps(c)),
-            );
+            put16::<BF16>(out, i, _mm512_mul_ps(s, _mm512_cvtepi32_ps(c)));
         }
         i += 16;
     }
-    for (o, &c) in out[i..].iter_mut().zip(&row[i..]) {
-        *o = scale * f32::from(c as i8);
+    for (j, &c) in row[..n].iter().enumerate().skip(i) {
+        // SAFETY: value j < n.
+        unsafe { put1::<BF16>(out, j, scale * f32::from(c as i8)) };
     }
 }
 
@@ -1425,20 +1679,22 @@ fn lut4b32_values_512(u: &[__m512d; 2], a: f64, b: f64) -> __m512 {
 }
 
 /// # Safety
-/// AVX-512 F; `row` is one planar `LUT4_B32` row ([`crate::planar::lut4_b32`]) of `nb`
-/// blocks, `out` its `32 · nb` elements, `u` its table.
+/// AVX-512 F (with `BF16`, AVX-512 BF16); `row` is one planar `LUT4_B32` row
+/// ([`crate::planar::lut4_b32`]) of `nb` blocks, `out` writable for its `32 · nb` values (f32,
+/// or u16 with `BF16`), `u` its table.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn lut4b32_dequantize_planar_512(
+#[inline]
+unsafe fn lut4b32_dequantize_planar_512<const BF16: bool>(
     row: &[u8],
     nb: usize,
     u: &[u8; 16],
     s: f64,
     m: f64,
-    out: &mut [f32],
+    out: *mut u8,
 ) {
     let uf = lut4b32_table_f64_512(u);
     let params = crate::planar::lut4_b32::params(nb);
-    assert!(row.len() >= params + 2 * nb && out.len() == nb * CHUNK);
+    assert!(row.len() >= params + 2 * nb);
     let codes = row[LUT4_B32_ROW_HEADER..].as_ptr();
     let mut b = 0;
     while b < nb {
@@ -1469,37 +1725,41 @@ unsafe fn lut4b32_dequantize_planar_512(
             let w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(idx)), v);
             let w1 =
                 _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(idx)), v);
-            let o = &mut out[(b + k) * CHUNK..(b + k + 1) * CHUNK];
-            // SAFETY: 32 values of `o`.
-            unsafe {
-                _mm512_storeu_ps(o.as_mut_ptr(), w0);
-                _mm512_storeu_ps(o.as_mut_ptr().add(16), w1);
-            }
+            // SAFETY: block b + k's 32 values of the row.
+            unsafe { put32::<BF16>(out, (b + k) * CHUNK, w0, w1) };
         }
         b += 4;
     }
 }
 
 /// # Safety
-/// AVX-512 F; `row` is one `LUT4_B32` row of `out.len()` elements, `u` its table.
+/// AVX-512 F (with `BF16`, AVX-512 BF16); `row` is one `LUT4_B32` row of `n` elements, `out`
+/// writable for them (f32, or u16 with `BF16`), `u` its table.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn lut4b32_dequantize_512(row: &[u8], u: &[u8; 16], s: f64, m: f64, out: &mut [f32]) {
+#[inline]
+unsafe fn lut4b32_dequantize_512<const BF16: bool>(
+    row: &[u8],
+    u: &[u8; 16],
+    s: f64,
+    m: f64,
+    out: *mut u8,
+    n: usize,
+) {
     let uf = lut4b32_table_f64_512(u);
     let low = _mm512_set1_epi32(0x0f);
-    for (o, blk) in out
-        .chunks_exact_mut(CHUNK)
+    for (o, blk) in (0..n)
+        .step_by(CHUNK)
         .zip(row[LUT4_B32_ROW_HEADER..].chunks_exact(LUT4_B32_BLOCK_BYTES))
     {
         let a = s * f64::from(blk[0] as i8);
         let b = m * f64::from(blk[1] as i8);
         let v = lut4b32_values_512(&uf, a, b);
-        // SAFETY: the block's 16 index bytes, and 32 values of `o`.
+        // SAFETY: the block's 16 index bytes, and its 32 values of `out`.
         unsafe {
             let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(2).cast()));
             let w0 = _mm512_permutexvar_ps(_mm512_and_si512(q, low), v);
             let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), v);
-            _mm512_storeu_ps(o.as_mut_ptr(), w0);
-            _mm512_storeu_ps(o.as_mut_ptr().add(16), w1);
+            put32::<BF16>(out, o, w0, w1);
         }
     }
 }
