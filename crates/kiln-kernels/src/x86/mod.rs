@@ -2,6 +2,7 @@
 
 pub(crate) mod avx2;
 pub(crate) mod avx512;
+pub(crate) mod dequant_out;
 pub(crate) mod kiln_formats;
 
 /// Rows per tile: four weight rows are read side by side, so one pass keeps four streams of
