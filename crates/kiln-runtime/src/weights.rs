@@ -333,11 +333,17 @@ impl WeightMatrix {
         }
     }
 
-    /// Whether [`WeightMatrix::dequantize_row_bf16`] has a kernel here (kiln formats on CPUs
-    /// with AVX-512 BF16), which the bf16 prompt GEMM then packs from.
+    /// Whether [`WeightMatrix::dequantize_rows_bf16`] has a kernel here (kiln formats on CPUs
+    /// with AVX-512 BF16), which the bf16 prompt GEMM then packs from. (For the planar ggml
+    /// rows, writing bf16 rather than f32 measured no faster: their packing is cheap beside
+    /// the table lookups and the per-row preparation that the kiln formats' rows save.)
     pub fn has_bf16_dequantize(&self) -> bool {
-        self.kiln_format().is_some()
-            && kiln_kernels::kiln_formats::has_bf16_dequantize(&self.kiln_matrix())
+        match self.format {
+            TensorFormat::Kiln(_) => {
+                kiln_kernels::kiln_formats::has_bf16_dequantize(&self.kiln_matrix())
+            }
+            TensorFormat::Ggml(_) => false,
+        }
     }
 
     /// The rows from `start` dequantized and rounded to bf16 into `out`, one every `stride`
@@ -592,19 +598,44 @@ mod tests {
         assert!(a.iter().all(|&v| v != 0.0));
     }
 
-    /// The bf16 rows the prompt GEMM packs are the f32 rows rounded, for stored and planar
-    /// `LUT4_B32` rows alike, padded with zeros; the kernels make them wherever the CPU has
-    /// AVX-512 BF16.
+    /// A `rows` × `cols` matrix of ggml type `ty` in memory, quantized from varied values.
+    fn ggml_matrix(ty: GgmlType, rows: usize, cols: usize) -> WeightMatrix {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3)
+            .collect();
+        let data = kiln_format::ggml::quantize(ty, &values).expect("quantizable");
+        WeightMatrix {
+            row_bytes: ty.row_bytes(cols).unwrap(),
+            storage: Arc::new(data),
+            offset: 0,
+            format: TensorFormat::Ggml(ty),
+            rows,
+            cols,
+            planar: false,
+            row_tables: None,
+        }
+    }
+
+    /// The bf16 rows the prompt GEMM packs are the f32 rows rounded, padded with zeros: for
+    /// stored and planar `LUT4_B32` rows alike (the kernels make them wherever the CPU has
+    /// AVX-512 BF16), and for ggml rows, planar (`Q5_0`) or not (`Q6_K`), which round the f32
+    /// values.
     #[test]
     fn bf16_rows_are_the_f32_rows_rounded() {
-        let cols = 160;
+        let cols = 256;
         let stored = lut4_b32_matrix(9, cols);
         let mut planar = stored.clone();
         make_planar_all(vec![&mut planar]);
-        for w in [&stored, &planar] {
+        let q5 = ggml_matrix(GgmlType::Q5_0, 9, cols);
+        let mut q5_planar = q5.clone();
+        make_planar_all(vec![&mut q5_planar]);
+        assert_eq!(q5_planar.is_planar(), repack_enabled());
+        let q6k = ggml_matrix(GgmlType::Q6_K, 9, cols);
+        for w in [&stored, &planar, &q5_planar, &q6k] {
+            let kiln = w.kiln_format().is_some();
             assert_eq!(
                 w.has_bf16_dequantize(),
-                kiln_kernels::gemm_bf16::bf16_available()
+                kiln_kernels::gemm_bf16::bf16_available() && kiln
             );
             let stride = cols + 2;
             let mut words = vec![0xffffu16; 7 * stride];
@@ -617,7 +648,13 @@ mod tests {
                     .map(|&v| kiln_kernels::gemm_bf16::to_bf16(v))
                     .chain([0, 0])
                     .collect();
-                assert_eq!(row, &want[..], "row {r}, planar {}", w.is_planar());
+                assert_eq!(
+                    row,
+                    &want[..],
+                    "{} row {r}, planar {}",
+                    w.format,
+                    w.is_planar()
+                );
                 assert!(row.iter().any(|&v| v != 0));
             }
         }
