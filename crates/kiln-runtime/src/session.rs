@@ -201,16 +201,32 @@ impl<'m> Session<'m> {
             kernels::rms_norm(&mut b.k, kn, c.rms_eps);
         }
         let layer_cfg = &c.layers[il];
-        let rope = RopeTable::new(c, layer_cfg.rope_base, layer_cfg.rope_freq_scale);
-        let mut angles = Vec::new();
+        let key = (
+            layer_cfg.rope_base.to_bits(),
+            layer_cfg.rope_freq_scale.to_bits(),
+        );
+        let at = match b.rope.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                let rope = RopeTable::new(c, layer_cfg.rope_base, layer_cfg.rope_freq_scale);
+                let (mut all, mut angles) = (Vec::new(), Vec::new());
+                for t in 0..t_len {
+                    rope.angles(self.n_past + t, &mut angles);
+                    all.extend_from_slice(&angles);
+                }
+                b.rope.push((key, all));
+                b.rope.len() - 1
+            }
+        };
+        let half = c.rope_dim / 2;
         for t in 0..t_len {
             // One table of (cos, sin) per position, shared by every query and key head.
-            rope.angles(self.n_past + t, &mut angles);
+            let angles = &b.rope[at].1[t * half..(t + 1) * half];
             for head in b.q[t * c.q_dim()..(t + 1) * c.q_dim()].chunks_exact_mut(hd) {
-                RopeTable::rotate(head, &angles, c.rope_style);
+                RopeTable::rotate(head, angles, c.rope_style);
             }
             for head in b.k[t * c.kv_dim()..(t + 1) * c.kv_dim()].chunks_exact_mut(hd) {
-                RopeTable::rotate(head, &angles, c.rope_style);
+                RopeTable::rotate(head, angles, c.rope_style);
             }
         }
         // Append this batch's keys and values to the cache.
@@ -404,12 +420,17 @@ struct Buffers {
     attn: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// The batch's rotary (cos, sin) pairs, `t_len` rows of `rope_dim / 2`, per distinct
+    /// (base, frequency scale) of the layers: made by the first layer that uses them, since
+    /// sin and cos in f64 cost more than the rotations (Gemma 3's layers share two tables).
+    rope: Vec<((u32, u32), Vec<(f32, f32)>)>,
 }
 
 impl Buffers {
     /// Sizes every buffer for a batch of `t_len` tokens (keeping the allocations).
     fn prepare(&mut self, c: &ModelConfig, t_len: usize) {
         self.t_len = t_len;
+        self.rope.clear();
         for (buf, width) in [
             (&mut self.x, c.n_embd),
             (&mut self.h, c.n_embd),
