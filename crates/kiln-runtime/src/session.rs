@@ -205,7 +205,7 @@ impl<'m> Session<'m> {
             layer_cfg.rope_base.to_bits(),
             layer_cfg.rope_freq_scale.to_bits(),
         );
-        let at = match b.rope.iter().position(|(k, _)| *k == key) {
+        let at = match b.rope.iter().position(|r| r.key == key) {
             Some(at) => at,
             None => {
                 let rope = RopeTable::new(c, layer_cfg.rope_base, layer_cfg.rope_freq_scale);
@@ -214,14 +214,14 @@ impl<'m> Session<'m> {
                     rope.angles(self.n_past + t, &mut angles);
                     all.extend_from_slice(&angles);
                 }
-                b.rope.push((key, all));
+                b.rope.push(BatchAngles { key, angles: all });
                 b.rope.len() - 1
             }
         };
         let half = c.rope_dim / 2;
         for t in 0..t_len {
             // One table of (cos, sin) per position, shared by every query and key head.
-            let angles = &b.rope[at].1[t * half..(t + 1) * half];
+            let angles = &b.rope[at].angles[t * half..(t + 1) * half];
             for head in b.q[t * c.q_dim()..(t + 1) * c.q_dim()].chunks_exact_mut(hd) {
                 RopeTable::rotate(head, angles, c.rope_style);
             }
@@ -423,7 +423,14 @@ struct Buffers {
     /// The batch's rotary (cos, sin) pairs, `t_len` rows of `rope_dim / 2`, per distinct
     /// (base, frequency scale) of the layers: made by the first layer that uses them, since
     /// sin and cos in f64 cost more than the rotations (Gemma 3's layers share two tables).
-    rope: Vec<((u32, u32), Vec<(f32, f32)>)>,
+    rope: Vec<BatchAngles>,
+}
+
+/// The rotary angles of a batch's positions for one (base, frequency scale), by their bits.
+struct BatchAngles {
+    key: (u32, u32),
+    /// `t_len` rows of `rope_dim / 2` (cos, sin) pairs.
+    angles: Vec<(f32, f32)>,
 }
 
 impl Buffers {
