@@ -226,14 +226,48 @@ pub fn gemm_panel_bf16(
     out_stride: usize,
 ) {
     check(panel, k, n_rows, x, n_tokens, out, out_stride);
+    // SAFETY: `check` validated that `out` holds every index the product writes, and `out`
+    // is borrowed exclusively.
+    unsafe { gemm_panel_bf16_into(panel, k, n_rows, x, n_tokens, out.as_mut_ptr(), out_stride) }
+}
+
+/// [`gemm_panel_bf16`] writing straight into a larger output that other threads write
+/// beside (each its own panel's columns of every token row), so a panel's results need no
+/// copy from a tile: only `out[t * out_stride + r]` for `t < n_tokens` and `r < n_rows` is
+/// written.
+///
+/// # Safety
+/// `out` is valid for writes at every such index, and nothing else reads or writes those
+/// elements during the call.
+///
+/// # Panics
+/// If the panel or activations are too short for the shapes given, `n_rows > PANEL_ROWS` or
+/// `out_stride < n_rows`.
+pub unsafe fn gemm_panel_bf16_into(
+    panel: &[u16],
+    k: usize,
+    n_rows: usize,
+    x: &[u16],
+    n_tokens: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    check_inputs(panel, k, n_rows, x, n_tokens, out_stride);
     #[cfg(target_arch = "x86_64")]
     if bf16_available() {
-        // SAFETY: `bf16_available` checked AVX-512F and AVX-512 BF16; `check` validated the
-        // shapes the kernel's pointer arithmetic relies on.
+        // SAFETY: `bf16_available` checked AVX-512F and AVX-512 BF16; `check_inputs` validated
+        // the shapes the kernel's pointer arithmetic relies on, and the caller the output.
         unsafe { x86::gemm_panel_bf16_avx512(panel, k, n_rows, x, n_tokens, out, out_stride) };
         return;
     }
-    gemm_panel_bf16_reference(panel, k, n_rows, x, n_tokens, out, out_stride);
+    let mut tile = vec![0.0f32; n_tokens * n_rows];
+    gemm_panel_bf16_reference(panel, k, n_rows, x, n_tokens, &mut tile, n_rows);
+    for (t, row) in tile.chunks_exact(n_rows.max(1)).enumerate() {
+        for (r, &v) in row.iter().enumerate() {
+            // SAFETY: index t * out_stride + r, which the caller guarantees writable.
+            unsafe { *out.add(t * out_stride + r) = v };
+        }
+    }
 }
 
 /// The scalar reference of [`gemm_panel_bf16`]: the same exact bf16 products, added in f32 in
@@ -272,6 +306,24 @@ fn check(
     out: &[f32],
     out_stride: usize,
 ) {
+    check_inputs(panel, k, n_rows, x, n_tokens, out_stride);
+    if n_tokens > 0 {
+        assert!(
+            out.len() >= (n_tokens - 1) * out_stride + n_rows,
+            "gemm_panel_bf16: output too short"
+        );
+    }
+}
+
+/// [`check`] but for the output's length.
+fn check_inputs(
+    panel: &[u16],
+    k: usize,
+    n_rows: usize,
+    x: &[u16],
+    n_tokens: usize,
+    out_stride: usize,
+) {
     let kp = pairs(k);
     assert!(
         n_rows <= PANEL_ROWS,
@@ -289,10 +341,6 @@ fn check(
         assert!(
             out_stride >= n_rows,
             "gemm_panel_bf16: output stride below the row count"
-        );
-        assert!(
-            out.len() >= (n_tokens - 1) * out_stride + n_rows,
-            "gemm_panel_bf16: output too short"
         );
     }
 }
@@ -478,7 +526,9 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU must have AVX-512F and AVX-512 BF16; the caller checked the shapes (`check`).
+    /// The CPU must have AVX-512F and AVX-512 BF16; the caller checked the shapes
+    /// (`check_inputs`) and that `out` is writable at `t * out_stride + r` for every token
+    /// `t` and row `r < n_rows`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn gemm_panel_bf16_avx512(
         panel: &[u16],
@@ -486,10 +536,19 @@ mod x86 {
         n_rows: usize,
         x: &[u16],
         n_tokens: usize,
-        out: &mut [f32],
+        out: *mut f32,
         out_stride: usize,
     ) {
         let kp = pairs(k);
+        // The panel's rows as two masks of sixteen lanes.
+        let low: __mmask16 = if n_rows >= 16 { !0 } else { (1 << n_rows) - 1 };
+        let high: __mmask16 = if n_rows >= 32 {
+            !0
+        } else if n_rows > 16 {
+            (1 << (n_rows - 16)) - 1
+        } else {
+            0
+        };
         let mut t = 0;
         while t < n_tokens {
             let mr = (n_tokens - t).min(MR);
@@ -505,14 +564,13 @@ mod x86 {
                 }
             };
             for (i, a) in acc.iter().enumerate().take(mr) {
-                let mut lanes = [0.0f32; PANEL_ROWS];
-                // SAFETY: `lanes` has room for two vectors of 16 floats.
+                // SAFETY: rows 0..n_rows of token t + i are writable (the caller's guarantee);
+                // the masks keep the stores to them.
                 unsafe {
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), a[0]);
-                    _mm512_storeu_ps(lanes.as_mut_ptr().add(16), a[1]);
+                    let row = out.add((t + i) * out_stride);
+                    _mm512_mask_storeu_ps(row, low, a[0]);
+                    _mm512_mask_storeu_ps(row.wrapping_add(16), high, a[1]);
                 }
-                let row = (t + i) * out_stride;
-                out[row..row + n_rows].copy_from_slice(&lanes[..n_rows]);
             }
             t += mr;
         }

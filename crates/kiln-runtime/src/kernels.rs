@@ -360,7 +360,7 @@ thread_local! {
 /// Prompt processing: each task dequantizes a panel of weight rows once
 /// (`dequantize(first_row, rows)`, rows `stride` values apart in `scratch`) and hands it to
 /// `multiply`, which packs it and runs every token of the batch through a register-blocked
-/// panel GEMM into `tile` (`n_tokens` rows of `n`); the tile is then scattered into `y`.
+/// panel GEMM into the panel's columns of `y` ([`PanelOut`]).
 fn gemm_by_panels<T: Copy + Default + 'static>(
     pool: &ThreadPool,
     w: &WeightMatrix,
@@ -368,7 +368,7 @@ fn gemm_by_panels<T: Copy + Default + 'static>(
     y: &mut [f32],
     (scratch, stride): (&'static std::thread::LocalKey<RefCell<Vec<T>>>, usize),
     dequantize: impl Fn(usize, &mut [T]) + Sync,
-    multiply: impl Fn(&[T], usize, &mut [f32]) + Sync,
+    multiply: impl Fn(&[T], usize, &PanelOut) + Sync,
 ) {
     use kiln_kernels::gemm::PANEL_ROWS;
     let rows = w.rows();
@@ -377,20 +377,55 @@ fn gemm_by_panels<T: Copy + Default + 'static>(
         let start = p * PANEL_ROWS;
         let n = PANEL_ROWS.min(rows - start);
         scratch.with(|dq| {
-            TILE_OUT.with(|tile| {
-                let (mut dq, mut tile) = (dq.borrow_mut(), tile.borrow_mut());
-                dq.resize(n * stride, T::default());
-                dequantize(start, &mut dq);
-                tile.resize(n_tokens * n, 0.0);
-                multiply(&dq, n, &mut tile);
-                for t in 0..n_tokens {
-                    // SAFETY: rows start..start + n of token t belong to panel p alone.
-                    let dst = unsafe { out.slice(t * rows + start..t * rows + start + n) };
-                    dst.copy_from_slice(&tile[t * n..(t + 1) * n]);
-                }
-            });
+            let mut dq = dq.borrow_mut();
+            dq.resize(n * stride, T::default());
+            dequantize(start, &mut dq);
+            let panel_out = PanelOut {
+                out: &out,
+                start,
+                n,
+                n_tokens,
+                stride: rows,
+            };
+            multiply(&dq, n, &panel_out);
         });
     });
+}
+
+/// One panel's share of a GEMM's output: columns `start..start + n` of each of `n_tokens`
+/// rows `stride` apart, which no other task writes.
+struct PanelOut<'a> {
+    out: &'a SharedOut,
+    start: usize,
+    n: usize,
+    n_tokens: usize,
+    stride: usize,
+}
+
+impl PanelOut<'_> {
+    /// Copies `tile` (`n_tokens` rows of `n`) into place.
+    fn put_tile(&self, tile: &[f32]) {
+        let (start, n) = (self.start, self.n);
+        for t in 0..self.n_tokens {
+            let at = t * self.stride + start;
+            // SAFETY: columns start..start + n of every row belong to this panel alone.
+            let dst = unsafe { self.out.slice(at..at + n) };
+            dst.copy_from_slice(&tile[t * n..(t + 1) * n]);
+        }
+    }
+
+    /// The panel's first element, for a kernel that writes the panel in place, row `t` at
+    /// `t * stride` from it.
+    ///
+    /// # Safety
+    /// Only the panel's elements (rows `t < n_tokens`, columns `< n` from the first) may be
+    /// written through it, and only during the parallel section.
+    unsafe fn first(&self) -> *mut f32 {
+        let span = (self.n_tokens.max(1) - 1) * self.stride + self.n;
+        // SAFETY: the span lies within the output (checked there); exclusive use of the
+        // panel's elements is the caller's contract.
+        unsafe { self.out.ptr_to(self.start, span) }
+    }
 }
 
 thread_local! {
@@ -418,11 +453,15 @@ fn matmul_gemm(pool: &ThreadPool, w: &WeightMatrix, x: &[f32], n_tokens: usize, 
         y,
         (&GEMM_ROWS, cols),
         dequantize_f32(w),
-        |rows, n, tile| {
+        |rows, n, out| {
             GEMM_PANEL.with(|panel| {
-                let mut panel = panel.borrow_mut();
-                pack_panel(rows, cols, &mut panel);
-                gemm_panel(&panel, cols, n, x, n_tokens, tile, n);
+                TILE_OUT.with(|tile| {
+                    let (mut panel, mut tile) = (panel.borrow_mut(), tile.borrow_mut());
+                    pack_panel(rows, cols, &mut panel);
+                    tile.resize(n_tokens * n, 0.0);
+                    gemm_panel(&panel, cols, n, x, n_tokens, &mut tile, n);
+                    out.put_tile(&tile);
+                });
             });
         },
     );
@@ -437,15 +476,17 @@ fn matmul_gemm_bf16(
     y: &mut [f32],
 ) {
     use kiln_kernels::gemm_bf16::{
-        convert_activations_bf16, gemm_panel_bf16, pack_panel_bf16, pack_panel_bf16_words, pairs,
+        convert_activations_bf16, gemm_panel_bf16_into, pack_panel_bf16, pack_panel_bf16_words,
+        pairs,
     };
     let cols = w.cols();
     GEMM_X_BF16.with(|xb| {
         let mut xb = xb.borrow_mut();
         convert_activations_bf16(x, n_tokens, cols, &mut xb);
         let xb = &xb[..];
-        let multiply = |panel: &[u16], n: usize, tile: &mut [f32]| {
-            gemm_panel_bf16(panel, cols, n, xb, n_tokens, tile, n)
+        let multiply = |panel: &[u16], n: usize, out: &PanelOut| {
+            // SAFETY: the kernel writes rows `t < n_tokens`, columns `< n` of the panel only.
+            unsafe { gemm_panel_bf16_into(panel, cols, n, xb, n_tokens, out.first(), out.stride) }
         };
         if w.has_bf16_dequantize() {
             // Rows rounded to bf16 as they are dequantized, padded to whole pairs.
@@ -454,21 +495,13 @@ fn matmul_gemm_bf16(
                 w.dequantize_rows_bf16(start, rows, stride);
             };
             let scratch = (&GEMM_ROWS_BF16, stride);
-            gemm_by_panels(
-                pool,
-                w,
-                n_tokens,
-                y,
-                scratch,
-                dequantize,
-                |rows, n, tile| {
-                    GEMM_PANEL_BF16.with(|panel| {
-                        let mut panel = panel.borrow_mut();
-                        pack_panel_bf16_words(rows, cols, &mut panel);
-                        multiply(&panel, n, tile);
-                    });
-                },
-            );
+            gemm_by_panels(pool, w, n_tokens, y, scratch, dequantize, |rows, n, out| {
+                GEMM_PANEL_BF16.with(|panel| {
+                    let mut panel = panel.borrow_mut();
+                    pack_panel_bf16_words(rows, cols, &mut panel);
+                    multiply(&panel, n, out);
+                });
+            });
             return;
         }
         let dequantize = dequantize_f32(w);
@@ -479,11 +512,11 @@ fn matmul_gemm_bf16(
             y,
             (&GEMM_ROWS, cols),
             dequantize,
-            |rows, n, tile| {
+            |rows, n, out| {
                 GEMM_PANEL_BF16.with(|panel| {
                     let mut panel = panel.borrow_mut();
                     pack_panel_bf16(rows, cols, &mut panel);
-                    multiply(&panel, n, tile);
+                    multiply(&panel, n, out);
                 });
             },
         );
@@ -635,6 +668,17 @@ impl SharedOut {
         assert!(i < self.len);
         // SAFETY: in bounds (checked), and exclusive by the caller's contract.
         unsafe { *self.ptr.add(i) = v };
+    }
+
+    /// A pointer to index `start`, `len` elements of which lie within the buffer.
+    ///
+    /// # Safety
+    /// Writes through it may only reach indices no other thread accesses during the parallel
+    /// section.
+    pub(crate) unsafe fn ptr_to(&self, start: usize, len: usize) -> *mut f32 {
+        assert!(start.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: in bounds (checked).
+        unsafe { self.ptr.add(start) }
     }
 
     /// A mutable view of `range`.
