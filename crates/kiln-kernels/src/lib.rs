@@ -56,6 +56,9 @@
 //! The f32 vector kernels of the forward pass (dot products, sums, `y += a·x`) are in
 //! [`vector`], with the same dispatch and the same kind of references.
 //!
+//! The K-quants' rows are dequantized for those GEMMs by the AVX-512 kernels of
+//! [`ggml_dequant`], bit for bit as kiln-format dequantizes them.
+//!
 //! The kiln package's own formats (`I8_CH`, `I4_B64`, lookup tables) have their kernels in
 //! [`kiln_formats`].
 //!
@@ -70,6 +73,7 @@ mod activation;
 pub mod gemm;
 pub mod gemm_bf16;
 pub mod gemm_i8;
+pub mod ggml_dequant;
 mod isa;
 pub mod kiln_formats;
 mod layout;

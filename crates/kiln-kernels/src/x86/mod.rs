@@ -4,6 +4,7 @@ pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod dequant_out;
 pub(crate) mod kiln_formats;
+pub(crate) mod kquant_dequant;
 
 /// Rows per tile: four weight rows are read side by side, so one pass keeps four streams of
 /// weights in flight and every activation block loaded is used four times.
