@@ -323,8 +323,9 @@ impl WeightMatrix {
             TensorFormat::Ggml(t) if self.planar => {
                 kiln_kernels::planar::dequantize_row(t, self.cols, self.row_data(r), out)
             }
+            // The kernel crate's dequantization: the same values, AVX-512 for the K-quants.
             TensorFormat::Ggml(t) => {
-                ggml::dequantize(t, self.row_data(r), out).expect("row size validated at load")
+                kiln_kernels::ggml_dequant::dequantize_row(t, self.row_data(r), out)
             }
             TensorFormat::Kiln(_) => {
                 // The kernel crate's dequantization: the same values, SIMD where it has any.
