@@ -200,11 +200,47 @@ pub fn convert_activations_bf16(x: &[f32], n_tokens: usize, k: usize, out: &mut 
     if k == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if bf16_available() {
+        // SAFETY: `bf16_available` checked AVX-512F/BW (through `detect`) and AVX-512 BF16;
+        // `x` holds `n_tokens` rows of `k > 0` (asserted) and `out` was just sized to
+        // `n_tokens` rows of `width`.
+        unsafe { x86::convert_activations_bf16_avx512(x, n_tokens, k, out) };
+        return;
+    }
+    convert_reference(&x[..n_tokens * k], k, out);
+}
+
+/// The scalar conversion, which the AVX-512 one reproduces bit for bit: whole rows of `k > 0`
+/// values in `x`, `out` sized to as many rows of `2 * pairs(k)`.
+fn convert_reference(x: &[f32], k: usize, out: &mut [u16]) {
+    let width = 2 * pairs(k);
     for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(width)) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = to_bf16(s);
         }
         dst[k..].fill(0);
+    }
+}
+
+/// [`convert_activations_bf16`] through the scalar [`to_bf16`] on every CPU: what the
+/// dispatched conversion must equal bit for bit.
+///
+/// # Panics
+/// If `x` holds fewer than `n_tokens * k` values.
+pub fn convert_activations_bf16_reference(
+    x: &[f32],
+    n_tokens: usize,
+    k: usize,
+    out: &mut Vec<u16>,
+) {
+    assert!(
+        x.len() >= n_tokens * k,
+        "convert_activations_bf16: activations too short"
+    );
+    out.resize(n_tokens * 2 * pairs(k), 0);
+    if k > 0 {
+        convert_reference(&x[..n_tokens * k], k, out);
     }
 }
 
@@ -442,6 +478,55 @@ mod x86 {
                 }
             }
             p0 += width;
+        }
+    }
+
+    /// Rounds `n_tokens` rows of `k` floats to bf16 rows of `2 * pairs(k)` values, 32 at a
+    /// time with `vcvtne2ps2bf16`, which rounds exactly as `to_bf16` does (nearest even,
+    /// subnormals to a signed zero, NaNs quieted by setting bit 6 of the upper half). The odd
+    /// `k`'s padding column comes from a zero the masked load reads in.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX-512BW and AVX-512 BF16; `x` holds `n_tokens * k`
+    /// values (`k > 0`) and `out` `n_tokens * 2 * pairs(k)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn convert_activations_bf16_avx512(
+        x: &[f32],
+        n_tokens: usize,
+        k: usize,
+        out: &mut [u16],
+    ) {
+        let width = 2 * pairs(k);
+        for t in 0..n_tokens {
+            // SAFETY: row t's k values start at t * k within `x`, its width values at
+            // t * width within `out` (the caller's sizes); full vectors cover columns
+            // c..c + 32 <= k, and the tail's masks keep loads below k and stores below width.
+            unsafe {
+                let src = x.as_ptr().add(t * k);
+                let dst = out.as_mut_ptr().add(t * width);
+                let mut c = 0;
+                while c + 32 <= k {
+                    let lo = _mm512_loadu_ps(src.add(c));
+                    let hi = _mm512_loadu_ps(src.add(c + 16));
+                    _mm512_storeu_si512(dst.add(c).cast(), bh_as_i(_mm512_cvtne2ps_pbh(hi, lo)));
+                    c += 32;
+                }
+                if c < width {
+                    let cols = k - c;
+                    let lo_mask: __mmask16 = if cols >= 16 { !0 } else { (1 << cols) - 1 };
+                    let hi_mask: __mmask16 = if cols > 16 { (1 << (cols - 16)) - 1 } else { 0 };
+                    let lo = _mm512_maskz_loadu_ps(lo_mask, src.add(c));
+                    // Without a high half the address may lie past the row: never dereferenced.
+                    let hi = _mm512_maskz_loadu_ps(hi_mask, src.add(c).wrapping_add(16));
+                    let words = bh_as_i(_mm512_cvtne2ps_pbh(hi, lo));
+                    let store: __mmask32 = if width - c >= 32 {
+                        !0
+                    } else {
+                        (1 << (width - c)) - 1
+                    };
+                    _mm512_mask_storeu_epi16(dst.add(c).cast(), store, words);
+                }
+            }
         }
     }
 
@@ -694,6 +779,48 @@ mod tests {
                 let mut reference = vec![0xbeef; fast.len()];
                 pack_reference(&rows, k, &mut reference);
                 assert_eq!(fast, reference, "k {k} n {n}");
+            }
+        }
+    }
+
+    /// f32 bit patterns that stress the rounding: anything, exact ties and their neighbours,
+    /// subnormals and zeros, infinities and NaNs (quiet and signalling, any payload), values
+    /// that round up to infinity.
+    fn activation_bits() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            4 => any::<u32>(),
+            2 => any::<u32>().prop_map(|u| (u & 0xffff_0000) | 0x8000),
+            1 => any::<u32>().prop_map(|u| (u & 0xffff_0000) | 0x7fff),
+            1 => any::<u32>().prop_map(|u| (u & 0xffff_0000) | 0x8001),
+            2 => any::<u32>().prop_map(|u| u & 0x807f_ffff),
+            2 => any::<u32>().prop_map(|u| u | 0x7f80_0000),
+            1 => any::<u32>().prop_map(|u| (u & 0x8000_ffff) | 0x7f7f_8000),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// The dispatched conversion (AVX-512 BF16 where the CPU has it) is the scalar
+        /// `to_bf16` bit for bit, padding included, for every row length.
+        #[test]
+        fn converted_activations_match_reference_bit_for_bit(
+            (k, n_tokens, bits) in (0usize..100, 0usize..5).prop_flat_map(|(k, n)| {
+                (Just(k), Just(n), prop::collection::vec(activation_bits(), n * k + 3))
+            }),
+        ) {
+            let x: Vec<f32> = bits.into_iter().map(f32::from_bits).collect();
+            let width = 2 * pairs(k);
+            let mut fast = vec![0xdead; n_tokens * width + 7];
+            convert_activations_bf16(&x, n_tokens, k, &mut fast);
+            let mut reference = vec![0xbeef; 2];
+            convert_activations_bf16_reference(&x, n_tokens, k, &mut reference);
+            prop_assert_eq!(fast.len(), n_tokens * width);
+            prop_assert_eq!(&fast, &reference);
+            for (t, row) in reference.chunks_exact(width.max(1)).enumerate().take(n_tokens) {
+                for (c, &b) in row.iter().enumerate() {
+                    let want = if c < k { to_bf16(x[t * k + c]) } else { 0 };
+                    prop_assert_eq!(b, want, "t {} c {}", t, c);
+                }
             }
         }
     }

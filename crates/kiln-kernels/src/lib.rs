@@ -54,7 +54,8 @@
 //! bit for bit its scalar reference.
 //!
 //! The f32 vector kernels of the forward pass (dot products, sums, `y += a·x`) are in
-//! [`vector`], with the same dispatch and the same kind of references.
+//! [`vector`], with the same dispatch and the same kind of references; the element-wise ones
+//! built on a vectorized exponential (gated activations, softmax) in [`elementwise`].
 //!
 //! The K-quants' rows are dequantized for those GEMMs by the AVX-512 kernels of
 //! [`ggml_dequant`], bit for bit as kiln-format dequantizes them.
@@ -70,6 +71,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod activation;
+pub mod elementwise;
 pub mod gemm;
 pub mod gemm_bf16;
 pub mod gemm_i8;
