@@ -10,6 +10,7 @@ use kiln_kernels::{ActivationFormat, QuantizedRow};
 use std::cell::RefCell;
 
 // The f32 vector kernels (SIMD per level, with scalar references) live with the other kernels.
+pub use kiln_kernels::elementwise::softmax_exp;
 pub use kiln_kernels::vector::{axpy_f32, axpy_rows_f32, dot_f32, dot_rows_f32, sum_f32};
 
 /// Rows of the weight matrix dequantized together in a prefill tile: 16 rows of up to a few
@@ -705,25 +706,19 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// SiLU-gated product: `gate = silu(gate) * up`.
+/// SiLU-gated product: `gate = silu(gate) * up`, vectorized
+/// ([`kiln_kernels::elementwise::silu_mul`]).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        let s = *g / (1.0 + (-*g).exp());
-        *g = s * u;
-    }
+    kiln_kernels::elementwise::silu_mul(gate, up);
 }
 
-/// GELU (tanh approximation)-gated product: `gate = gelu_tanh(gate) * up`.
+/// GELU (tanh approximation)-gated product: `gate = gelu_tanh(gate) * up`, vectorized
+/// ([`kiln_kernels::elementwise::gelu_tanh_mul`]).
 ///
 /// `0.5 * (1 + tanh(u)) = sigmoid(2u)` exactly, so the tanh form costs one exponential:
 /// `gelu_tanh(x) = x / (1 + exp(-2u))` with `u = sqrt(2/pi) * (x + 0.044715 x^3)`.
 pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
-    const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
-    for (g, u) in gate.iter_mut().zip(up) {
-        let x = *g;
-        let two_u = TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-        *g = x / (1.0 + (-two_u).exp()) * u;
-    }
+    kiln_kernels::elementwise::gelu_tanh_mul(gate, up);
 }
 
 /// Elements below which an element-wise operation is not worth spreading over threads.

@@ -347,11 +347,7 @@ impl<'m> Session<'m> {
                 for hh in 0..group {
                     let row = &mut scores[hh * n..(hh + 1) * n];
                     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0f32;
-                    for v in row.iter_mut() {
-                        *v = (*v - m).exp();
-                        sum += *v;
-                    }
+                    let sum = kernels::softmax_exp(row, m);
                     let rec = &mut dst[hh * stride..(hh + 1) * stride];
                     rec[0] = m;
                     rec[1] = sum;
@@ -364,6 +360,7 @@ impl<'m> Session<'m> {
             });
         });
         // Merge the chunks of each (position, head).
+        let mut weights = vec![0.0f32; n_chunks];
         for t in 0..t_len {
             for g in 0..n_kv {
                 for hh in 0..group {
@@ -377,14 +374,18 @@ impl<'m> Session<'m> {
                     let m = (0..n_chunks)
                         .map(|k| rec(k)[0])
                         .fold(f32::NEG_INFINITY, f32::max);
+                    weights
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(k, w)| *w = rec(k)[0]);
+                    kernels::softmax_exp(&mut weights, m);
                     let mut sum = 0.0f32;
                     o.fill(0.0);
-                    for k in 0..n_chunks {
+                    for (k, &w) in weights.iter().enumerate() {
                         let r = rec(k);
                         if r[1] == 0.0 {
                             continue;
                         }
-                        let w = (r[0] - m).exp();
                         sum += r[1] * w;
                         kernels::axpy_f32(w, &r[2..], o);
                     }
