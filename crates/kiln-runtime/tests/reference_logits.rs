@@ -64,8 +64,9 @@ fn gemma3_logits_match_transformers() {
 /// int8 activations), on SmolLM2's two reference prompts of at least `GEMM_MIN_TOKENS` tokens.
 ///
 /// Int8 activations are the coarse setting: measured against kiln's exact path, the last
-/// token's logits reach cosine 0.99859 (max |diff| 1.54) on the 37-token chat prompt and
-/// 0.999982 (max |diff| 0.56) on the 763-token one, with the same top-1. The same prompts fed
+/// token's logits reach cosine 0.99933 (max |diff| 1.13) on the 37-token chat prompt and
+/// 0.999977 (max |diff| 0.64) on the 763-token one; the top-1 agrees on the long prompt, and
+/// on the chat prompt it is one of two tokens within 0.1 of each other. The same prompts fed
 /// in batches too small for the GEMM go through the decode path's integer kernels on the same
 /// quantized activations; that differs from the GEMM only in f32 rounding, which flips a few
 /// activation codes in later layers, so the two agree to about int8's own noise (cosine
@@ -100,10 +101,15 @@ fn smollm2_int8_prompts_match_exact_and_the_decode_kernels() {
         eprintln!("smollm2/{case} int8: cosine {cos:.8} (max |diff| {max_diff:.4}) against exact");
         assert!(cos >= min_cosine, "{case}: cosine {cos} < {min_cosine}");
         assert!(max_diff < 2.0, "{case}: max |diff| {max_diff}");
-        assert_eq!(
-            argmax(&gemm),
-            argmax(&exact),
-            "{case}: top-1 differs from exact"
+        // The chat prompt's two best tokens are 0.082 apart on the exact path (and in
+        // transformers), far inside int8's noise: there the int8 path may pick either, and
+        // which one it picks turns on last-bit changes anywhere in the forward pass. It must
+        // still pick one of the near-tied tokens, and agree wherever the margin is clear.
+        let (top, pick) = (argmax(&exact), argmax(&gemm));
+        assert!(
+            pick == top || exact[top] - exact[pick] < 0.1,
+            "{case}: int8 top-1 {pick} is {} below exact's top-1 {top}",
+            exact[top] - exact[pick]
         );
         // On the long prompt this would take most of the test's time.
         if prompt.len() < 100 {
