@@ -48,9 +48,9 @@ const GELU_CUBIC: f32 = 0.044_715;
 const EXP_LO: f32 = -104.0;
 const EXP_HI: f32 = 89.0;
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
-/// `ln 2` rounded to f32 (`0x3f317218`), and the rest.
-const LN2_HI: f32 = 0.693_147_2;
-const LN2_LO: f32 = -1.904_654_3e-9;
+/// `ln 2` rounded to f32 (`0x3f317218`), and the rest (-1.9047e-9).
+const LN2_HI: f32 = std::f32::consts::LN_2;
+const LN2_LO: f32 = (std::f64::consts::LN_2 - LN2_HI as f64) as f32;
 /// `exp(r) ≈ 1 + r + r² (C2 + C3 r + C4 r² + C5 r³ + C6 r⁴)` on `|r| <= ln 2 / 2`: a weighted
 /// least-squares fit iterated to the minimax relative error.
 const C2: f32 = 0.499_999_93;

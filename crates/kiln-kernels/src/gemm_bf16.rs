@@ -188,6 +188,9 @@ fn pack_reference(rows: &[f32], k: usize, out: &mut [u16]) {
 /// `2 * pairs(k)` values (a zero appended when `k` is odd). `out` is resized to
 /// `n_tokens * 2 * pairs(k)`.
 ///
+/// Where [`bf16_available`], 32 values at a time go through `vcvtne2ps2bf16`, whose rounding
+/// [`to_bf16`] specifies: the result is [`convert_activations_bf16_reference`]'s bit for bit.
+///
 /// # Panics
 /// If `x` holds fewer than `n_tokens * k` values.
 pub fn convert_activations_bf16(x: &[f32], n_tokens: usize, k: usize, out: &mut Vec<u16>) {
