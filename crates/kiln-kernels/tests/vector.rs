@@ -1,7 +1,7 @@
 //! The f32 vector kernels at every level this CPU has, against their scalar references.
 
-use kiln_kernels::available_isas;
 use kiln_kernels::vector::*;
+use kiln_kernels::{available_isas, Isa};
 use proptest::prelude::*;
 
 /// `|got - want| <= 1e-5 * scale` (at least 1e-5), `scale` being the sum of magnitudes.
@@ -56,11 +56,14 @@ proptest! {
 }
 
 proptest! {
-    /// The row-batched forms are the single-row kernels bit for bit, at every level.
+    /// The row-batched forms are the single-row kernels bit for bit, at every level, but for
+    /// the AVX-512 scores of whole blocks of sixteen rows, which sum in another order: those
+    /// stay within `d · ε · Σ|q·k|` of the reference (the rows after the last block are the
+    /// AVX2 kernel's, bit for bit).
     #[test]
     fn row_batches_match_single_rows_bit_for_bit(
         d in 1usize..140,
-        n in 0usize..12,
+        n in 0usize..40,
         seed in any::<u32>(),
     ) {
         let val = |i: usize| {
@@ -78,7 +81,19 @@ proptest! {
             axpy_rows_f32_with(isa, &p, &rows, &mut y);
             let mut y_one = y0.clone();
             for (j, row) in rows.chunks_exact(d).enumerate() {
-                prop_assert_eq!(scores[j].to_bits(), dot_f32_with(isa, &q, row).to_bits());
+                let one = dot_f32_with(isa, &q, row);
+                if isa == Isa::Avx512Vnni && j < n / 16 * 16 {
+                    let magnitude: f32 = q.iter().zip(row).map(|(a, b)| (a * b).abs()).sum();
+                    let bound = d as f32 * f32::EPSILON * magnitude;
+                    let want = dot_f32_reference(&q, row);
+                    prop_assert!(
+                        (scores[j] - want).abs() <= bound,
+                        "row {j} of {d}: {} against {want} (bound {bound})",
+                        scores[j]
+                    );
+                } else {
+                    prop_assert_eq!(scores[j].to_bits(), one.to_bits(), "{:?} row {}", isa, j);
+                }
                 axpy_f32_with(isa, p[j], row, &mut y_one);
             }
             for (a, b) in y.iter().zip(&y_one) {
