@@ -1,5 +1,5 @@
 //! f32 vector kernels of the forward pass (attention scores, weighted sums of values, plain
-//! sums): AVX2+FMA on x86-64 (and AVX-512 for runs of attention scores), NEON on aarch64, and
+//! sums): AVX2+FMA on x86-64 (and AVX-512 for attention scores and weighted sums), NEON on aarch64, and
 //! scalar references they are held to.
 //!
 //! The references sum in eight interleaved partial sums, the order the AVX2 and NEON paths
@@ -209,7 +209,10 @@ pub fn axpy_rows_f32_with(isa: Isa, p: &[f32], v: &[f32], y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: both x86 levels include AVX2 and FMA (`is_available`); `v` holds `p.len()`
         // rows of `y.len()` (asserted above).
-        Isa::Avx2 | Isa::Avx512Vnni if isa.is_available() => unsafe { x86::axpy_rows(p, v, y) },
+        Isa::Avx512Vnni if isa.is_available() => unsafe { avx512::axpy_rows(p, v, y) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 if isa.is_available() => unsafe { x86::axpy_rows(p, v, y) },
         _ => {
             for (&a, row) in p.iter().zip(v.chunks_exact(d)) {
                 axpy_f32_with(isa, a, row, y);
@@ -306,10 +309,20 @@ mod x86 {
     /// The CPU has AVX2 and FMA; `v.len() == p.len() * y.len()`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn axpy_rows(p: &[f32], v: &[f32], y: &mut [f32]) {
+        // SAFETY: the caller's guarantees.
+        unsafe { axpy_rows_columns(p, v, y, 0) }
+    }
+
+    /// [`axpy_rows`] for columns `c0..` only.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `v.len() == p.len() * y.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_rows_columns(p: &[f32], v: &[f32], y: &mut [f32], c0: usize) {
         let d = y.len();
         let (pv, py) = (v.as_ptr(), y.as_mut_ptr());
         // Up to 64 columns (eight registers) per pass over the rows.
-        let mut c0 = 0;
+        let mut c0 = c0;
         while c0 + 8 <= d {
             let width = ((d - c0) / 8).min(8);
             // SAFETY: columns c0..c0 + 8 * width lie within `y` and within every row of `v`.
@@ -404,6 +417,68 @@ mod avx512 {
         }
         // SAFETY: the remaining rows of `k` and their scores; the features are the caller's.
         unsafe { super::x86::dot_rows(q, &k[whole * d..], &mut out[whole..]) };
+    }
+
+    /// `axpy` row after row with `y`'s columns in registers, sixteen lanes each, in passes of
+    /// a constant number of registers (so they stay registers): the same fused multiply-add
+    /// per element and row, in the same order, as the AVX2 kernel, whose code does the columns
+    /// after the last whole sixteen.
+    ///
+    /// # Safety
+    /// AVX-512 F, AVX2 and FMA; `v.len() == p.len() * y.len()`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn axpy_rows(p: &[f32], v: &[f32], y: &mut [f32]) {
+        let d = y.len();
+        let mut c0 = 0;
+        // SAFETY (each pass): columns c0..c0 + 16·W lie within `y` and every row of `v`.
+        unsafe {
+            while c0 + 256 <= d {
+                axpy_pass::<16>(p, v, y, c0);
+                c0 += 256;
+            }
+            for w in [8, 4, 2, 1] {
+                if c0 + 16 * w <= d {
+                    match w {
+                        8 => axpy_pass::<8>(p, v, y, c0),
+                        4 => axpy_pass::<4>(p, v, y, c0),
+                        2 => axpy_pass::<2>(p, v, y, c0),
+                        _ => axpy_pass::<1>(p, v, y, c0),
+                    }
+                    c0 += 16 * w;
+                }
+            }
+        }
+        if c0 < d {
+            // The last columns as the AVX2 kernel does them (eight lanes, then unfused).
+            // SAFETY: AVX2 and FMA are the caller's; the shapes are unchanged.
+            unsafe { super::x86::axpy_rows_columns(p, v, y, c0) };
+        }
+    }
+
+    /// Columns `c0..c0 + 16·W` of [`axpy_rows`].
+    ///
+    /// # Safety
+    /// AVX-512 F; those columns lie within `y` and within every row of `v` (`y.len()` long).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn axpy_pass<const W: usize>(p: &[f32], v: &[f32], y: &mut [f32], c0: usize) {
+        let d = y.len();
+        let (pv, py) = (v.as_ptr(), y.as_mut_ptr());
+        // SAFETY: the caller's columns, in `y` and in each row j < p.len() of `v`.
+        unsafe {
+            let mut acc: [__m512; W] =
+                std::array::from_fn(|i| _mm512_loadu_ps(py.add(c0 + 16 * i)));
+            for (j, &a) in p.iter().enumerate() {
+                let va = _mm512_set1_ps(a);
+                let row = pv.add(j * d + c0);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(va, _mm512_loadu_ps(row.add(16 * i)), *acc);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(py.add(c0 + 16 * i), *a);
+            }
+        }
     }
 
     /// Lane `j` of the result is the sum of the sixteen lanes of `v[j]`: pairs of registers

@@ -62,7 +62,7 @@ proptest! {
     /// AVX2 kernel's, bit for bit).
     #[test]
     fn row_batches_match_single_rows_bit_for_bit(
-        d in 1usize..140,
+        d in 1usize..300,
         n in 0usize..40,
         seed in any::<u32>(),
     ) {
