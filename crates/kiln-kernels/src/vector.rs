@@ -1,6 +1,6 @@
 //! f32 vector kernels of the forward pass (attention scores, weighted sums of values, plain
-//! sums): AVX2+FMA on x86-64 (and AVX-512 for attention scores and weighted sums), NEON on aarch64, and
-//! scalar references they are held to.
+//! sums): AVX2+FMA on x86-64 (AVX-512 for the row-batched scores and weighted sums), NEON on
+//! aarch64, and scalar references they are held to.
 //!
 //! The references sum in eight interleaved partial sums, the order the AVX2 and NEON paths
 //! use, so the results agree closely (not bit for bit: the SIMD paths fuse multiply and add).
