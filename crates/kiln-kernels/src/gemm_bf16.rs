@@ -219,10 +219,20 @@ pub fn convert_activations_bf16(x: &[f32], n_tokens: usize, k: usize, out: &mut 
 fn convert_reference(x: &[f32], k: usize, out: &mut [u16]) {
     let width = 2 * pairs(k);
     for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(width)) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = to_bf16(s);
-        }
+        round_to_bf16(src, &mut dst[..k]);
         dst[k..].fill(0);
+    }
+}
+
+/// `out[i] = to_bf16(values[i])`, one by one (a loop that vectorizes: [`to_bf16`] is
+/// branch-free).
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn round_to_bf16(values: &[f32], out: &mut [u16]) {
+    assert_eq!(values.len(), out.len(), "round_to_bf16: lengths differ");
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = to_bf16(v);
     }
 }
 

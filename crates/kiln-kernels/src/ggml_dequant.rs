@@ -87,7 +87,5 @@ pub fn dequantize_row_bf16(ty: GgmlType, row: &[u8], out: &mut [u16]) {
     }
     let mut values = vec![0.0f32; out.len()];
     dequantize_row(ty, row, &mut values);
-    for (o, v) in out.iter_mut().zip(values) {
-        *o = crate::gemm_bf16::to_bf16(v);
-    }
+    crate::gemm_bf16::round_to_bf16(&values, out);
 }

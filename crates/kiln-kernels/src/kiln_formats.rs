@@ -436,26 +436,7 @@ pub fn has_bf16_dequantize(w: &KilnMatrix) -> bool {
 /// # Panics
 /// If `r >= w.rows()` or `out.len() != w.cols()`.
 pub fn dequantize_row_bf16(w: &KilnMatrix, r: usize, out: &mut [u16]) {
-    assert!(
-        r < w.rows && out.len() == w.cols,
-        "dequantize_row_bf16: row {r} of {} into {} values for {} columns",
-        w.rows,
-        out.len(),
-        w.cols
-    );
-    #[cfg(target_arch = "x86_64")]
-    if has_bf16_dequantize(w) {
-        // SAFETY: `has_bf16_dequantize` checked AVX-512 BF16 on the AVX-512 VNNI level, a
-        // kernel for the format, and planar rows only where their kernels read them; `w` is a
-        // checked tensor, row `r` lies within it and `out` holds one row (asserted above).
-        unsafe { crate::x86::kiln_formats::dequantize_row_bf16(w, r, out) };
-        return;
-    }
-    let mut values = vec![0.0f32; w.cols];
-    dequantize_row(w, r, &mut values);
-    for (o, v) in out.iter_mut().zip(values) {
-        *o = crate::gemm_bf16::to_bf16(v);
-    }
+    dequantize_rows_bf16(w, r..r + 1, out, w.cols)
 }
 
 /// Rows `rows` of `w` as [`dequantize_row_bf16`] gives them, row `i` of the range at
@@ -482,14 +463,18 @@ pub fn dequantize_rows_bf16(w: &KilnMatrix, rows: Range<usize>, out: &mut [u16],
     }
     #[cfg(target_arch = "x86_64")]
     if has_bf16_dequantize(w) {
-        // SAFETY: as in `dequantize_row_bf16`; the shapes are asserted above.
+        // SAFETY: `has_bf16_dequantize` checked AVX-512 BF16 on the AVX-512 VNNI level, a
+        // kernel for the format, and planar rows only where their kernels read them; `w` is a
+        // checked tensor and the rows and `out` fit it (asserted above).
         unsafe {
             crate::x86::kiln_formats::dequantize_rows_bf16(w, rows.start, rows.len(), out, stride)
         };
         return;
     }
+    let mut values = vec![0.0f32; w.cols];
     for (r, row) in rows.zip(out.chunks_exact_mut(stride)) {
-        dequantize_row_bf16(w, r, &mut row[..w.cols]);
+        dequantize_row(w, r, &mut values);
+        crate::gemm_bf16::round_to_bf16(&values, &mut row[..w.cols]);
     }
 }
 

@@ -364,10 +364,9 @@ impl WeightMatrix {
                 let mut values = vec![0.0f32; self.cols];
                 for (r, row) in rows.zip(out.chunks_exact_mut(stride)) {
                     self.dequantize_row(r, &mut values);
-                    for (o, &v) in row.iter_mut().zip(&values) {
-                        *o = kiln_kernels::gemm_bf16::to_bf16(v);
-                    }
-                    row[self.cols..].fill(0);
+                    let (words, pad) = row.split_at_mut(self.cols);
+                    kiln_kernels::gemm_bf16::round_to_bf16(&values, words);
+                    pad.fill(0);
                 }
             }
         }

@@ -1120,24 +1120,14 @@ pub(crate) unsafe fn dequantize_row(isa: Isa, w: &KilnMatrix, r: usize, out: &mu
     unsafe { dequantize_into::<false>(isa, w, r, out.as_mut_ptr().cast()) }
 }
 
-/// Row `r` of `w` dequantized and rounded to bf16 into `out`: each value
-/// `crate::gemm_bf16::to_bf16` of [`dequantize_row`]'s, without the f32 row in between.
+/// Rows `start..start + n` of `w` dequantized and rounded to bf16, row `i` at
+/// `out[i * stride..]`: each value `crate::gemm_bf16::to_bf16` of [`dequantize_row`]'s, without
+/// the f32 rows in between; 8-bit tables that consecutive rows share are rounded once.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL, FMA, F16C and AVX-512 BF16 (`crate::gemm_bf16::bf16_available`);
 /// `has_dequantize(Isa::Avx512Vnni, w.ty)`; planar rows only where
-/// `crate::planar::lut4_b32::supported`; `r < w.rows` and `out.len() == w.cols`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(crate) unsafe fn dequantize_row_bf16(w: &KilnMatrix, r: usize, out: &mut [u16]) {
-    // SAFETY: the caller's guarantees; `out` holds the row's bf16 values.
-    unsafe { dequantize_into::<true>(Isa::Avx512Vnni, w, r, out.as_mut_ptr().cast()) }
-}
-
-/// Rows `start..start + n` of `w` as [`dequantize_row_bf16`] gives them, row `i` at
-/// `out[i * stride..]`; 8-bit tables that consecutive rows share are rounded once.
-///
-/// # Safety
-/// As [`dequantize_row_bf16`] for each row; `start + n <= w.rows`, `stride >= w.cols` and
+/// `crate::planar::lut4_b32::supported`; `start + n <= w.rows`, `stride >= w.cols` and
 /// `out.len() >= (n - 1) * stride + w.cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) unsafe fn dequantize_rows_bf16(
@@ -1160,10 +1150,11 @@ pub(crate) unsafe fn dequantize_rows_bf16(
     }
 }
 
-/// [`dequantize_row`] (`BF16`: [`dequantize_row_bf16`]) into `out`, `w.cols` f32 (u16) values.
+/// [`dequantize_row`] (`BF16`: a row of [`dequantize_rows_bf16`]) into `out`, `w.cols` f32
+/// (u16) values.
 ///
 /// # Safety
-/// As [`dequantize_row`] (with `BF16`, [`dequantize_row_bf16`]); `out` is writable for the
+/// As [`dequantize_row`] (with `BF16`, [`dequantize_rows_bf16`]); `out` is writable for the
 /// row's values.
 #[inline]
 unsafe fn dequantize_into<const BF16: bool>(isa: Isa, w: &KilnMatrix, r: usize, out: *mut u8) {
