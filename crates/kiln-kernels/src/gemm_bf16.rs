@@ -405,15 +405,9 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn pack_panel_bf16_avx512(rows: &[f32], k: usize, out: &mut [u16]) {
         let n = rows.len() / k;
-        let kp = pairs(k);
         let src = rows.as_ptr();
-        let dst = out.as_mut_ptr();
-        // Blocks of 16 pairs by 16 rows: each row's 32 columns round to one vector of 16
-        // pair words, and a 16×16 word transpose turns them into 16 half lines of the panel,
-        // one store each.
-        let mut p0 = 0;
-        while p0 < kp {
-            let width = 16.min(kp - p0);
+        // Each row's 32 columns of the block round to one vector of 16 pair words.
+        let load = |r: usize, p0: usize, width: usize| {
             let c0 = 2 * p0;
             let cols = (2 * width).min(k - c0);
             let lo_mask: __mmask16 = if cols >= 16 { !0 } else { (1 << cols) - 1 };
@@ -424,39 +418,22 @@ mod x86 {
             } else {
                 0
             };
-            for half in 0..2 {
-                let mut v = [_mm512_setzero_si512(); 16];
-                for (i, vi) in v.iter_mut().enumerate() {
-                    let r = 16 * half + i;
-                    if r >= n {
-                        break;
-                    }
-                    // SAFETY: columns c0..c0 + cols of row r < n are inside `rows`, and the
-                    // masks keep the loads to those columns.
-                    let (lo, hi) = unsafe {
-                        let at = src.add(r * k + c0);
-                        (
-                            _mm512_maskz_loadu_ps(lo_mask, at),
-                            _mm512_maskz_loadu_ps(hi_mask, at.add(16)),
-                        )
-                    };
-                    *vi = bh_as_i(_mm512_cvtne2ps_pbh(hi, lo));
-                }
-                let t = transpose16(v);
-                for (j, tj) in t.iter().enumerate().take(width) {
-                    // SAFETY: pair p0 + j < kp, so its line of LINE values, and the half
-                    // line of 32 values at offset 32 * half, are inside `out`.
-                    unsafe {
-                        _mm512_storeu_si512(dst.add((p0 + j) * LINE + 32 * half).cast(), *tj)
-                    };
-                }
-            }
-            p0 += width;
-        }
+            // SAFETY: columns c0..c0 + cols of row r < n are inside `rows`, and the masks keep
+            // the loads to those columns.
+            let (lo, hi) = unsafe {
+                let at = src.add(r * k + c0);
+                (
+                    _mm512_maskz_loadu_ps(lo_mask, at),
+                    _mm512_maskz_loadu_ps(hi_mask, at.add(16)),
+                )
+            };
+            bh_as_i(_mm512_cvtne2ps_pbh(hi, lo))
+        };
+        // SAFETY: `out` holds the panel; `load` reads only rows below n.
+        unsafe { pack_blocks(pairs(k), n, out, load) }
     }
 
-    /// [`super::pack_panel_bf16_words`]: per block of 16 pairs and 16 rows, each row's 16
-    /// pair words in one load, then the transpose of [`pack_panel_bf16_avx512`].
+    /// [`super::pack_panel_bf16_words`]: each row's 16 pair words of a block in one load.
     ///
     /// # Safety
     /// AVX-512 F; `rows` holds `n <= PANEL_ROWS` rows of `2 * pairs(k)` words and `out` is
@@ -466,11 +443,36 @@ mod x86 {
         let kp = pairs(k);
         let n = rows.len() / (2 * kp);
         let src = rows.as_ptr().cast::<u32>();
+        let load = |r: usize, p0: usize, width: usize| {
+            let mask: __mmask16 = if width == 16 { !0 } else { (1 << width) - 1 };
+            // SAFETY: pairs p0..p0 + width of row r < n are inside `rows` (a row is kp pair
+            // words), and the mask keeps the load to them.
+            unsafe { _mm512_maskz_loadu_epi32(mask, src.add(r * kp + p0).cast()) }
+        };
+        // SAFETY: `out` holds the panel; `load` reads only rows below n.
+        unsafe { pack_blocks(kp, n, out, load) }
+    }
+
+    /// The panel of `n <= PANEL_ROWS` rows of `kp` column pairs in blocks of 16 pairs by 16
+    /// rows: `load(r, p0, width)` gives row `r`'s pair words `p0..p0 + width` (the rest zero),
+    /// and a 16×16 word transpose turns a block's rows into 16 half lines of the panel, one
+    /// store each. Rows `n..PANEL_ROWS` are zero.
+    ///
+    /// # Safety
+    /// AVX-512 F; `out` holds `kp * LINE` values; `load` is sound for rows below `n`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn pack_blocks(
+        kp: usize,
+        n: usize,
+        out: &mut [u16],
+        load: impl Fn(usize, usize, usize) -> __m512i,
+    ) {
+        debug_assert!(n <= PANEL_ROWS && out.len() >= kp * LINE);
         let dst = out.as_mut_ptr();
         let mut p0 = 0;
         while p0 < kp {
             let width = 16.min(kp - p0);
-            let mask: __mmask16 = if width == 16 { !0 } else { (1 << width) - 1 };
             for half in 0..2 {
                 let mut v = [_mm512_setzero_si512(); 16];
                 for (i, vi) in v.iter_mut().enumerate() {
@@ -478,13 +480,12 @@ mod x86 {
                     if r >= n {
                         break;
                     }
-                    // SAFETY: pairs p0..p0 + width of row r < n are inside `rows` (a row is kp
-                    // pair words), and the mask keeps the load to them.
-                    *vi = unsafe { _mm512_maskz_loadu_epi32(mask, src.add(r * kp + p0).cast()) };
+                    *vi = load(r, p0, width);
                 }
                 let t = transpose16(v);
                 for (j, tj) in t.iter().enumerate().take(width) {
-                    // SAFETY: as in `pack_panel_bf16_avx512`.
+                    // SAFETY: pair p0 + j < kp, so its line of LINE values, and the half
+                    // line of 32 values at offset 32 * half, are inside `out`.
                     unsafe {
                         _mm512_storeu_si512(dst.add((p0 + j) * LINE + 32 * half).cast(), *tj)
                     };
