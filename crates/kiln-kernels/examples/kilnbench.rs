@@ -132,11 +132,18 @@ fn main() {
             panic!("--formats: unknown format {name}");
         }
     }
-    let quantized = |fmt| -> Vec<QuantizedRow> {
+    // As the runtime decodes: planar rows where the level reads them, row tables converted
+    // ahead, refined Q8_1 activations for the kernels that fuse them.
+    let as_runtime = args().iter().any(|a| a == "--runtime");
+    let quantized = |fmt, refine: bool| -> Vec<QuantizedRow> {
         x.iter()
             .map(|v| {
                 let mut q = QuantizedRow::new();
-                quantize_row(v, fmt, &mut q);
+                if refine && fmt == kiln_kernels::ActivationFormat::Q8_1 {
+                    kiln_kernels::quantize_row_refined(v, &mut q);
+                } else {
+                    quantize_row(v, fmt, &mut q);
+                }
                 q
             })
             .collect()
@@ -149,20 +156,73 @@ fn main() {
                     Weights::Ggml(ty, (buf, at), rows) => {
                         let (ty, rows) = (*ty, *rows);
                         let data = &buf[*at..];
-                        let xq = quantized(activation_format(ty));
                         let rb = ty.row_bytes(k).unwrap();
+                        let planar = as_runtime && kiln_kernels::planar::supported(isa, ty, k);
+                        let xq = quantized(
+                            activation_format(ty),
+                            as_runtime && kiln_kernels::fuses_refined(isa, ty),
+                        );
                         let mut out = vec![0.0f32; rows * tokens];
-                        Box::new(move || {
-                            dot_block_with(isa, ty, data, rb, 0..rows, &xq, &mut out, rows)
-                        })
+                        if planar {
+                            let mut p = vec![0u8; data.len()];
+                            kiln_kernels::planar::pack_rows(ty, k, data, &mut p);
+                            let (pbuf, pat) = aligned(p);
+                            Box::new(move || {
+                                kiln_kernels::planar::dot_block(
+                                    isa,
+                                    ty,
+                                    &pbuf[pat..],
+                                    rb,
+                                    0..rows,
+                                    &xq,
+                                    &mut out,
+                                    rows,
+                                )
+                            })
+                        } else {
+                            Box::new(move || {
+                                dot_block_with(isa, ty, data, rb, 0..rows, &xq, &mut out, rows)
+                            })
+                        }
                     }
                     Weights::Kiln(ty, (buf, at), rows) => {
                         let rows = *rows;
                         let data = &buf[*at..];
-                        let m = KilnMatrix::new(*ty, data, rows, k).unwrap();
-                        let xq = quantized(kiln_formats::activation_format(*ty));
+                        let xq = quantized(
+                            kiln_formats::activation_format(*ty),
+                            as_runtime && kiln_formats::fuses_refined(isa, *ty),
+                        );
                         let mut out = vec![0.0f32; rows * tokens];
+                        let planar =
+                            as_runtime && kiln_kernels::planar::kiln::supported(isa, *ty, k);
+                        let stored = KilnMatrix::new(*ty, data, rows, k).unwrap();
+                        let tables = (as_runtime && kiln_formats::uses_row_tables(isa, *ty))
+                            .then(|| kiln_formats::convert_row_tables(&stored))
+                            .flatten()
+                            .unwrap_or_default();
+                        let packed = planar.then(|| {
+                            let split = ty.tables_offset(k, rows).unwrap();
+                            let mut p = data.to_vec();
+                            kiln_kernels::planar::kiln::pack_rows(
+                                *ty,
+                                k,
+                                &data[..split],
+                                &mut p[..split],
+                            );
+                            aligned(p)
+                        });
                         Box::new(move || {
+                            let m = match &packed {
+                                Some((pbuf, pat)) => {
+                                    KilnMatrix::new_planar(*ty, &pbuf[*pat..], rows, k).unwrap()
+                                }
+                                None => KilnMatrix::new(*ty, data, rows, k).unwrap(),
+                            };
+                            let m = if tables.is_empty() {
+                                m
+                            } else {
+                                m.with_row_tables(&tables).unwrap()
+                            };
                             kiln_formats::dot_block_with(isa, &m, 0..rows, &xq, &mut out, rows)
                         })
                     }

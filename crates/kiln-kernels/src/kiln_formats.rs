@@ -94,7 +94,7 @@ pub struct KilnMatrix<'a> {
     /// Rows per table of a lookup-table format (`rows` for a tensor-wide one; 1 otherwise):
     /// a kernel finds a row's table without going through the shape again.
     pub(crate) group_rows: u32,
-    /// Whether the rows are planar ([`crate::planar::lut4_b32`]) rather than as stored.
+    /// Whether the rows are planar ([`crate::planar::kiln`]) rather than as stored.
     pub(crate) planar: bool,
     /// Every row's table converted ahead ([`convert_row_tables`]), for the kernels that would
     /// convert them per call (the AVX-512 ones only).
@@ -132,13 +132,13 @@ impl<'a> KilnMatrix<'a> {
     }
 
     /// As [`KilnMatrix::new`], for a tensor whose rows were rewritten into the planar layout
-    /// ([`crate::planar::lut4_b32::pack_rows`]; the tables after them as stored), or `None`
+    /// ([`crate::planar::kiln::pack_rows`]; the tables after them as stored), or `None`
     /// if `ty` has no planar layout or `data` is not the shape's size.
     pub fn new_planar(ty: KilnType, data: &'a [u8], rows: usize, cols: usize) -> Option<Self> {
         let m = Self::new(ty, data, rows, cols)?;
         let whole = cols > 0 && cols.is_multiple_of(CHUNK);
-        (matches!(ty, KilnType::Lut4B32 { .. }) && whole)
-            .then_some(KilnMatrix { planar: true, ..m })
+        let layout = matches!(ty, KilnType::Lut4B32 { .. } | KilnType::Lut { bits: 4, .. });
+        (layout && whole).then_some(KilnMatrix { planar: true, ..m })
     }
 
     /// Whether the rows are in the planar layout.
@@ -152,10 +152,20 @@ impl<'a> KilnMatrix<'a> {
         debug_assert!(self.planar);
         buf.clear();
         buf.resize(self.row_bytes, 0);
-        crate::planar::lut4_b32::unpack_row(self.cols, self.row(r), buf);
-        buf.extend_from_slice(self.lut4_b32_table(r));
-        KilnMatrix::new(KilnType::Lut4B32 { group: None }, buf, 1, self.cols)
-            .expect("one stored row and its table")
+        crate::planar::kiln::unpack_row(self.ty, self.cols, self.row(r), buf);
+        let ty = match self.ty {
+            KilnType::Lut4B32 { .. } => {
+                buf.extend_from_slice(self.lut4_b32_table(r));
+                KilnType::Lut4B32 { group: None }
+            }
+            KilnType::Lut { bits, .. } => {
+                // One row with one table: this row's.
+                buf.extend_from_slice(self.table(r));
+                KilnType::Lut { bits, group: None }
+            }
+            _ => unreachable!("no planar layout for {}", self.ty),
+        };
+        KilnMatrix::new(ty, buf, 1, self.cols).expect("one stored row and its table")
     }
 
     /// The format.
@@ -196,7 +206,7 @@ impl<'a> KilnMatrix<'a> {
     }
 }
 
-/// Bytes of a converted 16-entry table: its 16-bit integers.
+/// Bytes of a converted 16-entry table: its 16-bit integers as two byte planes.
 const ROW_TABLE_BYTES: usize = 32;
 
 /// Whether a tensor of `ty` can carry converted row tables ([`convert_row_tables`]): 4-bit
@@ -232,8 +242,9 @@ fn row_tables_len(rows: usize) -> usize {
 }
 
 /// Every row's table of `w` converted by [`lut_table_i16`], for
-/// [`KilnMatrix::with_row_tables`]: the rows' 16 little-endian 16-bit integers, row after row,
-/// then their f32 scales; `None` unless `w` has 4-bit tables, one per row.
+/// [`KilnMatrix::with_row_tables`]: per row the low bytes of its 16 16-bit integers, then their
+/// high bytes (the planes the kernels look up with `vpshufb`), row after row, then the rows'
+/// f32 scales; `None` unless `w` has 4-bit tables, one per row.
 pub fn convert_row_tables(w: &KilnMatrix) -> Option<Vec<u8>> {
     if !has_row_tables(w.ty) {
         return None;
@@ -246,8 +257,9 @@ pub fn convert_row_tables(w: &KilnMatrix) -> Option<Vec<u8>> {
     {
         let mut u = [0i16; 16];
         s.copy_from_slice(&lut_table_i16(w.table(r), &mut u).to_le_bytes());
-        for (b, u) in t.chunks_exact_mut(2).zip(u) {
-            b.copy_from_slice(&u.to_le_bytes());
+        let (lo, hi) = t.split_at_mut(16);
+        for ((l, h), u) in lo.iter_mut().zip(hi.iter_mut()).zip(u) {
+            [*l, *h] = u.to_le_bytes();
         }
     }
     Some(out)
@@ -320,7 +332,7 @@ pub fn dot_block_with(
         return;
     }
     crate::check_output(n_rows, xq.len(), out.len(), out_stride);
-    if w.planar && !crate::planar::lut4_b32::supported(isa, w.ty, w.cols) {
+    if w.planar && !crate::planar::kiln::supported(isa, w.ty, w.cols) {
         // Only the AVX-512 kernel reads planar rows: the others take each row rewritten.
         let mut buf = Vec::new();
         for (k, r) in rows.enumerate() {
@@ -396,7 +408,7 @@ pub fn dequantize_row_with(isa: Isa, w: &KilnMatrix, r: usize, out: &mut [f32]) 
         out.len(),
         w.cols
     );
-    if w.planar && !crate::planar::lut4_b32::supported(isa, w.ty, w.cols) {
+    if w.planar && !crate::planar::kiln::supported(isa, w.ty, w.cols) {
         let mut buf = Vec::new();
         let one = w.stored_row(r, &mut buf);
         return dequantize_row_with(isa, &one, 0, out);
@@ -419,7 +431,7 @@ pub fn has_bf16_dequantize(w: &KilnMatrix) -> bool {
     {
         crate::gemm_bf16::bf16_available()
             && crate::x86::kiln_formats::has_dequantize(Isa::Avx512Vnni, w.ty)
-            && (!w.planar || crate::planar::lut4_b32::supported(Isa::Avx512Vnni, w.ty, w.cols))
+            && (!w.planar || crate::planar::kiln::supported(Isa::Avx512Vnni, w.ty, w.cols))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

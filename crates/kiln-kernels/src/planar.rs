@@ -508,3 +508,114 @@ pub mod lut4_b32 {
         });
     }
 }
+
+/// The planar layout of the kiln format `LUT4` (a 4-bit lookup table per tensor, per group of
+/// rows or per row): each row's indices in the same 4-bit code plane as the ggml formats (a
+/// `LUT4` chunk of 32 indices is laid out as a ggml block's codes: byte `j` holds elements `j`
+/// and `j + 16`). The tables after the last row stay as they are.
+///
+/// Stored rows gave the AVX-512 kernel a chunk's indices in an order it had to spread over
+/// words with two byte permutes and two shifts per 64 indices; a 64-byte read of the code plane
+/// gives 128 indices in element order with one shift and two masks, which `vpshufb` looks up
+/// in the table's byte planes directly.
+pub mod lut4 {
+    use super::{pack_codes4, unpack_codes4, QK};
+    use kiln_format::kiln_types::KilnType;
+
+    use crate::Isa;
+
+    /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements: 4-bit lookup
+    /// tables on AVX-512 VNNI with VBMI (the level whose kernels take 16-bit table entries).
+    pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            isa == Isa::Avx512Vnni
+                && crate::x86::kiln_formats::has_vbmi()
+                && matches!(ty, KilnType::Lut { bits: 4, .. })
+                && cols > 0
+                && cols.is_multiple_of(QK)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, ty, cols);
+            false
+        }
+    }
+
+    /// Chunks per row of `cols` elements, and the row's bytes (the same in both layouts).
+    fn shape(cols: usize, what: &str) -> (usize, usize) {
+        assert!(
+            cols > 0 && cols.is_multiple_of(QK),
+            "{what}: {cols} columns are not whole LUT4 chunks"
+        );
+        (cols / QK, cols / 2)
+    }
+
+    /// Rewrites `src`, whole stored `LUT4` rows of `cols` elements (no tables), into planar
+    /// rows in `dst` (the same length).
+    ///
+    /// # Panics
+    /// If `cols` is not whole chunks or the buffers are not whole rows of the same length.
+    pub fn pack_rows(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let (nb, row) = shape(cols, "lut4::pack_rows");
+        assert!(
+            src.len() == dst.len() && src.len().is_multiple_of(row),
+            "lut4::pack_rows: {} bytes into {} are not whole rows of {row}",
+            src.len(),
+            dst.len()
+        );
+        for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
+            let qs = |b: usize| -> &[u8; 16] { s[16 * b..16 * b + 16].try_into().expect("16") };
+            pack_codes4(nb, qs, d);
+        }
+    }
+
+    /// Rewrites one planar row `src` of `cols` elements back into its stored bytes in `dst`.
+    ///
+    /// # Panics
+    /// As [`pack_rows`], for one row.
+    pub fn unpack_row(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let (nb, row) = shape(cols, "lut4::unpack_row");
+        assert!(
+            src.len() == row && dst.len() == row,
+            "lut4::unpack_row: a row of {cols} elements is {row} bytes"
+        );
+        unpack_codes4(nb, src, |b, q| dst[16 * b..16 * b + 16].copy_from_slice(&q));
+    }
+}
+
+/// The kiln formats with a planar layout ([`lut4_b32`], [`lut4`]), by type.
+pub mod kiln {
+    use kiln_format::kiln_types::KilnType;
+
+    use crate::Isa;
+
+    /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements.
+    pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
+        super::lut4_b32::supported(isa, ty, cols) || super::lut4::supported(isa, ty, cols)
+    }
+
+    /// Rewrites whole stored rows of `ty` (no tables) into planar rows.
+    ///
+    /// # Panics
+    /// If `ty` has no planar layout, or as the format's `pack_rows`.
+    pub fn pack_rows(ty: KilnType, cols: usize, src: &[u8], dst: &mut [u8]) {
+        match ty {
+            KilnType::Lut4B32 { .. } => super::lut4_b32::pack_rows(cols, src, dst),
+            KilnType::Lut { bits: 4, .. } => super::lut4::pack_rows(cols, src, dst),
+            _ => panic!("planar::kiln::pack_rows: no planar layout for {ty}"),
+        }
+    }
+
+    /// Rewrites one planar row of `ty` back into its stored bytes.
+    ///
+    /// # Panics
+    /// If `ty` has no planar layout, or as the format's `unpack_row`.
+    pub fn unpack_row(ty: KilnType, cols: usize, src: &[u8], dst: &mut [u8]) {
+        match ty {
+            KilnType::Lut4B32 { .. } => super::lut4_b32::unpack_row(cols, src, dst),
+            KilnType::Lut { bits: 4, .. } => super::lut4::unpack_row(cols, src, dst),
+            _ => panic!("planar::kiln::unpack_row: no planar layout for {ty}"),
+        }
+    }
+}

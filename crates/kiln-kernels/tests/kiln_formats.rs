@@ -286,7 +286,7 @@ fn check_with(
             }
         }
     }
-    if matches!(ty, KilnType::Lut4B32 { .. }) {
+    if matches!(ty, KilnType::Lut4B32 { .. } | KilnType::Lut { bits: 4, .. }) {
         check_planar(&w, data, &xq)?;
     }
     if let Some(tables) = convert_row_tables(&w) {
@@ -310,14 +310,15 @@ fn check_with(
     Ok(())
 }
 
-/// The planar rows of a `LUT4_B32` tensor: a round trip gives the stored bytes back, and every
-/// level multiplies and dequantizes them with exactly the results of the stored rows.
+/// The planar rows of a `LUT4_B32` or `LUT4` tensor: a round trip gives the stored bytes back,
+/// and every level multiplies and dequantizes them with exactly the results of the stored rows
+/// (with the tables converted ahead too, where the format has them).
 fn check_planar(w: &KilnMatrix, data: &[u8], xq: &[QuantizedRow]) -> Result<(), TestCaseError> {
     let (ty, rows, cols) = (w.format(), w.rows(), w.cols());
     let row_bytes = ty.row_bytes(cols).unwrap();
     let body = rows * row_bytes;
     let mut planar = data.to_vec();
-    planar::lut4_b32::pack_rows(cols, &data[..body], &mut planar[..body]);
+    planar::kiln::pack_rows(ty, cols, &data[..body], &mut planar[..body]);
     if cols > 32 {
         // Two blocks or more: the layouts differ, so a kernel reading the wrong one fails.
         prop_assert_ne!(&planar[..row_bytes], &data[..row_bytes]);
@@ -325,11 +326,27 @@ fn check_planar(w: &KilnMatrix, data: &[u8], xq: &[QuantizedRow]) -> Result<(), 
     let mut back = vec![0u8; row_bytes];
     for r in 0..rows {
         let at = r * row_bytes..(r + 1) * row_bytes;
-        planar::lut4_b32::unpack_row(cols, &planar[at.clone()], &mut back);
+        planar::kiln::unpack_row(ty, cols, &planar[at.clone()], &mut back);
         prop_assert_eq!(&back[..], &data[at]);
     }
     let p = KilnMatrix::new_planar(ty, &planar, rows, cols).expect("a well-sized tensor");
     let n = xq.len() * rows;
+    if let Some(tables) = convert_row_tables(w) {
+        let c = p
+            .with_row_tables(&tables)
+            .expect("tables of the tensor's size");
+        for isa in available_isas() {
+            let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            dot_block_with(isa, w, 0..rows, xq, &mut a, rows);
+            dot_block_with(isa, &c, 0..rows, xq, &mut b, rows);
+            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                prop_assert!(
+                    a.to_bits() == b.to_bits(),
+                    "{ty} {isa:?} planar product {i} with converted tables: {b} against {a}"
+                );
+            }
+        }
+    }
     let (mut want, mut got) = (vec![0.0f32; cols], vec![0.0f32; cols]);
     for isa in available_isas() {
         let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);

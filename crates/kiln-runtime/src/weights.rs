@@ -197,9 +197,7 @@ impl WeightMatrix {
             && repack_enabled()
             && match self.format {
                 TensorFormat::Ggml(ty) => kiln_kernels::planar::supported(isa, ty, self.cols),
-                TensorFormat::Kiln(ty) => {
-                    kiln_kernels::planar::lut4_b32::supported(isa, ty, self.cols)
-                }
+                TensorFormat::Kiln(ty) => kiln_kernels::planar::kiln::supported(isa, ty, self.cols),
             }
     }
 
@@ -207,7 +205,7 @@ impl WeightMatrix {
     fn pack_planar(format: TensorFormat, cols: usize, src: &[u8], dst: &mut [u8]) {
         match format {
             TensorFormat::Ggml(ty) => kiln_kernels::planar::pack_rows(ty, cols, src, dst),
-            TensorFormat::Kiln(_) => kiln_kernels::planar::lut4_b32::pack_rows(cols, src, dst),
+            TensorFormat::Kiln(ty) => kiln_kernels::planar::kiln::pack_rows(ty, cols, src, dst),
         }
     }
 
@@ -301,8 +299,8 @@ impl WeightMatrix {
             TensorFormat::Ggml(ty) => {
                 kiln_kernels::planar::unpack_row(ty, self.cols, row, &mut out)
             }
-            TensorFormat::Kiln(_) => {
-                kiln_kernels::planar::lut4_b32::unpack_row(self.cols, row, &mut out)
+            TensorFormat::Kiln(ty) => {
+                kiln_kernels::planar::kiln::unpack_row(ty, self.cols, row, &mut out)
             }
         }
         std::borrow::Cow::Owned(out)
@@ -562,41 +560,56 @@ mod tests {
         }
     }
 
-    /// Tables of 4-bit lookup-table rows are converted ahead where the kernels read them so,
-    /// and the products are the same bit for bit.
+    /// Tables of 4-bit lookup-table rows are converted ahead and the rows rewritten into the
+    /// planar layout where the kernels read them so, and the products, the rows' values and
+    /// their stored bytes are the same bit for bit (every chunk count past the last group of
+    /// four: 0 to 3).
     #[test]
-    fn converted_row_tables_compute_what_f16_tables_do() {
+    fn prepared_lut4_rows_compute_what_stored_rows_do() {
         let ty = KilnType::Lut {
             bits: 4,
             group: Some(1),
         };
-        let (rows, cols) = (9, 96);
-        let mut data: Vec<u8> = (0..rows * cols / 2).map(|i| (i * 29 % 256) as u8).collect();
-        for r in 0..rows {
-            for k in 0..16 {
-                let v = (k as f32 - 7.5) * 0.01 * (r + 1) as f32;
-                data.extend_from_slice(&kiln_format::ggml::f32_to_f16(v).to_le_bytes());
+        let rows = 9;
+        for cols in [96, 128, 160, 576] {
+            let mut data: Vec<u8> = (0..rows * cols / 2).map(|i| (i * 29 % 256) as u8).collect();
+            for r in 0..rows {
+                for k in 0..16 {
+                    let v = (k as f32 - 7.5) * 0.01 * (r + 1) as f32;
+                    data.extend_from_slice(&kiln_format::ggml::f32_to_f16(v).to_le_bytes());
+                }
+            }
+            let stored = in_memory(ty, data, rows, cols);
+            let mut prepared = stored.clone();
+            prepare_for_kernels(vec![&mut prepared]);
+            let isa = kiln_kernels::detect();
+            assert_eq!(
+                prepared.row_tables.is_some(),
+                repack_enabled() && kiln_kernels::kiln_formats::uses_row_tables(isa, ty)
+            );
+            assert_eq!(
+                prepared.is_planar(),
+                repack_enabled() && kiln_kernels::planar::kiln::supported(isa, ty, cols)
+            );
+            let x: Vec<f32> = (0..cols)
+                .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.3)
+                .collect();
+            let mut xq = kiln_kernels::QuantizedRow::new();
+            kiln_kernels::quantize_row(&x, kiln_formats::activation_format(ty), &mut xq);
+            let (mut a, mut b) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+            let one = std::slice::from_ref(&xq);
+            kiln_formats::dot_block(&stored.kiln_matrix(), 0..rows, one, &mut a, rows);
+            kiln_formats::dot_block(&prepared.kiln_matrix(), 0..rows, one, &mut b, rows);
+            assert_eq!(a, b, "{cols} columns");
+            assert!(a.iter().all(|&v| v != 0.0));
+            let (mut ra, mut rb) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+            for r in 0..rows {
+                stored.dequantize_row(r, &mut ra);
+                prepared.dequantize_row(r, &mut rb);
+                assert_eq!(ra, rb, "row {r} of {cols} columns");
+                assert_eq!(stored.stored_row(r), prepared.stored_row(r));
             }
         }
-        let stored = in_memory(ty, data, rows, cols);
-        let mut prepared = stored.clone();
-        prepare_for_kernels(vec![&mut prepared]);
-        assert_eq!(
-            prepared.row_tables.is_some(),
-            repack_enabled()
-                && kiln_kernels::kiln_formats::uses_row_tables(kiln_kernels::detect(), ty)
-        );
-        let x: Vec<f32> = (0..cols)
-            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.3)
-            .collect();
-        let mut xq = kiln_kernels::QuantizedRow::new();
-        kiln_kernels::quantize_row(&x, kiln_formats::activation_format(ty), &mut xq);
-        let (mut a, mut b) = (vec![0.0f32; rows], vec![0.0f32; rows]);
-        let one = std::slice::from_ref(&xq);
-        kiln_formats::dot_block(&stored.kiln_matrix(), 0..rows, one, &mut a, rows);
-        kiln_formats::dot_block(&prepared.kiln_matrix(), 0..rows, one, &mut b, rows);
-        assert_eq!(a, b);
-        assert!(a.iter().all(|&v| v != 0.0));
     }
 
     /// A `rows` × `cols` matrix of ggml type `ty` in memory, quantized from varied values.
@@ -674,7 +687,7 @@ mod tests {
             let isa = kiln_kernels::detect();
             assert_eq!(
                 planar.is_planar(),
-                repack_enabled() && kiln_kernels::planar::lut4_b32::supported(isa, ty, cols)
+                repack_enabled() && kiln_kernels::planar::kiln::supported(isa, ty, cols)
             );
             let x: Vec<f32> = (0..cols)
                 .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.1)

@@ -1268,6 +1268,72 @@ unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usiz
                 );
             }
         }
+        4 if w.planar => {
+            // SAFETY: 16 entries are 32 bytes.
+            let t = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.cast()) });
+            let (row, nb) = (w.row(r), w.cols / CHUNK);
+            // bf16: the table rounded once, repeated through a register of 32 words, and
+            // looked up by `vpermw` (the index bytes widened to words) 32 values at a time.
+            let mut tb = [0u16; 32];
+            if BF16 {
+                // SAFETY: 32 words.
+                unsafe {
+                    put16::<true>(tb.as_mut_ptr().cast(), 0, t);
+                    put16::<true>(tb.as_mut_ptr().cast(), 16, t);
+                }
+            }
+            // SAFETY: 32 words.
+            let tw = unsafe { _mm512_loadu_si512(tb.as_ptr().cast()) };
+            let mut idx = [0u8; 4 * CHUNK];
+            let mut b = 0;
+            while b < nb {
+                let n = (nb - b).min(4);
+                // SAFETY: chunks b..b + n of the row (a group of four or the rest after the
+                // last group), their runs within its code plane; 128 bytes of `idx`.
+                unsafe {
+                    let at = row.as_ptr().add(CHUNK / 2 * b);
+                    let (u01, u23) = match n {
+                        1 => super::avx512::planar_codes4::<1>(at),
+                        2 => super::avx512::planar_codes4::<2>(at),
+                        3 => super::avx512::planar_codes4::<3>(at),
+                        _ => super::avx512::planar_codes4::<4>(at),
+                    };
+                    if BF16 {
+                        let halves = [
+                            _mm512_castsi512_si256(u01),
+                            _mm512_extracti64x4_epi64::<1>(u01),
+                            _mm512_castsi512_si256(u23),
+                            _mm512_extracti64x4_epi64::<1>(u23),
+                        ];
+                        for (k, &h) in halves.iter().enumerate().take(n) {
+                            let v = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(h), tw);
+                            let o = out.cast::<u16>().add(CHUNK * (b + k));
+                            _mm512_storeu_si512(o.cast(), v);
+                        }
+                        b += n;
+                        continue;
+                    }
+                    _mm512_storeu_si512(idx.as_mut_ptr().cast(), u01);
+                    _mm512_storeu_si512(idx.as_mut_ptr().add(2 * CHUNK).cast(), u23);
+                }
+                for k in 0..n {
+                    // SAFETY: chunk b + k's 32 indices (each below 16) and its 32 values.
+                    unsafe {
+                        let i = |h: usize| {
+                            _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                                idx.as_ptr().add(CHUNK * k + 16 * h).cast(),
+                            ))
+                        };
+                        store(
+                            CHUNK * (b + k),
+                            _mm512_permutexvar_ps(i(0), t),
+                            _mm512_permutexvar_ps(i(1), t),
+                        );
+                    }
+                }
+                b += n;
+            }
+        }
         4 => {
             // SAFETY: 16 entries are 32 bytes.
             let t = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(tp.cast()) });
@@ -2473,7 +2539,7 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
     let tables_at = w.table(0).as_ptr();
     // Taken out of the thread-local and put back: a closure would not take this function's
     // features, and would move the tables through 128-bit registers.
-    let (mut converted, mut scales) = SMALL_TABLES.with(|cell| cell.take());
+    let (mut converted, mut scales, mut group_planes) = SMALL_TABLES.with(|cell| cell.take());
     converted.clear();
     scales.clear();
     // A table per row of 16 entries: a tile's four tables are converted as the tile comes, at
@@ -2508,6 +2574,11 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
             scales.push(s);
             g += 1;
         }
+        // Planar rows look their tables up as byte planes: made once per table.
+        group_planes.clear();
+        if w.planar {
+            group_planes.extend(converted.iter().map(|&t| planes_of_words(t)));
+        }
         // A loop rather than `for_tiles`, for the same reason.
         let mut tables = [_mm512_setzero_si512(); TILE_ROWS];
         let mut s = [0.0f32; TILE_ROWS];
@@ -2518,17 +2589,21 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
             } else {
                 1
             };
+            let mut planes = [[_mm512_setzero_si512(); 2]; TILE_ROWS];
             if let (true, Some(converted)) = (per_row, w.row_tables) {
-                // Tables converted ahead: each row's 16 words in both halves of a register.
+                // Tables converted ahead (4 bits only): each row's byte planes.
                 let scales = &converted[w.rows * 32..];
                 for k in 0..rn {
-                    let at = 32 * (r + k);
-                    // SAFETY: the row's 32 bytes of words (`with_row_tables` checked the size).
-                    tables[k] = unsafe {
-                        _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                            converted[at..at + 32].as_ptr().cast(),
-                        ))
+                    let at = &converted[32 * (r + k)..32 * (r + k) + 32];
+                    // SAFETY: the row's two planes of 16 bytes (`with_row_tables` checked the
+                    // size).
+                    planes[k] = unsafe {
+                        [
+                            _mm512_broadcast_i32x4(_mm_loadu_si128(at.as_ptr().cast())),
+                            _mm512_broadcast_i32x4(_mm_loadu_si128(at[16..].as_ptr().cast())),
+                        ]
                     };
+                    tables[k] = words_of_planes(planes[k]);
                     let b = &scales[4 * (r + k)..4 * (r + k) + 4];
                     s[k] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
@@ -2549,29 +2624,51 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
                 for k in 0..rn {
                     let g = (r + k) / group - first;
                     (tables[k], s[k]) = (converted[g], scales[g]);
+                    if w.planar {
+                        planes[k] = group_planes[g];
+                    }
+                }
+            }
+            if w.planar && per_row && w.row_tables.is_none() {
+                for k in 0..rn {
+                    planes[k] = planes_of_words(tables[k]);
                 }
             }
             let mut t = 0;
             while t < xq.len() {
                 let m = if t + 2 <= xq.len() { 2 } else { 1 };
-                let (tb, sc) = (&tables, &s);
+                let (tb, pl, sc) = (&tables, &planes, &s);
                 // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
-                // guarantee.
+                // guarantee (planar rows are 4-bit: `KilnMatrix::new_planar`).
                 unsafe {
-                    tile!(rn, m, xq, t, out, stride, r - base, lut_small_i16_512<BITS>(w, r, tb, sc))
+                    if w.planar {
+                        tile!(
+                            rn,
+                            m,
+                            xq,
+                            t,
+                            out,
+                            stride,
+                            r - base,
+                            lut4_planar_i16_512(w, r, pl, sc)
+                        )
+                    } else {
+                        tile!(rn, m, xq, t, out, stride, r - base, lut_small_i16_512<BITS>(w, r, tb, sc))
+                    }
                 }
                 t += m;
             }
             r += rn;
         }
     }
-    SMALL_TABLES.with(|cell| cell.replace((converted, scales)));
+    SMALL_TABLES.with(|cell| cell.replace((converted, scales, group_planes)));
 }
 
 thread_local! {
-    /// The converted tables of a 2- or 4-bit call ([`small_table_i16_512`]) and their scales.
-    static SMALL_TABLES: std::cell::Cell<(Vec<__m512i>, Vec<f32>)> =
-        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// The converted tables of a 2- or 4-bit call ([`small_table_i16_512`]), their scales, and
+    /// for planar rows their byte planes.
+    static SMALL_TABLES: std::cell::Cell<(Vec<__m512i>, Vec<f32>, Vec<Planes16>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// The table's words for half `h` of a step of 2- or 4-bit indices `i` (its index bytes).
@@ -2649,6 +2746,214 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
         }
     }
     out
+}
+
+/// A 16-entry table's 16-bit integers as byte planes for `vpshufb`: the low bytes of the 16
+/// entries in every 128-bit lane of `[0]`, the high bytes in every lane of `[1]`.
+type Planes16 = [__m512i; 2];
+
+/// [`Planes16`] of a converted table register (16 words in each 256-bit half, as
+/// [`small_table_i16_512`] makes it).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn planes_of_words(words: __m512i) -> Planes16 {
+    let lo = _mm512_castsi512_si128(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(words)));
+    let hi = _mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(words));
+    [
+        _mm512_broadcast_i32x4(lo),
+        _mm512_broadcast_i32x4(_mm256_castsi256_si128(hi)),
+    ]
+}
+
+/// `vpdpwssd`: `acc` plus the sums of `a`·`b`'s word pairs, as one instruction. As the
+/// intrinsic, the compiler splits most of a loop's into `vpmaddwd` and `vpaddd`, two
+/// instructions where one does.
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: AVX-512 VNNI (this function's features); the instruction reads and writes only
+    // the registers named.
+    unsafe {
+        core::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// [`Planes16`] as the table register [`small_table_i16_512`] makes (16 words in each 256-bit
+/// half).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn words_of_planes(p: Planes16) -> __m512i {
+    // In every 128-bit lane: entries 0..8 as words, then (unpackhi) entries 8..16.
+    let lo = _mm512_unpacklo_epi8(p[0], p[1]);
+    let hi = _mm512_unpackhi_epi8(p[0], p[1]);
+    // Lanes [lo 0, lo 0, hi 0, hi 0], then [lo 0, hi 0, lo 0, hi 0]: entries 0..16 in each
+    // 256-bit half.
+    let x = _mm512_shuffle_i64x2::<0x00>(lo, hi);
+    _mm512_shuffle_i64x2::<0x88>(x, x)
+}
+
+/// The table's words for one step of 64 (or, without `two`, 32) indices in element order
+/// (`i`: one byte each, below 16): two in-lane lookups in the byte planes and two byte
+/// interleaves give lane `j` of the first register elements `16j .. 16j + 8`, of the second
+/// `16j + 8 .. 16j + 16`, the I16 codes' order.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn lut4_planar_words(i: __m512i, planes: &Planes16) -> (__m512i, __m512i) {
+    let lo = _mm512_shuffle_epi8(planes[0], i);
+    let hi = _mm512_shuffle_epi8(planes[1], i);
+    (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
+}
+
+/// [`lut_small_i16_512`] for planar 4-bit rows ([`crate::planar::lut4`]): one 64-byte read of
+/// the code plane gives 128 indices in element order (a mask, and a shift and a mask), which
+/// [`lut4_planar_words`] looks up with `vpshufb`, where the stored rows take two `vpermb`, two
+/// shifts and two `vpermw` per 64 indices. The words arrive in the I16 codes' order and are
+/// summed as [`lut_small_i16_512`] sums them, so the results are its results, bit for bit.
+///
+/// # Safety
+/// AVX-512 VNNI; as [`dot_block`], `w` a planar 4-bit lookup-table tensor; row `r0 + r` takes
+/// `planes[r]` with scale `s[r]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn lut4_planar_i16_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    planes: &[Planes16; TILE_ROWS],
+    s: &[f32; TILE_ROWS],
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut b = 0;
+    let mut start = 0;
+    while start < w.cols {
+        let end = (start + crate::activation::I16_BLOCK).min(w.cols);
+        let mut sums = [[_mm512_setzero_si512(); T]; R];
+        let mut c = start;
+        // Groups of four chunks (blocks start at multiples of 256, so groups never straddle
+        // them), then the chunks after the row's last group.
+        // SAFETY (both): chunks c / 32 .. c / 32 + n of every row of the tile and their codes.
+        while c + 4 * CHUNK <= end {
+            sums = unsafe { lut4_planar_group::<R, T, 4>(p, rb, c, ahead, planes, xs, sums) };
+            c += 4 * CHUNK;
+        }
+        if c < end {
+            sums = unsafe {
+                match (end - c) / CHUNK {
+                    1 => lut4_planar_group::<R, T, 1>(p, rb, c, ahead, planes, xs, sums),
+                    2 => lut4_planar_group::<R, T, 2>(p, rb, c, ahead, planes, xs, sums),
+                    _ => lut4_planar_group::<R, T, 3>(p, rb, c, ahead, planes, xs, sums),
+                }
+            };
+        }
+        for t in 0..T {
+            let d = _mm512_set1_ps(xs[t].scales[b]);
+            for r in 0..R {
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
+            }
+        }
+        b += 1;
+        start = end;
+    }
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = s[r] * _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// `sums` plus chunks `c / 32 .. c / 32 + N` (a group of four, or the `N` after a row's last
+/// group) of the tile's planar rows at `p` against the activation rows.
+///
+/// # Safety
+/// AVX-512 VNNI; the chunks are the rows' (`rb` bytes apart from `p`), and the activation
+/// rows' codes from `c` exist.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn lut4_planar_group<const R: usize, const T: usize, const N: usize>(
+    p: *const u8,
+    rb: usize,
+    c: usize,
+    ahead: usize,
+    planes: &[Planes16; TILE_ROWS],
+    xs: [&QuantizedRow; T],
+    mut sums: [[__m512i; T]; R],
+) -> [[__m512i; T]; R] {
+    // The steps: 64 indices from the first register (32 for N = 1), then 64 (N = 4) or 32
+    // (N = 3) from the second.
+    let first_two = N >= 2;
+    let mut x0 = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
+    let mut x1 = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
+    for t in 0..T {
+        // SAFETY: the codes of the group's elements (the caller's guarantee).
+        unsafe {
+            x0[t] = i16_codes_512(xs[t], c, first_two);
+            if N >= 3 {
+                x1[t] = i16_codes_512(xs[t], c + 2 * CHUNK, N == 4);
+            }
+        }
+    }
+    // Rows written out (`R` is at most four): as a loop, the rows' sums and tables went
+    // through memory.
+    macro_rules! row {
+        ($r:expr) => {
+            if $r < R {
+                let ip = p.wrapping_add($r * rb + c / 2);
+                // SAFETY: the group's runs of row r (the caller's guarantee).
+                sums[$r] =
+                    unsafe { lut4_planar_row::<T, N>(ip, ahead, &planes[$r], &x0, &x1, sums[$r]) };
+            }
+        };
+    }
+    row!(0);
+    row!(1);
+    row!(2);
+    row!(3);
+    sums
+}
+
+/// One row's part of [`lut4_planar_group`]: `sums` plus the group's chunks at `ip` (planes
+/// `planes`) against the activation codes `x0` (and `x1` for the second register).
+///
+/// # Safety
+/// AVX-512 VNNI; the group's runs are readable at `ip`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn lut4_planar_row<const T: usize, const N: usize>(
+    ip: *const u8,
+    ahead: usize,
+    planes: &Planes16,
+    x0: &[(__m512i, __m512i); T],
+    x1: &[(__m512i, __m512i); T],
+    mut sums: [__m512i; T],
+) -> [__m512i; T] {
+    prefetch(ip, ahead);
+    // SAFETY: the caller's runs.
+    let (u01, u23) = unsafe { super::avx512::planar_codes4::<N>(ip) };
+    let (w0, w1) = lut4_planar_words(u01, planes);
+    for t in 0..T {
+        sums[t] = dpwssd(sums[t], w0, x0[t].0);
+        sums[t] = dpwssd(sums[t], w1, x0[t].1);
+    }
+    if N >= 3 {
+        let (w0, w1) = lut4_planar_words(u23, planes);
+        for t in 0..T {
+            sums[t] = dpwssd(sums[t], w0, x1[t].0);
+            sums[t] = dpwssd(sums[t], w1, x1[t].1);
+        }
+    }
+    sums
 }
 
 /// The byte planes of a table's 16-bit integers (the first 16 of `u`) for `vpshufb`: low bytes
