@@ -2166,8 +2166,8 @@ unsafe fn lut8_i16_512<const R: usize, const T: usize>(
                 // The words come in the codes' order; zeroed indices meet zeroed codes.
                 let (lo, hi) = lookup256_vbmi(i, planes);
                 for t in 0..T {
-                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
-                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
+                    sums[r][t] = dpwssd(sums[r][t], lo, xv[t].0);
+                    sums[r][t] = dpwssd(sums[r][t], hi, xv[t].1);
                 }
             }
             c += if two { 2 * CHUNK } else { CHUNK };
