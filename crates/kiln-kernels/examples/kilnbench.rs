@@ -4,8 +4,13 @@
 //!
 //! ```sh
 //! cargo run --release -p kiln-kernels --example kilnbench -- [--mb 64] [--k 2048] [--tokens 2] \
-//!     [--reps 5] [--rounds 3] [--isa avx512] [--formats "Q8_0 I8_CH LUT8"]
+//!     [--reps 5] [--rounds 3] [--isa avx512] [--formats "Q8_0 I8_CH LUT8"] [--runtime]
 //! ```
+//!
+//! `--runtime` sets each matrix up as the runtime's decode does: rows rewritten into the planar
+//! layout where the level's kernels read it, 4-bit row tables converted ahead, refined int8
+//! activations for the kernels that take them in one pass. Without it, stored rows and plain
+//! activations.
 //!
 //! Each round times every format at every level once, in turn, so drift on a shared machine
 //! touches them alike; the figures are medians over the rounds. Lookup-table weights are random

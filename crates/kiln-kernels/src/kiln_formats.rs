@@ -243,7 +243,7 @@ fn row_tables_len(rows: usize) -> usize {
 
 /// Every row's table of `w` converted by [`lut_table_i16`], for
 /// [`KilnMatrix::with_row_tables`]: per row the low bytes of its 16 16-bit integers, then their
-/// high bytes (the planes the kernels look up with `vpshufb`), row after row, then the rows'
+/// high bytes (the planes the kernels look up), row after row, then the rows'
 /// f32 scales; `None` unless `w` has 4-bit tables, one per row.
 pub fn convert_row_tables(w: &KilnMatrix) -> Option<Vec<u8>> {
     if !has_row_tables(w.ty) {

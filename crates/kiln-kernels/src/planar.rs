@@ -516,7 +516,7 @@ pub mod lut4_b32 {
 ///
 /// Stored rows gave the AVX-512 kernel a chunk's indices in an order it had to spread over
 /// words with two byte permutes and two shifts per 64 indices; a 64-byte read of the code plane
-/// gives 128 indices in element order with one shift and two masks, which `vpshufb` looks up
+/// gives 128 indices in element order with one shift, which `vpermb` looks up
 /// in the table's byte planes directly.
 pub mod lut4 {
     use super::{pack_codes4, unpack_codes4, QK};

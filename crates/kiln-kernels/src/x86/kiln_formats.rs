@@ -842,9 +842,16 @@ unsafe fn lut4b32_step_512<
             // 2 · b among the parameters (N scale codes, then N offset codes: the masks
             // read those bytes only).
             let (u01, u23, params) = unsafe {
-                let (u01, u23) = super::avx512::planar_codes4::<N>(
-                    row.add(LUT4_B32_ROW_HEADER + (CHUNK / 2) * b),
-                );
+                let codes = row.add(LUT4_B32_ROW_HEADER + (CHUNK / 2) * b);
+                let (u01, u23) = if N == 4 {
+                    // A group's code bytes as read (low nibbles) and shifted (high ones):
+                    // `vpermb` reads entry `i & 15` of the repeated table, so the bits above
+                    // need no mask.
+                    let v = _mm512_loadu_si512(codes.cast());
+                    (v, _mm512_srli_epi16::<4>(v))
+                } else {
+                    super::avx512::planar_codes4::<N>(codes)
+                };
                 let at = row.add(params);
                 let params = if N == 4 {
                     _mm_loadl_epi64(at.cast())
@@ -2748,8 +2755,8 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
     out
 }
 
-/// A 16-entry table's 16-bit integers as byte planes for `vpshufb`: the low bytes of the 16
-/// entries in every 128-bit lane of `[0]`, the high bytes in every lane of `[1]`.
+/// A 16-entry table's 16-bit integers as byte planes for byte lookups: the low bytes of the
+/// 16 entries in every 128-bit lane of `[0]`, the high bytes in every lane of `[1]`.
 type Planes16 = [__m512i; 2];
 
 /// [`Planes16`] of a converted table register (16 words in each 256-bit half, as
@@ -2800,28 +2807,31 @@ fn words_of_planes(p: Planes16) -> __m512i {
     _mm512_shuffle_i64x2::<0x88>(x, x)
 }
 
-/// The table's words for one step of 64 (or, without `two`, 32) indices in element order
-/// (`i`: one byte each, below 16): two in-lane lookups in the byte planes and two byte
+/// The table's words for one step of 64 (or 32) indices in element order (`i`: one byte
+/// each, the index in its low four bits): two lookups in the byte planes and two byte
 /// interleaves give lane `j` of the first register elements `16j .. 16j + 8`, of the second
-/// `16j + 8 .. 16j + 16`, the I16 codes' order.
-#[target_feature(enable = "avx512f,avx512bw")]
+/// `16j + 8 .. 16j + 16`, the I16 codes' order. `vpermb` reads six bits of each index byte and
+/// the planes repeat every 16 bytes, so bits 4..8 of `i` may hold anything: the code plane's
+/// bytes need no masking.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 #[inline]
 fn lut4_planar_words(i: __m512i, planes: &Planes16) -> (__m512i, __m512i) {
-    let lo = _mm512_shuffle_epi8(planes[0], i);
-    let hi = _mm512_shuffle_epi8(planes[1], i);
+    let lo = _mm512_permutexvar_epi8(i, planes[0]);
+    let hi = _mm512_permutexvar_epi8(i, planes[1]);
     (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
 }
 
 /// [`lut_small_i16_512`] for planar 4-bit rows ([`crate::planar::lut4`]): one 64-byte read of
-/// the code plane gives 128 indices in element order (a mask, and a shift and a mask), which
-/// [`lut4_planar_words`] looks up with `vpshufb`, where the stored rows take two `vpermb`, two
-/// shifts and two `vpermw` per 64 indices. The words arrive in the I16 codes' order and are
+/// the code plane gives 128 indices in element order (as read, and shifted), which
+/// [`lut4_planar_words`] looks up in the table's byte planes, two byte permutes and two
+/// interleaves per 64 indices where the stored rows take two permutes, two shifts and two
+/// word permutes. The words arrive in the I16 codes' order and are
 /// summed as [`lut_small_i16_512`] sums them, so the results are its results, bit for bit.
 ///
 /// # Safety
 /// AVX-512 VNNI; as [`dot_block`], `w` a planar 4-bit lookup-table tensor; row `r0 + r` takes
 /// `planes[r]` with scale `s[r]`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 unsafe fn lut4_planar_i16_512<const R: usize, const T: usize>(
     w: &KilnMatrix,
     r0: usize,
@@ -2879,7 +2889,7 @@ unsafe fn lut4_planar_i16_512<const R: usize, const T: usize>(
 /// # Safety
 /// AVX-512 VNNI; the chunks are the rows' (`rb` bytes apart from `p`), and the activation
 /// rows' codes from `c` exist.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[inline]
 unsafe fn lut4_planar_group<const R: usize, const T: usize, const N: usize>(
     p: *const u8,
@@ -2928,7 +2938,7 @@ unsafe fn lut4_planar_group<const R: usize, const T: usize, const N: usize>(
 ///
 /// # Safety
 /// AVX-512 VNNI; the group's runs are readable at `ip`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 #[inline]
 unsafe fn lut4_planar_row<const T: usize, const N: usize>(
     ip: *const u8,
@@ -2939,8 +2949,17 @@ unsafe fn lut4_planar_row<const T: usize, const N: usize>(
     mut sums: [__m512i; T],
 ) -> [__m512i; T] {
     prefetch(ip, ahead);
-    // SAFETY: the caller's runs.
-    let (u01, u23) = unsafe { super::avx512::planar_codes4::<N>(ip) };
+    // SAFETY: the caller's runs (a whole group's 64 bytes for N = 4).
+    let (u01, u23) = unsafe {
+        if N == 4 {
+            // The code bytes as they are (low nibbles) and shifted (high ones): the lookups
+            // ignore the bits above.
+            let v = _mm512_loadu_si512(ip.cast());
+            (v, _mm512_srli_epi16::<4>(v))
+        } else {
+            super::avx512::planar_codes4::<N>(ip)
+        }
+    };
     let (w0, w1) = lut4_planar_words(u01, planes);
     for t in 0..T {
         sums[t] = dpwssd(sums[t], w0, x0[t].0);
