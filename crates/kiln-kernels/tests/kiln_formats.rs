@@ -262,9 +262,14 @@ fn check_with(
     }
     // Every level, over row ranges not starting at 0 and not ending at the last row when
     // there is room (so with table groups they start and end inside a group, and tiles of
-    // four rows straddle groups), into a strided output.
+    // four rows straddle groups, by every number of rows for groups of up to six), into a
+    // strided output.
     let inner = (rows >= 3).then(|| 1..rows - 1);
-    for range in std::iter::once(usize::from(rows > 4)..rows).chain(inner) {
+    let starts = (2..rows.min(6)).map(|s| s..rows);
+    for range in std::iter::once(usize::from(rows > 4)..rows)
+        .chain(inner)
+        .chain(starts)
+    {
         let start = range.start;
         let n = range.len();
         let stride = n + 3;
@@ -410,6 +415,8 @@ kernels_match_reference! {
     lut4_b32: KilnType::Lut4B32 { group: None }, 9;
     lut4_b32_groups_of_two: KilnType::Lut4B32 { group: Some(2) }, 9;
     lut4_b32_groups_of_three: KilnType::Lut4B32 { group: Some(3) }, 9;
+    lut4_b32_groups_of_six: KilnType::Lut4B32 { group: Some(6) }, 9;
+    lut4_b32_groups_of_sixteen: KilnType::Lut4B32 { group: Some(16) }, 9;
     lut2: KilnType::Lut { bits: 2, group: None }, 19;
     lut2_groups_of_one: KilnType::Lut { bits: 2, group: Some(1) }, 19;
     lut2_groups_of_three: KilnType::Lut { bits: 2, group: Some(3) }, 19;

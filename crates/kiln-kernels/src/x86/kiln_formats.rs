@@ -187,7 +187,11 @@ unsafe fn tile<const R: usize, const T: usize>(
             }
             (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T, false>(w, r0, xs),
             (Isa::Avx512Vnni, KilnType::Lut4B32 { group }) if has_vbmi() => {
-                match (group.is_some(), xs[0].is_refined(), w.planar) {
+                // A tile within one group multiplies as a tensor-wide table does, with that
+                // group's table (one register rather than one per row).
+                let g = w.group_rows as usize;
+                let grouped = group.is_some() && r0 % g + R > g;
+                match (grouped, xs[0].is_refined(), w.planar) {
                     (false, false, false) => lut4b32_512::<R, T, false, false, false>(w, r0, xs),
                     (false, true, false) => lut4b32_512::<R, T, false, true, false>(w, r0, xs),
                     (true, false, false) => lut4b32_512::<R, T, true, false, false>(w, r0, xs),
