@@ -798,6 +798,20 @@ pub fn encode_lut(
     cols: usize,
     options: LutOptions,
 ) -> Result<Vec<u8>, QuantError> {
+    encode_lut_weighted(ty, w, rows, cols, options, None)
+}
+
+/// [`encode_lut`] with each weight's squared error counted `column_weights[c]` times for its
+/// input channel `c` when learning the tables ([`quant::quantize_lut_weighted`]) and choosing
+/// among restarts. The stored format is the same.
+pub fn encode_lut_weighted(
+    ty: KilnType,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    options: LutOptions,
+    column_weights: Option<&[f32]>,
+) -> Result<Vec<u8>, QuantError> {
     let KilnType::Lut { bits, group } = ty else {
         return Err(QuantError(format!("{ty} is not a lookup-table format")));
     };
@@ -811,13 +825,21 @@ pub fn encode_lut(
         let seed = options
             .seed
             .wrapping_add(u64::from(run).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let lut = quant::quantize_lut(w, rows, cols, bits, Some(group_rows), seed)?;
+        let lut = quant::quantize_lut_weighted(
+            w,
+            rows,
+            cols,
+            bits,
+            Some(group_rows),
+            seed,
+            column_weights,
+        )?;
         for (g, t) in lut.tables().chunks_exact(entries).enumerate() {
             let mut t16: Vec<u16> = t.iter().map(|&v| f32_to_f16(v)).collect();
             // f16 rounding keeps the order (it is monotone) and may merge entries.
             t16.sort_by(|a, b| f16_to_f32(*a).total_cmp(&f16_to_f32(*b)));
             let group_w = &w[g * group_rows * cols..(g + 1) * group_rows * cols];
-            let err = table_error(&t16, group_w);
+            let err = table_error(&t16, group_w, cols, column_weights);
             if run == 0 {
                 tables.push(t16);
                 best_err.push(err);
@@ -999,12 +1021,14 @@ fn nearest(table: &[f32], v: f32) -> u8 {
 }
 
 /// Squared error of `w` against the nearest entries of the f16 table `t16`.
-fn table_error(t16: &[u16], w: &[f32]) -> f64 {
+fn table_error(t16: &[u16], w: &[f32], cols: usize, column_weights: Option<&[f32]>) -> f64 {
     let table: Vec<f32> = t16.iter().map(|&h| f16_to_f32(h)).collect();
     w.iter()
-        .map(|&v| {
+        .enumerate()
+        .map(|(i, &v)| {
             let e = f64::from(v - table[nearest(&table, v) as usize]);
-            e * e
+            let weight = column_weights.map_or(1.0, |cw| f64::from(cw[i % cols]));
+            weight * e * e
         })
         .sum()
 }

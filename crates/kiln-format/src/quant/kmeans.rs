@@ -71,7 +71,81 @@ pub fn kmeans_1d(values: &[f32], k: usize, seed: u64, options: KMeansOptions) ->
         values.iter().all(|v| v.is_finite()),
         "values must be finite"
     );
-    let pts = Points::new(values);
+    run(Points::new(values, None), k, seed, options)
+}
+
+/// Why [`kmeans_1d_weighted`] refused its weights.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WeightError {
+    /// The weights and values differ in number.
+    #[error("{weights} weights for {values} values")]
+    Length {
+        /// Weights given.
+        weights: usize,
+        /// Values given.
+        values: usize,
+    },
+    /// A weight is negative, infinite or NaN.
+    #[error("weight {index} is {value}: weights must be finite and non-negative")]
+    Invalid {
+        /// Its position.
+        index: usize,
+        /// Its value.
+        value: f32,
+    },
+    /// Every weight is zero, so every clustering has the same (zero) error.
+    #[error("every weight is zero")]
+    AllZero,
+}
+
+/// Checks weights for [`kmeans_1d_weighted`]: as many as `n`, each finite and non-negative, not
+/// all zero.
+pub fn check_weights(weights: &[f32], n: usize) -> Result<(), WeightError> {
+    if weights.len() != n {
+        return Err(WeightError::Length {
+            weights: weights.len(),
+            values: n,
+        });
+    }
+    if let Some(index) = weights.iter().position(|w| !(w.is_finite() && *w >= 0.0)) {
+        return Err(WeightError::Invalid {
+            index,
+            value: weights[index],
+        });
+    }
+    if weights.iter().all(|&w| w == 0.0) {
+        return Err(WeightError::AllZero);
+    }
+    Ok(())
+}
+
+/// Clusters `values` into at most `k` centroids minimising `Σ weights[i] · (values[i] − c(i))²`,
+/// where `c(i)` is the centroid nearest `values[i]`: the same algorithm as [`kmeans_1d`] with
+/// each value counted `weights[i]` times. Equal weights give [`kmeans_1d`]'s result (exactly,
+/// when the weight is a power of two). A value of weight zero does not affect the result.
+///
+/// Errors: see [`check_weights`].
+///
+/// # Panics
+/// If `k == 0`, `values` is empty or holds a non-finite value.
+pub fn kmeans_1d_weighted(
+    values: &[f32],
+    weights: &[f32],
+    k: usize,
+    seed: u64,
+    options: KMeansOptions,
+) -> Result<KMeans, WeightError> {
+    assert!(k > 0, "k must be positive");
+    assert!(!values.is_empty(), "no values to cluster");
+    assert!(
+        values.iter().all(|v| v.is_finite()),
+        "values must be finite"
+    );
+    check_weights(weights, values.len())?;
+    Ok(run(Points::new(values, Some(weights)), k, seed, options))
+}
+
+fn run(pts: Points, k: usize, seed: u64, options: KMeansOptions) -> KMeans {
     let mut rng = SplitMix64(seed);
     if pts.len() <= k {
         return KMeans {
@@ -196,34 +270,65 @@ struct Points {
 }
 
 impl Points {
-    fn new(values: &[f32]) -> Points {
+    /// The distinct values of `values` with their total weight (their count, or the sum of
+    /// their `weights`); values of zero weight are left out.
+    fn new(values: &[f32], weights: Option<&[f32]>) -> Points {
         let mut x = Vec::new();
         let mut w = Vec::new();
         if values.len() <= EXACT_LIMIT {
-            let keys = radix_sort(values.iter().map(|&v| order_key(v)).collect());
-            let mut i = 0;
-            while i < keys.len() {
-                let mut j = i + 1;
-                while j < keys.len() && keys[j] == keys[i] {
-                    j += 1;
+            match weights {
+                None => {
+                    let keys = radix_sort(values.iter().map(|&v| order_key(v)).collect());
+                    let mut i = 0;
+                    while i < keys.len() {
+                        let mut j = i + 1;
+                        while j < keys.len() && keys[j] == keys[i] {
+                            j += 1;
+                        }
+                        x.push(from_key(keys[i]) as f64);
+                        w.push((j - i) as f64);
+                        i = j;
+                    }
                 }
-                x.push(from_key(keys[i]) as f64);
-                w.push((j - i) as f64);
-                i = j;
+                Some(weights) => {
+                    // The key in the high half orders by value; a non-negative weight's bits
+                    // in the low half only order equal values among themselves.
+                    let mut pairs: Vec<u64> = values
+                        .iter()
+                        .zip(weights)
+                        .filter(|&(_, &wt)| wt > 0.0)
+                        .map(|(&v, &wt)| (u64::from(order_key(v)) << 32) | u64::from(wt.to_bits()))
+                        .collect();
+                    pairs.sort_unstable();
+                    let mut i = 0;
+                    while i < pairs.len() {
+                        let key = pairs[i] >> 32;
+                        let mut total = 0.0f64;
+                        let mut j = i;
+                        while j < pairs.len() && pairs[j] >> 32 == key {
+                            total += f64::from(f32::from_bits(pairs[j] as u32));
+                            j += 1;
+                        }
+                        x.push(from_key(key as u32) as f64);
+                        w.push(total);
+                        i = j;
+                    }
+                }
             }
         } else {
             let bins = 1usize << (32 - BIN_SHIFT);
-            let mut count = vec![0u64; bins];
+            let mut weight = vec![0f64; bins];
             let mut sum = vec![0f64; bins];
-            for &v in values {
+            for (i, &v) in values.iter().enumerate() {
+                let wt = weights.map_or(1.0, |ws| f64::from(ws[i]));
                 let b = (order_key(v) >> BIN_SHIFT) as usize;
-                count[b] += 1;
-                sum[b] += v as f64;
+                weight[b] += wt;
+                sum[b] += wt * v as f64;
             }
-            for (c, s) in count.iter().zip(&sum) {
-                if *c > 0 {
-                    x.push(s / *c as f64);
-                    w.push(*c as f64);
+            for (c, s) in weight.iter().zip(&sum) {
+                if *c > 0.0 {
+                    x.push(s / c);
+                    w.push(*c);
                 }
             }
         }

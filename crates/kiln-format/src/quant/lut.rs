@@ -1,6 +1,6 @@
 //! Palettization: weights as indices into small tables learned by k-means.
 
-use super::kmeans::{kmeans_1d, KMeansOptions, SplitMix64};
+use super::kmeans::{check_weights, kmeans_1d, kmeans_1d_weighted, KMeansOptions, SplitMix64};
 use super::{bits, check_input, par, QuantError, QuantMatrix, Scheme};
 
 /// Index widths a [`Lut`] may use (those Core ML's `constexpr_lut_to_dense` accepts).
@@ -164,21 +164,52 @@ pub fn quantize_lut(
     group_channels: Option<usize>,
     seed: u64,
 ) -> Result<Lut, QuantError> {
+    quantize_lut_weighted(w, rows, cols, bits, group_channels, seed, None)
+}
+
+/// [`quantize_lut`] with each weight's squared error counted `column_weights[c]` times for its
+/// input channel `c` (e.g. the mean square of that channel's activations): the tables minimise
+/// `Σ column_weights[c] · (w[r][c] − t[q[r][c]])²` ([`kmeans_1d_weighted`]). Each weight still
+/// takes its nearest entry, which is optimal whatever its weight. `None` is [`quantize_lut`].
+///
+/// Errors: those of [`quantize_lut`]; `column_weights` not `cols` long, or holding a negative
+/// or non-finite value, or all zero ([`super::kmeans::check_weights`]).
+pub fn quantize_lut_weighted(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    group_channels: Option<usize>,
+    seed: u64,
+    column_weights: Option<&[f32]>,
+) -> Result<Lut, QuantError> {
     check_input(w, rows, cols)?;
     check_lut_args(rows, bits, group_channels)?;
     let group_rows = group_channels.unwrap_or(rows);
     let groups = rows / group_rows;
     let entries = 1usize << bits;
     let group_len = group_rows * cols;
+    if let Some(cw) = column_weights {
+        check_weights(cw, cols).map_err(|e| QuantError::new(format!("column weights: {e}")))?;
+    }
+    // The weights of one group: the column weights repeated for each of its rows.
+    let weights: Option<Vec<f32>> =
+        column_weights.map(|cw| (0..group_rows).flat_map(|_| cw.iter().copied()).collect());
     let tables: Vec<Vec<f32>> = par::map_indices(groups, |g| {
         let group_seed =
             SplitMix64(seed ^ (g as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)).next_u64();
-        let km = kmeans_1d(
-            &w[g * group_len..(g + 1) * group_len],
-            entries,
-            group_seed,
-            KMeansOptions::default(),
-        );
+        let values = &w[g * group_len..(g + 1) * group_len];
+        let km = match &weights {
+            None => kmeans_1d(values, entries, group_seed, KMeansOptions::default()),
+            Some(weights) => kmeans_1d_weighted(
+                values,
+                weights,
+                entries,
+                group_seed,
+                KMeansOptions::default(),
+            )
+            .expect("weights checked"),
+        };
         let mut table: Vec<f32> = km.centroids.iter().map(|&c| c as f32).collect();
         let last = *table.last().expect("at least one centroid");
         table.resize(entries, last);

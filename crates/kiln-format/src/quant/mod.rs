@@ -34,7 +34,7 @@ use std::fmt;
 
 pub use int4::{quantize_int4_block, Int4Block};
 pub use int8::{quantize_int8_channel, Int8Channel};
-pub use lut::{quantize_lut, Lut, LUT_BITS};
+pub use lut::{quantize_lut, quantize_lut_weighted, Lut, LUT_BITS};
 pub use metrics::{cosine, snr_db};
 pub(crate) use par::for_chunks as par_chunks;
 
