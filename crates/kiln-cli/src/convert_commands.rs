@@ -50,6 +50,11 @@ pub struct ConvertArgs {
     /// recorded in the manifest (`kiln validate PKG --fp16` checks it).
     #[arg(long)]
     pub fp16_safe: bool,
+    /// A text file to weight the lookup tables' k-means by (lut2..lut8): the source model runs
+    /// over its first 2048 tokens and each weight's error counts by the mean square of its
+    /// input channel's activations there. Recorded in the manifest.
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -122,6 +127,7 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
         fp16_safe: a.fp16_safe,
         lut_group_channels: a.lut_group_channels,
         to,
+        calibration: a.calibration.clone(),
         ..ConvertOptions::default()
     };
     let start = Instant::now();
@@ -171,6 +177,7 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
             "bytes": size,
             "seconds": seconds,
             "fp16": report.fp16,
+            "calibration": report.calibration,
             "notes": report.notes,
             "tensors": tensors,
         });
@@ -213,6 +220,12 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
             for note in &fix.notes {
                 println!("  {note}");
             }
+        }
+        if let Some(c) = &report.calibration {
+            println!(
+                "lookup tables weighted by the activations of {} tokens of {} (chunks of {})",
+                c.tokens, c.file, c.chunk_tokens
+            );
         }
         for note in &report.notes {
             println!("note: {note}");

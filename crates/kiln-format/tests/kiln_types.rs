@@ -316,6 +316,7 @@ fn manifest() -> Manifest {
             keep: Vec::new(),
             max_shard_bytes: 1 << 20,
             fp16: None,
+            calibration: None,
         },
         alignment: 0,
         shards: Vec::new(),

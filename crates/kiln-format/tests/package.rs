@@ -34,6 +34,7 @@ fn manifest() -> Manifest {
             keep: Vec::new(),
             max_shard_bytes: 0,
             fp16: None,
+            calibration: None,
         },
         alignment: 0,
         shards: Vec::new(),

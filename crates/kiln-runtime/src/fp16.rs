@@ -18,6 +18,7 @@
 //! Weights are used as stored (fp16 or narrower on a device already); norm weights are rounded
 //! to fp16.
 
+use crate::calibration::{InputStats, OUTPUT_WEIGHT};
 use crate::config::{Activation, ModelConfig};
 use crate::error::ModelError;
 use crate::kernels::{matmul, Precision};
@@ -257,6 +258,8 @@ struct Probe<'a> {
     rounding: Rounding,
     graph: &'a GraphFix,
     report: &'a mut RangeReport,
+    /// With calibration: the inputs of every matrix product are summed here.
+    inputs: Option<&'a mut InputStats>,
 }
 
 impl Probe<'_> {
@@ -356,6 +359,20 @@ pub fn forward(
     graph: &GraphFix,
     report: &mut RangeReport,
 ) -> Result<Vec<f32>, ModelError> {
+    forward_observed(model, pool, tokens, rounding, graph, report, None)
+}
+
+/// [`forward`], adding the squares of every matrix product's inputs to `inputs` when given
+/// (for the output projection, those of every position, not only the last).
+pub(crate) fn forward_observed(
+    model: &Model,
+    pool: &ThreadPool,
+    tokens: &[u32],
+    rounding: Rounding,
+    graph: &GraphFix,
+    report: &mut RangeReport,
+    inputs: Option<&mut InputStats>,
+) -> Result<Vec<f32>, ModelError> {
     let c = &model.config;
     if tokens.is_empty() {
         return Err(ModelError::Request("forward called with no tokens".into()));
@@ -377,6 +394,7 @@ pub fn forward(
         rounding,
         graph,
         report,
+        inputs,
     };
     let (t_len, e) = (tokens.len(), c.n_embd);
     let mut x = vec![0.0f32; t_len * e];
@@ -390,6 +408,11 @@ pub fn forward(
     let residual_eps = c.residual_eps();
     for (il, w) in model.layers.iter().enumerate() {
         layer(&mut probe, pool, c, il, w, &mut x, t_len, residual_eps);
+    }
+    if let Some(stats) = probe.inputs.as_deref_mut() {
+        let mut all = x.clone();
+        crate::kernels::rms_norm(&mut all, &model.output_norm, residual_eps);
+        stats.add(OUTPUT_WEIGHT, &all, e);
     }
     let last = &mut x[(t_len - 1) * e..];
     probe.rms_norm(
@@ -420,6 +443,9 @@ fn linear(
     x: &[f32],
     t_len: usize,
 ) -> Vec<f32> {
+    if let Some(stats) = probe.inputs.as_deref_mut() {
+        stats.add(&format!("blk.{il}.{op}.weight"), x, w.cols());
+    }
     let mut y = vec![0.0f32; t_len * w.rows()];
     matmul(pool, w, x, t_len, &mut y, Precision::Exact);
     if let Some(b) = bias {
@@ -694,6 +720,7 @@ mod tests {
             rounding: Rounding::Measure,
             graph: &g,
             report: &mut report,
+            inputs: None,
         };
         let mut v = [1.0 + 2f32.powi(-12), 70000.0, -65519.0, f32::NAN];
         probe.out(Some(2), "x", &mut v);
@@ -711,6 +738,7 @@ mod tests {
             rounding: Rounding::Strict,
             graph: &g,
             report: &mut report,
+            inputs: None,
         };
         let mut v = [70000.0f32, 65519.0];
         probe.out(None, "y", &mut v);
@@ -726,6 +754,7 @@ mod tests {
             rounding: Rounding::Strict,
             graph: &g,
             report: &mut report,
+            inputs: None,
         };
         let mut v = [1e6f32];
         probe.out(Some(0), "attn_norm.square", &mut v);
@@ -753,6 +782,7 @@ mod tests {
                 rounding: Rounding::Strict,
                 graph: &g,
                 report: &mut report,
+                inputs: None,
             };
             let mut x = row;
             probe.rms_norm(None, "n", &mut x, &w, eps);

@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod bench;
 pub mod bundle;
+pub mod calibration;
 pub mod config;
 pub mod conversation;
 pub mod convert;

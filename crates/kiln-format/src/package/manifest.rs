@@ -83,6 +83,25 @@ pub struct Conversion {
     /// describes it; absent when none was applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fp16: Option<Value>,
+    /// The text the lookup tables' k-means was weighted by (`kiln convert --calibration`);
+    /// absent when the tables were learned without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationInfo>,
+}
+
+/// The calibration text of a conversion: each weight's error in the k-means of a lookup table
+/// counted by the mean square of its input channel's activations over this text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalibrationInfo {
+    /// The text file's name (no directories).
+    pub file: String,
+    /// sha256 of the file, lowercase hex.
+    pub sha256: String,
+    /// Tokens of the text the model was run over (the text's first tokens, bounded).
+    pub tokens: u64,
+    /// Positions per forward pass: the tokens were run in chunks of this many, each from an
+    /// empty context.
+    pub chunk_tokens: u64,
 }
 
 /// One file of a package with its size and hash.

@@ -18,8 +18,8 @@ mod reader;
 mod writer;
 
 pub use manifest::{
-    Conversion, FileHash, Manifest, ShardEntry, SourceInfo, TensorEntry, TensorQuality,
-    FORMAT_NAME, FORMAT_VERSION, I8_CH_CODES_FIRST_VERSION, OLDEST_FORMAT_VERSION,
+    CalibrationInfo, Conversion, FileHash, Manifest, ShardEntry, SourceInfo, TensorEntry,
+    TensorQuality, FORMAT_NAME, FORMAT_VERSION, I8_CH_CODES_FIRST_VERSION, OLDEST_FORMAT_VERSION,
 };
 pub use reader::{is_package, Package, PackageFile, PackageTensor, Verify};
 pub use writer::{sha256_file, PackageWriter, DEFAULT_MAX_SHARD_BYTES};

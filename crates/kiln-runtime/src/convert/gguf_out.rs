@@ -90,7 +90,7 @@ pub(crate) fn write(
     let mut outcomes = Vec::with_capacity(names.len());
     let mut bytes = 0u64;
     for (i, name) in names.iter().enumerate() {
-        let stored = convert_tensor(source.tensors.as_ref(), name, options)?;
+        let stored = convert_tensor(source.tensors.as_ref(), name, options, None)?;
         let outcome = stored.outcome.clone();
         let TensorFormat::Ggml(ty) = outcome.to else {
             return Err(ModelError::Request(format!(
@@ -111,5 +111,6 @@ pub(crate) fn write(
         bytes,
         notes: Vec::new(),
         fp16: None,
+        calibration: None,
     })
 }

@@ -69,7 +69,7 @@ pub(crate) fn write(
     let mut outcomes = Vec::with_capacity(names.len());
     let mut bytes = 0u64;
     for (i, name) in names.iter().enumerate() {
-        let stored = convert_tensor(source.tensors.as_ref(), name, options)?;
+        let stored = convert_tensor(source.tensors.as_ref(), name, options, None)?;
         let outcome = stored.outcome.clone();
         let ty = outcome.to.ggml().and_then(|t| dtype(t).map(|d| (t, d)));
         let Some((ty, dt)) = ty else {
@@ -131,6 +131,7 @@ pub(crate) fn write(
         bytes,
         notes,
         fp16: None,
+        calibration: None,
     })
 }
 

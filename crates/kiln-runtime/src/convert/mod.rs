@@ -24,6 +24,13 @@
 //! Output: a kiln package (default), a GGUF file ([`gguf_out`]: ggml types only) or a Hugging
 //! Face folder ([`hf_out`]: float types only).
 //!
+//! With a calibration text (kiln packages, k-means lookup tables), the source model is first run
+//! over the text's first [`calibration::MAX_TOKENS`] tokens and every table's k-means counts a
+//! weight's squared error by the mean square of its input channel there
+//! ([`kiln_format::quant::quantize_lut_weighted`]): the error a matrix product's output takes
+//! rather than the weights' own. The text and how much of it was used go into the manifest's
+//! `conversion.calibration`.
+//!
 //! With `fp16_safe` (kiln packages only), the weights are first made fp16-safe
 //! ([`crate::fp16_fix`]): the tensors that write into the residual stream are divided by a
 //! power of two before any format change, the model description records the matching
@@ -32,6 +39,7 @@
 pub mod gguf_out;
 pub mod hf_out;
 
+use crate::calibration::{self, InputStats};
 use crate::error::ModelError;
 use crate::fp16_fix::{self, Fp16Fix};
 use crate::model::Model;
@@ -41,14 +49,15 @@ use kiln_format::ggml::{self, GgmlType};
 use kiln_format::gguf::GgufFile;
 use kiln_format::kiln_types::{self, KilnType, LutOptions, TensorFormat};
 use kiln_format::package::{
-    sha256_file, Conversion, FileHash, Manifest, PackageWriter, SourceInfo, TensorQuality,
+    sha256_file, CalibrationInfo, Conversion, FileHash, Manifest, PackageWriter, SourceInfo,
+    TensorQuality,
 };
 use kiln_format::quant::{cosine, snr_db};
 use kiln_format::safetensors::ShardedSafetensors;
 use kiln_tokenizer::TokenizerSpec;
 use serde_json::Value;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -227,6 +236,9 @@ pub struct ConvertOptions {
     /// Apply the fp16 range fix ([`crate::fp16_fix`]), calibrated on
     /// [`crate::validate::DEFAULT_PROMPTS`] (kiln packages only).
     pub fp16_safe: bool,
+    /// A text file whose activations weight the k-means of lookup tables (kiln packages,
+    /// `lut2` … `lut8`); `None`: every weight counts the same.
+    pub calibration: Option<PathBuf>,
 }
 
 impl Default for ConvertOptions {
@@ -239,6 +251,7 @@ impl Default for ConvertOptions {
             lut: LutOptions::default(),
             to: OutputFormat::Kiln,
             fp16_safe: false,
+            calibration: None,
         }
     }
 }
@@ -287,6 +300,8 @@ pub struct ConvertReport {
     pub notes: Vec<String>,
     /// The fp16 range fix applied, with `fp16_safe`.
     pub fp16: Option<Fp16Fix>,
+    /// The calibration text used, with `calibration`.
+    pub calibration: Option<CalibrationInfo>,
 }
 
 fn is_vector(dims: &[u64]) -> bool {
@@ -419,6 +434,27 @@ pub fn convert(
     // Refuse what the runtime could not run before spending time on it.
     Model::from_source(source.config.clone(), source.tensors.as_ref())?;
     check_table_groups(source.tensors.as_ref(), options)?;
+    if let Some(path) = &options.calibration {
+        if !matches!(options.quant, QuantTarget::Lut(_)) {
+            return Err(ModelError::Request(format!(
+                "--calibration weights the k-means of lookup tables (lut2, lut4, lut6, lut8); \
+                 --quant {} does not use it",
+                options.quant
+            )));
+        }
+        if options.to != OutputFormat::Kiln {
+            return Err(ModelError::Request(format!(
+                "--calibration writes kiln packages (lookup tables are kiln formats), not --to {}",
+                options.to.name()
+            )));
+        }
+        if !path.is_file() {
+            return Err(ModelError::bad(
+                path,
+                "the calibration text does not exist or is not a file",
+            ));
+        }
+    }
     if options.fp16_safe && options.to != OutputFormat::Kiln {
         return Err(ModelError::Request(format!(
             "--fp16-safe writes kiln packages (the fix lives in the package's model \
@@ -440,6 +476,12 @@ fn to_package(
     options: &ConvertOptions,
     on_tensor: &mut dyn FnMut(&TensorOutcome, usize, usize),
 ) -> Result<ConvertReport, ModelError> {
+    // Measured on the source as it is: a power-of-two rescaling by the fp16 fix scales a
+    // matrix's input channels all alike, which changes no table.
+    let calibrated = match &options.calibration {
+        Some(path) => Some(calibrate(src, source, path)?),
+        None => None,
+    };
     let safe = if options.fp16_safe {
         Some(make_fp16_safe(src, source)?)
     } else {
@@ -467,7 +509,7 @@ fn to_package(
     kiln_format::read_order::sort(&mut names);
     let mut outcomes = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
-        let stored = convert_tensor(tensors, name, options)?;
+        let stored = convert_tensor(tensors, name, options, calibrated.as_ref())?;
         writer.add_tensor(
             name,
             &stored.outcome.shape,
@@ -496,6 +538,7 @@ fn to_package(
             keep: options.keep.clone(),
             max_shard_bytes: options.max_shard_bytes,
             fp16: fp16_json,
+            calibration: calibrated.as_ref().map(|c| c.info.clone()),
         },
         alignment: 0,
         shards: Vec::new(),
@@ -510,6 +553,102 @@ fn to_package(
         tensors: outcomes,
         notes: Vec::new(),
         fp16,
+        calibration: calibrated.map(|c| c.info),
+    })
+}
+
+/// The source's own tokenizer; `option` names what needs it when there is none.
+fn source_tokenizer(
+    src: &Path,
+    source: &Source,
+    option: &str,
+) -> Result<kiln_tokenizer::Tokenizer, ModelError> {
+    match source.format {
+        "hf" if src.join(hf::TOKENIZER_FILE).is_file() => kiln_tokenizer::Tokenizer::from_hf(src),
+        "gguf" if !source.tokenizer.is_null() => {
+            kiln_tokenizer::Tokenizer::from_gguf(&GgufFile::open(src)?)
+        }
+        _ => {
+            return Err(ModelError::Request(format!(
+                "{}: {option} calibrates on text, but the model has no tokenizer",
+                src.display()
+            )))
+        }
+    }
+    .map_err(|e| ModelError::bad(src, format!("tokenizer: {e}")))
+}
+
+/// Activation statistics of a calibration text, and what the manifest records of it.
+pub(crate) struct Calibrated {
+    stats: InputStats,
+    /// Whether the output projection is the embedding matrix (which then takes its weights).
+    tied: bool,
+    info: CalibrationInfo,
+}
+
+impl Calibrated {
+    /// The error weight of each input channel of tensor `name`: the mean square of the
+    /// channel's activations, at least a millionth of their mean over the channels (so a
+    /// channel the text never drives still keeps its weights in view). `None` for a tensor
+    /// no matrix product reads (an untied embedding is looked up, not multiplied).
+    fn column_weights(&self, name: &str) -> Option<Vec<f32>> {
+        let key = if name == "token_embd.weight" && self.tied {
+            calibration::OUTPUT_WEIGHT
+        } else {
+            name
+        };
+        let imp = self.stats.importance(key)?;
+        let mean = imp.iter().map(|&v| f64::from(v)).sum::<f64>() / imp.len().max(1) as f64;
+        if !(mean.is_finite() && mean > 0.0) {
+            return None;
+        }
+        let floor = (1e-6 * mean) as f32;
+        Some(imp.iter().map(|&v| v.max(floor)).collect())
+    }
+}
+
+/// Runs the source over the first [`calibration::MAX_TOKENS`] tokens of the text at `path`.
+fn calibrate(src: &Path, source: &Source, path: &Path) -> Result<Calibrated, ModelError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ModelError::bad(path, format!("cannot read the calibration text: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        ModelError::bad(
+            path,
+            format!(
+                "the calibration text is not valid UTF-8 (byte {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })?;
+    if text.trim().is_empty() {
+        return Err(ModelError::bad(
+            path,
+            "the calibration text is empty: expected text to run the model over",
+        ));
+    }
+    let tokenizer = source_tokenizer(src, source, "--calibration")?;
+    let chunks = calibration::chunks(
+        &tokenizer,
+        &text,
+        calibration::MAX_TOKENS,
+        calibration::CHUNK_TOKENS,
+    )
+    .map_err(|e| ModelError::bad(path, format!("tokenizing the calibration text: {e}")))?;
+    let model = Model::from_source(source.config.clone(), source.tensors.as_ref())?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = crate::pool::ThreadPool::new(threads);
+    let stats = calibration::collect(&model, &pool, &chunks)?;
+    let bos = usize::from(tokenizer.add_bos() && tokenizer.bos_id().is_some());
+    let tokens: usize = chunks.iter().map(|c| c.len() - bos).sum();
+    Ok(Calibrated {
+        stats,
+        tied: model.tied_embeddings,
+        info: CalibrationInfo {
+            file: file_name(path),
+            sha256: sha256_file(path)?,
+            tokens: tokens as u64,
+            chunk_tokens: calibration::CHUNK_TOKENS as u64,
+        },
     })
 }
 
@@ -518,20 +657,7 @@ fn make_fp16_safe<'a>(
     src: &Path,
     source: &'a Source,
 ) -> Result<fp16_fix::SafeModel<'a>, ModelError> {
-    let no_tokenizer = || {
-        ModelError::Request(format!(
-            "{}: --fp16-safe calibrates on text prompts, but the model has no tokenizer",
-            src.display()
-        ))
-    };
-    let tokenizer = match source.format {
-        "hf" if src.join(hf::TOKENIZER_FILE).is_file() => kiln_tokenizer::Tokenizer::from_hf(src),
-        "gguf" if !source.tokenizer.is_null() => {
-            kiln_tokenizer::Tokenizer::from_gguf(&GgufFile::open(src)?)
-        }
-        _ => return Err(no_tokenizer()),
-    }
-    .map_err(|e| ModelError::bad(src, format!("tokenizer: {e}")))?;
+    let tokenizer = source_tokenizer(src, source, "--fp16-safe")?;
     let prompts = crate::validate::DEFAULT_PROMPTS
         .iter()
         .map(|p| tokenizer.encode(p, true, true))
@@ -646,6 +772,7 @@ pub(crate) fn convert_tensor(
     source: &dyn TensorSource,
     name: &str,
     options: &ConvertOptions,
+    calibrated: Option<&Calibrated>,
 ) -> Result<StoredTensor, ModelError> {
     let t = crate::weights::require(source, name)?;
     let data = crate::weights::tensor_data(source, name, &t)?;
@@ -682,8 +809,16 @@ pub(crate) fn convert_tensor(
             kiln_types::encode_lut4_b32(ty, &values, rows, cols).map_err(|e| bad(e.to_string()))?
         }
         TensorFormat::Kiln(ty @ KilnType::Lut { .. }) => {
-            kiln_types::encode_lut(ty, &values, rows, cols, options.lut)
-                .map_err(|e| bad(e.to_string()))?
+            let weights = calibrated.and_then(|c| c.column_weights(name));
+            kiln_types::encode_lut_weighted(
+                ty,
+                &values,
+                rows,
+                cols,
+                options.lut,
+                weights.as_deref(),
+            )
+            .map_err(|e| bad(e.to_string()))?
         }
     };
     let back = reconstruct(target, &stored, rows, cols).map_err(bad)?;

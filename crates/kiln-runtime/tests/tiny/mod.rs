@@ -404,6 +404,9 @@ struct RefLayer {
     post_ffn_norm: Option<Vec<f64>>,
 }
 
+/// Per weight matrix (GGUF name): rows of input seen and the per-channel sums of their squares.
+pub type InputSquares = std::collections::BTreeMap<String, (u64, Vec<f64>)>;
+
 /// The naive model: the [`Spec`] plus every weight of the file in f64.
 pub struct Reference {
     spec: Spec,
@@ -412,6 +415,9 @@ pub struct Reference {
     output: Option<Vec<f64>>,
     rope_factors: Option<Vec<f64>>,
     layers: Vec<RefLayer>,
+    /// With [`Reference::input_squares`]: per weight matrix, rows of input seen and the sums
+    /// of their squares per input channel.
+    inputs: std::cell::RefCell<Option<InputSquares>>,
 }
 
 /// Local rotary base of Gemma 3 (`rope_local_base_freq`).
@@ -463,6 +469,29 @@ impl Reference {
             output: get("output.weight"),
             rope_factors: get("rope_freqs.weight"),
             layers,
+            inputs: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// Per weight matrix (GGUF name; `output.weight` also when tied), the number of input rows
+    /// and the per-channel sums of their squares over [`Reference::logits`] of each sequence.
+    // Each test binary compiles this module; not all of them record inputs.
+    #[allow(dead_code)]
+    pub fn input_squares(&self, sequences: &[Vec<u32>]) -> InputSquares {
+        *self.inputs.borrow_mut() = Some(Default::default());
+        for s in sequences {
+            self.logits(s);
+        }
+        self.inputs.borrow_mut().take().expect("recording")
+    }
+
+    fn record(&self, name: &str, x: &[f64]) {
+        if let Some(map) = self.inputs.borrow_mut().as_mut() {
+            let e = map
+                .entry(name.to_string())
+                .or_insert_with(|| (0, vec![0.0; x.len()]));
+            e.0 += 1;
+            e.1.iter_mut().zip(x).for_each(|(s, v)| *s += v * v);
         }
     }
 
@@ -532,6 +561,9 @@ impl Reference {
             let mut v = Vec::new();
             for (pos, xt) in x.iter().enumerate() {
                 let h = rms_norm(xt, &l.attn_norm, s.eps);
+                for m in ["attn_q", "attn_k", "attn_v"] {
+                    self.record(&format!("blk.{il}.{m}.weight"), &h);
+                }
                 let mut qt = add(matvec(&l.wq, &h), bq.as_deref());
                 let mut kt = add(matvec(&l.wk, &h), bk.as_deref());
                 let vt = add(matvec(&l.wv, &h), bv.as_deref());
@@ -573,6 +605,7 @@ impl Reference {
                         }
                     }
                 }
+                self.record(&format!("blk.{il}.attn_output.weight"), &attn);
                 let mut a = add(matvec(&l.wo, &attn), l.bo.as_deref());
                 if let Some(w) = &l.post_attn_norm {
                     a = rms_norm(&a, w, s.eps);
@@ -580,6 +613,8 @@ impl Reference {
                 xt.iter_mut().zip(&a).for_each(|(xi, ai)| *xi += ai);
 
                 let h = rms_norm(xt, &l.ffn_norm, s.eps);
+                self.record(&format!("blk.{il}.ffn_gate.weight"), &h);
+                self.record(&format!("blk.{il}.ffn_up.weight"), &h);
                 let gate = add(matvec(&l.w_gate, &h), l.b_gate.as_deref());
                 let up = add(matvec(&l.w_up, &h), l.b_up.as_deref());
                 let act: Vec<f64> = gate
@@ -587,6 +622,7 @@ impl Reference {
                     .zip(&up)
                     .map(|(&g, &u)| if gemma { gelu_tanh(g) * u } else { silu(g) * u })
                     .collect();
+                self.record(&format!("blk.{il}.ffn_down.weight"), &act);
                 let mut f = add(matvec(&l.w_down, &act), l.b_down.as_deref());
                 if let Some(w) = &l.post_ffn_norm {
                     f = rms_norm(&f, w, s.eps);
@@ -599,7 +635,11 @@ impl Reference {
             _ => &self.token_embd,
         };
         x.iter()
-            .map(|xt| matvec(head, &rms_norm(xt, &self.output_norm, s.eps)))
+            .map(|xt| {
+                let h = rms_norm(xt, &self.output_norm, s.eps);
+                self.record("output.weight", &h);
+                matvec(head, &h)
+            })
             .collect()
     }
 }
