@@ -18,6 +18,9 @@
 //!   root), `impx` (by its mean square times `√(σ² + x²)`, `x` the weight and `σ²` the mean
 //!   square of its table's group, as llama.cpp weights its searches with an importance
 //!   matrix);
+//!   With `GROUP` `i4b64` (or another block size), symmetric int4 in blocks of that many input
+//!   channels instead, each block's scale the one of least (weighted) squared error among
+//!   those that leave its largest weight unclipped, as `int4-block64` chooses it.
 //! - `EXTREME`: `pin` (the smallest and largest weight of each table's group given a weight
 //!   that makes them table entries), or nothing.
 //!
@@ -40,6 +43,8 @@ fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
 
 struct Variant {
     name: String,
+    /// Symmetric int4 in blocks of this many input channels instead of a lookup table.
+    int4_block: Option<usize>,
     group: Option<usize>,
     /// The power of the channel's mean square its weights' errors are counted by (0: plain).
     power: f32,
@@ -53,8 +58,12 @@ fn parse(v: &str) -> Variant {
     assert!(parts.len() >= 2, "variant GROUP-WEIGHT[-EXTREME]: {v}");
     Variant {
         name: v.to_string(),
+        int4_block: parts[0]
+            .strip_prefix("i4b")
+            .map(|b| b.parse().expect("block")),
         group: match parts[0] {
             "t" => None,
+            g if g.starts_with("i4b") => None,
             g => Some(g.parse().expect("group")),
         },
         power: match parts[1] {
@@ -113,7 +122,54 @@ fn nearest(t: &[f32], v: f32) -> f32 {
     }
 }
 
+/// Symmetric int4 of one block with the scale of least weighted squared error among those that
+/// keep its largest weight unclipped (the candidates of `int4-block64`'s encoder).
+fn int4_block(x: &[f32], c: &[f32], out: &mut [f32]) {
+    let max = x
+        .iter()
+        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    if max == 0.0 {
+        out.fill(0.0);
+        return;
+    }
+    let mut best = (f64::INFINITY, 0.0f32);
+    let divisors = (1..=5)
+        .map(|k| k as f32)
+        .chain((60..=80).map(|k| k as f32 / 10.0));
+    for div in divisors {
+        let d = f16_to_f32(f32_to_f16(max / -div));
+        if d == 0.0 {
+            continue;
+        }
+        let err: f64 = x
+            .iter()
+            .zip(c)
+            .map(|(&v, &wt)| {
+                let q = (v / d).round().clamp(-8.0, 7.0);
+                f64::from(wt) * f64::from(v - d * q).powi(2)
+            })
+            .sum();
+        if err < best.0 {
+            best = (err, d);
+        }
+    }
+    let d = best.1;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = d * (v / d).round().clamp(-8.0, 7.0);
+    }
+}
+
 fn reconstruct(w: &[f32], rows: usize, cols: usize, imp: &[f32], v: &Variant) -> Vec<f32> {
+    if let Some(b) = v.int4_block {
+        let col_w: Vec<f32> = imp.iter().map(|&c| c.powf(v.power)).collect();
+        let mut out = vec![0.0f32; w.len()];
+        for (src, dst) in w.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+            for ((x, o), c) in src.chunks(b).zip(dst.chunks_mut(b)).zip(col_w.chunks(b)) {
+                int4_block(x, c, o);
+            }
+        }
+        return out;
+    }
     let group_rows = v.group.unwrap_or(rows);
     let groups = rows / group_rows;
     let len = group_rows * cols;
@@ -183,6 +239,24 @@ fn main() {
         start.elapsed().as_secs_f64()
     );
     drop(model);
+    // How unequal the channels are: per matrix, the largest channel mean square over the
+    // median one.
+    let mut ratios: Vec<(f64, String)> = stats
+        .names()
+        .map(|n| {
+            let mut imp = stats.importance(n).expect("observed");
+            imp.sort_by(f32::total_cmp);
+            let median = f64::from(imp[imp.len() / 2]);
+            (f64::from(imp[imp.len() - 1]) / median, n.to_string())
+        })
+        .collect();
+    ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
+    println!(
+        "largest / median channel mean square: median over matrices {:.0}, largest {:.0} ({})",
+        ratios[ratios.len() / 2].0,
+        ratios[ratios.len() - 1].0,
+        ratios[ratios.len() - 1].1
+    );
 
     for v in &variants {
         let start = std::time::Instant::now();
