@@ -100,8 +100,8 @@ pub const CHUNK_TOKENS: usize = 256;
 
 /// Text tokens read from a calibration text at most (the rest is ignored). The per-channel
 /// means settle quickly: on SmolLM2, 763 tokens of one text and 2048 or 4096 of another give
-/// tables within 1 % of each other in perplexity (`docs/quantization.md`), while the reference
-/// forward pass costs about 5 ms per token there.
+/// tables within about 2 % of each other in perplexity (`docs/quantization.md`), while the
+/// reference forward pass costs about 5 ms per token there.
 pub const MAX_TOKENS: usize = 2048;
 
 /// Tokenizes `text` (without special tokens) and cuts its first `max_tokens` tokens into
