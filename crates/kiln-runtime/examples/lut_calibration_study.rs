@@ -24,6 +24,8 @@
 //! - `EXTREME`: `pin` (the smallest and largest weight of each table's group given a weight
 //!   that makes them table entries), or nothing.
 //!
+//! `SEED` offsets every table's k-means++ seed (0).
+//!
 //! Printed per variant: the weight SNR, the activation-weighted SNR (the error each matrix
 //! product's output takes, under uncorrelated channels), and the tensor whose largest weight
 //! was moved the most, as a fraction of that weight.
@@ -160,6 +162,7 @@ fn int4_block(x: &[f32], c: &[f32], out: &mut [f32]) {
 }
 
 fn reconstruct(w: &[f32], rows: usize, cols: usize, imp: &[f32], v: &Variant) -> Vec<f32> {
+    let seed0: u64 = env("SEED", 0);
     if let Some(b) = v.int4_block {
         let col_w: Vec<f32> = imp.iter().map(|&c| c.powf(v.power)).collect();
         let mut out = vec![0.0f32; w.len()];
@@ -194,9 +197,9 @@ fn reconstruct(w: &[f32], rows: usize, cols: usize, imp: &[f32], v: &Variant) ->
                             .zip(weights.iter())
                             .map(|(&x, &c)| c * (s2 + x * x).sqrt())
                             .collect();
-                        table(src, &wm, v.pin, g as u64 + 1)
+                        table(src, &wm, v.pin, seed0 + g as u64 + 1)
                     } else {
-                        table(src, weights, v.pin, g as u64 + 1)
+                        table(src, weights, v.pin, seed0 + g as u64 + 1)
                     };
                     for (o, &x) in d.iter_mut().zip(src) {
                         *o = nearest(&t, x);
