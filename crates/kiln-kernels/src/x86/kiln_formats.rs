@@ -2113,6 +2113,40 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Adds an I16 block's integer sums to the tile's f32 sums, each times its activation row's
+/// scale for block `b`: what every kernel on I16 activations does at the end of a block.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn add_i16_block<const R: usize, const T: usize>(
+    acc: &mut [[__m512; T]; R],
+    sums: &[[__m512i; T]; R],
+    xs: &[&QuantizedRow; T],
+    b: usize,
+) {
+    for t in 0..T {
+        let d = _mm512_set1_ps(xs[t].scales[b]);
+        for r in 0..R {
+            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
+        }
+    }
+}
+
+/// The tile's products: each row's sums added up and times its table's scale `s[r]`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn scaled_tile_sums<const R: usize, const T: usize>(
+    acc: &[[__m512; T]; R],
+    s: &[f32],
+) -> [[f32; T]; R] {
+    let mut out = [[0.0; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = s[r] * _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
 /// One step of `n` elements (64, or the last 32 of a row) of a 6- or 8-bit row against the
 /// I16 codes from `c`: the codes as the two registers of words the lookups pair them with
 /// (the second half of the group's codes in the second; a 32-element step fills the lower
@@ -2183,22 +2217,11 @@ unsafe fn lut8_i16_512<const R: usize, const T: usize>(
             }
             c += if two { 2 * CHUNK } else { CHUNK };
         }
-        for t in 0..T {
-            let d = _mm512_set1_ps(xs[t].scales[b]);
-            for r in 0..R {
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
-            }
-        }
+        add_i16_block(&mut acc, &sums, &xs, b);
         b += 1;
         start = end;
     }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = s * _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
+    scaled_tile_sums(&acc, &[s; R])
 }
 
 /// `vpermi2b` indices and shift counts that turn the index bytes of one step of a 6-bit row
@@ -2323,22 +2346,11 @@ unsafe fn lut6_i16_512<const R: usize, const T: usize>(
             }
             c += if two { 2 * CHUNK } else { CHUNK };
         }
-        for t in 0..T {
-            let d = _mm512_set1_ps(xs[t].scales[b]);
-            for r in 0..R {
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
-            }
-        }
+        add_i16_block(&mut acc, &sums, &xs, b);
         b += 1;
         start = end;
     }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = s * _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
+    scaled_tile_sums(&acc, &[s; R])
 }
 
 /// `vpermb` indices and word shifts that turn the index bytes of one step of a 2- or 4-bit
@@ -2741,22 +2753,11 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
             }
             c += if two { 2 * CHUNK } else { CHUNK };
         }
-        for t in 0..T {
-            let d = _mm512_set1_ps(xs[t].scales[b]);
-            for r in 0..R {
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
-            }
-        }
+        add_i16_block(&mut acc, &sums, &xs, b);
         b += 1;
         start = end;
     }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = s[r] * _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
+    scaled_tile_sums(&acc, s)
 }
 
 /// A 16-entry table's 16-bit integers as byte planes for byte lookups: the low bytes of the
@@ -2869,22 +2870,11 @@ unsafe fn lut4_planar_i16_512<const R: usize, const T: usize>(
                 }
             };
         }
-        for t in 0..T {
-            let d = _mm512_set1_ps(xs[t].scales[b]);
-            for r in 0..R {
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][t]), d, acc[r][t]);
-            }
-        }
+        add_i16_block(&mut acc, &sums, &xs, b);
         b += 1;
         start = end;
     }
-    let mut out = [[0.0; T]; R];
-    for r in 0..R {
-        for t in 0..T {
-            out[r][t] = s[r] * _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
+    scaled_tile_sums(&acc, s)
 }
 
 /// `sums` plus chunks `c / 32 .. c / 32 + N` (a group of four, or the `N` after a row's last
