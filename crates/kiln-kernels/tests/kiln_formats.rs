@@ -299,17 +299,30 @@ fn check_with(
         let c = w
             .with_row_tables(&tables)
             .expect("tables of the tensor's size");
-        let n = xq.len() * rows;
-        for isa in available_isas() {
-            let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-            dot_block_with(isa, &w, 0..rows, &xq, &mut a, rows);
-            dot_block_with(isa, &c, 0..rows, &xq, &mut b, rows);
-            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                prop_assert!(
-                    a.to_bits() == b.to_bits(),
-                    "{ty} {isa:?} product {i} with converted tables: {b} against {a}"
-                );
-            }
+        same_products(&w, &c, &xq, "with converted tables")?;
+    }
+    Ok(())
+}
+
+/// Every level multiplies every row of `other` (the same tensor in another layout, or with
+/// its tables converted ahead) with `xq` exactly as it does `w`'s rows, bit for bit.
+fn same_products(
+    w: &KilnMatrix,
+    other: &KilnMatrix,
+    xq: &[QuantizedRow],
+    what: &str,
+) -> Result<(), TestCaseError> {
+    let (ty, rows) = (w.format(), w.rows());
+    let n = xq.len() * rows;
+    for isa in available_isas() {
+        let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+        dot_block_with(isa, w, 0..rows, xq, &mut a, rows);
+        dot_block_with(isa, other, 0..rows, xq, &mut b, rows);
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            prop_assert!(
+                a.to_bits() == b.to_bits(),
+                "{ty} {isa:?} product {i} ({what}): {b} against {a} from the stored rows"
+            );
         }
     }
     Ok(())
@@ -335,34 +348,15 @@ fn check_planar(w: &KilnMatrix, data: &[u8], xq: &[QuantizedRow]) -> Result<(), 
         prop_assert_eq!(&back[..], &data[at]);
     }
     let p = KilnMatrix::new_planar(ty, &planar, rows, cols).expect("a well-sized tensor");
-    let n = xq.len() * rows;
     if let Some(tables) = convert_row_tables(w) {
         let c = p
             .with_row_tables(&tables)
             .expect("tables of the tensor's size");
-        for isa in available_isas() {
-            let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-            dot_block_with(isa, w, 0..rows, xq, &mut a, rows);
-            dot_block_with(isa, &c, 0..rows, xq, &mut b, rows);
-            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                prop_assert!(
-                    a.to_bits() == b.to_bits(),
-                    "{ty} {isa:?} planar product {i} with converted tables: {b} against {a}"
-                );
-            }
-        }
+        same_products(w, &c, xq, "planar, with converted tables")?;
     }
+    same_products(w, &p, xq, "planar")?;
     let (mut want, mut got) = (vec![0.0f32; cols], vec![0.0f32; cols]);
     for isa in available_isas() {
-        let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-        dot_block_with(isa, w, 0..rows, xq, &mut a, rows);
-        dot_block_with(isa, &p, 0..rows, xq, &mut b, rows);
-        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-            prop_assert!(
-                a.to_bits() == b.to_bits(),
-                "{ty} {isa:?} planar product {i}: {b} against {a} from the stored rows"
-            );
-        }
         for r in 0..rows {
             dequantize_row_with(isa, w, r, &mut want);
             dequantize_row_with(isa, &p, r, &mut got);

@@ -49,16 +49,8 @@ fn input_statistics_match_the_naive_forward_pass_llama() {
 #[test]
 fn input_statistics_match_the_naive_forward_pass_gemma3() {
     let spec = Spec {
-        arch: "gemma3",
-        n_heads: 4,
-        n_kv_heads: 1,
-        head_dim: 32,
-        rope_dim: 32,
-        sliding_window: 4,
-        eps: 1e-6,
-        rope_base: 1_000_000.0,
         untied_output: true,
-        ..Spec::llama()
+        ..Spec::gemma3()
     };
     check(&spec, "calibration_gemma3");
 }

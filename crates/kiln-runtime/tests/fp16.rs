@@ -15,20 +15,6 @@ use kiln_runtime::{arch, Logits, Model, ThreadPool};
 use std::sync::Arc;
 use tiny::{exact_session, random_tokens, Spec, TinyFile};
 
-fn gemma() -> Spec {
-    Spec {
-        arch: "gemma3",
-        n_heads: 4,
-        n_kv_heads: 1,
-        head_dim: 32,
-        rope_dim: 32,
-        sliding_window: 4,
-        eps: 1e-6,
-        rope_base: 1_000_000.0,
-        ..Spec::llama()
-    }
-}
-
 /// A tiny model whose residual stream grows far beyond fp16: its first layer's contribution
 /// to the stream (down projection in Llama, post-feed-forward norm in Gemma) multiplied by
 /// `boost`.
@@ -49,7 +35,10 @@ fn boosted(spec: &Spec, name: &str, boost: f32) -> std::path::PathBuf {
 #[test]
 fn f32_mode_matches_the_session() {
     let pool = ThreadPool::new(2);
-    for (name, spec) in [("fp16_llama", Spec::llama()), ("fp16_gemma", gemma())] {
+    for (name, spec) in [
+        ("fp16_llama", Spec::llama()),
+        ("fp16_gemma", Spec::gemma3()),
+    ] {
         let model = Model::load(TinyFile::generate(&spec, 7).write(name)).unwrap();
         let tokens = random_tokens(3, 12, spec.vocab);
         let mut report = RangeReport::default();
@@ -100,7 +89,7 @@ fn the_fix_rescales_the_residual_stream_exactly_and_the_check_then_passes() {
     };
     for (name, spec, boost) in [
         ("fp16_fix_llama", llama, 30_000.0),
-        ("fp16_fix_gemma", gemma(), 60_000.0),
+        ("fp16_fix_gemma", Spec::gemma3(), 60_000.0),
     ] {
         let path = boosted(&spec, name, boost);
         let file = Arc::new(kiln_format::gguf::GgufFile::open(&path).unwrap());

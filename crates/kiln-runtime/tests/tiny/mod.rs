@@ -150,6 +150,22 @@ impl Spec {
         }
     }
 
+    /// A small Gemma 3 model: four heads sharing one key-value head, local layers of window 4.
+    #[allow(dead_code)]
+    pub fn gemma3() -> Spec {
+        Spec {
+            arch: "gemma3",
+            n_heads: 4,
+            n_kv_heads: 1,
+            head_dim: 32,
+            rope_dim: 32,
+            sliding_window: 4,
+            eps: 1e-6,
+            rope_base: 1_000_000.0,
+            ..Spec::llama()
+        }
+    }
+
     fn is_gemma3(&self) -> bool {
         self.arch == "gemma3"
     }
