@@ -50,11 +50,15 @@ pub struct ConvertArgs {
     /// recorded in the manifest (`kiln validate PKG --fp16` checks it).
     #[arg(long)]
     pub fp16_safe: bool,
-    /// A text file to weight the lookup tables' k-means by (lut2..lut8): the source model runs
-    /// over its first 2048 tokens and each weight's error counts by the mean square of its
-    /// input channel's activations there. Recorded in the manifest.
+    /// A text file to calibrate lookup tables on (lut2..lut8): the source model runs over its
+    /// first tokens; each weight's error counts by the mean square of its input channel's
+    /// activations there when the tables are learned, and indices are chosen with error
+    /// feedback on the activations' second moments. Recorded in the manifest.
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,
+    /// Tokens of the calibration text to run, at most (more: better tables, slower convert).
+    #[arg(long, value_name = "N", default_value_t = kiln_runtime::calibration::DEFAULT_TOKENS)]
+    pub calibration_tokens: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -128,6 +132,7 @@ pub fn convert(a: ConvertArgs) -> Result<(), Failure> {
         lut_group_channels: a.lut_group_channels,
         to,
         calibration: a.calibration.clone(),
+        calibration_tokens: a.calibration_tokens,
         ..ConvertOptions::default()
     };
     let start = Instant::now();

@@ -47,6 +47,7 @@
 use std::fmt;
 
 use crate::ggml::{f16_to_f32, f32_to_f16, GgmlType};
+use crate::quant::feedback::Feedback;
 use crate::quant::{self, QuantError};
 
 /// Elements per activation block: every kiln format's row is a whole number of them.
@@ -812,6 +813,33 @@ pub fn encode_lut_weighted(
     options: LutOptions,
     column_weights: Option<&[f32]>,
 ) -> Result<Vec<u8>, QuantError> {
+    encode_lut_calibrated(ty, w, rows, cols, options, column_weights, None)
+}
+
+/// [`encode_lut_weighted`], and with `feedback` (the factor of the matrix's calibration
+/// inputs) each weight's index chosen with error feedback ([`Feedback::quantize_rows`]): the
+/// index of the entry nearest the weight after the rounding errors of the input channels
+/// quantized before it have been compensated on it. The tables are the same; the product with
+/// the calibration inputs, not each weight, is kept as close as the tables allow.
+///
+/// Errors: those of [`encode_lut_weighted`]; a factor not of `cols` channels.
+pub fn encode_lut_calibrated(
+    ty: KilnType,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    options: LutOptions,
+    column_weights: Option<&[f32]>,
+    feedback: Option<&Feedback>,
+) -> Result<Vec<u8>, QuantError> {
+    if let Some(f) = feedback {
+        if f.channels() != cols {
+            return Err(QuantError(format!(
+                "error feedback for {} input channels given a matrix of {cols}",
+                f.channels()
+            )));
+        }
+    }
     let KilnType::Lut { bits, group } = ty else {
         return Err(QuantError(format!("{ty} is not a lookup-table format")));
     };
@@ -852,23 +880,37 @@ pub fn encode_lut_weighted(
     let row_bytes = ty.row_bytes(cols).expect("checked");
     let mut out = vec![0u8; ty.data_length(cols, rows).expect("checked") as usize];
     let (index_part, table_part) = out.split_at_mut(rows * row_bytes);
+    let tables_f32: Vec<Vec<f32>> = tables
+        .iter()
+        .map(|t| t.iter().map(|&h| f16_to_f32(h)).collect())
+        .collect();
+    let fed: Option<Vec<u8>> = feedback.map(|f| {
+        let mut codes = vec![0u8; rows * cols];
+        f.quantize_rows(w, &mut codes, |r, v| {
+            let table = &tables_f32[r / group_rows];
+            let i = nearest(table, v);
+            (i, table[i as usize])
+        });
+        codes
+    });
     let rows_per_piece = (65536 / cols).max(1);
     quant::par_chunks(index_part, rows_per_piece * row_bytes, |start, dst| {
         let first = start / row_bytes;
         let mut idx = [0u8; CHUNK];
         for (k, row_out) in dst.chunks_exact_mut(row_bytes).enumerate() {
             let r = first + k;
-            let table: Vec<f32> = tables[r / group_rows]
-                .iter()
-                .map(|&h| f16_to_f32(h))
-                .collect();
+            let table = &tables_f32[r / group_rows];
             let row = &w[r * cols..(r + 1) * cols];
-            for (x, o) in row
-                .chunks_exact(CHUNK)
-                .zip(row_out.chunks_exact_mut(4 * bits as usize))
-            {
-                for (i, &v) in idx.iter_mut().zip(x) {
-                    *i = nearest(&table, v);
+            let fed_row = fed.as_ref().map(|c| &c[r * cols..(r + 1) * cols]);
+            for (c, o) in row_out.chunks_exact_mut(4 * bits as usize).enumerate() {
+                let span = c * CHUNK..(c + 1) * CHUNK;
+                match fed_row {
+                    Some(codes) => idx.copy_from_slice(&codes[span]),
+                    None => {
+                        for (i, &v) in idx.iter_mut().zip(&row[span]) {
+                            *i = nearest(table, v);
+                        }
+                    }
                 }
                 pack_chunk(bits, &idx, o);
             }

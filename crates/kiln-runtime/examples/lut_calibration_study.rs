@@ -11,7 +11,7 @@
 //! channels, then for each `VARIANT` writes `OUT_DIR/VARIANT.gguf`: the model with every
 //! block matrix (not the embedding or output) reconstructed as F32 after 4-bit lookup tables,
 //! for `kiln perplexity OUT_DIR/VARIANT.gguf --text-file T`. A variant is
-//! `GROUP-WEIGHT[-EXTREME]`:
+//! `GROUP-WEIGHT[-EXTREME][-fb]`:
 //! - `GROUP`: `t` (one table per tensor, `lut4`), `16` (`lut4-g16`), `1` (`lut4-g1`);
 //! - `WEIGHT`: `one` (plain k-means, what `kiln convert` stores without calibration), `imp`
 //!   (each weight's error counted by its input channel's mean square), `sqrt` (by its square
@@ -23,6 +23,9 @@
 //!   those that leave its largest weight unclipped, as `int4-block64` chooses it.
 //! - `EXTREME`: `pin` (the smallest and largest weight of each table's group given a weight
 //!   that makes them table entries), or nothing.
+//! - `fb`: indices chosen with error feedback on the inputs' second moments
+//!   ([`kiln_format::quant::feedback`], as `kiln convert --calibration` does) instead of each
+//!   weight's nearest entry.
 //!
 //! `SEED` offsets every table's k-means++ seed (0).
 //!
@@ -32,6 +35,7 @@
 
 use kiln_format::ggml::{f16_to_f32, f32_to_f16, GgmlType};
 use kiln_format::gguf::{GgufFile, GgufWriter};
+use kiln_format::quant::feedback::{Feedback, DEFAULT_DAMPING};
 use kiln_format::quant::kmeans::{kmeans_1d_weighted, KMeansOptions};
 use kiln_runtime::calibration::{self, InputStats};
 use kiln_runtime::{Model, ThreadPool};
@@ -53,11 +57,13 @@ struct Variant {
     /// Also count each error by `√(σ² + x²)` (`x` the weight, `σ²` its group's mean square).
     magnitude: bool,
     pin: bool,
+    /// Assign with error feedback on the calibration's second moments.
+    feedback: bool,
 }
 
 fn parse(v: &str) -> Variant {
     let parts: Vec<&str> = v.split('-').collect();
-    assert!(parts.len() >= 2, "variant GROUP-WEIGHT[-EXTREME]: {v}");
+    assert!(parts.len() >= 2, "variant GROUP-WEIGHT[-EXTREME][-fb]: {v}");
     Variant {
         name: v.to_string(),
         int4_block: parts[0]
@@ -76,11 +82,8 @@ fn parse(v: &str) -> Variant {
             w => panic!("weight {w}"),
         },
         magnitude: parts[1] == "impx",
-        pin: match parts.get(2) {
-            None => false,
-            Some(&"pin") => true,
-            Some(e) => panic!("extreme {e}"),
-        },
+        pin: parts[2..].contains(&"pin"),
+        feedback: parts[2..].contains(&"fb"),
     }
 }
 
@@ -161,7 +164,14 @@ fn int4_block(x: &[f32], c: &[f32], out: &mut [f32]) {
     }
 }
 
-fn reconstruct(w: &[f32], rows: usize, cols: usize, imp: &[f32], v: &Variant) -> Vec<f32> {
+fn reconstruct(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    imp: &[f32],
+    v: &Variant,
+    h: Option<&[f32]>,
+) -> Vec<f32> {
     let seed0: u64 = env("SEED", 0);
     if let Some(b) = v.int4_block {
         let col_w: Vec<f32> = imp.iter().map(|&c| c.powf(v.power)).collect();
@@ -181,10 +191,15 @@ fn reconstruct(w: &[f32], rows: usize, cols: usize, imp: &[f32], v: &Variant) ->
         .flat_map(|_| col_w.iter().copied())
         .collect();
     let mut out = vec![0.0f32; w.len()];
+    let mut tables: Vec<Vec<f32>> = vec![Vec::new(); groups];
     let threads = 2.min(groups);
     let per = groups.div_ceil(threads);
     std::thread::scope(|s| {
-        for (ti, dst) in out.chunks_mut(per * len).enumerate() {
+        for (ti, (dst, tabs)) in out
+            .chunks_mut(per * len)
+            .zip(tables.chunks_mut(per))
+            .enumerate()
+        {
             let weights = &weights;
             s.spawn(move || {
                 for (k, d) in dst.chunks_mut(len).enumerate() {
@@ -204,10 +219,19 @@ fn reconstruct(w: &[f32], rows: usize, cols: usize, imp: &[f32], v: &Variant) ->
                     for (o, &x) in d.iter_mut().zip(src) {
                         *o = nearest(&t, x);
                     }
+                    tabs[k] = t;
                 }
             });
         }
     });
+    if v.feedback {
+        let h = h.expect("second moments");
+        let f = Feedback::new(h, cols, DEFAULT_DAMPING).expect("factor");
+        f.quantize_rows(w, &mut out, |r, x| {
+            let q = nearest(&tables[r / group_rows], x);
+            (q, q)
+        });
+    }
     out
 }
 
@@ -225,7 +249,7 @@ fn main() {
     let chunks = calibration::chunks(
         &tokenizer,
         &text,
-        env("CAL_TOKENS", calibration::MAX_TOKENS),
+        env("CAL_TOKENS", calibration::DEFAULT_TOKENS),
         env("CAL_CHUNK", calibration::CHUNK_TOKENS),
     )
     .unwrap();
@@ -233,7 +257,12 @@ fn main() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pool = ThreadPool::new(threads);
     let start = std::time::Instant::now();
-    let stats: InputStats = calibration::collect(&model, &pool, &chunks).unwrap();
+    let mut stats = if variants.iter().any(|v| v.feedback) {
+        InputStats::with_second_moments()
+    } else {
+        InputStats::new()
+    };
+    calibration::collect_into(&model, &pool, &chunks, &mut stats).unwrap();
     println!(
         "calibration: {} chunks, {} positions, {} matrices, {:.1} s",
         chunks.len(),
@@ -288,7 +317,10 @@ fn main() {
             let mean = imp.iter().map(|&x| f64::from(x)).sum::<f64>() / cols as f64;
             // A channel never driven still gets a little weight, so its weights keep a say.
             let imp: Vec<f32> = imp.iter().map(|&x| x.max((1e-6 * mean) as f32)).collect();
-            let back = reconstruct(&w, rows, cols, &imp, v);
+            let h = v
+                .feedback
+                .then(|| stats.second_moment(&t.name).expect("second moment"));
+            let back = reconstruct(&w, rows, cols, &imp, v, h.as_deref());
             let (mut imax, mut amax) = (0, 0.0f32);
             for (i, (a, b)) in w.iter().zip(&back).enumerate() {
                 let e = f64::from(a - b).powi(2);

@@ -102,6 +102,11 @@ pub struct CalibrationInfo {
     /// Positions per forward pass: the tokens were run in chunks of this many, each from an
     /// empty context.
     pub chunk_tokens: u64,
+    /// Whether each table's indices were chosen with error feedback on the inputs' second
+    /// moments (`kiln_format::quant::feedback`) rather than as each weight's nearest entry.
+    /// Absent (false) in packages written before it existed.
+    #[serde(default)]
+    pub error_feedback: bool,
 }
 
 /// One file of a package with its size and hash.

@@ -22,6 +22,7 @@
 //! every size checked, so a damaged package is an error rather than a panic.
 
 mod bits;
+pub mod feedback;
 mod int4;
 mod int8;
 pub mod kmeans;

@@ -25,11 +25,13 @@
 //! Face folder ([`hf_out`]: float types only).
 //!
 //! With a calibration text (kiln packages, k-means lookup tables), the source model is first run
-//! over the text's first [`calibration::MAX_TOKENS`] tokens and every table's k-means counts a
-//! weight's squared error by the mean square of its input channel there
-//! ([`kiln_format::quant::quantize_lut_weighted`]): the error a matrix product's output takes
-//! rather than the weights' own. The text and how much of it was used go into the manifest's
-//! `conversion.calibration`.
+//! over the text's first `calibration_tokens` tokens (default [`calibration::DEFAULT_TOKENS`]).
+//! Every table's k-means counts a weight's squared error by the mean square of its input
+//! channel there ([`kiln_format::quant::quantize_lut_weighted`]): the error a matrix product's
+//! output takes rather than the weights' own. Then each weight's index is chosen with error
+//! feedback on the inputs' second moments ([`kiln_format::quant::feedback`]), so the rounding
+//! errors of a row compensate each other in the product instead of adding up. The text and how
+//! much of it was used go into the manifest's `conversion.calibration`.
 //!
 //! With `fp16_safe` (kiln packages only), the weights are first made fp16-safe
 //! ([`crate::fp16_fix`]): the tensors that write into the residual stream are divided by a
@@ -52,6 +54,7 @@ use kiln_format::package::{
     sha256_file, CalibrationInfo, Conversion, FileHash, Manifest, PackageWriter, SourceInfo,
     TensorQuality,
 };
+use kiln_format::quant::feedback::{self, Feedback};
 use kiln_format::quant::{cosine, snr_db};
 use kiln_format::safetensors::ShardedSafetensors;
 use kiln_tokenizer::TokenizerSpec;
@@ -59,7 +62,7 @@ use serde_json::Value;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The weight format a conversion stores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,6 +242,8 @@ pub struct ConvertOptions {
     /// A text file whose activations weight the k-means of lookup tables (kiln packages,
     /// `lut2` … `lut8`); `None`: every weight counts the same.
     pub calibration: Option<PathBuf>,
+    /// Tokens of the calibration text the source runs over, at most (its first ones).
+    pub calibration_tokens: usize,
 }
 
 impl Default for ConvertOptions {
@@ -252,6 +257,7 @@ impl Default for ConvertOptions {
             to: OutputFormat::Kiln,
             fp16_safe: false,
             calibration: None,
+            calibration_tokens: calibration::DEFAULT_TOKENS,
         }
     }
 }
@@ -454,6 +460,11 @@ pub fn convert(
                 "the calibration text does not exist or is not a file",
             ));
         }
+        if options.calibration_tokens == 0 {
+            return Err(ModelError::Request(
+                "--calibration-tokens must be at least 1".into(),
+            ));
+        }
     }
     if options.fp16_safe && options.to != OutputFormat::Kiln {
         return Err(ModelError::Request(format!(
@@ -479,7 +490,7 @@ fn to_package(
     // Measured on the source as it is: a power-of-two rescaling by the fp16 fix scales a
     // matrix's input channels all alike, which changes no table.
     let calibrated = match &options.calibration {
-        Some(path) => Some(calibrate(src, source, path)?),
+        Some(path) => Some(calibrate(src, source, path, options.calibration_tokens)?),
         None => None,
     };
     let safe = if options.fp16_safe {
@@ -584,6 +595,9 @@ pub(crate) struct Calibrated {
     /// Whether the output projection is the embedding matrix (which then takes its weights).
     tied: bool,
     info: CalibrationInfo,
+    /// The last error-feedback factor made, with its distinct input: matrices reading one
+    /// input (query, key and value; gate and up) are converted one after the other and share it.
+    factor: Mutex<Option<(usize, Arc<Feedback>)>>,
 }
 
 impl Calibrated {
@@ -605,10 +619,42 @@ impl Calibrated {
         let floor = (1e-6 * mean) as f32;
         Some(imp.iter().map(|&v| v.max(floor)).collect())
     }
+
+    /// The error-feedback factor of the inputs of matrix `name`. `None` for the embedding,
+    /// which is also looked up row by row (feedback would trade its rows' own accuracy for the
+    /// output projection's), and for a tensor no matrix product reads.
+    fn feedback(&self, name: &str) -> Option<Result<Arc<Feedback>, String>> {
+        if name == "token_embd.weight" {
+            return None;
+        }
+        let input = self.stats.input_index(name)?;
+        let mut last = self.factor.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((i, f)) = last.as_ref() {
+            if *i == input {
+                return Some(Ok(f.clone()));
+            }
+        }
+        let h = self.stats.second_moment(name)?;
+        let n = (h.len() as f64).sqrt() as usize;
+        Some(match Feedback::new(&h, n, feedback::DEFAULT_DAMPING) {
+            Ok(f) => {
+                let f = Arc::new(f);
+                *last = Some((input, f.clone()));
+                Ok(f)
+            }
+            Err(e) => Err(format!("error feedback: {e}")),
+        })
+    }
 }
 
-/// Runs the source over the first [`calibration::MAX_TOKENS`] tokens of the text at `path`.
-fn calibrate(src: &Path, source: &Source, path: &Path) -> Result<Calibrated, ModelError> {
+/// Runs the source over the first `tokens` tokens of the text at `path`, gathering the second
+/// moments error feedback needs.
+fn calibrate(
+    src: &Path,
+    source: &Source,
+    path: &Path,
+    tokens: usize,
+) -> Result<Calibrated, ModelError> {
     let bytes = std::fs::read(path)
         .map_err(|e| ModelError::bad(path, format!("cannot read the calibration text: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -627,17 +673,13 @@ fn calibrate(src: &Path, source: &Source, path: &Path) -> Result<Calibrated, Mod
         ));
     }
     let tokenizer = source_tokenizer(src, source, "--calibration")?;
-    let chunks = calibration::chunks(
-        &tokenizer,
-        &text,
-        calibration::MAX_TOKENS,
-        calibration::CHUNK_TOKENS,
-    )
-    .map_err(|e| ModelError::bad(path, format!("tokenizing the calibration text: {e}")))?;
+    let chunks = calibration::chunks(&tokenizer, &text, tokens, calibration::CHUNK_TOKENS)
+        .map_err(|e| ModelError::bad(path, format!("tokenizing the calibration text: {e}")))?;
     let model = Model::from_source(source.config.clone(), source.tensors.as_ref())?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pool = crate::pool::ThreadPool::new(threads);
-    let stats = calibration::collect(&model, &pool, &chunks)?;
+    let mut stats = InputStats::with_second_moments();
+    calibration::collect_into(&model, &pool, &chunks, &mut stats)?;
     let bos = usize::from(tokenizer.add_bos() && tokenizer.bos_id().is_some());
     let tokens: usize = chunks.iter().map(|c| c.len() - bos).sum();
     Ok(Calibrated {
@@ -648,7 +690,9 @@ fn calibrate(src: &Path, source: &Source, path: &Path) -> Result<Calibrated, Mod
             sha256: sha256_file(path)?,
             tokens: tokens as u64,
             chunk_tokens: calibration::CHUNK_TOKENS as u64,
+            error_feedback: true,
         },
+        factor: Mutex::new(None),
     })
 }
 
@@ -810,13 +854,18 @@ pub(crate) fn convert_tensor(
         }
         TensorFormat::Kiln(ty @ KilnType::Lut { .. }) => {
             let weights = calibrated.and_then(|c| c.column_weights(name));
-            kiln_types::encode_lut_weighted(
+            let feedback = calibrated
+                .and_then(|c| c.feedback(name))
+                .transpose()
+                .map_err(bad)?;
+            kiln_types::encode_lut_calibrated(
                 ty,
                 &values,
                 rows,
                 cols,
                 options.lut,
                 weights.as_deref(),
+                feedback.as_deref(),
             )
             .map_err(|e| bad(e.to_string()))?
         }

@@ -420,8 +420,9 @@ struct RefLayer {
     post_ffn_norm: Option<Vec<f64>>,
 }
 
-/// Per weight matrix (GGUF name): rows of input seen and the per-channel sums of their squares.
-pub type InputSquares = std::collections::BTreeMap<String, (u64, Vec<f64>)>;
+/// Per weight matrix (GGUF name): rows of input seen, the per-channel sums of their squares and
+/// the sums of their outer products (row-major, channels × channels).
+pub type InputSquares = std::collections::BTreeMap<String, (u64, Vec<f64>, Vec<f64>)>;
 
 /// The naive model: the [`Spec`] plus every weight of the file in f64.
 pub struct Reference {
@@ -489,8 +490,8 @@ impl Reference {
         }
     }
 
-    /// Per weight matrix (GGUF name; `output.weight` also when tied), the number of input rows
-    /// and the per-channel sums of their squares over [`Reference::logits`] of each sequence.
+    /// Per weight matrix (GGUF name; `output.weight` also when tied), the number of input rows,
+    /// the per-channel sums of their squares and of their outer products over [`Reference::logits`] of each sequence.
     // Each test binary compiles this module; not all of them record inputs.
     #[allow(dead_code)]
     pub fn input_squares(&self, sequences: &[Vec<u32>]) -> InputSquares {
@@ -503,11 +504,17 @@ impl Reference {
 
     fn record(&self, name: &str, x: &[f64]) {
         if let Some(map) = self.inputs.borrow_mut().as_mut() {
+            let n = x.len();
             let e = map
                 .entry(name.to_string())
-                .or_insert_with(|| (0, vec![0.0; x.len()]));
+                .or_insert_with(|| (0, vec![0.0; n], vec![0.0; n * n]));
             e.0 += 1;
             e.1.iter_mut().zip(x).for_each(|(s, v)| *s += v * v);
+            for (i, &a) in x.iter().enumerate() {
+                for (j, &b) in x.iter().enumerate() {
+                    e.2[i * n + j] += a * b;
+                }
+            }
         }
     }
 
