@@ -68,6 +68,35 @@ impl Storage {
     }
 }
 
+/// Memory for weights rewritten at load (the runtime's planar copies): one anonymous mapping
+/// for all of them, advised to use transparent huge pages where the system allows it
+/// (`madvise` mode), so a decode step streaming every weight walks far fewer page-table
+/// entries than with a separate small allocation per matrix.
+pub struct WeightArena {
+    map: memmap2::MmapMut,
+}
+
+impl WeightArena {
+    /// `len` bytes of zeroed memory (at least one byte is mapped).
+    pub fn new(len: usize) -> io::Result<WeightArena> {
+        let map = memmap2::MmapOptions::new().len(len.max(1)).map_anon()?;
+        // Advice only: where huge pages are off or unsupported, the pages stay small.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        Ok(WeightArena { map })
+    }
+
+    /// The memory.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The memory, to fill.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+}
+
 /// Writes a file atomically: `write` fills a temporary file in the same directory, which is
 /// flushed to disk and then renamed over `path`. Readers never see a partial file, and a
 /// reader holding the old file mapped keeps its (unchanged) copy.

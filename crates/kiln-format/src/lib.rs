@@ -30,3 +30,4 @@ mod file_io;
 
 mod error;
 pub use error::FormatError;
+pub use file_io::WeightArena;

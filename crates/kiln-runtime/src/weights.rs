@@ -392,18 +392,47 @@ pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) {
 
 /// Rewrites every matrix of `ms` into the planar layout ([`kiln_kernels::planar`]) where this
 /// CPU's kernels read it (and `KILN_REPACK` is not `0`): a copy per matrix, which matrices
-/// cloned before do not share. The work goes in slices of about 8 MiB spread over the CPU's
+/// cloned before do not share. The copies lie in one arena ([`kiln_format::WeightArena`]) in
+/// the order of `ms`, on transparent huge pages where the system grants them: a decode step
+/// streams every weight, and with a small allocation per matrix on 4 KiB pages SmolLM2's
+/// `Q4_0` decode ran 11 % slower (`docs/benchmarks.md`). The work goes in slices of about 8 MiB spread over the CPU's
 /// cores (the copies' page faults are most of a model's load time). Each slice's
 /// source is released once it is rewritten, and each matrix's whole source at the end (the
 /// pages two slices share), so the copies and their sources are never both resident.
 pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
     const SLICE: usize = 8 << 20;
+    const ALIGN: usize = 64;
     let mut ms: Vec<&mut WeightMatrix> = ms.into_iter().filter(|m| m.planar_candidate()).collect();
-    ms.sort_by_key(|m| std::cmp::Reverse(m.n_bytes()));
-    let mut copies: Vec<Vec<u8>> = ms.iter().map(|m| vec![0u8; m.n_bytes()]).collect();
+    if ms.is_empty() {
+        return;
+    }
+    // The copies lie in one arena in the order given (the forward pass's), each 64-byte aligned.
+    let mut offsets = Vec::with_capacity(ms.len());
+    let mut total = 0usize;
+    for m in &ms {
+        offsets.push(total);
+        total = (total + m.n_bytes()).next_multiple_of(ALIGN);
+    }
+    let Ok(mut arena) = kiln_format::WeightArena::new(total) else {
+        // Without the memory for copies the rows stay as stored, which every kernel reads.
+        return;
+    };
     {
+        let mut copies: Vec<&mut [u8]> = Vec::with_capacity(ms.len());
+        let (mut rest, mut at) = (arena.bytes_mut(), 0);
+        for (m, &off) in ms.iter().zip(&offsets) {
+            let (_, tail) = rest.split_at_mut(off - at);
+            let (copy, tail) = tail.split_at_mut(m.n_bytes());
+            copies.push(copy);
+            (rest, at) = (tail, off + m.n_bytes());
+        }
+        let mut order: Vec<usize> = (0..ms.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(ms[i].n_bytes()));
+        let mut by_size: Vec<Option<&mut [u8]>> = copies.into_iter().map(Some).collect();
         let mut jobs = Vec::new();
-        for (m, copy) in ms.iter().zip(copies.iter_mut()) {
+        for &i in &order {
+            let m = &ms[i];
+            let copy = by_size[i].take().expect("each copy once");
             // The rows; a lookup-table format's tables after them stay as they are.
             let body = m.rows * m.row_bytes;
             let (copy, tables) = copy.split_at_mut(body);
@@ -436,11 +465,18 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
             work();
         });
     }
-    for (m, copy) in ms.iter_mut().zip(copies) {
+    let arena: Arc<kiln_format::WeightArena> = Arc::new(arena);
+    for (m, off) in ms.iter_mut().zip(offsets) {
         m.storage.release(m.offset..m.offset + m.n_bytes());
-        m.storage = Arc::new(copy);
-        m.offset = 0;
+        m.storage = arena.clone();
+        m.offset = off;
         m.planar = true;
+    }
+}
+
+impl WeightStorage for kiln_format::WeightArena {
+    fn bytes(&self) -> &[u8] {
+        kiln_format::WeightArena::bytes(self)
     }
 }
 
@@ -608,6 +644,44 @@ mod tests {
                 prepared.dequantize_row(r, &mut rb);
                 assert_eq!(ra, rb, "row {r} of {cols} columns");
                 assert_eq!(stored.stored_row(r), prepared.stored_row(r));
+            }
+        }
+    }
+
+    /// Matrices readied together share one arena, each copy 64-byte aligned and in the order
+    /// given, and read exactly as each one readied alone.
+    #[test]
+    fn matrices_readied_together_share_one_arena() {
+        let made = || {
+            vec![
+                ggml_matrix(GgmlType::Q4_0, 5, 96),
+                lut4_b32_matrix(7, 256),
+                ggml_matrix(GgmlType::Q6_K, 3, 256),
+                ggml_matrix(GgmlType::Q8_0, 9, 64),
+            ]
+        };
+        let mut together = made();
+        make_planar_all(together.iter_mut().collect());
+        let mut alone = made();
+        for m in alone.iter_mut() {
+            make_planar_all(vec![m]);
+        }
+        let stored = made();
+        let planar: Vec<&WeightMatrix> = together.iter().filter(|m| m.is_planar()).collect();
+        assert_eq!(planar.len(), if repack_enabled() { 3 } else { 0 });
+        for pair in planar.windows(2) {
+            assert!(Arc::ptr_eq(&pair[0].storage, &pair[1].storage));
+            assert!(pair[0].offset + pair[0].n_bytes() <= pair[1].offset);
+        }
+        for (i, ((t, a), s)) in together.iter().zip(&alone).zip(&stored).enumerate() {
+            assert_eq!(t.is_planar(), a.is_planar(), "matrix {i}");
+            assert_eq!(t.offset % 64, 0, "matrix {i}");
+            assert_eq!(t.data(), a.data(), "matrix {i}");
+            let (mut rt, mut rs) = (vec![0.0f32; t.cols], vec![0.0f32; t.cols]);
+            for r in 0..t.rows {
+                t.dequantize_row(r, &mut rt);
+                s.dequantize_row(r, &mut rs);
+                assert_eq!(rt, rs, "matrix {i} row {r}");
             }
         }
     }
