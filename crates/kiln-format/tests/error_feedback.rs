@@ -80,7 +80,7 @@ fn tables(ty: KilnType, data: &[u8], rows: usize, cols: usize) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(12))]
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(12) })]
 
     #[test]
     fn feedback_lowers_the_output_error_and_keeps_the_tables(

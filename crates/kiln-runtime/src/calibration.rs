@@ -32,8 +32,8 @@ pub struct InputStats {
 /// gate and up) share one.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct SecondMoments {
-    /// Per distinct input: rows seen, width, and the upper triangle of `Σ x xᵀ` (row-major,
-    /// `width × width`; the lower triangle is left zero).
+    /// Per distinct input: rows seen, width, and the upper triangle of `Σ x xᵀ`, packed by
+    /// rows ([`packed_row`]).
     inputs: Vec<(u64, usize, Vec<f32>)>,
     /// Matrix name to its input's index.
     of_matrix: BTreeMap<String, usize>,
@@ -50,7 +50,8 @@ impl SecondMoments {
             }
         }
         let index = *self.of_matrix.entry(name.to_string()).or_insert_with(|| {
-            self.inputs.push((0, width, vec![0.0; width * width]));
+            self.inputs
+                .push((0, width, vec![0.0; width * (width + 1) / 2]));
             self.inputs.len() - 1
         });
         let (rows, w, sums) = &mut self.inputs[index];
@@ -62,8 +63,14 @@ impl SecondMoments {
     }
 }
 
-/// Adds the upper triangle of `Xᵀ X` (`x`: `t` rows of `n`) to `sums`, with the f32 panel
-/// kernel: channels play the kernel's tokens and positions its inner dimension.
+/// Where row `i` of an `n × n` upper triangle starts when packed by rows (its entry `(i, j)`,
+/// `j >= i`, is `j − i` further).
+fn packed_row(i: usize, n: usize) -> usize {
+    i * (2 * n + 1 - i) / 2
+}
+
+/// Adds the upper triangle of `Xᵀ X` (`x`: `t` rows of `n`) to `sums` (packed by rows), with
+/// the f32 panel kernel: channels play the kernel's tokens and positions its inner dimension.
 fn add_gram(x: &[f32], t: usize, n: usize, sums: &mut [f32]) {
     use kiln_kernels::gemm::{gemm_panel, PANEL_ROWS};
     let mut xt = vec![0.0f32; n * t];
@@ -84,8 +91,9 @@ fn add_gram(x: &[f32], t: usize, n: usize, sums: &mut [f32]) {
         gemm_panel(&panel, t, cols, &xt, upto, &mut block, PANEL_ROWS);
         for i in 0..upto {
             let from = i.saturating_sub(j0);
+            let row = packed_row(i, n) + j0 - i;
             for r in from..cols {
-                sums[i * n + j0 + r] += block[i * PANEL_ROWS + r];
+                sums[row + r] += block[i * PANEL_ROWS + r];
             }
         }
     }
@@ -98,7 +106,7 @@ impl InputStats {
     }
 
     /// No observations; also gathers each input's full second moment `E[x xᵀ]`
-    /// ([`InputStats::second_moment`]), for error feedback. That costs `n²` floats per
+    /// ([`InputStats::second_moment`]), for error feedback. That costs `n(n+1)/2` floats per
     /// distinct input of width `n`.
     pub fn with_second_moments() -> Self {
         InputStats {
@@ -163,8 +171,9 @@ impl InputStats {
         let scale = 1.0 / rows as f64;
         let mut out = vec![0.0f32; n * n];
         for i in 0..n {
+            let row = packed_row(i, n);
             for j in i..n {
-                let v = (f64::from(sums[i * n + j]) * scale) as f32;
+                let v = (f64::from(sums[row + j - i]) * scale) as f32;
                 out[i * n + j] = v;
                 out[j * n + i] = v;
             }
