@@ -69,9 +69,9 @@ impl Storage {
 }
 
 /// Memory for weights rewritten at load (the runtime's planar copies): one anonymous mapping
-/// for all of them, advised to use transparent huge pages where the system allows it
-/// (`madvise` mode), so a decode step streaming every weight walks far fewer page-table
-/// entries than with a separate small allocation per matrix.
+/// for all of them, which can be advised to use transparent huge pages
+/// ([`WeightArena::advise_huge_pages`]), so a decode step streaming every weight walks far
+/// fewer page-table entries than with a separate small allocation per matrix.
 pub struct WeightArena {
     map: memmap2::MmapMut,
 }
@@ -80,10 +80,17 @@ impl WeightArena {
     /// `len` bytes of zeroed memory (at least one byte is mapped).
     pub fn new(len: usize) -> io::Result<WeightArena> {
         let map = memmap2::MmapOptions::new().len(len.max(1)).map_anon()?;
-        // Advice only: where huge pages are off or unsupported, the pages stay small.
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::HugePage);
         Ok(WeightArena { map })
+    }
+
+    /// Asks the system to back the memory with transparent huge pages (Linux `madvise`;
+    /// elsewhere, and where huge pages are off, nothing changes). Before the memory is first
+    /// written, its pages fault in as huge pages; after, the kernel's background thread
+    /// (`khugepaged`) merges them over the following minutes.
+    pub fn advise_huge_pages(&self) {
+        // Advice only: refusal leaves small pages, which are correct.
+        #[cfg(target_os = "linux")]
+        let _ = self.map.advise(memmap2::Advice::HugePage);
     }
 
     /// The memory.

@@ -130,6 +130,27 @@ fn repack_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("KILN_REPACK").map_or(true, |v| v != "0"))
 }
 
+/// When the planar copies' arena is advised to use transparent huge pages (`KILN_HUGEPAGES`):
+/// `1` before it is filled, so decoding runs on huge pages from the first token (loading may
+/// then wait for the system to find them: on this project's virtual machine a first load after
+/// idle took 0.6 s instead of 0.2 s for Gemma 3); `0` never; anything else, or unset, after it
+/// is filled, so loading never waits and a long-running process gains them in the background.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HugePages {
+    BeforeFilling,
+    AfterFilling,
+    Never,
+}
+
+fn huge_pages() -> HugePages {
+    static SETTING: std::sync::OnceLock<HugePages> = std::sync::OnceLock::new();
+    *SETTING.get_or_init(|| match std::env::var("KILN_HUGEPAGES").as_deref() {
+        Ok("1") => HugePages::BeforeFilling,
+        Ok("0") => HugePages::Never,
+        _ => HugePages::AfterFilling,
+    })
+}
+
 impl WeightMatrix {
     /// Looks up tensor `name` and checks it is a matrix of `cols` × `rows` (ggml order).
     pub fn load(
@@ -393,9 +414,10 @@ pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) {
 /// Rewrites every matrix of `ms` into the planar layout ([`kiln_kernels::planar`]) where this
 /// CPU's kernels read it (and `KILN_REPACK` is not `0`): a copy per matrix, which matrices
 /// cloned before do not share. The copies lie in one arena ([`kiln_format::WeightArena`]) in
-/// the order of `ms`, on transparent huge pages where the system grants them: a decode step
-/// streams every weight, and with a small allocation per matrix on 4 KiB pages SmolLM2's
-/// `Q4_0` decode ran 11 % slower (`docs/benchmarks.md`). The work goes in slices of about 8 MiB spread over the CPU's
+/// the order of `ms`, advised to use transparent huge pages (`KILN_HUGEPAGES`, [`HugePages`]):
+/// a decode step streams every weight. SmolLM2's `Q4_0` decode ran 7 % slower with a small
+/// allocation per matrix than in an arena on huge pages, 1 % slower in an arena on small pages;
+/// Gemma 3's `Q4_K_M` about 9 % slower either way (`docs/quantization.md`). The work goes in slices of about 8 MiB spread over the CPU's
 /// cores (the copies' page faults are most of a model's load time). Each slice's
 /// source is released once it is rewritten, and each matrix's whole source at the end (the
 /// pages two slices share), so the copies and their sources are never both resident.
@@ -417,6 +439,9 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
         // Without the memory for copies the rows stay as stored, which every kernel reads.
         return;
     };
+    if huge_pages() == HugePages::BeforeFilling {
+        arena.advise_huge_pages();
+    }
     {
         let mut copies: Vec<&mut [u8]> = Vec::with_capacity(ms.len());
         let (mut rest, mut at) = (arena.bytes_mut(), 0);
@@ -464,6 +489,9 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
             }
             work();
         });
+    }
+    if huge_pages() == HugePages::AfterFilling {
+        arena.advise_huge_pages();
     }
     let arena: Arc<kiln_format::WeightArena> = Arc::new(arena);
     for (m, off) in ms.iter_mut().zip(offsets) {
