@@ -165,18 +165,19 @@ fn factor(h: &[f32], n: usize, order: &[usize], diag: &[f64], damp: f64) -> Opti
             }
         }
     }
-    // Columns of L⁻¹ by forward substitution; column c is stored as row c of `inv_t`.
+    // Columns of L⁻¹ by forward substitution, independent of one another (so in parallel);
+    // column c is stored as row c of `inv_t`.
     let mut inv_t = vec![0.0f64; n * n];
-    let mut x = vec![0.0f64; n];
-    for c in 0..n {
-        x[..c].fill(0.0);
-        x[c] = 1.0 / l[c * n + c];
-        for i in c + 1..n {
-            let dot = dot(&l[i * n + c..i * n + i], &x[c..i]);
-            x[i] = -dot / l[i * n + i];
+    super::par::for_chunks(&mut inv_t, 16 * n, |start, piece| {
+        for (k, x) in piece.chunks_exact_mut(n).enumerate() {
+            let c = start / n + k;
+            x[c] = 1.0 / l[c * n + c];
+            for i in c + 1..n {
+                let dot = dot(&l[i * n + c..i * n + i], &x[c..i]);
+                x[i] = -dot / l[i * n + i];
+            }
         }
-        inv_t[c * n..(c + 1) * n].copy_from_slice(&x);
-    }
+    });
     // U[k][m] = L⁻¹[n-1-k][n-1-m] = inv_t[n-1-m][n-1-k], nonzero for m >= k.
     let mut u = vec![0.0f32; n * n];
     for k in 0..n {
