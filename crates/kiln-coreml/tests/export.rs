@@ -647,3 +647,72 @@ fn lut4_block32_package_export(group: Option<u32>) {
     eprintln!("{name} package: max abs diff {d:.6}, max |logit| {scale:.3}");
     assert!(d <= REL_TOL * scale, "max abs diff {d} (scale {scale})");
 }
+
+/// A kiln package in `LUT4_G4` exported as `lut4` with groups of four carries its own tables
+/// and indices into `constexpr_lut_to_dense` (a calibrated package keeps its calibration): the
+/// rotary reordering of q and k mixes the groups, so those rows carry their own tables, where
+/// a second palettization of the reordered rows with a table per four would merge tables. The
+/// package's logits come out of the Core ML program within fp16 rounding of the tables.
+#[test]
+fn lut4_grouped_package_exports_its_own_values() {
+    lut_package_export(4, Some(4));
+}
+
+/// As [`lut4_grouped_package_exports_its_own_values`] for `LUT6`, one table per tensor. (A
+/// second palettization would find the tensor's 64 values again here; this holds the 6-bit
+/// indices' unpacking and packing to the package's values.)
+#[test]
+fn lut6_package_exports_its_own_values() {
+    lut_package_export(6, None);
+}
+
+fn lut_package_export(bits: u8, group: Option<u32>) {
+    use kiln_coreml::export::WeightFormat;
+    use kiln_runtime::convert::{convert, ConvertOptions, QuantTarget};
+    let spec = tiny::Spec::llama();
+    let name = match group {
+        None => format!("lut{bits}"),
+        Some(g) => format!("lut{bits}-g{g}"),
+    };
+    let gguf = tiny::TinyFile::generate(&spec, 43).write(&format!("coreml-{name}"));
+    let kiln_pkg = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("coreml-{name}.kiln"));
+    let _ = std::fs::remove_dir_all(&kiln_pkg);
+    let options = ConvertOptions {
+        quant: QuantTarget::Lut(bits),
+        keep: Vec::new(),
+        lut_group_channels: group,
+        ..ConvertOptions::default()
+    };
+    convert(&gguf, &kiln_pkg, &options, &mut |_, _, _| {}).unwrap();
+    let model = Model::load(&kiln_pkg).unwrap();
+    assert_eq!(
+        model.layers[0].wq.kiln_format(),
+        Some(kiln_format::kiln_types::KilnType::Lut { bits, group })
+    );
+    let dest = out_dir(&name);
+    let opts = ExportOptions {
+        context: spec.n_ctx,
+        query: (1, 8),
+        weights: WeightFormat::Lut {
+            bits,
+            group_channels: group.map(|g| g as usize),
+        },
+        ..ExportOptions::default()
+    };
+    export_llama(&model, &dest, &opts).unwrap();
+    let pkg = MlPackage::open(&dest).unwrap();
+    let report = pkg.verify().unwrap();
+    assert!(
+        report.op_types.contains_key("constexpr_lut_to_dense"),
+        "{:?}",
+        report.op_types
+    );
+
+    let tokens = tiny::random_tokens(44, 7, spec.vocab);
+    let calls: [&[u32]; 3] = [&tokens[..5], &tokens[5..6], &tokens[6..7]];
+    let want = exact_logits(&model, &calls, spec.n_ctx);
+    let (stored, _) = run_package(&dest, &calls, spec.vocab);
+    let (d, scale) = (max_abs_diff(&stored, &want), max_abs(&want));
+    eprintln!("{name} package: max abs diff {d:.6}, max |logit| {scale:.3}");
+    assert!(d <= REL_TOL * scale, "max abs diff {d} (scale {scale})");
+}

@@ -372,6 +372,25 @@ fn bad_arguments_are_errors() {
     )
     .is_err());
     assert!(Lut::from_parts(4, 8, 4, Some(2), vec![0.0; 16], vec![0; 16]).is_err());
+    // Unpacked indices: one per element, each within its bits.
+    assert!(Lut::from_indices(2, 4, 4, None, vec![0.0; 16], &[0; 7]).is_err());
+    assert!(Lut::from_indices(2, 4, 4, None, vec![0.0; 16], &[0, 0, 0, 16, 0, 0, 0, 0]).is_err());
+    assert!(Lut::from_indices(2, 4, 2, None, vec![0.0; 4], &[3; 8]).is_ok());
+}
+
+/// A matrix rebuilt from its unpacked indices is the matrix (6 bits: fields straddle bytes).
+#[test]
+fn indices_round_trip() {
+    let w = weights(8, 64, 17);
+    for bits in [2u8, 4, 6] {
+        let q = quantize_lut(&w, 8, 64, bits, Some(2), 3).unwrap();
+        let idx: Vec<u8> = (0..8)
+            .flat_map(|r| (0..64).map(move |c| (r, c)))
+            .map(|(r, c)| q.index(r, c))
+            .collect();
+        let back = Lut::from_indices(8, 64, bits, Some(2), q.tables().to_vec(), &idx).unwrap();
+        assert_eq!(back, q, "{bits} bits");
+    }
 }
 
 #[test]

@@ -173,7 +173,8 @@ fn deinterleaved_order(heads: usize, head_dim: usize) -> Vec<usize> {
 }
 
 /// Emits rows `order` of `m`, in that order, as a matrix in `format`. A `LUT4_B32` tensor
-/// (or `LUT4_B32_G{n}`) exported as `lut4-block32` keeps its own encoding (its rows are
+/// (or `LUT4_B32_G{n}`) exported as `lut4-block32`, and a `LUT4`/`LUT6` tensor (any grouping)
+/// exported as a lookup table of the same bits, keep their own encoding (their rows are
 /// independent of each other but for the table they use), so the Core ML program holds the
 /// package's values, not a second quantization of them.
 fn matrix_rows(
@@ -210,6 +211,33 @@ fn matrix_rows(
             }
         };
         return weights::lut4_block32(b, hint, own_ty, order.len(), cols, &own);
+    }
+    if let (WeightFormat::Lut { bits, .. }, Some(ty @ KilnType::Lut { bits: stored, .. })) =
+        (format, m.kiln_format())
+    {
+        if bits == stored {
+            // The package's own tables and indices: a calibrated package keeps its calibration.
+            let (data, rows) = (m.data(), m.rows());
+            let mut indices = Vec::with_capacity(order.len() * cols);
+            let mut idx = [0u8; kiln_types::CHUNK];
+            for &r in order {
+                for chunk in m.stored_row(r).chunks_exact(4 * bits as usize) {
+                    kiln_types::unpack_chunk(bits, chunk, &mut idx);
+                    indices.extend_from_slice(&idx);
+                }
+            }
+            let tables: Vec<Vec<f32>> = order
+                .iter()
+                .map(|&r| {
+                    let (start, len) = kiln_types::lut_table_range(ty, rows, cols, r);
+                    data[start..start + len]
+                        .chunks_exact(2)
+                        .map(|h| kiln_format::ggml::f16_to_f32(u16::from_le_bytes([h[0], h[1]])))
+                        .collect()
+                })
+                .collect();
+            return weights::lut_stored(b, hint, bits, order.len(), cols, &indices, &tables);
+        }
     }
     let mut w = vec![0f32; order.len() * cols];
     for (&r, row) in order.iter().zip(w.chunks_exact_mut(cols)) {

@@ -30,7 +30,9 @@ use crate::proto::DataType;
 use kiln_format::kiln_types::{
     self, KilnType, CHUNK, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER, LUT4_B32_TABLE_BYTES,
 };
-use kiln_format::quant::{quantize_int4_block, quantize_int8_channel, quantize_lut};
+use kiln_format::quant::{
+    quantize_int4_block, quantize_int8_channel, quantize_lut, Lut, QuantMatrix,
+};
 use std::fmt;
 use std::str::FromStr;
 
@@ -242,39 +244,8 @@ pub fn matrix(
             bits,
             group_channels,
         } => {
-            let (ty, dt) = match bits {
-                4 => (BlobType::U4, DataType::Uint4),
-                6 => (BlobType::U6, DataType::Uint6),
-                other => {
-                    return Err(ExportError::Invalid(format!(
-                        "{hint}: lookup tables of {other} bits are not exported (4 or 6)"
-                    )))
-                }
-            };
             let q = quantize_lut(w, rows, cols, bits, group_channels, LUT_SEED).map_err(quant)?;
-            let indices = b.blob_value(
-                &format!("{hint}_indices"),
-                ty,
-                dt,
-                &[rows, cols],
-                q.indices(),
-            );
-            let groups = group_channels.map_or(1, |g| rows / g);
-            let lut_bytes = f16_bytes(q.tables().iter().copied());
-            let lut = b.blob_value(
-                &format!("{hint}_lut"),
-                BlobType::F16,
-                f16,
-                &[groups, 1, 1 << bits, 1],
-                &lut_bytes,
-            );
-            b.constexpr(
-                "constexpr_lut_to_dense",
-                hint,
-                vec![("indices", indices), ("lut", lut)],
-                f16,
-                &[rows, cols],
-            )
+            lut(b, hint, &q)?
         }
         WeightFormat::Lut4Block32 => {
             let ty = KilnType::Lut4B32 { group: None };
@@ -282,6 +253,77 @@ pub fn matrix(
             lut4_block32(b, hint, ty, rows, cols, &data)?
         }
     })
+}
+
+/// Emits the palettized matrix `q` (4- or 6-bit indices) as `constexpr_lut_to_dense`; returns
+/// the fp16 variable.
+fn lut(b: &mut ProgramBuilder, hint: &str, q: &Lut) -> Result<Var, ExportError> {
+    let (rows, cols, bits) = (q.rows(), q.cols(), q.bits());
+    let (ty, dt) = match bits {
+        4 => (BlobType::U4, DataType::Uint4),
+        6 => (BlobType::U6, DataType::Uint6),
+        other => {
+            return Err(ExportError::Invalid(format!(
+                "{hint}: lookup tables of {other} bits are not exported (4 or 6)"
+            )))
+        }
+    };
+    let f16 = DataType::Float16;
+    let indices = b.blob_value(
+        &format!("{hint}_indices"),
+        ty,
+        dt,
+        &[rows, cols],
+        q.indices(),
+    );
+    let groups = q.group_channels().map_or(1, |g| rows / g);
+    let lut_bytes = f16_bytes(q.tables().iter().copied());
+    let lut = b.blob_value(
+        &format!("{hint}_lut"),
+        BlobType::F16,
+        f16,
+        &[groups, 1, 1 << bits, 1],
+        &lut_bytes,
+    );
+    Ok(b.constexpr(
+        "constexpr_lut_to_dense",
+        hint,
+        vec![("indices", indices), ("lut", lut)],
+        f16,
+        &[rows, cols],
+    ))
+}
+
+/// Emits a `rows` × `cols` matrix given as `bits`-bit indices (`indices`, one per element,
+/// row-major) into per-row tables (`tables[r]`, `2^bits` entries each, as a kiln package stores
+/// them) as `constexpr_lut_to_dense`, with as few tables as the rows allow: the largest groups of
+/// consecutive rows, dividing `rows`, whose rows share a table. Returns the fp16 variable.
+pub fn lut_stored(
+    b: &mut ProgramBuilder,
+    hint: &str,
+    bits: u8,
+    rows: usize,
+    cols: usize,
+    indices: &[u8],
+    tables: &[Vec<f32>],
+) -> Result<Var, ExportError> {
+    WeightFormat::Lut {
+        bits,
+        group_channels: None,
+    }
+    .check(hint, rows, cols)?;
+    if tables.len() != rows || tables.iter().any(|t| t.len() != 1 << bits) {
+        return Err(ExportError::Invalid(format!(
+            "{hint}: expected {rows} tables of {} entries",
+            1 << bits
+        )));
+    }
+    let group = lut_group(rows, |r| tables[r] == tables[r - 1]);
+    let flat: Vec<f32> = tables.iter().step_by(group).flatten().copied().collect();
+    let group_channels = (group < rows).then_some(group);
+    let q = Lut::from_indices(rows, cols, bits, group_channels, flat, indices)
+        .map_err(|e| ExportError::Invalid(format!("{hint}: {e}")))?;
+    lut(b, hint, &q)
 }
 
 /// Emits a `rows` × `cols` tensor stored as kiln's `LUT4_B32` or `LUT4_B32_G{n}` (`ty`;

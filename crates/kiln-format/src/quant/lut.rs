@@ -61,6 +61,40 @@ impl Lut {
         })
     }
 
+    /// [`Lut::from_parts`] from one index per element (row-major, unpacked), which it packs.
+    ///
+    /// Errors: those of [`Lut::from_parts`]; not `rows × cols` indices; an index of more than
+    /// `bits` bits.
+    pub fn from_indices(
+        rows: usize,
+        cols: usize,
+        bits: u8,
+        group_channels: Option<usize>,
+        tables: Vec<f32>,
+        indices: &[u8],
+    ) -> Result<Self, QuantError> {
+        check_lut_args(rows, bits, group_channels)?;
+        if Some(indices.len()) != rows.checked_mul(cols) {
+            return Err(QuantError::new(format!(
+                "lut{bits} {rows}x{cols}: {} indices",
+                indices.len()
+            )));
+        }
+        if let Some(&bad) = indices.iter().find(|&&i| u16::from(i) >> bits != 0) {
+            return Err(QuantError::new(format!(
+                "lut{bits}: index {bad} does not fit in {bits} bits"
+            )));
+        }
+        Lut::from_parts(
+            rows,
+            cols,
+            bits,
+            group_channels,
+            tables,
+            bits::pack(indices, bits),
+        )
+    }
+
     /// Bits per index.
     pub fn bits(&self) -> u8 {
         self.bits
