@@ -437,8 +437,9 @@ pub fn convert(
         ));
     }
     let source = open_source(src)?;
-    // Refuse what the runtime could not run before spending time on it.
-    Model::from_source(source.config.clone(), source.tensors.as_ref())?;
+    // Refuse what the runtime could not run before spending time on it (a calibration then
+    // runs this model).
+    let model = Model::from_source(source.config.clone(), source.tensors.as_ref())?;
     check_table_groups(source.tensors.as_ref(), options)?;
     if let Some(path) = &options.calibration {
         if !matches!(options.quant, QuantTarget::Lut(_)) {
@@ -473,8 +474,21 @@ pub fn convert(
             options.to.name()
         )));
     }
+    // Measured on the source as it is: a power-of-two rescaling by the fp16 fix scales a
+    // matrix's input channels all alike, which changes no table.
+    let calibrated = match &options.calibration {
+        Some(path) => Some(calibrate(
+            src,
+            &source,
+            &model,
+            path,
+            options.calibration_tokens,
+        )?),
+        None => None,
+    };
+    drop(model);
     match options.to {
-        OutputFormat::Kiln => to_package(src, out, &source, options, on_tensor),
+        OutputFormat::Kiln => to_package(src, out, &source, options, calibrated, on_tensor),
         OutputFormat::Gguf => gguf_out::write(src, out, &source, options, on_tensor),
         OutputFormat::Safetensors => hf_out::write(src, out, &source, options, on_tensor),
     }
@@ -485,14 +499,9 @@ fn to_package(
     out: &Path,
     source: &Source,
     options: &ConvertOptions,
+    calibrated: Option<Calibrated>,
     on_tensor: &mut dyn FnMut(&TensorOutcome, usize, usize),
 ) -> Result<ConvertReport, ModelError> {
-    // Measured on the source as it is: a power-of-two rescaling by the fp16 fix scales a
-    // matrix's input channels all alike, which changes no table.
-    let calibrated = match &options.calibration {
-        Some(path) => Some(calibrate(src, source, path, options.calibration_tokens)?),
-        None => None,
-    };
     let safe = if options.fp16_safe {
         Some(make_fp16_safe(src, source)?)
     } else {
@@ -647,13 +656,14 @@ impl Calibrated {
     }
 }
 
-/// Runs the source over the first `tokens` tokens of the text at `path`, gathering the second
-/// moments error feedback needs.
+/// Runs `model` (the source's) over the first `max_tokens` tokens of the text at `path`,
+/// gathering the second moments error feedback needs.
 fn calibrate(
     src: &Path,
     source: &Source,
+    model: &Model,
     path: &Path,
-    tokens: usize,
+    max_tokens: usize,
 ) -> Result<Calibrated, ModelError> {
     let bytes = std::fs::read(path)
         .map_err(|e| ModelError::bad(path, format!("cannot read the calibration text: {e}")))?;
@@ -673,13 +683,12 @@ fn calibrate(
         ));
     }
     let tokenizer = source_tokenizer(src, source, "--calibration")?;
-    let chunks = calibration::chunks(&tokenizer, &text, tokens, calibration::CHUNK_TOKENS)
+    let chunks = calibration::chunks(&tokenizer, &text, max_tokens, calibration::CHUNK_TOKENS)
         .map_err(|e| ModelError::bad(path, format!("tokenizing the calibration text: {e}")))?;
-    let model = Model::from_source(source.config.clone(), source.tensors.as_ref())?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pool = crate::pool::ThreadPool::new(threads);
     let mut stats = InputStats::with_second_moments();
-    calibration::collect_into(&model, &pool, &chunks, &mut stats)?;
+    calibration::collect_into(model, &pool, &chunks, &mut stats)?;
     let bos = usize::from(tokenizer.add_bos() && tokenizer.bos_id().is_some());
     let tokens: usize = chunks.iter().map(|c| c.len() - bos).sum();
     Ok(Calibrated {
