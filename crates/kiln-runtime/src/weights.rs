@@ -417,9 +417,9 @@ pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) {
 /// the order of `ms`, advised to use transparent huge pages (`KILN_HUGEPAGES`, [`HugePages`]):
 /// a decode step streams every weight. SmolLM2's `Q4_0` decode ran 7 % slower with a small
 /// allocation per matrix than in an arena on huge pages, 1 % slower in an arena on small pages;
-/// Gemma 3's `Q4_K_M` about 9 % slower either way (`docs/quantization.md`). The work goes in slices of about 8 MiB spread over the CPU's
-/// cores (the copies' page faults are most of a model's load time). Each slice's
-/// source is released once it is rewritten, and each matrix's whole source at the end (the
+/// Gemma 3's `Q4_K_M` about 9 % slower either way (`docs/quantization.md`). The work goes in
+/// slices of about 8 MiB spread over the CPU's cores (the copies' page faults are most of a
+/// model's load time). Each slice's source is released once it is rewritten, and each matrix's whole source at the end (the
 /// pages two slices share), so the copies and their sources are never both resident.
 pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
     const SLICE: usize = 8 << 20;
@@ -443,40 +443,31 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
         arena.advise_huge_pages();
     }
     {
-        let mut copies: Vec<&mut [u8]> = Vec::with_capacity(ms.len());
-        let (mut rest, mut at) = (arena.bytes_mut(), 0);
-        for (m, &off) in ms.iter().zip(&offsets) {
-            let (_, tail) = rest.split_at_mut(off - at);
-            let (copy, tail) = tail.split_at_mut(m.n_bytes());
-            copies.push(copy);
-            (rest, at) = (tail, off + m.n_bytes());
-        }
-        let mut order: Vec<usize> = (0..ms.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(ms[i].n_bytes()));
-        let mut by_size: Vec<Option<&mut [u8]>> = copies.into_iter().map(Some).collect();
         let mut jobs = Vec::new();
-        for &i in &order {
-            let m = &ms[i];
-            let copy = by_size[i].take().expect("each copy once");
+        let mut rest = arena.bytes_mut();
+        for m in &ms {
+            let (slot, tail) =
+                std::mem::take(&mut rest).split_at_mut(m.n_bytes().next_multiple_of(ALIGN));
+            rest = tail;
             // The rows; a lookup-table format's tables after them stay as they are.
             let body = m.rows * m.row_bytes;
-            let (copy, tables) = copy.split_at_mut(body);
+            let (copy, tables) = slot[..m.n_bytes()].split_at_mut(body);
             tables.copy_from_slice(&m.data()[body..]);
             let step = m.row_bytes * SLICE.div_ceil(m.row_bytes);
             let rows = &m.data()[..body];
             for (i, (src, dst)) in rows.chunks(step).zip(copy.chunks_mut(step)).enumerate() {
                 let at = m.offset + i * step;
-                jobs.push((m.format, m.cols, src, dst, &m.storage, at));
+                jobs.push((m.n_bytes(), m.format, m.cols, src, dst, &m.storage, at));
             }
         }
         // Taken from the end: the largest matrices first.
-        jobs.reverse();
+        jobs.sort_by_key(|job| job.0);
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(jobs.len());
         let queue = std::sync::Mutex::new(jobs);
         let work = || {
-            while let Some((format, cols, src, dst, storage, at)) =
+            while let Some((_, format, cols, src, dst, storage, at)) =
                 queue.lock().unwrap_or_else(|e| e.into_inner()).pop()
             {
                 WeightMatrix::pack_planar(format, cols, src, dst);
