@@ -9,11 +9,13 @@
 mod tiny;
 
 use kiln_coreml::export::{
-    export_llama, export_path, ExportError, ExportOptions, HeadSplit, OutputKind,
+    export_llama, export_path, ExportError, ExportOptions, HeadSplit, OutputKind, WeightFormat,
 };
 use kiln_coreml::proto::{DataType, ValueTypeKind};
 use kiln_coreml::{ExecOptions, Executor, Fp16Rounding, MlPackage, Tensor};
 use kiln_format::ggml::GgmlType;
+use kiln_format::kiln_types::KilnType;
+use kiln_runtime::convert::{convert, ConvertOptions, QuantTarget};
 use kiln_runtime::{Logits, Model, ThreadPool};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -360,7 +362,6 @@ fn an_existing_package_is_replaced_whole() {
 /// measured by an independent evaluator, are listed in `README.json`).
 #[test]
 fn compressed_tiny_llama_is_as_close_as_coremltools_own_packages() {
-    use kiln_coreml::export::WeightFormat;
     let readme: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(reference_dir().join("README.json")).unwrap(),
     )
@@ -603,43 +604,62 @@ fn lut4_block32_grouped_package_exports_its_own_values() {
 }
 
 fn lut4_block32_package_export(group: Option<u32>) {
-    use kiln_coreml::export::WeightFormat;
-    use kiln_runtime::convert::{convert, ConvertOptions, QuantTarget};
-    let spec = tiny::Spec::llama();
     let name = match group {
         None => "lut4-block32".to_string(),
         Some(g) => format!("lut4-block32-g{g}"),
     };
-    let gguf = tiny::TinyFile::generate(&spec, 41).write(&format!("coreml-{name}"));
+    package_export_keeps_its_values(
+        &name,
+        41,
+        QuantTarget::Lut4Block32,
+        group,
+        KilnType::Lut4B32 { group },
+        WeightFormat::Lut4Block32,
+        &["constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"],
+    );
+}
+
+/// Converts a tiny Llama (seed `seed`) to a kiln package in `quant` with table groups `group`
+/// (its matrices then stored as `stored`), exports the package in `weights`, checks the program
+/// holds the `ops`, and holds its logits to the runtime's on the package (seed `seed + 1`
+/// draws the tokens).
+fn package_export_keeps_its_values(
+    name: &str,
+    seed: u64,
+    quant: QuantTarget,
+    group: Option<u32>,
+    stored: KilnType,
+    weights: WeightFormat,
+    ops: &[&str],
+) {
+    let spec = tiny::Spec::llama();
+    let gguf = tiny::TinyFile::generate(&spec, seed).write(&format!("coreml-{name}"));
     let kiln_pkg = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("coreml-{name}.kiln"));
     let _ = std::fs::remove_dir_all(&kiln_pkg);
     let options = ConvertOptions {
-        quant: QuantTarget::Lut4Block32,
+        quant,
         keep: Vec::new(),
         lut_group_channels: group,
         ..ConvertOptions::default()
     };
     convert(&gguf, &kiln_pkg, &options, &mut |_, _, _| {}).unwrap();
     let model = Model::load(&kiln_pkg).unwrap();
-    assert_eq!(
-        model.layers[0].wq.kiln_format(),
-        Some(kiln_format::kiln_types::KilnType::Lut4B32 { group })
-    );
-    let dest = out_dir(&name);
+    assert_eq!(model.layers[0].wq.kiln_format(), Some(stored));
+    let dest = out_dir(name);
     let opts = ExportOptions {
         context: spec.n_ctx,
         query: (1, 8),
-        weights: WeightFormat::Lut4Block32,
+        weights,
         ..ExportOptions::default()
     };
     export_llama(&model, &dest, &opts).unwrap();
     let pkg = MlPackage::open(&dest).unwrap();
     let report = pkg.verify().unwrap();
-    for op in ["constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"] {
-        assert!(report.op_types.contains_key(op), "{:?}", report.op_types);
+    for op in ops {
+        assert!(report.op_types.contains_key(*op), "{:?}", report.op_types);
     }
 
-    let tokens = tiny::random_tokens(42, 7, spec.vocab);
+    let tokens = tiny::random_tokens(seed + 1, 7, spec.vocab);
     let calls: [&[u32]; 3] = [&tokens[..5], &tokens[5..6], &tokens[6..7]];
     let want = exact_logits(&model, &calls, spec.n_ctx);
     let (stored, _) = run_package(&dest, &calls, spec.vocab);
@@ -667,52 +687,20 @@ fn lut6_package_exports_its_own_values() {
 }
 
 fn lut_package_export(bits: u8, group: Option<u32>) {
-    use kiln_coreml::export::WeightFormat;
-    use kiln_runtime::convert::{convert, ConvertOptions, QuantTarget};
-    let spec = tiny::Spec::llama();
     let name = match group {
         None => format!("lut{bits}"),
         Some(g) => format!("lut{bits}-g{g}"),
     };
-    let gguf = tiny::TinyFile::generate(&spec, 43).write(&format!("coreml-{name}"));
-    let kiln_pkg = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("coreml-{name}.kiln"));
-    let _ = std::fs::remove_dir_all(&kiln_pkg);
-    let options = ConvertOptions {
-        quant: QuantTarget::Lut(bits),
-        keep: Vec::new(),
-        lut_group_channels: group,
-        ..ConvertOptions::default()
-    };
-    convert(&gguf, &kiln_pkg, &options, &mut |_, _, _| {}).unwrap();
-    let model = Model::load(&kiln_pkg).unwrap();
-    assert_eq!(
-        model.layers[0].wq.kiln_format(),
-        Some(kiln_format::kiln_types::KilnType::Lut { bits, group })
-    );
-    let dest = out_dir(&name);
-    let opts = ExportOptions {
-        context: spec.n_ctx,
-        query: (1, 8),
-        weights: WeightFormat::Lut {
+    package_export_keeps_its_values(
+        &name,
+        43,
+        QuantTarget::Lut(bits),
+        group,
+        KilnType::Lut { bits, group },
+        WeightFormat::Lut {
             bits,
             group_channels: group.map(|g| g as usize),
         },
-        ..ExportOptions::default()
-    };
-    export_llama(&model, &dest, &opts).unwrap();
-    let pkg = MlPackage::open(&dest).unwrap();
-    let report = pkg.verify().unwrap();
-    assert!(
-        report.op_types.contains_key("constexpr_lut_to_dense"),
-        "{:?}",
-        report.op_types
+        &["constexpr_lut_to_dense"],
     );
-
-    let tokens = tiny::random_tokens(44, 7, spec.vocab);
-    let calls: [&[u32]; 3] = [&tokens[..5], &tokens[5..6], &tokens[6..7]];
-    let want = exact_logits(&model, &calls, spec.n_ctx);
-    let (stored, _) = run_package(&dest, &calls, spec.vocab);
-    let (d, scale) = (max_abs_diff(&stored, &want), max_abs(&want));
-    eprintln!("{name} package: max abs diff {d:.6}, max |logit| {scale:.3}");
-    assert!(d <= REL_TOL * scale, "max abs diff {d} (scale {scale})");
 }
