@@ -136,9 +136,12 @@ impl<'a> KilnMatrix<'a> {
     /// if `ty` has no planar layout or `data` is not the shape's size.
     pub fn new_planar(ty: KilnType, data: &'a [u8], rows: usize, cols: usize) -> Option<Self> {
         let m = Self::new(ty, data, rows, cols)?;
-        let whole = cols > 0 && cols.is_multiple_of(CHUNK);
-        let layout = matches!(ty, KilnType::Lut4B32 { .. } | KilnType::Lut { bits: 4, .. });
-        (layout && whole).then_some(KilnMatrix { planar: true, ..m })
+        let block = match ty {
+            KilnType::Lut4B32 { .. } | KilnType::Lut { bits: 4, .. } => CHUNK,
+            KilnType::I4B64 => I4_BLOCK,
+            _ => return None,
+        };
+        (cols > 0 && cols.is_multiple_of(block)).then_some(KilnMatrix { planar: true, ..m })
     }
 
     /// Whether the rows are in the planar layout.
@@ -163,7 +166,8 @@ impl<'a> KilnMatrix<'a> {
                 buf.extend_from_slice(self.table(r));
                 KilnType::Lut { bits, group: None }
             }
-            _ => unreachable!("no planar layout for {}", self.ty),
+            KilnType::I4B64 => KilnType::I4B64,
+            KilnType::I8Ch => unreachable!("no planar layout for {}", self.ty),
         };
         KilnMatrix::new(ty, buf, 1, self.cols).expect("one stored row and its table")
     }

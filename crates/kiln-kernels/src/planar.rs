@@ -584,7 +584,127 @@ pub mod lut4 {
     }
 }
 
-/// The kiln formats with a planar layout ([`lut4_b32`], [`lut4`]), by type.
+/// The planar layout of the kiln format `I4_B64`: each row's code plane, then its scale plane
+/// (every block's f16 scale, block after block). The code plane pairs blocks `2g` and
+/// `2g + 1` in 64 bytes: byte `j` (0..32) holds element `j` of the first block in its low
+/// nibble and of the second in its high one, byte `32 + j` element `32 + j` of each. A last
+/// block without a pair follows as stored (byte `j`: elements `j` and `32 + j`).
+///
+/// A stored block puts its 2-byte scale before its 32 code bytes (34 bytes), so the AVX-512
+/// kernel read two blocks' codes with two unaligned 32-byte loads and their scales one by
+/// one, and rearranged the activation codes to meet them. Planar rows give a pair's codes in
+/// one 64-byte read, in the activation blocks' order (the first block's elements in the low
+/// nibbles, as `Q4_0`'s planar rows give four blocks), and their scales in one 4-byte read.
+pub mod i4_b64 {
+    use kiln_format::kiln_types::{KilnType, I4_BLOCK, I4_BLOCK_BYTES};
+
+    use crate::Isa;
+
+    /// Code bytes of a block.
+    const CODE_BYTES: usize = I4_BLOCK / 2;
+
+    /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements: `I4_B64` on
+    /// AVX-512 VNNI.
+    pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            isa == Isa::Avx512Vnni
+                && matches!(ty, KilnType::I4B64)
+                && cols > 0
+                && cols.is_multiple_of(I4_BLOCK)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, ty, cols);
+            false
+        }
+    }
+
+    /// Where the scale plane of a planar row of `nb` blocks starts.
+    pub(crate) fn scales(nb: usize) -> usize {
+        nb * CODE_BYTES
+    }
+
+    /// Blocks per row of `cols` elements, and the row's bytes (the same in both layouts).
+    fn shape(cols: usize, what: &str) -> (usize, usize) {
+        assert!(
+            cols > 0 && cols.is_multiple_of(I4_BLOCK),
+            "{what}: {cols} columns are not whole I4_B64 blocks"
+        );
+        let nb = cols / I4_BLOCK;
+        (nb, nb * I4_BLOCK_BYTES)
+    }
+
+    /// Rewrites `src`, whole stored `I4_B64` rows of `cols` elements, into planar rows in `dst`
+    /// (the same length).
+    ///
+    /// # Panics
+    /// If `cols` is not whole blocks or the buffers are not whole rows of the same length.
+    pub fn pack_rows(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let (nb, row) = shape(cols, "i4_b64::pack_rows");
+        assert!(
+            src.len() == dst.len() && src.len().is_multiple_of(row),
+            "i4_b64::pack_rows: {} bytes into {} are not whole rows of {row}",
+            src.len(),
+            dst.len()
+        );
+        for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
+            let (codes, scales) = d.split_at_mut(scales(nb));
+            let block = |b: usize| &s[b * I4_BLOCK_BYTES..(b + 1) * I4_BLOCK_BYTES];
+            for (b, sc) in scales.chunks_exact_mut(2).enumerate() {
+                sc.copy_from_slice(&block(b)[..2]);
+            }
+            for (g, pair) in codes.chunks_exact_mut(2 * CODE_BYTES).enumerate() {
+                let (first, second) = (&block(2 * g)[2..], &block(2 * g + 1)[2..]);
+                for j in 0..CODE_BYTES {
+                    pair[j] = (first[j] & 0x0f) | (second[j] << 4);
+                    pair[CODE_BYTES + j] = (first[j] >> 4) | (second[j] & 0xf0);
+                }
+            }
+            if nb % 2 == 1 {
+                let at = (nb - 1) * CODE_BYTES;
+                codes[at..at + CODE_BYTES].copy_from_slice(&block(nb - 1)[2..]);
+            }
+        }
+    }
+
+    /// Rewrites one planar row `src` of `cols` elements back into its stored bytes in `dst`.
+    ///
+    /// # Panics
+    /// As [`pack_rows`], for one row.
+    pub fn unpack_row(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let (nb, row) = shape(cols, "i4_b64::unpack_row");
+        assert!(
+            src.len() == row && dst.len() == row,
+            "i4_b64::unpack_row: a row of {cols} elements is {row} bytes"
+        );
+        let (codes, scales) = src.split_at(scales(nb));
+        for (b, (blk, sc)) in dst
+            .chunks_exact_mut(I4_BLOCK_BYTES)
+            .zip(scales.chunks_exact(2))
+            .enumerate()
+        {
+            blk[..2].copy_from_slice(sc);
+            let (g, high) = (b / 2, b % 2 == 1);
+            if b == nb - 1 && nb % 2 == 1 {
+                let at = b * CODE_BYTES;
+                blk[2..].copy_from_slice(&codes[at..at + CODE_BYTES]);
+                continue;
+            }
+            let pair = &codes[g * 2 * CODE_BYTES..(g + 1) * 2 * CODE_BYTES];
+            for j in 0..CODE_BYTES {
+                let (lo, hi) = (pair[j], pair[CODE_BYTES + j]);
+                blk[2 + j] = if high {
+                    (lo >> 4) | (hi & 0xf0)
+                } else {
+                    (lo & 0x0f) | (hi << 4)
+                };
+            }
+        }
+    }
+}
+
+/// The kiln formats with a planar layout ([`lut4_b32`], [`lut4`], [`i4_b64`]), by type.
 pub mod kiln {
     use kiln_format::kiln_types::KilnType;
 
@@ -592,7 +712,9 @@ pub mod kiln {
 
     /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements.
     pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
-        super::lut4_b32::supported(isa, ty, cols) || super::lut4::supported(isa, ty, cols)
+        super::lut4_b32::supported(isa, ty, cols)
+            || super::lut4::supported(isa, ty, cols)
+            || super::i4_b64::supported(isa, ty, cols)
     }
 
     /// Rewrites whole stored rows of `ty` (no tables) into planar rows.
@@ -603,6 +725,7 @@ pub mod kiln {
         match ty {
             KilnType::Lut4B32 { .. } => super::lut4_b32::pack_rows(cols, src, dst),
             KilnType::Lut { bits: 4, .. } => super::lut4::pack_rows(cols, src, dst),
+            KilnType::I4B64 => super::i4_b64::pack_rows(cols, src, dst),
             _ => panic!("planar::kiln::pack_rows: no planar layout for {ty}"),
         }
     }
@@ -615,6 +738,7 @@ pub mod kiln {
         match ty {
             KilnType::Lut4B32 { .. } => super::lut4_b32::unpack_row(cols, src, dst),
             KilnType::Lut { bits: 4, .. } => super::lut4::unpack_row(cols, src, dst),
+            KilnType::I4B64 => super::i4_b64::unpack_row(cols, src, dst),
             _ => panic!("planar::kiln::unpack_row: no planar layout for {ty}"),
         }
     }

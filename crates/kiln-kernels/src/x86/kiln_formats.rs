@@ -38,7 +38,7 @@ use kiln_format::kiln_types::{
     self, KilnType, CHUNK, I4_BLOCK, I4_BLOCK_BYTES, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER,
 };
 
-use super::avx512::{block_codes_512, dpbusd_refined};
+use super::avx512::{block_codes_512, dpbusd_refined, PAIR_IDX};
 use super::dequant_out::{put1, put16, put32};
 use crate::activation::QuantizedRow;
 use crate::kiln_formats::KilnMatrix;
@@ -182,10 +182,12 @@ unsafe fn tile<const R: usize, const T: usize>(
                 i8ch_512::<R, T, true>(w, r0, xs)
             }
             (Isa::Avx512Vnni, KilnType::I8Ch) => i8ch_512::<R, T, false>(w, r0, xs),
-            (Isa::Avx512Vnni, KilnType::I4B64) if xs[0].is_refined() => {
-                i4b64_512::<R, T, true>(w, r0, xs)
-            }
-            (Isa::Avx512Vnni, KilnType::I4B64) => i4b64_512::<R, T, false>(w, r0, xs),
+            (Isa::Avx512Vnni, KilnType::I4B64) => match (xs[0].is_refined(), w.planar) {
+                (false, false) => i4b64_512::<R, T, false, false>(w, r0, xs),
+                (true, false) => i4b64_512::<R, T, true, false>(w, r0, xs),
+                (false, true) => i4b64_512::<R, T, false, true>(w, r0, xs),
+                (true, true) => i4b64_512::<R, T, true, true>(w, r0, xs),
+            },
             (Isa::Avx512Vnni, KilnType::Lut4B32 { group }) if has_vbmi() => {
                 // A tile within one group multiplies as a tensor-wide table does, with that
                 // group's table (one register rather than one per row).
@@ -416,9 +418,9 @@ unsafe fn i8ch_256<const R: usize, const T: usize, const REFINED: bool>(
 // I4_B64
 
 /// # Safety
-/// AVX-512 VNNI; as [`dot_block`].
+/// AVX-512 VNNI; as [`dot_block`], in planar rows ([`crate::planar::i4_b64`]) if `PLANAR`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn i4b64_512<const R: usize, const T: usize, const REFINED: bool>(
+unsafe fn i4b64_512<const R: usize, const T: usize, const REFINED: bool, const PLANAR: bool>(
     w: &KilnMatrix,
     r0: usize,
     xs: [&QuantizedRow; T],
@@ -428,12 +430,12 @@ unsafe fn i4b64_512<const R: usize, const T: usize, const REFINED: bool>(
     let mut blk = 0;
     while blk + 2 <= nblk {
         // SAFETY: blocks blk..blk + 2 exist in every row of the tile and activation row.
-        unsafe { i4b64_step_512::<R, T, 2, REFINED>(w, r0, &xs, blk, &mut acc) };
+        unsafe { i4b64_step_512::<R, T, 2, REFINED, PLANAR>(w, r0, &xs, blk, &mut acc) };
         blk += 2;
     }
     if blk < nblk {
         // SAFETY: block blk exists (the last).
-        unsafe { i4b64_step_512::<R, T, 1, REFINED>(w, r0, &xs, blk, &mut acc) };
+        unsafe { i4b64_step_512::<R, T, 1, REFINED, PLANAR>(w, r0, &xs, blk, &mut acc) };
     }
     let mut out = [[0.0; T]; R];
     for r in 0..R {
@@ -444,30 +446,23 @@ unsafe fn i4b64_512<const R: usize, const T: usize, const REFINED: bool>(
     out
 }
 
-/// `vpermps` indices giving lanes 0..8 the scale of lane 0 and lanes 8..16 that of lane 2
-/// (`[1]`: of lanes 1 and 3): the activation blocks whose codes meet the low (high) nibbles of
-/// two `I4_B64` blocks, one per 256-bit half.
-const I4_HALF_IDX: [__m512i; 2] = [
-    // SAFETY (both): [i32; 16] and __m512i have the same size; every bit pattern is valid.
-    unsafe {
-        core::mem::transmute::<[i32; 16], __m512i>([0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2])
-    },
-    unsafe {
-        core::mem::transmute::<[i32; 16], __m512i>([1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3])
-    },
-];
-
 /// Adds blocks `blk..blk + N` (N ≤ 2) of the tile's rows times every activation row to `acc`:
-/// the low nibbles of both blocks (elements 0..32 of each) in one register and the high ones
-/// (32..64) in another, so one `vpdpbusd` covers two activation blocks; the activation codes
-/// are rearranged to match once per activation row, for all the tile's rows.
+/// the first block's codes in one register and the second's in another, so one `vpdpbusd`
+/// covers two activation blocks as they lie (planar rows hold the codes so; stored ones are
+/// rearranged, two shuffles per row).
 ///
 /// # Safety
-/// AVX-512 VNNI; as [`dot_block`] for rows `r0..r0 + R` of `w` (an `I4_B64` tensor); blocks
-/// `blk..blk + N` exist.
+/// AVX-512 VNNI; as [`dot_block`] for rows `r0..r0 + R` of `w` (an `I4_B64` tensor, planar
+/// if `PLANAR`); blocks `blk..blk + N` exist.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn i4b64_step_512<const R: usize, const T: usize, const N: usize, const REFINED: bool>(
+unsafe fn i4b64_step_512<
+    const R: usize,
+    const T: usize,
+    const N: usize,
+    const REFINED: bool,
+    const PLANAR: bool,
+>(
     w: &KilnMatrix,
     r0: usize,
     xs: &[&QuantizedRow; T],
@@ -479,19 +474,17 @@ unsafe fn i4b64_step_512<const R: usize, const T: usize, const N: usize, const R
     let a = 2 * blk;
     // Activation blocks a..a + 2N: their scales and sums in lanes 0..2N.
     let lanes: __mmask8 = (1u8 << (2 * N)) - 1;
+    // Activation blocks a, a + 1 in one register and a + 2, a + 3 in the other; the weight
+    // codes are brought to meet them (planar rows hold them so).
     let codes = |c: *const i8| {
         // SAFETY: 2N blocks of codes from `c` (the caller's guarantee, below).
-        let (x01, x23) = unsafe {
+        unsafe {
             if N == 2 {
                 block_codes_512::<4>(c)
             } else {
                 block_codes_512::<2>(c)
             }
-        };
-        (
-            _mm512_shuffle_i64x2::<0x44>(x01, x23),
-            _mm512_shuffle_i64x2::<0xee>(x01, x23),
-        )
+        }
     };
     let mut xlo = [_mm512_setzero_si512(); T];
     let mut xhi = [_mm512_setzero_si512(); T];
@@ -514,45 +507,82 @@ unsafe fn i4b64_step_512<const R: usize, const T: usize, const N: usize, const R
     }
     let low = _mm512_set1_epi8(0x0f);
     let p = w.data[r0 * rb..].as_ptr();
+    let scale_plane = crate::planar::i4_b64::scales(w.cols / I4_BLOCK);
     for (r, acc) in acc.iter_mut().enumerate() {
-        let bp = p.wrapping_add(r * rb + blk * I4_BLOCK_BYTES);
-        prefetch(bp, ahead);
-        if N == 2 {
-            prefetch(bp.wrapping_add(64), ahead);
-        }
-        // SAFETY: blocks blk..blk + N of row r0 + r: a 2-byte scale and 32 bytes of nibbles
-        // each.
-        let (nib, d) = unsafe {
-            let first = _mm512_castsi256_si512(_mm256_loadu_si256(bp.add(2).cast()));
-            let d0 = u64::from(bp.cast::<u16>().read_unaligned());
-            if N == 2 {
-                let second = _mm256_loadu_si256(bp.add(I4_BLOCK_BYTES + 2).cast());
-                let d1 = u64::from(bp.add(I4_BLOCK_BYTES).cast::<u16>().read_unaligned());
-                (
-                    _mm512_inserti64x4::<1>(first, second),
-                    (d0 * 0x1_0001) | ((d1 * 0x1_0001) << 32),
-                )
-            } else {
-                (first, d0 * 0x1_0001)
+        let (wlo, whi, dw) = if PLANAR {
+            let row = p.wrapping_add(r * rb);
+            let cp = row.wrapping_add(blk * (I4_BLOCK / 2));
+            // The code plane streams: one line a step keeps every line of it a tile ahead.
+            prefetch(cp, ahead);
+            if blk == 0 {
+                prefetch(row.wrapping_add(scale_plane), ahead);
             }
+            // SAFETY: blocks blk..blk + N of the planar row r0 + r: 32 code bytes each from
+            // 32 · blk, and a 2-byte scale each from the scale plane's 2 · blk.
+            unsafe {
+                let (nib, d) = if N == 2 {
+                    // A pair: block blk's codes in the low nibbles, blk + 1's in the high.
+                    (
+                        _mm512_loadu_si512(cp.cast()),
+                        row.add(scale_plane + 2 * blk)
+                            .cast::<u32>()
+                            .read_unaligned(),
+                    )
+                } else {
+                    // The last block as stored: elements 0..32 low, 32..64 high; the high
+                    // nibbles go to the upper half so the block meets one register of codes.
+                    let v = _mm256_loadu_si256(cp.cast());
+                    let v = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(v),
+                        _mm256_srli_epi16::<4>(v),
+                    );
+                    (
+                        _mm512_and_si512(v, low),
+                        u32::from(
+                            row.add(scale_plane + 2 * blk)
+                                .cast::<u16>()
+                                .read_unaligned(),
+                        ),
+                    )
+                };
+                // [d0, d0, d1, d1]: each block's scale for its two activation blocks.
+                let d = _mm_cvtsi32_si128(d as i32);
+                // The first block's codes, then the second's (zero for a last block alone,
+                // whose activation codes there are zero too).
+                (
+                    _mm512_and_si512(nib, low),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(nib), low),
+                    _mm_cvtph_ps(_mm_unpacklo_epi16(d, d)),
+                )
+            }
+        } else {
+            // SAFETY: blocks blk..blk + N of the stored row r0 + r.
+            let (nib, dw) = unsafe {
+                i4b64_stored_blocks::<N>(p.wrapping_add(r * rb + blk * I4_BLOCK_BYTES), ahead)
+            };
+            // Low nibbles: elements 0..32 of each block; high: 32..64. Rearranged to the
+            // planar rows' order, so both layouts sum alike and give the same results.
+            let lo = _mm512_and_si512(nib, low);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(nib), low);
+            (
+                _mm512_shuffle_i64x2::<0x44>(lo, hi),
+                _mm512_shuffle_i64x2::<0xee>(lo, hi),
+                dw,
+            )
         };
-        let wlo = _mm512_and_si512(nib, low);
-        let whi = _mm512_and_si512(_mm512_srli_epi16::<4>(nib), low);
-        // Each block's scale twice: for its two activation blocks.
-        let dw = _mm_cvtph_ps(_mm_cvtsi64_si128(d as i64));
         let offset = _mm_mul_ps(dw, _mm_set1_ps(-8.0));
         for t in 0..T {
             let s = _mm512_castps128_ps512(_mm_mul_ps(dw, dx[t]));
             let ilo = dpbusd_refined::<REFINED>(wlo, xlo[t], ylo[t]);
             let mut v = _mm512_fmadd_ps(
                 _mm512_cvtepi32_ps(ilo),
-                _mm512_permutexvar_ps(I4_HALF_IDX[0], s),
+                _mm512_permutexvar_ps(PAIR_IDX[0], s),
                 acc[t],
             );
             let ihi = dpbusd_refined::<REFINED>(whi, xhi[t], yhi[t]);
             v = _mm512_fmadd_ps(
                 _mm512_cvtepi32_ps(ihi),
-                _mm512_permutexvar_ps(I4_HALF_IDX[1], s),
+                _mm512_permutexvar_ps(PAIR_IDX[1], s),
                 v,
             );
             // The codes' bias: −8 · d_w · (d_x Σ x) per activation block.
@@ -560,6 +590,36 @@ unsafe fn i4b64_step_512<const R: usize, const T: usize, const N: usize, const R
             acc[t] = _mm512_add_ps(v, _mm512_zextps128_ps512(c));
         }
     }
+}
+
+/// The codes of stored `I4_B64` blocks `0..N` (N ≤ 2) at `bp`, one block per 256-bit half,
+/// and their scales as `[d0, d0, d1, d1]` (each for its block's two activation blocks).
+///
+/// # Safety
+/// AVX-512 F and F16C; the `N` blocks (34 bytes each) are readable at `bp`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+#[inline]
+unsafe fn i4b64_stored_blocks<const N: usize>(bp: *const u8, ahead: usize) -> (__m512i, __m128) {
+    prefetch(bp, ahead);
+    if N == 2 {
+        prefetch(bp.wrapping_add(64), ahead);
+    }
+    // SAFETY: the N blocks at bp: a 2-byte scale and 32 bytes of nibbles each.
+    let (nib, d) = unsafe {
+        let first = _mm512_castsi256_si512(_mm256_loadu_si256(bp.add(2).cast()));
+        let d0 = u64::from(bp.cast::<u16>().read_unaligned());
+        if N == 2 {
+            let second = _mm256_loadu_si256(bp.add(I4_BLOCK_BYTES + 2).cast());
+            let d1 = u64::from(bp.add(I4_BLOCK_BYTES).cast::<u16>().read_unaligned());
+            (
+                _mm512_inserti64x4::<1>(first, second),
+                (d0 * 0x1_0001) | ((d1 * 0x1_0001) << 32),
+            )
+        } else {
+            (first, d0 * 0x1_0001)
+        }
+    };
+    (nib, _mm_cvtph_ps(_mm_cvtsi64_si128(d as i64)))
 }
 
 /// # Safety
@@ -937,7 +997,6 @@ fn lut4b32_accumulate<const R: usize, const T: usize, const N: usize, const REFI
     acc: &mut [__m512; T],
     offs: &mut [__m256; T],
 ) {
-    use super::avx512::PAIR_IDX;
     for t in 0..T {
         let f = _mm256_mul_ps(codes, xf[t]);
         offs[t] = _mm256_add_ps(offs[t], f);
@@ -1138,7 +1197,7 @@ pub(crate) unsafe fn dequantize_row(isa: Isa, w: &KilnMatrix, r: usize, out: &mu
 /// # Safety
 /// AVX-512 F/BW/VL, FMA, F16C and AVX-512 BF16 (`crate::gemm_bf16::bf16_available`);
 /// `has_dequantize(Isa::Avx512Vnni, w.ty)`; planar rows only where
-/// `crate::planar::lut4_b32::supported`; `start + n <= w.rows`, `stride >= w.cols` and
+/// `crate::planar::kiln::supported`; `start + n <= w.rows`, `stride >= w.cols` and
 /// `out.len() >= (n - 1) * stride + w.cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) unsafe fn dequantize_rows_bf16(
@@ -1186,8 +1245,14 @@ unsafe fn dequantize_into<const BF16: bool>(isa: Isa, w: &KilnMatrix, r: usize, 
     }
     let row = w.row(r);
     match w.ty {
-        // SAFETY: AVX-512 (has_dequantize); `row` is row r, `out` its values.
-        KilnType::I4B64 => return unsafe { i4b64_dequantize_512::<BF16>(row, out, w.cols) },
+        // SAFETY (both): AVX-512 (has_dequantize; planar rows only where
+        // `crate::planar::i4_b64::supported`); `row` is row r, `out` its values.
+        KilnType::I4B64 if w.planar => {
+            return unsafe { i4b64_dequantize_512::<BF16, true>(row, out, w.cols) };
+        }
+        KilnType::I4B64 => {
+            return unsafe { i4b64_dequantize_512::<BF16, false>(row, out, w.cols) };
+        }
         KilnType::I8Ch => {
             let scale = kiln_types::i8_ch_scale(w.data, w.rows, w.cols, r);
             // SAFETY: as above.
@@ -1601,27 +1666,47 @@ fn lut4b32_table_f64_512(u: &[u8; 16]) -> [__m512d; 2] {
 ///
 /// # Safety
 /// AVX-512 F/BW and F16C (with `BF16`, AVX-512 BF16); `row` is one `I4_B64` row of `n`
-/// elements, `out` writable for them (f32, or u16 with `BF16`).
+/// elements (planar if `PLANAR`: [`crate::planar::i4_b64`]), `out` writable for them (f32,
+/// or u16 with `BF16`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 #[inline]
-unsafe fn i4b64_dequantize_512<const BF16: bool>(row: &[u8], out: *mut u8, n: usize) {
+unsafe fn i4b64_dequantize_512<const BF16: bool, const PLANAR: bool>(
+    row: &[u8],
+    out: *mut u8,
+    n: usize,
+) {
     let low = _mm_set1_epi8(0x0f);
     let eight = _mm512_set1_ps(8.0);
-    for (o, b) in (0..n)
-        .step_by(I4_BLOCK)
-        .zip(row.chunks_exact(I4_BLOCK_BYTES))
-    {
-        // SAFETY: the block's 2-byte scale and 32 bytes of nibbles; its 64 values of `out`.
+    let nb = n / I4_BLOCK;
+    debug_assert_eq!(row.len(), nb * I4_BLOCK_BYTES);
+    let scale_plane = crate::planar::i4_b64::scales(nb);
+    let paired = if PLANAR { nb / 2 * 2 } else { 0 };
+    for b in 0..nb {
+        let o = b * I4_BLOCK;
+        // Where elements 0..32 and 32..64 of the block lie, and the shift bringing their
+        // nibbles down: a paired planar block takes one nibble of both halves of its pair's
+        // 64 bytes, any other block is as stored (low nibbles, then high).
+        let (scale, first, second, shifts) = if b < paired {
+            let at = (b / 2) * I4_BLOCK;
+            let sh = 4 * (b % 2) as i64;
+            (scale_plane + 2 * b, at, at + 32, [sh, sh])
+        } else if PLANAR {
+            let at = paired * (I4_BLOCK / 2);
+            (scale_plane + 2 * b, at, at, [0, 4])
+        } else {
+            let at = b * I4_BLOCK_BYTES + 2;
+            (b * I4_BLOCK_BYTES, at, at, [0, 4])
+        };
+        // SAFETY: the block's 2-byte scale and 32 bytes of nibbles (within the row's
+        // `nb · 34` bytes in either layout); its 64 values of `out`.
         unsafe {
-            let d = _mm512_set1_ps(f16_at(b.as_ptr()));
+            let d = _mm512_set1_ps(f16_at(row.as_ptr().add(scale)));
             for half in 0..2 {
-                let q = _mm_loadu_si128(b.as_ptr().add(2 + 16 * half).cast());
-                let lo = _mm_and_si128(q, low);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low);
-                // Bytes 16h..16h + 16 hold elements 16h.. (low nibbles) and 32 + 16h.. (high).
-                for (at, v) in [(16 * half, lo), (32 + 16 * half, hi)] {
+                for (k, at) in [first, second].into_iter().enumerate() {
+                    let q = _mm_loadu_si128(row.as_ptr().add(at + 16 * half).cast());
+                    let v = _mm_and_si128(_mm_srl_epi16(q, _mm_cvtsi64_si128(shifts[k])), low);
                     let f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), eight);
-                    put16::<BF16>(out, o + at, _mm512_mul_ps(d, f));
+                    put16::<BF16>(out, o + 32 * k + 16 * half, _mm512_mul_ps(d, f));
                 }
             }
         }
