@@ -584,6 +584,126 @@ pub mod lut4 {
     }
 }
 
+/// The planar layout of the kiln format `LUT2` (a 2-bit lookup table per tensor, per group of
+/// rows or per row): each whole I16 activation block of a row (256 elements) in 64 bytes as
+/// 32 little-endian words of eight 2-bit fields, field `f` of word `k` the index of element
+/// `64 (f / 2) + 16 (k / 8) + 8 (f % 2) + k % 8` of the block: the I16 codes' order
+/// ([`crate::activation::i16_element`]) of the block's step `f / 2`, first half for even `f`.
+/// The elements after the last whole block stay as stored, and so do the tables after the
+/// last row.
+///
+/// Stored rows gave the AVX-512 kernel 64 indices per 16 bytes, spread to words with a byte
+/// permute and a variable shift per 32 before each word lookup; planar rows give a field's 32
+/// words to `vpermw` as read or after one shift per two fields.
+pub mod lut2 {
+    use kiln_format::kiln_types::{pack_chunk, unpack_chunk, KilnType, CHUNK};
+
+    use crate::activation::I16_BLOCK;
+    use crate::Isa;
+
+    /// Bytes of a whole block's indices.
+    const BLOCK_BYTES: usize = I16_BLOCK / 4;
+
+    /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements: 2-bit lookup
+    /// tables on AVX-512 VNNI with VBMI (the level whose kernels take 16-bit table entries),
+    /// rows of whole chunks with at least one whole I16 block.
+    pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            isa == Isa::Avx512Vnni
+                && crate::x86::kiln_formats::has_vbmi()
+                && matches!(ty, KilnType::Lut { bits: 2, .. })
+                && cols >= I16_BLOCK
+                && cols.is_multiple_of(CHUNK)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, ty, cols);
+            false
+        }
+    }
+
+    /// The element of a whole block held by field `f` of word `k`.
+    fn element(f: usize, k: usize) -> usize {
+        64 * (f / 2) + 16 * (k / 8) + 8 * (f % 2) + k % 8
+    }
+
+    /// Row bytes of `cols` elements (the same in both layouts).
+    fn shape(cols: usize, what: &str) -> usize {
+        assert!(
+            cols > 0 && cols.is_multiple_of(CHUNK),
+            "{what}: {cols} columns are not whole LUT2 chunks"
+        );
+        cols / 4
+    }
+
+    /// The indices of a stored row's first `n` elements (whole chunks).
+    fn indices(row: &[u8], n: usize) -> Vec<u8> {
+        let mut idx = vec![0u8; n];
+        for (c, out) in row.chunks_exact(8).zip(idx.chunks_exact_mut(CHUNK)) {
+            unpack_chunk(2, c, out.try_into().expect("32 indices"));
+        }
+        idx
+    }
+
+    /// Rewrites `src`, whole stored `LUT2` rows of `cols` elements (no tables), into planar
+    /// rows in `dst` (the same length).
+    ///
+    /// # Panics
+    /// If `cols` is not whole chunks or the buffers are not whole rows of the same length.
+    pub fn pack_rows(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let row = shape(cols, "lut2::pack_rows");
+        assert!(
+            src.len() == dst.len() && src.len().is_multiple_of(row),
+            "lut2::pack_rows: {} bytes into {} are not whole rows of {row}",
+            src.len(),
+            dst.len()
+        );
+        let whole = cols / I16_BLOCK;
+        for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
+            let idx = indices(s, whole * I16_BLOCK);
+            for (b, out) in d.chunks_exact_mut(BLOCK_BYTES).take(whole).enumerate() {
+                let block = &idx[b * I16_BLOCK..(b + 1) * I16_BLOCK];
+                for (k, word) in out.chunks_exact_mut(2).enumerate() {
+                    let v =
+                        (0..8).fold(0u16, |v, f| v | u16::from(block[element(f, k)]) << (2 * f));
+                    word.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            let tail = whole * BLOCK_BYTES;
+            d[tail..].copy_from_slice(&s[tail..]);
+        }
+    }
+
+    /// Rewrites one planar row `src` of `cols` elements back into its stored bytes in `dst`.
+    ///
+    /// # Panics
+    /// As [`pack_rows`], for one row.
+    pub fn unpack_row(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let row = shape(cols, "lut2::unpack_row");
+        assert!(
+            src.len() == row && dst.len() == row,
+            "lut2::unpack_row: a row of {cols} elements is {row} bytes"
+        );
+        let whole = cols / I16_BLOCK;
+        let mut block = [0u8; I16_BLOCK];
+        for (b, out) in dst.chunks_exact_mut(BLOCK_BYTES).take(whole).enumerate() {
+            let words = &src[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+            for (k, word) in words.chunks_exact(2).enumerate() {
+                let v = u16::from_le_bytes([word[0], word[1]]);
+                for f in 0..8 {
+                    block[element(f, k)] = (v >> (2 * f)) as u8 & 3;
+                }
+            }
+            for (c, idx) in out.chunks_exact_mut(8).zip(block.chunks_exact(CHUNK)) {
+                pack_chunk(2, idx.try_into().expect("32 indices"), c);
+            }
+        }
+        let tail = whole * BLOCK_BYTES;
+        dst[tail..].copy_from_slice(&src[tail..]);
+    }
+}
+
 /// The planar layout of the kiln format `I4_B64`: each row's code plane, then its scale plane
 /// (every block's f16 scale, block after block). The code plane pairs blocks `2g` and
 /// `2g + 1` in 64 bytes: byte `j` (0..32) holds element `j` of the first block in its low
@@ -704,7 +824,8 @@ pub mod i4_b64 {
     }
 }
 
-/// The kiln formats with a planar layout ([`lut4_b32`], [`lut4`], [`i4_b64`]), by type.
+/// The kiln formats with a planar layout ([`lut4_b32`], [`lut4`], [`lut2`], [`i4_b64`]), by
+/// type.
 pub mod kiln {
     use kiln_format::kiln_types::KilnType;
 
@@ -714,6 +835,7 @@ pub mod kiln {
     pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
         super::lut4_b32::supported(isa, ty, cols)
             || super::lut4::supported(isa, ty, cols)
+            || super::lut2::supported(isa, ty, cols)
             || super::i4_b64::supported(isa, ty, cols)
     }
 
@@ -725,6 +847,7 @@ pub mod kiln {
         match ty {
             KilnType::Lut4B32 { .. } => super::lut4_b32::pack_rows(cols, src, dst),
             KilnType::Lut { bits: 4, .. } => super::lut4::pack_rows(cols, src, dst),
+            KilnType::Lut { bits: 2, .. } => super::lut2::pack_rows(cols, src, dst),
             KilnType::I4B64 => super::i4_b64::pack_rows(cols, src, dst),
             _ => panic!("planar::kiln::pack_rows: no planar layout for {ty}"),
         }
@@ -738,6 +861,7 @@ pub mod kiln {
         match ty {
             KilnType::Lut4B32 { .. } => super::lut4_b32::unpack_row(cols, src, dst),
             KilnType::Lut { bits: 4, .. } => super::lut4::unpack_row(cols, src, dst),
+            KilnType::Lut { bits: 2, .. } => super::lut2::unpack_row(cols, src, dst),
             KilnType::I4B64 => super::i4_b64::unpack_row(cols, src, dst),
             _ => panic!("planar::kiln::unpack_row: no planar layout for {ty}"),
         }

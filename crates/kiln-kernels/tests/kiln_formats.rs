@@ -293,8 +293,9 @@ fn check_with(
     }
     if matches!(
         ty,
-        KilnType::Lut4B32 { .. } | KilnType::Lut { bits: 4, .. } | KilnType::I4B64
-    ) {
+        KilnType::Lut4B32 { .. } | KilnType::Lut { bits: 2 | 4, .. } | KilnType::I4B64
+    ) && (cols >= 256 || !matches!(ty, KilnType::Lut { bits: 2, .. }))
+    {
         check_planar(&w, data, &xq)?;
     }
     if let Some(tables) = convert_row_tables(&w) {
@@ -331,9 +332,10 @@ fn same_products(
     Ok(())
 }
 
-/// The planar rows of a `LUT4_B32`, `LUT4` or `I4_B64` tensor: a round trip gives the stored
-/// bytes back, and every level multiplies and dequantizes them with exactly the results of the
-/// stored rows (with the tables converted ahead too, where the format has them).
+/// The planar rows of a `LUT4_B32`, `LUT4`, `LUT2` (a whole I16 block or more) or `I4_B64`
+/// tensor: a round trip gives the stored bytes back, and every level multiplies and
+/// dequantizes them with exactly the results of the stored rows (with the tables converted
+/// ahead too, where the format has them).
 fn check_planar(w: &KilnMatrix, data: &[u8], xq: &[QuantizedRow]) -> Result<(), TestCaseError> {
     let (ty, rows, cols) = (w.format(), w.rows(), w.cols());
     let row_bytes = ty.row_bytes(cols).unwrap();

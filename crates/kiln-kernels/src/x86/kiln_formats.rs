@@ -1316,12 +1316,19 @@ unsafe fn lut_table_f32(t: &[u8]) -> [f32; 256] {
 #[inline]
 unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usize, out: *mut u8) {
     let tp = w.table(r).as_ptr();
+    // Planar 2-bit rows: the chunks after the last whole I16 block are as stored.
+    let planar_chunks = if w.planar && bits == 2 {
+        w.cols / crate::activation::I16_BLOCK * (crate::activation::I16_BLOCK / CHUNK)
+    } else {
+        0
+    };
     let chunks = w
         .row(r)
         .chunks_exact(4 * usize::from(bits))
         .enumerate()
         .map(|(j, c)| (CHUNK * j, c))
-        .take(w.cols / CHUNK);
+        .take(w.cols / CHUNK)
+        .skip(planar_chunks);
     // Writes one chunk's 32 values.
     let store = |at: usize, w0: __m512, w1: __m512| {
         // SAFETY: the chunk's 32 values lie within the row (the caller's `out`).
@@ -1334,6 +1341,10 @@ unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usiz
             // SAFETY: 4 entries are 8 bytes; indices below 4 never reach the undefined upper
             // half of the register.
             let t = _mm512_castps256_ps512(_mm256_cvtph_ps(unsafe { _mm_loadl_epi64(tp.cast()) }));
+            if planar_chunks > 0 {
+                // SAFETY: the row is planar, of whole chunks (`KilnMatrix::new_planar`).
+                unsafe { lut2_planar_blocks_512::<BF16>(w.row(r), planar_chunks, t, out) };
+            }
             for (o, c) in chunks {
                 // SAFETY: the chunk's 8 bytes.
                 let (i0, i1) = unsafe { lut2_indices_512(c.as_ptr()) };
@@ -1708,6 +1719,89 @@ unsafe fn i4b64_dequantize_512<const BF16: bool, const PLANAR: bool>(
                     let f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), eight);
                     put16::<BF16>(out, o + 32 * k + 16 * half, _mm512_mul_ps(d, f));
                 }
+            }
+        }
+    }
+}
+
+/// The values of the whole I16 blocks of a planar 2-bit row ([`crate::planar::lut2`]), the
+/// first `chunks` chunks, into `out`: per step of 64 elements its two fields (each 32 words
+/// in the I16 codes' order) interleaved back into element order by two `vpermt2q`, then
+/// widened to dwords and looked up in `t` (the table's 4 f32 entries in lanes 0..4), or for
+/// bf16 looked up as words in the table rounded once.
+///
+/// # Safety
+/// AVX-512 F/BW (with `BF16`, AVX-512 BF16); `row` is a planar 2-bit row with `chunks / 8`
+/// whole blocks, `out` writable for their values (f32, or u16 with `BF16`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn lut2_planar_blocks_512<const BF16: bool>(
+    row: &[u8],
+    chunks: usize,
+    t: __m512,
+    out: *mut u8,
+) {
+    const BLOCK: usize = crate::activation::I16_BLOCK;
+    // Quadwords of the fields (a: 0..8, b: 8..16) in element order: elements 16j + 8h + i
+    // come from word 8j + i of field h.
+    // SAFETY (both): [u64; 8] and __m512i have the same size; every bit pattern is valid.
+    let first = unsafe { core::mem::transmute::<[u64; 8], __m512i>([0, 1, 8, 9, 2, 3, 10, 11]) };
+    let second = unsafe { core::mem::transmute::<[u64; 8], __m512i>([4, 5, 12, 13, 6, 7, 14, 15]) };
+    let three = _mm512_set1_epi16(3);
+    // The table in every four lanes: `vpermps` reads four bits of an index below 4.
+    let t = _mm512_shuffle_f32x4::<0>(t, t);
+    // bf16: the table rounded once, in every four of 32 words (`vpermw` reads five bits).
+    let mut tb = [0u16; 32];
+    if BF16 {
+        // SAFETY: 32 words.
+        unsafe {
+            put16::<true>(tb.as_mut_ptr().cast(), 0, t);
+            put16::<true>(tb.as_mut_ptr().cast(), 16, t);
+        }
+    }
+    // SAFETY: 32 words.
+    let tw = unsafe { _mm512_loadu_si512(tb.as_ptr().cast()) };
+    debug_assert!(chunks.is_multiple_of(BLOCK / CHUNK) && row.len() >= chunks * 8);
+    for b in 0..chunks / (BLOCK / CHUNK) {
+        // SAFETY: the block's 64 bytes.
+        let v = unsafe { _mm512_loadu_si512(row.as_ptr().add(b * (BLOCK / 4)).cast()) };
+        let fields = [
+            v,
+            _mm512_srli_epi16::<2>(v),
+            _mm512_srli_epi16::<4>(v),
+            _mm512_srli_epi16::<6>(v),
+            _mm512_srli_epi16::<8>(v),
+            _mm512_srli_epi16::<10>(v),
+            _mm512_srli_epi16::<12>(v),
+            _mm512_srli_epi16::<14>(v),
+        ];
+        for step in 0..4 {
+            let (a, h) = (
+                _mm512_and_si512(fields[2 * step], three),
+                _mm512_and_si512(fields[2 * step + 1], three),
+            );
+            for (k, idx) in [first, second].into_iter().enumerate() {
+                let words = _mm512_permutex2var_epi64(a, idx, h);
+                let at = b * BLOCK + 64 * step + 32 * k;
+                if BF16 {
+                    let v = _mm512_permutexvar_epi16(words, tw);
+                    // SAFETY: the step's 32 words from `at` lie within the blocks (the
+                    // caller's `out`).
+                    unsafe { _mm512_storeu_si512(out.cast::<u16>().add(at).cast(), v) };
+                    continue;
+                }
+                let lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(words));
+                let hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(words));
+                // SAFETY: the step's 32 values from here lie within the blocks (the caller's
+                // `out`).
+                unsafe {
+                    put32::<BF16>(
+                        out,
+                        at,
+                        _mm512_permutexvar_ps(lo, t),
+                        _mm512_permutexvar_ps(hi, t),
+                    )
+                };
             }
         }
     }
@@ -2682,9 +2776,9 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
             scales.push(s);
             g += 1;
         }
-        // Planar rows look their tables up as byte planes: made once per table.
+        // Planar 4-bit rows look their tables up as byte planes: made once per table.
         group_planes.clear();
-        if w.planar {
+        if w.planar && BITS == 4 {
             group_planes.extend(converted.iter().map(|&t| planes_of_words(t)));
         }
         // A loop rather than `for_tiles`, for the same reason.
@@ -2732,7 +2826,7 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
                 for k in 0..rn {
                     let g = (r + k) / group - first;
                     (tables[k], s[k]) = (converted[g], scales[g]);
-                    if w.planar {
+                    if w.planar && BITS == 4 {
                         planes[k] = group_planes[g];
                     }
                 }
@@ -2749,7 +2843,18 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
                 // SAFETY: the tile's rows and activation rows exist, the rest is the caller's
                 // guarantee (planar rows are 4-bit: `KilnMatrix::new_planar`).
                 unsafe {
-                    if w.planar {
+                    if w.planar && BITS == 2 {
+                        tile!(
+                            rn,
+                            m,
+                            xq,
+                            t,
+                            out,
+                            stride,
+                            r - base,
+                            lut2_planar_i16_512(w, r, tb, sc)
+                        )
+                    } else if w.planar {
                         tile!(
                             rn,
                             m,
@@ -2801,46 +2906,153 @@ unsafe fn lut_small_i16_512<const BITS: usize, const R: usize, const T: usize>(
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
-    let full = small_step_512::<BITS, 64>();
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut b = 0;
     let mut start = 0;
     while start < w.cols {
         let end = (start + crate::activation::I16_BLOCK).min(w.cols);
-        let mut sums = [[_mm512_setzero_si512(); T]; R];
-        let mut c = start;
-        while c < end {
-            let two = c + 2 * CHUNK <= end;
-            let tail;
-            // A step of 64 elements is 8 · BITS bytes.
-            let (st, mask): (&SmallStep, __mmask64) = if two {
-                (&full, (1u64 << (8 * BITS)) - 1)
-            } else {
-                tail = small_step_512::<BITS, 32>();
-                (&tail, (1u64 << (4 * BITS)) - 1)
-            };
-            let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
-            for t in 0..T {
-                // SAFETY: the block's codes from c.
-                xv[t] = unsafe { i16_codes_512(xs[t], c, two) };
-            }
-            for r in 0..R {
-                let ip = p.wrapping_add(r * rb + c * BITS / 8);
-                prefetch(ip, ahead);
-                // SAFETY: 8 · BITS (or 4 · BITS) index bytes of row r0 + r from element c.
-                let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
-                let lo = small_words(i, st, 0, tables[r]);
-                let hi = small_words(i, st, 1, tables[r]);
-                for t in 0..T {
-                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
-                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
-                }
-            }
-            c += if two { 2 * CHUNK } else { CHUNK };
-        }
+        // SAFETY: elements start..end of the tile's rows and activation rows (the caller's).
+        let sums = unsafe { lut_small_block::<BITS, R, T>(p, rb, ahead, start..end, tables, &xs) };
         add_i16_block(&mut acc, &sums, &xs, b);
         b += 1;
         start = end;
+    }
+    scaled_tile_sums(&acc, s)
+}
+
+/// The integer sums of one I16 block, elements `block`, of the stored `BITS`-bit rows at `p`
+/// (`rb` bytes apart; row `r` takes `tables[r]`) with every activation row.
+///
+/// # Safety
+/// AVX-512 VNNI and VBMI; the rows' index bytes of `block` are readable, and the activation
+/// rows' codes of `block` exist.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+#[inline]
+unsafe fn lut_small_block<const BITS: usize, const R: usize, const T: usize>(
+    p: *const u8,
+    rb: usize,
+    ahead: usize,
+    block: Range<usize>,
+    tables: &[__m512i; TILE_ROWS],
+    xs: &[&QuantizedRow; T],
+) -> [[__m512i; T]; R] {
+    let full = small_step_512::<BITS, 64>();
+    let mut sums = [[_mm512_setzero_si512(); T]; R];
+    let (mut c, end) = (block.start, block.end);
+    while c < end {
+        let two = c + 2 * CHUNK <= end;
+        let tail;
+        // A step of 64 elements is 8 · BITS bytes.
+        let (st, mask): (&SmallStep, __mmask64) = if two {
+            (&full, (1u64 << (8 * BITS)) - 1)
+        } else {
+            tail = small_step_512::<BITS, 32>();
+            (&tail, (1u64 << (4 * BITS)) - 1)
+        };
+        let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
+        for t in 0..T {
+            // SAFETY: the block's codes from c.
+            xv[t] = unsafe { i16_codes_512(xs[t], c, two) };
+        }
+        for r in 0..R {
+            let ip = p.wrapping_add(r * rb + c * BITS / 8);
+            prefetch(ip, ahead);
+            // SAFETY: 8 · BITS (or 4 · BITS) index bytes of row r from element c.
+            let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
+            let lo = small_words(i, st, 0, tables[r]);
+            let hi = small_words(i, st, 1, tables[r]);
+            for t in 0..T {
+                sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
+                sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
+            }
+        }
+        c += if two { 2 * CHUNK } else { CHUNK };
+    }
+    sums
+}
+
+/// `vpermw` indices that turn a 2-bit table register (its 4 words repeated:
+/// [`small_table_i16_512`]) into one whose word `k` is entry `(k >> 2) & 3`: looked up by a
+/// word, it gives the entry named by the word's bits 2..4.
+const LUT2_SECOND_FIELD: __m512i = {
+    let mut idx = [0u16; 32];
+    let mut k = 0;
+    while k < 32 {
+        idx[k] = ((k >> 2) & 3) as u16;
+        k += 1;
+    }
+    // SAFETY: [u16; 32] and __m512i have the same size; every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u16; 32], __m512i>(idx) }
+};
+
+/// [`lut_small_i16_512`] for planar 2-bit rows ([`crate::planar::lut2`]): per whole I16 block
+/// one 64-byte read per row holds its 256 indices as eight 2-bit fields of 32 words, each
+/// field in the I16 codes' order, so `vpermw` looks each field up with no index shuffles:
+/// fields 0 and 1 as read (the table register repeated every four words, and the same
+/// spread to read bits 2..4), the others after shifting the words right by 4, 8 and 12. The
+/// words are summed as [`lut_small_i16_512`] sums them, so the results are its results, bit
+/// for bit. The elements after the last whole block are as stored.
+///
+/// # Safety
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a planar 2-bit lookup-table tensor; row
+/// `r0 + r` takes `tables[r]` with scale `s[r]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+unsafe fn lut2_planar_i16_512<const R: usize, const T: usize>(
+    w: &KilnMatrix,
+    r0: usize,
+    tables: &[__m512i; TILE_ROWS],
+    s: &[f32; TILE_ROWS],
+    xs: [&QuantizedRow; T],
+) -> [[f32; T]; R] {
+    const BLOCK: usize = crate::activation::I16_BLOCK;
+    let rb = w.row_bytes;
+    let ahead = super::prefetch_distance(rb);
+    let p = w.data[r0 * rb..].as_ptr();
+    let mut second = [_mm512_setzero_si512(); TILE_ROWS];
+    for r in 0..R {
+        second[r] = _mm512_permutexvar_epi16(LUT2_SECOND_FIELD, tables[r]);
+    }
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let whole = w.cols / BLOCK;
+    for b in 0..whole {
+        let mut sums = [[_mm512_setzero_si512(); T]; R];
+        // Steps of 64 elements: fields 2·step and 2·step + 1, after a shift of 4·step.
+        macro_rules! step {
+            ($step:literal) => {{
+                let c = b * BLOCK + 64 * $step;
+                let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
+                for t in 0..T {
+                    // SAFETY: the block's codes from c.
+                    xv[t] = unsafe { i16_codes_512(xs[t], c, true) };
+                }
+                for r in 0..R {
+                    let ip = p.wrapping_add(r * rb + b * (BLOCK / 4));
+                    if $step == 0 {
+                        prefetch(ip, ahead);
+                    }
+                    // SAFETY: the block's 64 index bytes of row r0 + r.
+                    let v = unsafe { _mm512_loadu_si512(ip.cast()) };
+                    let v = _mm512_srli_epi16::<{ 4 * $step }>(v);
+                    let lo = _mm512_permutexvar_epi16(v, tables[r]);
+                    let hi = _mm512_permutexvar_epi16(v, second[r]);
+                    for t in 0..T {
+                        sums[r][t] = dpwssd(sums[r][t], lo, xv[t].0);
+                        sums[r][t] = dpwssd(sums[r][t], hi, xv[t].1);
+                    }
+                }
+            }};
+        }
+        step!(0);
+        step!(1);
+        step!(2);
+        step!(3);
+        add_i16_block(&mut acc, &sums, &xs, b);
+    }
+    if whole * BLOCK < w.cols {
+        // SAFETY: the elements after the last whole block, as stored (the caller's).
+        let sums =
+            unsafe { lut_small_block::<2, R, T>(p, rb, ahead, whole * BLOCK..w.cols, tables, &xs) };
+        add_i16_block(&mut acc, &sums, &xs, whole);
     }
     scaled_tile_sums(&acc, s)
 }
