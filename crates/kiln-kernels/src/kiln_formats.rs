@@ -206,7 +206,12 @@ impl<'a> KilnMatrix<'a> {
     pub(crate) fn lut4_b32_table(&self, r: usize) -> &'a [u8; 16] {
         debug_assert!(matches!(self.ty, KilnType::Lut4B32 { .. }) && r < self.rows);
         // A 32-bit division: rows are far below 2^32 (the tables would not fit otherwise).
-        let g = (r as u32 / self.group_rows) as usize;
+        self.lut4_b32_group_table((r as u32 / self.group_rows) as usize)
+    }
+
+    /// The 7-bit table of group `g` of a `LUT4_B32` tensor (rows `g · group_rows ..`).
+    #[inline]
+    pub(crate) fn lut4_b32_group_table(&self, g: usize) -> &'a [u8; 16] {
         let at = self.rows * self.row_bytes + g * 16;
         self.data[at..at + 16].try_into().expect("16 bytes")
     }

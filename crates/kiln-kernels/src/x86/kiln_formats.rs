@@ -190,18 +190,24 @@ unsafe fn tile<const R: usize, const T: usize>(
             },
             (Isa::Avx512Vnni, KilnType::Lut4B32 { group }) if has_vbmi() => {
                 // A tile within one group multiplies as a tensor-wide table does, with that
-                // group's table (one register rather than one per row).
-                let g = w.group_rows as usize;
-                let grouped = group.is_some() && r0 % g + R > g;
+                // group's table (one register rather than one per row). One 32-bit division
+                // per tile finds the group (rows are far below 2^32: the tables would not fit
+                // otherwise).
+                let gr = w.group_rows;
+                let g0 = r0 as u32 / gr;
+                let grouped = group.is_some() && (r0 as u32 - g0 * gr) as usize + R > gr as usize;
+                let g0 = g0 as usize;
                 match (grouped, xs[0].is_refined(), w.planar) {
-                    (false, false, false) => lut4b32_512::<R, T, false, false, false>(w, r0, xs),
-                    (false, true, false) => lut4b32_512::<R, T, false, true, false>(w, r0, xs),
-                    (true, false, false) => lut4b32_512::<R, T, true, false, false>(w, r0, xs),
-                    (true, true, false) => lut4b32_512::<R, T, true, true, false>(w, r0, xs),
-                    (false, false, true) => lut4b32_512::<R, T, false, false, true>(w, r0, xs),
-                    (false, true, true) => lut4b32_512::<R, T, false, true, true>(w, r0, xs),
-                    (true, false, true) => lut4b32_512::<R, T, true, false, true>(w, r0, xs),
-                    (true, true, true) => lut4b32_512::<R, T, true, true, true>(w, r0, xs),
+                    (false, false, false) => {
+                        lut4b32_512::<R, T, false, false, false>(w, r0, g0, xs)
+                    }
+                    (false, true, false) => lut4b32_512::<R, T, false, true, false>(w, r0, g0, xs),
+                    (true, false, false) => lut4b32_512::<R, T, true, false, false>(w, r0, g0, xs),
+                    (true, true, false) => lut4b32_512::<R, T, true, true, false>(w, r0, g0, xs),
+                    (false, false, true) => lut4b32_512::<R, T, false, false, true>(w, r0, g0, xs),
+                    (false, true, true) => lut4b32_512::<R, T, false, true, true>(w, r0, g0, xs),
+                    (true, false, true) => lut4b32_512::<R, T, true, false, true>(w, r0, g0, xs),
+                    (true, true, true) => lut4b32_512::<R, T, true, true, true>(w, r0, g0, xs),
                 }
             }
             (_, KilnType::I8Ch) if xs[0].is_refined() => i8ch_256::<R, T, true>(w, r0, xs),
@@ -752,22 +758,26 @@ const LUT4B32_PARAMS_IDX: __m512i = {
 };
 
 /// The tables of rows `r0..r0 + R` of a `LUT4_B32` tensor, each in every 16 bytes of a
-/// register (`GROUPED == false`: the tensor's one, in the first only).
+/// register (`GROUPED == false`: group `g0`'s, the one of every row, in the first only).
 ///
 /// # Safety
-/// AVX-512 F; rows `r0..r0 + R` exist in `w`, a `LUT4_B32` tensor.
+/// AVX-512 F; rows `r0..r0 + R` exist in `w`, a `LUT4_B32` tensor; `g0` is row `r0`'s group.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 #[inline]
 unsafe fn lut4b32_tables_512<const R: usize, const GROUPED: bool>(
     w: &KilnMatrix,
     r0: usize,
+    g0: usize,
 ) -> [__m512i; R] {
     let mut tables = [_mm512_setzero_si512(); R];
-    for (r, t) in tables
-        .iter_mut()
-        .enumerate()
-        .take(if GROUPED { R } else { 1 })
-    {
+    if !GROUPED {
+        debug_assert_eq!(w.lut4_b32_table(r0), w.lut4_b32_group_table(g0));
+        // SAFETY: a table is 16 bytes.
+        let t128 = unsafe { _mm_loadu_si128(w.lut4_b32_group_table(g0).as_ptr().cast()) };
+        tables[0] = _mm512_broadcast_i32x4(t128);
+        return tables;
+    }
+    for (r, t) in tables.iter_mut().enumerate() {
         // SAFETY: a table is 16 bytes.
         let t128 = unsafe { _mm_loadu_si128(w.lut4_b32_table(r0 + r).as_ptr().cast()) };
         *t = _mm512_broadcast_i32x4(t128);
@@ -776,9 +786,9 @@ unsafe fn lut4b32_tables_512<const R: usize, const GROUPED: bool>(
 }
 
 /// # Safety
-/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `LUT4_B32` tensor, with one table per group
-/// of rows if `GROUPED` (a tile's rows may straddle groups, so each row takes its own), in
-/// planar rows ([`crate::planar::lut4_b32`]) if `PLANAR`.
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a `LUT4_B32` tensor, `g0` row `r0`'s group,
+/// with one table per group of rows if `GROUPED` (a tile's rows may straddle groups, so each
+/// row takes its own), in planar rows ([`crate::planar::lut4_b32`]) if `PLANAR`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 unsafe fn lut4b32_512<
     const R: usize,
@@ -789,13 +799,14 @@ unsafe fn lut4b32_512<
 >(
     w: &KilnMatrix,
     r0: usize,
+    g0: usize,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
     let nb = w.cols / CHUNK;
     let p = w.data[r0 * w.row_bytes..].as_ptr();
     // In every 16 bytes: `vpermb` then reads entry `i & 15` whatever bits 4..6 of `i` hold.
-    // SAFETY: rows r0..r0 + R exist (the caller's guarantee).
-    let table = unsafe { lut4b32_tables_512::<R, GROUPED>(w, r0) };
+    // SAFETY: rows r0..r0 + R exist and g0 is r0's group (the caller's guarantee).
+    let table = unsafe { lut4b32_tables_512::<R, GROUPED>(w, r0, g0) };
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut offs = [[_mm256_setzero_ps(); T]; R];
     let mut b = 0;
