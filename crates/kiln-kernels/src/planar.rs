@@ -637,13 +637,11 @@ pub mod lut2 {
         cols / 4
     }
 
-    /// The indices of a stored row's first `n` elements (whole chunks).
-    fn indices(row: &[u8], n: usize) -> Vec<u8> {
-        let mut idx = vec![0u8; n];
+    /// The indices of a stored row's first `idx.len()` elements (whole chunks) into `idx`.
+    fn indices(row: &[u8], idx: &mut [u8]) {
         for (c, out) in row.chunks_exact(8).zip(idx.chunks_exact_mut(CHUNK)) {
             unpack_chunk(2, c, out.try_into().expect("32 indices"));
         }
-        idx
     }
 
     /// Rewrites `src`, whole stored `LUT2` rows of `cols` elements (no tables), into planar
@@ -660,8 +658,10 @@ pub mod lut2 {
             dst.len()
         );
         let whole = cols / I16_BLOCK;
+        // One buffer for every row's indices: a matrix is rewritten at load.
+        let mut idx = vec![0u8; whole * I16_BLOCK];
         for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
-            let idx = indices(s, whole * I16_BLOCK);
+            indices(s, &mut idx);
             for (b, out) in d.chunks_exact_mut(BLOCK_BYTES).take(whole).enumerate() {
                 let block = &idx[b * I16_BLOCK..(b + 1) * I16_BLOCK];
                 for (k, word) in out.chunks_exact_mut(2).enumerate() {
