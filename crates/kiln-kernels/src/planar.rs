@@ -704,6 +704,170 @@ pub mod lut2 {
     }
 }
 
+/// The planar layout of the kiln format `LUT6` (a 6-bit lookup table per tensor, per group of
+/// rows or per row): each whole I16 activation block of a row (256 elements, 192 bytes) as two
+/// nibble registers and a top-bits register of 64 bytes each. Byte `j` of nibble register
+/// `h` holds the low four bits of element `128 h + j` in its low nibble and of element
+/// `128 h + 64 + j` in its high one; byte `j` of the top-bits register holds the top two bits
+/// of element `64 s + j` at bits `2 s .. 2 s + 2` (`s` = 0..4). The elements after the last
+/// whole block stay as stored, and so do the tables after the last row.
+///
+/// Stored rows gave the AVX-512 kernel 64 indices in 48 bytes, gathered per 32 with a byte
+/// permute, a variable shift and a bit select, then looked up with a two-register word permute.
+/// Planar rows give each 64 indices as bytes in element order with one bit select (of a
+/// nibble register, as read or shifted by four, and the top-bits register shifted to bits
+/// 4..6), which `vpermb` looks up in the table's byte planes (64 entries fill a register)
+/// before two byte interleaves make the words.
+pub mod lut6 {
+    use kiln_format::kiln_types::{pack_chunk, unpack_chunk, KilnType, CHUNK};
+
+    use crate::activation::I16_BLOCK;
+    use crate::Isa;
+
+    /// Bytes of a whole block's indices.
+    const BLOCK_BYTES: usize = I16_BLOCK * 6 / 8;
+    /// Bytes of a stored 32-index chunk.
+    const CHUNK_BYTES: usize = 24;
+
+    /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements: 6-bit lookup
+    /// tables on AVX-512 VNNI with VBMI (the level whose kernels take 16-bit table entries),
+    /// rows of whole chunks with at least one whole I16 block.
+    pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            isa == Isa::Avx512Vnni
+                && crate::x86::kiln_formats::has_vbmi()
+                && matches!(ty, KilnType::Lut { bits: 6, .. })
+                && cols >= I16_BLOCK
+                && cols.is_multiple_of(CHUNK)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, ty, cols);
+            false
+        }
+    }
+
+    /// Row bytes of `cols` elements (the same in both layouts).
+    fn shape(cols: usize, what: &str) -> usize {
+        assert!(
+            cols > 0 && cols.is_multiple_of(CHUNK),
+            "{what}: {cols} columns are not whole LUT6 chunks"
+        );
+        cols / CHUNK * CHUNK_BYTES
+    }
+
+    /// Writes a whole block's 256 indices `idx` (element order) into its planar 192 bytes.
+    fn pack_block(idx: &[u8], out: &mut [u8]) {
+        let (nibbles, top) = out.split_at_mut(128);
+        for h in 0..2 {
+            for j in 0..64 {
+                let (lo, hi) = (idx[128 * h + j], idx[128 * h + 64 + j]);
+                nibbles[64 * h + j] = (lo & 0x0f) | (hi & 0x0f) << 4;
+            }
+        }
+        for (j, t) in top.iter_mut().enumerate() {
+            *t = (0..4).fold(0u8, |t, s| t | (idx[64 * s + j] >> 4 & 3) << (2 * s));
+        }
+    }
+
+    /// The 256 indices (element order) of a whole block's planar 192 bytes `block` into `idx`.
+    fn unpack_block(block: &[u8], idx: &mut [u8]) {
+        let (nibbles, top) = block.split_at(128);
+        for (e, i) in idx.iter_mut().enumerate() {
+            let (h, k) = (e / 128, e % 128);
+            let n = nibbles[64 * h + k % 64] >> (4 * (k / 64)) & 0x0f;
+            *i = n | (top[e % 64] >> (2 * (e / 64)) & 3) << 4;
+        }
+    }
+
+    /// Rewrites `src`, whole stored `LUT6` rows of `cols` elements (no tables), into planar
+    /// rows in `dst` (the same length).
+    ///
+    /// # Panics
+    /// If `cols` is not whole chunks or the buffers are not whole rows of the same length.
+    pub fn pack_rows(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let row = shape(cols, "lut6::pack_rows");
+        assert!(
+            src.len() == dst.len() && src.len().is_multiple_of(row),
+            "lut6::pack_rows: {} bytes into {} are not whole rows of {row}",
+            src.len(),
+            dst.len()
+        );
+        let whole = cols / I16_BLOCK;
+        let mut idx = [0u8; I16_BLOCK];
+        for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
+            for b in 0..whole {
+                let chunks = &s[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+                for (c, out) in chunks
+                    .chunks_exact(CHUNK_BYTES)
+                    .zip(idx.chunks_exact_mut(CHUNK))
+                {
+                    unpack_chunk(6, c, out.try_into().expect("32 indices"));
+                }
+                pack_block(&idx, &mut d[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES]);
+            }
+            let tail = whole * BLOCK_BYTES;
+            d[tail..].copy_from_slice(&s[tail..]);
+        }
+    }
+
+    /// Rewrites one planar row `src` of `cols` elements back into its stored bytes in `dst`.
+    ///
+    /// # Panics
+    /// As [`pack_rows`], for one row.
+    pub fn unpack_row(cols: usize, src: &[u8], dst: &mut [u8]) {
+        let row = shape(cols, "lut6::unpack_row");
+        assert!(
+            src.len() == row && dst.len() == row,
+            "lut6::unpack_row: a row of {cols} elements is {row} bytes"
+        );
+        let whole = cols / I16_BLOCK;
+        let mut idx = [0u8; I16_BLOCK];
+        for b in 0..whole {
+            unpack_block(&src[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES], &mut idx);
+            let out = &mut dst[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
+            for (c, i) in out
+                .chunks_exact_mut(CHUNK_BYTES)
+                .zip(idx.chunks_exact(CHUNK))
+            {
+                pack_chunk(6, i.try_into().expect("32 indices"), c);
+            }
+        }
+        let tail = whole * BLOCK_BYTES;
+        dst[tail..].copy_from_slice(&src[tail..]);
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A block's planar bytes give its indices back, and every byte of them counts.
+        #[test]
+        fn blocks_round_trip() {
+            let idx: Vec<u8> = (0..I16_BLOCK)
+                .map(|e| ((e * 37 + e / 64) % 64) as u8)
+                .collect();
+            let mut planar = [0u8; BLOCK_BYTES];
+            pack_block(&idx, &mut planar);
+            let mut back = [0u8; I16_BLOCK];
+            unpack_block(&planar, &mut back);
+            assert_eq!(&back[..], &idx[..]);
+            // Element 64 + 5: the high nibble of nibble byte 5, top bits at 2..4 of top byte 5.
+            let mut one = [0u8; I16_BLOCK];
+            one[69] = 0x3f;
+            pack_block(&one, &mut planar);
+            let set: Vec<(usize, u8)> = planar
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|&(_, b)| b != 0)
+                .collect();
+            assert_eq!(set, vec![(5, 0xf0), (128 + 5, 0x0c)]);
+        }
+    }
+}
+
 /// The planar layout of the kiln format `I4_B64`: each row's code plane, then its scale plane
 /// (every block's f16 scale, block after block). The code plane pairs blocks `2g` and
 /// `2g + 1` in 64 bytes: byte `j` (0..32) holds element `j` of the first block in its low
@@ -836,6 +1000,7 @@ pub mod kiln {
         super::lut4_b32::supported(isa, ty, cols)
             || super::lut4::supported(isa, ty, cols)
             || super::lut2::supported(isa, ty, cols)
+            || super::lut6::supported(isa, ty, cols)
             || super::i4_b64::supported(isa, ty, cols)
     }
 
@@ -848,6 +1013,7 @@ pub mod kiln {
             KilnType::Lut4B32 { .. } => super::lut4_b32::pack_rows(cols, src, dst),
             KilnType::Lut { bits: 4, .. } => super::lut4::pack_rows(cols, src, dst),
             KilnType::Lut { bits: 2, .. } => super::lut2::pack_rows(cols, src, dst),
+            KilnType::Lut { bits: 6, .. } => super::lut6::pack_rows(cols, src, dst),
             KilnType::I4B64 => super::i4_b64::pack_rows(cols, src, dst),
             _ => panic!("planar::kiln::pack_rows: no planar layout for {ty}"),
         }
@@ -862,6 +1028,7 @@ pub mod kiln {
             KilnType::Lut4B32 { .. } => super::lut4_b32::unpack_row(cols, src, dst),
             KilnType::Lut { bits: 4, .. } => super::lut4::unpack_row(cols, src, dst),
             KilnType::Lut { bits: 2, .. } => super::lut2::unpack_row(cols, src, dst),
+            KilnType::Lut { bits: 6, .. } => super::lut6::unpack_row(cols, src, dst),
             KilnType::I4B64 => super::i4_b64::unpack_row(cols, src, dst),
             _ => panic!("planar::kiln::unpack_row: no planar layout for {ty}"),
         }

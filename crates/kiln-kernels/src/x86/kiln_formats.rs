@@ -97,12 +97,15 @@ const TILE_ROWS: usize = super::TILE_ROWS;
 /// The kernels are called in an `unsafe` block: the macro's user guarantees that every tile's
 /// rows and activation rows exist, `out` holds them, and the CPU has the kernel's features.
 macro_rules! run_tiles {
-    ($rows:expr, $xq:expr, $out:expr, $stride:expr, $base:expr, |$r:ident| $kernel:ident($($arg:expr),*)) => {{
+    ($rows:expr, $xq:expr, $out:expr, $stride:expr, $base:expr,
+     |$r:ident| $kernel:ident $(<$($g:tt),*>)? ($($arg:expr),*)) => {{
         let (xq, out, stride, base): (&[QuantizedRow], &mut [f32], usize, usize) =
             ($xq, $out, $stride, $base);
         for_tiles($rows, xq.len(), |$r, n, t, m| {
             // SAFETY: the macro's user's guarantee (see above).
-            unsafe { tile!(n, m, xq, t, out, stride, $r - base, $kernel($($arg),*)) }
+            unsafe {
+                tile!(n, m, xq, t, out, stride, $r - base, $kernel $(<$($g),*>)? ($($arg),*))
+            }
         });
     }};
 }
@@ -1327,8 +1330,8 @@ unsafe fn lut_table_f32(t: &[u8]) -> [f32; 256] {
 #[inline]
 unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usize, out: *mut u8) {
     let tp = w.table(r).as_ptr();
-    // Planar 2-bit rows: the chunks after the last whole I16 block are as stored.
-    let planar_chunks = if w.planar && bits == 2 {
+    // Planar 2- and 6-bit rows: the chunks after the last whole I16 block are as stored.
+    let planar_chunks = if w.planar && (bits == 2 || bits == 6) {
         w.cols / crate::activation::I16_BLOCK * (crate::activation::I16_BLOCK / CHUNK)
     } else {
         0
@@ -1448,6 +1451,11 @@ unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usiz
         6 => {
             // SAFETY: 64 entries are 128 bytes.
             let t = unsafe { lut6_table_512(tp) };
+            if planar_chunks > 0 {
+                // SAFETY: the row is planar, of whole chunks (`KilnMatrix::new_planar`), with
+                // `planar_chunks / 8` whole blocks.
+                unsafe { lut6_planar_blocks_512::<BF16>(w.row(r), planar_chunks, &t, out) };
+            }
             for (o, c) in chunks {
                 // SAFETY: the chunk's 24 bytes.
                 let (i0, i1) = unsafe { lut6_indices_512(c.as_ptr()) };
@@ -1818,6 +1826,55 @@ unsafe fn lut2_planar_blocks_512<const BF16: bool>(
     }
 }
 
+/// The values of the whole I16 blocks of a planar 6-bit row ([`crate::planar::lut6`]), the
+/// first `chunks` chunks: each step's index bytes ([`lut6_planar_indices`], element order)
+/// widened to dwords 16 at a time and looked up in `t` (the table's 64 f32 entries).
+///
+/// # Safety
+/// AVX-512 F/BW (with `BF16`, AVX-512 BF16); `row` is a planar 6-bit row with `chunks / 8`
+/// whole blocks, `out` writable for their values (f32, or u16 with `BF16`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn lut6_planar_blocks_512<const BF16: bool>(
+    row: &[u8],
+    chunks: usize,
+    t: &[__m512; 4],
+    out: *mut u8,
+) {
+    const BLOCK: usize = crate::activation::I16_BLOCK;
+    const BLOCK_BYTES: usize = BLOCK * 6 / 8;
+    let blocks = chunks / (BLOCK / CHUNK);
+    assert!(chunks.is_multiple_of(BLOCK / CHUNK) && row.len() >= blocks * BLOCK_BYTES);
+    for b in 0..blocks {
+        let bp = row[b * BLOCK_BYTES..].as_ptr();
+        // SAFETY: the block's 192 bytes (the row's length, asserted).
+        let steps = unsafe {
+            [
+                lut6_planar_indices::<0>(bp),
+                lut6_planar_indices::<1>(bp),
+                lut6_planar_indices::<2>(bp),
+                lut6_planar_indices::<3>(bp),
+            ]
+        };
+        for (s, i) in steps.into_iter().enumerate() {
+            for half in 0..2 {
+                let quarter = |q: usize| {
+                    let v = match q {
+                        0 => _mm512_castsi512_si128(i),
+                        1 => _mm512_extracti32x4_epi32::<1>(i),
+                        2 => _mm512_extracti32x4_epi32::<2>(i),
+                        _ => _mm512_extracti32x4_epi32::<3>(i),
+                    };
+                    lookup64_512(_mm512_cvtepu8_epi32(v), t)
+                };
+                let at = b * BLOCK + 64 * s + 32 * half;
+                // SAFETY: the 32 values from `at` lie within the blocks (the caller's `out`).
+                unsafe { put32::<BF16>(out, at, quarter(2 * half), quarter(2 * half + 1)) };
+            }
+        }
+    }
+}
+
 /// An `I8_CH` row's values, `scale · c`.
 ///
 /// # Safety
@@ -2080,7 +2137,10 @@ unsafe fn lut6_table_512(t: *const u8) -> [__m512; 4] {
 //   `vpermi2b` gathers each word's index bytes from the 48 index bytes of 64 elements and the
 //   same shifted right by four: its nibble (from the shifted copy for a high nibble) and its
 //   top-bits byte; a variable shift lines the top bits up and a bit select joins the two
-//   (`vpermi2w` reads the low six bits only).
+//   (`vpermi2w` reads the low six bits only). Planar rows ([`crate::planar::lut6`]) give each
+//   whole block's 64 indices in element order with one bit select, looked up as `LUT4`'s
+//   planar rows were, in the table's byte planes (64 entries fill a register): two `vpermb`
+//   and two byte interleaves per 64 weights.
 // - `LUT4` / `LUT2` (VBMI): the table's 16 (4) words repeated through one register, so every
 //   row of a tile keeps its own. Per 32 weights one `vpermb` puts each word's index byte in
 //   both its bytes, a variable word shift brings the index down to bit 0, and `vpermw` looks
@@ -2270,9 +2330,17 @@ unsafe fn lut_i16_dot_block(
                             _mm512_loadu_si512(u.as_ptr().add(32).cast()),
                         ]
                     };
-                    run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut6_i16_512(
-                        w, r, &table, s
-                    ));
+                    // SAFETY: AVX-512 where `native`.
+                    let planes = unsafe { byte_planes64(&table) };
+                    if w.planar {
+                        run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut6_i16_512<true>(
+                            w, r, &table, &planes, s
+                        ));
+                    } else {
+                        run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut6_i16_512<false>(
+                            w, r, &table, &planes, s
+                        ));
+                    }
                 }
                 (false, _) => {
                     let mut table = [0.0f32; 256];
@@ -2484,17 +2552,81 @@ fn lookup64_words(
     _mm512_permutex2var_epi16(table[0], idx, table[1])
 }
 
+/// The byte planes of a 64-entry table's 16-bit integers (`table`, 32 words per register):
+/// low bytes in `[0]`, high bytes in `[1]`, entry `k` at byte `k`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn byte_planes64(table: &[__m512i; 2]) -> [__m512i; 2] {
+    let bytes = |a: __m512i, b: __m512i| {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm512_cvtepi16_epi8(a)),
+            _mm512_cvtepi16_epi8(b),
+        )
+    };
+    [
+        bytes(table[0], table[1]),
+        bytes(
+            _mm512_srli_epi16::<8>(table[0]),
+            _mm512_srli_epi16::<8>(table[1]),
+        ),
+    ]
+}
+
+/// The index bytes, in element order, of step `s` (elements `64 s .. 64 s + 64`) of a whole
+/// block of a planar 6-bit row ([`crate::planar::lut6`]) at `bp`: the step's nibbles (a nibble
+/// register as read, or shifted right by four for its high nibbles) joined by a bit select
+/// with the top bits shifted to bits 4..6. Bits 6..8 hold other elements' bits, which
+/// `vpermb` and the 64-entry lookups ignore.
+///
 /// # Safety
-/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a 6-bit lookup-table tensor whose rows
-/// `r0..r0 + R` share the table `table` (64 words of `lut_table_i16`, scale `s`).
+/// AVX-512 BW; the block's 192 bytes are readable at `bp`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn lut6_planar_indices<const S: usize>(bp: *const u8) -> __m512i {
+    // SAFETY: the nibble register of the step and the top-bits register (the caller's bytes).
+    let (n, t) = unsafe {
+        (
+            _mm512_loadu_si512(bp.add(64 * (S / 2)).cast()),
+            _mm512_loadu_si512(bp.add(128).cast()),
+        )
+    };
+    let n = if S % 2 == 1 {
+        _mm512_srli_epi16::<4>(n)
+    } else {
+        n
+    };
+    // Top bits of step S at bits 2S..2S + 2 of each byte, to bits 4..6.
+    let t = match S {
+        0 => _mm512_slli_epi16::<4>(t),
+        1 => _mm512_slli_epi16::<2>(t),
+        2 => t,
+        _ => _mm512_srli_epi16::<2>(t),
+    };
+    // Bits 0..4 from the nibbles, the rest from the top bits: (c & a) | (!c & b).
+    _mm512_ternarylogic_epi32::<0xe4>(n, t, _mm512_set1_epi8(0x0f))
+}
+
+/// # Safety
+/// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a 6-bit lookup-table tensor (planar rows
+/// with `PLANAR`: [`crate::planar::lut6`]) whose rows `r0..r0 + R` share the table `table`
+/// (64 words of `lut_table_i16`, scale `s`; `planes` its [`byte_planes64`]).
+///
+/// Planar rows: each whole I16 block's steps of 64 come as index bytes in element order
+/// ([`lut6_planar_indices`]), which two `vpermb` in the byte planes and two byte interleaves
+/// turn into the words of the I16 codes' order (as [`lut4_planar_words`] does for 16
+/// entries); the elements after the last whole block are as stored. The words are those of
+/// the stored rows, in the same places, so the results are the same, bit for bit.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-unsafe fn lut6_i16_512<const R: usize, const T: usize>(
+unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
     w: &KilnMatrix,
     r0: usize,
     table: &[__m512i; 2],
+    planes: &[__m512i; 2],
     s: f32,
     xs: [&QuantizedRow; T],
 ) -> [[f32; T]; R] {
+    const BLOCK: usize = crate::activation::I16_BLOCK;
+    const BLOCK_BYTES: usize = BLOCK * 6 / 8;
     let rb = w.row_bytes;
     let ahead = super::prefetch_distance(rb);
     let p = w.data[r0 * rb..].as_ptr();
@@ -2502,8 +2634,43 @@ unsafe fn lut6_i16_512<const R: usize, const T: usize>(
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut b = 0;
     let mut start = 0;
+    if PLANAR {
+        while start + BLOCK <= w.cols {
+            let mut sums = [[_mm512_setzero_si512(); T]; R];
+            macro_rules! step {
+                ($s:literal) => {{
+                    let c = start + 64 * $s;
+                    let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
+                    for t in 0..T {
+                        // SAFETY: the block's codes from c.
+                        xv[t] = unsafe { i16_codes_512(xs[t], c, true) };
+                    }
+                    for r in 0..R {
+                        let bp = p.wrapping_add(r * rb + b * BLOCK_BYTES);
+                        if $s < 3 {
+                            prefetch(bp.wrapping_add(64 * $s), ahead);
+                        }
+                        // SAFETY: the whole block's bytes of row r0 + r.
+                        let i = unsafe { lut6_planar_indices::<$s>(bp) };
+                        let (lo, hi) = lookup64_bytes(i, planes);
+                        for t in 0..T {
+                            sums[r][t] = dpwssd(sums[r][t], lo, xv[t].0);
+                            sums[r][t] = dpwssd(sums[r][t], hi, xv[t].1);
+                        }
+                    }
+                }};
+            }
+            step!(0);
+            step!(1);
+            step!(2);
+            step!(3);
+            add_i16_block(&mut acc, &sums, &xs, b);
+            b += 1;
+            start += BLOCK;
+        }
+    }
     while start < w.cols {
-        let end = (start + crate::activation::I16_BLOCK).min(w.cols);
+        let end = (start + BLOCK).min(w.cols);
         let mut sums = [[_mm512_setzero_si512(); T]; R];
         let mut c = start;
         while c < end {
@@ -2541,6 +2708,17 @@ unsafe fn lut6_i16_512<const R: usize, const T: usize>(
         start = end;
     }
     scaled_tile_sums(&acc, &[s; R])
+}
+
+/// The words of 64 index bytes `i` (element order, the index in the low six bits) in a
+/// 64-entry table's byte planes ([`byte_planes64`]): lane `j` of the first register holds
+/// elements `16 j .. 16 j + 8`, of the second `16 j + 8 .. 16 j + 16`, the I16 codes' order.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn lookup64_bytes(i: __m512i, planes: &[__m512i; 2]) -> (__m512i, __m512i) {
+    let lo = _mm512_permutexvar_epi8(i, planes[0]);
+    let hi = _mm512_permutexvar_epi8(i, planes[1]);
+    (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
 }
 
 /// `vpermb` indices and word shifts that turn the index bytes of one step of a 2- or 4-bit
