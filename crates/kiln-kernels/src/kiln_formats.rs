@@ -137,9 +137,9 @@ impl<'a> KilnMatrix<'a> {
     pub fn new_planar(ty: KilnType, data: &'a [u8], rows: usize, cols: usize) -> Option<Self> {
         let m = Self::new(ty, data, rows, cols)?;
         let block = match ty {
-            KilnType::Lut4B32 { .. } | KilnType::Lut { bits: 4, .. } => CHUNK,
+            KilnType::Lut4B32 { .. } | KilnType::Lut { bits: 4 | 6, .. } => CHUNK,
             // Whole I16 blocks, and the chunks after the last as stored.
-            KilnType::Lut { bits: 2 | 6, .. } if cols >= crate::activation::I16_BLOCK => CHUNK,
+            KilnType::Lut { bits: 2, .. } if cols >= crate::activation::I16_BLOCK => CHUNK,
             KilnType::I4B64 => I4_BLOCK,
             _ => return None,
         };

@@ -710,7 +710,10 @@ pub mod lut2 {
 /// `h` holds the low four bits of element `128 h + j` in its low nibble and of element
 /// `128 h + 64 + j` in its high one; byte `j` of the top-bits register holds the top two bits
 /// of element `64 s + j` at bits `2 s .. 2 s + 2` (`s` = 0..4). The elements after the last
-/// whole block stay as stored, and so do the tables after the last row.
+/// whole block follow in steps of `n` = 64 (and a last 32): `n / 2` nibble bytes (byte `j`:
+/// element `j` low, `n / 2 + j` high), then `n / 4` top-bits bytes (byte `j`: element
+/// `n q / 4 + j`'s top bits at `2 q`), as many bytes as the stored chunks. The tables after the
+/// last row stay as they are.
 ///
 /// Stored rows gave the AVX-512 kernel 64 indices in 48 bytes, gathered per 32 with a byte
 /// permute, a variable shift and a bit select, then looked up with a two-register word permute.
@@ -724,21 +727,19 @@ pub mod lut6 {
     use crate::activation::I16_BLOCK;
     use crate::Isa;
 
-    /// Bytes of a whole block's indices.
-    const BLOCK_BYTES: usize = I16_BLOCK * 6 / 8;
     /// Bytes of a stored 32-index chunk.
     const CHUNK_BYTES: usize = 24;
 
     /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements: 6-bit lookup
     /// tables on AVX-512 VNNI with VBMI (the level whose kernels take 16-bit table entries),
-    /// rows of whole chunks with at least one whole I16 block.
+    /// rows of whole chunks.
     pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             isa == Isa::Avx512Vnni
                 && crate::x86::kiln_formats::has_vbmi()
                 && matches!(ty, KilnType::Lut { bits: 6, .. })
-                && cols >= I16_BLOCK
+                && cols > 0
                 && cols.is_multiple_of(CHUNK)
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -757,27 +758,55 @@ pub mod lut6 {
         cols / CHUNK * CHUNK_BYTES
     }
 
-    /// Writes a whole block's 256 indices `idx` (element order) into its planar 192 bytes.
-    fn pack_block(idx: &[u8], out: &mut [u8]) {
-        let (nibbles, top) = out.split_at_mut(128);
-        for h in 0..2 {
-            for j in 0..64 {
-                let (lo, hi) = (idx[128 * h + j], idx[128 * h + 64 + j]);
-                nibbles[64 * h + j] = (lo & 0x0f) | (hi & 0x0f) << 4;
+    /// The parts of a row of `cols` elements: (first element, elements), whole blocks of
+    /// 256, then steps of 64 and a last 32. A part's bytes start at `3 / 4` of its element.
+    pub(crate) fn parts(cols: usize) -> impl Iterator<Item = (usize, usize)> {
+        let whole = cols / I16_BLOCK * I16_BLOCK;
+        let blocks = (0..whole / I16_BLOCK).map(|b| (I16_BLOCK * b, I16_BLOCK));
+        let steps = (whole..cols)
+            .step_by(64)
+            .map(move |c| (c, (cols - c).min(64)));
+        blocks.chain(steps)
+    }
+
+    /// Writes a part's `n` indices `idx` (element order) into its planar bytes `out`.
+    fn pack_part(idx: &[u8], out: &mut [u8]) {
+        let n = idx.len();
+        if n == I16_BLOCK {
+            let (nibbles, top) = out.split_at_mut(128);
+            for h in 0..2 {
+                for j in 0..64 {
+                    let (lo, hi) = (idx[128 * h + j], idx[128 * h + 64 + j]);
+                    nibbles[64 * h + j] = (lo & 0x0f) | (hi & 0x0f) << 4;
+                }
             }
+            for (j, t) in top.iter_mut().enumerate() {
+                *t = (0..4).fold(0u8, |t, s| t | (idx[64 * s + j] >> 4 & 3) << (2 * s));
+            }
+            return;
+        }
+        let (nibbles, top) = out.split_at_mut(n / 2);
+        for (j, b) in nibbles.iter_mut().enumerate() {
+            *b = (idx[j] & 0x0f) | (idx[n / 2 + j] & 0x0f) << 4;
         }
         for (j, t) in top.iter_mut().enumerate() {
-            *t = (0..4).fold(0u8, |t, s| t | (idx[64 * s + j] >> 4 & 3) << (2 * s));
+            *t = (0..4).fold(0u8, |t, q| t | (idx[n / 4 * q + j] >> 4 & 3) << (2 * q));
         }
     }
 
-    /// The 256 indices (element order) of a whole block's planar 192 bytes `block` into `idx`.
-    fn unpack_block(block: &[u8], idx: &mut [u8]) {
-        let (nibbles, top) = block.split_at(128);
+    /// The indices (element order) of a part's planar bytes `part` into `idx` (its `n`).
+    fn unpack_part(part: &[u8], idx: &mut [u8]) {
+        let n = idx.len();
         for (e, i) in idx.iter_mut().enumerate() {
-            let (h, k) = (e / 128, e % 128);
-            let n = nibbles[64 * h + k % 64] >> (4 * (k / 64)) & 0x0f;
-            *i = n | (top[e % 64] >> (2 * (e / 64)) & 3) << 4;
+            let (nibble, top) = if n == I16_BLOCK {
+                let (h, k) = (e / 128, e % 128);
+                let nibble = part[64 * h + k % 64] >> (4 * (k / 64));
+                (nibble, part[128 + e % 64] >> (2 * (e / 64)))
+            } else {
+                let nibble = part[e % (n / 2)] >> (4 * (e / (n / 2)));
+                (nibble, part[n / 2 + e % (n / 4)] >> (2 * (e / (n / 4))))
+            };
+            *i = (nibble & 0x0f) | (top & 3) << 4;
         }
     }
 
@@ -794,21 +823,18 @@ pub mod lut6 {
             src.len(),
             dst.len()
         );
-        let whole = cols / I16_BLOCK;
         let mut idx = [0u8; I16_BLOCK];
         for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row)) {
-            for b in 0..whole {
-                let chunks = &s[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
-                for (c, out) in chunks
+            for (start, n) in parts(cols) {
+                let bytes = start / CHUNK * CHUNK_BYTES..(start + n) / CHUNK * CHUNK_BYTES;
+                for (c, out) in s[bytes.clone()]
                     .chunks_exact(CHUNK_BYTES)
-                    .zip(idx.chunks_exact_mut(CHUNK))
+                    .zip(idx[..n].chunks_exact_mut(CHUNK))
                 {
                     unpack_chunk(6, c, out.try_into().expect("32 indices"));
                 }
-                pack_block(&idx, &mut d[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES]);
+                pack_part(&idx[..n], &mut d[bytes]);
             }
-            let tail = whole * BLOCK_BYTES;
-            d[tail..].copy_from_slice(&s[tail..]);
         }
     }
 
@@ -822,48 +848,63 @@ pub mod lut6 {
             src.len() == row && dst.len() == row,
             "lut6::unpack_row: a row of {cols} elements is {row} bytes"
         );
-        let whole = cols / I16_BLOCK;
         let mut idx = [0u8; I16_BLOCK];
-        for b in 0..whole {
-            unpack_block(&src[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES], &mut idx);
-            let out = &mut dst[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
-            for (c, i) in out
+        for (start, n) in parts(cols) {
+            let bytes = start / CHUNK * CHUNK_BYTES..(start + n) / CHUNK * CHUNK_BYTES;
+            unpack_part(&src[bytes.clone()], &mut idx[..n]);
+            for (c, i) in dst[bytes]
                 .chunks_exact_mut(CHUNK_BYTES)
-                .zip(idx.chunks_exact(CHUNK))
+                .zip(idx[..n].chunks_exact(CHUNK))
             {
                 pack_chunk(6, i.try_into().expect("32 indices"), c);
             }
         }
-        let tail = whole * BLOCK_BYTES;
-        dst[tail..].copy_from_slice(&src[tail..]);
     }
 
     #[cfg(test)]
     mod tests {
         use super::*;
 
-        /// A block's planar bytes give its indices back, and every byte of them counts.
+        /// Every part's planar bytes give its indices back, every byte of them counts, and the
+        /// parts cover a row.
         #[test]
-        fn blocks_round_trip() {
-            let idx: Vec<u8> = (0..I16_BLOCK)
-                .map(|e| ((e * 37 + e / 64) % 64) as u8)
-                .collect();
-            let mut planar = [0u8; BLOCK_BYTES];
-            pack_block(&idx, &mut planar);
-            let mut back = [0u8; I16_BLOCK];
-            unpack_block(&planar, &mut back);
-            assert_eq!(&back[..], &idx[..]);
-            // Element 64 + 5: the high nibble of nibble byte 5, top bits at 2..4 of top byte 5.
-            let mut one = [0u8; I16_BLOCK];
-            one[69] = 0x3f;
-            pack_block(&one, &mut planar);
-            let set: Vec<(usize, u8)> = planar
-                .iter()
-                .copied()
-                .enumerate()
-                .filter(|&(_, b)| b != 0)
-                .collect();
-            assert_eq!(set, vec![(5, 0xf0), (128 + 5, 0x0c)]);
+        fn parts_round_trip() {
+            for n in [I16_BLOCK, 64, 32] {
+                let idx: Vec<u8> = (0..n).map(|e| ((e * 37 + e / 64) % 64) as u8).collect();
+                let mut planar = vec![0u8; n * 3 / 4];
+                pack_part(&idx, &mut planar);
+                let mut back = vec![0u8; n];
+                unpack_part(&planar, &mut back);
+                assert_eq!(back, idx, "{n}");
+            }
+            // Element 64 + 5 of a block: the high nibble of nibble byte 5, top bits at 2..4 of
+            // top byte 5. Element 16 + 5 of a step of 64: the low nibble of byte 21, top bits
+            // at 2..4 of top byte 5.
+            for (n, e, want) in [
+                (I16_BLOCK, 69, vec![(5, 0xf0), (128 + 5, 0x0c)]),
+                (64, 21, vec![(21, 0x0f), (32 + 5, 0x0c)]),
+                (32, 30, vec![(14, 0xf0), (16 + 6, 0xc0)]),
+            ] {
+                let mut one = vec![0u8; n];
+                one[e] = 0x3f;
+                let mut planar = vec![0u8; n * 3 / 4];
+                pack_part(&one, &mut planar);
+                let set: Vec<(usize, u8)> = planar
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .filter(|&(_, b)| b != 0)
+                    .collect();
+                assert_eq!(set, want, "{n}");
+            }
+            for cols in (32..=800).step_by(32) {
+                let mut at = 0;
+                for (start, n) in parts(cols) {
+                    assert_eq!(start, at, "{cols}");
+                    at += n;
+                }
+                assert_eq!(at, cols);
+            }
         }
     }
 }

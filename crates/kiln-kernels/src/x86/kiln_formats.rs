@@ -780,10 +780,19 @@ unsafe fn lut4b32_tables_512<const R: usize, const GROUPED: bool>(
         tables[0] = _mm512_broadcast_i32x4(t128);
         return tables;
     }
-    for (r, t) in tables.iter_mut().enumerate() {
+    // The tile's groups counted on from g0, with no division per row: row r0 is `at` rows
+    // into its group.
+    let group = w.group_rows as usize;
+    let (mut g, mut at) = (g0, r0 - g0 * group);
+    for t in tables.iter_mut() {
+        if at == group {
+            (g, at) = (g + 1, 0);
+        }
+        debug_assert!(g < w.rows.div_ceil(group));
         // SAFETY: a table is 16 bytes.
-        let t128 = unsafe { _mm_loadu_si128(w.lut4_b32_table(r0 + r).as_ptr().cast()) };
+        let t128 = unsafe { _mm_loadu_si128(w.lut4_b32_group_table(g).as_ptr().cast()) };
         *t = _mm512_broadcast_i32x4(t128);
+        at += 1;
     }
     tables
 }
@@ -1330,11 +1339,12 @@ unsafe fn lut_table_f32(t: &[u8]) -> [f32; 256] {
 #[inline]
 unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usize, out: *mut u8) {
     let tp = w.table(r).as_ptr();
-    // Planar 2- and 6-bit rows: the chunks after the last whole I16 block are as stored.
-    let planar_chunks = if w.planar && (bits == 2 || bits == 6) {
-        w.cols / crate::activation::I16_BLOCK * (crate::activation::I16_BLOCK / CHUNK)
-    } else {
-        0
+    // Planar 2-bit rows: the chunks after the last whole I16 block are as stored; planar
+    // 6-bit rows are planar throughout.
+    let planar_chunks = match (w.planar, bits) {
+        (true, 2) => w.cols / crate::activation::I16_BLOCK * (crate::activation::I16_BLOCK / CHUNK),
+        (true, 6) => w.cols / CHUNK,
+        _ => 0,
     };
     let chunks = w
         .row(r)
@@ -1452,9 +1462,8 @@ unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usiz
             // SAFETY: 64 entries are 128 bytes.
             let t = unsafe { lut6_table_512(tp) };
             if planar_chunks > 0 {
-                // SAFETY: the row is planar, of whole chunks (`KilnMatrix::new_planar`), with
-                // `planar_chunks / 8` whole blocks.
-                unsafe { lut6_planar_blocks_512::<BF16>(w.row(r), planar_chunks, &t, out) };
+                // SAFETY: the row is planar, of whole chunks (`KilnMatrix::new_planar`).
+                unsafe { lut6_planar_row_512::<BF16>(w.row(r), w.cols, &t, out) };
             }
             for (o, c) in chunks {
                 // SAFETY: the chunk's 24 bytes.
@@ -1826,51 +1835,61 @@ unsafe fn lut2_planar_blocks_512<const BF16: bool>(
     }
 }
 
-/// The values of the whole I16 blocks of a planar 6-bit row ([`crate::planar::lut6`]), the
-/// first `chunks` chunks: each step's index bytes ([`lut6_planar_indices`], element order)
+/// The values of a planar 6-bit row ([`crate::planar::lut6`]) of `cols` elements: each step's
+/// index bytes ([`lut6_planar_indices`], [`lut6_planar_tail_indices`]: element order)
 /// widened to dwords 16 at a time and looked up in `t` (the table's 64 f32 entries).
 ///
 /// # Safety
-/// AVX-512 F/BW (with `BF16`, AVX-512 BF16); `row` is a planar 6-bit row with `chunks / 8`
-/// whole blocks, `out` writable for their values (f32, or u16 with `BF16`).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+/// AVX-512 F/BW and VBMI (with `BF16`, AVX-512 BF16); `row` is a planar 6-bit row of `cols`
+/// elements (whole chunks), `out` writable for its values (f32, or u16 with `BF16`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2")]
 #[inline]
-unsafe fn lut6_planar_blocks_512<const BF16: bool>(
+unsafe fn lut6_planar_row_512<const BF16: bool>(
     row: &[u8],
-    chunks: usize,
+    cols: usize,
     t: &[__m512; 4],
     out: *mut u8,
 ) {
     const BLOCK: usize = crate::activation::I16_BLOCK;
-    const BLOCK_BYTES: usize = BLOCK * 6 / 8;
-    let blocks = chunks / (BLOCK / CHUNK);
-    assert!(chunks.is_multiple_of(BLOCK / CHUNK) && row.len() >= blocks * BLOCK_BYTES);
-    for b in 0..blocks {
-        let bp = row[b * BLOCK_BYTES..].as_ptr();
-        // SAFETY: the block's 192 bytes (the row's length, asserted).
-        let steps = unsafe {
-            [
-                lut6_planar_indices::<0>(bp),
-                lut6_planar_indices::<1>(bp),
-                lut6_planar_indices::<2>(bp),
-                lut6_planar_indices::<3>(bp),
-            ]
+    assert!(cols.is_multiple_of(CHUNK) && row.len() >= cols / CHUNK * 24);
+    // `n` values from element `at` (16 per quarter of the index bytes `i`).
+    let put = |at: usize, i: __m512i, n: usize| {
+        let quarter = |q: usize| {
+            let v = match q {
+                0 => _mm512_castsi512_si128(i),
+                1 => _mm512_extracti32x4_epi32::<1>(i),
+                2 => _mm512_extracti32x4_epi32::<2>(i),
+                _ => _mm512_extracti32x4_epi32::<3>(i),
+            };
+            lookup64_512(_mm512_cvtepu8_epi32(v), t)
         };
-        for (s, i) in steps.into_iter().enumerate() {
-            for half in 0..2 {
-                let quarter = |q: usize| {
-                    let v = match q {
-                        0 => _mm512_castsi512_si128(i),
-                        1 => _mm512_extracti32x4_epi32::<1>(i),
-                        2 => _mm512_extracti32x4_epi32::<2>(i),
-                        _ => _mm512_extracti32x4_epi32::<3>(i),
-                    };
-                    lookup64_512(_mm512_cvtepu8_epi32(v), t)
-                };
-                let at = b * BLOCK + 64 * s + 32 * half;
-                // SAFETY: the 32 values from `at` lie within the blocks (the caller's `out`).
-                unsafe { put32::<BF16>(out, at, quarter(2 * half), quarter(2 * half + 1)) };
+        for half in 0..n / CHUNK {
+            // SAFETY: the 32 values from `at + 32 half` lie within the row (the caller's
+            // `out`).
+            unsafe {
+                put32::<BF16>(
+                    out,
+                    at + CHUNK * half,
+                    quarter(2 * half),
+                    quarter(2 * half + 1),
+                )
+            };
+        }
+    };
+    for (start, n) in crate::planar::lut6::parts(cols) {
+        let bp = row[start / CHUNK * 24..].as_ptr();
+        // SAFETY (all): the part's bytes lie within the row (its length, asserted).
+        if n == BLOCK {
+            unsafe {
+                put(start, lut6_planar_indices::<0>(bp), 64);
+                put(start + 64, lut6_planar_indices::<1>(bp), 64);
+                put(start + 128, lut6_planar_indices::<2>(bp), 64);
+                put(start + 192, lut6_planar_indices::<3>(bp), 64);
             }
+        } else if n == 64 {
+            put(start, unsafe { lut6_planar_tail_indices::<64>(bp) }, 64);
+        } else {
+            put(start, unsafe { lut6_planar_tail_indices::<32>(bp) }, 32);
         }
     }
 }
@@ -2606,6 +2625,67 @@ unsafe fn lut6_planar_indices<const S: usize>(bp: *const u8) -> __m512i {
     _mm512_ternarylogic_epi32::<0xe4>(n, t, _mm512_set1_epi8(0x0f))
 }
 
+/// `vpmultishiftqb` controls that bring the top bits of a planar 6-bit step of `N` elements
+/// after the last whole block ([`crate::planar::lut6`]), its top-bits bytes repeated through
+/// the register (every 16 bytes for 64 elements, every 8 for 32), to bits 4..6 of each
+/// element's byte: element `e` (byte `e`) takes its bits at `2 q` of its byte within the
+/// repeat, `q = e / 16` (`e / 8`), so byte `k` of its quadword reads from bit
+/// `8 k + 2 q - 4`.
+const fn lut6_tail_top(n: usize) -> [u8; 64] {
+    let mut c = [0u8; 64];
+    let mut e = 0;
+    while e < 64 {
+        let q = e / (n / 4);
+        c[e] = ((8 * (e % 8) + 2 * (q % 4) + 60) % 64) as u8;
+        e += 1;
+    }
+    c
+}
+
+/// Word shift counts that bring a planar 6-bit step's nibble bytes, repeated through the
+/// register, to the low nibble of each element's byte: `0` for the first `N / 2` elements,
+/// `4` (the high nibbles) for the next `N / 2`.
+const fn lut6_tail_nibbles(n: usize) -> [u16; 32] {
+    let mut c = [0u16; 32];
+    let mut w = 0;
+    while w < 32 {
+        c[w] = if (2 * w) % n >= n / 2 { 4 } else { 0 };
+        w += 1;
+    }
+    c
+}
+
+/// [`lut6_planar_indices`] for a step of `N` (64 or 32) elements after the last whole block
+/// of a planar 6-bit row, at `p`: its `N / 2` nibble bytes repeated through the register and
+/// shifted by word, its `N / 4` top-bits bytes repeated and moved by `vpmultishiftqb`, joined
+/// by a bit select. For 32 elements, bytes 32..64 hold what the zero codes there meet.
+///
+/// # Safety
+/// AVX-512 BW and VBMI; the step's `3 N / 4` bytes are readable at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+#[inline]
+unsafe fn lut6_planar_tail_indices<const N: usize>(p: *const u8) -> __m512i {
+    let nibbles = const { lut6_tail_nibbles(N) };
+    let top = const { lut6_tail_top(N) };
+    // SAFETY: the step's bytes (the caller's guarantee); the constants are 64 bytes each.
+    unsafe {
+        let (n, t) = if N == 64 {
+            (
+                _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast())),
+                _mm512_broadcast_i32x4(_mm_loadu_si128(p.add(32).cast())),
+            )
+        } else {
+            (
+                _mm512_broadcast_i32x4(_mm_loadu_si128(p.cast())),
+                _mm512_set1_epi64(p.add(16).cast::<i64>().read_unaligned()),
+            )
+        };
+        let n = _mm512_srlv_epi16(n, _mm512_loadu_si512(nibbles.as_ptr().cast()));
+        let t = _mm512_multishift_epi64_epi8(_mm512_loadu_si512(top.as_ptr().cast()), t);
+        _mm512_ternarylogic_epi32::<0xe4>(n, t, _mm512_set1_epi8(0x0f))
+    }
+}
+
 /// # Safety
 /// AVX-512 VNNI and VBMI; as [`dot_block`], `w` a 6-bit lookup-table tensor (planar rows
 /// with `PLANAR`: [`crate::planar::lut6`]) whose rows `r0..r0 + R` share the table `table`
@@ -2668,6 +2748,40 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
             b += 1;
             start += BLOCK;
         }
+        if start < w.cols {
+            // The steps after the last whole block, in one (partial) block.
+            let mut sums = [[_mm512_setzero_si512(); T]; R];
+            let mut c = start;
+            while c < w.cols {
+                let two = c + 2 * CHUNK <= w.cols;
+                let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
+                for t in 0..T {
+                    // SAFETY: the block's codes from c.
+                    xv[t] = unsafe { i16_codes_512(xs[t], c, two) };
+                }
+                for r in 0..R {
+                    // Planar steps take the stored chunks' bytes: 24 per 32 elements.
+                    let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
+                    prefetch(ip, ahead);
+                    // SAFETY: the step's 48 (or 24) bytes of row r0 + r.
+                    let i = unsafe {
+                        if two {
+                            lut6_planar_tail_indices::<64>(ip)
+                        } else {
+                            lut6_planar_tail_indices::<32>(ip)
+                        }
+                    };
+                    let (lo, hi) = lookup64_bytes(i, planes);
+                    for t in 0..T {
+                        sums[r][t] = dpwssd(sums[r][t], lo, xv[t].0);
+                        sums[r][t] = dpwssd(sums[r][t], hi, xv[t].1);
+                    }
+                }
+                c += if two { 2 * CHUNK } else { CHUNK };
+            }
+            add_i16_block(&mut acc, &sums, &xs, b);
+        }
+        return scaled_tile_sums(&acc, &[s; R]);
     }
     while start < w.cols {
         let end = (start + BLOCK).min(w.cols);
