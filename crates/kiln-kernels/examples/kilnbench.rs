@@ -99,7 +99,12 @@ fn main() {
     let mut weights = Vec::new();
     for name in formats.split_whitespace() {
         if let Some(ty) = GgmlType::from_name(name) {
-            let rb = ty.row_bytes(k).expect("--k fits the ggml type");
+            // A format whose blocks do not divide the rows is skipped, not fatal: the default
+            // list holds `Q6_K`, whose 256-element blocks most model widths do not divide.
+            let Some(rb) = ty.row_bytes(k) else {
+                eprintln!("kilnbench: {name} skipped: its blocks do not divide --k {k}");
+                continue;
+            };
             let rows = (mb << 20) / rb;
             let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
             weights.push(Weights::Ggml(
@@ -108,7 +113,11 @@ fn main() {
                 rows,
             ));
         } else if let Some(ty) = KilnType::from_name(name) {
-            let rows = ((mb << 20) / ty.row_bytes(k).expect("--k fits the format")) / 16 * 16;
+            let Some(rb) = ty.row_bytes(k) else {
+                eprintln!("kilnbench: {name} skipped: its chunks do not divide --k {k}");
+                continue;
+            };
+            let rows = ((mb << 20) / rb) / 16 * 16;
             let data = match ty {
                 KilnType::I8Ch => {
                     let w: Vec<f32> = (0..rows * k).map(|_| unit()).collect();
