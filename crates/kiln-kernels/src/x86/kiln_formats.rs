@@ -2693,9 +2693,9 @@ unsafe fn lut6_planar_tail_indices<const N: usize>(p: *const u8) -> __m512i {
 ///
 /// Planar rows: each whole I16 block's steps of 64 come as index bytes in element order
 /// ([`lut6_planar_indices`]), which two `vpermb` in the byte planes and two byte interleaves
-/// turn into the words of the I16 codes' order (as [`lut4_planar_words`] does for 16
-/// entries); the elements after the last whole block are as stored. The words are those of
-/// the stored rows, in the same places, so the results are the same, bit for bit.
+/// turn into the words of the I16 codes' order ([`byte_plane_words`]); the steps after the
+/// last whole block likewise from [`lut6_planar_tail_indices`]. The words are those of the
+/// stored rows, in the same places, so the results are the same, bit for bit.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
     w: &KilnMatrix,
@@ -2732,7 +2732,7 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
                         }
                         // SAFETY: the whole block's bytes of row r0 + r.
                         let i = unsafe { lut6_planar_indices::<$s>(bp) };
-                        let (lo, hi) = lookup64_bytes(i, planes);
+                        let (lo, hi) = byte_plane_words(i, planes);
                         for t in 0..T {
                             sums[r][t] = dpwssd(sums[r][t], lo, xv[t].0);
                             sums[r][t] = dpwssd(sums[r][t], hi, xv[t].1);
@@ -2748,41 +2748,8 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
             b += 1;
             start += BLOCK;
         }
-        if start < w.cols {
-            // The steps after the last whole block, in one (partial) block.
-            let mut sums = [[_mm512_setzero_si512(); T]; R];
-            let mut c = start;
-            while c < w.cols {
-                let two = c + 2 * CHUNK <= w.cols;
-                let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
-                for t in 0..T {
-                    // SAFETY: the block's codes from c.
-                    xv[t] = unsafe { i16_codes_512(xs[t], c, two) };
-                }
-                for r in 0..R {
-                    // Planar steps take the stored chunks' bytes: 24 per 32 elements.
-                    let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
-                    prefetch(ip, ahead);
-                    // SAFETY: the step's 48 (or 24) bytes of row r0 + r.
-                    let i = unsafe {
-                        if two {
-                            lut6_planar_tail_indices::<64>(ip)
-                        } else {
-                            lut6_planar_tail_indices::<32>(ip)
-                        }
-                    };
-                    let (lo, hi) = lookup64_bytes(i, planes);
-                    for t in 0..T {
-                        sums[r][t] = dpwssd(sums[r][t], lo, xv[t].0);
-                        sums[r][t] = dpwssd(sums[r][t], hi, xv[t].1);
-                    }
-                }
-                c += if two { 2 * CHUNK } else { CHUNK };
-            }
-            add_i16_block(&mut acc, &sums, &xs, b);
-        }
-        return scaled_tile_sums(&acc, &[s; R]);
     }
+    // Stored rows, or the steps after a planar row's last whole block (in one block).
     while start < w.cols {
         let end = (start + BLOCK).min(w.cols);
         let mut sums = [[_mm512_setzero_si512(); T]; R];
@@ -2802,17 +2769,31 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
                 xv[t] = unsafe { i16_codes_512(xs[t], c, two) };
             }
             for r in 0..R {
-                // A chunk of 32 six-bit indices is 24 bytes.
+                // A chunk of 32 six-bit indices is 24 bytes (so is a planar step's share).
                 let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
                 prefetch(ip, ahead);
-                // SAFETY: 48 (or 24) index bytes of row r0 + r from element c.
-                let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
-                let i4 = _mm512_srli_epi16::<4>(i);
-                let lo = lookup64_words(i, i4, st, 0, table);
-                let hi = lookup64_words(i, i4, st, 1, table);
+                let (lo, hi) = if PLANAR {
+                    // SAFETY: the step's 48 (or 24) bytes of row r0 + r.
+                    let i = unsafe {
+                        if two {
+                            lut6_planar_tail_indices::<64>(ip)
+                        } else {
+                            lut6_planar_tail_indices::<32>(ip)
+                        }
+                    };
+                    byte_plane_words(i, planes)
+                } else {
+                    // SAFETY: 48 (or 24) index bytes of row r0 + r from element c.
+                    let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
+                    let i4 = _mm512_srli_epi16::<4>(i);
+                    (
+                        lookup64_words(i, i4, st, 0, table),
+                        lookup64_words(i, i4, st, 1, table),
+                    )
+                };
                 for t in 0..T {
-                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], lo, xv[t].0);
-                    sums[r][t] = _mm512_dpwssd_epi32(sums[r][t], hi, xv[t].1);
+                    sums[r][t] = dpwssd(sums[r][t], lo, xv[t].0);
+                    sums[r][t] = dpwssd(sums[r][t], hi, xv[t].1);
                 }
             }
             c += if two { 2 * CHUNK } else { CHUNK };
@@ -2822,17 +2803,6 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
         start = end;
     }
     scaled_tile_sums(&acc, &[s; R])
-}
-
-/// The words of 64 index bytes `i` (element order, the index in the low six bits) in a
-/// 64-entry table's byte planes ([`byte_planes64`]): lane `j` of the first register holds
-/// elements `16 j .. 16 j + 8`, of the second `16 j + 8 .. 16 j + 16`, the I16 codes' order.
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-#[inline]
-fn lookup64_bytes(i: __m512i, planes: &[__m512i; 2]) -> (__m512i, __m512i) {
-    let lo = _mm512_permutexvar_epi8(i, planes[0]);
-    let hi = _mm512_permutexvar_epi8(i, planes[1]);
-    (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
 }
 
 /// `vpermb` indices and word shifts that turn the index bytes of one step of a 2- or 4-bit
@@ -3413,14 +3383,15 @@ fn words_of_planes(p: Planes16) -> __m512i {
 }
 
 /// The table's words for one step of 64 (or 32) indices in element order (`i`: one byte
-/// each, the index in its low four bits): two lookups in the byte planes and two byte
-/// interleaves give lane `j` of the first register elements `16j .. 16j + 8`, of the second
-/// `16j + 8 .. 16j + 16`, the I16 codes' order. `vpermb` reads six bits of each index byte and
-/// the planes repeat every 16 bytes, so bits 4..8 of `i` may hold anything: the code plane's
-/// bytes need no masking.
+/// each) in a table's byte planes (low bytes of its 16-bit entries in `[0]`, high bytes in
+/// `[1]`): two lookups and two byte interleaves give lane `j` of the first register elements
+/// `16j .. 16j + 8`, of the second `16j + 8 .. 16j + 16`, the I16 codes' order. `vpermb` reads
+/// the low six bits of each index byte: a 64-entry table ([`byte_planes64`]) takes them all;
+/// the planes of a 16-entry one ([`Planes16`]) repeat every 16 bytes, so bits 4..8 of its
+/// indices may hold anything and the code plane's bytes need no masking.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 #[inline]
-fn lut4_planar_words(i: __m512i, planes: &Planes16) -> (__m512i, __m512i) {
+fn byte_plane_words(i: __m512i, planes: &[__m512i; 2]) -> (__m512i, __m512i) {
     let lo = _mm512_permutexvar_epi8(i, planes[0]);
     let hi = _mm512_permutexvar_epi8(i, planes[1]);
     (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
@@ -3428,7 +3399,7 @@ fn lut4_planar_words(i: __m512i, planes: &Planes16) -> (__m512i, __m512i) {
 
 /// [`lut_small_i16_512`] for planar 4-bit rows ([`crate::planar::lut4`]): one 64-byte read of
 /// the code plane gives 128 indices in element order (as read, and shifted), which
-/// [`lut4_planar_words`] looks up in the table's byte planes, two byte permutes and two
+/// [`byte_plane_words`] looks up in the table's byte planes, two byte permutes and two
 /// interleaves per 64 indices where the stored rows take two permutes, two shifts and two
 /// word permutes. The words arrive in the I16 codes' order and are
 /// summed as [`lut_small_i16_512`] sums them, so the results are its results, bit for bit.
@@ -3554,13 +3525,13 @@ unsafe fn lut4_planar_row<const T: usize, const N: usize>(
             super::avx512::planar_codes4::<N>(ip)
         }
     };
-    let (w0, w1) = lut4_planar_words(u01, planes);
+    let (w0, w1) = byte_plane_words(u01, planes);
     for t in 0..T {
         sums[t] = dpwssd(sums[t], w0, x0[t].0);
         sums[t] = dpwssd(sums[t], w1, x0[t].1);
     }
     if N >= 3 {
-        let (w0, w1) = lut4_planar_words(u23, planes);
+        let (w0, w1) = byte_plane_words(u23, planes);
         for t in 0..T {
             sums[t] = dpwssd(sums[t], w0, x1[t].0);
             sums[t] = dpwssd(sums[t], w1, x1[t].1);
@@ -3928,17 +3899,7 @@ unsafe fn byte_planes(t: *const u8) -> BytePlanes {
                 _mm512_loadu_si512(t.add(128 * q + 64).cast()),
             )
         };
-        // Words to their low bytes, and shifted down, to their high bytes.
-        let lo = _mm512_inserti64x4::<1>(
-            _mm512_castsi256_si512(_mm512_cvtepi16_epi8(a)),
-            _mm512_cvtepi16_epi8(b),
-        );
-        let hi = _mm512_inserti64x4::<1>(
-            _mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(a))),
-            _mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(b)),
-        );
-        planes[q] = lo;
-        planes[4 + q] = hi;
+        [planes[q], planes[4 + q]] = byte_planes64(&[a, b]);
     }
     planes
 }
