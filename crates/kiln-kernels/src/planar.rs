@@ -48,6 +48,20 @@ pub fn supported(isa: Isa, ty: GgmlType, cols: usize) -> bool {
     isa == Isa::Avx512Vnni && format(ty).is_some() && cols > 0 && cols.is_multiple_of(QK)
 }
 
+/// Whether `isa` is the level whose kernels read the planar rows of the kiln lookup-table
+/// formats: AVX-512 VNNI with VBMI (their kernels take 16-bit table entries).
+fn vbmi_level(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512Vnni && crate::x86::kiln_formats::has_vbmi()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
 /// Where the 4-bit codes of one block lie in a planar row's code plane.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Slot {
@@ -411,19 +425,10 @@ pub mod lut4_b32 {
     /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements: `LUT4_B32` on
     /// AVX-512 VNNI with VBMI (its table lookups are `vpermb`).
     pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            isa == Isa::Avx512Vnni
-                && crate::x86::kiln_formats::has_vbmi()
-                && matches!(ty, KilnType::Lut4B32 { .. })
-                && cols > 0
-                && cols.is_multiple_of(QK)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (isa, ty, cols);
-            false
-        }
+        super::vbmi_level(isa)
+            && matches!(ty, KilnType::Lut4B32 { .. })
+            && cols > 0
+            && cols.is_multiple_of(QK)
     }
 
     /// Where the parameter codes of a planar row of `nb` blocks start.
@@ -527,19 +532,10 @@ pub mod lut4 {
     /// Whether `isa` has kernels for planar rows of `ty` with `cols` elements: 4-bit lookup
     /// tables on AVX-512 VNNI with VBMI (the level whose kernels take 16-bit table entries).
     pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            isa == Isa::Avx512Vnni
-                && crate::x86::kiln_formats::has_vbmi()
-                && matches!(ty, KilnType::Lut { bits: 4, .. })
-                && cols > 0
-                && cols.is_multiple_of(QK)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (isa, ty, cols);
-            false
-        }
+        super::vbmi_level(isa)
+            && matches!(ty, KilnType::Lut { bits: 4, .. })
+            && cols > 0
+            && cols.is_multiple_of(QK)
     }
 
     /// Chunks per row of `cols` elements, and the row's bytes (the same in both layouts).
@@ -608,19 +604,10 @@ pub mod lut2 {
     /// tables on AVX-512 VNNI with VBMI (the level whose kernels take 16-bit table entries),
     /// rows of whole chunks with at least one whole I16 block.
     pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            isa == Isa::Avx512Vnni
-                && crate::x86::kiln_formats::has_vbmi()
-                && matches!(ty, KilnType::Lut { bits: 2, .. })
-                && cols >= I16_BLOCK
-                && cols.is_multiple_of(CHUNK)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (isa, ty, cols);
-            false
-        }
+        super::vbmi_level(isa)
+            && matches!(ty, KilnType::Lut { bits: 2, .. })
+            && cols >= I16_BLOCK
+            && cols.is_multiple_of(CHUNK)
     }
 
     /// The element of a whole block held by field `f` of word `k`.
@@ -734,19 +721,10 @@ pub mod lut6 {
     /// tables on AVX-512 VNNI with VBMI (the level whose kernels take 16-bit table entries),
     /// rows of whole chunks.
     pub fn supported(isa: Isa, ty: KilnType, cols: usize) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            isa == Isa::Avx512Vnni
-                && crate::x86::kiln_formats::has_vbmi()
-                && matches!(ty, KilnType::Lut { bits: 6, .. })
-                && cols > 0
-                && cols.is_multiple_of(CHUNK)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (isa, ty, cols);
-            false
-        }
+        super::vbmi_level(isa)
+            && matches!(ty, KilnType::Lut { bits: 6, .. })
+            && cols > 0
+            && cols.is_multiple_of(CHUNK)
     }
 
     /// Row bytes of `cols` elements (the same in both layouts).
