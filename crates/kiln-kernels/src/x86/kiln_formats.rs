@@ -326,17 +326,16 @@ unsafe fn i8ch_512<const R: usize, const T: usize, const REFINED: bool>(
     while c < cols {
         let b = c / CHUNK;
         let two = c + 2 * CHUNK <= cols;
-        let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
         let mut xv = [_mm512_setzero_si512(); T];
         let mut yv = [_mm512_setzero_si512(); T];
         let mut dv = [_mm512_setzero_ps(); T];
         for t in 0..T {
             // SAFETY: 32 or 64 codes from c lie within the activation row (and its low parts
             // when refined).
-            xv[t] = unsafe { _mm512_maskz_loadu_epi8(mask, xs[t].codes.as_ptr().add(c).cast()) };
+            xv[t] = unsafe { step_bytes(xs[t].codes.as_ptr().add(c).cast(), two) };
             if REFINED {
                 // SAFETY: as above.
-                yv[t] = unsafe { _mm512_maskz_loadu_epi8(mask, xs[t].low.as_ptr().add(c).cast()) };
+                yv[t] = unsafe { step_bytes(xs[t].low.as_ptr().add(c).cast(), two) };
             }
             let d1 = if two { xs[t].scales[b + 1] } else { 0.0 };
             dv[t] = pair_ps(xs[t].scales[b], d1);
@@ -347,7 +346,7 @@ unsafe fn i8ch_512<const R: usize, const T: usize, const REFINED: bool>(
             // SAFETY: the codes of row r0 + r from c: 64 bytes when `two`, else 32 (masked).
             // A row is `cols` bytes, so with `cols` a multiple of 64 (and the tensor 64-byte
             // aligned, as packages store it) every load is one whole cache line.
-            let wv = unsafe { _mm512_maskz_loadu_epi8(mask, wp.cast()) };
+            let wv = unsafe { step_bytes(wp, two) };
             let wv = _mm512_xor_si512(wv, flip);
             for t in 0..T {
                 let dp = dpbusd_refined::<REFINED>(wv, xv[t], yv[t]);
@@ -1583,9 +1582,8 @@ unsafe fn lut8_row_vbmi<const BF16: bool>(
     while c < cols {
         // 64 elements at a time, or the last 32 (rows are whole chunks of 32).
         let two = c + 2 * CHUNK <= cols;
-        let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
-        // SAFETY: 32 or 64 index bytes of the row from c; masked-off bytes are not read.
-        let i = unsafe { _mm512_maskz_loadu_epi8(mask, row.as_ptr().add(c).cast()) };
+        // SAFETY: 32 or 64 index bytes of the row from c.
+        let i = unsafe { step_bytes(row.as_ptr().add(c), two) };
         let (a, b) = lookup256_vbmi(_mm512_permutexvar_epi8(VBMI_ORDER, i), &planes);
         if BF16 {
             // SAFETY: elements c .. c + 32 (and c + 32 .. c + 64 when `two`) lie within the row.
@@ -2451,6 +2449,25 @@ unsafe fn i16_codes_512(x: &QuantizedRow, c: usize, two: bool) -> (__m512i, __m5
     }
 }
 
+/// The 64 bytes at `p` when `two`, else the 32 there and 32 zeros: a step of a row's bytes.
+/// A whole step is a plain load, because the masked one costs a vector-port operation as
+/// well on Intel cores, where the lookup kernels' shuffles already wait.
+///
+/// # Safety
+/// AVX-512 BW; the bytes exist.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn step_bytes(p: *const u8, two: bool) -> __m512i {
+    // SAFETY: the caller's guarantee; the masked load reads only the first 32 bytes.
+    unsafe {
+        if two {
+            _mm512_loadu_si512(p.cast())
+        } else {
+            _mm512_maskz_loadu_epi8(u64::from(u32::MAX), p.cast())
+        }
+    }
+}
+
 /// # Safety
 /// AVX-512 VNNI and VBMI; as [`dot_block`], `w` an 8-bit lookup-table tensor whose rows
 /// `r0..r0 + R` share the table `planes` (of `lut_table_i16`, scale `s`).
@@ -2474,7 +2491,6 @@ unsafe fn lut8_i16_512<const R: usize, const T: usize>(
         let mut c = start;
         while c < end {
             let two = c + 2 * CHUNK <= end;
-            let mask: __mmask64 = if two { u64::MAX } else { u64::from(u32::MAX) };
             let mut xv = [(_mm512_setzero_si512(), _mm512_setzero_si512()); T];
             for t in 0..T {
                 // SAFETY: the block's codes from c.
@@ -2484,7 +2500,7 @@ unsafe fn lut8_i16_512<const R: usize, const T: usize>(
                 let ip = p.wrapping_add(r * rb + c);
                 prefetch(ip, ahead);
                 // SAFETY: 32 or 64 index bytes of row r0 + r from c.
-                let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
+                let i = unsafe { step_bytes(ip, two) };
                 // The words come in the codes' order; zeroed indices meet zeroed codes.
                 let (lo, hi) = lookup256_vbmi(i, planes);
                 for t in 0..T {
@@ -3910,18 +3926,17 @@ unsafe fn byte_planes(t: *const u8) -> BytePlanes {
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 #[inline]
 fn lookup256_vbmi(i: __m512i, t: &BytePlanes) -> (__m512i, __m512i) {
-    // vpermi2b picks from 128 bytes by the index's low seven bits; bit 7 picks the half.
+    // vpermi2b picks from 128 bytes by the index's low seven bits; bit 7 picks the half. The
+    // first lookup writes the lower half's lanes and leaves the others holding their index,
+    // which the second looks up in the upper half: the halves merge in the permutes, with no
+    // blend on the vector ports the permutes already fill.
     let upper = _mm512_movepi8_mask(i);
-    let lo = _mm512_mask_blend_epi8(
-        upper,
-        _mm512_permutex2var_epi8(t[0], i, t[1]),
-        _mm512_permutex2var_epi8(t[2], i, t[3]),
-    );
-    let hi = _mm512_mask_blend_epi8(
-        upper,
-        _mm512_permutex2var_epi8(t[4], i, t[5]),
-        _mm512_permutex2var_epi8(t[6], i, t[7]),
-    );
+    let lower = !upper;
+    let plane = |a: usize| {
+        let low = _mm512_mask2_permutex2var_epi8(t[a], i, lower, t[a + 1]);
+        _mm512_mask2_permutex2var_epi8(t[a + 2], low, upper, t[a + 3])
+    };
+    let (lo, hi) = (plane(0), plane(4));
     (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
 }
 
