@@ -55,80 +55,47 @@ mod probes {
         }};
     }
 
-    /// Eight copies of one instruction form writing `zmm0`..`zmm7` from `zmm16` and `zmm17`.
-    macro_rules! eight {
-        ($head:literal, $tail:literal) => {
-            concat!(
-                $head, " zmm0, ", $tail, "\n", $head, " zmm1, ", $tail, "\n", $head, " zmm2, ",
-                $tail, "\n", $head, " zmm3, ", $tail, "\n", $head, " zmm4, ", $tail, "\n", $head,
-                " zmm5, ", $tail, "\n", $head, " zmm6, ", $tail, "\n", $head, " zmm7, ", $tail,
-                "\n",
-            )
+    /// One instruction form into each register `zmm<r>` named, from `zmm16` and `zmm17`.
+    macro_rules! into {
+        ($head:literal, $tail:literal, $($r:literal)*) => {
+            concat!($($head, " zmm", $r, ", ", $tail, "\n",)*)
         };
     }
 
-    /// [`eight!`] into `zmm8`..`zmm15` as well: sixteen chains, for instructions that add into
-    /// their destination and would otherwise wait on their own latency.
-    macro_rules! sixteen {
-        ($head:literal, $tail:literal) => {
-            concat!(
-                eight!($head, $tail),
-                $head,
-                " zmm8, ",
-                $tail,
-                "\n",
-                $head,
-                " zmm9, ",
-                $tail,
-                "\n",
-                $head,
-                " zmm10, ",
-                $tail,
-                "\n",
-                $head,
-                " zmm11, ",
-                $tail,
-                "\n",
-                $head,
-                " zmm12, ",
-                $tail,
-                "\n",
-                $head,
-                " zmm13, ",
-                $tail,
-                "\n",
-                $head,
-                " zmm14, ",
-                $tail,
-                "\n",
-                $head,
-                " zmm15, ",
-                $tail,
-                "\n",
-            )
+    /// A probe of one instruction written into `zmm0`..`zmm7`, or into `zmm0`..`zmm15` (`16`)
+    /// for instructions that add into their destination and would otherwise wait on their own
+    /// latency.
+    macro_rules! each {
+        ($name:literal, $head:literal, $tail:literal) => {
+            Probe {
+                name: $name,
+                per: 8.0,
+                unit: "instr",
+                ticks: || probe!(into!($head, $tail, 0 1 2 3 4 5 6 7)),
+            }
+        };
+        ($name:literal, $head:literal, $tail:literal, 16) => {
+            Probe {
+                name: $name,
+                per: 16.0,
+                unit: "instr",
+                ticks: || probe!(into!($head, $tail, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)),
+            }
         };
     }
 
-    /// One row's 64 indices at `rdi + OFF` looked up in a 256-entry table of 16-bit entries
-    /// (byte planes in `zmm1`..`zmm8`), as the kernel did before: two `vpermt2b` per plane and
-    /// a byte blend on the index's top bit, then two interleaves and two `vpdpwssd`.
-    macro_rules! lut8_blend {
-        ($off:literal, $acc:literal, $load:literal) => {
+    /// One row's 64-weight step of the `LUT8` decode kernel: the indices loaded from
+    /// `rdi + $off` into `zmm19` by `$load`, looked up by `$lookup` in a 256-entry table of
+    /// 16-bit entries (byte planes in `zmm1`..`zmm8`; low bytes to `zmm20`, high to `zmm21`),
+    /// interleaved into words and multiplied into `zmm$acc` with the codes in `zmm17`, `zmm18`.
+    macro_rules! lut8_step {
+        ($lookup:ident, $off:literal, $acc:literal, $load:literal) => {
             concat!(
                 $load,
                 ", [rdi + ",
                 $off,
                 "]\n",
-                "vpmovb2m k2, zmm19\n",
-                "vmovdqa64 zmm20, zmm1\n",
-                "vpermt2b zmm20, zmm19, zmm2\n",
-                "vmovdqa64 zmm21, zmm3\n",
-                "vpermt2b zmm21, zmm19, zmm4\n",
-                "vmovdqu8 zmm20 {{k2}}, zmm21\n",
-                "vmovdqa64 zmm21, zmm5\n",
-                "vpermt2b zmm21, zmm19, zmm6\n",
-                "vpermi2b zmm19, zmm7, zmm8\n",
-                "vmovdqu8 zmm21 {{k2}}, zmm19\n",
+                $lookup!(),
                 "vpunpcklbw zmm22, zmm20, zmm21\n",
                 "vpunpckhbw zmm23, zmm20, zmm21\n",
                 "vpdpwssd zmm",
@@ -141,41 +108,50 @@ mod probes {
         };
     }
 
-    /// The same step as the kernel does it now: each plane's two halves merge in masked
-    /// `vpermi2b` (the first leaves the upper half's lanes holding their index for the second).
-    macro_rules! lut8_merge {
-        ($off:literal, $acc:literal, $load:literal) => {
+    /// The lookup as the kernel did it before: two `vpermt2b` per plane and a byte blend on
+    /// the index's top bit.
+    macro_rules! blends {
+        () => {
             concat!(
-                $load,
-                ", [rdi + ",
-                $off,
-                "]\n",
                 "vpmovb2m k2, zmm19\n",
-                "knotq k3, k2\n",
-                "vmovdqa64 zmm20, zmm19\n",
-                "vpermi2b zmm20 {{k3}}, zmm1, zmm2\n",
-                "vpermi2b zmm20 {{k2}}, zmm3, zmm4\n",
-                "vpermi2b zmm19 {{k3}}, zmm5, zmm6\n",
-                "vpermi2b zmm19 {{k2}}, zmm7, zmm8\n",
-                "vpunpcklbw zmm22, zmm20, zmm19\n",
-                "vpunpckhbw zmm23, zmm20, zmm19\n",
-                "vpdpwssd zmm",
-                $acc,
-                ", zmm22, zmm17\n",
-                "vpdpwssd zmm",
-                $acc,
-                ", zmm23, zmm18\n",
+                "vmovdqa64 zmm20, zmm1\n",
+                "vpermt2b zmm20, zmm19, zmm2\n",
+                "vmovdqa64 zmm21, zmm3\n",
+                "vpermt2b zmm21, zmm19, zmm4\n",
+                "vmovdqu8 zmm20 {{k2}}, zmm21\n",
+                "vmovdqa64 zmm21, zmm5\n",
+                "vpermt2b zmm21, zmm19, zmm6\n",
+                "vpermi2b zmm19, zmm7, zmm8\n",
+                "vmovdqu8 zmm21 {{k2}}, zmm19\n",
             )
         };
     }
 
-    macro_rules! four_rows {
-        ($step:ident, $load:literal) => {
+    /// The lookup as the kernel does it now: each plane's two halves merge in masked
+    /// `vpermi2b` (the first leaves the upper half's lanes holding their index for the second).
+    macro_rules! merged {
+        () => {
             concat!(
-                $step!("0", "12", $load),
-                $step!("64", "13", $load),
-                $step!("128", "14", $load),
-                $step!("192", "15", $load),
+                "vpmovb2m k2, zmm19\n",
+                "knotq k3, k2\n",
+                "vmovdqa64 zmm20, zmm19\n",
+                "vmovdqa64 zmm21, zmm19\n",
+                "vpermi2b zmm20 {{k3}}, zmm1, zmm2\n",
+                "vpermi2b zmm20 {{k2}}, zmm3, zmm4\n",
+                "vpermi2b zmm21 {{k3}}, zmm5, zmm6\n",
+                "vpermi2b zmm21 {{k2}}, zmm7, zmm8\n",
+            )
+        };
+    }
+
+    /// [`lut8_step!`] for four rows, each with its accumulator.
+    macro_rules! four_rows {
+        ($lookup:ident, $load:literal) => {
+            concat!(
+                lut8_step!($lookup, "0", "12", $load),
+                lut8_step!($lookup, "64", "13", $load),
+                lut8_step!($lookup, "128", "14", $load),
+                lut8_step!($lookup, "192", "15", $load),
             )
         };
     }
@@ -199,64 +175,42 @@ mod probes {
             println!("this CPU lacks AVX-512 BW, VBMI, VBMI2 or VNNI: nothing to probe");
             return;
         }
-        let p = |name, per, unit, ticks| Probe {
+        let step = |name, ticks| Probe {
             name,
-            per,
-            unit,
+            per: 4.0,
+            unit: "step",
             ticks,
         };
-        let probes: Vec<Probe> = vec![
-            p("vpermb (64-byte table)", 8.0, "instr", || {
-                probe!(eight!("vpermb", "zmm17, zmm16"))
+        let probes = [
+            each!("vpermb (64-byte table)", "vpermb", "zmm17, zmm16"),
+            each!("vpermi2b (128-byte table)", "vpermi2b", "zmm17, zmm16"),
+            each!("vpermw (32 words)", "vpermw", "zmm17, zmm16"),
+            each!("vpermi2w (64 words)", "vpermi2w", "zmm17, zmm16"),
+            each!("vpunpcklbw", "vpunpcklbw", "zmm17, zmm16"),
+            each!("vpsllw", "vpsllw", "zmm17, 8"),
+            each!("vpshldw", "vpshldw", "zmm17, zmm16, 8"),
+            each!("vpaddd", "vpaddd", "zmm17, zmm16"),
+            each!("vpdpwssd", "vpdpwssd", "zmm17, zmm16", 16),
+            each!("vpdpbusd", "vpdpbusd", "zmm17, zmm16", 16),
+            Probe {
+                name: "vpermb + vpdpwssd, 8 each",
+                per: 8.0,
+                unit: "pair",
+                ticks: || {
+                    probe!(concat!(
+                        into!("vpermb", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
+                        into!("vpdpwssd", "zmm17, zmm16", 8 9 10 11 12 13 14 15),
+                    ))
+                },
+            },
+            step("LUT8 step, blends", || {
+                probe!(four_rows!(blends, "vmovdqu64 zmm19"))
             }),
-            p("vpermi2b (128-byte table)", 8.0, "instr", || {
-                probe!(eight!("vpermi2b", "zmm17, zmm16"))
+            step("LUT8 step, merged", || {
+                probe!(four_rows!(merged, "vmovdqu64 zmm19"))
             }),
-            p("vpermw (32 words)", 8.0, "instr", || {
-                probe!(eight!("vpermw", "zmm17, zmm16"))
-            }),
-            p("vpermi2w (64 words)", 8.0, "instr", || {
-                probe!(eight!("vpermi2w", "zmm17, zmm16"))
-            }),
-            p("vpunpcklbw", 8.0, "instr", || {
-                probe!(eight!("vpunpcklbw", "zmm17, zmm16"))
-            }),
-            p("vpsllw", 8.0, "instr", || {
-                probe!(eight!("vpsllw", "zmm17, 8"))
-            }),
-            p("vpshldw", 8.0, "instr", || {
-                probe!(eight!("vpshldw", "zmm17, zmm16, 8"))
-            }),
-            p("vpaddd", 8.0, "instr", || {
-                probe!(eight!("vpaddd", "zmm17, zmm16"))
-            }),
-            p("vpdpwssd", 16.0, "instr", || {
-                probe!(sixteen!("vpdpwssd", "zmm17, zmm16"))
-            }),
-            p("vpdpbusd", 16.0, "instr", || {
-                probe!(sixteen!("vpdpbusd", "zmm17, zmm16"))
-            }),
-            p("vpermb + vpdpwssd, 8 each", 8.0, "pair", || {
-                probe!(concat!(
-                    eight!("vpermb", "zmm17, zmm16"),
-                    "vpdpwssd zmm8, zmm17, zmm16\n",
-                    "vpdpwssd zmm9, zmm17, zmm16\n",
-                    "vpdpwssd zmm10, zmm17, zmm16\n",
-                    "vpdpwssd zmm11, zmm17, zmm16\n",
-                    "vpdpwssd zmm12, zmm17, zmm16\n",
-                    "vpdpwssd zmm13, zmm17, zmm16\n",
-                    "vpdpwssd zmm14, zmm17, zmm16\n",
-                    "vpdpwssd zmm15, zmm17, zmm16\n",
-                ))
-            }),
-            p("LUT8 step, blends", 4.0, "step", || {
-                probe!(four_rows!(lut8_blend, "vmovdqu64 zmm19"))
-            }),
-            p("LUT8 step, merged", 4.0, "step", || {
-                probe!(four_rows!(lut8_merge, "vmovdqu64 zmm19"))
-            }),
-            p("LUT8 step, merged, masked load", 4.0, "step", || {
-                probe!(four_rows!(lut8_merge, "vmovdqu8 zmm19 {{k1}}{{z}}"))
+            step("LUT8 step, merged, masked load", || {
+                probe!(four_rows!(merged, "vmovdqu8 zmm19 {{k1}}{{z}}"))
             }),
         ];
         let cycle = || {

@@ -542,18 +542,24 @@ fn quantize_i16_block_plain(x: &[f32], q: &mut [i16], start: usize) -> f32 {
         // SAFETY: r is finite and within ±8191; unlike `as`, this conversion vectorises.
         unsafe { r.to_int_unchecked::<i32>() as i16 }
     };
+    // The codes in element order first, in one loop that vectorises, then moved into the
+    // stored order a run of 8 at a time: quantizing run by run in the stored order did not
+    // vectorise and took 2 % of a lookup-table model's decode.
+    let mut codes = [0i16; I16_BLOCK];
+    let codes = &mut codes[..x.len()];
     let id = 1.0 / d;
+    if id.is_finite() {
+        codes
+            .iter_mut()
+            .zip(x)
+            .for_each(|(q, &v)| *q = code(v * id));
+    } else {
+        // A subnormal scale has no finite reciprocal; divide instead.
+        codes.iter_mut().zip(x).for_each(|(q, &v)| *q = code(v / d));
+    }
     for_each_i16_run(start..start + x.len(), |stored, element| {
-        let (q, x) = (
-            &mut q[stored - start..stored - start + 8],
-            &x[element - start..element - start + 8],
-        );
-        if id.is_finite() {
-            q.iter_mut().zip(x).for_each(|(q, &v)| *q = code(v * id));
-        } else {
-            // A subnormal scale has no finite reciprocal; divide instead.
-            q.iter_mut().zip(x).for_each(|(q, &v)| *q = code(v / d));
-        }
+        q[stored - start..stored - start + 8]
+            .copy_from_slice(&codes[element - start..element - start + 8]);
     });
     d
 }
