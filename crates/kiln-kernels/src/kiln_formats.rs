@@ -96,7 +96,7 @@ pub struct KilnMatrix<'a> {
     pub(crate) group_rows: u32,
     /// Whether the rows are planar ([`crate::planar::kiln`]) rather than as stored.
     pub(crate) planar: bool,
-    /// Every row's table converted ahead ([`convert_row_tables`]), for the kernels that would
+    /// Every table converted ahead ([`convert_row_tables`]), for the kernels that would
     /// convert them per call (the AVX-512 ones only).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) row_tables: Option<&'a [u8]>,
@@ -118,17 +118,31 @@ impl<'a> KilnMatrix<'a> {
         })
     }
 
-    /// This tensor with every row's table converted ahead: `tables` as
-    /// [`convert_row_tables`] gives them for it, or `None` if the format has none of those
-    /// or `tables` is not their size. The kernels read the converted tables instead of
-    /// converting them per call, with the same results.
+    /// This tensor with every table converted ahead: `tables` as [`convert_row_tables`] gives
+    /// them for it, or `None` if the format has none of those or `tables` is not their size.
+    /// The kernels read the converted tables instead of converting them per call, with the
+    /// same results.
     pub fn with_row_tables(self, tables: &'a [u8]) -> Option<Self> {
-        (has_row_tables(self.ty) && tables.len() == row_tables_len(self.rows)).then_some(
+        (has_row_tables(self.ty) && tables.len() == row_tables_len(self.ty, self.rows)).then_some(
             KilnMatrix {
                 row_tables: Some(tables),
                 ..self
             },
         )
+    }
+
+    /// Table `g`'s byte planes (the low bytes of its 16-bit integers, then their high bytes)
+    /// and scale, from the tables converted ahead; `None` without them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn converted_table(&self, g: usize) -> Option<(&'a [u8], f32)> {
+        let tables = self.row_tables?;
+        let bytes = converted_table_bytes(self.ty);
+        let n = table_count(self.ty, self.rows);
+        let s = &tables[n * bytes + 4 * g..n * bytes + 4 * g + 4];
+        Some((
+            &tables[g * bytes..(g + 1) * bytes],
+            f32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+        ))
     }
 
     /// As [`KilnMatrix::new`], for a tensor whose rows were rewritten into the planar layout
@@ -217,24 +231,22 @@ impl<'a> KilnMatrix<'a> {
     }
 }
 
-/// Bytes of a converted 16-entry table: its 16-bit integers as two byte planes.
-const ROW_TABLE_BYTES: usize = 32;
-
-/// Whether a tensor of `ty` can carry converted row tables ([`convert_row_tables`]): 4-bit
-/// tables, one per row.
+/// Whether a tensor of `ty` can carry converted tables ([`convert_row_tables`]): 4-bit tables
+/// one per row, and 6- and 8-bit tables however many rows share one.
 fn has_row_tables(ty: KilnType) -> bool {
     matches!(
         ty,
         KilnType::Lut {
             bits: 4,
             group: Some(1)
-        }
+        } | KilnType::Lut { bits: 6 | 8, .. }
     )
 }
 
-/// Whether `isa`'s kernel for `ty` reads row tables converted ahead
-/// ([`KilnMatrix::with_row_tables`]): 4-bit tables, one per row, on AVX-512 with VBMI. With a
-/// table per row, converting each one per token took 15 % of SmolLM2's decode time.
+/// Whether `isa`'s kernel for `ty` reads tables converted ahead
+/// ([`KilnMatrix::with_row_tables`]): on AVX-512 with VBMI, 4-bit tables one per row (converting
+/// each per token took 15 % of SmolLM2's decode) and the 6- and 8-bit tables (3 % of
+/// `lut6-g16`'s, 1 % of `lut8`'s).
 pub fn uses_row_tables(isa: Isa, ty: KilnType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -247,29 +259,41 @@ pub fn uses_row_tables(isa: Isa, ty: KilnType) -> bool {
     }
 }
 
-/// Bytes of the converted tables of `rows` rows.
-fn row_tables_len(rows: usize) -> usize {
-    rows * (ROW_TABLE_BYTES + 4)
+/// Bytes of one converted table of `ty`: its 16-bit integers as two byte planes.
+fn converted_table_bytes(ty: KilnType) -> usize {
+    2 * ty.table_len()
 }
 
-/// Every row's table of `w` converted by [`lut_table_i16`], for
-/// [`KilnMatrix::with_row_tables`]: per row the low bytes of its 16 16-bit integers, then their
-/// high bytes (the planes the kernels look up), row after row, then the rows'
-/// f32 scales; `None` unless `w` has 4-bit tables, one per row.
+/// Tables of a `rows`-row tensor of the lookup-table format `ty`.
+fn table_count(ty: KilnType, rows: usize) -> usize {
+    rows.div_ceil(ty.group_rows(rows).unwrap_or(rows).max(1))
+}
+
+/// Bytes of the converted tables of a `rows`-row tensor of `ty`: the planes, then the scales.
+fn row_tables_len(ty: KilnType, rows: usize) -> usize {
+    table_count(ty, rows) * (converted_table_bytes(ty) + 4)
+}
+
+/// Every table of `w` converted by [`lut_table_i16`], for [`KilnMatrix::with_row_tables`]:
+/// per table the low bytes of its 16-bit integers, then their high bytes (the planes the
+/// kernels look up), table after table (one per row for 4 bits), then the tables' f32
+/// scales; `None` unless `w`'s format has them ([`uses_row_tables`]).
 pub fn convert_row_tables(w: &KilnMatrix) -> Option<Vec<u8>> {
     if !has_row_tables(w.ty) {
         return None;
     }
-    let mut out = vec![0u8; row_tables_len(w.rows)];
-    let (tables, scales) = out.split_at_mut(w.rows * ROW_TABLE_BYTES);
-    for ((r, t), s) in (0..w.rows)
-        .zip(tables.chunks_exact_mut(ROW_TABLE_BYTES))
+    let (bytes, n) = (converted_table_bytes(w.ty), table_count(w.ty, w.rows));
+    let group = w.ty.group_rows(w.rows).unwrap_or(w.rows).max(1);
+    let mut out = vec![0u8; row_tables_len(w.ty, w.rows)];
+    let (tables, scales) = out.split_at_mut(n * bytes);
+    let mut u = vec![0i16; w.ty.table_len()];
+    for ((g, t), s) in (0..n)
+        .zip(tables.chunks_exact_mut(bytes))
         .zip(scales.chunks_exact_mut(4))
     {
-        let mut u = [0i16; 16];
-        s.copy_from_slice(&lut_table_i16(w.table(r), &mut u).to_le_bytes());
-        let (lo, hi) = t.split_at_mut(16);
-        for ((l, h), u) in lo.iter_mut().zip(hi.iter_mut()).zip(u) {
+        s.copy_from_slice(&lut_table_i16(w.table(g * group), &mut u).to_le_bytes());
+        let (lo, hi) = t.split_at_mut(bytes / 2);
+        for ((l, h), u) in lo.iter_mut().zip(hi.iter_mut()).zip(&u) {
             [*l, *h] = u.to_le_bytes();
         }
     }

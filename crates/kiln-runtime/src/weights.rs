@@ -117,7 +117,7 @@ pub struct WeightMatrix {
     cols: usize,
     row_bytes: usize,
     planar: bool,
-    /// Every row's lookup table converted for the kernels, where they read those
+    /// The lookup tables converted for the kernels, where they read those
     /// ([`kiln_kernels::kiln_formats::convert_row_tables`]).
     row_tables: Option<Arc<Vec<u8>>>,
 }
@@ -394,8 +394,8 @@ impl WeightMatrix {
 
 /// Readies every matrix of `ms` for this CPU's kernels: rows rewritten into the planar layout
 /// ([`make_planar_all`]), and lookup tables converted ahead where the kernels would convert
-/// each row's table per token ([`kiln_kernels::kiln_formats::uses_row_tables`]; 36 bytes a
-/// row, beside its 32-byte f16 table).
+/// them per token ([`kiln_kernels::kiln_formats::uses_row_tables`]; per table its entries'
+/// 16-bit integers and a scale, 4 bytes more than the f16 table beside it).
 pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) {
     let isa = kiln_kernels::detect();
     for m in ms.iter_mut() {

@@ -2319,36 +2319,57 @@ unsafe fn lut_i16_dot_block(
         while r < rows.end {
             let seg = r..((r / group + 1) * group).min(rows.end);
             let mut u = [0i16; 256];
-            let table = w.table(r);
-            // SAFETY: the CPU has AVX-512 when `native`, AVX2 and F16C at either level; the
-            // table holds 64 or 256 entries.
-            let s = unsafe {
-                if native {
-                    lut_table_i16_512(table, &mut u)
-                } else {
-                    lut_table_i16_256(table, &mut u)
-                }
+            // The table as converted ahead, or converted here.
+            let converted = if native {
+                w.converted_table(r / group)
+            } else {
+                None
+            };
+            let s = match converted {
+                Some((_, s)) => s,
+                // SAFETY: the CPU has AVX-512 when `native`, AVX2 and F16C at either level;
+                // the table holds 64 or 256 entries.
+                None => unsafe {
+                    if native {
+                        lut_table_i16_512(w.table(r), &mut u)
+                    } else {
+                        lut_table_i16_256(w.table(r), &mut u)
+                    }
+                },
             };
             // Every tile below: its rows and activation rows exist, the rest is the caller's
             // guarantee; the kernels' features are the level's.
             match (native, bits) {
                 (true, 8) => {
-                    // SAFETY: 256 words are 512 bytes.
-                    let planes = unsafe { byte_planes(u.as_ptr().cast()) };
+                    // SAFETY: 256 words are 512 bytes, and so are the converted planes.
+                    let planes = unsafe {
+                        match converted {
+                            Some((p, _)) => load_planes(p),
+                            None => byte_planes(u.as_ptr().cast()),
+                        }
+                    };
                     run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut8_i16_512(
                         w, r, &planes, s
                     ));
                 }
                 (true, _) => {
-                    // SAFETY: 64 words are 128 bytes.
-                    let table = unsafe {
-                        [
-                            _mm512_loadu_si512(u.as_ptr().cast()),
-                            _mm512_loadu_si512(u.as_ptr().add(32).cast()),
-                        ]
+                    // SAFETY: 64 words are 128 bytes, and so are the converted planes;
+                    // AVX-512 where `native`.
+                    let (table, planes) = unsafe {
+                        match converted {
+                            Some((p, _)) => {
+                                let planes = load_planes(p);
+                                (words_of_planes64(&planes), planes)
+                            }
+                            None => {
+                                let table = [
+                                    _mm512_loadu_si512(u.as_ptr().cast()),
+                                    _mm512_loadu_si512(u.as_ptr().add(32).cast()),
+                                ];
+                                (table, byte_planes64(&table))
+                            }
+                        }
                     };
-                    // SAFETY: AVX-512 where `native`.
-                    let planes = unsafe { byte_planes64(&table) };
                     if w.planar {
                         run_tiles!(seg.clone(), xq, out, out_stride, base, |r| lut6_i16_512<true>(
                             w, r, &table, &planes, s
@@ -2604,6 +2625,51 @@ fn byte_planes64(table: &[__m512i; 2]) -> [__m512i; 2] {
             _mm512_srli_epi16::<8>(table[0]),
             _mm512_srli_epi16::<8>(table[1]),
         ),
+    ]
+}
+
+/// A table's byte planes as converted ahead ([`KilnMatrix::converted_table`]): `N` registers
+/// of 64 bytes, the low-byte plane's first.
+///
+/// # Safety
+/// AVX-512 F; `p` holds `64 N` bytes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load_planes<const N: usize>(p: &[u8]) -> [__m512i; N] {
+    debug_assert!(p.len() == 64 * N);
+    // SAFETY: the caller's guarantee.
+    std::array::from_fn(|k| unsafe { _mm512_loadu_si512(p.as_ptr().add(64 * k).cast()) })
+}
+
+/// The 64-entry table's 16-bit integers (32 per register, in order) from its byte planes:
+/// [`byte_planes64`] undone.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+fn words_of_planes64(planes: &[__m512i; 2]) -> [__m512i; 2] {
+    // Byte 2k of the first register takes entry k's low byte (index k of the low plane),
+    // byte 2k + 1 its high byte (index 64 + k); the second register, entries 32..64.
+    const fn interleave(first: usize) -> [u8; 64] {
+        let mut idx = [0u8; 64];
+        let mut k = 0;
+        while k < 32 {
+            idx[2 * k] = (first + k) as u8;
+            idx[2 * k + 1] = (64 + first + k) as u8;
+            k += 1;
+        }
+        idx
+    }
+    const LOW: [u8; 64] = interleave(0);
+    const HIGH: [u8; 64] = interleave(32);
+    // SAFETY: 64-byte arrays; every bit pattern is a valid __m512i.
+    let (a, b) = unsafe {
+        (
+            _mm512_loadu_si512(LOW.as_ptr().cast()),
+            _mm512_loadu_si512(HIGH.as_ptr().cast()),
+        )
+    };
+    [
+        _mm512_permutex2var_epi8(planes[0], a, planes[1]),
+        _mm512_permutex2var_epi8(planes[0], b, planes[1]),
     ]
 }
 
@@ -3081,11 +3147,10 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
                 1
             };
             let mut planes = [[_mm512_setzero_si512(); 2]; TILE_ROWS];
-            if let (true, Some(converted)) = (per_row, w.row_tables) {
-                // Tables converted ahead (4 bits only): each row's byte planes.
-                let scales = &converted[w.rows * 32..];
+            if per_row && w.row_tables.is_some() {
+                // Tables converted ahead (4 bits, one per row): each row's byte planes.
                 for k in 0..rn {
-                    let at = &converted[32 * (r + k)..32 * (r + k) + 32];
+                    let (at, scale) = w.converted_table(r + k).expect("converted tables");
                     // SAFETY: the row's two planes of 16 bytes (`with_row_tables` checked the
                     // size).
                     planes[k] = unsafe {
@@ -3095,8 +3160,7 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
                         ]
                     };
                     tables[k] = words_of_planes(planes[k]);
-                    let b = &scales[4 * (r + k)..4 * (r + k) + 4];
-                    s[k] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    s[k] = scale;
                 }
             } else if per_row {
                 let table = w.table(r);
