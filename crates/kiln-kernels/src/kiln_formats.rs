@@ -123,12 +123,26 @@ impl<'a> KilnMatrix<'a> {
     /// The kernels read the converted tables instead of converting them per call, with the
     /// same results.
     pub fn with_row_tables(self, tables: &'a [u8]) -> Option<Self> {
-        (has_row_tables(self.ty) && tables.len() == row_tables_len(self.ty, self.rows)).then_some(
-            KilnMatrix {
-                row_tables: Some(tables),
-                ..self
-            },
-        )
+        (has_row_tables(self.ty) && tables.len() == self.row_tables_len()).then_some(KilnMatrix {
+            row_tables: Some(tables),
+            ..self
+        })
+    }
+
+    /// Rows per table of a lookup-table tensor (at least one).
+    pub(crate) fn rows_per_table(&self) -> usize {
+        self.group_rows.max(1) as usize
+    }
+
+    /// Tables of a lookup-table tensor.
+    fn table_count(&self) -> usize {
+        self.rows.div_ceil(self.rows_per_table())
+    }
+
+    /// Bytes of this tensor's converted tables ([`convert_row_tables`]): the planes, then the
+    /// scales.
+    fn row_tables_len(&self) -> usize {
+        self.table_count() * (converted_table_bytes(self.ty) + 4)
     }
 
     /// Table `g`'s byte planes (the low bytes of its 16-bit integers, then their high bytes)
@@ -137,7 +151,7 @@ impl<'a> KilnMatrix<'a> {
     pub(crate) fn converted_table(&self, g: usize) -> Option<(&'a [u8], f32)> {
         let tables = self.row_tables?;
         let bytes = converted_table_bytes(self.ty);
-        let n = table_count(self.ty, self.rows);
+        let n = self.table_count();
         let s = &tables[n * bytes + 4 * g..n * bytes + 4 * g + 4];
         Some((
             &tables[g * bytes..(g + 1) * bytes],
@@ -264,16 +278,6 @@ fn converted_table_bytes(ty: KilnType) -> usize {
     2 * ty.table_len()
 }
 
-/// Tables of a `rows`-row tensor of the lookup-table format `ty`.
-fn table_count(ty: KilnType, rows: usize) -> usize {
-    rows.div_ceil(ty.group_rows(rows).unwrap_or(rows).max(1))
-}
-
-/// Bytes of the converted tables of a `rows`-row tensor of `ty`: the planes, then the scales.
-fn row_tables_len(ty: KilnType, rows: usize) -> usize {
-    table_count(ty, rows) * (converted_table_bytes(ty) + 4)
-}
-
 /// Every table of `w` converted by [`lut_table_i16`], for [`KilnMatrix::with_row_tables`]:
 /// per table the low bytes of its 16-bit integers, then their high bytes (the planes the
 /// kernels look up), table after table (one per row for 4 bits), then the tables' f32
@@ -282,9 +286,12 @@ pub fn convert_row_tables(w: &KilnMatrix) -> Option<Vec<u8>> {
     if !has_row_tables(w.ty) {
         return None;
     }
-    let (bytes, n) = (converted_table_bytes(w.ty), table_count(w.ty, w.rows));
-    let group = w.ty.group_rows(w.rows).unwrap_or(w.rows).max(1);
-    let mut out = vec![0u8; row_tables_len(w.ty, w.rows)];
+    let (bytes, n, group) = (
+        converted_table_bytes(w.ty),
+        w.table_count(),
+        w.rows_per_table(),
+    );
+    let mut out = vec![0u8; w.row_tables_len()];
     let (tables, scales) = out.split_at_mut(n * bytes);
     let mut u = vec![0i16; w.ty.table_len()];
     for ((g, t), s) in (0..n)

@@ -2291,7 +2291,7 @@ unsafe fn lut_i16_dot_block(
     out_stride: usize,
 ) {
     let bits = w.ty.table_len().trailing_zeros();
-    let group = w.ty.group_rows(w.rows).unwrap_or(w.rows).max(1);
+    let group = w.rows_per_table();
     let native = isa == Isa::Avx512Vnni && has_vbmi();
     if bits <= 4 {
         // SAFETY: the caller's guarantees; VBMI where `native` (checked), AVX2 at either level.
@@ -3090,7 +3090,7 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
 ) {
     let n = 1usize << BITS;
     let base = rows.start;
-    let group = w.group_rows.max(1) as usize;
+    let group = w.rows_per_table();
     let first = base / group;
     // The tables follow one another after the last row (the first is `w.table(0)`).
     let tables_at = w.table(0).as_ptr();
@@ -3659,7 +3659,7 @@ unsafe fn lut_small_dot_block_256<const BITS: usize>(
 ) {
     let n = 1usize << BITS;
     let base = rows.start;
-    let group = w.group_rows.max(1) as usize;
+    let group = w.rows_per_table();
     let zero = _mm256_setzero_si256();
     let mut planes = [(zero, zero); TILE_ROWS];
     let mut s = [0.0f32; TILE_ROWS];
