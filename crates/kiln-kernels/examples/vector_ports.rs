@@ -41,13 +41,15 @@ mod probes {
                     inout("rcx") ITERS => _,
                     in("rdi") p,
                     out("rax") _,
-                    out("k1") _, out("k2") _, out("k3") _,
+                    out("k1") _, out("k2") _, out("k3") _, out("k4") _,
                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
                     out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
                     out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
                     out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
                     out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
                     out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+                    out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
+                    out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
                     options(nostack),
                 );
             }
@@ -108,6 +110,31 @@ mod probes {
         };
     }
 
+    /// [`lut8_step!`] with the words formed by shifts and bit selects in place of the
+    /// interleaves: even elements' words from the planes' even bytes, odd from odd ones
+    /// (`zmm9` stands for `0x00ff` in every word: the probes time the steps, not their results).
+    macro_rules! lut8_step_select {
+        ($lookup:ident, $off:literal, $acc:literal, $load:literal) => {
+            concat!(
+                $load,
+                ", [rdi + ",
+                $off,
+                "]\n",
+                $lookup!(),
+                "vpsllw zmm22, zmm21, 8\n",
+                "vpsrlw zmm23, zmm20, 8\n",
+                "vpternlogd zmm22, zmm20, zmm9, 0xf8\n",
+                "vpternlogd zmm23, zmm21, zmm9, 0xf4\n",
+                "vpdpwssd zmm",
+                $acc,
+                ", zmm22, zmm17\n",
+                "vpdpwssd zmm",
+                $acc,
+                ", zmm23, zmm18\n",
+            )
+        };
+    }
+
     /// The lookup as the kernel did it before: two `vpermt2b` per plane and a byte blend on
     /// the index's top bit.
     macro_rules! blends {
@@ -144,6 +171,54 @@ mod probes {
         };
     }
 
+    /// The lookup in 64-byte quarters: one `vpermb` per quarter and plane, merged under masks
+    /// of the index's two top bits (bit 6 from the index added to itself).
+    macro_rules! quarters {
+        () => {
+            concat!(
+                "vpmovb2m k2, zmm19\n",
+                "vpaddb zmm24, zmm19, zmm19\n",
+                "vpmovb2m k3, zmm24\n",
+                "kandq k4, k2, k3\n",
+                "vpermb zmm20, zmm19, zmm1\n",
+                "vpermb zmm20 {{k3}}, zmm19, zmm2\n",
+                "vpermb zmm20 {{k2}}, zmm19, zmm3\n",
+                "vpermb zmm20 {{k4}}, zmm19, zmm4\n",
+                "vpermb zmm21, zmm19, zmm5\n",
+                "vpermb zmm21 {{k3}}, zmm19, zmm6\n",
+                "vpermb zmm21 {{k2}}, zmm19, zmm7\n",
+                "vpermb zmm21 {{k4}}, zmm19, zmm8\n",
+            )
+        };
+    }
+
+    /// One row's step with byte products: the table's low bytes (7 bits) and high bytes
+    /// against the codes' low bytes (`zmm17`) and high bytes (`zmm18`), four `vpdpbusd` into
+    /// `zmm$a`..: the high plane flipped to unsigned for the product of two signed halves.
+    macro_rules! lut8_step_bytes {
+        ($lookup:ident, $off:literal, $a:literal, $b:literal, $c:literal, $d:literal) => {
+            concat!(
+                "vmovdqu64 zmm19, [rdi + ",
+                $off,
+                "]\n",
+                $lookup!(),
+                "vpdpbusd zmm",
+                $a,
+                ", zmm17, zmm20\n",
+                "vpdpbusd zmm",
+                $b,
+                ", zmm17, zmm21\n",
+                "vpdpbusd zmm",
+                $c,
+                ", zmm20, zmm18\n",
+                "vpxord zmm22, zmm21, zmm9\n",
+                "vpdpbusd zmm",
+                $d,
+                ", zmm22, zmm18\n",
+            )
+        };
+    }
+
     /// [`lut8_step!`] for four rows, each with its accumulator.
     macro_rules! four_rows {
         ($lookup:ident, $load:literal) => {
@@ -152,6 +227,30 @@ mod probes {
                 lut8_step!($lookup, "64", "13", $load),
                 lut8_step!($lookup, "128", "14", $load),
                 lut8_step!($lookup, "192", "15", $load),
+            )
+        };
+    }
+
+    /// [`lut8_step_select!`] for four rows.
+    macro_rules! four_rows_select {
+        ($lookup:ident, $load:literal) => {
+            concat!(
+                lut8_step_select!($lookup, "0", "12", $load),
+                lut8_step_select!($lookup, "64", "13", $load),
+                lut8_step_select!($lookup, "128", "14", $load),
+                lut8_step_select!($lookup, "192", "15", $load),
+            )
+        };
+    }
+
+    /// [`lut8_step_bytes!`] for four rows.
+    macro_rules! four_rows_bytes {
+        ($lookup:ident) => {
+            concat!(
+                lut8_step_bytes!($lookup, "0", "10", "11", "12", "13"),
+                lut8_step_bytes!($lookup, "64", "14", "15", "16", "23"),
+                lut8_step_bytes!($lookup, "128", "25", "26", "27", "28"),
+                lut8_step_bytes!($lookup, "192", "29", "30", "31", "0"),
             )
         };
     }
@@ -203,6 +302,50 @@ mod probes {
                     ))
                 },
             },
+            Probe {
+                name: "vpermb + vpsrlw, 8 each",
+                per: 8.0,
+                unit: "pair",
+                ticks: || {
+                    probe!(concat!(
+                        into!("vpermb", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
+                        into!("vpsrlw", "zmm17, 8", 8 9 10 11 12 13 14 15),
+                    ))
+                },
+            },
+            Probe {
+                name: "vpermb + vpternlogd, 8 each",
+                per: 8.0,
+                unit: "pair",
+                ticks: || {
+                    probe!(concat!(
+                        into!("vpermb", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
+                        into!("vpternlogd", "zmm17, zmm16, 0xf8", 8 9 10 11 12 13 14 15),
+                    ))
+                },
+            },
+            Probe {
+                name: "vpermi2b + vpdpwssd, 8 each",
+                per: 8.0,
+                unit: "pair",
+                ticks: || {
+                    probe!(concat!(
+                        into!("vpermi2b", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
+                        into!("vpdpwssd", "zmm17, zmm16", 8 9 10 11 12 13 14 15),
+                    ))
+                },
+            },
+            Probe {
+                name: "vpermi2b + vpsrlw, 8 each",
+                per: 8.0,
+                unit: "pair",
+                ticks: || {
+                    probe!(concat!(
+                        into!("vpermi2b", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
+                        into!("vpsrlw", "zmm17, 8", 8 9 10 11 12 13 14 15),
+                    ))
+                },
+            },
             step("LUT8 step, blends", || {
                 probe!(four_rows!(blends, "vmovdqu64 zmm19"))
             }),
@@ -211,6 +354,21 @@ mod probes {
             }),
             step("LUT8 step, merged, masked load", || {
                 probe!(four_rows!(merged, "vmovdqu8 zmm19 {{k1}}{{z}}"))
+            }),
+            step("LUT8 step, merged, bit selects", || {
+                probe!(four_rows_select!(merged, "vmovdqu64 zmm19"))
+            }),
+            step("LUT8 step, quarters", || {
+                probe!(four_rows!(quarters, "vmovdqu64 zmm19"))
+            }),
+            step("LUT8 step, quarters, bit selects", || {
+                probe!(four_rows_select!(quarters, "vmovdqu64 zmm19"))
+            }),
+            step("LUT8 step, quarters, byte products", || {
+                probe!(four_rows_bytes!(quarters))
+            }),
+            step("LUT8 step, merged, byte products", || {
+                probe!(four_rows_bytes!(merged))
             }),
         ];
         let cycle = || {

@@ -243,7 +243,7 @@ unsafe fn leg_step<
         let p = w.wrapping_add(r * row_bytes + b * bytes);
         // Every line of these blocks one tile ahead (harmless at any address).
         for line in (0..4 * bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
+            super::prefetch_weights(p.wrapping_add(line), ahead);
         }
         // SAFETY: as above.
         let (d4, m4) = unsafe { leg_scales::<F, N>(p) };
@@ -393,7 +393,7 @@ unsafe fn kquant<const F: u8, const R: usize, const T: usize>(
             let p = w.wrapping_add(r * row_bytes + sb * bytes);
             // Every line of the super-block one tile ahead (harmless at any address).
             for line in (0..bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
+                super::prefetch_weights(p.wrapping_add(line), ahead);
             }
             // SAFETY: as above.
             let h = unsafe { khead::<F>(p) };
@@ -601,7 +601,7 @@ unsafe fn iq4_xs<const R: usize, const T: usize>(
             let p = w.wrapping_add(r * row_bytes + sb * IQ4_XS_BYTES);
             // Every line of the super-block one tile ahead (harmless at any address).
             for line in (0..IQ4_XS_BYTES).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + line).cast());
+                super::prefetch_weights(p.wrapping_add(line), ahead);
             }
             // SAFETY: super-block sb of row r is in bounds (the caller's guarantee).
             let (d, scales) = unsafe {
@@ -674,8 +674,7 @@ unsafe fn float<const R: usize, const T: usize>(
         for (r, acc_r) in acc.iter_mut().enumerate() {
             // Float rows are long: fetch the same place in the next tile's rows, which is
             // both far enough ahead and not already being read (harmless at any address).
-            let ahead = r * row_bytes + size * i + ahead;
-            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead).cast());
+            super::prefetch_weights(w.wrapping_add(r * row_bytes + size * i), ahead);
             // SAFETY: elements i..i + 8 of row r are in bounds.
             let wv = unsafe {
                 let p = w.add(r * row_bytes);

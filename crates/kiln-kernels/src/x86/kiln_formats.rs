@@ -228,10 +228,17 @@ unsafe fn tile<const R: usize, const T: usize>(
     }
 }
 
-/// Prefetches the weights one tile ahead of `p` (see `super::prefetch_distance`): the
-/// interleaved row streams of a tile defeat the hardware prefetchers.
+/// Prefetches the weights one tile ahead of `p` (see `super::prefetch_distance`) into L1, and
+/// further on into L2 (`super::prefetch_weights`): the interleaved row streams of a tile
+/// defeat the hardware prefetchers.
 #[inline(always)]
 fn prefetch(p: *const u8, ahead: usize) {
+    super::prefetch_weights(p, ahead);
+}
+
+/// Prefetches the table bytes `ahead` past `p` into L1: tables are read a few lines ahead.
+#[inline(always)]
+fn prefetch_table(p: *const u8, ahead: usize) {
     // SAFETY: a prefetch never faults, whatever the address.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead).cast()) };
 }
@@ -3114,9 +3121,9 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
             debug_assert_eq!(table.as_ptr(), tables_at.wrapping_add(2 * n * g));
             // Without a prefetch ahead, each conversion waits for its table's load (of a
             // 1-row group's tables, from DRAM); four tables of 16 entries are two lines.
-            prefetch(table.as_ptr(), 32 * 2 * n);
+            prefetch_table(table.as_ptr(), 32 * 2 * n);
             if n == 16 && g + 4 <= end {
-                prefetch(table.as_ptr(), 32 * 2 * n + 64);
+                prefetch_table(table.as_ptr(), 32 * 2 * n + 64);
                 // SAFETY: the CPU has AVX-512 (the caller's guarantee); tables g..g + 4 follow
                 // one another, 16 entries each.
                 let (v, s4) = unsafe { small_tables4_i16_512(table.as_ptr()) };
@@ -3164,8 +3171,8 @@ unsafe fn lut_small_dot_block<const BITS: usize>(
                 }
             } else if per_row {
                 let table = w.table(r);
-                prefetch(table.as_ptr(), 32 * 2 * n);
-                prefetch(table.as_ptr(), 32 * 2 * n + 64);
+                prefetch_table(table.as_ptr(), 32 * 2 * n);
+                prefetch_table(table.as_ptr(), 32 * 2 * n + 64);
                 if rn == TILE_ROWS {
                     debug_assert_eq!(w.table(r + 3).as_ptr(), table.as_ptr().wrapping_add(96));
                     // SAFETY: the CPU has AVX-512 (the caller's guarantee); the tables of rows
