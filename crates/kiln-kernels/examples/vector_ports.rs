@@ -110,6 +110,24 @@ mod probes {
         };
     }
 
+    /// A probe of two instructions interleaved, eight of each: the first into `zmm0`..`zmm7`,
+    /// the second into `zmm8`..`zmm15` (whether they share a port).
+    macro_rules! pair {
+        ($name:literal, $a:literal, $a_tail:literal, $b:literal, $b_tail:literal) => {
+            Probe {
+                name: $name,
+                per: 8.0,
+                unit: "pair",
+                ticks: || {
+                    probe!(concat!(
+                        into!($a, $a_tail, 0 1 2 3 4 5 6 7),
+                        into!($b, $b_tail, 8 9 10 11 12 13 14 15),
+                    ))
+                },
+            }
+        };
+    }
+
     /// [`lut8_step!`] with the words formed by shifts and bit selects in place of the
     /// interleaves: even elements' words from the planes' even bytes, odd from odd ones
     /// (`zmm9` stands for `0x00ff` in every word: the probes time the steps, not their results).
@@ -219,26 +237,15 @@ mod probes {
         };
     }
 
-    /// [`lut8_step!`] for four rows, each with its accumulator.
+    /// A step macro (`lut8_step` or `lut8_step_select`) for four rows, each with its
+    /// accumulator.
     macro_rules! four_rows {
-        ($lookup:ident, $load:literal) => {
+        ($step:ident, $lookup:ident, $load:literal) => {
             concat!(
-                lut8_step!($lookup, "0", "12", $load),
-                lut8_step!($lookup, "64", "13", $load),
-                lut8_step!($lookup, "128", "14", $load),
-                lut8_step!($lookup, "192", "15", $load),
-            )
-        };
-    }
-
-    /// [`lut8_step_select!`] for four rows.
-    macro_rules! four_rows_select {
-        ($lookup:ident, $load:literal) => {
-            concat!(
-                lut8_step_select!($lookup, "0", "12", $load),
-                lut8_step_select!($lookup, "64", "13", $load),
-                lut8_step_select!($lookup, "128", "14", $load),
-                lut8_step_select!($lookup, "192", "15", $load),
+                $step!($lookup, "0", "12", $load),
+                $step!($lookup, "64", "13", $load),
+                $step!($lookup, "128", "14", $load),
+                $step!($lookup, "192", "15", $load),
             )
         };
     }
@@ -291,78 +298,58 @@ mod probes {
             each!("vpaddd", "vpaddd", "zmm17, zmm16"),
             each!("vpdpwssd", "vpdpwssd", "zmm17, zmm16", 16),
             each!("vpdpbusd", "vpdpbusd", "zmm17, zmm16", 16),
-            Probe {
-                name: "vpermb + vpdpwssd, 8 each",
-                per: 8.0,
-                unit: "pair",
-                ticks: || {
-                    probe!(concat!(
-                        into!("vpermb", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
-                        into!("vpdpwssd", "zmm17, zmm16", 8 9 10 11 12 13 14 15),
-                    ))
-                },
-            },
-            Probe {
-                name: "vpermb + vpsrlw, 8 each",
-                per: 8.0,
-                unit: "pair",
-                ticks: || {
-                    probe!(concat!(
-                        into!("vpermb", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
-                        into!("vpsrlw", "zmm17, 8", 8 9 10 11 12 13 14 15),
-                    ))
-                },
-            },
-            Probe {
-                name: "vpermb + vpternlogd, 8 each",
-                per: 8.0,
-                unit: "pair",
-                ticks: || {
-                    probe!(concat!(
-                        into!("vpermb", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
-                        into!("vpternlogd", "zmm17, zmm16, 0xf8", 8 9 10 11 12 13 14 15),
-                    ))
-                },
-            },
-            Probe {
-                name: "vpermi2b + vpdpwssd, 8 each",
-                per: 8.0,
-                unit: "pair",
-                ticks: || {
-                    probe!(concat!(
-                        into!("vpermi2b", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
-                        into!("vpdpwssd", "zmm17, zmm16", 8 9 10 11 12 13 14 15),
-                    ))
-                },
-            },
-            Probe {
-                name: "vpermi2b + vpsrlw, 8 each",
-                per: 8.0,
-                unit: "pair",
-                ticks: || {
-                    probe!(concat!(
-                        into!("vpermi2b", "zmm17, zmm16", 0 1 2 3 4 5 6 7),
-                        into!("vpsrlw", "zmm17, 8", 8 9 10 11 12 13 14 15),
-                    ))
-                },
-            },
+            pair!(
+                "vpermb + vpdpwssd, 8 each",
+                "vpermb",
+                "zmm17, zmm16",
+                "vpdpwssd",
+                "zmm17, zmm16"
+            ),
+            pair!(
+                "vpermb + vpsrlw, 8 each",
+                "vpermb",
+                "zmm17, zmm16",
+                "vpsrlw",
+                "zmm17, 8"
+            ),
+            pair!(
+                "vpermb + vpternlogd, 8 each",
+                "vpermb",
+                "zmm17, zmm16",
+                "vpternlogd",
+                "zmm17, zmm16, 0xf8"
+            ),
+            pair!(
+                "vpermi2b + vpdpwssd, 8 each",
+                "vpermi2b",
+                "zmm17, zmm16",
+                "vpdpwssd",
+                "zmm17, zmm16"
+            ),
+            pair!(
+                "vpermi2b + vpsrlw, 8 each",
+                "vpermi2b",
+                "zmm17, zmm16",
+                "vpsrlw",
+                "zmm17, 8"
+            ),
             step("LUT8 step, blends", || {
-                probe!(four_rows!(blends, "vmovdqu64 zmm19"))
+                probe!(four_rows!(lut8_step, blends, "vmovdqu64 zmm19"))
             }),
             step("LUT8 step, merged", || {
-                probe!(four_rows!(merged, "vmovdqu64 zmm19"))
+                probe!(four_rows!(lut8_step, merged, "vmovdqu64 zmm19"))
             }),
             step("LUT8 step, merged, masked load", || {
-                probe!(four_rows!(merged, "vmovdqu8 zmm19 {{k1}}{{z}}"))
+                probe!(four_rows!(lut8_step, merged, "vmovdqu8 zmm19 {{k1}}{{z}}"))
             }),
             step("LUT8 step, merged, bit selects", || {
-                probe!(four_rows_select!(merged, "vmovdqu64 zmm19"))
+                probe!(four_rows!(lut8_step_select, merged, "vmovdqu64 zmm19"))
             }),
             step("LUT8 step, quarters", || {
-                probe!(four_rows!(quarters, "vmovdqu64 zmm19"))
+                probe!(four_rows!(lut8_step, quarters, "vmovdqu64 zmm19"))
             }),
             step("LUT8 step, quarters, bit selects", || {
-                probe!(four_rows_select!(quarters, "vmovdqu64 zmm19"))
+                probe!(four_rows!(lut8_step_select, quarters, "vmovdqu64 zmm19"))
             }),
             step("LUT8 step, quarters, byte products", || {
                 probe!(four_rows_bytes!(quarters))
