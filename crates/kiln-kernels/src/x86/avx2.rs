@@ -241,7 +241,8 @@ unsafe fn leg_step<
     let ones = _mm256_set1_epi16(1);
     for (r, acc_r) in acc.iter_mut().enumerate() {
         let p = w.wrapping_add(r * row_bytes + b * bytes);
-        // Every line of these blocks one tile ahead (harmless at any address).
+        // Every line of these blocks one tile ahead, and further on into L2
+        // (harmless at any address).
         for line in (0..4 * bytes).step_by(64) {
             super::prefetch_weights(p.wrapping_add(line), ahead);
         }
@@ -391,7 +392,8 @@ unsafe fn kquant<const F: u8, const R: usize, const T: usize>(
         }
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let p = w.wrapping_add(r * row_bytes + sb * bytes);
-            // Every line of the super-block one tile ahead (harmless at any address).
+            // Every line of the super-block one tile ahead, and further on into L2
+            // (harmless at any address).
             for line in (0..bytes).step_by(64) {
                 super::prefetch_weights(p.wrapping_add(line), ahead);
             }
@@ -599,7 +601,8 @@ unsafe fn iq4_xs<const R: usize, const T: usize>(
         }
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let p = w.wrapping_add(r * row_bytes + sb * IQ4_XS_BYTES);
-            // Every line of the super-block one tile ahead (harmless at any address).
+            // Every line of the super-block one tile ahead, and further on into L2
+            // (harmless at any address).
             for line in (0..IQ4_XS_BYTES).step_by(64) {
                 super::prefetch_weights(p.wrapping_add(line), ahead);
             }

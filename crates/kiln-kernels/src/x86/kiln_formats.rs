@@ -40,6 +40,7 @@ use kiln_format::kiln_types::{
 
 use super::avx512::{block_codes_512, dpbusd_refined, PAIR_IDX};
 use super::dequant_out::{put1, put16, put32};
+use super::prefetch_weights;
 use crate::activation::QuantizedRow;
 use crate::kiln_formats::KilnMatrix;
 use crate::Isa;
@@ -228,14 +229,6 @@ unsafe fn tile<const R: usize, const T: usize>(
     }
 }
 
-/// Prefetches the weights one tile ahead of `p` (see `super::prefetch_distance`) into L1, and
-/// further on into L2 (`super::prefetch_weights`): the interleaved row streams of a tile
-/// defeat the hardware prefetchers.
-#[inline(always)]
-fn prefetch(p: *const u8, ahead: usize) {
-    super::prefetch_weights(p, ahead);
-}
-
 /// Prefetches the table bytes `ahead` past `p` into L1: tables are read a few lines ahead.
 #[inline(always)]
 fn prefetch_table(p: *const u8, ahead: usize) {
@@ -307,7 +300,7 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 #[inline(always)]
 fn i8ch_scales<const R: usize>(w: &KilnMatrix, r0: usize) -> [f32; R] {
     let at = w.rows * w.row_bytes + r0 * kiln_types::I8_CH_SCALE_BYTES;
-    prefetch(
+    prefetch_weights(
         w.data.as_ptr().wrapping_add(at),
         64 * kiln_types::I8_CH_SCALE_BYTES,
     );
@@ -349,7 +342,7 @@ unsafe fn i8ch_512<const R: usize, const T: usize, const REFINED: bool>(
         }
         for r in 0..R {
             let wp = p.wrapping_add(r * rb + c);
-            prefetch(wp, ahead);
+            prefetch_weights(wp, ahead);
             // SAFETY: the codes of row r0 + r from c: 64 bytes when `two`, else 32 (masked).
             // A row is `cols` bytes, so with `cols` a multiple of 64 (and the tensor 64-byte
             // aligned, as packages store it) every load is one whole cache line.
@@ -406,7 +399,7 @@ unsafe fn i8ch_256<const R: usize, const T: usize, const REFINED: bool>(
             dv[t] = _mm256_set1_ps(xs[t].scales[b]);
         }
         for r in 0..R {
-            prefetch(p.wrapping_add(r * rb + c), ahead);
+            prefetch_weights(p.wrapping_add(r * rb + c), ahead);
             // SAFETY: the codes of row r0 + r from c.
             let wv = unsafe { _mm256_loadu_si256(p.add(r * rb + c).cast()) };
             let aw = _mm256_sign_epi8(wv, wv);
@@ -528,9 +521,9 @@ unsafe fn i4b64_step_512<
             let row = p.wrapping_add(r * rb);
             let cp = row.wrapping_add(blk * (I4_BLOCK / 2));
             // The code plane streams: one line a step keeps every line of it a tile ahead.
-            prefetch(cp, ahead);
+            prefetch_weights(cp, ahead);
             if blk == 0 {
-                prefetch(row.wrapping_add(scale_plane), ahead);
+                prefetch_weights(row.wrapping_add(scale_plane), ahead);
             }
             // SAFETY: blocks blk..blk + N of the planar row r0 + r: 32 code bytes each from
             // 32 · blk, and a 2-byte scale each from the scale plane's 2 · blk.
@@ -615,9 +608,9 @@ unsafe fn i4b64_step_512<
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 #[inline]
 unsafe fn i4b64_stored_blocks<const N: usize>(bp: *const u8, ahead: usize) -> (__m512i, __m128) {
-    prefetch(bp, ahead);
+    prefetch_weights(bp, ahead);
     if N == 2 {
-        prefetch(bp.wrapping_add(64), ahead);
+        prefetch_weights(bp.wrapping_add(64), ahead);
     }
     // SAFETY: the N blocks at bp: a 2-byte scale and 32 bytes of nibbles each.
     let (nib, d) = unsafe {
@@ -670,7 +663,7 @@ unsafe fn i4b64_256<const R: usize, const T: usize, const REFINED: bool>(
         }
         for r in 0..R {
             let bp = p.wrapping_add(r * rb + blk * I4_BLOCK_BYTES);
-            prefetch(bp, ahead);
+            prefetch_weights(bp, ahead);
             // SAFETY: block blk of row r0 + r: a 2-byte scale and 32 bytes of nibbles.
             let (d, nib) = unsafe { (f16_at(bp), _mm256_loadu_si256(bp.add(2).cast())) };
             let lo = _mm256_and_si256(nib, low);
@@ -922,9 +915,10 @@ unsafe fn lut4b32_step_512<
     for r in 0..R {
         let row = p.wrapping_add(r * w.row_bytes);
         let bp = row.wrapping_add(LUT4_B32_ROW_HEADER + b * LUT4_B32_BLOCK_BYTES);
-        // Every line of these blocks one tile ahead (harmless at any address).
+        // Every line of these blocks one tile ahead, and further on into L2
+        // (harmless at any address).
         for line in (0..4 * LUT4_B32_BLOCK_BYTES).step_by(64) {
-            prefetch(bp.wrapping_add(line), ahead);
+            prefetch_weights(bp.wrapping_add(line), ahead);
         }
         let table_r = table[if GROUPED { r } else { 0 }];
         // The blocks' parameter codes (scales in lanes 0..4, offsets in 4..8) and their
@@ -1150,7 +1144,7 @@ unsafe fn lut4b32_step_256<
     for r in 0..R {
         let bp = p.wrapping_add(r * w.row_bytes + LUT4_B32_ROW_HEADER + b * LUT4_B32_BLOCK_BYTES);
         for line in (0..4 * LUT4_B32_BLOCK_BYTES).step_by(64) {
-            prefetch(bp.wrapping_add(line), ahead);
+            prefetch_weights(bp.wrapping_add(line), ahead);
         }
         let mut pairs = 0u64;
         for k in 0..N {
@@ -2526,7 +2520,7 @@ unsafe fn lut8_i16_512<const R: usize, const T: usize>(
             }
             for r in 0..R {
                 let ip = p.wrapping_add(r * rb + c);
-                prefetch(ip, ahead);
+                prefetch_weights(ip, ahead);
                 // SAFETY: 32 or 64 index bytes of row r0 + r from c.
                 let i = unsafe { step_bytes(ip, two) };
                 // The words come in the codes' order; zeroed indices meet zeroed codes.
@@ -2817,7 +2811,7 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
                     for r in 0..R {
                         let bp = p.wrapping_add(r * rb + b * BLOCK_BYTES);
                         if $s < 3 {
-                            prefetch(bp.wrapping_add(64 * $s), ahead);
+                            prefetch_weights(bp.wrapping_add(64 * $s), ahead);
                         }
                         // SAFETY: the whole block's bytes of row r0 + r.
                         let i = unsafe { lut6_planar_indices::<$s>(bp) };
@@ -2860,7 +2854,7 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
             for r in 0..R {
                 // A chunk of 32 six-bit indices is 24 bytes (so is a planar step's share).
                 let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
-                prefetch(ip, ahead);
+                prefetch_weights(ip, ahead);
                 let (lo, hi) = if PLANAR {
                     // SAFETY: the step's 48 (or 24) bytes of row r0 + r.
                     let i = unsafe {
@@ -3316,7 +3310,7 @@ unsafe fn lut_small_block<const BITS: usize, const R: usize, const T: usize>(
         }
         for r in 0..R {
             let ip = p.wrapping_add(r * rb + c * BITS / 8);
-            prefetch(ip, ahead);
+            prefetch_weights(ip, ahead);
             // SAFETY: 8 · BITS (or 4 · BITS) index bytes of row r from element c.
             let i = unsafe { _mm512_maskz_loadu_epi8(mask, ip.cast()) };
             let lo = small_words(i, st, 0, tables[r]);
@@ -3388,7 +3382,7 @@ unsafe fn lut2_planar_i16_512<const R: usize, const T: usize>(
                 for r in 0..R {
                     let ip = p.wrapping_add(r * rb + b * (BLOCK / 4));
                     if $step == 0 {
-                        prefetch(ip, ahead);
+                        prefetch_weights(ip, ahead);
                     }
                     // SAFETY: the block's 64 index bytes of row r0 + r.
                     let v = unsafe { _mm512_loadu_si512(ip.cast()) };
@@ -3600,7 +3594,7 @@ unsafe fn lut4_planar_row<const T: usize, const N: usize>(
     x1: &[(__m512i, __m512i); T],
     mut sums: [__m512i; T],
 ) -> [__m512i; T] {
-    prefetch(ip, ahead);
+    prefetch_weights(ip, ahead);
     // SAFETY: the caller's runs (a whole group's 64 bytes for N = 4).
     let (u01, u23) = unsafe {
         if N == 4 {
@@ -3784,7 +3778,7 @@ unsafe fn lut_small_i16_256<const BITS: usize, const R: usize, const T: usize>(
                 }
                 for r in 0..R {
                     let ip = p.wrapping_add(r * rb + c * BITS / 8);
-                    prefetch(ip, ahead);
+                    prefetch_weights(ip, ahead);
                     // SAFETY: the chunk's index bytes of row r0 + r.
                     let i = unsafe { small_indices_256::<BITS>(ip) };
                     let lo = _mm256_shuffle_epi8(planes[r].0, i);
@@ -3844,7 +3838,7 @@ unsafe fn lut6_256<const R: usize, const T: usize>(
     for c in (0..w.cols).step_by(CHUNK) {
         for r in 0..R {
             let ip = p.wrapping_add(r * rb + c / CHUNK * 24);
-            prefetch(ip, ahead);
+            prefetch_weights(ip, ahead);
             // SAFETY: the 24 index bytes of this chunk of row r0 + r.
             let (b0, b1, h) = unsafe {
                 (
@@ -3913,7 +3907,7 @@ unsafe fn lut8_256<const R: usize, const T: usize>(
     for c in (0..w.cols).step_by(CHUNK) {
         for r in 0..R {
             let ip = p.wrapping_add(r * rb + c);
-            prefetch(ip, ahead);
+            prefetch_weights(ip, ahead);
             let mut wv = [_mm256_setzero_ps(); 4];
             for (k, wk) in wv.iter_mut().enumerate() {
                 // SAFETY: index bytes 8k..8k + 8 of this chunk of row r0 + r; every index is
