@@ -237,6 +237,31 @@ mod probes {
         };
     }
 
+    /// [`lut8_step_bytes!`] with the high plane stored biased to unsigned, so no flip: the
+    /// four `vpdpbusd` add into three sums (the two middle products share one).
+    macro_rules! lut8_step_biased {
+        ($lookup:ident, $off:literal, $a:literal, $b:literal, $c:literal) => {
+            concat!(
+                "vmovdqu64 zmm19, [rdi + ",
+                $off,
+                "]\n",
+                $lookup!(),
+                "vpdpbusd zmm",
+                $a,
+                ", zmm20, zmm17\n",
+                "vpdpbusd zmm",
+                $b,
+                ", zmm20, zmm18\n",
+                "vpdpbusd zmm",
+                $b,
+                ", zmm21, zmm17\n",
+                "vpdpbusd zmm",
+                $c,
+                ", zmm21, zmm18\n",
+            )
+        };
+    }
+
     /// A step macro (`lut8_step` or `lut8_step_select`) for four rows, each with its
     /// accumulator.
     macro_rules! four_rows {
@@ -258,6 +283,18 @@ mod probes {
                 lut8_step_bytes!($lookup, "64", "14", "15", "16", "23"),
                 lut8_step_bytes!($lookup, "128", "25", "26", "27", "28"),
                 lut8_step_bytes!($lookup, "192", "29", "30", "31", "0"),
+            )
+        };
+    }
+
+    /// [`lut8_step_biased!`] for four rows.
+    macro_rules! four_rows_biased {
+        ($lookup:ident) => {
+            concat!(
+                lut8_step_biased!($lookup, "0", "10", "11", "12"),
+                lut8_step_biased!($lookup, "64", "13", "14", "15"),
+                lut8_step_biased!($lookup, "128", "16", "23", "25"),
+                lut8_step_biased!($lookup, "192", "26", "27", "28"),
             )
         };
     }
@@ -356,6 +393,12 @@ mod probes {
             }),
             step("LUT8 step, merged, byte products", || {
                 probe!(four_rows_bytes!(merged))
+            }),
+            step("LUT8 step, quarters, biased bytes", || {
+                probe!(four_rows_biased!(quarters))
+            }),
+            step("LUT8 step, merged, biased bytes", || {
+                probe!(four_rows_biased!(merged))
             }),
         ];
         let cycle = || {
