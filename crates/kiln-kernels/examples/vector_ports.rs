@@ -335,6 +335,9 @@ mod probes {
             each!("vpaddd", "vpaddd", "zmm17, zmm16"),
             each!("vpdpwssd", "vpdpwssd", "zmm17, zmm16", 16),
             each!("vpdpbusd", "vpdpbusd", "zmm17, zmm16", 16),
+            each!("vdpbf16ps", "vdpbf16ps", "zmm17, zmm16", 16),
+            each!("vfmadd231ps", "vfmadd231ps", "zmm17, zmm16", 16),
+            each!("vfmadd231ph", "vfmadd231ph", "zmm17, zmm16", 16),
             pair!(
                 "vpermb + vpdpwssd, 8 each",
                 "vpermb",

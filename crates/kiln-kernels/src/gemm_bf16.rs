@@ -394,10 +394,99 @@ fn check_inputs(
     }
 }
 
+/// Whether prompts should multiply in bf16 rather than f32 on this CPU: where
+/// [`bf16_available`], and `vdpbf16ps` does at least [`BF16_MIN_RATE_RATIO`] times the
+/// multiply-adds per nanosecond of the f32 FMA ([`multiply_add_rates`], measured once).
+///
+/// Having the instruction does not make it fast. On AMD Zen 4 a `vdpbf16ps` issues as often
+/// as an FMA and does twice its work; on the Intel Xeon cores measured here it issues once
+/// every 2.2 cycles against two FMAs a cycle, so bf16 does under half the f32 rate, and the
+/// f32 GEMM multiplies prompts about 1.4 times as fast (`examples/gemmbench`).
+pub fn bf16_pays() -> bool {
+    use std::sync::OnceLock;
+    static PAYS: OnceLock<bool> = OnceLock::new();
+    *PAYS.get_or_init(|| multiply_add_rates().is_some_and(|(bf16, f32)| bf16_wins(bf16, f32)))
+}
+
+/// The ratio of bf16 to f32 multiply-add rates from which [`bf16_pays`]: below 1, because
+/// the bf16 panels are a quarter of the f32 ones' packing cost and half their memory (at
+/// equal rates, the bf16 GEMM with its packing runs 1.1–1.4 times as fast at the models'
+/// widths), and well clear of both kinds of core measured (0.46 and about 2).
+pub const BF16_MIN_RATE_RATIO: f64 = 0.75;
+
+/// The decision of [`bf16_pays`] for multiply-add rates `bf16` and `f32` (any common unit).
+pub fn bf16_wins(bf16: f64, f32: f64) -> bool {
+    bf16 >= BF16_MIN_RATE_RATIO * f32
+}
+
+/// Multiply-adds per nanosecond of `vdpbf16ps` and of the f32 FMA on this core, from short
+/// loops of independent instructions (the best of a few runs, about a millisecond in all);
+/// `None` where [`bf16_available`] is false.
+pub fn multiply_add_rates() -> Option<(f64, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_available() {
+        let best = |f: &dyn Fn() -> f64| (0..5).map(|_| f()).fold(0.0f64, f64::max);
+        // SAFETY: `bf16_available` checked AVX-512F and AVX-512 BF16.
+        let bf16 = best(&|| unsafe { x86::bf16_multiply_add_rate() });
+        // SAFETY: as above (AVX-512F).
+        let f32 = best(&|| unsafe { x86::f32_multiply_add_rate() });
+        return Some((bf16, f32));
+    }
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{pairs, LINE, PANEL_ROWS};
     use std::arch::x86_64::*;
+    use std::hint::black_box;
+    use std::time::Instant;
+
+    /// Loop trips of the rate probes: 64 Ki instructions each, some tens of microseconds.
+    const PROBE_TRIPS: usize = 8192;
+
+    /// Multiply-adds per nanosecond of `vdpbf16ps` (32 per instruction), eight independent
+    /// accumulators deep so that its latency does not count.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn bf16_multiply_add_rate() -> f64 {
+        // Pairs of bf16 0.001 (0x3a83): the sums stay finite and normal.
+        let a = as_bh(black_box(_mm512_set1_epi32(0x3a83_3a83)));
+        let b = as_bh(black_box(_mm512_set1_epi32(0x3a83_3a83)));
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let start = Instant::now();
+        for _ in 0..PROBE_TRIPS {
+            for v in acc.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, a, b);
+            }
+        }
+        let ns = start.elapsed().as_nanos().max(1) as f64;
+        black_box(acc);
+        (PROBE_TRIPS * 8 * 32) as f64 / ns
+    }
+
+    /// Multiply-adds per nanosecond of the f32 FMA (16 per instruction), as
+    /// [`bf16_multiply_add_rate`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32_multiply_add_rate() -> f64 {
+        let a = black_box(_mm512_set1_ps(1.0e-3));
+        let b = black_box(_mm512_set1_ps(1.0e-3));
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let start = Instant::now();
+        for _ in 0..PROBE_TRIPS {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(a, b, *v);
+            }
+        }
+        let ns = start.elapsed().as_nanos().max(1) as f64;
+        black_box(acc);
+        (PROBE_TRIPS * 8 * 16) as f64 / ns
+    }
 
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512 BF16; `rows` holds at most `PANEL_ROWS` whole
@@ -688,6 +777,30 @@ mod tests {
                 (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
             })
             .collect()
+    }
+
+    /// The probes measure real rates where the CPU has AVX-512 BF16 (between a tenth of a
+    /// multiply-add and a few hundred per nanosecond), and the decision follows them.
+    #[test]
+    fn multiply_add_rates_decide_the_prompt_gemm() {
+        match multiply_add_rates() {
+            Some((bf16, f32)) => {
+                for rate in [bf16, f32] {
+                    assert!((0.1..1000.0).contains(&rate), "{bf16} / {f32} per ns");
+                }
+                eprintln!("multiply-adds per ns: bf16 {bf16:.1}, f32 {f32:.1}");
+                // Measured again, the rates land on the same side of the ratio unless they
+                // are close to it.
+                if (bf16 / f32 / BF16_MIN_RATE_RATIO - 1.0).abs() > 0.2 {
+                    assert_eq!(bf16_pays(), bf16_wins(bf16, f32));
+                }
+            }
+            None => assert!(!bf16_available() && !bf16_pays()),
+        }
+        // Zen 4 (bf16 twice the f32 rate) and the Intel cores measured (0.46 of it).
+        assert!(bf16_wins(128.0, 64.0));
+        assert!(!bf16_wins(14.7, 32.0));
+        assert!(bf16_wins(0.75, 1.0) && !bf16_wins(0.74, 1.0));
     }
 
     #[test]

@@ -100,10 +100,11 @@ pub fn matmul(
             return matmul_gemm_i8(pool, &[w], ty, x, n_tokens, &mut [y]);
         }
         // Other prompts: bf16 operands double the multiply rate where the CPU has AVX-512
-        // BF16. They move the real models' logits by up to ~0.15 (cosine >= 0.999993 against
-        // transformers' float32, perplexity +0.06 %), within the default path's bar; `Exact`
-        // keeps f32.
-        if precision != Precision::Exact && kiln_kernels::gemm_bf16::bf16_available() {
+        // BF16 and runs it as fast as an FMA (`bf16_pays`, measured: not on every core that
+        // has it). They move the real models' logits by up to ~0.15 (cosine >= 0.999993
+        // against transformers' float32, perplexity +0.06 %), within the default path's bar;
+        // `Exact` keeps f32.
+        if precision != Precision::Exact && kiln_kernels::gemm_bf16::bf16_pays() {
             return matmul_gemm_bf16(pool, w, x, n_tokens, y);
         }
         return matmul_gemm(pool, w, x, n_tokens, y);
