@@ -29,6 +29,19 @@ pub fn pack_panel(rows: &[f32], k: usize, out: &mut Vec<f32>) {
     let n = rows.len() / k;
     assert!(n <= PANEL_ROWS, "pack_panel: {n} rows exceed a panel");
     out.resize(k * PANEL_ROWS, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if detect() == Isa::Avx512Vnni {
+        // SAFETY: `detect` reports AVX-512 only when the CPU has AVX-512F; `rows` holds `n <=
+        // PANEL_ROWS` whole rows of `k` and `out` was just sized to the panel.
+        unsafe { crate::gemm_bf16::x86::pack_panel_f32_avx512(rows, k, out) };
+        return;
+    }
+    pack_reference(rows, k, out);
+}
+
+/// The scalar packing, which the AVX-512 one reproduces bit for bit (`out` already sized).
+fn pack_reference(rows: &[f32], k: usize, out: &mut [f32]) {
+    let n = rows.len() / k;
     // Blocks of 16 columns: each row contributes one cache line per block, and the block's
     // 16 panel lines (2 KiB) stay in L1 while they are filled.
     const BLOCK: usize = 16;
@@ -310,6 +323,34 @@ mod tests {
             for r in 0..n_rows {
                 let want: f32 = (0..k).map(|kk| x[t * k + kk] * rows[r * k + kk]).sum();
                 assert_eq!(out[t * n_rows + r], want);
+            }
+        }
+    }
+
+    proptest! {
+        /// Every level packs as the scalar code does, bit for bit, over every row count, odd
+        /// widths and reused panels holding older values.
+        #[test]
+        fn packing_matches_the_reference(
+            n in 1..=PANEL_ROWS,
+            k in 1usize..80,
+            seed in any::<u32>(),
+        ) {
+            let rows: Vec<f32> = (0..n * k)
+                .map(|i| f32::from_bits((i as u32).wrapping_mul(2_654_435_761) ^ seed))
+                .collect();
+            let mut got = vec![f32::NAN; 3 * k * PANEL_ROWS];
+            pack_panel(&rows, k, &mut got);
+            let mut want = vec![f32::NAN; k * PANEL_ROWS];
+            pack_reference(&rows, k, &mut want);
+            prop_assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                prop_assert_eq!(g.to_bits(), w.to_bits(), "value {} (line {})", i, i / PANEL_ROWS);
+            }
+            for (r, row) in rows.chunks_exact(k).enumerate() {
+                for (c, v) in row.iter().enumerate() {
+                    prop_assert_eq!(got[c * PANEL_ROWS + r].to_bits(), v.to_bits());
+                }
             }
         }
     }

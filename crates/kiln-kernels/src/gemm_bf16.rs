@@ -436,7 +436,7 @@ pub fn multiply_add_rates() -> Option<(f64, f64)> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{pairs, LINE, PANEL_ROWS};
     use std::arch::x86_64::*;
     use std::hint::black_box;
@@ -557,8 +557,50 @@ mod x86 {
         out: &mut [u16],
         load: impl Fn(usize, usize, usize) -> __m512i,
     ) {
-        debug_assert!(n <= PANEL_ROWS && out.len() >= kp * LINE);
-        let dst = out.as_mut_ptr();
+        debug_assert!(out.len() >= kp * LINE);
+        // SAFETY: the caller's guarantees; `kp` lines of PANEL_ROWS words are `kp * LINE`
+        // values.
+        unsafe { pack_word_lines(kp, n, out.as_mut_ptr().cast(), load) }
+    }
+
+    /// The f32 panel of [`crate::gemm::pack_panel`]: `n <= PANEL_ROWS` rows of `k` floats,
+    /// transposed as 32-bit words by [`pack_word_lines`] (a line per column).
+    ///
+    /// # Safety
+    /// AVX-512 F; `rows` holds `n` whole rows of `k` and `out` `k * PANEL_ROWS` values.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn pack_panel_f32_avx512(rows: &[f32], k: usize, out: &mut [f32]) {
+        debug_assert!(out.len() >= k * PANEL_ROWS);
+        let n = rows.len() / k;
+        let src = rows.as_ptr();
+        let load = |r: usize, c0: usize, width: usize| {
+            let mask: __mmask16 = if width == 16 { !0 } else { (1 << width) - 1 };
+            // SAFETY: columns c0..c0 + width of row r < n are inside `rows`, and the mask
+            // keeps the load to them.
+            unsafe { _mm512_maskz_loadu_epi32(mask, src.add(r * k + c0).cast()) }
+        };
+        // SAFETY: `out` holds the panel's k lines; `load` reads only rows below n.
+        unsafe { pack_word_lines(k, n, out.as_mut_ptr().cast(), load) }
+    }
+
+    /// Lines of [`PANEL_ROWS`] 32-bit words at `dst`, one per column of `n <= PANEL_ROWS`
+    /// rows of `cols` words, in blocks of 16 columns by 16 rows: `load(r, c0, width)` gives
+    /// row `r`'s words `c0..c0 + width` (the rest zero), and a 16×16 transpose turns a block
+    /// into 16 half lines, one store each. Rows `n..PANEL_ROWS` are zero.
+    ///
+    /// # Safety
+    /// AVX-512 F; `dst` is valid for `cols * PANEL_ROWS` words; `load` is sound for rows below
+    /// `n`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn pack_word_lines(
+        cols: usize,
+        n: usize,
+        dst: *mut u32,
+        load: impl Fn(usize, usize, usize) -> __m512i,
+    ) {
+        debug_assert!(n <= PANEL_ROWS);
+        let kp = cols;
         let mut p0 = 0;
         while p0 < kp {
             let width = 16.min(kp - p0);
@@ -573,10 +615,10 @@ mod x86 {
                 }
                 let t = transpose16(v);
                 for (j, tj) in t.iter().enumerate().take(width) {
-                    // SAFETY: pair p0 + j < kp, so its line of LINE values, and the half
-                    // line of 32 values at offset 32 * half, are inside `out`.
+                    // SAFETY: column p0 + j < cols, so its line of PANEL_ROWS words, and the
+                    // half line of 16 words at offset 16 * half, are inside `dst`.
                     unsafe {
-                        _mm512_storeu_si512(dst.add((p0 + j) * LINE + 32 * half).cast(), *tj)
+                        _mm512_storeu_si512(dst.add((p0 + j) * PANEL_ROWS + 16 * half).cast(), *tj)
                     };
                 }
             }
