@@ -445,8 +445,7 @@ pub(crate) mod x86 {
     /// Loop trips of the rate probes: 64 Ki instructions each, some tens of microseconds.
     const PROBE_TRIPS: usize = 8192;
 
-    /// Multiply-adds per nanosecond of `vdpbf16ps` (32 per instruction), eight independent
-    /// accumulators deep so that its latency does not count.
+    /// Multiply-adds per nanosecond of `vdpbf16ps` (32 per instruction).
     ///
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512 BF16.
@@ -455,20 +454,10 @@ pub(crate) mod x86 {
         // Pairs of bf16 0.001 (0x3a83): the sums stay finite and normal.
         let a = as_bh(black_box(_mm512_set1_epi32(0x3a83_3a83)));
         let b = as_bh(black_box(_mm512_set1_epi32(0x3a83_3a83)));
-        let mut acc = [_mm512_setzero_ps(); 8];
-        let start = Instant::now();
-        for _ in 0..PROBE_TRIPS {
-            for v in acc.iter_mut() {
-                *v = _mm512_dpbf16_ps(*v, a, b);
-            }
-        }
-        let ns = start.elapsed().as_nanos().max(1) as f64;
-        black_box(acc);
-        (PROBE_TRIPS * 8 * 32) as f64 / ns
+        multiply_add_rate(32, _mm512_setzero_ps(), |v| _mm512_dpbf16_ps(v, a, b))
     }
 
-    /// Multiply-adds per nanosecond of the f32 FMA (16 per instruction), as
-    /// [`bf16_multiply_add_rate`].
+    /// Multiply-adds per nanosecond of the f32 FMA (16 per instruction).
     ///
     /// # Safety
     /// The CPU must have AVX-512F.
@@ -476,16 +465,25 @@ pub(crate) mod x86 {
     pub unsafe fn f32_multiply_add_rate() -> f64 {
         let a = black_box(_mm512_set1_ps(1.0e-3));
         let b = black_box(_mm512_set1_ps(1.0e-3));
-        let mut acc = [_mm512_setzero_ps(); 8];
+        multiply_add_rate(16, _mm512_setzero_ps(), |v| _mm512_fmadd_ps(a, b, v))
+    }
+
+    /// Multiply-adds per nanosecond of `step`, an instruction doing `per` of them into its
+    /// accumulator: [`PROBE_TRIPS`] rounds over eight independent accumulators from `zero`,
+    /// so that its latency does not count. Inlined into each probe, so `step` compiles with
+    /// the probe's features.
+    #[inline(always)]
+    fn multiply_add_rate(per: usize, zero: __m512, step: impl Fn(__m512) -> __m512) -> f64 {
+        let mut acc = [zero; 8];
         let start = Instant::now();
         for _ in 0..PROBE_TRIPS {
             for v in acc.iter_mut() {
-                *v = _mm512_fmadd_ps(a, b, *v);
+                *v = step(*v);
             }
         }
         let ns = start.elapsed().as_nanos().max(1) as f64;
         black_box(acc);
-        (PROBE_TRIPS * 8 * 16) as f64 / ns
+        (PROBE_TRIPS * 8 * per) as f64 / ns
     }
 
     /// # Safety
