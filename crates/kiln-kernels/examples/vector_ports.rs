@@ -86,6 +86,14 @@ mod probes {
         };
     }
 
+    /// The start of every `LUT8` step below: the indices loaded from `rdi + $off` into
+    /// `zmm19` by `$load`, then looked up by `$lookup` (low bytes to `zmm20`, high to `zmm21`).
+    macro_rules! looked_up {
+        ($load:literal, $off:literal, $lookup:ident) => {
+            concat!($load, ", [rdi + ", $off, "]\n", $lookup!())
+        };
+    }
+
     /// One row's 64-weight step of the `LUT8` decode kernel: the indices loaded from
     /// `rdi + $off` into `zmm19` by `$load`, looked up by `$lookup` in a 256-entry table of
     /// 16-bit entries (byte planes in `zmm1`..`zmm8`; low bytes to `zmm20`, high to `zmm21`),
@@ -93,11 +101,7 @@ mod probes {
     macro_rules! lut8_step {
         ($lookup:ident, $off:literal, $acc:literal, $load:literal) => {
             concat!(
-                $load,
-                ", [rdi + ",
-                $off,
-                "]\n",
-                $lookup!(),
+                looked_up!($load, $off, $lookup),
                 "vpunpcklbw zmm22, zmm20, zmm21\n",
                 "vpunpckhbw zmm23, zmm20, zmm21\n",
                 "vpdpwssd zmm",
@@ -134,11 +138,7 @@ mod probes {
     macro_rules! lut8_step_select {
         ($lookup:ident, $off:literal, $acc:literal, $load:literal) => {
             concat!(
-                $load,
-                ", [rdi + ",
-                $off,
-                "]\n",
-                $lookup!(),
+                looked_up!($load, $off, $lookup),
                 "vpsllw zmm22, zmm21, 8\n",
                 "vpsrlw zmm23, zmm20, 8\n",
                 "vpternlogd zmm22, zmm20, zmm9, 0xf8\n",
@@ -216,10 +216,7 @@ mod probes {
     macro_rules! lut8_step_bytes {
         ($lookup:ident, $off:literal, $a:literal, $b:literal, $c:literal, $d:literal) => {
             concat!(
-                "vmovdqu64 zmm19, [rdi + ",
-                $off,
-                "]\n",
-                $lookup!(),
+                looked_up!("vmovdqu64 zmm19", $off, $lookup),
                 "vpdpbusd zmm",
                 $a,
                 ", zmm17, zmm20\n",
@@ -242,10 +239,7 @@ mod probes {
     macro_rules! lut8_step_biased {
         ($lookup:ident, $off:literal, $a:literal, $b:literal, $c:literal) => {
             concat!(
-                "vmovdqu64 zmm19, [rdi + ",
-                $off,
-                "]\n",
-                $lookup!(),
+                looked_up!("vmovdqu64 zmm19", $off, $lookup),
                 "vpdpbusd zmm",
                 $a,
                 ", zmm20, zmm17\n",

@@ -420,7 +420,7 @@ pub fn bf16_wins(bf16: f64, f32: f64) -> bool {
 }
 
 /// Multiply-adds per nanosecond of `vdpbf16ps` and of the f32 FMA on this core, from short
-/// loops of independent instructions (the best of a few runs, about a millisecond in all);
+/// loops of independent instructions (the best of a few runs, under a millisecond in all);
 /// `None` where [`bf16_available`] is false.
 pub fn multiply_add_rates() -> Option<(f64, f64)> {
     #[cfg(target_arch = "x86_64")]
@@ -491,6 +491,7 @@ pub(crate) mod x86 {
     /// rows of `k > 0` and `out` holds `pairs(k) * LINE` values.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn pack_panel_bf16_avx512(rows: &[f32], k: usize, out: &mut [u16]) {
+        debug_assert!(out.len() >= pairs(k) * LINE);
         let n = rows.len() / k;
         let src = rows.as_ptr();
         // Each row's 32 columns of the block round to one vector of 16 pair words.
@@ -516,8 +517,9 @@ pub(crate) mod x86 {
             };
             bh_as_i(_mm512_cvtne2ps_pbh(hi, lo))
         };
-        // SAFETY: `out` holds the panel; `load` reads only rows below n.
-        unsafe { pack_blocks(pairs(k), n, out, load) }
+        // SAFETY: `out` holds the panel, `pairs(k)` lines of PANEL_ROWS words; `load` reads
+        // only rows below n.
+        unsafe { pack_word_lines(pairs(k), n, out.as_mut_ptr().cast(), load) }
     }
 
     /// [`super::pack_panel_bf16_words`]: each row's 16 pair words of a block in one load.
@@ -528,6 +530,7 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn pack_panel_words_avx512(rows: &[u16], k: usize, out: &mut [u16]) {
         let kp = pairs(k);
+        debug_assert!(out.len() >= kp * LINE);
         let n = rows.len() / (2 * kp);
         let src = rows.as_ptr().cast::<u32>();
         let load = |r: usize, p0: usize, width: usize| {
@@ -536,28 +539,8 @@ pub(crate) mod x86 {
             // words), and the mask keeps the load to them.
             unsafe { _mm512_maskz_loadu_epi32(mask, src.add(r * kp + p0).cast()) }
         };
-        // SAFETY: `out` holds the panel; `load` reads only rows below n.
-        unsafe { pack_blocks(kp, n, out, load) }
-    }
-
-    /// The panel of `n <= PANEL_ROWS` rows of `kp` column pairs in blocks of 16 pairs by 16
-    /// rows: `load(r, p0, width)` gives row `r`'s pair words `p0..p0 + width` (the rest zero),
-    /// and a 16×16 word transpose turns a block's rows into 16 half lines of the panel, one
-    /// store each. Rows `n..PANEL_ROWS` are zero.
-    ///
-    /// # Safety
-    /// AVX-512 F; `out` holds `kp * LINE` values; `load` is sound for rows below `n`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn pack_blocks(
-        kp: usize,
-        n: usize,
-        out: &mut [u16],
-        load: impl Fn(usize, usize, usize) -> __m512i,
-    ) {
-        debug_assert!(out.len() >= kp * LINE);
-        // SAFETY: the caller's guarantees; `kp` lines of PANEL_ROWS words are `kp * LINE`
-        // values.
+        // SAFETY: `out` holds the panel, `kp` lines of PANEL_ROWS words; `load` reads only
+        // rows below n.
         unsafe { pack_word_lines(kp, n, out.as_mut_ptr().cast(), load) }
     }
 
@@ -598,10 +581,9 @@ pub(crate) mod x86 {
         load: impl Fn(usize, usize, usize) -> __m512i,
     ) {
         debug_assert!(n <= PANEL_ROWS);
-        let kp = cols;
-        let mut p0 = 0;
-        while p0 < kp {
-            let width = 16.min(kp - p0);
+        let mut c0 = 0;
+        while c0 < cols {
+            let width = 16.min(cols - c0);
             for half in 0..2 {
                 let mut v = [_mm512_setzero_si512(); 16];
                 for (i, vi) in v.iter_mut().enumerate() {
@@ -609,18 +591,18 @@ pub(crate) mod x86 {
                     if r >= n {
                         break;
                     }
-                    *vi = load(r, p0, width);
+                    *vi = load(r, c0, width);
                 }
                 let t = transpose16(v);
                 for (j, tj) in t.iter().enumerate().take(width) {
-                    // SAFETY: column p0 + j < cols, so its line of PANEL_ROWS words, and the
+                    // SAFETY: column c0 + j < cols, so its line of PANEL_ROWS words, and the
                     // half line of 16 words at offset 16 * half, are inside `dst`.
                     unsafe {
-                        _mm512_storeu_si512(dst.add((p0 + j) * PANEL_ROWS + 16 * half).cast(), *tj)
+                        _mm512_storeu_si512(dst.add((c0 + j) * PANEL_ROWS + 16 * half).cast(), *tj)
                     };
                 }
             }
-            p0 += width;
+            c0 += width;
         }
     }
 
