@@ -14,6 +14,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use kiln_kernels::aligned::AlignedVec;
 use kiln_kernels::gemm::{gemm_panel, pack_panel, PANEL_ROWS};
 use kiln_kernels::gemm_bf16::{
     bf16_available, convert_activations_bf16, gemm_panel_bf16, pack_panel_bf16,
@@ -81,7 +82,7 @@ fn main() {
         let weights = (rows * k) as f64;
         let mut tile = vec![0.0f32; tokens * PANEL_ROWS];
 
-        let mut panel = Vec::new();
+        let mut panel = AlignedVec::new();
         let f32_pack = time(reps, || {
             for p in w.chunks_exact(PANEL_ROWS * k) {
                 pack_panel(p, k, &mut panel);
@@ -102,7 +103,7 @@ fn main() {
             }
         });
 
-        let (mut bpanel, mut xb) = (Vec::new(), Vec::new());
+        let (mut bpanel, mut xb) = (AlignedVec::new(), AlignedVec::new());
         convert_activations_bf16(&x, tokens, k, &mut xb);
         let bf_pack = time(reps, || {
             for p in w.chunks_exact(PANEL_ROWS * k) {

@@ -4,7 +4,8 @@
 //!
 //! ```sh
 //! cargo run --release -p kiln-kernels --example kilnbench -- [--mb 64] [--k 2048] [--tokens 2] \
-//!     [--reps 5] [--rounds 3] [--isa avx512] [--formats "Q8_0 I8_CH LUT8"] [--runtime]
+//!     [--reps 5] [--rounds 3] [--isa avx512] [--formats "Q8_0 I8_CH LUT8"] [--runtime] \
+//!     [--dequantize]
 //! ```
 //!
 //! `--runtime` sets each matrix up as the runtime's decode does: rows rewritten into the planar
@@ -149,6 +150,8 @@ fn main() {
     // As the runtime decodes: planar rows where the level reads them, row tables converted
     // ahead, refined Q8_1 activations for the kernels that fuse them.
     let as_runtime = args().iter().any(|a| a == "--runtime");
+    let dequantize = args().iter().any(|a| a == "--dequantize");
+    let tokens = if dequantize { 1 } else { tokens };
     let quantized = |fmt, refine: bool| -> Vec<QuantizedRow> {
         x.iter()
             .map(|v| {
@@ -181,17 +184,33 @@ fn main() {
                             let mut p = vec![0u8; data.len()];
                             kiln_kernels::planar::pack_rows(ty, k, data, &mut p);
                             let (pbuf, pat) = aligned(p);
+                            if dequantize {
+                                let mut row = vec![0.0f32; k];
+                                Box::new(move || {
+                                    for src in pbuf[pat..pat + rows * rb].chunks_exact(rb) {
+                                        kiln_kernels::planar::dequantize_row(ty, k, src, &mut row);
+                                    }
+                                })
+                            } else {
+                                Box::new(move || {
+                                    kiln_kernels::planar::dot_block(
+                                        isa,
+                                        ty,
+                                        &pbuf[pat..],
+                                        rb,
+                                        0..rows,
+                                        &xq,
+                                        &mut out,
+                                        rows,
+                                    )
+                                })
+                            }
+                        } else if dequantize {
+                            let mut row = vec![0.0f32; k];
                             Box::new(move || {
-                                kiln_kernels::planar::dot_block(
-                                    isa,
-                                    ty,
-                                    &pbuf[pat..],
-                                    rb,
-                                    0..rows,
-                                    &xq,
-                                    &mut out,
-                                    rows,
-                                )
+                                for src in data[..rows * rb].chunks_exact(rb) {
+                                    kiln_kernels::ggml_dequant::dequantize_row(ty, src, &mut row);
+                                }
                             })
                         } else {
                             Box::new(move || {
@@ -207,6 +226,7 @@ fn main() {
                             as_runtime && kiln_formats::fuses_refined(isa, *ty),
                         );
                         let mut out = vec![0.0f32; rows * tokens];
+                        let mut row = vec![0.0f32; k];
                         let planar =
                             as_runtime && kiln_kernels::planar::kiln::supported(isa, *ty, k);
                         let stored = KilnMatrix::new(*ty, data, rows, k).unwrap();
@@ -237,7 +257,13 @@ fn main() {
                             } else {
                                 m.with_row_tables(&tables).unwrap()
                             };
-                            kiln_formats::dot_block_with(isa, &m, 0..rows, &xq, &mut out, rows)
+                            if dequantize {
+                                for r in 0..rows {
+                                    kiln_formats::dequantize_row_with(isa, &m, r, &mut row);
+                                }
+                            } else {
+                                kiln_formats::dot_block_with(isa, &m, 0..rows, &xq, &mut out, rows)
+                            }
                         })
                     }
                 };

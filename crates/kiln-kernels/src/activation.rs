@@ -2,6 +2,7 @@
 
 use kiln_format::ggml::GgmlType;
 
+use crate::aligned::AlignedVec;
 use crate::layout::{QK, QK_K};
 
 /// How the activations of one row are stored for a given weight format.
@@ -108,19 +109,19 @@ pub struct QuantizedRow {
     pub(crate) format: ActivationFormat,
     pub(crate) len: usize,
     /// Q8_1 / Q8_K: the int8 codes (of a refined row: the high part, in units of 256 scales).
-    pub(crate) codes: Vec<i8>,
+    pub(crate) codes: AlignedVec<i8>,
     /// A refined Q8_1 row's low part, in units of one scale; empty otherwise.
-    pub(crate) low: Vec<i8>,
+    pub(crate) low: AlignedVec<i8>,
     /// I16: the 16-bit codes, in the format's stored order.
-    pub(crate) wide: Vec<i16>,
+    pub(crate) wide: AlignedVec<i16>,
     /// Q8_1 / Q8_K / I16: one scale per block.
-    pub(crate) scales: Vec<f32>,
+    pub(crate) scales: AlignedVec<f32>,
     /// Q8_1: `scale * sum(codes)` per block.
-    pub(crate) sums: Vec<f32>,
+    pub(crate) sums: AlignedVec<f32>,
     /// Q8_K: the sum of every 16 codes.
-    pub(crate) group_sums: Vec<i16>,
+    pub(crate) group_sums: AlignedVec<i16>,
     /// F32: the values.
-    pub(crate) values: Vec<f32>,
+    pub(crate) values: AlignedVec<f32>,
 }
 
 impl Default for QuantizedRow {
@@ -135,13 +136,13 @@ impl QuantizedRow {
         QuantizedRow {
             format: ActivationFormat::Q8_1,
             len: 0,
-            codes: Vec::new(),
-            low: Vec::new(),
-            wide: Vec::new(),
-            scales: Vec::new(),
-            sums: Vec::new(),
-            group_sums: Vec::new(),
-            values: Vec::new(),
+            codes: AlignedVec::new(),
+            low: AlignedVec::new(),
+            wide: AlignedVec::new(),
+            scales: AlignedVec::new(),
+            sums: AlignedVec::new(),
+            group_sums: AlignedVec::new(),
+            values: AlignedVec::new(),
         }
     }
 
@@ -464,7 +465,12 @@ pub fn quantize_row_refined(x: &[f32], out: &mut QuantizedRow) {
 ///
 /// The same plain arithmetic is compiled twice on x86-64, the second time with AVX2 enabled
 /// so that it vectorises; IEEE arithmetic makes both give identical codes.
-pub(crate) fn quantize_blocks(x: &[f32], bl: usize, codes: &mut [i8], scales: &mut Vec<f32>) {
+pub(crate) fn quantize_blocks(
+    x: &[f32],
+    bl: usize,
+    codes: &mut [i8],
+    scales: &mut AlignedVec<f32>,
+) {
     #[cfg(target_arch = "x86_64")]
     if crate::Isa::Avx2.is_available() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
@@ -476,12 +482,12 @@ pub(crate) fn quantize_blocks(x: &[f32], bl: usize, codes: &mut [i8], scales: &m
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn quantize_blocks_avx2(x: &[f32], bl: usize, codes: &mut [i8], scales: &mut Vec<f32>) {
+fn quantize_blocks_avx2(x: &[f32], bl: usize, codes: &mut [i8], scales: &mut AlignedVec<f32>) {
     quantize_blocks_plain(x, bl, codes, scales);
 }
 
 #[inline(always)]
-fn quantize_blocks_plain(x: &[f32], bl: usize, codes: &mut [i8], scales: &mut Vec<f32>) {
+fn quantize_blocks_plain(x: &[f32], bl: usize, codes: &mut [i8], scales: &mut AlignedVec<f32>) {
     for (xs, qs) in x.chunks_exact(bl).zip(codes.chunks_exact_mut(bl)) {
         scales.push(quantize_block(xs, qs));
     }
@@ -596,4 +602,46 @@ pub(crate) fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
         }
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aligned::ALIGN;
+
+    #[test]
+    fn quantized_rows_start_on_a_cache_line() {
+        // The kernels load codes 64 bytes at a time: whatever the allocator hands out, each
+        // buffer a format fills must start on a line.
+        let x: Vec<f32> = (0..1536).map(|i| (i as f32 * 0.37).sin()).collect();
+        let line = |p: *const u8| (p as usize).is_multiple_of(ALIGN);
+        for fmt in [
+            ActivationFormat::Q8_1,
+            ActivationFormat::Q8_K,
+            ActivationFormat::I16,
+            ActivationFormat::F32,
+        ] {
+            // An allocation in between moves where the next ones land.
+            let _noise = Box::new([0u8; 24]);
+            let mut q = QuantizedRow::new();
+            quantize_row(&x, fmt, &mut q);
+            let filled: Vec<*const u8> = [
+                (q.codes.as_ptr().cast(), q.codes.len()),
+                (q.wide.as_ptr().cast(), q.wide.len()),
+                (q.scales.as_ptr().cast(), q.scales.len()),
+                (q.sums.as_ptr().cast(), q.sums.len()),
+                (q.group_sums.as_ptr().cast(), q.group_sums.len()),
+                (q.values.as_ptr().cast(), q.values.len()),
+            ]
+            .into_iter()
+            .filter(|&(_, n)| n > 0)
+            .map(|(p, _)| p)
+            .collect();
+            assert!(!filled.is_empty(), "{fmt:?}");
+            assert!(filled.into_iter().all(line), "{fmt:?}");
+        }
+        let mut refined = QuantizedRow::new();
+        quantize_row_refined(&x, &mut refined);
+        assert!(line(refined.codes.as_ptr().cast()) && line(refined.low.as_ptr().cast()));
+    }
 }

@@ -8,6 +8,7 @@
 //! registers for the whole k loop. The arithmetic is plain f32, so the result is the exact
 //! product of the dequantized weights up to summation order.
 
+use crate::aligned::AlignedVec;
 use crate::isa::detect;
 #[cfg(target_arch = "x86_64")]
 use crate::isa::Isa;
@@ -21,7 +22,7 @@ pub const PANEL_ROWS: usize = 32;
 ///
 /// # Panics
 /// If `rows.len()` is not a multiple of `k` or holds more than `PANEL_ROWS` rows.
-pub fn pack_panel(rows: &[f32], k: usize, out: &mut Vec<f32>) {
+pub fn pack_panel(rows: &[f32], k: usize, out: &mut AlignedVec<f32>) {
     assert!(
         k > 0 && rows.len().is_multiple_of(k),
         "pack_panel: rows are not whole"
@@ -286,7 +287,7 @@ mod tests {
         ) {
             let rows = values(n_rows * k, seed);
             let x = values(n_tokens * k, seed ^ 0x5555);
-            let mut panel = Vec::new();
+            let mut panel = AlignedVec::new();
             pack_panel(&rows, k, &mut panel);
             let stride = n_rows + pad;
             let len = n_tokens * stride;
@@ -315,7 +316,7 @@ mod tests {
         let (k, n_rows, n_tokens) = (5, 3, 2);
         let rows: Vec<f32> = (0..n_rows * k).map(|v| v as f32).collect();
         let x: Vec<f32> = (0..n_tokens * k).map(|v| (v as f32) * 0.5).collect();
-        let mut panel = Vec::new();
+        let mut panel = AlignedVec::new();
         pack_panel(&rows, k, &mut panel);
         let mut out = vec![0.0; n_tokens * n_rows];
         gemm_panel_reference(&panel, k, n_rows, &x, n_tokens, &mut out, n_rows);
@@ -339,7 +340,7 @@ mod tests {
             let rows: Vec<f32> = (0..n * k)
                 .map(|i| f32::from_bits((i as u32).wrapping_mul(2_654_435_761) ^ seed))
                 .collect();
-            let mut got = vec![f32::NAN; 3 * k * PANEL_ROWS];
+            let mut got = AlignedVec::filled(3 * k * PANEL_ROWS, f32::NAN);
             pack_panel(&rows, k, &mut got);
             let mut want = vec![f32::NAN; k * PANEL_ROWS];
             pack_reference(&rows, k, &mut want);

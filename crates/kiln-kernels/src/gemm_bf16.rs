@@ -19,6 +19,7 @@
 //! flushes products and sums below f32's normal range (magnitude under 2⁻¹²⁶) to zero, which
 //! the reference does not — a difference no model activation comes near.
 
+use crate::aligned::AlignedVec;
 use crate::gemm::PANEL_ROWS;
 
 /// Whether [`gemm_panel_bf16`] runs the AVX-512 BF16 kernel on this CPU (otherwise it runs
@@ -83,7 +84,7 @@ pub fn pairs(k: usize) -> usize {
 ///
 /// # Panics
 /// If `rows.len()` is not a multiple of `k` or holds more than `PANEL_ROWS` rows.
-pub fn pack_panel_bf16(rows: &[f32], k: usize, out: &mut Vec<u16>) {
+pub fn pack_panel_bf16(rows: &[f32], k: usize, out: &mut AlignedVec<u16>) {
     assert!(
         k > 0 && rows.len().is_multiple_of(k),
         "pack_panel_bf16: rows are not whole"
@@ -110,7 +111,7 @@ pub fn pack_panel_bf16(rows: &[f32], k: usize, out: &mut Vec<u16>) {
 /// # Panics
 /// If `rows.len()` is not a multiple of the padded row length or holds more than
 /// `PANEL_ROWS` rows.
-pub fn pack_panel_bf16_words(rows: &[u16], k: usize, out: &mut Vec<u16>) {
+pub fn pack_panel_bf16_words(rows: &[u16], k: usize, out: &mut AlignedVec<u16>) {
     let width = 2 * pairs(k);
     assert!(
         k > 0 && rows.len().is_multiple_of(width),
@@ -193,7 +194,7 @@ fn pack_reference(rows: &[f32], k: usize, out: &mut [u16]) {
 ///
 /// # Panics
 /// If `x` holds fewer than `n_tokens * k` values.
-pub fn convert_activations_bf16(x: &[f32], n_tokens: usize, k: usize, out: &mut Vec<u16>) {
+pub fn convert_activations_bf16(x: &[f32], n_tokens: usize, k: usize, out: &mut AlignedVec<u16>) {
     assert!(
         x.len() >= n_tokens * k,
         "convert_activations_bf16: activations too short"
@@ -245,7 +246,7 @@ pub fn convert_activations_bf16_reference(
     x: &[f32],
     n_tokens: usize,
     k: usize,
-    out: &mut Vec<u16>,
+    out: &mut AlignedVec<u16>,
 ) {
     assert!(
         x.len() >= n_tokens * k,
@@ -846,7 +847,7 @@ mod tests {
     fn layout_pairs_columns_per_row() {
         let (k, n) = (5, 3);
         let rows: Vec<f32> = (0..n * k).map(|v| v as f32).collect();
-        let mut panel = Vec::new();
+        let mut panel = AlignedVec::new();
         pack_panel_bf16(&rows, k, &mut panel);
         assert_eq!(panel.len(), 3 * 2 * PANEL_ROWS);
         for p in 0..3 {
@@ -858,7 +859,7 @@ mod tests {
                 }
             }
         }
-        let mut xb = Vec::new();
+        let mut xb = AlignedVec::new();
         convert_activations_bf16(&rows, n, k, &mut xb);
         assert_eq!(xb.len(), n * 6);
         for t in 0..n {
@@ -884,13 +885,13 @@ mod tests {
                     }
                 }
                 let scaled: Vec<f32> = rows.iter().map(|v| v * 1e3).collect();
-                let (mut want, mut got) = (Vec::new(), vec![0xffff; 3]);
+                let (mut want, mut got) = (AlignedVec::new(), AlignedVec::filled(3, 0xffff));
                 pack_panel_bf16(&scaled, k, &mut want);
                 pack_panel_bf16_words(&words, k, &mut got);
                 assert_eq!(got, want, "k {k}, {n} rows");
                 let mut reference = vec![0xffff; want.len()];
                 pack_words_reference(&words, k, &mut reference);
-                assert_eq!(reference, want, "reference, k {k}, {n} rows");
+                assert_eq!(reference, &want[..], "reference, k {k}, {n} rows");
             }
         }
     }
@@ -923,11 +924,11 @@ mod tests {
                         *v *= 1e3;
                     }
                 }
-                let mut fast = vec![0xdead; 3];
+                let mut fast = AlignedVec::filled(3, 0xdead);
                 pack_panel_bf16(&rows, k, &mut fast);
                 let mut reference = vec![0xbeef; fast.len()];
                 pack_reference(&rows, k, &mut reference);
-                assert_eq!(fast, reference, "k {k} n {n}");
+                assert_eq!(&fast[..], reference, "k {k} n {n}");
             }
         }
     }
@@ -959,9 +960,9 @@ mod tests {
         ) {
             let x: Vec<f32> = bits.into_iter().map(f32::from_bits).collect();
             let width = 2 * pairs(k);
-            let mut fast = vec![0xdead; n_tokens * width + 7];
+            let mut fast = AlignedVec::filled(n_tokens * width + 7, 0xdead);
             convert_activations_bf16(&x, n_tokens, k, &mut fast);
-            let mut reference = vec![0xbeef; 2];
+            let mut reference = AlignedVec::filled(2, 0xbeef);
             convert_activations_bf16_reference(&x, n_tokens, k, &mut reference);
             prop_assert_eq!(fast.len(), n_tokens * width);
             prop_assert_eq!(&fast, &reference);
@@ -986,7 +987,7 @@ mod tests {
         ) {
             let rows = values(n_rows * k, seed);
             let x = values(n_tokens * k, seed ^ 0x5555);
-            let (mut panel, mut xb) = (Vec::new(), Vec::new());
+            let (mut panel, mut xb) = (AlignedVec::new(), AlignedVec::new());
             pack_panel_bf16(&rows, k, &mut panel);
             convert_activations_bf16(&x, n_tokens, k, &mut xb);
             let stride = n_rows + pad;

@@ -53,6 +53,7 @@ use std::ops::Range;
 
 use kiln_format::ggml::{f16_to_f32, GgmlType};
 
+use crate::aligned::AlignedVec;
 use crate::isa::{detect, Isa};
 use crate::layout::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, QK};
 
@@ -135,11 +136,11 @@ pub struct QuantizedBatch {
     n_tokens: usize,
     k: usize,
     bias: i32,
-    codes: Vec<i8>,
-    scales: Vec<f32>,
-    code_sums: Vec<i32>,
-    corrections: Vec<i32>,
-    sums: Vec<f32>,
+    codes: AlignedVec<i8>,
+    scales: AlignedVec<f32>,
+    code_sums: AlignedVec<i32>,
+    corrections: AlignedVec<i32>,
+    sums: AlignedVec<f32>,
 }
 
 impl QuantizedBatch {
@@ -256,11 +257,11 @@ pub struct PackedPanel {
     k: usize,
     n_rows: usize,
     /// Per block: `STEPS` lines of `PANEL_ROWS` words.
-    codes: Vec<u8>,
+    codes: AlignedVec<u8>,
     /// Per block: `PANEL_ROWS` scales.
-    scales: Vec<f32>,
+    scales: AlignedVec<f32>,
     /// Per block: `PANEL_ROWS` minimums (formats with minimums only).
-    mins: Vec<f32>,
+    mins: AlignedVec<f32>,
 }
 
 impl PackedPanel {

@@ -36,6 +36,7 @@ use kiln_format::kiln_types::{
 };
 
 use crate::activation::{for_each_i16_block, i16_element, ActivationFormat, QuantizedRow};
+use crate::aligned::AlignedVec;
 use crate::Isa;
 
 /// The activation format the kernels for `ty` multiply with.
@@ -281,8 +282,9 @@ fn converted_table_bytes(ty: KilnType) -> usize {
 /// Every table of `w` converted by [`lut_table_i16`], for [`KilnMatrix::with_row_tables`]:
 /// per table the low bytes of its 16-bit integers, then their high bytes (the planes the
 /// kernels look up), table after table (one per row for 4 bits), then the tables' f32
-/// scales; `None` unless `w`'s format has them ([`uses_row_tables`]).
-pub fn convert_row_tables(w: &KilnMatrix) -> Option<Vec<u8>> {
+/// scales; `None` unless `w`'s format has them ([`uses_row_tables`]). The planes start on a
+/// cache line, as the kernels load them 64 bytes at a time.
+pub fn convert_row_tables(w: &KilnMatrix) -> Option<AlignedVec<u8>> {
     if !has_row_tables(w.ty) {
         return None;
     }
@@ -291,7 +293,7 @@ pub fn convert_row_tables(w: &KilnMatrix) -> Option<Vec<u8>> {
         w.table_count(),
         w.rows_per_table(),
     );
-    let mut out = vec![0u8; w.row_tables_len()];
+    let mut out = AlignedVec::filled(w.row_tables_len(), 0u8);
     let (tables, scales) = out.split_at_mut(n * bytes);
     let mut u = vec![0i16; w.ty.table_len()];
     for ((g, t), s) in (0..n)

@@ -71,6 +71,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod activation;
+pub mod aligned;
 pub mod elementwise;
 pub mod gemm;
 pub mod gemm_bf16;

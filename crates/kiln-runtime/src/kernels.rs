@@ -6,6 +6,7 @@
 use crate::pool::{split_range, ThreadPool};
 use crate::weights::WeightMatrix;
 use kiln_format::kiln_types::TensorFormat;
+use kiln_kernels::aligned::AlignedVec;
 use kiln_kernels::{ActivationFormat, QuantizedRow};
 use std::cell::RefCell;
 
@@ -18,7 +19,7 @@ pub use kiln_kernels::vector::{axpy_f32, axpy_rows_f32, dot_f32, dot_rows_f32, s
 const PREFILL_TILE_ROWS: usize = 16;
 
 thread_local! {
-    static ROW_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static ROW_SCRATCH: RefCell<AlignedVec<f32>> = const { RefCell::new(AlignedVec::new()) };
 }
 
 /// How a matrix product treats its activations.
@@ -76,7 +77,7 @@ impl Precision {
 
 thread_local! {
     static QUANTIZED_ROWS: RefCell<Vec<QuantizedRow>> = const { RefCell::new(Vec::new()) };
-    static TILE_OUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static TILE_OUT: RefCell<AlignedVec<f32>> = const { RefCell::new(AlignedVec::new()) };
 }
 
 /// `y[t, o] = sum_i w[o, i] * x[t, i]` for `n_tokens` rows of activations.
@@ -354,9 +355,9 @@ pub(crate) fn quantized_products(
 pub const GEMM_MIN_TOKENS: usize = 8;
 
 thread_local! {
-    static GEMM_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static GEMM_ROWS_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
-    static GEMM_PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static GEMM_ROWS: RefCell<AlignedVec<f32>> = const { RefCell::new(AlignedVec::new()) };
+    static GEMM_ROWS_BF16: RefCell<AlignedVec<u16>> = const { RefCell::new(AlignedVec::new()) };
+    static GEMM_PANEL: RefCell<AlignedVec<f32>> = const { RefCell::new(AlignedVec::new()) };
 }
 
 /// Prompt processing: each task dequantizes a panel of weight rows once
@@ -368,7 +369,10 @@ fn gemm_by_panels<T: Copy + Default + 'static>(
     w: &WeightMatrix,
     n_tokens: usize,
     y: &mut [f32],
-    (scratch, stride): (&'static std::thread::LocalKey<RefCell<Vec<T>>>, usize),
+    (scratch, stride): (
+        &'static std::thread::LocalKey<RefCell<AlignedVec<T>>>,
+        usize,
+    ),
     dequantize: impl Fn(usize, &mut [T]) + Sync,
     multiply: impl Fn(&[T], usize, &PanelOut) + Sync,
 ) {
@@ -431,8 +435,8 @@ impl PanelOut<'_> {
 }
 
 thread_local! {
-    static GEMM_X_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
-    static GEMM_PANEL_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static GEMM_X_BF16: RefCell<AlignedVec<u16>> = const { RefCell::new(AlignedVec::new()) };
+    static GEMM_PANEL_BF16: RefCell<AlignedVec<u16>> = const { RefCell::new(AlignedVec::new()) };
 }
 
 /// Dequantizes the rows of `w` from the first given into whole f32 rows.

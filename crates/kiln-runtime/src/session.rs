@@ -5,6 +5,7 @@ use crate::error::ModelError;
 use crate::kernels::{self, matmul, Precision, SharedOut};
 use crate::model::{LayerWeights, Model};
 use crate::pool::ThreadPool;
+use kiln_kernels::aligned::AlignedVec;
 use std::cell::RefCell;
 
 /// Which logits a forward pass returns.
@@ -19,8 +20,8 @@ pub enum Logits {
 /// Keys and values of every past position, per layer, laid out `[kv_head][position][head_dim]`
 /// so one head's keys are contiguous for the attention dot products.
 pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<AlignedVec<f32>>,
+    values: Vec<AlignedVec<f32>>,
     n_ctx: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -30,8 +31,12 @@ impl KvCache {
     fn new(c: &ModelConfig, n_ctx: usize) -> KvCache {
         let per_layer = c.n_kv_heads * n_ctx * c.head_dim;
         KvCache {
-            keys: (0..c.n_layers).map(|_| vec![0.0; per_layer]).collect(),
-            values: (0..c.n_layers).map(|_| vec![0.0; per_layer]).collect(),
+            keys: (0..c.n_layers)
+                .map(|_| AlignedVec::filled(per_layer, 0.0))
+                .collect(),
+            values: (0..c.n_layers)
+                .map(|_| AlignedVec::filled(per_layer, 0.0))
+                .collect(),
             n_ctx,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
@@ -59,7 +64,7 @@ pub struct Session<'m> {
 }
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCORES: RefCell<AlignedVec<f32>> = const { RefCell::new(AlignedVec::new()) };
 }
 
 impl<'m> Session<'m> {
@@ -413,14 +418,14 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
 struct Buffers {
     t_len: usize,
     /// The residual stream.
-    x: Vec<f32>,
-    h: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    x: AlignedVec<f32>,
+    h: AlignedVec<f32>,
+    q: AlignedVec<f32>,
+    k: AlignedVec<f32>,
+    v: AlignedVec<f32>,
+    attn: AlignedVec<f32>,
+    gate: AlignedVec<f32>,
+    up: AlignedVec<f32>,
     /// The batch's rotary (cos, sin) pairs, `t_len` rows of `rope_dim / 2`, per distinct
     /// (base, frequency scale) of the layers: made by the first layer that uses them, since
     /// sin and cos in f64 cost more than the rotations (Gemma 3's layers share two tables).

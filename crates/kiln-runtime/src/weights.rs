@@ -119,7 +119,7 @@ pub struct WeightMatrix {
     planar: bool,
     /// The lookup tables converted for the kernels, where they read those
     /// ([`kiln_kernels::kiln_formats::convert_row_tables`]).
-    row_tables: Option<Arc<Vec<u8>>>,
+    row_tables: Option<Arc<kiln_kernels::aligned::AlignedVec<u8>>>,
 }
 
 /// Whether matrices are rewritten into the planar layout and lookup tables converted ahead
