@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use kiln_format::ggml::{self, f32_to_f16, GgmlType};
 use kiln_format::kiln_types::{self, KilnType};
+use kiln_kernels::aligned::AlignedVec;
 use kiln_kernels::kiln_formats::{self, KilnMatrix};
 use kiln_kernels::{
     activation_format, available_isas, dot_block_with, quantize_row, Isa, QuantizedRow,
@@ -179,13 +180,13 @@ fn main() {
                             activation_format(ty),
                             as_runtime && kiln_kernels::fuses_refined(isa, ty),
                         );
-                        let mut out = vec![0.0f32; rows * tokens];
+                        let mut out = AlignedVec::filled(rows * tokens, 0.0f32);
                         if planar {
                             let mut p = vec![0u8; data.len()];
                             kiln_kernels::planar::pack_rows(ty, k, data, &mut p);
                             let (pbuf, pat) = aligned(p);
                             if dequantize {
-                                let mut row = vec![0.0f32; k];
+                                let mut row = AlignedVec::filled(k, 0.0f32);
                                 Box::new(move || {
                                     for src in pbuf[pat..pat + rows * rb].chunks_exact(rb) {
                                         kiln_kernels::planar::dequantize_row(ty, k, src, &mut row);
@@ -206,7 +207,7 @@ fn main() {
                                 })
                             }
                         } else if dequantize {
-                            let mut row = vec![0.0f32; k];
+                            let mut row = AlignedVec::filled(k, 0.0f32);
                             Box::new(move || {
                                 for src in data[..rows * rb].chunks_exact(rb) {
                                     kiln_kernels::ggml_dequant::dequantize_row(ty, src, &mut row);
@@ -225,8 +226,8 @@ fn main() {
                             kiln_formats::activation_format(*ty),
                             as_runtime && kiln_formats::fuses_refined(isa, *ty),
                         );
-                        let mut out = vec![0.0f32; rows * tokens];
-                        let mut row = vec![0.0f32; k];
+                        let mut out = AlignedVec::filled(rows * tokens, 0.0f32);
+                        let mut row = AlignedVec::filled(k, 0.0f32);
                         let planar =
                             as_runtime && kiln_kernels::planar::kiln::supported(isa, *ty, k);
                         let stored = KilnMatrix::new(*ty, data, rows, k).unwrap();
