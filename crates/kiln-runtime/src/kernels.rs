@@ -441,11 +441,7 @@ thread_local! {
 
 /// Dequantizes the rows of `w` from the first given into whole f32 rows.
 fn dequantize_f32(w: &WeightMatrix) -> impl Fn(usize, &mut [f32]) + Sync + '_ {
-    move |start, rows| {
-        for (r, row) in rows.chunks_exact_mut(w.cols()).enumerate() {
-            w.dequantize_row(start + r, row);
-        }
-    }
+    move |start, rows| w.dequantize_rows(start, rows)
 }
 
 /// The f32 panel GEMM.
@@ -631,9 +627,7 @@ fn matmul_exact(pool: &ThreadPool, w: &WeightMatrix, x: &[f32], n_tokens: usize,
             while start < range.end {
                 let end = (start + PREFILL_TILE_ROWS).min(range.end);
                 let tile = &mut scratch[..(end - start) * cols];
-                for (r, row_out) in (start..end).zip(tile.chunks_exact_mut(cols)) {
-                    w.dequantize_row(r, row_out);
-                }
+                w.dequantize_rows(start, tile);
                 for t in 0..n_tokens {
                     let xt = &x[t * cols..(t + 1) * cols];
                     for (k, wrow) in tile.chunks_exact(cols).enumerate() {

@@ -334,6 +334,34 @@ impl WeightMatrix {
         &self.storage.bytes()[start..start + self.row_bytes]
     }
 
+    /// Dequantizes the rows from `start` into `out`, whole rows of `cols` elements one after
+    /// another, each exactly as [`WeightMatrix::dequantize_row`] gives it. The kernels' view of
+    /// a kiln-format matrix is made once for all of them: made per row, it cost half as much
+    /// as dequantizing a row of 576 columns.
+    ///
+    /// # Panics
+    /// If `out` is not whole rows or runs past the last row.
+    pub fn dequantize_rows(&self, start: usize, out: &mut [f32]) {
+        assert!(
+            out.len() % self.cols == 0 && start + out.len() / self.cols <= self.rows,
+            "dequantize_rows: {} values from row {start} of {} by {}",
+            out.len(),
+            self.rows,
+            self.cols
+        );
+        let rows = out.chunks_exact_mut(self.cols).enumerate();
+        if let TensorFormat::Kiln(_) = self.format {
+            let m = self.kiln_matrix();
+            for (i, row) in rows {
+                kiln_kernels::kiln_formats::dequantize_row(&m, start + i, row);
+            }
+            return;
+        }
+        for (i, row) in rows {
+            self.dequantize_row(start + i, row);
+        }
+    }
+
     /// Dequantizes row `r` into `out` (`cols` elements), exactly as the format defines.
     #[inline]
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
