@@ -23,6 +23,7 @@ use std::time::Instant;
 use kiln_format::ggml::{self, f32_to_f16, GgmlType};
 use kiln_format::kiln_types::{self, KilnType};
 use kiln_kernels::aligned::AlignedVec;
+use kiln_kernels::gemm::PANEL_ROWS;
 use kiln_kernels::kiln_formats::{self, KilnMatrix};
 use kiln_kernels::{
     activation_format, available_isas, dot_block_with, quantize_row, Isa, QuantizedRow,
@@ -228,6 +229,7 @@ fn main() {
                         );
                         let mut out = AlignedVec::filled(rows * tokens, 0.0f32);
                         let mut row = AlignedVec::filled(k, 0.0f32);
+                        let mut panel = AlignedVec::filled(PANEL_ROWS * k, 0.0f32);
                         let planar =
                             as_runtime && kiln_kernels::planar::kiln::supported(isa, *ty, k);
                         let stored = KilnMatrix::new(*ty, data, rows, k).unwrap();
@@ -258,7 +260,14 @@ fn main() {
                             } else {
                                 m.with_row_tables(&tables).unwrap()
                             };
-                            if dequantize {
+                            if dequantize && isa == kiln_kernels::detect() {
+                                // Panels of rows, as the prompt GEMM dequantizes them.
+                                for p in (0..rows).step_by(PANEL_ROWS) {
+                                    let n = PANEL_ROWS.min(rows - p);
+                                    let rows_out = &mut panel[..n * k];
+                                    kiln_formats::dequantize_rows(&m, p..p + n, rows_out);
+                                }
+                            } else if dequantize {
                                 for r in 0..rows {
                                     kiln_formats::dequantize_row_with(isa, &m, r, &mut row);
                                 }

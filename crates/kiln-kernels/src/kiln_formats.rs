@@ -467,6 +467,47 @@ pub fn dequantize_row_with(isa: Isa, w: &KilnMatrix, r: usize, out: &mut [f32]) 
     kiln_types::dequantize_row(w.ty, w.data, w.rows, w.cols, r, out);
 }
 
+/// Rows `rows` of `w` dequantized one after another into `out` (`rows.len() * w.cols()`
+/// values), each exactly as [`dequantize_row`] gives it: what a panel of the prompt GEMM
+/// dequantizes, with what consecutive rows share (an 8-bit table's byte planes) made once.
+///
+/// # Panics
+/// If `rows` reaches past `w.rows()` or `out.len()` is not `rows.len() * w.cols()`.
+pub fn dequantize_rows(w: &KilnMatrix, rows: Range<usize>, out: &mut [f32]) {
+    assert!(
+        rows.start <= rows.end && rows.end <= w.rows && out.len() == rows.len() * w.cols,
+        "dequantize_rows: rows {rows:?} of {} by {} into {} values",
+        w.rows,
+        w.cols,
+        out.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        let isa = crate::detect();
+        if crate::x86::kiln_formats::has_dequantize(isa, w.ty)
+            && (!w.planar || crate::planar::kiln::supported(isa, w.ty, w.cols))
+        {
+            // SAFETY: `detect` reports a level this CPU has, with a kernel for the format and
+            // planar rows only where that level reads them; the rows and `out` fit `w`
+            // (asserted above).
+            unsafe {
+                crate::x86::kiln_formats::dequantize_rows(
+                    isa,
+                    w,
+                    rows.start,
+                    rows.len(),
+                    out.as_mut_ptr(),
+                    w.cols,
+                )
+            };
+            return;
+        }
+    }
+    for (r, row) in rows.zip(out.chunks_exact_mut(w.cols.max(1))) {
+        dequantize_row(w, r, row);
+    }
+}
+
 /// Whether [`dequantize_row_bf16`] has a kernel for `w` on this CPU (where it has none, it
 /// rounds [`dequantize_row`]'s values one by one): AVX-512 with BF16, as the bf16 GEMM
 /// ([`crate::gemm_bf16`]) needs, for every format with an AVX-512 dequantization.

@@ -6,8 +6,8 @@ use kiln_format::kiln_types::{self, KilnType};
 use kiln_kernels::gemm_bf16::{bf16_available, to_bf16};
 use kiln_kernels::kiln_formats::{
     activation_format, convert_row_tables, dequantize_row_bf16, dequantize_row_with,
-    dequantize_rows_bf16, dot_block_with, dot_reference, error_bound, has_bf16_dequantize,
-    lut_table_i16, KilnMatrix, LUT_I16_ENTRY_MAX,
+    dequantize_rows, dequantize_rows_bf16, dot_block_with, dot_reference, error_bound,
+    has_bf16_dequantize, lut_table_i16, KilnMatrix, LUT_I16_ENTRY_MAX,
 };
 use kiln_kernels::{
     available_isas, planar, quantize_row, quantize_row_refined, ActivationFormat, QuantizedRow,
@@ -454,8 +454,21 @@ macro_rules! dequantization_matches_reference {
                 let stride = cols + 3;
                 let mut panel = vec![0x7fc1u16; rows * stride];
                 dequantize_rows_bf16(&w, 0..rows, &mut panel, stride);
+                // Every row but the first in f32, as a prompt panel takes them.
+                let mut values = vec![f32::NAN; (rows - 1) * cols];
+                dequantize_rows(&w, 1..rows, &mut values);
                 for r in 0..rows {
                     kiln_types::dequantize_row($ty, &data, rows, cols, r, &mut want);
+                    if r > 0 {
+                        let row = &values[(r - 1) * cols..r * cols];
+                        for (i, (g, e)) in row.iter().zip(&want).enumerate() {
+                            prop_assert!(
+                                g.to_bits() == e.to_bits(),
+                                "{} rows from 1, row {r} element {i}: {g} against {e}",
+                                $ty
+                            );
+                        }
+                    }
                     words.fill(0x7fc1);
                     dequantize_row_bf16(&w, r, &mut words);
                     let row = &panel[r * stride..(r + 1) * stride];

@@ -349,15 +349,13 @@ impl WeightMatrix {
             self.rows,
             self.cols
         );
-        let rows = out.chunks_exact_mut(self.cols).enumerate();
+        let n = out.len() / self.cols;
         if let TensorFormat::Kiln(_) = self.format {
             let m = self.kiln_matrix();
-            for (i, row) in rows {
-                kiln_kernels::kiln_formats::dequantize_row(&m, start + i, row);
-            }
+            kiln_kernels::kiln_formats::dequantize_rows(&m, start..start + n, out);
             return;
         }
-        for (i, row) in rows {
+        for (i, row) in out.chunks_exact_mut(self.cols).enumerate() {
             self.dequantize_row(start + i, row);
         }
     }
