@@ -1472,7 +1472,7 @@ unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usiz
             }
         }
         // SAFETY: the caller's guarantees, and VBMI checked.
-        _ if has_vbmi() => unsafe { lut8_dequantize_vbmi::<BF16>(w, r, out) },
+        _ if has_vbmi() => unsafe { lut8_rows_vbmi::<BF16>(w, r, 1, out, w.cols) },
         _ => {
             // SAFETY: the row's table holds 2^bits f16 entries, at most 256.
             let table = unsafe { lut_table_f32(w.table(r)) };
@@ -1494,30 +1494,11 @@ unsafe fn lut_dequantize_512<const BF16: bool>(bits: u8, w: &KilnMatrix, r: usiz
     }
 }
 
-/// An 8-bit lookup-table row dequantized with the table as byte planes (`vpermi2b`, see
-/// [`lookup256_vbmi`]), 64 entries per step, then widened by `vcvtph2ps`; with `BF16`, the
-/// planes are of the table rounded to bf16 once, and the words looked up are the values.
-///
-/// # Safety
-/// AVX-512 with VBMI (with `BF16`, AVX-512 BF16); `w` an 8-bit lookup-table tensor,
-/// `r < w.rows`, `out` writable for `w.cols` values (f32, or u16 with `BF16`).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
-unsafe fn lut8_dequantize_vbmi<const BF16: bool>(w: &KilnMatrix, r: usize, out: *mut u8) {
-    // SAFETY: a 256-entry f16 table is 512 bytes; the bf16 one is made as large. The caller's
-    // guarantees are the row kernel's.
-    unsafe {
-        let planes = if BF16 {
-            lut8_planes_bf16(w.table(r))
-        } else {
-            byte_planes(w.table(r).as_ptr())
-        };
-        lut8_row_vbmi::<BF16>(&planes, w.row(r), w.cols, out)
-    }
-}
-
-/// Rows `start..start + n` of the 8-bit lookup-table tensor `w` (with `BF16` rounded to bf16),
-/// row `i` at `out` plus `i · stride` values: as [`lut8_dequantize_vbmi`], with the planes of a
-/// table that consecutive rows share made once.
+/// Rows `start..start + n` of the 8-bit lookup-table tensor `w` dequantized with the table as
+/// byte planes (`vpermi2b`, see [`lookup256_vbmi`]), 64 entries per step, then widened by
+/// `vcvtph2ps`; with `BF16`, the planes are of the table rounded to bf16 once, and the words
+/// looked up are the values. Row `i` is at `out` plus `i · stride` values; the planes of a
+/// table that consecutive rows share are made once.
 ///
 /// # Safety
 /// AVX-512 with VBMI (with `BF16`, AVX-512 BF16); `start + n <= w.rows`; `out` writable for
