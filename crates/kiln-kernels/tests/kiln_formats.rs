@@ -510,6 +510,62 @@ dequantization_matches_reference! {
     dequantize_lut8_groups_of_four: KilnType::Lut { bits: 8, group: Some(4) }, 4;
 }
 
+/// Rows wider than the cases above, in both layouts: `I4_B64` rows of 29 to 35 blocks (the
+/// planar kernel converts the scales 16 at a time, and an odd count leaves a block unpaired),
+/// `LUT4_B32` rows of 33 to 39 blocks (the planar kernel makes the multipliers of 8 groups of
+/// four ahead, then takes the blocks after the last group). Every level and the prompt panel's
+/// rows give kiln-format's values bit for bit.
+fn wide_rows() -> impl Strategy<Value = (KilnType, usize, Vec<u8>)> {
+    prop_oneof![
+        (29usize..36).prop_map(|nb| (KilnType::I4B64, nb * 64)),
+        (33usize..40).prop_map(|nb| (KilnType::Lut4B32 { group: None }, nb * 32)),
+        (33usize..40).prop_map(|nb| (KilnType::Lut4B32 { group: Some(1) }, nb * 32)),
+    ]
+    .prop_flat_map(|(ty, cols)| (Just(ty), Just(cols), tensor(ty, 2, cols)))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn wide_rows_dequantize_exactly((ty, cols, data) in wide_rows()) {
+        let rows = 2;
+        let row_bytes = ty.row_bytes(cols).unwrap();
+        let body = rows * row_bytes;
+        let mut packed = data.clone();
+        planar::kiln::pack_rows(ty, cols, &data[..body], &mut packed[..body]);
+        let stored = KilnMatrix::new(ty, &data, rows, cols).expect("a well-sized tensor");
+        let planar = KilnMatrix::new_planar(ty, &packed, rows, cols).expect("a well-sized tensor");
+        let mut want = vec![0.0f32; cols];
+        let mut got = vec![0.0f32; cols];
+        for w in [&stored, &planar] {
+            let mut panel = vec![f32::NAN; rows * cols];
+            dequantize_rows(w, 0..rows, &mut panel);
+            for r in 0..rows {
+                kiln_types::dequantize_row(ty, &data, rows, cols, r, &mut want);
+                let row = &panel[r * cols..(r + 1) * cols];
+                for (i, (g, e)) in row.iter().zip(&want).enumerate() {
+                    prop_assert!(
+                        g.to_bits() == e.to_bits(),
+                        "{ty} planar {}: panel row {r} element {i}: {g} against {e}",
+                        w.is_planar()
+                    );
+                }
+                for isa in available_isas() {
+                    got.fill(f32::NAN);
+                    dequantize_row_with(isa, w, r, &mut got);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        prop_assert!(
+                            g.to_bits() == e.to_bits(),
+                            "{ty} {isa:?} planar {}: row {r} element {i}: {g} against {e}",
+                            w.is_planar()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// On aarch64 the NEON kernels must be among the levels checked above (CI runs this file under
 /// qemu-user, whose `-cpu max` adds the dot-product extension).
 #[cfg(target_arch = "aarch64")]

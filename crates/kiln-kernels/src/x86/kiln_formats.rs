@@ -1719,6 +1719,11 @@ fn lut4b32_table_f64_512(u: &[u8; 16]) -> [__m512d; 2] {
 /// An `I4_B64` row's values, `d · (q − 8)` as the reference rounds them (the difference is
 /// exact, the product rounded once).
 ///
+/// Each 16 code bytes are widened to dwords once and give 32 values, their low nibbles and
+/// (shifted right by four) their high ones; [`i4_values16`] makes a nibble its float with no
+/// shuffle. A planar row's scales are converted ahead, 16 at a time, and broadcast from
+/// memory, which is a load where a broadcast from a register would be a shuffle.
+///
 /// # Safety
 /// AVX-512 F/BW and F16C (with `BF16`, AVX-512 BF16); `row` is one `I4_B64` row of `n`
 /// elements (planar if `PLANAR`: [`crate::planar::i4_b64`]), `out` writable for them (f32,
@@ -1730,42 +1735,84 @@ unsafe fn i4b64_dequantize_512<const BF16: bool, const PLANAR: bool>(
     out: *mut u8,
     n: usize,
 ) {
-    let low = _mm_set1_epi8(0x0f);
-    let eight = _mm512_set1_ps(8.0);
     let nb = n / I4_BLOCK;
-    debug_assert_eq!(row.len(), nb * I4_BLOCK_BYTES);
+    assert_eq!(row.len(), nb * I4_BLOCK_BYTES);
+    let p = row.as_ptr();
+    // SAFETY (`widen`): 16 bytes at `at` within the row (each caller's offsets below).
+    let widen = |at: usize| unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(at).cast())) };
+    // A block whose 32 code bytes at `at` hold elements 0..32 in their low nibbles and 32..64
+    // in their high ones (every stored block; a planar row's last block when `nb` is odd).
+    let single = |at: usize, d: __m512, o: usize| {
+        let x = [widen(at), widen(at + 16)];
+        for (h, x) in x.into_iter().enumerate() {
+            // SAFETY: the block's 64 values of `out`.
+            unsafe {
+                put16::<BF16>(out, o + 16 * h, i4_values16::<false>(x, d));
+                put16::<BF16>(out, o + 32 + 16 * h, i4_values16::<true>(x, d));
+            }
+        }
+    };
+    if !PLANAR {
+        for b in 0..nb {
+            // SAFETY: block b's 2-byte scale, then its 32 code bytes, lie in the row.
+            let d = _mm512_set1_ps(unsafe { f16_at(p.add(b * I4_BLOCK_BYTES)) });
+            single(b * I4_BLOCK_BYTES + 2, d, b * I4_BLOCK);
+        }
+        return;
+    }
     let scale_plane = crate::planar::i4_b64::scales(nb);
-    let paired = if PLANAR { nb / 2 * 2 } else { 0 };
-    for b in 0..nb {
-        let o = b * I4_BLOCK;
-        // Where elements 0..32 and 32..64 of the block lie, and the shift bringing their
-        // nibbles down: a paired planar block takes one nibble of both halves of its pair's
-        // 64 bytes, any other block is as stored (low nibbles, then high).
-        let (scale, first, second, shifts) = if b < paired {
-            let at = (b / 2) * I4_BLOCK;
-            let sh = 4 * (b % 2) as i64;
-            (scale_plane + 2 * b, at, at + 32, [sh, sh])
-        } else if PLANAR {
-            let at = paired * (I4_BLOCK / 2);
-            (scale_plane + 2 * b, at, at, [0, 4])
-        } else {
-            let at = b * I4_BLOCK_BYTES + 2;
-            (b * I4_BLOCK_BYTES, at, at, [0, 4])
-        };
-        // SAFETY: the block's 2-byte scale and 32 bytes of nibbles (within the row's
-        // `nb · 34` bytes in either layout); its 64 values of `out`.
-        unsafe {
-            let d = _mm512_set1_ps(f16_at(row.as_ptr().add(scale)));
-            for half in 0..2 {
-                for (k, at) in [first, second].into_iter().enumerate() {
-                    let q = _mm_loadu_si128(row.as_ptr().add(at + 16 * half).cast());
-                    let v = _mm_and_si128(_mm_srl_epi16(q, _mm_cvtsi64_si128(shifts[k])), low);
-                    let f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), eight);
-                    put16::<BF16>(out, o + 32 * k + 16 * half, _mm512_mul_ps(d, f));
-                }
+    let paired = nb / 2 * 2;
+    let mut scales = [0.0f32; 16];
+    for b in (0..paired).step_by(2) {
+        if b % 16 == 0 {
+            let k = 16.min(nb - b);
+            let mask: __mmask16 = if k == 16 { !0 } else { (1 << k) - 1 };
+            // SAFETY: blocks b..b + k's f16 scales lie in the scale plane; the mask keeps the
+            // load to them.
+            unsafe {
+                let h = _mm256_maskz_loadu_epi16(mask, p.add(scale_plane + 2 * b).cast());
+                _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_cvtph_ps(h));
+            }
+        }
+        let (d0, d1) = (
+            _mm512_set1_ps(scales[b % 16]),
+            _mm512_set1_ps(scales[b % 16 + 1]),
+        );
+        // The pair's 64 code bytes: block b in their low nibbles, block b + 1 in their high
+        // ones, each in element order.
+        let at = (b / 2) * I4_BLOCK;
+        for i in 0..4 {
+            let x = widen(at + 16 * i);
+            // SAFETY: the two blocks' values of `out`.
+            unsafe {
+                put16::<BF16>(out, b * I4_BLOCK + 16 * i, i4_values16::<false>(x, d0));
+                put16::<BF16>(out, (b + 1) * I4_BLOCK + 16 * i, i4_values16::<true>(x, d1));
             }
         }
     }
+    if paired < nb {
+        // SAFETY: the last block's scale lies in the scale plane.
+        let d = _mm512_set1_ps(unsafe { f16_at(p.add(scale_plane + 2 * paired)) });
+        single(paired * (I4_BLOCK / 2), d, paired * I4_BLOCK);
+    }
+}
+
+/// `d · (q − 8)` for the 16 codes `q` in the low nibbles (with `HIGH`, bits 4..8) of the dwords
+/// of `x`, whose bits above 8 are zero. OR-ing the nibble into the bits of 2^23 makes the
+/// float 2^23 + q exactly, and taking 2^23 + 8 from that leaves q − 8 exactly: the value the
+/// reference multiplies by `d`. (A fused multiply-add `d · q − 8d` would round the same but
+/// give +0 where the reference's product is −0.)
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn i4_values16<const HIGH: bool>(x: __m512i, d: __m512) -> __m512 {
+    const TWO_23: i32 = 0x4b00_0000;
+    let q = if HIGH { _mm512_srli_epi32::<4>(x) } else { x };
+    // (q & 15) | TWO_23 in one instruction (0xEA: A & B | C).
+    let f = _mm512_ternarylogic_epi32::<0xea>(q, _mm512_set1_epi32(15), _mm512_set1_epi32(TWO_23));
+    _mm512_mul_ps(
+        d,
+        _mm512_sub_ps(_mm512_castsi512_ps(f), _mm512_set1_ps(8_388_616.0)),
+    )
 }
 
 /// The values of the whole I16 blocks of a planar 2-bit row ([`crate::planar::lut2`]), the
@@ -1949,6 +1996,9 @@ fn lut4b32_values_512(u: &[__m512d; 2], a: f64, b: f64) -> __m512 {
     ))
 }
 
+/// A planar `LUT4_B32` row's values ([`crate::planar::lut4_b32`]): whole groups of four
+/// blocks by [`lut4b32_planar_groups_512`], the blocks after the last group one at a time.
+///
 /// # Safety
 /// AVX-512 F (with `BF16`, AVX-512 BF16); `row` is one planar `LUT4_B32` row
 /// ([`crate::planar::lut4_b32`]) of `nb` blocks, `out` writable for its `32 · nb` values (f32,
@@ -1966,40 +2016,109 @@ unsafe fn lut4b32_dequantize_planar_512<const BF16: bool>(
     let uf = lut4b32_table_f64_512(u);
     let params = crate::planar::lut4_b32::params(nb);
     assert!(row.len() >= params + 2 * nb);
+    let whole = nb / 4 * 4;
+    // SAFETY: the row's length was asserted; `out` holds the row's values.
+    unsafe { lut4b32_planar_groups_512::<BF16>(row, nb, &uf, s, m, out) };
     let codes = row[LUT4_B32_ROW_HEADER..].as_ptr();
-    let mut b = 0;
-    while b < nb {
-        // SAFETY: blocks b..b + n are the row's (a group of four, or the rest after the last
-        // group), their runs within the code plane (the row's length, asserted).
-        let (u01, u23) = unsafe {
-            let at = codes.add((CHUNK / 2) * b);
-            match nb - b {
-                1 => super::avx512::planar_codes4::<1>(at),
-                2 => super::avx512::planar_codes4::<2>(at),
-                3 => super::avx512::planar_codes4::<3>(at),
-                _ => super::avx512::planar_codes4::<4>(at),
-            }
-        };
-        for k in 0..(nb - b).min(4) {
-            let (a, o) = crate::planar::lut4_b32::param_slots(nb, b + k);
-            let v = lut4b32_values_512(
-                &uf,
-                s * f64::from(row[params + a] as i8),
-                m * f64::from(row[params + o] as i8),
-            );
-            let pair = if k < 2 { u01 } else { u23 };
-            let idx = if k % 2 == 0 {
-                _mm512_castsi512_si256(pair)
-            } else {
-                _mm512_extracti64x4_epi64::<1>(pair)
-            };
-            let w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(idx)), v);
-            let w1 =
-                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(idx)), v);
-            // SAFETY: block b + k's 32 values of the row.
-            unsafe { put32::<BF16>(out, (b + k) * CHUNK, w0, w1) };
+    let b = whole;
+    if b == nb {
+        return;
+    }
+    // SAFETY: blocks b..nb are the rest after the last group, their runs within the code
+    // plane (the row's length, asserted).
+    let (u01, u23) = unsafe {
+        let at = codes.add((CHUNK / 2) * b);
+        match nb - b {
+            1 => super::avx512::planar_codes4::<1>(at),
+            2 => super::avx512::planar_codes4::<2>(at),
+            _ => super::avx512::planar_codes4::<3>(at),
         }
-        b += 4;
+    };
+    for k in 0..nb - b {
+        let (a, o) = crate::planar::lut4_b32::param_slots(nb, b + k);
+        let v = lut4b32_values_512(
+            &uf,
+            s * f64::from(row[params + a] as i8),
+            m * f64::from(row[params + o] as i8),
+        );
+        let pair = if k < 2 { u01 } else { u23 };
+        let idx = if k % 2 == 0 {
+            _mm512_castsi512_si256(pair)
+        } else {
+            _mm512_extracti64x4_epi64::<1>(pair)
+        };
+        let w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(idx)), v);
+        let w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(idx)), v);
+        // SAFETY: block b + k's 32 values of the row.
+        unsafe { put32::<BF16>(out, (b + k) * CHUNK, w0, w1) };
+    }
+}
+
+/// The values of a planar `LUT4_B32` row's whole groups of four blocks.
+///
+/// The shuffle port is what limits this loop, so work moves off it where it can:
+/// - a group's four scale and four offset codes become their f64 multipliers in one vector,
+///   stored for a chunk of groups ahead, and each block's two multipliers are broadcast from
+///   there (a broadcast from memory is a load; from a register it is a shuffle);
+/// - a group's 64 code bytes are widened to dwords once, 16 at a time, and serve two blocks:
+///   `vpermps` reads only an index's low four bits, so the widened byte indexes by its low
+///   nibble as it is, and shifted right by four by its high one.
+///
+/// # Safety
+/// As [`lut4b32_dequantize_planar_512`], whose caller asserted the row's length.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn lut4b32_planar_groups_512<const BF16: bool>(
+    row: &[u8],
+    nb: usize,
+    uf: &[__m512d; 2],
+    s: f64,
+    m: f64,
+    out: *mut u8,
+) {
+    // Groups whose multipliers are made ahead of their lookups (a 512-byte stack buffer).
+    const AHEAD: usize = 8;
+    let groups = nb / 4;
+    let params = crate::planar::lut4_b32::params(nb);
+    debug_assert!(row.len() >= params + 2 * nb);
+    let codes = row[LUT4_B32_ROW_HEADER..].as_ptr();
+    let units = _mm512_setr_pd(s, s, s, s, m, m, m, m);
+    let mut mult = [0.0f64; 8 * AHEAD];
+    let mut g0 = 0;
+    while g0 < groups {
+        let n = AHEAD.min(groups - g0);
+        for g in 0..n {
+            // SAFETY: group g0 + g's 8 parameter codes (4 scales, then 4 offsets) lie in the
+            // row's parameter plane; `mult` holds AHEAD groups of 8.
+            unsafe {
+                let c = _mm_loadl_epi64(row.as_ptr().add(params + 8 * (g0 + g)).cast());
+                let v = _mm512_cvtepi32_pd(_mm256_cvtepi8_epi32(c));
+                _mm512_storeu_pd(mult.as_mut_ptr().add(8 * g), _mm512_mul_pd(v, units));
+            }
+        }
+        for g in 0..n {
+            // SAFETY: the group's 64 code bytes lie in the code plane.
+            let idx: [__m512i; 4] = std::array::from_fn(|i| unsafe {
+                let at = codes.add(64 * (g0 + g) + 16 * i);
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(at.cast()))
+            });
+            for k in 0..4 {
+                // Blocks 0 and 1 are the low nibbles of bytes 0..32 and 32..64, blocks 2 and
+                // 3 the high nibbles.
+                let (i0, i1) = (idx[2 * (k % 2)], idx[2 * (k % 2) + 1]);
+                let (i0, i1) = if k < 2 {
+                    (i0, i1)
+                } else {
+                    (_mm512_srli_epi32::<4>(i0), _mm512_srli_epi32::<4>(i1))
+                };
+                let v = lut4b32_values_512(uf, mult[8 * g + k], mult[8 * g + 4 + k]);
+                let w0 = _mm512_permutexvar_ps(i0, v);
+                let w1 = _mm512_permutexvar_ps(i1, v);
+                // SAFETY: the block's 32 values of the row.
+                unsafe { put32::<BF16>(out, (4 * (g0 + g) + k) * CHUNK, w0, w1) };
+            }
+        }
+        g0 += n;
     }
 }
 
