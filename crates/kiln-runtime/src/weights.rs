@@ -440,7 +440,7 @@ pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) {
 /// Rewrites every matrix of `ms` into the planar layout ([`kiln_kernels::planar`]) where this
 /// CPU's kernels read it (and `KILN_REPACK` is not `0`): a copy per matrix, which matrices
 /// cloned before do not share. The copies lie in one arena ([`kiln_format::WeightArena`]) in
-/// the order of `ms`, advised to use transparent huge pages (`KILN_HUGEPAGES`, [`HugePages`]):
+/// the order of `ms`, advised to use transparent huge pages (as `KILN_HUGEPAGES` asks):
 /// a decode step streams every weight. SmolLM2's `Q4_0` decode ran 7 % slower with a small
 /// allocation per matrix than in an arena on huge pages, 1 % slower in an arena on small pages;
 /// Gemma 3's `Q4_K_M` about 9 % slower either way (`docs/quantization.md`). The work goes in

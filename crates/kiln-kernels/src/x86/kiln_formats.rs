@@ -3028,7 +3028,7 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
 /// row into the indices of half `h` of the step, in the I16 codes' order: word `q` takes its
 /// element's index byte in both its bytes, and shifted right by the count, the element's
 /// index lands at bit 0 (the bits above it are the neighbours', which the table's copies make
-/// irrelevant, see [`lut_small_table_512`]). `n` is the step (64 elements, or 32).
+/// irrelevant, see [`small_table_i16_512`]). `n` is the step (64 elements, or 32).
 const fn lut_small_step(bits: usize, n: usize, h: usize) -> ([u8; 64], [u16; 32]) {
     let mut bytes = [0u8; 64];
     let mut shift = [0u16; 32];

@@ -1,5 +1,5 @@
 //! Architecture builders: one file per model family, each turning a GGUF file's metadata or a
-//! Hugging Face `config.json` into a [`ModelConfig`](crate::config::ModelConfig).
+//! Hugging Face `config.json` into a [`ModelConfig`].
 
 pub mod gemma3;
 pub mod llama;
