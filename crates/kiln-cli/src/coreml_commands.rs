@@ -13,7 +13,8 @@ pub struct PredictArgs {
     /// A JSON list of calls, each mapping input names to {"dtype", "shape", "data"}.
     #[arg(long)]
     pub calls: PathBuf,
-    /// Folder for the outputs: one file per call and output, named call{i}.{output}.f32 (float32 little-endian).
+    /// Folder for the outputs: one file per call and output, named call{i}.{output}.f32
+    /// (float32 little-endian).
     #[arg(long)]
     pub out: PathBuf,
     /// Print JSON.

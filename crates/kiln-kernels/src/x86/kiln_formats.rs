@@ -2016,14 +2016,14 @@ unsafe fn lut4b32_dequantize_planar_512<const BF16: bool>(
     let uf = lut4b32_table_f64_512(u);
     let params = crate::planar::lut4_b32::params(nb);
     assert!(row.len() >= params + 2 * nb);
-    let whole = nb / 4 * 4;
     // SAFETY: the row's length was asserted; `out` holds the row's values.
     unsafe { lut4b32_planar_groups_512::<BF16>(row, nb, &uf, s, m, out) };
-    let codes = row[LUT4_B32_ROW_HEADER..].as_ptr();
-    let b = whole;
+    // The blocks after the last whole group.
+    let b = nb / 4 * 4;
     if b == nb {
         return;
     }
+    let codes = row[LUT4_B32_ROW_HEADER..].as_ptr();
     // SAFETY: blocks b..nb are the rest after the last group, their runs within the code
     // plane (the row's length, asserted).
     let (u01, u23) = unsafe {
