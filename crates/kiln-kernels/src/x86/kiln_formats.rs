@@ -2948,6 +2948,8 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
     if PLANAR {
         while start + BLOCK <= w.cols {
             let mut sums = [[_mm512_setzero_si512(); T]; R];
+            // The block's offset in every row of the tile ([`opaque_offset`]).
+            let at = opaque_offset(b * BLOCK_BYTES);
             macro_rules! step {
                 ($s:literal) => {{
                     let c = start + 64 * $s;
@@ -2957,7 +2959,7 @@ unsafe fn lut6_i16_512<const PLANAR: bool, const R: usize, const T: usize>(
                         xv[t] = unsafe { i16_codes_512(xs[t], c, true) };
                     }
                     for r in 0..R {
-                        let bp = p.wrapping_add(r * rb + b * BLOCK_BYTES);
+                        let bp = p.wrapping_add(r * rb + at);
                         if $s < 3 {
                             prefetch_weights(bp.wrapping_add(64 * $s), ahead);
                         }
