@@ -1333,7 +1333,8 @@ unsafe fn lut_table_f32(t: &[u8]) -> [f32; 256] {
 /// Row `r` of a `bits`-bit lookup-table tensor dequantized into `out`, bit for bit as
 /// kiln-format does: 8-bit rows widen their table once and gather 16 entries at a time; the
 /// 2-, 4- and 6-bit rows unpack their indices in registers, as the dot-product kernels do, and
-/// look the entries up with `vpermps` (`vpermt2ps` and a blend for 64 entries).
+/// look the entries up with `vpermps` (`vpermt2ps` and a blend for 64 entries; planar 6-bit
+/// rows look up the f16 table's byte planes, [`lut6_planar_row_512`]).
 ///
 /// # Safety
 /// AVX-512 F/BW (with `BF16`, AVX-512 BF16); `w` a lookup-table tensor of `bits` bits,
