@@ -313,6 +313,24 @@ fn check_with(
     Ok(())
 }
 
+/// `got` holds `want`'s values bit for bit (so −0 against +0, or a NaN against one of other
+/// bits, fails too); the failure names `what` and the first element that differs.
+fn same_bits(got: &[f32], want: &[f32], what: impl Fn() -> String) -> Result<(), TestCaseError> {
+    prop_assert_eq!(got.len(), want.len(), "{}: lengths", what());
+    if let Some((i, (g, e))) = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .find(|(_, (g, e))| g.to_bits() != e.to_bits())
+    {
+        return Err(TestCaseError::fail(format!(
+            "{}: element {i}: {g} against {e}",
+            what()
+        )));
+    }
+    Ok(())
+}
+
 /// Every level multiplies every row of `other` (the same tensor in another layout, or with
 /// its tables converted ahead) with `xq` exactly as it does `w`'s rows, bit for bit.
 fn same_products(
@@ -327,12 +345,9 @@ fn same_products(
         let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
         dot_block_with(isa, w, 0..rows, xq, &mut a, rows);
         dot_block_with(isa, other, 0..rows, xq, &mut b, rows);
-        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-            prop_assert!(
-                a.to_bits() == b.to_bits(),
-                "{ty} {isa:?} product {i} ({what}): {b} against {a} from the stored rows"
-            );
-        }
+        same_bits(&b, &a, || {
+            format!("{ty} {isa:?} products ({what}) against the stored rows'")
+        })?;
     }
     Ok(())
 }
@@ -371,12 +386,7 @@ fn check_planar(w: &KilnMatrix, data: &[u8], xq: &[QuantizedRow]) -> Result<(), 
         for r in 0..rows {
             dequantize_row_with(isa, w, r, &mut want);
             dequantize_row_with(isa, &p, r, &mut got);
-            prop_assert!(
-                want.iter()
-                    .zip(&got)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{ty} {isa:?} planar row {r} dequantized differently"
-            );
+            same_bits(&got, &want, || format!("{ty} {isa:?} planar row {r}"))?;
         }
     }
     // The bf16 rows of the planar layout are the stored rows' values rounded.
@@ -461,13 +471,7 @@ macro_rules! dequantization_matches_reference {
                     kiln_types::dequantize_row($ty, &data, rows, cols, r, &mut want);
                     if r > 0 {
                         let row = &values[(r - 1) * cols..r * cols];
-                        for (i, (g, e)) in row.iter().zip(&want).enumerate() {
-                            prop_assert!(
-                                g.to_bits() == e.to_bits(),
-                                "{} rows from 1, row {r} element {i}: {g} against {e}",
-                                $ty
-                            );
-                        }
+                        same_bits(row, &want, || format!("{} rows from 1, row {r}", $ty))?;
                     }
                     words.fill(0x7fc1);
                     dequantize_row_bf16(&w, r, &mut words);
@@ -484,13 +488,7 @@ macro_rules! dequantization_matches_reference {
                     for isa in available_isas() {
                         got.fill(f32::NAN);
                         dequantize_row_with(isa, &w, r, &mut got);
-                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                            prop_assert!(
-                                g.to_bits() == e.to_bits(),
-                                "{} {isa:?} row {r} element {i}: {g} against {e}",
-                                $ty
-                            );
-                        }
+                        same_bits(&got, &want, || format!("{} {isa:?} row {r}", $ty))?;
                     }
                 }
             }
@@ -543,23 +541,15 @@ proptest! {
             for r in 0..rows {
                 kiln_types::dequantize_row(ty, &data, rows, cols, r, &mut want);
                 let row = &panel[r * cols..(r + 1) * cols];
-                for (i, (g, e)) in row.iter().zip(&want).enumerate() {
-                    prop_assert!(
-                        g.to_bits() == e.to_bits(),
-                        "{ty} planar {}: panel row {r} element {i}: {g} against {e}",
-                        w.is_planar()
-                    );
-                }
+                same_bits(row, &want, || {
+                    format!("{ty} planar {}: panel row {r}", w.is_planar())
+                })?;
                 for isa in available_isas() {
                     got.fill(f32::NAN);
                     dequantize_row_with(isa, w, r, &mut got);
-                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                        prop_assert!(
-                            g.to_bits() == e.to_bits(),
-                            "{ty} {isa:?} planar {}: row {r} element {i}: {g} against {e}",
-                            w.is_planar()
-                        );
-                    }
+                    same_bits(&got, &want, || {
+                        format!("{ty} {isa:?} planar {}: row {r}", w.is_planar())
+                    })?;
                 }
             }
         }
