@@ -9,6 +9,9 @@ use kiln_kernels::ggml_dequant::{
 use kiln_kernels::{detect, Isa};
 use proptest::prelude::*;
 
+mod common;
+use common::same_bits;
+
 const QK_K: usize = 256;
 
 /// The K-quants with kernels, with each one's super-block size and the offsets of its f16
@@ -76,14 +79,7 @@ proptest! {
         ggml::dequantize(ty, &row, &mut want).unwrap();
         let mut got = vec![f32::NAN; n];
         dequantize_row(ty, &row, &mut got);
-        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-            prop_assert!(
-                g.to_bits() == w.to_bits(),
-                "{ty} element {k}: {g:e} ({:#010x}), kiln-format {w:e} ({:#010x})",
-                g.to_bits(),
-                w.to_bits()
-            );
-        }
+        same_bits(&got, &want, || format!("{ty} against kiln-format"))?;
         let mut words = vec![0xffffu16; n];
         dequantize_row_bf16(ty, &row, &mut words);
         for (k, (&g, &w)) in words.iter().zip(&want).enumerate() {

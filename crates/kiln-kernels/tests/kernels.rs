@@ -10,6 +10,9 @@ use kiln_kernels::{
 };
 use proptest::prelude::*;
 
+mod common;
+use common::same_bits;
+
 /// Weight types with SIMD kernels.
 const SIMD_TYPES: [GgmlType; 15] = [
     GgmlType::Q4_0,
@@ -298,9 +301,7 @@ proptest! {
             prop_assert_eq!(&back, &w[r], "{} row {}: the round trip changed it", ty, r);
             dequantize(ty, &w[r], &mut want_values).unwrap();
             kiln_kernels::planar::dequantize_row(ty, cols, row, &mut values);
-            for (j, (a, b)) in values.iter().zip(&want_values).enumerate() {
-                prop_assert!(a.to_bits() == b.to_bits(), "{ty} row {r} element {j}: {a} vs {b}");
-            }
+            same_bits(&values, &want_values, || format!("{ty} planar row {r}"))?;
         }
         let xq: Vec<QuantizedRow> = xs
             .iter()

@@ -14,6 +14,9 @@ use kiln_kernels::{
 };
 use proptest::prelude::*;
 
+mod common;
+use common::same_bits;
+
 /// An f16 scale or table entry: ordinary values, zero, the extremes of the range.
 fn f16_value() -> impl Strategy<Value = u16> {
     prop_oneof![
@@ -309,24 +312,6 @@ fn check_with(
             .with_row_tables(&tables)
             .expect("tables of the tensor's size");
         same_products(&w, &c, &xq, "with converted tables")?;
-    }
-    Ok(())
-}
-
-/// `got` holds `want`'s values bit for bit (so −0 against +0, or a NaN against one of other
-/// bits, fails too); the failure names `what` and the first element that differs.
-fn same_bits(got: &[f32], want: &[f32], what: impl Fn() -> String) -> Result<(), TestCaseError> {
-    prop_assert_eq!(got.len(), want.len(), "{}: lengths", what());
-    if let Some((i, (g, e))) = got
-        .iter()
-        .zip(want)
-        .enumerate()
-        .find(|(_, (g, e))| g.to_bits() != e.to_bits())
-    {
-        return Err(TestCaseError::fail(format!(
-            "{}: element {i}: {g} against {e}",
-            what()
-        )));
     }
     Ok(())
 }
