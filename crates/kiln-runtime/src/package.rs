@@ -48,6 +48,10 @@ impl WeightStorage for PackageFile {
     fn release(&self, range: std::ops::Range<usize>) {
         self.release_range(range);
     }
+
+    fn releases(&self) -> bool {
+        true
+    }
 }
 
 /// The tensors of an open package.

@@ -19,6 +19,12 @@ pub trait WeightStorage: Send + Sync {
     /// Called when `range` has been copied elsewhere and is read from there: storage that
     /// can (a mapped file) drops it from resident memory. Reading it again must stay valid.
     fn release(&self, _range: std::ops::Range<usize>) {}
+
+    /// Whether [`WeightStorage::release`] frees the memory, so a copy of the data costs no
+    /// memory once made (a mapped file).
+    fn releases(&self) -> bool {
+        false
+    }
 }
 
 impl WeightStorage for GgufFile {
@@ -28,6 +34,10 @@ impl WeightStorage for GgufFile {
 
     fn release(&self, range: std::ops::Range<usize>) {
         self.release_range(range);
+    }
+
+    fn releases(&self) -> bool {
+        true
     }
 }
 
@@ -117,6 +127,8 @@ pub struct WeightMatrix {
     cols: usize,
     row_bytes: usize,
     planar: bool,
+    /// Whether the rows lie in a [`make_planar_all`] arena (planar or as stored).
+    in_arena: bool,
     /// The lookup tables converted for the kernels, where they read those
     /// ([`kiln_kernels::kiln_formats::convert_row_tables`]).
     row_tables: Option<Arc<kiln_kernels::aligned::AlignedVec<u8>>>,
@@ -207,6 +219,7 @@ impl WeightMatrix {
             cols,
             row_bytes,
             planar: false,
+            in_arena: false,
             row_tables: None,
         })
     }
@@ -214,12 +227,18 @@ impl WeightMatrix {
     /// Whether [`make_planar_all`] would rewrite the rows.
     fn planar_candidate(&self) -> bool {
         let isa = kiln_kernels::detect();
-        !self.planar
+        !self.in_arena
             && repack_enabled()
             && match self.format {
                 TensorFormat::Ggml(ty) => kiln_kernels::planar::supported(isa, ty, self.cols),
                 TensorFormat::Kiln(ty) => kiln_kernels::planar::kiln::supported(isa, ty, self.cols),
             }
+    }
+
+    /// Whether [`make_planar_all`] would copy the rows into its arena: planar, or as stored
+    /// where they come from a mapped file (whose pages are then released).
+    fn arena_candidate(&self) -> bool {
+        !self.in_arena && repack_enabled() && (self.storage.releases() || self.planar_candidate())
     }
 
     /// Rewrites whole rows `src` of this matrix's format into planar rows in `dst`.
@@ -438,26 +457,35 @@ pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) {
 }
 
 /// Rewrites every matrix of `ms` into the planar layout ([`kiln_kernels::planar`]) where this
-/// CPU's kernels read it (and `KILN_REPACK` is not `0`): a copy per matrix, which matrices
-/// cloned before do not share. The copies lie in one arena ([`kiln_format::WeightArena`]) in
-/// the order of `ms`, advised to use transparent huge pages (as `KILN_HUGEPAGES` asks):
-/// a decode step streams every weight. SmolLM2's `Q4_0` decode ran 7 % slower with a small
-/// allocation per matrix than in an arena on huge pages, 1 % slower in an arena on small pages;
-/// Gemma 3's `Q4_K_M` about 9 % slower either way (`docs/quantization.md`). The work goes in
+/// CPU's kernels read it (and `KILN_REPACK` is not `0`), and copies the other matrices of a
+/// mapped file as stored: a copy per matrix, which matrices cloned before do not share. The
+/// copies lie in one arena ([`kiln_format::WeightArena`]) in the order of `ms`, advised to use
+/// transparent huge pages (as `KILN_HUGEPAGES` asks): a decode step streams every weight.
+/// SmolLM2's `Q4_0` decode ran 7 % slower with a small allocation per matrix than in an arena
+/// on huge pages, 1 % slower in an arena on small pages; Gemma 3's `Q4_K_M` about 9 % slower
+/// either way (`docs/quantization.md`). A mapped file's pages are small pages, so the formats
+/// without planar rows (`I8_CH`, `LUT8`) are copied too, for the same streaming. The work goes in
 /// slices of about 8 MiB spread over the CPU's cores (the copies' page faults are most of a
 /// model's load time). Each slice's source is released once it is rewritten, and each matrix's whole source at the end (the
 /// pages two slices share), so the copies and their sources are never both resident.
 pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
     const SLICE: usize = 8 << 20;
     const ALIGN: usize = 64;
-    let mut ms: Vec<&mut WeightMatrix> = ms.into_iter().filter(|m| m.planar_candidate()).collect();
+    let mut ms: Vec<(&mut WeightMatrix, bool)> = ms
+        .into_iter()
+        .filter(|m| m.arena_candidate())
+        .map(|m| {
+            let planar = m.planar_candidate();
+            (m, planar)
+        })
+        .collect();
     if ms.is_empty() {
         return;
     }
     // The copies lie in one arena in the order given (the forward pass's), each 64-byte aligned.
     let mut offsets = Vec::with_capacity(ms.len());
     let mut total = 0usize;
-    for m in &ms {
+    for (m, _) in &ms {
         offsets.push(total);
         total = (total + m.n_bytes()).next_multiple_of(ALIGN);
     }
@@ -471,7 +499,7 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
     {
         let mut jobs = Vec::new();
         let mut rest = arena.bytes_mut();
-        for m in &ms {
+        for (m, planar) in &ms {
             let (slot, tail) =
                 std::mem::take(&mut rest).split_at_mut(m.n_bytes().next_multiple_of(ALIGN));
             rest = tail;
@@ -483,7 +511,16 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
             let rows = &m.data()[..body];
             for (i, (src, dst)) in rows.chunks(step).zip(copy.chunks_mut(step)).enumerate() {
                 let at = m.offset + i * step;
-                jobs.push((m.n_bytes(), m.format, m.cols, src, dst, &m.storage, at));
+                jobs.push((
+                    m.n_bytes(),
+                    *planar,
+                    m.format,
+                    m.cols,
+                    src,
+                    dst,
+                    &m.storage,
+                    at,
+                ));
             }
         }
         // Taken from the end: the largest matrices first.
@@ -493,10 +530,14 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
             .min(jobs.len());
         let queue = std::sync::Mutex::new(jobs);
         let work = || {
-            while let Some((_, format, cols, src, dst, storage, at)) =
+            while let Some((_, planar, format, cols, src, dst, storage, at)) =
                 queue.lock().unwrap_or_else(|e| e.into_inner()).pop()
             {
-                WeightMatrix::pack_planar(format, cols, src, dst);
+                if planar {
+                    WeightMatrix::pack_planar(format, cols, src, dst);
+                } else {
+                    dst.copy_from_slice(src);
+                }
                 storage.release(at..at + src.len());
             }
         };
@@ -511,11 +552,12 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
         arena.advise_huge_pages();
     }
     let arena: Arc<kiln_format::WeightArena> = Arc::new(arena);
-    for (m, off) in ms.iter_mut().zip(offsets) {
+    for ((m, planar), off) in ms.iter_mut().zip(offsets) {
         m.storage.release(m.offset..m.offset + m.n_bytes());
         m.storage = arena.clone();
         m.offset = off;
-        m.planar = true;
+        m.planar = *planar;
+        m.in_arena = true;
     }
 }
 
@@ -637,6 +679,7 @@ mod tests {
             rows,
             cols,
             planar: false,
+            in_arena: false,
             row_tables: None,
         }
     }
@@ -731,6 +774,72 @@ mod tests {
         }
     }
 
+    /// Storage that says it frees what it releases, as a mapped file does (and counts the
+    /// bytes released).
+    struct MappedLike(Vec<u8>, std::sync::atomic::AtomicUsize);
+
+    impl WeightStorage for MappedLike {
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+
+        fn release(&self, range: std::ops::Range<usize>) {
+            self.1
+                .fetch_add(range.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+
+        fn releases(&self) -> bool {
+            true
+        }
+    }
+
+    /// Matrices of a mapped file without planar rows (`I8_CH`, an 8-bit lookup table) are
+    /// copied into the arena as stored, and their pages released; the same matrices in
+    /// memory stay where they are. Products, rows and stored bytes are the same bit for bit.
+    #[test]
+    fn mapped_matrices_without_planar_rows_are_copied_as_stored() {
+        let (rows, cols) = (6, 128);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3)
+            .collect();
+        let i8ch = kiln_types::encode_i8_channel(&values, rows, cols).unwrap();
+        let lut8_ty = KilnType::Lut {
+            bits: 8,
+            group: None,
+        };
+        let options = kiln_types::LutOptions::default();
+        let lut8 = kiln_types::encode_lut(lut8_ty, &values, rows, cols, options).unwrap();
+        for (ty, data) in [(KilnType::I8Ch, i8ch), (lut8_ty, lut8)] {
+            let stored = in_memory(ty, data.clone(), rows, cols);
+            let mapped = Arc::new(MappedLike(data, Default::default()));
+            let mut copied = WeightMatrix {
+                storage: mapped.clone(),
+                ..stored.clone()
+            };
+            let mut kept = stored.clone();
+            make_planar_all(vec![&mut copied, &mut kept]);
+            assert!(!kept.in_arena && Arc::ptr_eq(&kept.storage, &stored.storage));
+            assert!(!copied.is_planar(), "{ty:?} has no planar rows");
+            assert_eq!(copied.in_arena, repack_enabled(), "{ty:?}");
+            if repack_enabled() {
+                assert!(!std::ptr::addr_eq(
+                    Arc::as_ptr(&copied.storage),
+                    Arc::as_ptr(&mapped)
+                ));
+                assert!(mapped.1.load(std::sync::atomic::Ordering::Relaxed) >= stored.n_bytes());
+                assert_eq!(copied.data().as_ptr() as usize % 64, 0, "{ty:?}");
+            }
+            assert_eq!(copied.data(), stored.data(), "{ty:?}");
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (mut a, mut b) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+            let pool = crate::pool::ThreadPool::new(2);
+            let p = crate::kernels::Precision::Refined;
+            crate::kernels::matmul(&pool, &copied, &x, 1, &mut a, p);
+            crate::kernels::matmul(&pool, &stored, &x, 1, &mut b, p);
+            assert_eq!(a, b, "{ty:?}");
+        }
+    }
+
     /// A `rows` × `cols` matrix of ggml type `ty` in memory, quantized from varied values.
     fn ggml_matrix(ty: GgmlType, rows: usize, cols: usize) -> WeightMatrix {
         let values: Vec<f32> = (0..rows * cols)
@@ -745,6 +854,7 @@ mod tests {
             rows,
             cols,
             planar: false,
+            in_arena: false,
             row_tables: None,
         }
     }
