@@ -134,9 +134,9 @@ pub struct WeightMatrix {
     row_tables: Option<Arc<kiln_kernels::aligned::AlignedVec<u8>>>,
 }
 
-/// Whether matrices are rewritten into the planar layout and lookup tables converted ahead
-/// where the kernels support it: unless `KILN_REPACK=0` (to compare against the stored
-/// layout).
+/// Whether matrices are rewritten into the planar layout (the others of a mapped file copied
+/// as stored beside them) and lookup tables converted ahead where the kernels support it:
+/// unless `KILN_REPACK=0` (to compare against the stored layout, read in place).
 fn repack_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("KILN_REPACK").map_or(true, |v| v != "0"))
