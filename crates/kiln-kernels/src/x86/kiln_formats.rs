@@ -304,13 +304,7 @@ fn i8ch_scales<const R: usize>(w: &KilnMatrix, r0: usize) -> [f32; R] {
         w.data.as_ptr().wrapping_add(at),
         64 * kiln_types::I8_CH_SCALE_BYTES,
     );
-    // One bounds check for the tile's scales, then plain loads: a call per row to the
-    // format's checked accessor showed in decode profiles (2 % at 576 columns).
-    let s = &w.data[at..at + R * kiln_types::I8_CH_SCALE_BYTES];
-    std::array::from_fn(|r| {
-        let b = &s[r * kiln_types::I8_CH_SCALE_BYTES..];
-        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    })
+    std::array::from_fn(|r| kiln_types::i8_ch_scale(w.data, w.rows, w.cols, r0 + r))
 }
 
 /// # Safety
