@@ -127,8 +127,6 @@ pub struct WeightMatrix {
     cols: usize,
     row_bytes: usize,
     planar: bool,
-    /// Whether the rows lie in a [`make_planar_all`] arena (planar or as stored).
-    in_arena: bool,
     /// The lookup tables converted for the kernels, where they read those
     /// ([`kiln_kernels::kiln_formats::convert_row_tables`]).
     row_tables: Option<Arc<kiln_kernels::aligned::AlignedVec<u8>>>,
@@ -219,7 +217,6 @@ impl WeightMatrix {
             cols,
             row_bytes,
             planar: false,
-            in_arena: false,
             row_tables: None,
         })
     }
@@ -227,7 +224,7 @@ impl WeightMatrix {
     /// Whether [`make_planar_all`] would rewrite the rows.
     fn planar_candidate(&self) -> bool {
         let isa = kiln_kernels::detect();
-        !self.in_arena
+        !self.planar
             && repack_enabled()
             && match self.format {
                 TensorFormat::Ggml(ty) => kiln_kernels::planar::supported(isa, ty, self.cols),
@@ -236,9 +233,10 @@ impl WeightMatrix {
     }
 
     /// Whether [`make_planar_all`] would copy the rows into its arena: planar, or as stored
-    /// where they come from a mapped file (whose pages are then released).
+    /// where they come from a mapped file (whose pages are then released). Rows already in an
+    /// arena are neither: it releases nothing, and planar rows are not rewritten again.
     fn arena_candidate(&self) -> bool {
-        !self.in_arena && repack_enabled() && (self.storage.releases() || self.planar_candidate())
+        repack_enabled() && (self.storage.releases() || self.planar_candidate())
     }
 
     /// Rewrites whole rows `src` of this matrix's format into planar rows in `dst`.
@@ -557,7 +555,6 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
         m.storage = arena.clone();
         m.offset = off;
         m.planar = *planar;
-        m.in_arena = true;
     }
 }
 
@@ -679,7 +676,6 @@ mod tests {
             rows,
             cols,
             planar: false,
-            in_arena: false,
             row_tables: None,
         }
     }
@@ -818,14 +814,15 @@ mod tests {
             };
             let mut kept = stored.clone();
             make_planar_all(vec![&mut copied, &mut kept]);
-            assert!(!kept.in_arena && Arc::ptr_eq(&kept.storage, &stored.storage));
+            assert!(Arc::ptr_eq(&kept.storage, &stored.storage));
             assert!(!copied.is_planar(), "{ty:?} has no planar rows");
-            assert_eq!(copied.in_arena, repack_enabled(), "{ty:?}");
+            let moved = !std::ptr::addr_eq(Arc::as_ptr(&copied.storage), Arc::as_ptr(&mapped));
+            assert_eq!(moved, repack_enabled(), "{ty:?}");
             if repack_enabled() {
-                assert!(!std::ptr::addr_eq(
-                    Arc::as_ptr(&copied.storage),
-                    Arc::as_ptr(&mapped)
-                ));
+                // Readied again, it stays where it is.
+                let arena = Arc::clone(&copied.storage);
+                make_planar_all(vec![&mut copied]);
+                assert!(Arc::ptr_eq(&copied.storage, &arena), "{ty:?} copied twice");
                 assert!(mapped.1.load(std::sync::atomic::Ordering::Relaxed) >= stored.n_bytes());
                 assert_eq!(copied.data().as_ptr() as usize % 64, 0, "{ty:?}");
             }
@@ -854,7 +851,6 @@ mod tests {
             rows,
             cols,
             planar: false,
-            in_arena: false,
             row_tables: None,
         }
     }
