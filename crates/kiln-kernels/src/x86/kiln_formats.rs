@@ -434,15 +434,9 @@ unsafe fn i8ch_rows_512<const REFINED: bool>(
     let ahead = super::prefetch_distance(rb);
     // SAFETY: AVX-512 F (this function's features).
     let offset = 128.0 * unsafe { sum_512(&x.sums) };
-    let scales_at = w.rows * rb;
     for (i, r) in rows.enumerate() {
         let p = w.data[r * rb..].as_ptr();
-        prefetch_weights(
-            w.data
-                .as_ptr()
-                .wrapping_add(scales_at + r * kiln_types::I8_CH_SCALE_BYTES),
-            64 * kiln_types::I8_CH_SCALE_BYTES,
-        );
+        let [s] = i8ch_scales::<1>(w, r);
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut c = 0;
         while c + 4 * CHUNK <= cols {
@@ -476,7 +470,6 @@ unsafe fn i8ch_rows_512<const REFINED: bool>(
             c += if two { 2 * CHUNK } else { CHUNK };
         }
         let acc = _mm512_add_ps(acc0, acc1);
-        let s = kiln_types::i8_ch_scale(w.data, w.rows, cols, r);
         out[i] = s * (_mm512_reduce_add_ps(acc) - offset);
     }
 }
