@@ -509,34 +509,32 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
             let rows = &m.data()[..body];
             for (i, (src, dst)) in rows.chunks(step).zip(copy.chunks_mut(step)).enumerate() {
                 let at = m.offset + i * step;
-                jobs.push((
-                    m.n_bytes(),
-                    *planar,
-                    m.format,
-                    m.cols,
+                jobs.push(CopyJob {
+                    matrix_bytes: m.n_bytes(),
+                    planar: *planar,
+                    format: m.format,
+                    cols: m.cols,
                     src,
                     dst,
-                    &m.storage,
+                    storage: &m.storage,
                     at,
-                ));
+                });
             }
         }
         // Taken from the end: the largest matrices first.
-        jobs.sort_by_key(|job| job.0);
+        jobs.sort_by_key(|job| job.matrix_bytes);
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(jobs.len());
         let queue = std::sync::Mutex::new(jobs);
         let work = || {
-            while let Some((_, planar, format, cols, src, dst, storage, at)) =
-                queue.lock().unwrap_or_else(|e| e.into_inner()).pop()
-            {
-                if planar {
-                    WeightMatrix::pack_planar(format, cols, src, dst);
+            while let Some(job) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+                if job.planar {
+                    WeightMatrix::pack_planar(job.format, job.cols, job.src, job.dst);
                 } else {
-                    dst.copy_from_slice(src);
+                    job.dst.copy_from_slice(job.src);
                 }
-                storage.release(at..at + src.len());
+                job.storage.release(job.at..job.at + job.src.len());
             }
         };
         std::thread::scope(|s| {
@@ -556,6 +554,20 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
         m.offset = off;
         m.planar = *planar;
     }
+}
+
+/// One slice of [`make_planar_all`]'s work: rows `src` of a matrix of `matrix_bytes` bytes,
+/// rewritten into planar rows (or copied as stored) into `dst`, then released from `storage`
+/// at `at`.
+struct CopyJob<'a> {
+    matrix_bytes: usize,
+    planar: bool,
+    format: TensorFormat,
+    cols: usize,
+    src: &'a [u8],
+    dst: &'a mut [u8],
+    storage: &'a Arc<dyn WeightStorage>,
+    at: usize,
 }
 
 impl WeightStorage for kiln_format::WeightArena {
