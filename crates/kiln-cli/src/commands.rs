@@ -576,6 +576,9 @@ pub fn bench(a: BenchArgs) -> CmdResult {
     let started = std::time::Instant::now();
     let model = kiln_runtime::Model::load(&a.model)?;
     let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+    // The steady state: the weights' merge into huge pages, which follows loading on a thread
+    // of its own, would otherwise take a core from the first repetitions.
+    let huge_pages = model.wait_for_huge_pages();
     let limit = model.config.context_length;
     if a.prompt_tokens.max(a.gen_tokens) > limit {
         return Err(Failure::input(format!(
@@ -606,6 +609,11 @@ pub fn bench(a: BenchArgs) -> CmdResult {
                 "tg_tok_s": r.tg_tok_s,
                 "ttft_ms": r.ttft_ms,
                 "load_ms": load_ms,
+                "huge_pages": huge_pages.map(|h| json!({
+                    "mb": h.bytes as f64 / 1e6,
+                    "merged": h.merged,
+                    "ms_after_load": h.took.as_secs_f64() * 1000.0,
+                })),
                 "peak_rss_mb": peak_rss_mb,
                 "pp_runs": r.pp_runs,
                 "tg_runs": r.tg_runs,
@@ -620,6 +628,18 @@ pub fn bench(a: BenchArgs) -> CmdResult {
     println!("model       {}", a.model.display());
     println!("threads     {}", pool.n_threads());
     println!("load        {load_ms:.0} ms");
+    if let Some(h) = huge_pages {
+        let mb = h.bytes as f64 / 1e6;
+        let ms = h.took.as_secs_f64() * 1000.0;
+        if h.merged {
+            println!("huge pages  {mb:.0} MB merged {ms:.0} ms after loading (measured after)");
+        } else {
+            println!(
+                "huge pages  {mb:.0} MB not all merged: the system refused (an older kernel, huge \
+                 pages off, or none free)"
+            );
+        }
+    }
     if a.prompt_tokens > 0 {
         println!(
             "pp{:<8} {:.1} tok/s (median of {})",

@@ -74,13 +74,18 @@ impl Storage {
 /// fewer page-table entries than with a separate small allocation per matrix.
 pub struct WeightArena {
     map: memmap2::MmapMut,
+    len: usize,
 }
 
 impl WeightArena {
     /// `len` bytes of zeroed memory (at least one byte is mapped).
     pub fn new(len: usize) -> io::Result<WeightArena> {
-        let map = memmap2::MmapOptions::new().len(len.max(1)).map_anon()?;
-        Ok(WeightArena { map })
+        // Mapped in whole 2 MiB: Linux places an anonymous mapping of such a length on a
+        // 2 MiB boundary, so all of it can lie in huge pages, its first and last bytes too.
+        // The tail past `len` is never touched, so it never takes memory.
+        let mapped = len.max(1).next_multiple_of(2 << 20);
+        let map = memmap2::MmapOptions::new().len(mapped).map_anon()?;
+        Ok(WeightArena { map, len })
     }
 
     /// Asks the system to back the memory with transparent huge pages (Linux `madvise`;
@@ -93,15 +98,60 @@ impl WeightArena {
         let _ = self.map.advise(memmap2::Advice::HugePage);
     }
 
+    /// Merges the arena's memory into transparent huge pages now, 32 MiB per step from its
+    /// start, where the system can (Linux 6.1 and later: `MADV_COLLAPSE`), rather than whenever
+    /// `khugepaged` comes to it: that scans 16 MiB every 10 s by default, so a model of a few
+    /// hundred MB would wait minutes. The bytes do not change, and readers may keep reading
+    /// them meanwhile. Returns whether every step was done; the first refusal (an older kernel,
+    /// huge pages set to `never`, no huge page free, another platform) ends it, leaving the
+    /// remaining pages as they were, which are correct.
+    pub fn collapse_huge_pages(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            const HUGE: usize = 2 << 20;
+            const STEP: usize = 32 << 20;
+            if !huge_pages_allowed() {
+                return false;
+            }
+            let base = self.map.as_ptr() as usize;
+            // Whole huge pages of the filled bytes: collapse works on aligned 2 MiB spans.
+            let (start, end) = (base.next_multiple_of(HUGE), (base + self.len) / HUGE * HUGE);
+            for at in (start..end).step_by(STEP) {
+                let len = STEP.min(end - at);
+                // SAFETY: `[at, at + len)` lies inside this arena's mapping, which `self` keeps
+                // mapped for the call. `MADV_COLLAPSE` copies the pages into huge pages and
+                // swaps the page tables under the kernel's locks, so every byte reads the same
+                // before, during and after; it never unmaps or changes memory a borrow may
+                // point at.
+                let status =
+                    unsafe { libc::madvise(at as *mut libc::c_void, len, libc::MADV_COLLAPSE) };
+                if status != 0 {
+                    return false;
+                }
+            }
+            start < end
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+
     /// The memory.
     pub fn bytes(&self) -> &[u8] {
-        &self.map
+        &self.map[..self.len]
     }
 
     /// The memory, to fill.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.map
+        &mut self.map[..self.len]
     }
+}
+
+/// Whether the system's transparent huge pages are on (`always` or `madvise`). `MADV_COLLAPSE`
+/// ignores that setting, so an administrator's `never` is honoured here.
+#[cfg(target_os = "linux")]
+fn huge_pages_allowed() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| !s.contains("[never]"))
 }
 
 /// Writes a file atomically: `write` fills a temporary file in the same directory, which is
@@ -159,6 +209,55 @@ fn temp_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Merging the arena into huge pages keeps its bytes; where the system says it merged
+    /// them, the process's memory map shows huge pages in the arena.
+    #[test]
+    fn collapsed_arena_reads_back_unchanged() {
+        let len = (6 << 20) + 1000;
+        let mut arena = WeightArena::new(len).unwrap();
+        assert_eq!(arena.bytes().len(), len);
+        for (i, b) in arena.bytes_mut().iter_mut().enumerate() {
+            *b = (i * 31 % 253) as u8;
+        }
+        let merged = arena.collapse_huge_pages();
+        assert!(arena
+            .bytes()
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i * 31 % 253) as u8));
+        #[cfg(target_os = "linux")]
+        if merged {
+            assert!(anon_huge_kb(arena.bytes().as_ptr() as usize) >= 2048);
+        }
+        #[cfg(not(target_os = "linux"))]
+        assert!(!merged);
+        // Nothing to merge: not a whole huge page.
+        assert!(!WeightArena::new(4096).unwrap().collapse_huge_pages());
+    }
+
+    /// `AnonHugePages` of the mapping holding `addr`, from `/proc/self/smaps`.
+    #[cfg(target_os = "linux")]
+    fn anon_huge_kb(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = (a..b).contains(&addr);
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(kb) = line.strip_prefix("AnonHugePages:") {
+                    return kb.trim().trim_end_matches("kB").trim().parse().unwrap();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
 
     /// Released pages of a mapped file read back as the file's bytes, at their edges too.
     #[test]

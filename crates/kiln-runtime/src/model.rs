@@ -4,7 +4,8 @@ use crate::arch;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::weights::{
-    load_optional_vector, load_vector, prepare_for_kernels, GgufSource, TensorSource, WeightMatrix,
+    load_optional_vector, load_vector, prepare_for_kernels, GgufSource, HugePageMerge,
+    HugePageOutcome, TensorSource, WeightMatrix,
 };
 use kiln_format::gguf::GgufFile;
 use std::collections::HashSet;
@@ -73,6 +74,8 @@ pub struct Model {
     pub tied_embeddings: bool,
     /// Transformer blocks.
     pub layers: Vec<LayerWeights>,
+    /// The merge of the weights into huge pages after loading, where one runs.
+    huge_pages: Option<Arc<HugePageMerge>>,
 }
 
 /// Refuses a file that holds tensors the loader did not read: a tensor nobody reads is a
@@ -234,7 +237,7 @@ impl Model {
                 &mut l.w_down,
             ]);
         }
-        prepare_for_kernels(matrices);
+        let huge_pages = prepare_for_kernels(matrices);
         let output = output.unwrap_or_else(|| token_embd.clone());
         let n_params = source
             .names()
@@ -251,7 +254,15 @@ impl Model {
             output,
             tied_embeddings,
             layers,
+            huge_pages,
         })
+    }
+
+    /// Waits until the weights' merge into huge pages, which runs on a thread of its own after
+    /// loading, has ended; `None` when none runs (`KILN_HUGEPAGES` set, weights read in place,
+    /// a model smaller than a huge page). Measurements of the steady state wait for it.
+    pub fn wait_for_huge_pages(&self) -> Option<HugePageOutcome> {
+        self.huge_pages.as_ref().map(|m| m.wait())
     }
 
     /// Bytes of weights read to produce one token: every matrix once, plus one embedding row.

@@ -144,7 +144,8 @@ fn repack_enabled() -> bool {
 /// `1` before it is filled, so decoding runs on huge pages from the first token (loading may
 /// then wait for the system to find them: on this project's virtual machine a first load after
 /// idle took 0.6 s instead of 0.2 s for Gemma 3); `0` never; anything else, or unset, after it
-/// is filled, so loading never waits and a long-running process gains them in the background.
+/// is filled, so loading never waits, and a thread of the lowest priority merges the pages at
+/// once ([`HugePageMerge`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HugePages {
     BeforeFilling,
@@ -438,8 +439,9 @@ impl WeightMatrix {
 /// Readies every matrix of `ms` for this CPU's kernels: rows rewritten into the planar layout
 /// ([`make_planar_all`]), and lookup tables converted ahead where the kernels would convert
 /// them per token ([`kiln_kernels::kiln_formats::uses_row_tables`]; per table its entries'
-/// 16-bit integers and a scale, 4 bytes more than the f16 table beside it).
-pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) {
+/// 16-bit integers and a scale, 4 bytes more than the f16 table beside it). Returns the merge
+/// of the copies into huge pages, where one was started.
+pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) -> Option<Arc<HugePageMerge>> {
     let isa = kiln_kernels::detect();
     for m in ms.iter_mut() {
         let Some(ty) = m.kiln_format() else { continue };
@@ -451,22 +453,24 @@ pub fn prepare_for_kernels(mut ms: Vec<&mut WeightMatrix>) {
                 kiln_kernels::kiln_formats::convert_row_tables(&m.kiln_matrix()).map(Arc::new);
         }
     }
-    make_planar_all(ms);
+    make_planar_all(ms)
 }
 
 /// Rewrites every matrix of `ms` into the planar layout ([`kiln_kernels::planar`]) where this
 /// CPU's kernels read it (and `KILN_REPACK` is not `0`), and copies the other matrices of a
 /// mapped file as stored: a copy per matrix, which matrices cloned before do not share. The
 /// copies lie in one arena ([`kiln_format::WeightArena`]) in the order of `ms`, advised to use
-/// transparent huge pages (as `KILN_HUGEPAGES` asks): a decode step streams every weight.
+/// transparent huge pages (as `KILN_HUGEPAGES` asks; by default merged into them on a thread of
+/// its own, which the returned [`HugePageMerge`] follows): a decode step streams every weight.
 /// SmolLM2's `Q4_0` decode ran 7 % slower with a small allocation per matrix than in an arena
 /// on huge pages, 1 % slower in an arena on small pages; Gemma 3's `Q4_K_M` about 9 % slower
 /// either way (`docs/quantization.md`). A mapped file's pages are small pages, so the formats
 /// without planar rows (`I8_CH`, `LUT8`) are copied too, for the same streaming. The work goes in
 /// slices of about 8 MiB spread over the CPU's cores (the copies' page faults are most of a
-/// model's load time). Each slice's source is released once it is rewritten, and each matrix's whole source at the end (the
-/// pages two slices share), so the copies and their sources are never both resident.
-pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
+/// model's load time). Each slice's source is released once it is rewritten, and each matrix's
+/// whole source at the end (the pages two slices share), so the copies and their sources are
+/// never both resident.
+pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) -> Option<Arc<HugePageMerge>> {
     const SLICE: usize = 8 << 20;
     const ALIGN: usize = 64;
     let mut ms: Vec<(&mut WeightMatrix, bool)> = ms
@@ -478,7 +482,7 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
         })
         .collect();
     if ms.is_empty() {
-        return;
+        return None;
     }
     // The copies lie in one arena in the order given (the forward pass's), each 64-byte aligned.
     let mut offsets = Vec::with_capacity(ms.len());
@@ -489,7 +493,7 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
     }
     let Ok(mut arena) = kiln_format::WeightArena::new(total) else {
         // Without the memory for copies the rows stay as stored, which every kernel reads.
-        return;
+        return None;
     };
     if huge_pages() == HugePages::BeforeFilling {
         arena.advise_huge_pages();
@@ -548,11 +552,85 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) {
         arena.advise_huge_pages();
     }
     let arena: Arc<kiln_format::WeightArena> = Arc::new(arena);
+    let merge = match huge_pages() {
+        HugePages::AfterFilling => HugePageMerge::start(arena.clone()),
+        _ => None,
+    };
     for ((m, planar), off) in ms.iter_mut().zip(offsets) {
         m.storage.release(m.offset..m.offset + m.n_bytes());
         m.storage = arena.clone();
         m.offset = off;
         m.planar = *planar;
+    }
+    merge
+}
+
+/// The merge of a model's weight arena into huge pages, which runs on a thread of its own
+/// after loading ([`make_planar_all`]): decoding starts at once on small pages and gains huge
+/// pages as they are made. On this project's virtual machine Gemma 3's 223 MB took 0.7 s;
+/// `khugepaged` alone would take minutes. The thread runs at the usual priority, so it takes a
+/// core from the model's threads while it lasts: at the lowest (`SCHED_IDLE`) it finished only
+/// in the gaps of a two-thread decode, 5 s for Gemma 3, and slowed SmolLM2's decode by 6 %
+/// meanwhile (a kernel without preemption holds a woken thread back until the merge yields).
+pub struct HugePageMerge {
+    bytes: usize,
+    started: std::time::Instant,
+    outcome: std::sync::Mutex<Option<HugePageOutcome>>,
+    done: std::sync::Condvar,
+}
+
+/// How a [`HugePageMerge`] ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HugePageOutcome {
+    /// Bytes of weights in the arena.
+    pub bytes: usize,
+    /// Whether the system merged all of them (`false`: an older kernel, huge pages off, none
+    /// free; the pages stay small until `khugepaged` comes to them).
+    pub merged: bool,
+    /// Time from the start of the merge to its end.
+    pub took: std::time::Duration,
+}
+
+impl HugePageMerge {
+    /// Starts merging `arena` on a new thread; `None` when it is smaller than a huge page or no
+    /// thread can be made.
+    fn start(arena: Arc<kiln_format::WeightArena>) -> Option<Arc<HugePageMerge>> {
+        let bytes = arena.bytes().len();
+        if bytes < 2 << 20 {
+            return None;
+        }
+        let merge = Arc::new(HugePageMerge {
+            bytes,
+            started: std::time::Instant::now(),
+            outcome: std::sync::Mutex::new(None),
+            done: std::sync::Condvar::new(),
+        });
+        let shared = merge.clone();
+        std::thread::Builder::new()
+            .name("kiln-huge-pages".into())
+            .spawn(move || {
+                let merged = arena.collapse_huge_pages();
+                let outcome = HugePageOutcome {
+                    bytes: shared.bytes,
+                    merged,
+                    took: shared.started.elapsed(),
+                };
+                *shared.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+                shared.done.notify_all();
+            })
+            .ok()?;
+        Some(merge)
+    }
+
+    /// Waits for the merge to end (for measurements of the steady state).
+    pub fn wait(&self) -> HugePageOutcome {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(o) = *outcome {
+                return o;
+            }
+            outcome = self.done.wait(outcome).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 
@@ -780,6 +858,31 @@ mod tests {
                 assert_eq!(rt, rs, "matrix {i} row {r}");
             }
         }
+    }
+
+    /// Copies of more than a huge page are merged into huge pages on a thread of their own,
+    /// whose end can be waited for, and read the same after; smaller ones are not.
+    #[test]
+    fn large_copies_merge_into_huge_pages_unchanged() {
+        let (rows, cols) = (9000, 512);
+        let stored = ggml_matrix(GgmlType::Q4_0, rows, cols);
+        let mut copied = stored.clone();
+        let merge = make_planar_all(vec![&mut copied]);
+        let expected = repack_enabled() && huge_pages() == HugePages::AfterFilling;
+        assert_eq!(merge.is_some(), expected);
+        if let Some(merge) = merge {
+            let outcome = merge.wait();
+            assert_eq!(outcome.bytes, stored.n_bytes().next_multiple_of(64));
+            assert_eq!(merge.wait(), outcome, "a second wait reads the same end");
+        }
+        let (mut a, mut b) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+        for r in (0..rows).step_by(97) {
+            stored.dequantize_row(r, &mut a);
+            copied.dequantize_row(r, &mut b);
+            assert_eq!(a, b, "row {r}");
+        }
+        let mut small = ggml_matrix(GgmlType::Q4_0, 8, cols);
+        assert!(make_planar_all(vec![&mut small]).is_none());
     }
 
     /// Storage that says it frees what it releases, as a mapped file does (and counts the
