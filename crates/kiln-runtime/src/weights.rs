@@ -144,8 +144,8 @@ fn repack_enabled() -> bool {
 /// `1` before it is filled, so decoding runs on huge pages from the first token (loading may
 /// then wait for the system to find them: on this project's virtual machine a first load after
 /// idle took 0.6 s instead of 0.2 s for Gemma 3); `0` never; anything else, or unset, after it
-/// is filled, so loading never waits, and a thread of the lowest priority merges the pages at
-/// once ([`HugePageMerge`]).
+/// is filled, so loading never waits, and a thread of its own merges the pages at once
+/// ([`HugePageMerge`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HugePages {
     BeforeFilling,
