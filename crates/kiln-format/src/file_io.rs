@@ -78,12 +78,16 @@ pub struct WeightArena {
 }
 
 impl WeightArena {
+    /// The size of a transparent huge page on the platforms kiln merges them on (x86-64 and
+    /// aarch64 Linux with 4 KiB base pages).
+    pub const HUGE_PAGE: usize = 2 << 20;
+
     /// `len` bytes of zeroed memory (at least one byte is mapped).
     pub fn new(len: usize) -> io::Result<WeightArena> {
         // Mapped in whole 2 MiB: Linux places an anonymous mapping of such a length on a
         // 2 MiB boundary, so all of it can lie in huge pages, its first and last bytes too.
         // The tail past `len` is never touched, so it never takes memory.
-        let mapped = len.max(1).next_multiple_of(2 << 20);
+        let mapped = len.max(1).next_multiple_of(Self::HUGE_PAGE);
         let map = memmap2::MmapOptions::new().len(mapped).map_anon()?;
         Ok(WeightArena { map, len })
     }
@@ -108,8 +112,8 @@ impl WeightArena {
     pub fn collapse_huge_pages(&self) -> bool {
         #[cfg(target_os = "linux")]
         {
-            const HUGE: usize = 2 << 20;
-            const STEP: usize = 32 << 20;
+            const HUGE: usize = WeightArena::HUGE_PAGE;
+            const STEP: usize = 16 * HUGE;
             if !huge_pages_allowed() {
                 return false;
             }

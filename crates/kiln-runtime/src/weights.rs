@@ -548,13 +548,12 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) -> Option<Arc<HugePageMerge>>
             work();
         });
     }
-    if huge_pages() == HugePages::AfterFilling {
-        arena.advise_huge_pages();
-    }
     let arena: Arc<kiln_format::WeightArena> = Arc::new(arena);
-    let merge = match huge_pages() {
-        HugePages::AfterFilling => HugePageMerge::start(arena.clone()),
-        _ => None,
+    let merge = if huge_pages() == HugePages::AfterFilling {
+        arena.advise_huge_pages();
+        HugePageMerge::start(arena.clone())
+    } else {
+        None
     };
     for ((m, planar), off) in ms.iter_mut().zip(offsets) {
         m.storage.release(m.offset..m.offset + m.n_bytes());
@@ -573,8 +572,6 @@ pub fn make_planar_all(ms: Vec<&mut WeightMatrix>) -> Option<Arc<HugePageMerge>>
 /// in the gaps of a two-thread decode, 5 s for Gemma 3, and slowed SmolLM2's decode by 6 %
 /// meanwhile (a kernel without preemption holds a woken thread back until the merge yields).
 pub struct HugePageMerge {
-    bytes: usize,
-    started: std::time::Instant,
     outcome: std::sync::Mutex<Option<HugePageOutcome>>,
     done: std::sync::Condvar,
 }
@@ -596,24 +593,23 @@ impl HugePageMerge {
     /// thread can be made.
     fn start(arena: Arc<kiln_format::WeightArena>) -> Option<Arc<HugePageMerge>> {
         let bytes = arena.bytes().len();
-        if bytes < 2 << 20 {
+        if bytes < kiln_format::WeightArena::HUGE_PAGE {
             return None;
         }
         let merge = Arc::new(HugePageMerge {
-            bytes,
-            started: std::time::Instant::now(),
             outcome: std::sync::Mutex::new(None),
             done: std::sync::Condvar::new(),
         });
         let shared = merge.clone();
+        let started = std::time::Instant::now();
         std::thread::Builder::new()
             .name("kiln-huge-pages".into())
             .spawn(move || {
                 let merged = arena.collapse_huge_pages();
                 let outcome = HugePageOutcome {
-                    bytes: shared.bytes,
+                    bytes,
                     merged,
-                    took: shared.started.elapsed(),
+                    took: started.elapsed(),
                 };
                 *shared.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
                 shared.done.notify_all();
