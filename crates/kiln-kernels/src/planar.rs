@@ -9,7 +9,7 @@
 //! core reads 40 GB/s). The runtime therefore rewrites such matrices at load into this layout,
 //! byte for byte as large as the GGUF rows (so resident memory does not grow), when
 //! [`supported`] says the CPU's kernels read it. The kiln format `LUT4_B32` has a planar layout
-//! on the same code plane ([`lut4_b32`]).
+//! of its own ([`lut4_b32`]).
 //!
 //! A planar row of `nb` blocks holds, in order:
 //! - **codes**: for `Q8_0` the codes of every block in element order, plus 128 (unsigned). For
@@ -406,18 +406,20 @@ pub fn dot_block(
 }
 
 /// The planar layout of the kiln format `LUT4_B32` (and its grouped variants): each row's
-/// 8-byte header of units as stored, then the same 4-bit code plane as the ggml formats (the
-/// blocks' 16 index bytes each, in runs), then the parameter codes: per group of four blocks
-/// their four scale codes and then their four offset codes, and for the `t` blocks after the
-/// last group their `t` scale codes and then their `t` offset codes. The tables after the
-/// last row stay as they are.
+/// 8-byte header of units as stored, then its blocks' 16 index bytes each, block after block
+/// (byte `j` of a block: element `j` in its low nibble, `j + 16` in its high one, as stored),
+/// then the parameter codes: per group of four blocks their four scale codes and then their
+/// four offset codes, and for the `t` blocks after the last group their `t` scale codes and
+/// then their `t` offset codes. The tables after the last row stay as they are.
 ///
 /// A stored `LUT4_B32` block interleaves its two parameter codes with its indices (18 bytes),
-/// which the AVX-512 kernel gathered with three byte permutes per four blocks; planar rows let
-/// it load four blocks' indices with one read and their eight parameter codes with another,
-/// converted to f32 by two instructions.
+/// which the AVX-512 kernel gathered with byte permutes; planar rows let it load four blocks'
+/// indices with one read and their eight parameter codes with another. The indices keep the
+/// stored order rather than the ggml formats' code plane: a 64-byte read then holds elements
+/// 0..16 of four blocks in its low nibbles and 16..32 in its high ones, so both halves meet
+/// the same four block scales and the kernel sums them as integers before scaling once.
 pub mod lut4_b32 {
-    use super::{pack_codes4, unpack_codes4, QK};
+    use super::QK;
     use kiln_format::kiln_types::{KilnType, LUT4_B32_BLOCK_BYTES, LUT4_B32_ROW_HEADER};
 
     use crate::Isa;
@@ -481,11 +483,13 @@ pub mod lut4_b32 {
                 d[params + a] = blk[0];
                 d[params + o] = blk[1];
             }
-            let qs = |b: usize| -> &[u8; 16] {
-                let at = b * LUT4_B32_BLOCK_BYTES + 2;
-                blocks[at..at + 16].try_into().expect("16 index bytes")
-            };
-            pack_codes4(nb, qs, &mut d[LUT4_B32_ROW_HEADER..params]);
+            let plane = &mut d[LUT4_B32_ROW_HEADER..params];
+            for (blk, q) in blocks
+                .chunks_exact(LUT4_B32_BLOCK_BYTES)
+                .zip(plane.chunks_exact_mut(QK / 2))
+            {
+                q.copy_from_slice(&blk[2..]);
+            }
         }
     }
 
@@ -507,10 +511,12 @@ pub mod lut4_b32 {
             blk[0] = src[params + a];
             blk[1] = src[params + o];
         }
-        unpack_codes4(nb, &src[LUT4_B32_ROW_HEADER..params], |b, q| {
-            let at = b * LUT4_B32_BLOCK_BYTES + 2;
-            blocks[at..at + 16].copy_from_slice(&q);
-        });
+        for (blk, q) in blocks
+            .chunks_exact_mut(LUT4_B32_BLOCK_BYTES)
+            .zip(src[LUT4_B32_ROW_HEADER..params].chunks_exact(QK / 2))
+        {
+            blk[2..].copy_from_slice(q);
+        }
     }
 }
 

@@ -95,6 +95,8 @@ const K32_IDX: [__m512i; 4] = [words(16, 0), words(16, 2), words(16, 4), words(1
 const K16_IDX: [__m512i; 4] = [words(8, 0), words(8, 4), words(8, 8), words(8, 12)];
 /// `vpermps` indices spreading four block scales over two blocks' eight lanes each.
 pub(super) const PAIR_IDX: [__m512i; 2] = [dwords(8, 0), dwords(8, 2)];
+/// `vpermps` indices spreading four block scales over four lanes each.
+pub(super) const QUAD_IDX: __m512i = dwords(4, 0);
 /// `vpermt2w` indices gathering, from a 128-byte window over four blocks of format `f`, the
 /// four f16 scales into words 0..4 and (for Q4_1/Q5_1) the four minimums into words 4..8.
 const fn leg_scale_idx(f: u8) -> __m512i {

@@ -805,10 +805,15 @@ unsafe fn i4b64_256<const R: usize, const T: usize, const REFINED: bool>(
 //
 // A `LUT4_B32` block has Q4_0's layout (two bytes of parameters, then 16 bytes of nibbles,
 // low nibbles elements 0..16 and high 16..32), so the kernels take four blocks per step the
-// way the Q4_0 kernels do (one window over the four blocks on AVX-512), and only the table
-// lookup is added to Q4_0's work. The per-block scalar work of a block at a time (the offset
-// codes times the activation sums, the scale codes times the activation scales) had made the
-// kernel 1.5 times slower than Q4_0's at one token.
+// way the Q4_0 kernels do (one window over the four blocks on AVX-512). The per-block scalar
+// work of a block at a time (the offset codes times the activation sums, the scale codes times
+// the activation scales) had made the kernel 1.5 times slower than Q4_0's at one token.
+//
+// On AVX-512 the table lookups cost what Q4_0's nibble masks do not, and the kernel pays them
+// back by scaling each block once: the four blocks' low nibbles and high nibbles meet the
+// activation codes rearranged to the same block order (`lut4b32_halves`), so their integer
+// sums add up before one conversion, one scale spread and one multiply-add, where Q4_0's
+// kernel has two of each.
 
 /// The 32 indices of a `LUT4_B32` block (16 bytes at `p`), in element order: low nibbles
 /// (elements 0..16) in the lower lane, high nibbles (16..32) in the upper.
@@ -949,21 +954,106 @@ unsafe fn lut4b32_512<
             _ => {}
         }
     }
-    let mut out = [[0.0; T]; R];
+    // Each row's sums scaled by its units, the offset sums (lanes 4..8 of `offs`) beside the
+    // others, then added up four rows at a time.
+    let mut fin = [[_mm512_setzero_ps(); T]; R];
     for r in 0..R {
         // SAFETY: row r0 + r's 8-byte header.
         let (s, m) = unsafe { lut4b32_header(p.add(r * w.row_bytes)) };
         for t in 0..T {
-            let o = hsum128(_mm256_extractf128_ps::<1>(offs[r][t]));
-            out[r][t] = s * _mm512_reduce_add_ps(acc[r][t]) + m * o;
+            let o =
+                _mm512_maskz_mul_ps(0xf0, _mm512_castps256_ps512(offs[r][t]), _mm512_set1_ps(m));
+            fin[r][t] = _mm512_fmadd_ps(acc[r][t], _mm512_set1_ps(s), o);
+        }
+    }
+    let mut out = [[0.0; T]; R];
+    for t in 0..T {
+        if R == 4 {
+            let sums: [f32; 4] = f32x4_lanes(sums4([fin[0][t], fin[1][t], fin[2][t], fin[3][t]]));
+            for r in 0..R {
+                out[r][t] = sums[r];
+            }
+        } else {
+            for r in 0..R {
+                out[r][t] = _mm512_reduce_add_ps(fin[r][t]);
+            }
         }
     }
     out
 }
 
+/// The four lanes of `v`.
+#[target_feature(enable = "sse")]
+#[inline]
+fn f32x4_lanes(v: __m128) -> [f32; 4] {
+    let mut a = [0.0f32; 4];
+    // SAFETY: `a` has room for the 16 bytes stored.
+    unsafe { _mm_storeu_ps(a.as_mut_ptr(), v) };
+    a
+}
+
+/// The sums of the 16 lanes of each of four registers: far fewer shuffles than four
+/// reductions one register at a time.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn sums4(v: [__m512; 4]) -> __m128 {
+    // 128-bit lanes 0 + 2 and 1 + 3 of two registers side by side: [v0, v0, v1, v1].
+    let halves = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+        )
+    };
+    let (a, b) = (halves(v[0], v[1]), halves(v[2], v[3]));
+    // One 128-bit lane per register: [v0, v1, v2, v3].
+    let c = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+    );
+    // Within each lane, every element the lane's sum.
+    let d = _mm512_add_ps(c, _mm512_permute_ps::<0b01_00_11_10>(c));
+    let e = _mm512_add_ps(d, _mm512_permute_ps::<0b10_11_00_01>(d));
+    let first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm512_castps512_ps128(_mm512_permutexvar_ps(first, e))
+}
+
+/// `vpermt2b` indices gathering, from a window over four stored `LUT4_B32` blocks, their 16
+/// index bytes each into bytes `16k..16k + 16` (the planar code plane's order).
+const LUT4B32_CODES_IDX: __m512i = {
+    let mut a = [0u8; 64];
+    let mut k = 0;
+    while k < 4 {
+        let mut j = 0;
+        while j < 16 {
+            a[16 * k + j] = (k * LUT4_B32_BLOCK_BYTES + 2 + j) as u8;
+            j += 1;
+        }
+        k += 1;
+    }
+    // SAFETY: [u8; 64] and __m512i have the same size and every bit pattern is valid in both.
+    unsafe { core::mem::transmute::<[u8; 64], __m512i>(a) }
+};
+
+/// Four blocks' activation codes, two blocks per register (`x01`: blocks 0 and 1, each 32
+/// bytes in element order), rearranged as the four blocks' elements `0..16` (the first) and
+/// `16..32` (the second), 16 bytes per block: the order of a `LUT4_B32` group's looked-up low
+/// and high nibbles.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn lut4b32_halves(x01: __m512i, x23: __m512i) -> (__m512i, __m512i) {
+    (
+        _mm512_shuffle_i64x2::<0b10_00_10_00>(x01, x23),
+        _mm512_shuffle_i64x2::<0b11_01_11_01>(x01, x23),
+    )
+}
+
 /// Adds blocks `b..b + N` (N ≤ 4) of every row and activation row of the tile: the scaled
 /// integer sums to `acc`, the offset codes times the activation block sums to lanes 4..8 of
 /// `offs` (lanes 0..4 collect what is not needed).
+///
+/// Each block's elements `0..16` and `16..32` (the low and high nibbles of its index bytes)
+/// meet the activation codes in the same lanes ([`lut4b32_halves`]), so one integer sum per
+/// lane covers both halves and each block is scaled once.
 ///
 /// # Safety
 /// AVX-512 VNNI and VBMI; `p` is row `r0` of `w` (a `LUT4_B32` tensor) with `R` rows from it,
@@ -987,31 +1077,31 @@ unsafe fn lut4b32_step_512<
     acc: &mut [[__m512; T]; R],
     offs: &mut [[__m256; T]; R],
 ) {
-    use super::avx512::LEG_CODE_IDX;
-    let q4 = super::leg::Q4_0 as usize;
     let ahead = super::prefetch_distance(w.row_bytes);
     let lanes: __mmask8 = (1u8 << N) - 1;
     // Per activation row, its block scales in lanes 0..4 and block sums in 4..8: one multiply
     // with the block's scale and offset codes gives both products.
     let mut xf = [_mm256_setzero_ps(); T];
-    let mut x01 = [_mm512_setzero_si512(); T];
-    let mut x23 = [_mm512_setzero_si512(); T];
-    let mut y01 = [_mm512_setzero_si512(); T];
-    let mut y23 = [_mm512_setzero_si512(); T];
+    let mut xa = [_mm512_setzero_si512(); T];
+    let mut xb = [_mm512_setzero_si512(); T];
+    let mut ya = [_mm512_setzero_si512(); T];
+    let mut yb = [_mm512_setzero_si512(); T];
     for t in 0..T {
         let x = xs[t];
         if REFINED {
             // SAFETY: as for the codes below; a refined row's low parts are as long.
-            (y01[t], y23[t]) = unsafe { block_codes_512::<N>(x.low.as_ptr().add(b * CHUNK)) };
+            let (y01, y23) = unsafe { block_codes_512::<N>(x.low.as_ptr().add(b * CHUNK)) };
+            (ya[t], yb[t]) = lut4b32_halves(y01, y23);
         }
         // SAFETY: blocks b..b + N exist, so N scales and sums from index b and N * 32 codes
         // from b * 32 are in bounds; masked-off lanes are not read.
-        unsafe {
+        let (x01, x23) = unsafe {
             let dx = _mm_maskz_loadu_ps(lanes, x.scales.as_ptr().add(b));
             let ds = _mm_maskz_loadu_ps(lanes, x.sums.as_ptr().add(b));
             xf[t] = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(dx), ds);
-            (x01[t], x23[t]) = block_codes_512::<N>(x.codes.as_ptr().add(b * CHUNK));
-        }
+            block_codes_512::<N>(x.codes.as_ptr().add(b * CHUNK))
+        };
+        (xa[t], xb[t]) = lut4b32_halves(x01, x23);
     }
     let len = N * LUT4_B32_BLOCK_BYTES;
     let nb = w.cols / CHUNK;
@@ -1028,24 +1118,19 @@ unsafe fn lut4b32_step_512<
         for line in (0..4 * LUT4_B32_BLOCK_BYTES).step_by(64) {
             prefetch_weights(bp.wrapping_add(line), ahead);
         }
-        let table_r = table[if GROUPED { r } else { 0 }];
-        // The blocks' parameter codes (scales in lanes 0..4, offsets in 4..8) and their
-        // looked-up weights, two blocks per register.
-        let (codes, wq) = if PLANAR {
+        // The blocks' parameter codes (scales in bytes 0..4, offsets in 4..8) and their 16
+        // index bytes each (zero beyond N: those lanes meet zero activations).
+        let (params, v) = if PLANAR {
             // SAFETY: row r0 + r is a planar row of nb blocks: blocks b..b + N have their
-            // index runs from 16 · b in the code plane and their 2 · N parameter codes from
+            // index bytes from 16 · b in the code plane and their 2 · N parameter codes from
             // 2 · b among the parameters (N scale codes, then N offset codes: the masks
             // read those bytes only).
-            let (u01, u23, params) = unsafe {
+            unsafe {
                 let codes = row.add(code_at);
-                let (u01, u23) = if N == 4 {
-                    // A group's code bytes as read (low nibbles) and shifted (high ones):
-                    // `vpermb` reads entry `i & 15` of the repeated table, so the bits above
-                    // need no mask.
-                    let v = _mm512_loadu_si512(codes.cast());
-                    (v, _mm512_srli_epi16::<4>(v))
+                let v = if N == 4 {
+                    _mm512_loadu_si512(codes.cast())
                 } else {
-                    super::avx512::planar_codes4::<N>(codes)
+                    _mm512_maskz_loadu_epi8((1u64 << (16 * N)) - 1, codes.cast())
                 };
                 let at = row.add(param_at);
                 let params = if N == 4 {
@@ -1057,18 +1142,8 @@ unsafe fn lut4b32_step_512<
                         _mm_maskz_loadu_epi8(n, at.add(N).cast()),
                     )
                 };
-                (u01, u23, params)
-            };
-            let codes = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(params));
-            let wq = [
-                _mm512_permutexvar_epi8(u01, table_r),
-                if N > 2 {
-                    _mm512_permutexvar_epi8(u23, table_r)
-                } else {
-                    _mm512_setzero_si512()
-                },
-            ];
-            (codes, wq)
+                (params, v)
+            }
         } else {
             // SAFETY: blocks b..b + N of row r0 + r are readable; the masks cover those
             // `len` bytes only.
@@ -1085,68 +1160,61 @@ unsafe fn lut4b32_step_512<
                 };
                 (lo, hi)
             };
-            // The parameters of the four blocks all lie in the first 64 bytes.
+            // The parameters of the four blocks all lie in the first 64 bytes; indices past
+            // `len` read the masked-off zeros.
             let params = _mm512_permutexvar_epi8(LUT4B32_PARAMS_IDX, lo);
-            let codes = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm512_castsi512_si128(params)));
-            let mut wq = [_mm512_setzero_si512(); 2];
-            for (pair, wq) in wq.iter_mut().enumerate().take(N.div_ceil(2)) {
-                let z = _mm512_permutex2var_epi16(lo, LEG_CODE_IDX[q4][pair], hi);
-                let z = _mm512_mask_srli_epi16(z, 0xff00_ff00, z, 4);
-                *wq = _mm512_permutexvar_epi8(z, table_r);
-            }
-            (codes, wq)
+            let v = _mm512_permutex2var_epi8(lo, LUT4B32_CODES_IDX, hi);
+            (_mm512_castsi512_si128(params), v)
         };
-        lut4b32_accumulate::<R, T, N, REFINED>(
+        let codes = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(params));
+        // `vpermb` reads entry `i & 15` of the table repeated in every 16 bytes, so neither
+        // the low nibbles nor the shifted high ones need a mask.
+        let table_r = table[if GROUPED { r } else { 0 }];
+        let wa = _mm512_permutexvar_epi8(v, table_r);
+        let wb = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(v), table_r);
+        lut4b32_accumulate::<T, REFINED>(
             codes,
-            wq,
+            (wa, wb),
             &xf,
-            &x01,
-            &x23,
-            &y01,
-            &y23,
+            (&xa, &xb),
+            (&ya, &yb),
             &mut acc[r],
             &mut offs[r],
         );
     }
 }
 
-/// Adds one row's blocks `b..b + N` to its sums with every activation row: `codes` holds the
-/// blocks' scale codes in lanes 0..4 and offset codes in 4..8, `wq` their looked-up 7-bit
-/// weights two blocks per register, `xf` each activation row's block scales and sums (lanes
-/// 0..4, 4..8), `x01`..`y23` its codes (and a refined row's low parts).
+/// Adds one row's four blocks to its sums with every activation row: `codes` holds the
+/// blocks' scale codes in lanes 0..4 and offset codes in 4..8, `w` their looked-up 7-bit
+/// weights (elements `0..16` of each block, then `16..32`), `xf` each activation row's block
+/// scales and sums (lanes 0..4, 4..8), `x` its codes in the same order as the weights and `y`
+/// a refined row's low parts.
+///
+/// Exact integer sums: a lane adds eight products of a weight ≤ 127 and a code within ±128
+/// (below 2^17), and a refined row's high sum shifted by 8 plus its low sum stays below 2^26.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
-fn lut4b32_accumulate<const R: usize, const T: usize, const N: usize, const REFINED: bool>(
+fn lut4b32_accumulate<const T: usize, const REFINED: bool>(
     codes: __m256,
-    wq: [__m512i; 2],
+    w: (__m512i, __m512i),
     xf: &[__m256; T],
-    x01: &[__m512i; T],
-    x23: &[__m512i; T],
-    y01: &[__m512i; T],
-    y23: &[__m512i; T],
+    x: (&[__m512i; T], &[__m512i; T]),
+    y: (&[__m512i; T], &[__m512i; T]),
     acc: &mut [__m512; T],
     offs: &mut [__m256; T],
 ) {
+    use super::avx512::QUAD_IDX;
     for t in 0..T {
         let f = _mm256_mul_ps(codes, xf[t]);
         offs[t] = _mm256_add_ps(offs[t], f);
-        let s = _mm512_castps256_ps512(f);
-        let i01 = dpbusd_refined::<REFINED>(wq[0], x01[t], y01[t]);
-        let mut a = _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(i01),
-            _mm512_permutexvar_ps(PAIR_IDX[0], s),
-            acc[t],
-        );
-        if N > 2 {
-            let i23 = dpbusd_refined::<REFINED>(wq[1], x23[t], y23[t]);
-            a = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(i23),
-                _mm512_permutexvar_ps(PAIR_IDX[1], s),
-                a,
-            );
+        let s = _mm512_permutexvar_ps(QUAD_IDX, _mm512_castps256_ps512(f));
+        let high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.0, x.0[t]);
+        let mut i = _mm512_dpbusd_epi32(high, w.1, x.1[t]);
+        if REFINED {
+            i = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(i), w.0, y.0[t]);
+            i = _mm512_dpbusd_epi32(i, w.1, y.1[t]);
         }
-        acc[t] = a;
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), s, acc[t]);
     }
 }
 
@@ -2137,38 +2205,22 @@ unsafe fn lut4b32_dequantize_planar_512<const BF16: bool>(
     // SAFETY: the row's length was asserted; `out` holds the row's values.
     unsafe { lut4b32_planar_groups_512::<BF16>(row, nb, &uf, s, m, out) };
     // The blocks after the last whole group.
-    let b = nb / 4 * 4;
-    if b == nb {
-        return;
-    }
     let codes = row[LUT4_B32_ROW_HEADER..].as_ptr();
-    // SAFETY: blocks b..nb are the rest after the last group, their runs within the code
-    // plane (the row's length, asserted).
-    let (u01, u23) = unsafe {
-        let at = codes.add((CHUNK / 2) * b);
-        match nb - b {
-            1 => super::avx512::planar_codes4::<1>(at),
-            2 => super::avx512::planar_codes4::<2>(at),
-            _ => super::avx512::planar_codes4::<3>(at),
-        }
-    };
-    for k in 0..nb - b {
-        let (a, o) = crate::planar::lut4_b32::param_slots(nb, b + k);
+    for b in nb / 4 * 4..nb {
+        let (a, o) = crate::planar::lut4_b32::param_slots(nb, b);
         let v = lut4b32_values_512(
             &uf,
             s * f64::from(row[params + a] as i8),
             m * f64::from(row[params + o] as i8),
         );
-        let pair = if k < 2 { u01 } else { u23 };
-        let idx = if k % 2 == 0 {
-            _mm512_castsi512_si256(pair)
-        } else {
-            _mm512_extracti64x4_epi64::<1>(pair)
-        };
-        let w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(idx)), v);
-        let w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(idx)), v);
-        // SAFETY: block b + k's 32 values of the row.
-        unsafe { put32::<BF16>(out, (b + k) * CHUNK, w0, w1) };
+        // SAFETY: block b's 16 index bytes lie in the code plane (the row's length, asserted),
+        // and its 32 values in `out`.
+        unsafe {
+            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add((CHUNK / 2) * b).cast()));
+            let w0 = _mm512_permutexvar_ps(q, v);
+            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), v);
+            put32::<BF16>(out, b * CHUNK, w0, w1);
+        }
     }
 }
 
@@ -2178,9 +2230,9 @@ unsafe fn lut4b32_dequantize_planar_512<const BF16: bool>(
 /// - a group's four scale and four offset codes become their f64 multipliers in one vector,
 ///   stored for a chunk of groups ahead, and each block's two multipliers are broadcast from
 ///   there (a broadcast from memory is a load; from a register it is a shuffle);
-/// - a group's 64 code bytes are widened to dwords once, 16 at a time, and serve two blocks:
-///   `vpermps` reads only an index's low four bits, so the widened byte indexes by its low
-///   nibble as it is, and shifted right by four by its high one.
+/// - a block's 16 index bytes are widened to dwords once and serve both its halves: `vpermps`
+///   reads only an index's low four bits, so the widened byte indexes by its low nibble as it
+///   is, and shifted right by four by its high one.
 ///
 /// # Safety
 /// As [`lut4b32_dequantize_planar_512`], whose caller asserted the row's length.
@@ -2215,25 +2267,19 @@ unsafe fn lut4b32_planar_groups_512<const BF16: bool>(
             }
         }
         for g in 0..n {
-            // SAFETY: the group's 64 code bytes lie in the code plane.
-            let idx: [__m512i; 4] = std::array::from_fn(|i| unsafe {
-                let at = codes.add(64 * (g0 + g) + 16 * i);
-                _mm512_cvtepu8_epi32(_mm_loadu_si128(at.cast()))
-            });
             for k in 0..4 {
-                // Blocks 0 and 1 are the low nibbles of bytes 0..32 and 32..64, blocks 2 and
-                // 3 the high nibbles.
-                let (i0, i1) = (idx[2 * (k % 2)], idx[2 * (k % 2) + 1]);
-                let (i0, i1) = if k < 2 {
-                    (i0, i1)
-                } else {
-                    (_mm512_srli_epi32::<4>(i0), _mm512_srli_epi32::<4>(i1))
+                let b = 4 * (g0 + g) + k;
+                // Element j in the low nibble of byte j, j + 16 in its high one: `vpermps`
+                // reads an index's low four bits, so the widened byte needs no mask.
+                // SAFETY: block b's 16 index bytes lie in the code plane.
+                let q = unsafe {
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add((CHUNK / 2) * b).cast()))
                 };
                 let v = lut4b32_values_512(uf, mult[8 * g + k], mult[8 * g + 4 + k]);
-                let w0 = _mm512_permutexvar_ps(i0, v);
-                let w1 = _mm512_permutexvar_ps(i1, v);
+                let w0 = _mm512_permutexvar_ps(q, v);
+                let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), v);
                 // SAFETY: the block's 32 values of the row.
-                unsafe { put32::<BF16>(out, (4 * (g0 + g) + k) * CHUNK, w0, w1) };
+                unsafe { put32::<BF16>(out, b * CHUNK, w0, w1) };
             }
         }
         g0 += n;
