@@ -1047,6 +1047,37 @@ fn lut4b32_halves(x01: __m512i, x23: __m512i) -> (__m512i, __m512i) {
     )
 }
 
+/// Blocks `b..b + N` (N ≤ 4) of one activation row: its block scales in lanes 0..4 and block
+/// sums in 4..8 (one multiply with a weight block's scale and offset codes gives both
+/// products), and its codes and (if `REFINED`) low parts, two blocks per register, zero beyond
+/// `N`.
+///
+/// # Safety
+/// AVX-512 F/BW; blocks `b..b + N` exist in `x` (refined if `REFINED`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn lut4b32_activation_blocks<const N: usize, const REFINED: bool>(
+    x: &QuantizedRow,
+    b: usize,
+) -> (__m256, [__m512i; 2], [__m512i; 2]) {
+    let lanes: __mmask8 = (1u8 << N) - 1;
+    // SAFETY: blocks b..b + N exist, so N scales and sums from index b and N * 32 codes (and
+    // as many low parts of a refined row) from b * 32 are in bounds; masked-off lanes are not
+    // read.
+    unsafe {
+        let dx = _mm_maskz_loadu_ps(lanes, x.scales.as_ptr().add(b));
+        let ds = _mm_maskz_loadu_ps(lanes, x.sums.as_ptr().add(b));
+        let xf = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(dx), ds);
+        let (x01, x23) = block_codes_512::<N>(x.codes.as_ptr().add(b * CHUNK));
+        let (y01, y23) = if REFINED {
+            block_codes_512::<N>(x.low.as_ptr().add(b * CHUNK))
+        } else {
+            (x01, x23)
+        };
+        (xf, [x01, x23], [y01, y23])
+    }
+}
+
 /// Adds blocks `b..b + N` (N ≤ 4) of every row and activation row of the tile: the scaled
 /// integer sums to `acc`, the offset codes times the activation block sums to lanes 4..8 of
 /// `offs` (lanes 0..4 collect what is not needed).
@@ -1078,30 +1109,18 @@ unsafe fn lut4b32_step_512<
     offs: &mut [[__m256; T]; R],
 ) {
     let ahead = super::prefetch_distance(w.row_bytes);
-    let lanes: __mmask8 = (1u8 << N) - 1;
-    // Per activation row, its block scales in lanes 0..4 and block sums in 4..8: one multiply
-    // with the block's scale and offset codes gives both products.
     let mut xf = [_mm256_setzero_ps(); T];
     let mut xa = [_mm512_setzero_si512(); T];
     let mut xb = [_mm512_setzero_si512(); T];
     let mut ya = [_mm512_setzero_si512(); T];
     let mut yb = [_mm512_setzero_si512(); T];
     for t in 0..T {
-        let x = xs[t];
-        if REFINED {
-            // SAFETY: as for the codes below; a refined row's low parts are as long.
-            let (y01, y23) = unsafe { block_codes_512::<N>(x.low.as_ptr().add(b * CHUNK)) };
-            (ya[t], yb[t]) = lut4b32_halves(y01, y23);
-        }
-        // SAFETY: blocks b..b + N exist, so N scales and sums from index b and N * 32 codes
-        // from b * 32 are in bounds; masked-off lanes are not read.
-        let (x01, x23) = unsafe {
-            let dx = _mm_maskz_loadu_ps(lanes, x.scales.as_ptr().add(b));
-            let ds = _mm_maskz_loadu_ps(lanes, x.sums.as_ptr().add(b));
-            xf[t] = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(dx), ds);
-            block_codes_512::<N>(x.codes.as_ptr().add(b * CHUNK))
-        };
+        // SAFETY: blocks b..b + N exist in every activation row (the caller's guarantee).
+        let (f, [x01, x23], [y01, y23]) =
+            unsafe { lut4b32_activation_blocks::<N, REFINED>(xs[t], b) };
+        xf[t] = f;
         (xa[t], xb[t]) = lut4b32_halves(x01, x23);
+        (ya[t], yb[t]) = lut4b32_halves(y01, y23);
     }
     let len = N * LUT4_B32_BLOCK_BYTES;
     let nb = w.cols / CHUNK;
@@ -1219,28 +1238,17 @@ unsafe fn lut4b32_pair_512<
     offs: &mut [[__m256; T]; R],
 ) {
     debug_assert!(N <= 2 && b + N == w.cols / CHUNK);
-    let lanes: __mmask8 = (1u8 << N) - 1;
     let mut xf = [_mm256_setzero_ps(); T];
     let mut xa = [_mm256_setzero_si256(); T];
     let mut xb = [_mm256_setzero_si256(); T];
     let mut ya = [_mm256_setzero_si256(); T];
     let mut yb = [_mm256_setzero_si256(); T];
     for t in 0..T {
-        let x = xs[t];
-        if REFINED {
-            // SAFETY: as for the codes below; a refined row's low parts are as long.
-            let (y01, _) = unsafe { block_codes_512::<N>(x.low.as_ptr().add(b * CHUNK)) };
-            (ya[t], yb[t]) = lut4b32_pair_halves(y01);
-        }
-        // SAFETY: blocks b..b + N exist, so N scales and sums from index b and N * 32 codes
-        // from b * 32 are in bounds; masked-off lanes are not read.
-        let (x01, _) = unsafe {
-            let dx = _mm_maskz_loadu_ps(lanes, x.scales.as_ptr().add(b));
-            let ds = _mm_maskz_loadu_ps(lanes, x.sums.as_ptr().add(b));
-            xf[t] = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(dx), ds);
-            block_codes_512::<N>(x.codes.as_ptr().add(b * CHUNK))
-        };
+        // SAFETY: blocks b..b + N exist in every activation row (the caller's guarantee).
+        let (f, [x01, _], [y01, _]) = unsafe { lut4b32_activation_blocks::<N, REFINED>(xs[t], b) };
+        xf[t] = f;
         (xa[t], xb[t]) = lut4b32_pair_halves(x01);
+        (ya[t], yb[t]) = lut4b32_pair_halves(y01);
     }
     let len = N * LUT4_B32_BLOCK_BYTES;
     let nb = w.cols / CHUNK;
