@@ -2340,12 +2340,7 @@ unsafe fn lut4b32_dequantize_planar_512<const BF16: bool>(
         );
         // SAFETY: block b's 16 index bytes lie in the code plane (the row's length, asserted),
         // and its 32 values in `out`.
-        unsafe {
-            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add((CHUNK / 2) * b).cast()));
-            let w0 = _mm512_permutexvar_ps(q, v);
-            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), v);
-            put32::<BF16>(out, b * CHUNK, w0, w1);
-        }
+        unsafe { lut4b32_block_512::<BF16>(codes.add((CHUNK / 2) * b), v, out, b * CHUNK) };
     }
 }
 
@@ -2355,9 +2350,8 @@ unsafe fn lut4b32_dequantize_planar_512<const BF16: bool>(
 /// - a group's four scale and four offset codes become their f64 multipliers in one vector,
 ///   stored for a chunk of groups ahead, and each block's two multipliers are broadcast from
 ///   there (a broadcast from memory is a load; from a register it is a shuffle);
-/// - a block's 16 index bytes are widened to dwords once and serve both its halves: `vpermps`
-///   reads only an index's low four bits, so the widened byte indexes by its low nibble as it
-///   is, and shifted right by four by its high one.
+/// - a block's 16 index bytes are widened to dwords once and serve both its halves
+///   ([`lut4b32_block_512`]).
 ///
 /// # Safety
 /// As [`lut4b32_dequantize_planar_512`], whose caller asserted the row's length.
@@ -2394,20 +2388,33 @@ unsafe fn lut4b32_planar_groups_512<const BF16: bool>(
         for g in 0..n {
             for k in 0..4 {
                 let b = 4 * (g0 + g) + k;
-                // Element j in the low nibble of byte j, j + 16 in its high one: `vpermps`
-                // reads an index's low four bits, so the widened byte needs no mask.
-                // SAFETY: block b's 16 index bytes lie in the code plane.
-                let q = unsafe {
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add((CHUNK / 2) * b).cast()))
-                };
                 let v = lut4b32_values_512(uf, mult[8 * g + k], mult[8 * g + 4 + k]);
-                let w0 = _mm512_permutexvar_ps(q, v);
-                let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), v);
-                // SAFETY: the block's 32 values of the row.
-                unsafe { put32::<BF16>(out, b * CHUNK, w0, w1) };
+                // SAFETY: block b's 16 index bytes lie in the code plane, its 32 values in
+                // the row's.
+                unsafe { lut4b32_block_512::<BF16>(codes.add((CHUNK / 2) * b), v, out, b * CHUNK) };
             }
         }
         g0 += n;
+    }
+}
+
+/// One `LUT4_B32` block's 32 values into elements `at..at + 32` of `out`: its 16 index bytes
+/// at `idx` (element `j` in the low nibble of byte `j`, `j + 16` in its high one, in stored
+/// and planar rows alike) looked up in `v`, its 16 values. `vpermps` reads an index's low four
+/// bits only, so the widened bytes need no mask.
+///
+/// # Safety
+/// AVX-512 F (with `BF16`, AVX-512 BF16); 16 bytes are readable at `idx` and elements
+/// `at..at + 32` of `out` (f32, or u16 with `BF16`) are writable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn lut4b32_block_512<const BF16: bool>(idx: *const u8, v: __m512, out: *mut u8, at: usize) {
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(idx.cast()));
+        let w0 = _mm512_permutexvar_ps(q, v);
+        let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), v);
+        put32::<BF16>(out, at, w0, w1);
     }
 }
 
@@ -2425,7 +2432,6 @@ unsafe fn lut4b32_dequantize_512<const BF16: bool>(
     n: usize,
 ) {
     let uf = lut4b32_table_f64_512(u);
-    let low = _mm512_set1_epi32(0x0f);
     for (o, blk) in (0..n)
         .step_by(CHUNK)
         .zip(row[LUT4_B32_ROW_HEADER..].chunks_exact(LUT4_B32_BLOCK_BYTES))
@@ -2434,12 +2440,7 @@ unsafe fn lut4b32_dequantize_512<const BF16: bool>(
         let b = m * f64::from(blk[1] as i8);
         let v = lut4b32_values_512(&uf, a, b);
         // SAFETY: the block's 16 index bytes, and its 32 values of `out`.
-        unsafe {
-            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(2).cast()));
-            let w0 = _mm512_permutexvar_ps(_mm512_and_si512(q, low), v);
-            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), v);
-            put32::<BF16>(out, o, w0, w1);
-        }
+        unsafe { lut4b32_block_512::<BF16>(blk.as_ptr().add(2), v, out, o) };
     }
 }
 
