@@ -147,20 +147,27 @@ SPEED = {
 }
 
 
-def bench(kiln, model, p, n, reps, threads):
-    cmd = [kiln, "bench", model, "-p", str(p), "-n", str(n), "--reps", str(reps), "--json",
-           "--no-verify"]
+def bench_pair(kiln, first, second, p, n, reps, threads):
+    """`kiln bench FIRST --against SECOND`: both models in one process, each repetition on
+    both back to back. Returns each model's median (pp, tg) and the pairs' median ratios."""
+    cmd = [kiln, "bench", first, "--against", second, "-p", str(p), "-n", str(n), "--reps",
+           str(reps), "--json", "--no-verify"]
     if threads:
         cmd += ["--threads", str(threads)]
     j = json.loads(run(cmd))
-    return j["pp_tok_s"], j["tg_tok_s"]
+    return ((j["pp_tok_s"], j["tg_tok_s"]),
+            (j["against"]["pp_tok_s"], j["against"]["tg_tok_s"]),
+            (j["pp_ratio"], j["tg_ratio"]))
 
 
 def speed(args):
-    # The ratios are medians of each round's ratio: the package and the GGUF file run back to
-    # back (in turns, which goes first), so a slow phase of a shared host mostly falls on both
-    # of a pair. The tok/s columns are plain medians; "tg spread" is the range of the rounds'
-    # tg ratios.
+    # A round is one process running the package and the GGUF file in turns
+    # (`kiln bench --against`): a shared host's slow phases fall on both halves of each pair,
+    # where separate processes saw different phases. The model loaded first runs about 1 %
+    # faster in such a process (a file against itself: 1.007x, 1.022x), so the rounds
+    # alternate which one that is. The ratios are medians of the rounds' ratios (each the
+    # median of its pairs'), "tg spread" the range of the rounds'; the tok/s columns are plain
+    # medians.
     print("| model | threads | format | pp tok/s | GGUF | pp tok/s | pp ratio | tg tok/s | "
           "GGUF tg tok/s | tg ratio | tg spread |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -176,16 +183,22 @@ def speed(args):
                 llama_quantize(src, g, ftype)
                 ggufs[ftype] = g
             for threads in args.threads:
-                a, b = [], []
+                a, b, r = [], [], []
                 for k in range(args.rounds):
-                    runs = [(a, pkg), (b, ggufs[ftype])]
-                    for out, model in runs if k % 2 == 0 else runs[::-1]:
-                        out.append(bench(args.kiln, model, args.p, args.n, args.reps, threads))
+                    if k % 2 == 0:
+                        x, y, q = bench_pair(args.kiln, pkg, ggufs[ftype], args.p, args.n,
+                                             args.reps, threads)
+                    else:
+                        y, x, q = bench_pair(args.kiln, ggufs[ftype], pkg, args.p, args.n,
+                                             args.reps, threads)
+                        q = (1 / q[0], 1 / q[1])
+                    a.append(x)
+                    b.append(y)
+                    r.append(q)
                 med = lambda xs, i: statistics.median(x[i] for x in xs)
-                ratios = lambda i: [x[i] / y[i] for x, y in zip(a, b)]
-                tg = ratios(1)
+                tg = [q[1] for q in r]
                 print(f"| {name} | {threads or 'all'} | {label} | {med(a, 0):.1f} | {ftype} | "
-                      f"{med(b, 0):.1f} | {statistics.median(ratios(0)):.2f}x | {med(a, 1):.1f} | "
+                      f"{med(b, 0):.1f} | {med(r, 0):.2f}x | {med(a, 1):.1f} | "
                       f"{med(b, 1):.1f} | {statistics.median(tg):.2f}x | "
                       f"{min(tg):.2f}-{max(tg):.2f} |", flush=True)
             subprocess.run(["rm", "-rf", pkg])

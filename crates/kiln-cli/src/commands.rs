@@ -564,7 +564,94 @@ pub fn tokenize(a: TokenizeArgs) -> CmdResult {
     Ok(())
 }
 
-/// `kiln bench`: medians after a warm-up, and the decode roofline.
+/// A model loaded for `kiln bench`, in its steady state.
+struct BenchModel {
+    path: std::path::PathBuf,
+    model: kiln_runtime::Model,
+    load_ms: f64,
+    huge_pages: Option<kiln_runtime::weights::HugePageOutcome>,
+}
+
+impl BenchModel {
+    fn load(path: &Path, a: &BenchArgs) -> Result<BenchModel, Failure> {
+        let started = std::time::Instant::now();
+        let model = kiln_runtime::Model::load(path)?;
+        let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+        // The steady state: the weights' merge into huge pages, which follows loading on a
+        // thread of its own, would otherwise take a core from the first repetitions.
+        let huge_pages = model.wait_for_huge_pages();
+        let limit = model.config.context_length;
+        if a.prompt_tokens.max(a.gen_tokens) > limit {
+            return Err(Failure::input(format!(
+                "{}: -p {} / -n {} exceed the model's context of {limit}",
+                path.display(),
+                a.prompt_tokens,
+                a.gen_tokens
+            )));
+        }
+        Ok(BenchModel {
+            path: path.to_path_buf(),
+            model,
+            load_ms,
+            huge_pages,
+        })
+    }
+
+    /// The figures of one model in `kiln bench --json`.
+    fn json(&self, r: &kiln_runtime::bench::BenchResult) -> serde_json::Value {
+        json!({
+            "model": self.path.display().to_string(),
+            "pp_tok_s": r.pp_tok_s,
+            "tg_tok_s": r.tg_tok_s,
+            "ttft_ms": r.ttft_ms,
+            "load_ms": self.load_ms,
+            "huge_pages": self.huge_pages.map(|h| json!({
+                "mb": h.bytes as f64 / 1e6,
+                "merged": h.merged,
+                "ms_after_load": h.took.as_secs_f64() * 1000.0,
+            })),
+            "peak_rss_mb": r.peak_rss_bytes.map(|b| b as f64 / 1e6),
+            "pp_runs": r.pp_runs,
+            "tg_runs": r.tg_runs,
+            "bytes_per_token": r.bytes_per_token,
+            "bandwidth_gb_s": r.bandwidth_bytes_s / 1e9,
+            "roofline_tok_s": r.roofline_tok_s(),
+            "roofline_pct": r.roofline_pct(),
+        })
+    }
+
+    fn print_loading(&self, label: &str) {
+        println!("{label:<11} {}", self.path.display());
+        println!("load        {:.0} ms", self.load_ms);
+        if let Some(h) = self.huge_pages {
+            let mb = h.bytes as f64 / 1e6;
+            let ms = h.took.as_secs_f64() * 1000.0;
+            if h.merged {
+                println!("huge pages  {mb:.0} MB merged {ms:.0} ms after loading (measured after)");
+            } else {
+                println!(
+                    "huge pages  {mb:.0} MB not all merged: the system refused (an older kernel, \
+                     huge pages off, or none free)"
+                );
+            }
+        }
+    }
+}
+
+/// `a / b` as `1.03x (0.98-1.07 over 5 pairs)`: the median of the pairs' ratios and their range.
+fn ratio_text(ratios: &[f64]) -> String {
+    let (lo, hi) = ratios.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
+        (lo.min(r), hi.max(r))
+    });
+    format!(
+        "{:.3}x ({lo:.3}-{hi:.3} over {} pairs)",
+        kiln_runtime::bench::median(ratios),
+        ratios.len()
+    )
+}
+
+/// `kiln bench`: medians after a warm-up, and the decode roofline; with `--against`, two
+/// models measured in turns in one process, and the ratios of their pairs.
 pub fn bench(a: BenchArgs) -> CmdResult {
     if a.reps == 0 {
         return Err(Failure::input("--reps must be at least 1"));
@@ -573,19 +660,7 @@ pub fn bench(a: BenchArgs) -> CmdResult {
         return Err(Failure::input("nothing to measure: -p and -n are both 0"));
     }
     let pool = threads(a.threads)?;
-    let started = std::time::Instant::now();
-    let model = kiln_runtime::Model::load(&a.model)?;
-    let load_ms = started.elapsed().as_secs_f64() * 1000.0;
-    // The steady state: the weights' merge into huge pages, which follows loading on a thread
-    // of its own, would otherwise take a core from the first repetitions.
-    let huge_pages = model.wait_for_huge_pages();
-    let limit = model.config.context_length;
-    if a.prompt_tokens.max(a.gen_tokens) > limit {
-        return Err(Failure::input(format!(
-            "-p {} / -n {} exceed the model's context of {limit}",
-            a.prompt_tokens, a.gen_tokens
-        )));
-    }
+    let first = BenchModel::load(&a.model, &a)?;
     let cfg = kiln_runtime::bench::BenchConfig {
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
@@ -593,53 +668,61 @@ pub fn bench(a: BenchArgs) -> CmdResult {
         seed: 42,
         precision: precision(&a.precision),
     };
-    let r = kiln_runtime::bench::run(&model, &pool, &cfg)?;
-    let peak_rss_mb = r.peak_rss_bytes.map(|b| b as f64 / 1e6);
-    if a.json {
-        println!(
-            "{}",
-            json!({
-                "model": a.model.display().to_string(),
-                "threads": pool.n_threads(),
-                "precision": cfg.precision.name(),
-                "prompt_tokens": a.prompt_tokens,
-                "gen_tokens": a.gen_tokens,
-                "reps": a.reps,
-                "pp_tok_s": r.pp_tok_s,
-                "tg_tok_s": r.tg_tok_s,
-                "ttft_ms": r.ttft_ms,
-                "load_ms": load_ms,
-                "huge_pages": huge_pages.map(|h| json!({
-                    "mb": h.bytes as f64 / 1e6,
-                    "merged": h.merged,
-                    "ms_after_load": h.took.as_secs_f64() * 1000.0,
-                })),
-                "peak_rss_mb": peak_rss_mb,
-                "pp_runs": r.pp_runs,
-                "tg_runs": r.tg_runs,
-                "bytes_per_token": r.bytes_per_token,
-                "bandwidth_gb_s": r.bandwidth_bytes_s / 1e9,
-                "roofline_tok_s": r.roofline_tok_s(),
-                "roofline_pct": r.roofline_pct(),
-            })
-        );
-        return Ok(());
-    }
-    println!("model       {}", a.model.display());
-    println!("threads     {}", pool.n_threads());
-    println!("load        {load_ms:.0} ms");
-    if let Some(h) = huge_pages {
-        let mb = h.bytes as f64 / 1e6;
-        let ms = h.took.as_secs_f64() * 1000.0;
-        if h.merged {
-            println!("huge pages  {mb:.0} MB merged {ms:.0} ms after loading (measured after)");
-        } else {
+    if let Some(path) = &a.against {
+        let second = BenchModel::load(path, &a)?;
+        let c = kiln_runtime::bench::compare(&first.model, &second.model, &pool, &cfg)?;
+        let (pp, tg) = (c.pp_ratios(), c.tg_ratios());
+        if a.json {
+            let mut out = first.json(&c.a);
+            out["threads"] = json!(pool.n_threads());
+            out["precision"] = json!(cfg.precision.name());
+            out["prompt_tokens"] = json!(a.prompt_tokens);
+            out["gen_tokens"] = json!(a.gen_tokens);
+            out["reps"] = json!(a.reps);
+            out["against"] = second.json(&c.b);
+            out["pp_ratio"] = json!(kiln_runtime::bench::median(&pp));
+            out["pp_ratios"] = json!(pp);
+            out["tg_ratio"] = json!(kiln_runtime::bench::median(&tg));
+            out["tg_ratios"] = json!(tg);
+            println!("{out}");
+            return Ok(());
+        }
+        first.print_loading("model");
+        second.print_loading("against");
+        println!("threads     {}", pool.n_threads());
+        if a.prompt_tokens > 0 {
             println!(
-                "huge pages  {mb:.0} MB not all merged: the system refused (an older kernel, huge \
-                 pages off, or none free)"
+                "pp{:<8} {:.1} tok/s against {:.1}: {}",
+                a.prompt_tokens,
+                c.a.pp_tok_s,
+                c.b.pp_tok_s,
+                ratio_text(&pp)
             );
         }
+        if a.gen_tokens > 0 {
+            println!(
+                "tg{:<8} {:.1} tok/s against {:.1}: {}",
+                a.gen_tokens,
+                c.a.tg_tok_s,
+                c.b.tg_tok_s,
+                ratio_text(&tg)
+            );
+        }
+        return Ok(());
     }
+    let r = kiln_runtime::bench::run(&first.model, &pool, &cfg)?;
+    if a.json {
+        let mut out = first.json(&r);
+        out["threads"] = json!(pool.n_threads());
+        out["precision"] = json!(cfg.precision.name());
+        out["prompt_tokens"] = json!(a.prompt_tokens);
+        out["gen_tokens"] = json!(a.gen_tokens);
+        out["reps"] = json!(a.reps);
+        println!("{out}");
+        return Ok(());
+    }
+    first.print_loading("model");
+    println!("threads     {}", pool.n_threads());
     if a.prompt_tokens > 0 {
         println!(
             "pp{:<8} {:.1} tok/s (median of {})",
@@ -660,7 +743,7 @@ pub fn bench(a: BenchArgs) -> CmdResult {
             r.roofline_pct()
         );
     }
-    if let Some(mb) = peak_rss_mb {
+    if let Some(mb) = r.peak_rss_bytes.map(|b| b as f64 / 1e6) {
         println!("peak RSS    {mb:.0} MB");
     }
     Ok(())

@@ -278,6 +278,12 @@ pub struct BenchArgs {
     /// residual), int8, or exact (f32 activations, weights dequantized exactly).
     #[arg(long, default_value = "refined", value_parser = ["refined", "int8", "exact"])]
     pub precision: String,
+    /// A second model to measure in turns with the first, in the same process: every
+    /// repetition runs on both back to back, and the ratios of the pairs are reported
+    /// (first over second), which a shared host's slow phases move far less than runs in
+    /// separate processes.
+    #[arg(long, value_name = "MODEL")]
+    pub against: Option<PathBuf>,
 }
 
 /// Arguments of `kiln inspect`.

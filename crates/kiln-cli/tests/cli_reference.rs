@@ -413,6 +413,50 @@ fn end_of_turn_and_stop_strings_end_generation() {
     assert_eq!(stopped["text"], " Paris.\n\nThe ");
 }
 
+/// `kiln bench --against` measures two models in turns and reports each pair's ratio: the
+/// ratios are the first model's runs over the second's, one per repetition, and the reported
+/// ratio is their median.
+#[test]
+fn bench_against_pairs_the_repetitions() {
+    let m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let m = m.to_str().unwrap();
+    let out = run_json(&[
+        "bench",
+        m,
+        "--against",
+        m,
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "--reps",
+        "3",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    for (test, runs) in [("pp", "pp_runs"), ("tg", "tg_runs")] {
+        let a: Vec<f64> = serde_json::from_value(out[runs].clone()).unwrap();
+        let b: Vec<f64> = serde_json::from_value(out["against"][runs].clone()).unwrap();
+        let ratios: Vec<f64> =
+            serde_json::from_value(out[format!("{test}_ratios")].clone()).unwrap();
+        assert_eq!((a.len(), b.len(), ratios.len()), (3, 3, 3), "{out}");
+        for i in 0..3 {
+            assert!(a[i] > 0.0 && b[i] > 0.0, "{out}");
+            assert!((ratios[i] - a[i] / b[i]).abs() <= 1e-9 * ratios[i], "{out}");
+        }
+        let mut sorted = ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(
+            out[format!("{test}_ratio")].as_f64(),
+            Some(sorted[1]),
+            "{out}"
+        );
+    }
+    assert_eq!(out["against"]["model"], m);
+    assert_eq!(out["threads"], 1);
+}
+
 /// `kiln bench --json` reports the figures other tooling reads, with plausible values.
 #[test]
 fn bench_json_has_the_contract_fields() {

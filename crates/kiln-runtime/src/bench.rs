@@ -60,60 +60,171 @@ impl BenchResult {
     }
 }
 
+/// One model's session and prompt, measured one repetition at a time.
+struct Runner<'m> {
+    model: &'m Model,
+    session: Session<'m>,
+    prompt: Vec<u32>,
+}
+
+impl<'m> Runner<'m> {
+    fn new(model: &'m Model, pool: &'m ThreadPool, cfg: &BenchConfig) -> Runner<'m> {
+        let vocab = model.config.vocab_size as u64;
+        let mut rng = crate::sampling::SplitMix64 {
+            state: cfg.seed | 1,
+        };
+        let prompt: Vec<u32> = (0..cfg.prompt_tokens)
+            .map(|_| (rng.next_u64() % vocab) as u32)
+            .collect();
+        let n_ctx = cfg.prompt_tokens.max(cfg.gen_tokens).max(1);
+        let mut session = Session::new(model, pool, n_ctx);
+        session.set_precision(cfg.precision);
+        Runner {
+            model,
+            session,
+            prompt,
+        }
+    }
+
+    /// One prefill of the prompt and the choice of the first token: (tok/s, ms).
+    fn prompt_once(&mut self) -> Result<(f64, f64), ModelError> {
+        self.session.reset();
+        let start = Instant::now();
+        let logits = self.session.forward(&self.prompt, Logits::Last)?;
+        let _first = crate::sampling::argmax(&logits);
+        let secs = start.elapsed().as_secs_f64();
+        Ok((self.prompt.len() as f64 / secs, secs * 1000.0))
+    }
+
+    /// `n` tokens generated greedily from an empty context: tok/s.
+    fn generate_once(&mut self, n: usize) -> Result<f64, ModelError> {
+        self.session.reset();
+        let vocab = self.model.config.vocab_size as u32;
+        let mut token = self.prompt.first().copied().unwrap_or(1) % vocab;
+        let start = Instant::now();
+        for _ in 0..n {
+            let logits = self.session.forward(&[token], Logits::Last)?;
+            token = crate::sampling::argmax(&logits) as u32;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    }
+
+    /// The result of the repetitions measured (the bandwidth measured by the caller).
+    fn result(
+        &self,
+        pp_runs: Vec<f64>,
+        ttft: &[f64],
+        tg_runs: Vec<f64>,
+        bandwidth_bytes_s: f64,
+    ) -> BenchResult {
+        BenchResult {
+            peak_rss_bytes: peak_rss_bytes(),
+            pp_tok_s: median(&pp_runs),
+            tg_tok_s: median(&tg_runs),
+            ttft_ms: median(ttft),
+            pp_runs,
+            tg_runs,
+            bytes_per_token: self.model.bytes_per_token(),
+            bandwidth_bytes_s,
+        }
+    }
+}
+
 /// Runs the prompt-processing and generation tests.
 pub fn run(model: &Model, pool: &ThreadPool, cfg: &BenchConfig) -> Result<BenchResult, ModelError> {
-    let vocab = model.config.vocab_size as u64;
-    let mut rng = crate::sampling::SplitMix64 {
-        state: cfg.seed | 1,
-    };
-    let prompt: Vec<u32> = (0..cfg.prompt_tokens)
-        .map(|_| (rng.next_u64() % vocab) as u32)
-        .collect();
-    let n_ctx = cfg.prompt_tokens.max(cfg.gen_tokens).max(1);
-    let mut session = Session::new(model, pool, n_ctx);
-    session.set_precision(cfg.precision);
-
-    let mut pp_runs = Vec::new();
-    let mut ttft = Vec::new();
+    let mut runner = Runner::new(model, pool, cfg);
+    let (mut pp_runs, mut ttft, mut tg_runs) = (Vec::new(), Vec::new(), Vec::new());
     if cfg.prompt_tokens > 0 {
         for rep in 0..=cfg.reps {
-            session.reset();
-            let start = Instant::now();
-            let logits = session.forward(&prompt, Logits::Last)?;
-            let _first = crate::sampling::argmax(&logits);
-            let secs = start.elapsed().as_secs_f64();
+            let (tok_s, ms) = runner.prompt_once()?;
             if rep > 0 {
-                pp_runs.push(cfg.prompt_tokens as f64 / secs);
-                ttft.push(secs * 1000.0);
+                pp_runs.push(tok_s);
+                ttft.push(ms);
             }
         }
     }
-    let mut tg_runs = Vec::new();
     if cfg.gen_tokens > 0 {
         for rep in 0..=cfg.reps {
-            session.reset();
-            let mut token = prompt.first().copied().unwrap_or(1) % vocab as u32;
-            let start = Instant::now();
-            for _ in 0..cfg.gen_tokens {
-                let logits = session.forward(&[token], Logits::Last)?;
-                token = crate::sampling::argmax(&logits) as u32;
-            }
-            let secs = start.elapsed().as_secs_f64();
+            let tok_s = runner.generate_once(cfg.gen_tokens)?;
             if rep > 0 {
-                tg_runs.push(cfg.gen_tokens as f64 / secs);
+                tg_runs.push(tok_s);
             }
         }
     }
-    let peak_rss_bytes = peak_rss_bytes();
-    Ok(BenchResult {
-        peak_rss_bytes,
-        pp_tok_s: median(&pp_runs),
-        tg_tok_s: median(&tg_runs),
-        ttft_ms: median(&ttft),
-        pp_runs,
-        tg_runs,
-        bytes_per_token: model.bytes_per_token(),
-        bandwidth_bytes_s: measure_read_bandwidth(pool),
+    let bandwidth = measure_read_bandwidth(pool);
+    Ok(runner.result(pp_runs, &ttft, tg_runs, bandwidth))
+}
+
+/// Two models measured side by side in one process: [`compare`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Comparison {
+    /// The first model's figures.
+    pub a: BenchResult,
+    /// The second model's.
+    pub b: BenchResult,
+}
+
+impl Comparison {
+    /// Each repetition's prompt speed of `a` over `b`'s.
+    pub fn pp_ratios(&self) -> Vec<f64> {
+        ratios(&self.a.pp_runs, &self.b.pp_runs)
+    }
+
+    /// Each repetition's generation speed of `a` over `b`'s.
+    pub fn tg_ratios(&self) -> Vec<f64> {
+        ratios(&self.a.tg_runs, &self.b.tg_runs)
+    }
+}
+
+fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
+}
+
+/// Runs the tests of [`run`] on two models in turns: each repetition of a test runs on both,
+/// back to back, the first of the pair alternating. A shared host's slow phases last seconds
+/// and move whole processes; two models in separate processes, or one after the other, see
+/// different phases and differ by more than the formats do (single runs of one file vary by
+/// ±10 % here), while the two halves of a pair see the same. Each pair's ratio is what
+/// [`Comparison::tg_ratios`] gives.
+pub fn compare(
+    a: &Model,
+    b: &Model,
+    pool: &ThreadPool,
+    cfg: &BenchConfig,
+) -> Result<Comparison, ModelError> {
+    let mut runners = [Runner::new(a, pool, cfg), Runner::new(b, pool, cfg)];
+    let mut pp_runs = [Vec::new(), Vec::new()];
+    let mut ttft = [Vec::new(), Vec::new()];
+    let mut tg_runs = [Vec::new(), Vec::new()];
+    // Repetition 0 warms both up; from then on the pair's order alternates.
+    let order = |rep: usize| if rep % 2 == 1 { [0, 1] } else { [1, 0] };
+    if cfg.prompt_tokens > 0 {
+        for rep in 0..=cfg.reps {
+            for i in order(rep) {
+                let (tok_s, ms) = runners[i].prompt_once()?;
+                if rep > 0 {
+                    pp_runs[i].push(tok_s);
+                    ttft[i].push(ms);
+                }
+            }
+        }
+    }
+    if cfg.gen_tokens > 0 {
+        for rep in 0..=cfg.reps {
+            for i in order(rep) {
+                let tok_s = runners[i].generate_once(cfg.gen_tokens)?;
+                if rep > 0 {
+                    tg_runs[i].push(tok_s);
+                }
+            }
+        }
+    }
+    let bandwidth = measure_read_bandwidth(pool);
+    let [pp_a, pp_b] = pp_runs;
+    let [tg_a, tg_b] = tg_runs;
+    Ok(Comparison {
+        a: runners[0].result(pp_a, &ttft[0], tg_a, bandwidth),
+        b: runners[1].result(pp_b, &ttft[1], tg_b, bandwidth),
     })
 }
 
