@@ -668,17 +668,21 @@ pub fn bench(a: BenchArgs) -> CmdResult {
         seed: 42,
         precision: precision(&a.precision),
     };
+    // What was measured, beside the figures in `--json`.
+    let settings = |out: &mut serde_json::Value| {
+        out["threads"] = json!(pool.n_threads());
+        out["precision"] = json!(cfg.precision.name());
+        out["prompt_tokens"] = json!(a.prompt_tokens);
+        out["gen_tokens"] = json!(a.gen_tokens);
+        out["reps"] = json!(a.reps);
+    };
     if let Some(path) = &a.against {
         let second = BenchModel::load(path, &a)?;
         let c = kiln_runtime::bench::compare(&first.model, &second.model, &pool, &cfg)?;
         let (pp, tg) = (c.pp_ratios(), c.tg_ratios());
         if a.json {
             let mut out = first.json(&c.a);
-            out["threads"] = json!(pool.n_threads());
-            out["precision"] = json!(cfg.precision.name());
-            out["prompt_tokens"] = json!(a.prompt_tokens);
-            out["gen_tokens"] = json!(a.gen_tokens);
-            out["reps"] = json!(a.reps);
+            settings(&mut out);
             out["against"] = second.json(&c.b);
             out["pp_ratio"] = json!(kiln_runtime::bench::median(&pp));
             out["pp_ratios"] = json!(pp);
@@ -713,11 +717,7 @@ pub fn bench(a: BenchArgs) -> CmdResult {
     let r = kiln_runtime::bench::run(&first.model, &pool, &cfg)?;
     if a.json {
         let mut out = first.json(&r);
-        out["threads"] = json!(pool.n_threads());
-        out["precision"] = json!(cfg.precision.name());
-        out["prompt_tokens"] = json!(a.prompt_tokens);
-        out["gen_tokens"] = json!(a.gen_tokens);
-        out["reps"] = json!(a.reps);
+        settings(&mut out);
         println!("{out}");
         return Ok(());
     }
