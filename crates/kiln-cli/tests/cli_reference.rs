@@ -488,6 +488,10 @@ fn bench_json_has_the_contract_fields() {
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
     assert_eq!(out["threads"], 1);
+    // The process's peak memory with the model (about 120 MB), taken before the bandwidth
+    // test's 512 MB buffer exists.
+    let rss = out["peak_rss_mb"].as_f64().unwrap();
+    assert!(rss < 400.0, "{out}");
     // Weights read per token: every matrix once, close to the file's size (96.4 MB).
     let bytes = out["bytes_per_token"].as_f64().unwrap();
     assert!((90e6..100e6).contains(&bytes), "{bytes}");

@@ -43,8 +43,8 @@ pub struct BenchResult {
     pub bytes_per_token: u64,
     /// Measured read bandwidth with the benchmark's threads, bytes per second.
     pub bandwidth_bytes_s: f64,
-    /// Peak resident memory after the model ran (before the bandwidth test's buffer), where
-    /// the OS reports it.
+    /// Peak resident memory of the process after the model ran (both models' with
+    /// [`compare`]), before the bandwidth test's buffer, where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
 }
 
@@ -109,50 +109,80 @@ impl<'m> Runner<'m> {
         Ok(n as f64 / start.elapsed().as_secs_f64())
     }
 
-    /// The result of the repetitions measured (the bandwidth measured by the caller).
+    /// The figures of `runs` (peak memory and bandwidth measured by the caller, once for every
+    /// runner of the process).
     fn result(
         &self,
-        pp_runs: Vec<f64>,
-        ttft: &[f64],
-        tg_runs: Vec<f64>,
+        runs: &Runs,
+        peak_rss_bytes: Option<u64>,
         bandwidth_bytes_s: f64,
     ) -> BenchResult {
         BenchResult {
-            peak_rss_bytes: peak_rss_bytes(),
-            pp_tok_s: median(&pp_runs),
-            tg_tok_s: median(&tg_runs),
-            ttft_ms: median(ttft),
-            pp_runs,
-            tg_runs,
+            peak_rss_bytes,
+            pp_tok_s: median(&runs.pp),
+            tg_tok_s: median(&runs.tg),
+            ttft_ms: median(&runs.ttft),
+            pp_runs: runs.pp.clone(),
+            tg_runs: runs.tg.clone(),
             bytes_per_token: self.model.bytes_per_token(),
             bandwidth_bytes_s,
         }
     }
 }
 
-/// Runs the prompt-processing and generation tests.
-pub fn run(model: &Model, pool: &ThreadPool, cfg: &BenchConfig) -> Result<BenchResult, ModelError> {
-    let mut runner = Runner::new(model, pool, cfg);
-    let (mut pp_runs, mut ttft, mut tg_runs) = (Vec::new(), Vec::new(), Vec::new());
+/// One runner's measured repetitions.
+#[derive(Default)]
+struct Runs {
+    pp: Vec<f64>,
+    ttft: Vec<f64>,
+    tg: Vec<f64>,
+}
+
+/// The tests of [`BenchConfig`] on every runner in turns: each repetition of a test runs on
+/// all of them, back to back, after one warm-up repetition; the order reverses from one
+/// repetition to the next, so with two runners neither always goes first. Then each runner's
+/// figures, with the peak memory taken before the bandwidth test's buffer exists.
+fn measure<const N: usize>(
+    mut runners: [Runner<'_>; N],
+    pool: &ThreadPool,
+    cfg: &BenchConfig,
+) -> Result<[BenchResult; N], ModelError> {
+    let mut runs: [Runs; N] = std::array::from_fn(|_| Runs::default());
+    let order = |rep: usize| -> [usize; N] {
+        std::array::from_fn(|k| if rep % 2 == 1 { k } else { N - 1 - k })
+    };
     if cfg.prompt_tokens > 0 {
         for rep in 0..=cfg.reps {
-            let (tok_s, ms) = runner.prompt_once()?;
-            if rep > 0 {
-                pp_runs.push(tok_s);
-                ttft.push(ms);
+            for i in order(rep) {
+                let (tok_s, ms) = runners[i].prompt_once()?;
+                if rep > 0 {
+                    runs[i].pp.push(tok_s);
+                    runs[i].ttft.push(ms);
+                }
             }
         }
     }
     if cfg.gen_tokens > 0 {
         for rep in 0..=cfg.reps {
-            let tok_s = runner.generate_once(cfg.gen_tokens)?;
-            if rep > 0 {
-                tg_runs.push(tok_s);
+            for i in order(rep) {
+                let tok_s = runners[i].generate_once(cfg.gen_tokens)?;
+                if rep > 0 {
+                    runs[i].tg.push(tok_s);
+                }
             }
         }
     }
+    let peak = peak_rss_bytes();
     let bandwidth = measure_read_bandwidth(pool);
-    Ok(runner.result(pp_runs, &ttft, tg_runs, bandwidth))
+    Ok(std::array::from_fn(|i| {
+        runners[i].result(&runs[i], peak, bandwidth)
+    }))
+}
+
+/// Runs the prompt-processing and generation tests.
+pub fn run(model: &Model, pool: &ThreadPool, cfg: &BenchConfig) -> Result<BenchResult, ModelError> {
+    let [r] = measure([Runner::new(model, pool, cfg)], pool, cfg)?;
+    Ok(r)
 }
 
 /// Two models measured side by side in one process: [`compare`].
@@ -192,40 +222,12 @@ pub fn compare(
     pool: &ThreadPool,
     cfg: &BenchConfig,
 ) -> Result<Comparison, ModelError> {
-    let mut runners = [Runner::new(a, pool, cfg), Runner::new(b, pool, cfg)];
-    let mut pp_runs = [Vec::new(), Vec::new()];
-    let mut ttft = [Vec::new(), Vec::new()];
-    let mut tg_runs = [Vec::new(), Vec::new()];
-    // Repetition 0 warms both up; from then on the pair's order alternates.
-    let order = |rep: usize| if rep % 2 == 1 { [0, 1] } else { [1, 0] };
-    if cfg.prompt_tokens > 0 {
-        for rep in 0..=cfg.reps {
-            for i in order(rep) {
-                let (tok_s, ms) = runners[i].prompt_once()?;
-                if rep > 0 {
-                    pp_runs[i].push(tok_s);
-                    ttft[i].push(ms);
-                }
-            }
-        }
-    }
-    if cfg.gen_tokens > 0 {
-        for rep in 0..=cfg.reps {
-            for i in order(rep) {
-                let tok_s = runners[i].generate_once(cfg.gen_tokens)?;
-                if rep > 0 {
-                    tg_runs[i].push(tok_s);
-                }
-            }
-        }
-    }
-    let bandwidth = measure_read_bandwidth(pool);
-    let [pp_a, pp_b] = pp_runs;
-    let [tg_a, tg_b] = tg_runs;
-    Ok(Comparison {
-        a: runners[0].result(pp_a, &ttft[0], tg_a, bandwidth),
-        b: runners[1].result(pp_b, &ttft[1], tg_b, bandwidth),
-    })
+    let [a, b] = measure(
+        [Runner::new(a, pool, cfg), Runner::new(b, pool, cfg)],
+        pool,
+        cfg,
+    )?;
+    Ok(Comparison { a, b })
 }
 
 /// Median of `v` (0 for an empty slice).
