@@ -418,7 +418,9 @@ unsafe fn i8ch_step<const REFINED: bool>(
 /// per row, in two named registers (an accumulator array indexed by a loop variable lives on
 /// the stack, and each step then waits on the last one's store). SmolLM2 `int8-channel` on a
 /// Zen 4 host, whose 32 MB L3 it does not fit: 117 → 149 tok/s at one thread, 150 → 172 at
-/// two, level with its `Q8_0` twin (`docs/quantization.md`).
+/// two, level with its `Q8_0` twin (`docs/quantization.md`). Each line is prefetched into L2
+/// at three distances ([`super::prefetch_weights_deep`]): with one, this kernel read the
+/// models' matrices more slowly than `Q8_0`'s.
 ///
 /// # Safety
 /// AVX-512 VNNI; as [`dot_block`] with one activation row `x`.
@@ -441,8 +443,8 @@ unsafe fn i8ch_rows_512<const REFINED: bool>(
         let mut c = 0;
         while c + 4 * CHUNK <= cols {
             let wp = p.wrapping_add(c);
-            prefetch_weights(wp, ahead);
-            prefetch_weights(wp.wrapping_add(2 * CHUNK), ahead);
+            super::prefetch_weights_deep(wp, ahead);
+            super::prefetch_weights_deep(wp.wrapping_add(2 * CHUNK), ahead);
             // SAFETY: 128 codes from c lie within row r and the activation row (and its low
             // parts when refined), and so do the four block scales from c / 32.
             let (d, a0, a1) = unsafe {
@@ -461,7 +463,7 @@ unsafe fn i8ch_rows_512<const REFINED: bool>(
             let b = c / CHUNK;
             let two = c + 2 * CHUNK <= cols;
             let wp = p.wrapping_add(c);
-            prefetch_weights(wp, ahead);
+            super::prefetch_weights_deep(wp, ahead);
             let d1 = if two { x.scales[b + 1] } else { 0.0 };
             // SAFETY: 32 or 64 codes from c lie within row r (64 only when `two`) and within
             // the activation row (and its low parts when refined).
