@@ -23,14 +23,6 @@ use kiln_runtime::{Model, Precision, ThreadPool};
 /// The kinds of product a token makes, in the order it makes them.
 const KINDS: [&str; 5] = ["qkv", "attn_output", "gate_up", "down", "output"];
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
 /// Buffers for one model's products, sized from its matrices.
 struct Buffers {
     x_embd: Vec<f32>,
@@ -96,29 +88,28 @@ fn token(pool: &ThreadPool, m: &Model, b: &mut Buffers, times: &mut [f64; 5]) {
 }
 
 fn main() {
-    let paths: Vec<String> = {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < args.len() {
-            if args[i].starts_with("--") {
-                i += 2;
-            } else {
-                out.push(args[i].clone());
-                i += 1;
-            }
-        }
-        out
-    };
-    if paths.is_empty() {
+    let usage = || -> ! {
         eprintln!("usage: decode_matmuls A [B ...] [--reps 200] [--threads 1]");
         std::process::exit(2);
+    };
+    let (mut paths, mut reps, mut threads) = (Vec::new(), 200usize, 1usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut number = || -> usize {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| usage())
+        };
+        match a.as_str() {
+            "--reps" => reps = number().max(3),
+            "--threads" => threads = number(),
+            _ if a.starts_with("--") => usage(),
+            _ => paths.push(a),
+        }
     }
-    let reps: usize = arg("--reps")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200)
-        .max(3);
-    let threads: usize = arg("--threads").and_then(|v| v.parse().ok()).unwrap_or(1);
+    if paths.is_empty() {
+        usage();
+    }
     kiln_runtime::package::set_verify_on_open(false);
     let models: Vec<Model> = paths
         .iter()
