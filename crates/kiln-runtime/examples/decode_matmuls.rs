@@ -1,5 +1,5 @@
 //! The matrix products of one decoded token, and nothing else: every layer's products called
-//! as a session calls them (query, key and value in one shared call, the output projection,
+//! as a session calls them (query, key and value in one shared call, the attention output,
 //! gate and up in one shared call, down), then the output projection, on random activations,
 //! for one or more models loaded as `kiln run` loads them (GGUF files, kiln packages, Hugging
 //! Face folders). Several models are measured in turns, the first of each round alternating,
@@ -16,6 +16,7 @@
 
 use std::time::Instant;
 
+use kiln_runtime::bench::median;
 use kiln_runtime::kernels::{matmul, matmul_shared};
 use kiln_runtime::weights::WeightMatrix;
 use kiln_runtime::{Model, Precision, ThreadPool};
@@ -135,10 +136,9 @@ fn main() {
         .iter()
         .map(|m| {
             let l = &m.layers[0];
-            let mut s = seed;
-            let b = Buffers {
-                x_embd: noise(l.wq.cols(), &mut s),
-                x_ff: noise(l.w_down.cols(), &mut s),
+            Buffers {
+                x_embd: noise(l.wq.cols(), &mut seed),
+                x_ff: noise(l.w_down.cols(), &mut seed),
                 q: vec![0.0; l.wq.rows()],
                 k: vec![0.0; l.wk.rows()],
                 v: vec![0.0; l.wv.rows()],
@@ -146,9 +146,7 @@ fn main() {
                 gate: vec![0.0; l.w_gate.rows()],
                 up: vec![0.0; l.w_up.rows()],
                 logits: vec![0.0; m.output.rows()],
-            };
-            seed = s;
-            b
+            }
         })
         .collect();
     // [model][kind] per repetition, and the whole token.
@@ -166,23 +164,21 @@ fn main() {
             }
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let medians: Vec<[f64; 6]> = per
         .iter()
-        .map(|reps| std::array::from_fn(|k| median(&mut reps.iter().map(|r| r[k]).collect())))
+        .map(|reps| std::array::from_fn(|k| median(&reps.iter().map(|r| r[k]).collect::<Vec<_>>())))
         .collect();
     // Per pair of repetitions, each model's token time over the first model's.
-    let ratios: Vec<f64> = (0..models.len())
-        .map(|i| {
-            let mut r: Vec<f64> = per[i]
-                .iter()
-                .zip(&per[0])
-                .map(|(a, b)| a[5] / b[5])
-                .collect();
-            median(&mut r)
+    let ratios: Vec<f64> = per
+        .iter()
+        .map(|reps| {
+            median(
+                &reps
+                    .iter()
+                    .zip(&per[0])
+                    .map(|(a, b)| a[5] / b[5])
+                    .collect::<Vec<_>>(),
+            )
         })
         .collect();
     println!(
